@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing Collie needs on a Debian/Ubuntu machine
+# with a Rust toolchain: cmake (zlib-ng, built by the HTTP stack), a C
+# toolchain, and the tools the tests and benchmarks use. Safe to run again:
+# it only installs what is missing.
+set -euo pipefail
+
+need_pkgs=()
+need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
+need cmake cmake
+need cc build-essential
+need pkg-config pkg-config
+need curl curl
+
+if ((${#need_pkgs[@]})); then
+  echo "setup: installing ${need_pkgs[*]}"
+  sudo_cmd=""
+  if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_cmd apt-get update -qq || true
+  $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust from https://rustup.rs first" >&2
+  exit 1
+fi

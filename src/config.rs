@@ -1,0 +1,1069 @@
+//! Configuration: YAML → raw serde types → a validated [`Config`].
+//!
+//! Validation collects every problem with its path (`pools[1].deployments[0].weight:
+//! must be > 0`) before failing, so an operator fixes a file in one pass.
+//! Secrets are never written in the file: provider keys are named by environment
+//! variable and tenant keys are stored as SHA-256 digests.
+
+mod raw;
+
+use raw::{
+    RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
+};
+use serde::de::DeserializeOwned;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+pub const DEFAULT_PRIORITY: u8 = 3;
+
+/// The validated configuration. Indices (`usize`) refer into the vectors of
+/// this struct; names were resolved during validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub admin_listen: String,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+    pub max_json_depth: usize,
+    /// How long a client may take to send its body, and how long a write to a
+    /// slow client may block.
+    pub client_timeout: Duration,
+    pub upstream_keepalive_pool: usize,
+    /// Replaces the system roots for every `https` deployment without its own `ca_file`.
+    pub upstream_ca_file: Option<PathBuf>,
+    pub tenants: Vec<Tenant>,
+    pub models: Vec<Model>,
+    pub pools: Vec<Pool>,
+    pub deployments: Vec<Deployment>,
+    /// Keyed by the upstream model name, which is what a provider bills.
+    pub pricing: HashMap<String, Price>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    pub key_digests: Vec<[u8; 32]>,
+    pub models: ModelAccess,
+    /// 1 (highest) to 5 (lowest).
+    pub priority: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelAccess {
+    All,
+    Only(HashSet<String>),
+}
+
+impl ModelAccess {
+    pub fn allows(&self, model: &str) -> bool {
+        match self {
+            ModelAccess::All => true,
+            ModelAccess::Only(set) => set.contains(model),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub name: String,
+    /// Pool indices in fallback order.
+    pub chain: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub id: String,
+    pub members: Vec<PoolMember>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolMember {
+    pub deployment: usize,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub id: String,
+    pub base_url: BaseUrl,
+    pub api_key: Option<Secret>,
+    pub auth: AuthStyle,
+    pub model: String,
+    pub ca_file: Option<PathBuf>,
+    /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
+    pub http2: bool,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `Authorization: Bearer <key>` (OpenAI and most compatible providers).
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+    /// No credential sent (a local model server).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From the end of the request to the response head.
+    pub first_byte: Duration,
+    /// Longest silence allowed between two reads of the response body.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            // A non-streamed completion sends nothing until it has generated
+            // everything, so this is generous by default.
+            first_byte: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Parsed `http(s)://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Without a trailing slash; empty when the URL has no path.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn authority(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// Prices in picodollars (1e-12 USD) per token so that cost arithmetic is exact
+/// integer arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input_pico_per_token: u64,
+    pub output_pico_per_token: u64,
+}
+
+/// A secret value read from the environment. It has no `Display` and its
+/// `Debug` is redacted, so it cannot end up in a log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// One validation problem and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Read and validate a file, taking provider keys from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Config::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validate YAML text; `env` looks up environment variables (injectable for tests).
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut v = Validator {
+            errors: Vec::new(),
+            env,
+        };
+        let raw: RawConfig = match v.parse_document(text) {
+            Some(raw) => raw,
+            None => return Err(ConfigErrors(v.errors)),
+        };
+        let config = v.build(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+
+    pub fn tenant(&self, id: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.id == id)
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+struct Validator<'a> {
+    errors: Vec<ConfigError>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn parse_document(&mut self, text: &str) -> Option<RawConfig> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        match serde_path_to_error::deserialize::<_, RawConfig>(de) {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                self.error(path, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    /// Deserialize one list item on its own so that one broken item does not
+    /// hide the problems of the others.
+    fn item<T: DeserializeOwned>(&mut self, path: &str, value: serde_yaml_ng::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner == "." {
+                    path.to_string()
+                } else {
+                    format!("{path}.{inner}")
+                };
+                self.error(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, text: &Option<String>, default: Duration) -> Duration {
+        match text {
+            None => default,
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.error(path, "must be longer than zero");
+                    default
+                }
+                Err(e) => {
+                    self.error(
+                        path,
+                        format!("not a duration ({e}); write e.g. `30s` or `2m`"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn positive(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
+        match value {
+            None => default,
+            Some(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(_) => {
+                self.error(path, "must be > 0");
+                default
+            }
+        }
+    }
+
+    fn build(&mut self, raw: RawConfig) -> Config {
+        let threads = self.positive(
+            "threads",
+            raw.threads,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
+        let max_body_bytes = match raw.max_body_bytes {
+            None => DEFAULT_MAX_BODY_BYTES,
+            Some(size) => match parse_size(&size) {
+                Ok(n) if n > 0 => n,
+                Ok(_) => {
+                    self.error("max_body_bytes", "must be > 0");
+                    DEFAULT_MAX_BODY_BYTES
+                }
+                Err(m) => {
+                    self.error("max_body_bytes", m);
+                    DEFAULT_MAX_BODY_BYTES
+                }
+            },
+        };
+        let max_json_depth =
+            self.positive("max_json_depth", raw.max_json_depth, DEFAULT_MAX_JSON_DEPTH);
+        let client_timeout = self.duration(
+            "client_timeout",
+            &raw.client_timeout,
+            Duration::from_secs(60),
+        );
+        let upstream_keepalive_pool =
+            self.positive("upstream_keepalive_pool", raw.upstream_keepalive_pool, 1024);
+        let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let admin_listen = raw
+            .admin_listen
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+        self.check_listen("listen", &listen);
+        self.check_listen("admin_listen", &admin_listen);
+        if listen == admin_listen {
+            self.error("admin_listen", "must differ from `listen`");
+        }
+
+        let upstream_ca_file = raw
+            .upstream_tls
+            .and_then(|v| self.item::<RawUpstreamTls>("upstream_tls", v))
+            .and_then(|t| t.ca_file)
+            .map(|f| self.ca_file("upstream_tls.ca_file", &f));
+
+        let deployments = self.deployments(raw.deployments);
+        let pools = self.pools(raw.pools, &deployments);
+        let models = self.models(raw.models, &pools);
+        let tenants = self.tenants(raw.tenants, &models);
+        let pricing = self.pricing(raw.pricing);
+
+        Config {
+            listen,
+            admin_listen,
+            threads,
+            max_body_bytes,
+            max_json_depth,
+            client_timeout,
+            upstream_keepalive_pool,
+            upstream_ca_file,
+            tenants,
+            models,
+            pools: pools.items,
+            deployments: deployments.items,
+            pricing,
+        }
+    }
+
+    fn check_listen(&mut self, path: &str, addr: &str) {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            self.error(path, format!("`{addr}` is not an IP:port address"));
+        }
+    }
+
+    fn ca_file(&mut self, path: &str, file: &str) -> PathBuf {
+        let p = PathBuf::from(file);
+        if let Err(m) = crate::routing::tls::load_ca_file(&p) {
+            self.error(path, m);
+        }
+        p
+    }
+
+    fn deployments(&mut self, raw: Vec<serde_yaml_ng::Value>) -> Named<Deployment> {
+        let mut out = Named::default();
+        for (i, value) in raw.into_iter().enumerate() {
+            let path = format!("deployments[{i}]");
+            let id_hint = id_of(&value, "id");
+            let Some(d) = self.item::<RawDeployment>(&path, value) else {
+                out.broken.extend(id_hint);
+                continue;
+            };
+            if out.index.contains_key(&d.id) || out.broken.contains(&d.id) {
+                self.error(
+                    format!("{path}.id"),
+                    format!("duplicate deployment id `{}`", d.id),
+                );
+                continue;
+            }
+            let id = d.id.clone();
+            match self.deployment(&path, d) {
+                Some(d) => {
+                    out.index.insert(id, out.items.len());
+                    out.items.push(d);
+                }
+                None => out.broken.push(id),
+            }
+        }
+        out
+    }
+
+    fn deployment(&mut self, path: &str, d: RawDeployment) -> Option<Deployment> {
+        let before = self.errors.len();
+        if d.id.trim().is_empty() {
+            self.error(format!("{path}.id"), "must not be empty");
+        }
+        if d.model.trim().is_empty() {
+            self.error(format!("{path}.model"), "must not be empty");
+        }
+        let base_url = match parse_base_url(&d.base_url) {
+            Ok(u) => Some(u),
+            Err(m) => {
+                self.error(format!("{path}.base_url"), m);
+                None
+            }
+        };
+        let api_key = match &d.api_key_env {
+            None => None,
+            Some(name) => match (self.env)(name) {
+                Some(v) if !v.trim().is_empty() => Some(Secret::new(v.trim().to_string())),
+                Some(_) => {
+                    self.error(
+                        format!("{path}.api_key_env"),
+                        format!("environment variable `{name}` is empty"),
+                    );
+                    None
+                }
+                None => {
+                    self.error(
+                        format!("{path}.api_key_env"),
+                        format!("environment variable `{name}` is not set"),
+                    );
+                    None
+                }
+            },
+        };
+        let auth = match d.auth.as_deref() {
+            None if d.api_key_env.is_some() => AuthStyle::Bearer,
+            None => AuthStyle::None,
+            Some("bearer") => AuthStyle::Bearer,
+            Some("api-key") => AuthStyle::ApiKey,
+            Some("none") => AuthStyle::None,
+            Some(other) => {
+                self.error(
+                    format!("{path}.auth"),
+                    format!("unknown auth style `{other}`; use bearer, api-key or none"),
+                );
+                AuthStyle::None
+            }
+        };
+        if auth != AuthStyle::None && d.api_key_env.is_none() {
+            self.error(
+                format!("{path}.auth"),
+                "needs `api_key_env` to name the provider key",
+            );
+        }
+        let ca_file = d
+            .ca_file
+            .as_ref()
+            .map(|f| self.ca_file(&format!("{path}.ca_file"), f));
+        if ca_file.is_some() && base_url.as_ref().is_some_and(|u| !u.tls) {
+            self.error(format!("{path}.ca_file"), "only applies to https base URLs");
+        }
+        let defaults = Timeouts::default();
+        let timeouts = match &d.timeouts {
+            None => defaults,
+            Some(t) => Timeouts {
+                connect: self.duration(
+                    &format!("{path}.timeouts.connect"),
+                    &t.connect,
+                    defaults.connect,
+                ),
+                first_byte: self.duration(
+                    &format!("{path}.timeouts.first_byte"),
+                    &t.first_byte,
+                    defaults.first_byte,
+                ),
+                idle: self.duration(&format!("{path}.timeouts.idle"), &t.idle, defaults.idle),
+            },
+        };
+        let base_url = base_url?;
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(Deployment {
+            id: d.id,
+            http2: d.http2.unwrap_or(true) && base_url.tls,
+            base_url,
+            api_key,
+            auth,
+            model: d.model,
+            ca_file,
+            timeouts,
+        })
+    }
+
+    fn pools(
+        &mut self,
+        raw: Vec<serde_yaml_ng::Value>,
+        deployments: &Named<Deployment>,
+    ) -> Named<Pool> {
+        let mut out = Named::default();
+        for (i, value) in raw.into_iter().enumerate() {
+            let path = format!("pools[{i}]");
+            let id_hint = id_of(&value, "id");
+            let Some(p) = self.item::<RawPool>(&path, value) else {
+                out.broken.extend(id_hint);
+                continue;
+            };
+            let RawPool {
+                id,
+                deployments: raw_members,
+            } = p;
+            let before = self.errors.len();
+            if raw_members.is_empty() {
+                self.error(
+                    format!("{path}.deployments"),
+                    "must list at least one deployment",
+                );
+            }
+            let mut members = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, m) in raw_members.into_iter().enumerate() {
+                let mpath = format!("{path}.deployments[{j}]");
+                let weight = match m.weight {
+                    None => 1,
+                    Some(w) if w > 0 => u32::try_from(w.min(10_000)).unwrap_or(10_000),
+                    Some(_) => {
+                        self.error(format!("{mpath}.weight"), "must be > 0");
+                        continue;
+                    }
+                };
+                if m.weight.is_some_and(|w| w > 10_000) {
+                    self.error(format!("{mpath}.weight"), "must be ≤ 10000");
+                }
+                match deployments.resolve(&m.deployment) {
+                    Resolved::Found(idx) => {
+                        if !seen.insert(idx) {
+                            self.error(
+                                format!("{mpath}.deployment"),
+                                format!("deployment `{}` is listed twice", m.deployment),
+                            );
+                        }
+                        members.push(PoolMember {
+                            deployment: idx,
+                            weight,
+                        });
+                    }
+                    Resolved::Broken => {}
+                    Resolved::Missing => {
+                        self.error(
+                            format!("{mpath}.deployment"),
+                            format!("unknown deployment `{}`", m.deployment),
+                        );
+                    }
+                }
+            }
+            if out.index.contains_key(&id) || out.broken.contains(&id) {
+                self.error(format!("{path}.id"), format!("duplicate pool id `{id}`"));
+                continue;
+            }
+            if self.errors.len() > before {
+                out.broken.push(id);
+                continue;
+            }
+            out.index.insert(id.clone(), out.items.len());
+            out.items.push(Pool { id, members });
+        }
+        out
+    }
+
+    fn models(&mut self, raw: Vec<serde_yaml_ng::Value>, pools: &Named<Pool>) -> Vec<Model> {
+        let mut out: Vec<Model> = Vec::new();
+        for (i, value) in raw.into_iter().enumerate() {
+            let path = format!("models[{i}]");
+            let Some(m) = self.item::<RawModel>(&path, value) else {
+                continue;
+            };
+            if m.name.trim().is_empty() {
+                self.error(format!("{path}.name"), "must not be empty");
+            }
+            if m.name == "*" {
+                self.error(
+                    format!("{path}.name"),
+                    "`*` is reserved for tenant model lists",
+                );
+            }
+            if out.iter().any(|o| o.name == m.name) {
+                self.error(
+                    format!("{path}.name"),
+                    format!("duplicate model `{}`", m.name),
+                );
+                continue;
+            }
+            if m.fallback.is_empty() {
+                self.error(format!("{path}.fallback"), "must list at least one pool");
+            }
+            let mut chain = Vec::new();
+            for (j, pool) in m.fallback.iter().enumerate() {
+                match pools.resolve(pool) {
+                    Resolved::Found(idx) => chain.push(idx),
+                    Resolved::Broken => {}
+                    Resolved::Missing => {
+                        self.error(
+                            format!("{path}.fallback[{j}]"),
+                            format!("unknown pool `{pool}`"),
+                        );
+                    }
+                }
+            }
+            out.push(Model {
+                name: m.name,
+                chain,
+            });
+        }
+        out
+    }
+
+    fn tenants(&mut self, raw: Vec<serde_yaml_ng::Value>, models: &[Model]) -> Vec<Tenant> {
+        let mut out: Vec<Tenant> = Vec::new();
+        let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+        for (i, value) in raw.into_iter().enumerate() {
+            let path = format!("tenants[{i}]");
+            let Some(t) = self.item::<RawTenant>(&path, value) else {
+                continue;
+            };
+            if t.id.trim().is_empty() {
+                self.error(format!("{path}.id"), "must not be empty");
+            }
+            if out.iter().any(|o| o.id == t.id) {
+                self.error(
+                    format!("{path}.id"),
+                    format!("duplicate tenant id `{}`", t.id),
+                );
+                continue;
+            }
+            if t.api_keys.is_empty() {
+                self.error(
+                    format!("{path}.api_keys"),
+                    "must list at least one key digest",
+                );
+            }
+            let mut key_digests = Vec::new();
+            for (j, hex_digest) in t.api_keys.iter().enumerate() {
+                let kpath = format!("{path}.api_keys[{j}]");
+                let Some(digest) = parse_digest(hex_digest) else {
+                    self.error(
+                        kpath,
+                        "must be a SHA-256 digest: 64 hex characters (see `collie hash-key`)",
+                    );
+                    continue;
+                };
+                if let Some(owner) = key_owner.get(&digest) {
+                    self.error(
+                        kpath,
+                        format!("the same key is already given to tenant `{owner}`"),
+                    );
+                    continue;
+                }
+                key_owner.insert(digest, t.id.clone());
+                key_digests.push(digest);
+            }
+            let access = if t.models.iter().any(|m| m == "*") {
+                ModelAccess::All
+            } else {
+                let mut set = HashSet::new();
+                for (j, name) in t.models.iter().enumerate() {
+                    if !models.iter().any(|m| &m.name == name) {
+                        self.error(
+                            format!("{path}.models[{j}]"),
+                            format!("unknown model `{name}`"),
+                        );
+                    }
+                    set.insert(name.clone());
+                }
+                ModelAccess::Only(set)
+            };
+            let priority = match t.priority {
+                None => DEFAULT_PRIORITY,
+                Some(p @ 1..=5) => u8::try_from(p).unwrap_or(DEFAULT_PRIORITY),
+                Some(_) => {
+                    self.error(
+                        format!("{path}.priority"),
+                        "must be between 1 (highest) and 5 (lowest)",
+                    );
+                    DEFAULT_PRIORITY
+                }
+            };
+            out.push(Tenant {
+                id: t.id,
+                key_digests,
+                models: access,
+                priority,
+            });
+        }
+        out
+    }
+
+    fn pricing(
+        &mut self,
+        raw: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+    ) -> HashMap<String, Price> {
+        let mut out = HashMap::new();
+        for (model, value) in raw {
+            let path = format!("pricing.{model}");
+            let Some(p) = self.item::<RawPrice>(&path, value) else {
+                continue;
+            };
+            let input = self.price(&format!("{path}.input_per_mtok"), p.input_per_mtok);
+            let output = self.price(&format!("{path}.output_per_mtok"), p.output_per_mtok);
+            if let (Some(input_pico_per_token), Some(output_pico_per_token)) = (input, output) {
+                out.insert(
+                    model,
+                    Price {
+                        input_pico_per_token,
+                        output_pico_per_token,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// USD per million tokens → picodollars per token (×1e12 / 1e6 = ×1e6).
+    fn price(&mut self, path: &str, usd_per_mtok: f64) -> Option<u64> {
+        if !usd_per_mtok.is_finite() || usd_per_mtok < 0.0 {
+            self.error(path, "must be a non-negative number");
+            return None;
+        }
+        if usd_per_mtok > 1_000_000.0 {
+            self.error(path, "must be ≤ 1000000 USD per million tokens");
+            return None;
+        }
+        let pico = (usd_per_mtok * 1e6).round();
+        // Bounded above, so the conversion is exact.
+        Some(pico as u64)
+    }
+}
+
+/// Items of one section by id, plus the ids of items that failed to parse so
+/// that references to them are not reported a second time.
+struct Named<T> {
+    items: Vec<T>,
+    index: HashMap<String, usize>,
+    broken: Vec<String>,
+}
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Named {
+            items: Vec::new(),
+            index: HashMap::new(),
+            broken: Vec::new(),
+        }
+    }
+}
+
+enum Resolved {
+    Found(usize),
+    Broken,
+    Missing,
+}
+
+impl<T> Named<T> {
+    fn resolve(&self, id: &str) -> Resolved {
+        match self.index.get(id) {
+            Some(&i) => Resolved::Found(i),
+            None if self.broken.iter().any(|b| b == id) => Resolved::Broken,
+            None => Resolved::Missing,
+        }
+    }
+}
+
+fn id_of(value: &serde_yaml_ng::Value, key: &str) -> Option<String> {
+    value.get(key).and_then(|v| v.as_str()).map(str::to_string)
+}
+
+/// `64 hex chars` → digest.
+pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+fn parse_size(size: &RawSize) -> Result<usize, String> {
+    match size {
+        RawSize::Bytes(n) if *n >= 0 => usize::try_from(*n).map_err(|_| "too large".to_string()),
+        RawSize::Bytes(_) => Err("must be > 0".to_string()),
+        RawSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: usize = num
+                .parse()
+                .map_err(|_| format!("`{t}` is not a size; write bytes or e.g. `32MiB`"))?;
+            let mult: usize = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" | "K" | "KB" => 1 << 10,
+                "MiB" | "M" | "MB" => 1 << 20,
+                "GiB" | "G" | "GB" => 1 << 30,
+                other => {
+                    return Err(format!(
+                        "unknown size unit `{other}`; use B, KiB, MiB or GiB"
+                    ));
+                }
+            };
+            n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+        }
+    }
+}
+
+fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        Some(other) => {
+            return Err(format!(
+                "scheme `{other}` is not supported; use http or https"
+            ));
+        }
+        None => return Err(format!("`{text}` needs a scheme (http:// or https://)")),
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{text}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the URL are not allowed; use api_key_env".to_string());
+    }
+    if uri.query().is_some() {
+        return Err("a query string is not allowed in base_url".to_string());
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if host.is_empty() {
+        return Err(format!("`{text}` has no host"));
+    }
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let path_prefix = uri.path().trim_end_matches('/').to_string();
+    Ok(BaseUrl {
+        tls,
+        host,
+        port,
+        path_prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY_A" => Some("sk-a".into()),
+            "EMPTY" => Some("".into()),
+            _ => None,
+        }
+    }
+
+    const DIGEST: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    fn good() -> String {
+        format!(
+            r#"
+listen: 127.0.0.1:8080
+admin_listen: 127.0.0.1:9090
+max_body_bytes: 1MiB
+tenants:
+  - id: alpha
+    api_keys: ["{DIGEST}"]
+    models: [gpt]
+    priority: 1
+models:
+  - name: gpt
+    fallback: [main]
+pools:
+  - id: main
+    deployments:
+      - deployment: a
+        weight: 3
+deployments:
+  - id: a
+    base_url: https://api.example.com/openai/v1/
+    api_key_env: KEY_A
+    model: gpt-x
+    timeouts: {{ connect: 2s, first_byte: 10s, idle: 5s }}
+pricing:
+  gpt-x: {{ input_per_mtok: 0.0375, output_per_mtok: 0.6 }}
+"#
+        )
+    }
+
+    #[test]
+    fn accepts_a_good_file() {
+        let c = Config::from_yaml(&good(), &env).unwrap();
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.tenants[0].priority, 1);
+        assert_eq!(c.models[0].chain, vec![0]);
+        assert_eq!(c.pools[0].members[0].weight, 3);
+        let d = &c.deployments[0];
+        assert_eq!(d.base_url.path_prefix, "/openai/v1");
+        assert_eq!(d.base_url.port, 443);
+        assert_eq!(d.base_url.authority(), "api.example.com");
+        assert_eq!(d.auth, AuthStyle::Bearer);
+        assert_eq!(d.api_key.as_ref().unwrap().expose(), "sk-a");
+        assert_eq!(d.timeouts.first_byte, Duration::from_secs(10));
+        assert_eq!(c.pricing["gpt-x"].input_pico_per_token, 37_500);
+        assert_eq!(c.pricing["gpt-x"].output_pico_per_token, 600_000);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let text = format!(
+            r#"
+tenants:
+  - id: alpha
+    api_keys: ["nothex"]
+    models: [gpt, nope]
+    priority: 9
+  - id: alpha
+    api_keys: ["{DIGEST}"]
+    models: ["*"]
+models:
+  - name: gpt
+    fallback: [main, ghost]
+pools:
+  - id: main
+    deployments:
+      - deployment: a
+        weight: 0
+      - deployment: b
+        weight: -2
+      - deployment: missing
+deployments:
+  - id: a
+    base_url: ftp://x
+    api_key_env: UNSET
+    model: m
+  - id: b
+    base_url: http://127.0.0.1:9/v1
+    api_key_env: EMPTY
+    model: m
+    colour: blue
+  - id: a
+    base_url: http://127.0.0.1:9/v1
+    model: m
+"#
+        );
+        let errs = Config::from_yaml(&text, &env).unwrap_err();
+        let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+        let expect = [
+            "deployments[0].base_url: scheme `ftp` is not supported",
+            "deployments[0].api_key_env: environment variable `UNSET` is not set",
+            "deployments[1].colour: unknown field `colour`",
+            "deployments[2].id: duplicate deployment id `a`",
+            "pools[0].deployments[0].weight: must be > 0",
+            "pools[0].deployments[1].weight: must be > 0",
+            "pools[0].deployments[2].deployment: unknown deployment `missing`",
+            "models[0].fallback[1]: unknown pool `ghost`",
+            "tenants[0].api_keys[0]: must be a SHA-256 digest",
+            "tenants[0].models[1]: unknown model `nope`",
+            "tenants[0].priority: must be between 1 (highest) and 5 (lowest)",
+            "tenants[1].id: duplicate tenant id `alpha`",
+        ];
+        for e in expect {
+            assert!(
+                lines.iter().any(|l| l.starts_with(e)),
+                "missing `{e}` in:\n{}",
+                lines.join("\n")
+            );
+        }
+        // `b` failed to parse; a reference to it is not reported again.
+        assert!(!lines.iter().any(|l| l.contains("unknown deployment `b`")));
+    }
+
+    #[test]
+    fn rejects_unknown_top_level_field_with_path() {
+        let errs = Config::from_yaml("listen: 127.0.0.1:1\nlisten_port: 3\n", &env).unwrap_err();
+        assert!(
+            errs.to_string().contains("unknown field `listen_port`"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn shared_key_between_tenants_is_an_error() {
+        let text = format!(
+            "tenants:\n  - {{id: a, api_keys: [\"{DIGEST}\"], models: [\"*\"]}}\n  - {{id: b, api_keys: [\"{DIGEST}\"], models: [\"*\"]}}\n"
+        );
+        let errs = Config::from_yaml(&text, &env).unwrap_err();
+        assert!(
+            errs.to_string()
+                .contains("tenants[1].api_keys[0]: the same key is already given to tenant `a`"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_urls() {
+        assert_eq!(parse_size(&RawSize::Text("32MiB".into())), Ok(32 << 20));
+        assert_eq!(parse_size(&RawSize::Bytes(10)), Ok(10));
+        assert!(parse_size(&RawSize::Text("3 parsecs".into())).is_err());
+        let u = parse_base_url("http://127.0.0.1:9101").unwrap();
+        assert_eq!((u.tls, u.port, u.path_prefix.as_str()), (false, 9101, ""));
+        assert_eq!(u.authority(), "127.0.0.1:9101");
+        assert!(parse_base_url("https://user:pw@host/v1").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("sk-live-canary".into());
+        assert!(!format!("{s:?}").contains("canary"));
+    }
+}

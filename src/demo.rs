@@ -1,0 +1,62 @@
+//! `collie demo`: the embedded demo config in front of two local mock
+//! providers, all in one process, so a newcomer has a working gateway with
+//! one command.
+
+use crate::config::Config;
+use crate::mock::{Behavior, MockConfig, MockServer};
+use crate::server::Collie;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The demo config, compiled in so the binary runs from anywhere.
+pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+/// The provider key the demo deployments send to the mocks.
+const DEMO_PROVIDER_KEY: &str = "sk-demo-provider";
+const MOCK_PORTS: [u16; 2] = [9101, 9102];
+
+/// Start the mocks and the gateway, and run until SIGINT/SIGTERM.
+pub fn run(latency: Duration) -> Result<(), String> {
+    let env = |name: &str| match name {
+        "COLLIE_DEMO_PROVIDER_KEY" => Some(DEMO_PROVIDER_KEY.to_string()),
+        other => std::env::var(other).ok(),
+    };
+    let config = Config::from_yaml(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    // The mocks live on this runtime for the life of the process.
+    let mocks = runtime.block_on(async {
+        let mut mocks = Vec::new();
+        for port in MOCK_PORTS {
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            let mock = MockServer::start(MockConfig {
+                listen,
+                tls: None,
+                h2c: true,
+                default: Behavior::default()
+                    .delay(latency)
+                    .interval(Duration::from_millis(40)),
+                record: false,
+                dims: 8,
+            })
+            .await
+            .map_err(|e| format!("cannot start the mock provider on {listen}: {e}"))?;
+            mocks.push(mock);
+        }
+        Ok::<_, String>(mocks)
+    })?;
+    let collie = Collie::build(config, None)?;
+    log::info!(
+        "demo ready: mock providers on 127.0.0.1:{} and :{}; try\n  curl -s http://{}/v1/chat/completions -H 'X-Tenant-ID: team-a' -H 'Authorization: Bearer sk-demo-team-a' -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\nmetrics: http://{}/metrics",
+        MOCK_PORTS[0],
+        MOCK_PORTS[1],
+        collie.listen,
+        collie.admin_listen
+    );
+    collie.run_until_signalled();
+    drop(mocks);
+    drop(runtime);
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The request path: Pingora's `ProxyHttp` implementation. Every request is
+//! answered from `request_filter` — admit, read, inspect, then the exchange
+//! loop in [`exchange`] — and `logging` settles it (metrics) whatever happened.
+
+mod admission;
+mod body;
+mod error;
+pub mod exchange;
+
+pub use admission::key_digest_hex;
+pub use error::GatewayError;
+
+use crate::metrics::Metrics;
+use crate::state::{Snapshot, State};
+use crate::usage::Usage;
+use async_trait::async_trait;
+use bytes::Bytes;
+use exchange::Attempt;
+use http::header;
+use pingora::connectors::http::Connector;
+use pingora::http::ResponseHeader;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The OpenAI endpoints Collie serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Models,
+}
+
+impl Endpoint {
+    fn from_request(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {
+        let endpoint = match path.trim_end_matches('/') {
+            "/v1/chat/completions" => Endpoint::ChatCompletions,
+            "/v1/completions" => Endpoint::Completions,
+            "/v1/embeddings" => Endpoint::Embeddings,
+            "/v1/responses" => Endpoint::Responses,
+            "/v1/models" => Endpoint::Models,
+            _ => return Err(GatewayError::UnknownEndpoint(path.to_string())),
+        };
+        let expected = if endpoint == Endpoint::Models {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
+        if method != expected {
+            return Err(GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_string(),
+            });
+        }
+        Ok(endpoint)
+    }
+
+    /// The path after the deployment's base URL.
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
+            Endpoint::Models => "/models",
+        }
+    }
+
+    /// Whether `stream_options.include_usage` exists for this endpoint (the
+    /// Responses API always reports usage in its final event).
+    pub fn supports_stream_options(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Models => "models",
+        }
+    }
+}
+
+/// Everything known about one request, filled in as it goes and read by
+/// `logging` at the end.
+pub struct RequestCtx {
+    pub id: String,
+    pub started: Instant,
+    pub snapshot: Arc<Snapshot>,
+    pub endpoint: Endpoint,
+    /// Index of the proven tenant.
+    pub tenant: Option<usize>,
+    pub requested_model: Option<String>,
+    /// Index of the deployment whose response the client got.
+    pub served: Option<usize>,
+    pub attempts: Vec<Attempt>,
+    pub status: u16,
+    /// Why Collie refused or failed the request itself.
+    pub error: Option<&'static str>,
+    pub usage: Option<Usage>,
+    pub first_byte: Option<Instant>,
+    pub streamed: bool,
+    pub truncated: bool,
+    pub client_gone: bool,
+}
+
+pub struct Gateway {
+    pub state: Arc<State>,
+    pub metrics: Arc<Metrics>,
+    pub connector: Connector,
+    ids: RequestIds,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Gateway {
+        let snap = state.load();
+        let mut options =
+            pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
+        options.ca_file = snap
+            .config
+            .upstream_ca_file
+            .as_ref()
+            .map(|p| p.display().to_string());
+        Gateway {
+            state,
+            metrics,
+            connector: Connector::new(Some(options)),
+            ids: RequestIds::new(),
+        }
+    }
+
+    async fn handle(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        let snap = Arc::clone(&ctx.snapshot);
+        let req = session.req_header();
+        ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
+        let tenant = admission::admit(req, &snap)?;
+        ctx.tenant = Some(tenant);
+        if ctx.endpoint == Endpoint::Models {
+            return respond_models(session, ctx, &snap, tenant).await;
+        }
+        let config = &snap.config;
+        session.set_write_timeout(Some(config.client_timeout));
+        let body = body::read(session, config.max_body_bytes, config.client_timeout).await?;
+        let inspected = body::inspect(&body, config.max_json_depth)?;
+        ctx.requested_model = Some(inspected.model.clone());
+        let chain = snap
+            .router
+            .chain(&inspected.model)
+            .ok_or_else(|| GatewayError::ModelNotFound(inspected.model.clone()))?;
+        if !config.tenants[tenant].models.allows(&inspected.model) {
+            return Err(GatewayError::ModelForbidden(inspected.model.clone()));
+        }
+        exchange::run(self, session, ctx, &snap, chain, body, &inspected).await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            id: self.ids.next(),
+            started: Instant::now(),
+            snapshot: self.state.load(),
+            endpoint: Endpoint::ChatCompletions,
+            tenant: None,
+            requested_model: None,
+            served: None,
+            attempts: Vec::new(),
+            status: 0,
+            error: None,
+            usage: None,
+            first_byte: None,
+            streamed: false,
+            truncated: false,
+            client_gone: false,
+        }
+    }
+
+    /// Never reached: `request_filter` answers every request itself.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "requests are answered by the gateway's own exchange",
+        ))
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        if let Err(e) = self.handle(session, ctx).await {
+            respond_error(session, ctx, &e).await;
+        }
+        Ok(true)
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.metrics.record(ctx);
+    }
+}
+
+/// Write an error Collie generated, marked as Collie's own.
+async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+    let r = e.response();
+    ctx.status = r.status;
+    ctx.error = Some(r.reason);
+    if !session.is_body_done() {
+        // Do not read (drain) the body of a request that was refused.
+        session.set_keepalive(None);
+    }
+    let head = (|| -> pingora::Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(r.status, Some(6))?;
+        h.insert_header(header::CONTENT_TYPE, "application/json")?;
+        h.insert_header(header::CONTENT_LENGTH, r.body.len())?;
+        h.insert_header("x-collie-error", r.reason)?;
+        h.insert_header("x-collie-request-id", ctx.id.as_str())?;
+        if let Some(s) = r.retry_after_s {
+            h.insert_header(header::RETRY_AFTER, s)?;
+        }
+        Ok(h)
+    })();
+    let Ok(head) = head else {
+        ctx.client_gone = true;
+        return;
+    };
+    write_whole(session, ctx, head, r.body).await;
+}
+
+async fn write_whole(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    head: ResponseHeader,
+    body: Bytes,
+) {
+    if session
+        .write_response_header(Box::new(head), false)
+        .await
+        .is_err()
+        || session.write_response_body(Some(body), true).await.is_err()
+    {
+        ctx.client_gone = true;
+    }
+}
+
+/// `GET /v1/models`: the models this tenant may call, answered from config.
+async fn respond_models(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    tenant: usize,
+) -> Result<(), GatewayError> {
+    let access = &snap.config.tenants[tenant].models;
+    let data: Vec<serde_json::Value> = snap
+        .config
+        .models
+        .iter()
+        .filter(|m| access.allows(&m.name))
+        .map(|m| serde_json::json!({"id": m.name, "object": "model", "created": 0, "owned_by": "collie"}))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+    let mut head = ResponseHeader::build(200, Some(3)).map_err(internal)?;
+    head.insert_header(header::CONTENT_TYPE, "application/json")
+        .map_err(internal)?;
+    head.insert_header(header::CONTENT_LENGTH, body.len())
+        .map_err(internal)?;
+    head.insert_header("x-collie-request-id", ctx.id.as_str())
+        .map_err(internal)?;
+    ctx.status = 200;
+    write_whole(session, ctx, head, Bytes::from(body)).await;
+    Ok(())
+}
+
+/// Request ids unique across restarts and sidecars: a random per-process
+/// prefix and a counter.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        RequestIds {
+            prefix: rand::random(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("req_{:016x}{:012x}", self.prefix, n)
+    }
+}

@@ -1,0 +1,64 @@
+//! Who is calling: the tenant named by `X-Tenant-ID`, proven by one of its
+//! API keys. Only SHA-256 digests of keys are kept, and the claimed tenant's
+//! digests are compared in constant time.
+
+use super::GatewayError;
+use crate::state::Snapshot;
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub const TENANT_HEADER: &str = "x-tenant-id";
+
+/// The index of the proven tenant.
+pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError> {
+    let tenant_id = req
+        .headers
+        .get(TENANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or(GatewayError::MissingTenant)?;
+    let key = presented_key(req).ok_or(GatewayError::MissingKey)?;
+    let digest: [u8; 32] = Sha256::digest(key).into();
+
+    let idx = snap
+        .tenant_index(tenant_id)
+        .ok_or(GatewayError::BadCredentials)?;
+    let tenant = &snap.config.tenants[idx];
+    // Compare against every digest of the tenant without stopping early.
+    let matched = tenant
+        .key_digests
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&digest));
+    if bool::from(matched) {
+        return Ok(idx);
+    }
+    // A valid key of another tenant is a different mistake from a wrong key:
+    // the caller is known, but may not act as the tenant it named.
+    match snap.key_owner(&digest) {
+        Some(_) => Err(GatewayError::ForeignKey),
+        None => Err(GatewayError::BadCredentials),
+    }
+}
+
+/// The key from `Authorization: Bearer <key>`, else from `api-key`.
+fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
+    if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
+        let v = v.as_bytes();
+        let key = v
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| v[7..].trim_ascii())?;
+        return (!key.is_empty()).then_some(key);
+    }
+    req.headers
+        .get("api-key")
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|k| !k.is_empty())
+}
+
+/// Hex SHA-256 of a key, as written in the config's `api_keys`.
+pub fn key_digest_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.trim().as_bytes()))
+}

@@ -1,0 +1,349 @@
+//! The request body: read whole and bounded, inspected for the few fields the
+//! gateway acts on, and rewritten per attempt by splicing — every byte outside
+//! the replaced values stays as the client sent it.
+
+use super::GatewayError;
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::ops::Range;
+use std::time::Duration;
+
+/// Read the whole body, refusing more than `limit` bytes. A declared
+/// `Content-Length` over the limit is refused before anything is read.
+pub async fn read(
+    session: &mut Session,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, GatewayError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        // The unread body makes the connection unusable for another request.
+        session.set_keepalive(None);
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session.write_continue_response().await.map_err(|e| {
+            GatewayError::InvalidBody(format!("cannot continue: {}", e.etype().as_str()))
+        })?;
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 << 10).min(limit));
+    loop {
+        let chunk = match tokio::time::timeout(timeout, session.read_request_body()).await {
+            Err(_) => {
+                session.set_keepalive(None);
+                return Err(GatewayError::ClientTimeout);
+            }
+            Ok(Err(e)) => {
+                session.set_keepalive(None);
+                return Err(GatewayError::InvalidBody(format!(
+                    "cannot read the request body: {}",
+                    e.etype().as_str()
+                )));
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        if buf.len() + chunk.len() > limit {
+            session.set_keepalive(None);
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// The fields of a request the gateway acts on, with where they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub model: String,
+    /// Byte range of the `model` value (the JSON string, quotes included).
+    model_span: Range<usize>,
+    pub stream: bool,
+    /// Byte range of the `stream_options` value, when present.
+    stream_options_span: Option<Range<usize>>,
+    /// The client asked for the usage chunk at the end of its stream.
+    pub include_usage: bool,
+    pub max_tokens: Option<u64>,
+}
+
+/// Only the fields Collie touches; everything else is skipped unparsed.
+/// Serde's derive rejects a field that appears twice, which is what stops a
+/// body with two `model` keys (one for Collie, one for the provider).
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError> {
+    let invalid = |m: String| GatewayError::InvalidBody(m);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(invalid(
+            "the request body is empty; send a JSON object".into(),
+        ));
+    }
+    if nesting_exceeds(body, max_depth) {
+        return Err(invalid(format!(
+            "JSON nested deeper than {max_depth} levels"
+        )));
+    }
+    let probe: Probe<'_> =
+        serde_json::from_slice(body).map_err(|e| invalid(describe_json_error(&e)))?;
+    let raw_model = probe
+        .model
+        .ok_or_else(|| invalid("missing required field `model`".into()))?;
+    let model: String = serde_json::from_str(raw_model.get())
+        .map_err(|_| invalid("`model` must be a string".into()))?;
+    if model.is_empty() {
+        return Err(invalid("`model` must not be empty".into()));
+    }
+    let (stream_options_span, include_usage) = match probe.stream_options {
+        None => (None, false),
+        Some(raw) if raw.get() == "null" => (Some(span_of(body, raw)), false),
+        Some(raw) => {
+            let opts: StreamOptions = serde_json::from_str(raw.get())
+                .map_err(|_| invalid("`stream_options` must be an object".into()))?;
+            (
+                Some(span_of(body, raw)),
+                opts.include_usage.unwrap_or(false),
+            )
+        }
+    };
+    Ok(Inspected {
+        model,
+        model_span: span_of(body, raw_model),
+        stream: probe.stream.unwrap_or(false),
+        stream_options_span,
+        include_usage,
+        max_tokens: probe
+            .max_completion_tokens
+            .or(probe.max_tokens)
+            .or(probe.max_output_tokens),
+    })
+}
+
+/// Where a borrowed raw value sits inside the body it was parsed from.
+fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("duplicate field") {
+        format!("{text}; each field may appear once")
+    } else {
+        format!("the request body is not valid JSON: {text}")
+    }
+}
+
+/// Whether arrays/objects nest deeper than `limit`. Unknown fields are skipped
+/// by the parser without a depth limit, so this bound is checked separately.
+fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+impl Inspected {
+    /// Whether Collie must ask the upstream for usage the client did not
+    /// request (and later hide that chunk from the client).
+    pub fn needs_usage_injection(&self, supports_stream_options: bool) -> bool {
+        supports_stream_options && self.stream && !self.include_usage
+    }
+
+    /// The body for one attempt: `model` replaced by the deployment's model
+    /// name and, when `inject_usage`, `stream_options.include_usage` set.
+    pub fn body_for(
+        &self,
+        body: &Bytes,
+        upstream_model: &str,
+        inject_usage: bool,
+    ) -> Result<Bytes, GatewayError> {
+        let same_model = body
+            .get(self.model_span.clone())
+            .is_some_and(|v| serde_json::from_slice::<&str>(v).is_ok_and(|m| m == upstream_model));
+        if same_model && !inject_usage {
+            return Ok(body.clone());
+        }
+        let model_json = serde_json::to_string(upstream_model)
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let mut edits: Vec<(Range<usize>, String)> = vec![(self.model_span.clone(), model_json)];
+        if inject_usage {
+            match &self.stream_options_span {
+                Some(span) => {
+                    let mut opts: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+                    let text = serde_json::to_string(&opts)
+                        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                    edits.push((span.clone(), text));
+                }
+                None => {
+                    let open = body
+                        .iter()
+                        .position(|&b| b == b'{')
+                        .ok_or_else(|| GatewayError::Internal("body is not an object".into()))?;
+                    edits.push((
+                        open + 1..open + 1,
+                        "\"stream_options\":{\"include_usage\":true},".into(),
+                    ));
+                }
+            }
+        }
+        edits.sort_by_key(|(r, _)| r.start);
+        let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
+        let mut out = BytesMut::with_capacity(body.len() + extra);
+        let mut at = 0;
+        for (range, text) in edits {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(text.as_bytes());
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
+        Ok(out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(body: &str, model: &str, inject: bool) -> String {
+        let b = Bytes::copy_from_slice(body.as_bytes());
+        let i = inspect(&b, 64).unwrap();
+        String::from_utf8(i.body_for(&b, model, inject).unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn rewrites_only_the_model_value() {
+        let body = r#"{"messages":[{"role":"user","content":"say \"model\": x"}],  "model" : "gpt-4o" ,"n":1}"#;
+        assert_eq!(
+            rewrite(body, "gpt-4o-2024", false),
+            r#"{"messages":[{"role":"user","content":"say \"model\": x"}],  "model" : "gpt-4o-2024" ,"n":1}"#
+        );
+        // Unchanged model: the very same bytes.
+        assert_eq!(rewrite(body, "gpt-4o", false), body);
+    }
+
+    #[test]
+    fn model_at_the_end_of_a_large_body() {
+        let content = "x".repeat(2 << 20);
+        let body =
+            format!(r#"{{"messages":[{{"role":"user","content":"{content}"}}],"model":"m"}}"#);
+        let out = rewrite(&body, "upstream-m", false);
+        assert!(out.ends_with(r#""model":"upstream-m"}"#));
+        assert_eq!(out.len(), body.len() + "upstream-".len());
+    }
+
+    #[test]
+    fn injects_include_usage() {
+        let out = rewrite(r#"{"model":"m","stream":true}"#, "u", true);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "u");
+        let out = rewrite(
+            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"model":"m"}"#,
+            "u",
+            true,
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+    }
+
+    #[test]
+    fn reads_stream_flags() {
+        let i = inspect(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":9}"#, 64).unwrap();
+        assert!(i.stream && i.include_usage);
+        assert_eq!(i.max_tokens, Some(9));
+        assert!(!i.needs_usage_injection(true));
+        let i = inspect(br#"{"model":"m","stream":true}"#, 64).unwrap();
+        assert!(i.needs_usage_injection(true));
+        assert!(!i.needs_usage_injection(false));
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_clear_messages() {
+        let msg = |b: &str| match inspect(b.as_bytes(), 8) {
+            Err(GatewayError::InvalidBody(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(msg("").contains("empty"));
+        assert!(msg("{\"model\":").contains("not valid JSON"));
+        assert!(msg("[1,2]").contains("not valid JSON"));
+        assert!(msg(r#"{"messages":[]}"#).contains("missing required field `model`"));
+        assert!(msg(r#"{"model":42}"#).contains("must be a string"));
+        assert!(msg(r#"{"model":"a","model":"b"}"#).contains("duplicate field `model`"));
+        assert!(
+            msg(&format!(
+                "{{\"model\":\"m\",\"x\":{}{}}}",
+                "[".repeat(9),
+                "]".repeat(9)
+            ))
+            .contains("nested deeper")
+        );
+        // Brackets inside strings do not count.
+        assert!(
+            inspect(
+                format!("{{\"model\":\"m\",\"x\":\"{}\"}}", "[".repeat(50)).as_bytes(),
+                8
+            )
+            .is_ok()
+        );
+    }
+}

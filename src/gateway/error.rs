@@ -1,0 +1,184 @@
+//! Every way the gateway itself can refuse or fail a request, mapped to an
+//! HTTP status, an OpenAI-style error body and a short reason label for
+//! metrics and logs. The mapping is exhaustive on purpose: a new variant
+//! must decide its status here.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing X-Tenant-ID header")]
+    MissingTenant,
+    #[error("missing API key: send `Authorization: Bearer <key>` or `api-key: <key>`")]
+    MissingKey,
+    #[error("unknown tenant or invalid API key")]
+    BadCredentials,
+    #[error("this API key does not belong to the tenant named in X-Tenant-ID")]
+    ForeignKey,
+    #[error("model `{0}` is not allowed for this tenant")]
+    ModelForbidden(String),
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("timed out reading the request body")]
+    ClientTimeout,
+    #[error("unknown endpoint {0}")]
+    UnknownEndpoint(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// Every deployment that could serve the model asked us to wait.
+    #[error(
+        "every deployment for this model is rate limited by its provider; retry in {retry_after_s}s"
+    )]
+    UpstreamsBusy { retry_after_s: u64 },
+    /// Every attempt failed; `status` is the last upstream status (or 502/504
+    /// for transport failures).
+    #[error("all upstream attempts failed: {attempts}")]
+    UpstreamsFailed {
+        status: u16,
+        attempts: String,
+        retry_after_s: Option<u64>,
+    },
+    #[error("no upstream is available for this model")]
+    NoUpstream,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The parts of an error response.
+pub struct ErrorResponse {
+    pub status: u16,
+    pub retry_after_s: Option<u64>,
+    pub reason: &'static str,
+    pub body: Bytes,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+impl GatewayError {
+    /// (status, OpenAI error type, code — also the reason label).
+    fn parts(&self) -> (u16, &'static str, &'static str) {
+        use GatewayError::*;
+        match self {
+            MissingTenant => (401, "authentication_error", "missing_tenant"),
+            MissingKey => (401, "authentication_error", "missing_api_key"),
+            BadCredentials => (401, "authentication_error", "invalid_api_key"),
+            ForeignKey => (403, "permission_error", "tenant_mismatch"),
+            ModelForbidden(_) => (403, "permission_error", "model_not_allowed"),
+            ModelNotFound(_) => (404, "invalid_request_error", "model_not_found"),
+            BodyTooLarge { .. } => (413, "invalid_request_error", "request_too_large"),
+            InvalidBody(_) => (400, "invalid_request_error", "invalid_body"),
+            ClientTimeout => (408, "invalid_request_error", "client_timeout"),
+            UnknownEndpoint(_) => (404, "invalid_request_error", "unknown_url"),
+            MethodNotAllowed { .. } => (405, "invalid_request_error", "method_not_allowed"),
+            UpstreamsBusy { .. } => (429, "rate_limit_error", "upstream_rate_limited"),
+            UpstreamsFailed { status, .. } => (*status, "upstream_error", "upstream_failed"),
+            NoUpstream => (503, "upstream_error", "no_upstream"),
+            Internal(_) => (500, "server_error", "internal_error"),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.parts().0
+    }
+
+    pub fn reason(&self) -> &'static str {
+        self.parts().2
+    }
+
+    pub fn response(&self) -> ErrorResponse {
+        let (status, kind, code) = self.parts();
+        let message = self.to_string();
+        let param = match self {
+            GatewayError::ModelNotFound(_) | GatewayError::ModelForbidden(_) => Some("model"),
+            _ => None,
+        };
+        let body = serde_json::to_vec(&Envelope {
+            error: Body {
+                message: &message,
+                kind,
+                param,
+                code,
+            },
+        })
+        .unwrap_or_default();
+        let retry_after_s = match self {
+            GatewayError::UpstreamsBusy { retry_after_s } => Some(*retry_after_s),
+            GatewayError::UpstreamsFailed { retry_after_s, .. } => *retry_after_s,
+            _ => None,
+        };
+        ErrorResponse {
+            status,
+            retry_after_s,
+            reason: code,
+            body: Bytes::from(body),
+        }
+    }
+}
+
+/// The SSE event that ends a stream the upstream broke off.
+pub fn stream_error_event(detail: &str) -> Bytes {
+    let message = format!("upstream stream interrupted: {detail}");
+    let body = serde_json::to_string(&Envelope {
+        error: Body {
+            message: &message,
+            kind: "upstream_error",
+            param: None,
+            code: "stream_interrupted",
+        },
+    })
+    .unwrap_or_default();
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let r = GatewayError::ModelNotFound("gpt-9".into()).response();
+        assert_eq!(r.status, 404);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn failed_attempts_keep_the_upstream_status() {
+        let e = GatewayError::UpstreamsFailed {
+            status: 503,
+            attempts: "a: 503".into(),
+            retry_after_s: Some(3),
+        };
+        let r = e.response();
+        assert_eq!((r.status, r.retry_after_s), (503, Some(3)));
+    }
+
+    #[test]
+    fn stream_error_event_is_one_sse_event() {
+        let e = stream_error_event("reset");
+        let text = std::str::from_utf8(&e).unwrap();
+        assert!(text.starts_with("data: {\"error\":"));
+        assert!(text.ends_with("\n\n"));
+        assert_eq!(text.matches("\n\n").count(), 1);
+    }
+}

@@ -1,0 +1,587 @@
+//! The upstream exchange: one loop over the fallback chain. Each attempt
+//! sends the body rewritten for its deployment and reads the response head;
+//! a connect failure, a reset, a first-byte timeout, a 429 or a 5xx moves on
+//! to the next attempt. The first response passed to the client commits the
+//! request: after that there is no retry, and a stream that breaks ends with
+//! an SSE error event.
+//!
+//! The gateway owns this exchange instead of using Pingora's proxy phases
+//! because Pingora can only re-send a body it buffered for retries (64 KiB at
+//! most), and the OpenAI SDK writes `model` after `messages`.
+
+use super::body::Inspected;
+use super::error::stream_error_event;
+use super::{Endpoint, Gateway, GatewayError, RequestCtx};
+use crate::routing::{Pick, Upstream, now_ms};
+use crate::state::Snapshot;
+use crate::usage::JsonUsage;
+use crate::usage::sse::SseObserver;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest `Retry-After` honoured; a larger value is capped, not ignored.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// A failed attempt's body is read (to keep the connection) only this far.
+const DISCARD_LIMIT: usize = 64 << 10;
+
+/// How one attempt ended without being passed to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Connect(String),
+    Timeout,
+    Broken(String),
+    Status(u16),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect failed ({e})"),
+            Failure::Timeout => f.write_str("no response head before the first-byte timeout"),
+            Failure::Broken(e) => write!(f, "connection failed ({e})"),
+            Failure::Status(s) => write!(f, "HTTP {s}"),
+        }
+    }
+}
+
+impl Failure {
+    /// Label for the attempts metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Failure::Connect(_) => "connect_error",
+            Failure::Timeout => "timeout",
+            Failure::Broken(_) => "broken",
+            Failure::Status(429) => "status_429",
+            Failure::Status(_) => "status_5xx",
+        }
+    }
+}
+
+/// One attempt as recorded on the request.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub upstream: usize,
+    pub outcome: Result<u16, Failure>,
+}
+
+/// Run the chain for an admitted, inspected request and answer the client.
+/// An `Err` means nothing was sent to the client yet.
+pub async fn run(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Arc<Snapshot>,
+    chain: &[usize],
+    body: Bytes,
+    inspected: &Inspected,
+) -> Result<(), GatewayError> {
+    let inject_usage = inspected.needs_usage_injection(ctx.endpoint.supports_stream_options());
+    let mut tried: Vec<usize> = Vec::with_capacity(chain.len());
+    let mut shortest_block: Option<u64> = None;
+    let mut last_retry_after: Option<u64> = None;
+    let router = &snap.router;
+    for &pool in chain {
+        let Some(pool_rt) = router.pools.get(pool) else {
+            continue;
+        };
+        let upstream = match pool_rt.pick(&router.upstreams, &tried, now_ms()) {
+            Pick::Upstream(i) => Arc::clone(&router.upstreams[i]),
+            Pick::Blocked { retry_in_ms } => {
+                shortest_block = Some(shortest_block.map_or(retry_in_ms, |s| s.min(retry_in_ms)));
+                continue;
+            }
+            Pick::Exhausted => continue,
+        };
+        tried.push(upstream.index);
+        let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
+        let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
+        match attempt(gw, &upstream, header, attempt_body).await {
+            Ok(http) => {
+                let status = http.response_header().map_or(0, |h| h.status.as_u16());
+                ctx.attempts.push(Attempt {
+                    upstream: upstream.index,
+                    outcome: Ok(status),
+                });
+                relay(gw, session, ctx, &upstream, http, inject_usage).await;
+                return Ok(());
+            }
+            Err((failure, retry_after)) => {
+                if let Some(wait) = retry_after {
+                    upstream.block_for(wait);
+                    last_retry_after = Some(wait.as_secs().max(1));
+                }
+                log::debug!(
+                    "request {} attempt on {} failed: {failure}",
+                    ctx.id,
+                    upstream.id
+                );
+                ctx.attempts.push(Attempt {
+                    upstream: upstream.index,
+                    outcome: Err(failure),
+                });
+            }
+        }
+    }
+    Err(all_failed(
+        snap,
+        &ctx.attempts,
+        shortest_block,
+        last_retry_after,
+    ))
+}
+
+fn all_failed(
+    snap: &Snapshot,
+    attempts: &[Attempt],
+    shortest_block: Option<u64>,
+    retry_after: Option<u64>,
+) -> GatewayError {
+    let Some(last) = attempts.last() else {
+        return match shortest_block {
+            Some(ms) => GatewayError::UpstreamsBusy {
+                retry_after_s: ms.div_ceil(1000).max(1),
+            },
+            None => GatewayError::NoUpstream,
+        };
+    };
+    let status = match &last.outcome {
+        Err(Failure::Status(s)) => *s,
+        Err(Failure::Timeout) => 504,
+        _ => 502,
+    };
+    let mut text = String::new();
+    for (i, a) in attempts.iter().enumerate() {
+        let name = snap
+            .router
+            .upstreams
+            .get(a.upstream)
+            .map_or("?", |u| u.id.as_str());
+        let outcome = match &a.outcome {
+            Ok(s) => format!("HTTP {s}"),
+            Err(f) => f.to_string(),
+        };
+        let _ = write!(text, "{}{name}: {outcome}", if i > 0 { "; " } else { "" });
+    }
+    let retry_after_s = match (status, retry_after, shortest_block) {
+        (429 | 503, Some(s), _) => Some(s),
+        (429 | 503, None, Some(ms)) => Some(ms.div_ceil(1000).max(1)),
+        _ => None,
+    };
+    GatewayError::UpstreamsFailed {
+        status,
+        attempts: text,
+        retry_after_s,
+    }
+}
+
+/// Headers that describe one hop, never forwarded in either direction.
+fn hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Client headers that must not reach a provider: credentials, routing
+/// headers meant for Collie, and framing that Collie sets itself.
+/// `accept-encoding` is dropped so the provider answers uncompressed and the
+/// usage in the response can be read.
+fn withheld_from_upstream(name: &header::HeaderName) -> bool {
+    hop_by_hop(name)
+        || matches!(
+            name.as_str(),
+            "host"
+                | "content-length"
+                | "authorization"
+                | "api-key"
+                | "x-tenant-id"
+                | "accept-encoding"
+                | "expect"
+                | "cookie"
+        )
+        || name.as_str().starts_with("x-collie-")
+}
+
+fn upstream_request(
+    client: &RequestHeader,
+    upstream: &Upstream,
+    endpoint: Endpoint,
+) -> Result<RequestHeader, GatewayError> {
+    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+    let mut path = String::with_capacity(upstream.path_prefix.len() + 32);
+    path.push_str(&upstream.path_prefix);
+    path.push_str(endpoint.upstream_suffix());
+    if let Some(q) = client.uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 3))
+        .map_err(internal)?;
+    // Fields the client named in `Connection` are hop-by-hop too.
+    let nominated: Vec<String> = client
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in client.headers.iter() {
+        if withheld_from_upstream(name) || nominated.iter().any(|n| n == name.as_str()) {
+            continue;
+        }
+        req.append_header(name.clone(), value.clone())
+            .map_err(internal)?;
+    }
+    req.insert_header(header::HOST, upstream.host.clone())
+        .map_err(internal)?;
+    if let Some((name, value)) = &upstream.auth {
+        req.insert_header(name.clone(), value.clone())
+            .map_err(internal)?;
+    }
+    Ok(req)
+}
+
+type AttemptError = (Failure, Option<Duration>);
+
+/// Send one request and read its response head. `Ok` holds a session whose
+/// response the client should get; `Err` says why the next attempt should run.
+async fn attempt(
+    gw: &Gateway,
+    up: &Upstream,
+    mut header: RequestHeader,
+    body: Bytes,
+) -> Result<HttpSession, AttemptError> {
+    header
+        .insert_header(header::CONTENT_LENGTH, body.len())
+        .map_err(|e| (Failure::Broken(e.etype().as_str().to_string()), None))?;
+    // A pooled connection the provider already closed fails at once without
+    // the provider having seen the request; such a failure is retried on
+    // another connection and does not count as an attempt.
+    let mut stale_retries = 2;
+    loop {
+        let (mut http, reused) = gw
+            .connector
+            .get_http_session(&up.peer)
+            .await
+            .map_err(|e| (classify_connect(&e), None))?;
+        http.set_write_timeout(Some(up.timeouts.idle));
+        http.set_read_timeout(Some(up.timeouts.first_byte));
+        match send_and_read_head(&mut http, header.clone(), body.clone()).await {
+            Ok(()) => {}
+            Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
+                stale_retries -= 1;
+                continue;
+            }
+            Err(e) => return Err((classify_exchange(&e), None)),
+        }
+        let Some(head) = http.response_header() else {
+            return Err((Failure::Broken("no response head".into()), None));
+        };
+        let status = head.status.as_u16();
+        if status == 429 || status >= 500 {
+            let retry_after = (status == 429 || status == 503)
+                .then(|| retry_after(head))
+                .flatten();
+            discard(gw, up, http).await;
+            return Err((Failure::Status(status), retry_after));
+        }
+        return Ok(http);
+    }
+}
+
+async fn send_and_read_head(
+    http: &mut HttpSession,
+    header: RequestHeader,
+    body: Bytes,
+) -> pingora::Result<()> {
+    http.write_request_header(Box::new(header)).await?;
+    http.write_request_body(body, true).await?;
+    http.finish_request_body().await?;
+    http.read_response_header().await
+}
+
+fn classify_connect(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ConnectTimedout => Failure::Connect("timed out".into()),
+        ErrorType::ConnectRefused => Failure::Connect("refused".into()),
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            Failure::Connect("TLS handshake failed".into())
+        }
+        other => Failure::Connect(other.as_str().to_string()),
+    }
+}
+
+fn classify_exchange(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        other => Failure::Broken(other.as_str().to_string()),
+    }
+}
+
+fn is_stale_connection(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::H2Error
+    )
+}
+
+/// `retry-after-ms` (OpenAI, Azure) wins over `retry-after`, which is either
+/// seconds or an HTTP date.
+fn retry_after(head: &ResponseHeader) -> Option<Duration> {
+    let text = |name: &str| {
+        head.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let wait = if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        Duration::try_from_secs_f64(ms / 1000.0).ok()?
+    } else {
+        let v = text("retry-after")?;
+        match v.parse::<f64>() {
+            Ok(s) => Duration::try_from_secs_f64(s).ok()?,
+            Err(_) => httpdate::parse_http_date(v)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        }
+    };
+    (!wait.is_zero()).then_some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// Read and drop a failed attempt's (small) body so its connection can be
+/// reused; a large or slow one is closed instead.
+async fn discard(gw: &Gateway, up: &Upstream, mut http: HttpSession) {
+    http.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut read = 0usize;
+    loop {
+        match http.read_response_body().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                if read > DISCARD_LIMIT {
+                    http.shutdown().await;
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                http.shutdown().await;
+                return;
+            }
+        }
+    }
+    gw.connector
+        .release_http_session(http, &up.peer, Some(Duration::from_secs(60)))
+        .await;
+}
+
+/// What watches the response body for usage.
+enum Observer {
+    Sse(SseObserver),
+    Json(JsonUsage),
+    Off,
+}
+
+/// Pass the committed response to the client, observing usage on the side.
+async fn relay(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    up: &Upstream,
+    mut http: HttpSession,
+    strip_usage: bool,
+) {
+    let Some(head) = http.response_header() else {
+        return;
+    };
+    let status = head.status.as_u16();
+    let is_sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let strip_usage = strip_usage && is_sse;
+    let mut observer = match (status, is_sse) {
+        (200..=299, true) => Observer::Sse(SseObserver::new(strip_usage)),
+        (200..=299, false) => Observer::Json(JsonUsage::default()),
+        _ => Observer::Off,
+    };
+    let downstream_h2 = session.as_downstream().is_http2();
+    let resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("request {}: cannot build response head: {e}", ctx.id);
+            http.shutdown().await;
+            return;
+        }
+    };
+    ctx.status = status;
+    ctx.served = Some(up.index);
+    ctx.streamed = is_sse;
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_err()
+    {
+        ctx.client_gone = true;
+        http.shutdown().await;
+        return;
+    }
+    http.set_read_timeout(Some(up.timeouts.idle));
+    loop {
+        let next = tokio::select! {
+            biased;
+            r = http.read_response_body() => Next::Upstream(r),
+            _ = session.downstream_session.read_body_or_idle(true) => Next::ClientGone,
+        };
+        match next {
+            Next::Upstream(Ok(Some(chunk))) => {
+                let out = match &mut observer {
+                    Observer::Sse(o) => o.feed(chunk),
+                    Observer::Json(j) => {
+                        j.feed(&chunk);
+                        chunk
+                    }
+                    Observer::Off => chunk,
+                };
+                if out.is_empty() {
+                    continue;
+                }
+                if ctx.first_byte.is_none() {
+                    ctx.first_byte = Some(Instant::now());
+                }
+                if session.write_response_body(Some(out), false).await.is_err() {
+                    ctx.client_gone = true;
+                    http.shutdown().await;
+                    break;
+                }
+            }
+            Next::Upstream(Ok(None)) => {
+                let tail = match &mut observer {
+                    Observer::Sse(o) => o.finish(),
+                    _ => Bytes::new(),
+                };
+                let tail = (!tail.is_empty()).then_some(tail);
+                if session.write_response_body(tail, true).await.is_err() {
+                    ctx.client_gone = true;
+                }
+                gw.connector
+                    .release_http_session(http, &up.peer, Some(Duration::from_secs(60)))
+                    .await;
+                break;
+            }
+            Next::Upstream(Err(e)) => {
+                ctx.truncated = true;
+                let detail = match e.etype() {
+                    ErrorType::ReadTimedout => "no data within the idle timeout".to_string(),
+                    other => other.as_str().to_string(),
+                };
+                log::info!(
+                    "request {}: upstream {} broke mid-response: {detail}",
+                    ctx.id,
+                    up.id
+                );
+                http.shutdown().await;
+                end_broken_response(session, ctx, &mut observer, &detail).await;
+                break;
+            }
+            Next::ClientGone => {
+                ctx.client_gone = true;
+                // Dropping the connection is what tells the provider to stop generating.
+                http.shutdown().await;
+                break;
+            }
+        }
+    }
+    ctx.usage = match observer {
+        Observer::Sse(o) => o.usage(),
+        Observer::Json(j) if !ctx.truncated && !ctx.client_gone => j.finish(),
+        _ => None,
+    };
+}
+
+enum Next {
+    Upstream(pingora::Result<Option<Bytes>>),
+    ClientGone,
+}
+
+/// A stream ends with an SSE error event the client can read; any other body
+/// is cut off so the client sees a truncated response, not a complete one.
+async fn end_broken_response(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    observer: &mut Observer,
+    detail: &str,
+) {
+    if let Observer::Sse(o) = observer {
+        o.abandon();
+        let event = stream_error_event(detail);
+        let bytes = if o.client_mid_event() {
+            // Close the half-sent event so the error event parses on its own.
+            let mut b = Vec::with_capacity(event.len() + 2);
+            b.extend_from_slice(b"\n\n");
+            b.extend_from_slice(&event);
+            Bytes::from(b)
+        } else {
+            event
+        };
+        if session
+            .write_response_body(Some(bytes), true)
+            .await
+            .is_err()
+        {
+            ctx.client_gone = true;
+        }
+        return;
+    }
+    session.set_keepalive(None);
+    session.downstream_session.shutdown().await;
+}
+
+fn client_response_head(
+    upstream: &ResponseHeader,
+    ctx: &RequestCtx,
+    up: &Upstream,
+    body_changes: bool,
+    downstream_h2: bool,
+) -> pingora::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
+    let mut has_length = false;
+    for (name, value) in upstream.headers.iter() {
+        if hop_by_hop(name) {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            if body_changes {
+                continue;
+            }
+            has_length = true;
+        }
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    if !has_length && !downstream_h2 {
+        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    resp.insert_header("x-collie-model", up.model.as_str())?;
+    resp.insert_header("x-collie-attempts", ctx.attempts.len().to_string())?;
+    resp.insert_header("x-collie-request-id", ctx.id.as_str())?;
+    Ok(resp)
+}

@@ -1,0 +1,14 @@
+//! Collie: a per-tenant sidecar gateway for OpenAI-style LLM traffic.
+//!
+//! The map of the parts is in the README; each module's first line says what
+//! it owns.
+
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod metrics;
+pub mod mock;
+pub mod routing;
+pub mod server;
+pub mod state;
+pub mod usage;

@@ -1,0 +1,147 @@
+//! The `collie` command: parse arguments, validate config, run.
+
+use clap::{Parser, Subcommand};
+use collie::config::Config;
+use collie::server::Collie;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// `EX_USAGE` from sysexits.h: the configuration or the command line is wrong.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "collie",
+    version,
+    about = "Per-tenant sidecar gateway for OpenAI-style LLM traffic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file (reloaded on SIGHUP).
+    Run {
+        #[arg(short, long, env = "COLLIE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate config files without starting anything; exits 64 on a bad one.
+    CheckConfig {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the SHA-256 digest of an API key, for a tenant's `api_keys`.
+    /// Reads the key from standard input when not given.
+    HashKey { key: Option<String> },
+    /// Run the demo: the embedded demo config in front of two local mock providers.
+    Demo {
+        /// Latency of the mock providers before their response head, in milliseconds.
+        #[arg(long, default_value_t = 150)]
+        latency_ms: u64,
+    },
+    /// Run an OpenAI-compatible mock provider (for tests and benchmarks).
+    Mock(collie::mock::MockArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { files } => check_config(&files),
+        Command::HashKey { key } => hash_key(key),
+        Command::Demo { latency_ms } => {
+            match collie::demo::run(std::time::Duration::from_millis(latency_ms)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Mock(args) => mock(args),
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{} is invalid:\n{e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match Collie::build(config, Some(path)) {
+        Ok(collie) => {
+            collie.run_until_signalled();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            ExitCode::from(EX_USAGE)
+        }
+    }
+}
+
+#[expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "command-line output"
+)]
+fn check_config(files: &[PathBuf]) -> ExitCode {
+    let mut bad = false;
+    for f in files {
+        match Config::load(f) {
+            Ok(_) => println!("{}: ok", f.display()),
+            Err(e) => {
+                bad = true;
+                eprintln!("{}:", f.display());
+                for line in e.0 {
+                    eprintln!("  {line}");
+                }
+            }
+        }
+    }
+    if bad {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "command-line output")]
+fn hash_key(key: Option<String>) -> ExitCode {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() {
+                return ExitCode::from(EX_USAGE);
+            }
+            line
+        }
+    };
+    println!("{}", collie::gateway::key_digest_hex(&key));
+    ExitCode::SUCCESS
+}
+
+fn mock(args: collie::mock::MockArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(collie::mock::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("mock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

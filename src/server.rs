@@ -1,0 +1,230 @@
+//! Process assembly: the Pingora server with the gateway listener, the admin
+//! listener and the background work, run until a signal — or, in tests and
+//! the demo, a handle — stops it.
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::{AdminApp, Metrics};
+use crate::state::{Snapshot, State};
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::ProxyServiceBuilder;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A configured, not yet running process.
+pub struct Collie {
+    pub state: Arc<State>,
+    pub metrics: Arc<Metrics>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    server: Server,
+}
+
+impl Collie {
+    /// Build every service from a validated config. `config_path` enables
+    /// reloading that file on SIGHUP.
+    pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Collie, String> {
+        let listen: SocketAddr = config.listen.parse().map_err(|e| format!("listen: {e}"))?;
+        let admin_listen: SocketAddr = config
+            .admin_listen
+            .parse()
+            .map_err(|e| format!("admin_listen: {e}"))?;
+        let conf = ServerConf {
+            threads: config.threads,
+            // Stop accepting at once on SIGTERM, then give requests in flight
+            // (streams included) up to 30 s to finish.
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(30),
+            upstream_keepalive_pool_size: config.upstream_keepalive_pool,
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let state = Arc::new(State::new(Snapshot::build(config, None)?));
+        let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
+        let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics));
+        let server_conf = Arc::clone(&server.configuration);
+        let mut options = HttpServerOptions::default();
+        // Clients on the same host may speak HTTP/2 without TLS.
+        options.h2c = true;
+        let mut proxy = ProxyServiceBuilder::new(&server_conf, gateway)
+            .name("collie gateway")
+            .server_options(options)
+            .build();
+        proxy.add_tcp(&listen.to_string());
+        server.add_service(proxy);
+
+        let mut admin = Service::new(
+            "collie admin".to_string(),
+            AdminApp {
+                metrics: Arc::clone(&metrics),
+                state: Arc::clone(&state),
+            },
+        );
+        admin.add_tcp(&admin_listen.to_string());
+        admin.threads = Some(1);
+        server.add_service(admin);
+
+        if let Some(path) = config_path {
+            server.add_service(background_service(
+                "config reload",
+                Reloader {
+                    path,
+                    state: Arc::clone(&state),
+                },
+            ));
+        }
+        Ok(Collie {
+            state,
+            metrics,
+            listen,
+            admin_listen,
+            server,
+        })
+    }
+
+    /// Run until SIGTERM (graceful) or SIGINT (fast).
+    pub fn run_until_signalled(self) {
+        log::info!(
+            "collie listening on {} (admin on {})",
+            self.listen,
+            self.admin_listen
+        );
+        self.server.run(RunArgs::default());
+    }
+
+    /// Run on a thread of its own until the returned handle is dropped or
+    /// stopped. Waits until the gateway accepts connections.
+    pub fn spawn(self) -> Result<Running, String> {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let listen = self.listen;
+        let admin_listen = self.admin_listen;
+        let state = Arc::clone(&self.state);
+        let metrics = Arc::clone(&self.metrics);
+        let server = self.server;
+        let thread = std::thread::Builder::new()
+            .name("collie".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(HandleSignal(rx)),
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        let running = Running {
+            listen,
+            admin_listen,
+            state,
+            metrics,
+            stop: tx,
+            thread: Some(thread),
+        };
+        for addr in [listen, admin_listen] {
+            wait_until_accepting(addr)?;
+        }
+        Ok(running)
+    }
+}
+
+fn wait_until_accepting(addr: SocketAddr) -> Result<(), String> {
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(format!("nothing accepts connections on {addr}"))
+}
+
+/// A gateway running on its own thread.
+pub struct Running {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub state: Arc<State>,
+    pub metrics: Arc<Metrics>,
+    /// `Some(true)` asks for a graceful stop, `Some(false)` for a fast one.
+    stop: tokio::sync::watch::Sender<Option<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stop the way SIGTERM does (graceful) or SIGINT does (fast) and wait.
+    pub fn stop(mut self, graceful: bool) {
+        self.shutdown(graceful);
+    }
+
+    fn shutdown(&mut self, graceful: bool) {
+        let _ = self.stop.send(Some(graceful));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown(false);
+    }
+}
+
+struct HandleSignal(tokio::sync::watch::Receiver<Option<bool>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for HandleSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.0.clone();
+        loop {
+            match *rx.borrow_and_update() {
+                Some(true) => return ShutdownSignal::GracefulTerminate,
+                Some(false) => return ShutdownSignal::FastShutdown,
+                None => {}
+            }
+            if rx.changed().await.is_err() {
+                return ShutdownSignal::FastShutdown;
+            }
+        }
+    }
+}
+
+/// Reloads the config file on SIGHUP. A file that fails validation is
+/// reported and the running config stays.
+struct Reloader {
+    path: PathBuf,
+    state: Arc<State>,
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("config reload on SIGHUP unavailable: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.changed() => return,
+            }
+            let loaded = Config::load(&self.path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| self.state.reload(c));
+            match loaded {
+                Ok(()) => log::info!("reloaded {}", self.path.display()),
+                Err(e) => log::error!(
+                    "kept the running config; {} is invalid:\n{e}",
+                    self.path.display()
+                ),
+            }
+        }
+    }
+}

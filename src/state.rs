@@ -1,0 +1,75 @@
+//! The live configuration: one immutable [`Snapshot`] (config, routing,
+//! lookup tables) behind an `ArcSwap`. A request loads it once when it starts
+//! and keeps that `Arc` to the end, so a reload never shows it half of one
+//! config and half of another.
+
+use crate::config::Config;
+use crate::routing::Router;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    tenant_index: HashMap<String, usize>,
+    /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
+    key_owner: HashMap<[u8; 32], usize>,
+}
+
+impl Snapshot {
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+        let router = Router::build(&config, previous.map(|p| &p.router))?;
+        let tenant_index = config
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let key_owner = config
+            .tenants
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| t.key_digests.iter().map(move |d| (*d, i)))
+            .collect();
+        Ok(Snapshot {
+            config,
+            router,
+            tenant_index,
+            key_owner,
+        })
+    }
+
+    pub fn tenant_index(&self, id: &str) -> Option<usize> {
+        self.tenant_index.get(id).copied()
+    }
+
+    pub fn key_owner(&self, digest: &[u8; 32]) -> Option<usize> {
+        self.key_owner.get(digest).copied()
+    }
+}
+
+/// The swappable handle shared by every part of the process.
+pub struct State {
+    current: ArcSwap<Snapshot>,
+}
+
+impl State {
+    pub fn new(snapshot: Snapshot) -> State {
+        State {
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Replace the whole snapshot; requests already running keep the old one.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let old = self.current.load_full();
+        let next = Snapshot::build(config, Some(&old))?;
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! Token usage and its price: what the upstream reported in a JSON body or in
+//! its SSE stream, turned into cost with the configured pricing table.
+//!
+//! Usage is never a silent zero: a field the upstream did not report stays
+//! `None`.
+
+pub mod sse;
+
+use crate::config::Price;
+use serde::Deserialize;
+
+/// Tokens of one request as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// The total the provider gave, else the sum of the parts when both are known.
+    pub fn total(&self) -> Option<u64> {
+        self.total_tokens.or_else(|| {
+            self.prompt_tokens
+                .zip(self.completion_tokens)
+                .map(|(p, c)| p.saturating_add(c))
+        })
+    }
+
+    /// Cost in nanodollars, rounded up so that a request is never billed below
+    /// what it cost. `None` when the price or any needed count is unknown.
+    pub fn cost_nano_usd(&self, price: Option<Price>) -> Option<u64> {
+        let price = price?;
+        let prompt = self.prompt_tokens?;
+        // Embeddings report no completion tokens; that is a real zero only
+        // when the provider also gave a total equal to the prompt.
+        let completion = match self.completion_tokens {
+            Some(c) => c,
+            None if self.total_tokens == Some(prompt) => 0,
+            None => return None,
+        };
+        let pico = u128::from(prompt) * u128::from(price.input_pico_per_token)
+            + u128::from(completion) * u128::from(price.output_pico_per_token);
+        u64::try_from(pico.div_ceil(1000)).ok()
+    }
+}
+
+/// The shapes providers use for usage: chat/completions/embeddings
+/// (`prompt_tokens`…) and the Responses API (`input_tokens`…).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl From<RawUsage> for Usage {
+    fn from(r: RawUsage) -> Usage {
+        Usage {
+            prompt_tokens: r.prompt_tokens.or(r.input_tokens),
+            completion_tokens: r.completion_tokens.or(r.output_tokens),
+            total_tokens: r.total_tokens,
+        }
+    }
+}
+
+/// Fields of a response document (JSON body or SSE event) that can carry usage.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct UsageCarrier {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    /// The Responses API nests it: `{"type":"response.completed","response":{"usage":…}}`.
+    #[serde(default)]
+    response: Option<NestedResponse>,
+    /// Only the count matters: a chunk with no choices and a usage is the
+    /// usage-only chunk that `include_usage` adds at the end of a stream.
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NestedResponse {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+impl UsageCarrier {
+    pub(crate) fn parse(json: &[u8]) -> Option<UsageCarrier> {
+        serde_json::from_slice(json).ok()
+    }
+
+    pub(crate) fn usage(self) -> Option<Usage> {
+        self.usage
+            .or(self.response.and_then(|r| r.usage))
+            .map(Usage::from)
+    }
+
+    pub(crate) fn is_usage_only_chunk(&self) -> bool {
+        self.usage.is_some() && self.choices.as_ref().is_some_and(|c| c.is_empty())
+    }
+}
+
+/// Largest non-streamed body that is parsed whole for its usage. Beyond it
+/// only the tail is kept: providers put `usage` last, and a key cannot be
+/// faked inside a JSON string (its quotes would be escaped).
+const JSON_WHOLE_LIMIT: usize = 8 << 20;
+const JSON_TAIL: usize = 64 << 10;
+
+/// Collects a non-streamed JSON response on the side to read its usage.
+#[derive(Debug, Default)]
+pub struct JsonUsage {
+    buf: Vec<u8>,
+    overflowed: bool,
+}
+
+impl JsonUsage {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() > JSON_WHOLE_LIMIT + JSON_TAIL {
+            let cut = self.buf.len() - JSON_TAIL;
+            self.buf.drain(..cut);
+            self.overflowed = true;
+        }
+    }
+
+    pub fn finish(self) -> Option<Usage> {
+        if !self.overflowed {
+            if let Some(c) = UsageCarrier::parse(&self.buf) {
+                return c.usage();
+            }
+        }
+        usage_from_tail(&self.buf)
+    }
+}
+
+/// Find the last `"usage"` key in a fragment of JSON and parse the object after it.
+fn usage_from_tail(buf: &[u8]) -> Option<Usage> {
+    let at = memchr::memmem::rfind(buf, b"\"usage\"")?;
+    let rest = &buf[at + 7..];
+    let colon = rest.iter().position(|&b| !b.is_ascii_whitespace())?;
+    if rest.get(colon) != Some(&b':') {
+        return None;
+    }
+    let value = &rest[colon + 1..];
+    let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
+    stream.next()?.ok().map(Usage::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_rounds_up_and_needs_known_counts() {
+        let price = Some(Price {
+            input_pico_per_token: 150_000,
+            output_pico_per_token: 600_000,
+        });
+        let u = Usage {
+            prompt_tokens: Some(1000),
+            completion_tokens: Some(10),
+            total_tokens: Some(1010),
+        };
+        // 1000 × 0.15 µ$ + 10 × 0.6 µ$ = 156 µ$ = 156_000 n$
+        assert_eq!(u.cost_nano_usd(price), Some(156_000));
+        let odd = Usage {
+            prompt_tokens: Some(1),
+            completion_tokens: Some(0),
+            total_tokens: None,
+        };
+        let cheap = Some(Price {
+            input_pico_per_token: 1,
+            output_pico_per_token: 1,
+        });
+        assert_eq!(odd.cost_nano_usd(cheap), Some(1));
+        assert_eq!(Usage::default().cost_nano_usd(price), None);
+        assert_eq!(u.cost_nano_usd(None), None);
+        let embedding = Usage {
+            prompt_tokens: Some(8),
+            completion_tokens: None,
+            total_tokens: Some(8),
+        };
+        assert_eq!(embedding.cost_nano_usd(price), Some(1200));
+    }
+
+    #[test]
+    fn reads_usage_from_json_bodies() {
+        let mut j = JsonUsage::default();
+        j.feed(br#"{"id":"x","choices":[{"message":{"content":"\"usage\": 5"}}],"#);
+        j.feed(br#""usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        assert_eq!(
+            j.finish(),
+            Some(Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(4),
+                total_tokens: Some(7)
+            })
+        );
+        let mut j = JsonUsage::default();
+        j.feed(br#"{"object":"response","usage":{"input_tokens":2,"output_tokens":5,"total_tokens":7}}"#);
+        assert_eq!(j.finish().and_then(|u| u.completion_tokens), Some(5));
+        let mut j = JsonUsage::default();
+        j.feed(br#"{"object":"list","data":[]}"#);
+        assert_eq!(j.finish(), None);
+    }
+
+    #[test]
+    fn reads_usage_from_the_tail_of_huge_bodies() {
+        let mut j = JsonUsage::default();
+        j.feed(b"{\"data\":[");
+        let filler = vec![b'1'; 1 << 20];
+        for _ in 0..10 {
+            j.feed(&filler);
+        }
+        j.feed(br#"],"usage" : {"prompt_tokens":9,"total_tokens":9}}"#);
+        assert_eq!(j.finish().and_then(|u| u.prompt_tokens), Some(9));
+    }
+}

@@ -1,0 +1,200 @@
+//! Shared by the integration tests: start mock upstreams and a real gateway
+//! in-process on loopback, and talk to them over real sockets.
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support; not every test uses every helper"
+)]
+
+use collie::config::Config;
+use collie::gateway::key_digest_hex;
+use collie::mock::{Behavior, MockConfig, MockServer};
+use collie::server::{Collie, Running};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const ALPHA_KEY: &str = "sk-tenant-alpha-7Hq2";
+pub const BETA_KEY: &str = "sk-tenant-beta-Vx81";
+/// Provider keys: a test can search for them wherever they must not appear.
+pub const PROVIDER_KEY_A: &str = "sk-provider-A-canary-5d1f";
+pub const PROVIDER_KEY_B: &str = "sk-provider-B-canary-93ce";
+
+/// A port nobody listens on right now. The gateway binds it by address, so
+/// the OS picked it fresh and it is very unlikely to be taken in between.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+pub async fn mock() -> MockServer {
+    mock_with(Behavior::default()).await
+}
+
+pub async fn mock_with(default: Behavior) -> MockServer {
+    MockServer::start(MockConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        h2c: true,
+        default,
+        record: true,
+        dims: 4,
+    })
+    .await
+    .unwrap()
+}
+
+/// A gateway under test and how to reach it.
+pub struct Gw {
+    pub running: Running,
+    pub base: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+}
+
+impl Gw {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A chat request as tenant alpha.
+    pub fn chat(&self, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .header("x-tenant-id", "alpha")
+            .bearer_auth(ALPHA_KEY)
+            .json(&body)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+pub fn provider_env() -> HashMap<String, String> {
+    HashMap::from([
+        ("KEY_A".to_string(), PROVIDER_KEY_A.to_string()),
+        ("KEY_B".to_string(), PROVIDER_KEY_B.to_string()),
+    ])
+}
+
+/// Start a gateway from a YAML body (everything but the listeners, which are
+/// added here on fresh ports).
+pub async fn gateway(yaml: &str) -> Gw {
+    let listen = free_port();
+    let admin = free_port();
+    let text =
+        format!("listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n{yaml}");
+    let env = provider_env();
+    let config = Config::from_yaml(&text, &|name| env.get(name).cloned())
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+    let running =
+        tokio::task::spawn_blocking(move || Collie::build(config, None).unwrap().spawn().unwrap())
+            .await
+            .unwrap();
+    Gw {
+        base: format!("http://{}", running.listen),
+        admin: format!("http://{}", running.admin_listen),
+        running,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    }
+}
+
+/// Tenant alpha (every model, priority 1) and beta (only the models listed).
+pub fn tenants_with(beta_models: &str) -> String {
+    format!(
+        "tenants:\n  - id: alpha\n    api_keys: [\"{}\"]\n    models: [\"*\"]\n    priority: 1\n  - id: beta\n    api_keys: [\"{}\"]\n    models: [{beta_models}]\n    priority: 5\n",
+        key_digest_hex(ALPHA_KEY),
+        key_digest_hex(BETA_KEY)
+    )
+}
+
+/// Tenants for configs with no model for beta.
+pub fn tenants() -> String {
+    tenants_with("")
+}
+
+/// Standard layout: model `gpt` falls back from deployment `a` (mock a,
+/// upstream model `gpt-a`, key A) to `b` (mock b, `gpt-b`, key B).
+pub fn two_step(a: &MockServer, b: &MockServer, first_byte: &str) -> String {
+    format!(
+        "{tenants}models:
+  - {{name: gpt, fallback: [pa, pb]}}
+  - {{name: other, fallback: [pb]}}
+  - {{name: embed, fallback: [pa]}}
+  - {{name: resp, fallback: [pa]}}
+pools:
+  - {{id: pa, deployments: [{{deployment: a}}]}}
+  - {{id: pb, deployments: [{{deployment: b}}]}}
+deployments:
+  - id: a
+    base_url: {a}
+    api_key_env: KEY_A
+    model: gpt-a
+    timeouts: {{connect: 1s, first_byte: {first_byte}, idle: 2s}}
+  - id: b
+    base_url: {b}
+    api_key_env: KEY_B
+    model: gpt-b
+    timeouts: {{connect: 1s, first_byte: {first_byte}, idle: 2s}}
+pricing:
+  gpt-a: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
+  gpt-b: {{input_per_mtok: 10.0, output_per_mtok: 20.0}}
+",
+        tenants = tenants_with("other"),
+        a = a.base_url(),
+        b = b.base_url(),
+    )
+}
+
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Poll until `f` holds (bounded; for counters updated by other tasks).
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Sum of a metric's samples whose labels include every `label="value"` given.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The value of one header recorded by a mock, if present.
+pub fn recorded_header(req: &collie::mock::Recorded, name: &str) -> Option<String> {
+    req.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}

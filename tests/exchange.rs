@@ -1,0 +1,288 @@
+//! The upstream exchange over real sockets: rewriting, fallback, Retry-After,
+//! failure reporting, weighted selection.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly"
+)]
+
+mod common;
+
+use collie::mock::Behavior;
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+fn hello() -> serde_json::Value {
+    json!({"model": "gpt", "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_body_with_model_last_is_routed_and_rewritten() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    // The OpenAI SDK writes `model` after `messages`: 2 MiB of prompt first.
+    let content = "lorem ipsum ".repeat(2 * 1024 * 1024 / 12);
+    let body = format!(
+        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{content}\"}}],\"temperature\":0.2,\"model\":\"gpt\"}}"
+    );
+    assert!(body.len() > 2 << 20);
+    let resp = gw
+        .client
+        .post(gw.url("/v1/chat/completions?api-version=2024-06-01"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .header("content-type", "application/json")
+        .header("x-custom", "kept")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-a");
+    assert_eq!(resp.headers()["x-collie-attempts"], "1");
+    assert!(
+        resp.headers()["x-collie-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        answer["model"], "gpt-a",
+        "the mock echoes the model it was sent"
+    );
+
+    let got = a.requests();
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(r.path, "/v1/chat/completions?api-version=2024-06-01");
+    // Every byte but the model value is the client's.
+    let expected = body.replace("\"model\":\"gpt\"", "\"model\":\"gpt-a\"");
+    assert_eq!(r.body.len(), expected.len());
+    assert!(r.body == expected.as_bytes(), "body rewritten in place");
+    assert_eq!(
+        recorded_header(r, "authorization").as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY_A}").as_str())
+    );
+    assert_eq!(recorded_header(r, "x-custom").as_deref(), Some("kept"));
+    assert_eq!(recorded_header(r, "x-tenant-id"), None);
+    assert_eq!(
+        recorded_header(r, "content-length"),
+        Some(expected.len().to_string())
+    );
+}
+
+/// Each failure kind moves the request to the next pool, which receives the
+/// body rewritten for its own model and its own provider key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_on_each_failure_kind() {
+    let b = mock().await;
+    let kinds: Vec<(&str, Behavior)> = vec![
+        ("429", Behavior::default().status(429)),
+        ("503", Behavior::default().status(503)),
+        ("first-byte timeout", Behavior::default().hang()),
+    ];
+    for (what, behavior) in kinds {
+        let a = mock_with(behavior).await;
+        b.clear();
+        let gw = gateway(&two_step(&a, &b, "300ms")).await;
+        let resp = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{what}");
+        assert_eq!(resp.headers()["x-collie-model"], "gpt-b", "{what}");
+        assert_eq!(resp.headers()["x-collie-attempts"], "2", "{what}");
+        assert_eq!(a.completion_calls(), 1, "{what}");
+        let got = b.requests();
+        assert_eq!(got.len(), 1, "{what}");
+        let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(sent["model"], "gpt-b", "{what}");
+        assert_eq!(
+            recorded_header(&got[0], "authorization").as_deref(),
+            Some(format!("Bearer {PROVIDER_KEY_B}").as_str()),
+            "{what}"
+        );
+    }
+
+    // Connection refused: a deployment whose port has nobody listening.
+    let dead = format!("http://127.0.0.1:{}/v1", free_port());
+    b.clear();
+    let yaml = two_step(&b, &b, "1s").replacen(&b.base_url(), &dead, 1);
+    let gw = gateway(&yaml).await;
+    let resp = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-b");
+    assert_eq!(b.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_keeps_traffic_off_a_deployment() {
+    let a = mock().await;
+    let b = mock().await;
+    a.push(Behavior::default().status(429).retry_after("3"));
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let first = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(first.headers()["x-collie-model"], "gpt-b");
+    // Within the window: `a` is skipped without being contacted.
+    for _ in 0..3 {
+        let r = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-collie-model"], "gpt-b");
+        assert_eq!(r.headers()["x-collie-attempts"], "1");
+    }
+    assert_eq!(a.completion_calls(), 1);
+    // Once it has passed, `a` is first again.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.headers()["x-collie-model"], "gpt-a");
+    assert_eq!(a.completion_calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_deployment_waits_the_client_gets_429_with_retry_after() {
+    let a = mock_with(Behavior::default().status(429).retry_after("20")).await;
+    let gw = gateway(&two_step(&a, &a, "5s")).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let secs: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&secs));
+    // Now both are blocked: answered without contacting anyone.
+    let before = a.completion_calls();
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-collie-error"], "upstream_rate_limited");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(a.completion_calls(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_attempts_failing_names_them() {
+    let a = mock_with(Behavior::default().status(500)).await;
+    let b = mock_with(Behavior::default().status(502)).await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 502, "the last upstream status");
+    assert_eq!(r.headers()["x-collie-error"], "upstream_failed");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("a: HTTP 500") && msg.contains("b: HTTP 502"),
+        "{msg}"
+    );
+    assert!(!msg.contains(PROVIDER_KEY_A) && !msg.contains(PROVIDER_KEY_B));
+
+    // Transport failures: 504 for a timeout as the last failure.
+    let c = mock_with(Behavior::default().hang()).await;
+    let gw = gateway(&two_step(&a, &c, "200ms")).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_from_the_provider_pass_through() {
+    let a = mock_with(Behavior::default().status(400)).await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(
+        !r.headers().contains_key("x-collie-error"),
+        "the provider's own answer"
+    );
+    assert_eq!(b.request_count(), 0, "a 400 is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_over_two_thousand_requests() {
+    let a = mock().await;
+    let b = mock().await;
+    let yaml = format!(
+        "{tenants}models:\n  - {{name: weighted, fallback: [p]}}\npools:\n  - id: p\n    deployments:\n      - {{deployment: a, weight: 3}}\n      - {{deployment: b, weight: 1}}\ndeployments:\n  - {{id: a, base_url: \"{}\", model: m}}\n  - {{id: b, base_url: \"{}\", model: m}}\n",
+        a.base_url(),
+        b.base_url(),
+        tenants = tenants()
+    );
+    let gw = gateway(&yaml).await;
+    let body = json!({"model": "weighted", "messages": []});
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let req = gw.chat(body.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..250 {
+                let r = req.try_clone().unwrap().send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (na, nb) = (a.completion_calls() as f64, b.completion_calls() as f64);
+    assert_eq!(na + nb, 2000.0);
+    let share = na / 2000.0;
+    assert!(
+        (share - 0.75).abs() <= 0.05,
+        "a got {share:.3} of traffic, expected 0.75 ± 0.05"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_url_path_prefix_is_kept() {
+    let a = mock().await;
+    let b = mock().await;
+    let prefixed = a.base_url().replace("/v1", "/openai/deployments/x/v1");
+    let yaml = two_step(&a, &b, "5s").replacen(&a.base_url(), &prefixed, 1);
+    let gw = gateway(&yaml).await;
+    let r = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        a.requests()[0].path,
+        "/openai/deployments/x/v1/chat/completions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_and_responses_are_routed() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let r = gw
+        .client
+        .post(gw.url("/v1/embeddings"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .json(&json!({"input": ["a", "b"], "model": "embed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(a.requests()[0].path, "/v1/embeddings");
+    let r = gw
+        .client
+        .post(gw.url("/v1/responses"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .json(&json!({"input": "hi", "model": "resp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(a.requests()[1].path, "/v1/responses");
+    let m = gw.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "collie_tokens_total",
+            &[("tenant", "alpha"), ("model", "embed"), ("type", "input")]
+        ) > 0.0
+    );
+}

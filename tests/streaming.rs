@@ -1,0 +1,215 @@
+//! Streams over real sockets: byte-exact pass-through, usage from the stream,
+//! the usage chunk Collie asks for and hides, breaks and disconnects.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test fails loudly"
+)]
+
+mod common;
+
+use collie::mock::Behavior;
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+use std::time::Duration;
+
+/// What the mock sends for a request body when asked directly.
+async fn direct(mock: &collie::mock::MockServer, body: &[u8]) -> Vec<u8> {
+    reqwest::Client::new()
+        .post(format!("{}/chat/completions", mock.base_url()))
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+fn events(body: &[u8]) -> Vec<String> {
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_passes_through_byte_exact_and_usage_is_counted() {
+    let a = mock_with(Behavior::default().chunks(7)).await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "count to seven"}]});
+    let resp = gw.chat(body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let got = resp.bytes().await.unwrap().to_vec();
+
+    let sent = a.requests()[0].body.clone();
+    let expected = direct(&a, &sent).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+    assert!(got.ends_with(b"data: [DONE]\n\n"));
+
+    let usage_event = events(&got)
+        .into_iter()
+        .find(|e| e.contains("\"choices\":[]"))
+        .expect("the client asked for usage and gets it");
+    let v: serde_json::Value =
+        serde_json::from_str(usage_event.trim_start_matches("data: ")).unwrap();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+    // Collie recorded exactly what the stream reported.
+    let m = gw.metrics().await;
+    let labels = |t| [("tenant", "alpha"), ("model", "gpt"), ("type", t)];
+    assert_eq!(
+        metric_sum(&m, "collie_tokens_total", &labels("input")),
+        prompt as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "collie_tokens_total", &labels("output")),
+        7.0
+    );
+    // gpt-a: $1/M in, $2/M out.
+    let cost = metric_sum(
+        &m,
+        "collie_cost_usd_total",
+        &[("tenant", "alpha"), ("model", "gpt")],
+    );
+    let want = (prompt as f64 * 1.0 + 7.0 * 2.0) / 1e6;
+    assert!((cost - want).abs() < 1e-12, "cost {cost} vs {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_chunk_collie_asked_for_is_invisible_to_the_client() {
+    let a = mock_with(Behavior::default().chunks(4)).await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body =
+        json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let got = gw
+        .chat(body)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+
+    // The upstream was asked for usage…
+    let sent: serde_json::Value = serde_json::from_slice(&a.requests()[0].body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    // …and sent it, but the client sees every event except that one.
+    let upstream = events(&direct(&a, &a.requests()[0].body).await);
+    let client = events(&got);
+    let hidden: Vec<&String> = upstream.iter().filter(|e| !client.contains(e)).collect();
+    assert_eq!(hidden.len(), 1, "exactly one event withheld");
+    assert!(hidden[0].contains("\"choices\":[]") && hidden[0].contains("\"usage\":{"));
+    assert_eq!(client.last().map(String::as_str), Some("data: [DONE]"));
+    // The usage still counted.
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "collie_tokens_total",
+            &[("tenant", "alpha"), ("model", "gpt"), ("type", "output")]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_arrives_chunk_by_chunk() {
+    let a = mock_with(
+        Behavior::default()
+            .chunks(3)
+            .interval(Duration::from_millis(300)),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let resp = gw.chat(body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    // The first content event arrives while the upstream is still generating.
+    let mut seen = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        seen.extend_from_slice(&chunk.unwrap());
+        if String::from_utf8_lossy(&seen).contains("\"content\"") {
+            break;
+        }
+    }
+    assert!(
+        a.streams_finished() == 0,
+        "client saw content before the upstream finished"
+    );
+    while let Some(chunk) = stream.next().await {
+        seen.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(seen.ends_with(b"data: [DONE]\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_breaking_mid_stream_ends_with_an_error_event() {
+    let a = mock_with(Behavior::default().chunks(10).break_after(3)).await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let resp = gw.chat(body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp
+        .bytes()
+        .await
+        .expect("the client's stream ends cleanly");
+    let ev = events(&got);
+    let last = ev.last().unwrap();
+    assert!(last.starts_with("data: {\"error\":"), "last event: {last}");
+    let v: serde_json::Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
+    assert_eq!(v["error"]["code"], "stream_interrupted");
+    assert!(!String::from_utf8_lossy(&got).contains("[DONE]"));
+    assert_eq!(b.request_count(), 0, "no retry after the first byte");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_upstream() {
+    let a = mock_with(
+        Behavior::default()
+            .chunks(200)
+            .interval(Duration::from_millis(20)),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let resp = gw.chat(body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut n = 0;
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+        n += 1;
+        if n == 5 {
+            break;
+        }
+    }
+    drop(stream);
+    eventually("the upstream stream is cancelled", || {
+        a.stream_cancellations() == 1
+    })
+    .await;
+    assert_eq!(a.streams_finished(), 0);
+}
