@@ -93,6 +93,12 @@ impl Endpoint {
 pub struct RequestCtx {
     pub id: String,
     pub started: Instant,
+    /// Wall-clock start, for records.
+    pub started_at: std::time::SystemTime,
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The request body as the client sent it (shared, not copied), kept for
+    /// the audit record's request hash.
+    pub body: Option<Bytes>,
     pub snapshot: Arc<Snapshot>,
     pub endpoint: Endpoint,
     /// Index of the proven tenant.
@@ -105,6 +111,10 @@ pub struct RequestCtx {
     /// Why Collie refused or failed the request itself.
     pub error: Option<&'static str>,
     pub usage: Option<Usage>,
+    /// The usage was counted by Collie (e.g. from stream deltas), not reported.
+    pub usage_estimated: bool,
+    /// The quota window that refused the request (`day.tokens`, `minute.requests`…).
+    pub refused_by: Option<String>,
     pub first_byte: Option<Instant>,
     pub streamed: bool,
     pub truncated: bool,
@@ -142,6 +152,10 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         let snap = Arc::clone(&ctx.snapshot);
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let req = session.req_header();
         ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
         let tenant = admission::admit(req, &snap)?;
@@ -152,6 +166,7 @@ impl Gateway {
         let config = &snap.config;
         session.set_write_timeout(Some(config.client_timeout));
         let body = body::read(session, config.max_body_bytes, config.client_timeout).await?;
+        ctx.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
         ctx.requested_model = Some(inspected.model.clone());
         let chain = snap
@@ -173,6 +188,9 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             id: self.ids.next(),
             started: Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            client_ip: None,
+            body: None,
             snapshot: self.state.load(),
             endpoint: Endpoint::ChatCompletions,
             tenant: None,
@@ -182,6 +200,8 @@ impl ProxyHttp for Gateway {
             status: 0,
             error: None,
             usage: None,
+            usage_estimated: false,
+            refused_by: None,
             first_byte: None,
             streamed: false,
             truncated: false,
