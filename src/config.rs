@@ -5,8 +5,12 @@
 //! Secrets are never written in the file: provider keys are named by environment
 //! variable and tenant keys are stored as SHA-256 digests.
 
+mod quota;
 mod raw;
 
+use crate::quota::TenantLimits;
+use crate::quota::estimate::Family;
+pub use quota::QuotaSettings;
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
@@ -43,6 +47,7 @@ pub struct Config {
     pub deployments: Vec<Deployment>,
     /// Keyed by the upstream model name, which is what a provider bills.
     pub pricing: HashMap<String, Price>,
+    pub quota: QuotaSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +57,10 @@ pub struct Tenant {
     pub models: ModelAccess,
     /// 1 (highest) to 5 (lowest).
     pub priority: u8,
+    /// Quota limits (the priority is repeated inside).
+    pub limits: TenantLimits,
+    /// Output tokens reserved for a request without `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,12 +83,16 @@ pub struct Model {
     pub name: String,
     /// Pool indices in fallback order.
     pub chain: Vec<usize>,
+    pub max_output_tokens: Option<u64>,
+    pub family: Family,
 }
 
 #[derive(Debug, Clone)]
 pub struct Pool {
     pub id: String,
     pub members: Vec<PoolMember>,
+    pub max_concurrency: Option<u32>,
+    pub adaptive_concurrency: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +112,9 @@ pub struct Deployment {
     /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
     pub http2: bool,
     pub timeouts: Timeouts,
+    /// The provider's per-minute limits for this key.
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +344,17 @@ impl Validator<'_> {
         }
     }
 
+    fn optional_positive(&mut self, path: &str, value: Option<i64>) -> Option<u64> {
+        match value {
+            None => None,
+            Some(n) if n > 0 => u64::try_from(n).ok(),
+            Some(_) => {
+                self.error(path, "must be > 0");
+                None
+            }
+        }
+    }
+
     fn positive(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
         match value {
             None => default,
@@ -384,11 +411,19 @@ impl Validator<'_> {
             .and_then(|t| t.ca_file)
             .map(|f| self.ca_file("upstream_tls.ca_file", &f));
 
+        let (quota, defaults) = self.quota_settings(raw.quota);
         let deployments = self.deployments(raw.deployments);
         let pools = self.pools(raw.pools, &deployments);
         let models = self.models(raw.models, &pools);
-        let tenants = self.tenants(raw.tenants, &models);
+        let tenants = self.tenants(raw.tenants, &models, &defaults);
         let pricing = self.pricing(raw.pricing);
+        self.check_priced_budgets(
+            &tenants,
+            &models,
+            &pools.items,
+            &deployments.items,
+            &pricing,
+        );
 
         Config {
             listen,
@@ -404,6 +439,7 @@ impl Validator<'_> {
             pools: pools.items,
             deployments: deployments.items,
             pricing,
+            quota,
         }
     }
 
@@ -528,6 +564,8 @@ impl Validator<'_> {
                 idle: self.duration(&format!("{path}.timeouts.idle"), &t.idle, defaults.idle),
             },
         };
+        let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
+        let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
         let base_url = base_url?;
         if self.errors.len() > before {
             return None;
@@ -541,6 +579,8 @@ impl Validator<'_> {
             model: d.model,
             ca_file,
             timeouts,
+            rpm,
+            tpm,
         })
     }
 
@@ -560,8 +600,13 @@ impl Validator<'_> {
             let RawPool {
                 id,
                 deployments: raw_members,
+                max_concurrency,
+                adaptive_concurrency,
             } = p;
             let before = self.errors.len();
+            let max_concurrency = self
+                .optional_positive(&format!("{path}.max_concurrency"), max_concurrency)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
             if raw_members.is_empty() {
                 self.error(
                     format!("{path}.deployments"),
@@ -614,7 +659,12 @@ impl Validator<'_> {
                 continue;
             }
             out.index.insert(id.clone(), out.items.len());
-            out.items.push(Pool { id, members });
+            out.items.push(Pool {
+                id,
+                members,
+                max_concurrency,
+                adaptive_concurrency: adaptive_concurrency.unwrap_or(false),
+            });
         }
         out
     }
@@ -658,15 +708,34 @@ impl Validator<'_> {
                     }
                 }
             }
+            let max_output_tokens =
+                self.optional_positive(&format!("{path}.max_output_tokens"), m.max_output_tokens);
+            let family = match m.tokenizer.as_deref() {
+                None => Family::for_model(&m.name),
+                Some(t) => Family::parse(t).unwrap_or_else(|| {
+                    self.error(
+                        format!("{path}.tokenizer"),
+                        format!("unknown tokenizer `{t}`; use o200k, cl100k or generic"),
+                    );
+                    Family::Generic
+                }),
+            };
             out.push(Model {
                 name: m.name,
                 chain,
+                max_output_tokens,
+                family,
             });
         }
         out
     }
 
-    fn tenants(&mut self, raw: Vec<serde_yaml_ng::Value>, models: &[Model]) -> Vec<Tenant> {
+    fn tenants(
+        &mut self,
+        raw: Vec<serde_yaml_ng::Value>,
+        models: &[Model],
+        defaults: &raw::RawLimits,
+    ) -> Vec<Tenant> {
         let mut out: Vec<Tenant> = Vec::new();
         let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
         for (i, value) in raw.into_iter().enumerate() {
@@ -736,11 +805,20 @@ impl Validator<'_> {
                     DEFAULT_PRIORITY
                 }
             };
+            let (limits, default_max_tokens) = self.tenant_limits(
+                &format!("{path}.quota"),
+                t.quota.as_ref(),
+                defaults,
+                priority,
+                models,
+            );
             out.push(Tenant {
                 id: t.id,
                 key_digests,
                 models: access,
                 priority,
+                limits,
+                default_max_tokens,
             });
         }
         out

@@ -6,6 +6,7 @@ mod admission;
 mod body;
 mod error;
 pub mod exchange;
+mod spend;
 
 pub use admission::key_digest_hex;
 pub use error::GatewayError;
@@ -34,6 +35,8 @@ pub enum Endpoint {
     Embeddings,
     Responses,
     Models,
+    /// `GET /v1/collie/quota`: the tenant's own quota.
+    Quota,
 }
 
 impl Endpoint {
@@ -44,9 +47,10 @@ impl Endpoint {
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/responses" => Endpoint::Responses,
             "/v1/models" => Endpoint::Models,
+            "/v1/collie/quota" => Endpoint::Quota,
             _ => return Err(GatewayError::UnknownEndpoint(path.to_string())),
         };
-        let expected = if endpoint == Endpoint::Models {
+        let expected = if matches!(endpoint, Endpoint::Models | Endpoint::Quota) {
             http::Method::GET
         } else {
             http::Method::POST
@@ -68,6 +72,7 @@ impl Endpoint {
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Responses => "/responses",
             Endpoint::Models => "/models",
+            Endpoint::Quota => "/collie/quota",
         }
     }
 
@@ -84,6 +89,7 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
             Endpoint::Models => "models",
+            Endpoint::Quota => "quota",
         }
     }
 }
@@ -119,6 +125,20 @@ pub struct RequestCtx {
     pub streamed: bool,
     pub truncated: bool,
     pub client_gone: bool,
+    /// The tenant's priority (1 highest … 5), for queueing.
+    pub priority: u8,
+    /// Longest wait for a saturated pool.
+    pub max_wait: std::time::Duration,
+    /// Time spent waiting for a pool slot, if any.
+    pub queued: Option<std::time::Duration>,
+    /// Estimated prompt tokens and prompt + output reservation.
+    pub prompt_estimate: u64,
+    pub tokens_estimate: u64,
+    /// Completion tokens delivered to the client, counted from the stream
+    /// (used only when the upstream reported no usage).
+    pub delivered_estimate: u64,
+    /// The quota held by this request until `logging` settles it.
+    pub reservation: Option<crate::quota::Reservation>,
 }
 
 pub struct Gateway {
@@ -160,8 +180,12 @@ impl Gateway {
         ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
         let tenant = admission::admit(req, &snap)?;
         ctx.tenant = Some(tenant);
-        if ctx.endpoint == Endpoint::Models {
-            return respond_models(session, ctx, &snap, tenant).await;
+        ctx.priority = snap.config.tenants[tenant].priority;
+        ctx.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
+        match ctx.endpoint {
+            Endpoint::Models => return respond_models(session, ctx, &snap, tenant).await,
+            Endpoint::Quota => return respond_quota(session, ctx, &snap, tenant).await,
+            _ => {}
         }
         let config = &snap.config;
         session.set_write_timeout(Some(config.client_timeout));
@@ -169,13 +193,15 @@ impl Gateway {
         ctx.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
         ctx.requested_model = Some(inspected.model.clone());
-        let chain = snap
+        let (chain, model) = snap
             .router
             .chain(&inspected.model)
+            .zip(config.model(&inspected.model))
             .ok_or_else(|| GatewayError::ModelNotFound(inspected.model.clone()))?;
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }
+        spend::reserve(ctx, &snap, tenant, model, &body, &inspected)?;
         exchange::run(self, session, ctx, &snap, chain, body, &inspected).await
     }
 }
@@ -206,6 +232,13 @@ impl ProxyHttp for Gateway {
             streamed: false,
             truncated: false,
             client_gone: false,
+            priority: crate::config::DEFAULT_PRIORITY,
+            max_wait: std::time::Duration::ZERO,
+            queued: None,
+            prompt_estimate: 0,
+            tokens_estimate: 0,
+            delivered_estimate: 0,
+            reservation: None,
         }
     }
 
@@ -233,6 +266,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        spend::settle(ctx);
         self.metrics.record(ctx);
     }
 }
@@ -255,6 +289,7 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
         if let Some(s) = r.retry_after_s {
             h.insert_header(header::RETRY_AFTER, s)?;
         }
+        spend::rate_headers(ctx, &mut h);
         Ok(h)
     })();
     let Ok(head) = head else {
@@ -305,6 +340,34 @@ async fn respond_models(
         .map_err(internal)?;
     head.insert_header("x-collie-request-id", ctx.id.as_str())
         .map_err(internal)?;
+    spend::rate_headers(ctx, &mut head);
+    ctx.status = 200;
+    write_whole(session, ctx, head, Bytes::from(body)).await;
+    Ok(())
+}
+
+/// `GET /v1/collie/quota`: every window of the caller's own quota.
+async fn respond_quota(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    tenant: usize,
+) -> Result<(), GatewayError> {
+    let ledger = snap
+        .ledgers
+        .get(tenant)
+        .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
+    let body = serde_json::to_vec(&ledger.report(&snap.calendar))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+    let mut head = ResponseHeader::build(200, Some(3)).map_err(internal)?;
+    head.insert_header(header::CONTENT_TYPE, "application/json")
+        .map_err(internal)?;
+    head.insert_header(header::CONTENT_LENGTH, body.len())
+        .map_err(internal)?;
+    head.insert_header("x-collie-request-id", ctx.id.as_str())
+        .map_err(internal)?;
+    spend::rate_headers(ctx, &mut head);
     ctx.status = 200;
     write_whole(session, ctx, head, Bytes::from(body)).await;
     Ok(())

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod mock;
+pub mod quota;
 pub mod routing;
 pub mod server;
 pub mod state;

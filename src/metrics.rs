@@ -15,6 +15,7 @@ use prometheus::{
 use std::sync::Arc;
 
 pub const OTHER: &str = "other";
+const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -27,6 +28,104 @@ pub struct Metrics {
     ttft: HistogramVec,
     attempts: IntCounterVec,
     fallbacks: IntCounterVec,
+    pub quota: QuotaMetrics,
+}
+
+/// The quota ledger, queues and rebalancing as seen from outside.
+pub struct QuotaMetrics {
+    refusals: IntCounterVec,
+    queue_wait: HistogramVec,
+    estimated: IntCounterVec,
+    pub loan_rpm: prometheus::GaugeVec,
+    pub loan_tpm: prometheus::GaugeVec,
+    pub loan_events: IntCounterVec,
+    pub pool_inflight: prometheus::IntGaugeVec,
+    pub pool_limit: prometheus::GaugeVec,
+    pub pool_waiting: prometheus::IntGaugeVec,
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<prometheus::GaugeVec> {
+    let g = prometheus::GaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn int_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<prometheus::IntGaugeVec> {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl QuotaMetrics {
+    fn new(r: &Registry) -> prometheus::Result<QuotaMetrics> {
+        Ok(QuotaMetrics {
+            refusals: counter(
+                r,
+                "collie_quota_refusals_total",
+                "Requests refused by the tenant's quota, by window (queue = no pool slot in time)",
+                &["tenant", "window"],
+            )?,
+            queue_wait: histogram(
+                r,
+                "collie_queue_wait_seconds",
+                "Time spent waiting for a saturated pool, by tenant priority",
+                &["priority"],
+                latency_buckets(),
+            )?,
+            estimated: counter(
+                r,
+                "collie_usage_estimated_total",
+                "Requests settled on Collie's estimate because the upstream reported no usage",
+                &["tenant"],
+            )?,
+            loan_rpm: gauge(
+                r,
+                "collie_quota_loan_rpm",
+                "Requests per minute borrowed (positive) or lent (negative) by rebalancing",
+                &["tenant"],
+            )?,
+            loan_tpm: gauge(
+                r,
+                "collie_quota_loan_tpm",
+                "Tokens per minute borrowed (positive) or lent (negative) by rebalancing",
+                &["tenant"],
+            )?,
+            loan_events: counter(
+                r,
+                "collie_quota_loan_events_total",
+                "Rebalancing loans started (borrow, lend) and ended (reclaim)",
+                &["tenant", "event"],
+            )?,
+            pool_inflight: int_gauge(
+                r,
+                "collie_pool_inflight",
+                "Requests in flight per pool",
+                &["pool"],
+            )?,
+            pool_limit: gauge(
+                r,
+                "collie_pool_concurrency_limit",
+                "Concurrency budget per pool (absent: unlimited)",
+                &["pool"],
+            )?,
+            pool_waiting: int_gauge(
+                r,
+                "collie_pool_waiting",
+                "Requests queued for a pool slot",
+                &["pool"],
+            )?,
+        })
+    }
 }
 
 fn counter(
@@ -128,6 +227,7 @@ impl Metrics {
                 "Requests served by other than their first attempt",
                 &["model"],
             )?,
+            quota: QuotaMetrics::new(r)?,
             registry,
         })
     }
@@ -154,6 +254,30 @@ impl Metrics {
         self.requests
             .with_label_values(&[tenant, model, ctx.endpoint.label(), class])
             .inc();
+        if let Some(window) = &ctx.refused_by {
+            // Per-model windows carry the model's name; fold it away to keep
+            // the label set to the fixed window names.
+            let w = crate::quota::WINDOWS
+                .iter()
+                .find(|w| window.ends_with(*w))
+                .copied()
+                .unwrap_or(OTHER);
+            self.quota.refusals.with_label_values(&[tenant, w]).inc();
+        } else if ctx.error == Some("queue_timeout") {
+            self.quota
+                .refusals
+                .with_label_values(&[tenant, "queue"])
+                .inc();
+        }
+        if let Some(waited) = ctx.queued {
+            self.quota
+                .queue_wait
+                .with_label_values(&[PRIORITIES[usize::from(ctx.priority.clamp(1, 5) - 1)]])
+                .observe(waited.as_secs_f64());
+        }
+        if ctx.usage_estimated {
+            self.quota.estimated.with_label_values(&[tenant]).inc();
+        }
         for a in &ctx.attempts {
             let deployment = snap
                 .router
@@ -213,6 +337,29 @@ impl Metrics {
     }
 }
 
+impl AdminApp {
+    /// Every tenant's quota (loans included) and every pool's queue.
+    fn quota_status(&self) -> Vec<u8> {
+        let snap = self.state.load();
+        let tenants: Vec<_> = snap
+            .ledgers
+            .iter()
+            .map(|l| l.report(&snap.calendar))
+            .collect();
+        let pools: Vec<_> = snap
+            .router
+            .pools
+            .iter()
+            .map(|p| {
+                let load = p.gate.load_now();
+                serde_json::json!({"pool": p.id, "inflight": load.inflight, "limit": load.limit, "waiting": load.waiting})
+            })
+            .collect();
+        serde_json::to_vec_pretty(&serde_json::json!({"tenants": tenants, "pools": pools}))
+            .unwrap_or_default()
+    }
+}
+
 /// The admin listener's routes.
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
@@ -226,6 +373,7 @@ impl ServeHttp for AdminApp {
         let (status, content_type, body) = match path.as_str() {
             "/metrics" => (200, "text/plain; version=0.0.4", self.metrics.render()),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            "/quota" => (200, "application/json", self.quota_status()),
             "/readyz" => {
                 // Ready once a config with at least one routable model is loaded.
                 let snap = self.state.load();

@@ -6,6 +6,8 @@
 pub mod tls;
 
 use crate::config::{AuthStyle, Config, Price, Timeouts};
+use crate::quota::ProviderLimiter;
+use crate::quota::admission::PoolGate;
 use http::{HeaderName, HeaderValue};
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::RoundRobin;
@@ -42,6 +44,9 @@ pub struct Upstream {
     pub price: Option<Price>,
     /// Until when (see [`now_ms`]) the provider asked us to stay away; 0 = open.
     blocked_until_ms: AtomicU64,
+    /// The provider's per-minute limits for this key, as configured.
+    limits: (Option<u64>, Option<u64>),
+    pub limiter: Option<Arc<ProviderLimiter>>,
 }
 
 impl Upstream {
@@ -72,6 +77,8 @@ pub struct PoolRuntime {
     pub id: String,
     members: Vec<usize>,
     lb: LoadBalancer<RoundRobin>,
+    /// Concurrency budget and priority queue; kept across reloads.
+    pub gate: Arc<PoolGate>,
 }
 
 /// What a pool offers for the next attempt.
@@ -88,12 +95,31 @@ pub enum Pick {
 
 impl PoolRuntime {
     /// Weighted choice among members not yet tried and not blocked.
-    pub fn pick(&self, upstreams: &[Arc<Upstream>], tried: &[usize], now: u64) -> Pick {
+    /// Weighted choice among members not yet tried, not blocked, and whose
+    /// provider limits can take one request of `tokens` (taken on success).
+    pub fn pick(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        tried: &[usize],
+        now: u64,
+        tokens: u64,
+    ) -> Pick {
+        let limited_wait = std::cell::Cell::new(None::<u64>);
         let usable = |idx: usize| {
-            !tried.contains(&idx)
-                && upstreams
-                    .get(idx)
-                    .is_some_and(|u| u.blocked_for_ms(now).is_none())
+            let Some(u) = upstreams.get(idx) else {
+                return false;
+            };
+            if tried.contains(&idx) || u.blocked_for_ms(now).is_some() {
+                return false;
+            }
+            match u.limiter.as_ref().map(|l| l.try_take(tokens)) {
+                None | Some(Ok(())) => true,
+                Some(Err(wait)) => {
+                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+                    limited_wait.set(Some(limited_wait.get().map_or(ms, |w| w.min(ms))));
+                    false
+                }
+            }
         };
         // Bounded: the round robin walks every unique member within
         // `members.len()` steps after its weighted first choice.
@@ -108,7 +134,8 @@ impl PoolRuntime {
             .members
             .iter()
             .filter(|i| !tried.contains(i))
-            .filter_map(|&i| upstreams.get(i).and_then(|u| u.blocked_for_ms(now)));
+            .filter_map(|&i| upstreams.get(i).and_then(|u| u.blocked_for_ms(now)))
+            .chain(limited_wait.get());
         match waits.min() {
             Some(retry_in_ms) => Pick::Blocked { retry_in_ms },
             None => Pick::Exhausted,
@@ -131,12 +158,15 @@ impl Router {
         let mut errors = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
             match build_upstream(config, index) {
-                Ok(u) => {
+                Ok(mut u) => {
                     if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
                         u.blocked_until_ms.store(
                             old.blocked_until_ms.load(Ordering::Relaxed),
                             Ordering::Relaxed,
                         );
+                        if old.limits == u.limits {
+                            u.limiter = old.limiter.clone();
+                        }
                     }
                     upstreams.push(Arc::new(u));
                 }
@@ -155,10 +185,20 @@ impl Router {
             let lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Static::new(set)));
             // A static discovery never blocks, so this completes at once.
             futures::executor::block_on(lb.update()).map_err(|e| format!("pool {}: {e}", p.id))?;
+            // The gate (and the requests queued at it) survives a reload
+            // unless the pool's budget changed.
+            let gate = previous
+                .and_then(|r| r.pools.iter().find(|o| o.id == p.id))
+                .filter(|o| o.gate.settings() == (p.max_concurrency, p.adaptive_concurrency))
+                .map_or_else(
+                    || Arc::new(PoolGate::new(p.max_concurrency, p.adaptive_concurrency)),
+                    |o| Arc::clone(&o.gate),
+                );
             pools.push(PoolRuntime {
                 id: p.id.clone(),
                 members: p.members.iter().map(|m| m.deployment).collect(),
                 lb,
+                gate,
             });
         }
         let chains = config
@@ -247,6 +287,8 @@ fn build_upstream(config: &Config, index: usize) -> Result<Upstream, String> {
         timeouts: d.timeouts,
         price: config.pricing.get(&d.model).copied(),
         blocked_until_ms: AtomicU64::new(0),
+        limits: (d.rpm, d.tpm),
+        limiter: ProviderLimiter::new(d.rpm, d.tpm).map(Arc::new),
     })
 }
 
@@ -275,7 +317,7 @@ mod tests {
         let r = Router::build(&config(&[3, 1]), None).unwrap();
         let mut counts = [0usize; 2];
         for _ in 0..400 {
-            match r.pools[0].pick(&r.upstreams, &[], now_ms()) {
+            match r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
                 Pick::Upstream(i) => counts[i] += 1,
                 other => panic!("{other:?}"),
             }
@@ -289,14 +331,17 @@ mod tests {
         let now = now_ms();
         r.upstreams[1].block_for(Duration::from_secs(30));
         for _ in 0..20 {
-            assert_eq!(r.pools[0].pick(&r.upstreams, &[0], now), Pick::Upstream(2));
+            assert_eq!(
+                r.pools[0].pick(&r.upstreams, &[0], now, 1),
+                Pick::Upstream(2)
+            );
         }
-        match r.pools[0].pick(&r.upstreams, &[0, 2], now) {
+        match r.pools[0].pick(&r.upstreams, &[0, 2], now, 1) {
             Pick::Blocked { retry_in_ms } => assert!(retry_in_ms > 29_000 && retry_in_ms <= 30_000),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            r.pools[0].pick(&r.upstreams, &[0, 1, 2], now),
+            r.pools[0].pick(&r.upstreams, &[0, 1, 2], now, 1),
             Pick::Exhausted
         );
     }
@@ -308,7 +353,7 @@ mod tests {
         let r = Router::build(&c, None).unwrap();
         let mut seen = BTreeSet::new();
         for _ in 0..4 {
-            if let Pick::Upstream(i) = r.pools[0].pick(&r.upstreams, &[], now_ms()) {
+            if let Pick::Upstream(i) = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
                 seen.insert(i);
             }
         }

@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::{AdminApp, Metrics};
+use crate::quota::rebalance::{Rebalancer, TenantView};
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
@@ -16,7 +17,7 @@ use pingora::services::listening::Service;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A configured, not yet running process.
 pub struct Collie {
@@ -48,7 +49,7 @@ impl Collie {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let state = Arc::new(State::new(Snapshot::build(config, None)?));
+        let state = Arc::new(State::new(config)?);
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics));
         let server_conf = Arc::clone(&server.configuration);
@@ -72,6 +73,15 @@ impl Collie {
         admin.add_tcp(&admin_listen.to_string());
         admin.threads = Some(1);
         server.add_service(admin);
+
+        server.add_service(background_service(
+            "quota rebalance",
+            RebalanceService {
+                state: Arc::clone(&state),
+                metrics: Arc::clone(&metrics),
+                rebalancer: Rebalancer::default(),
+            },
+        ));
 
         if let Some(path) = config_path {
             server.add_service(background_service(
@@ -190,6 +200,92 @@ impl ShutdownSignalWatch for HandleSignal {
                 return ShutdownSignal::FastShutdown;
             }
         }
+    }
+}
+
+/// Lends idle tenants' rate capacity to busy high-priority ones while a pool
+/// is saturated, and publishes pool and loan state as metrics.
+struct RebalanceService {
+    state: Arc<State>,
+    metrics: Arc<Metrics>,
+    rebalancer: Rebalancer,
+}
+
+#[async_trait]
+impl BackgroundService for RebalanceService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut last = Instant::now();
+        loop {
+            let interval = self.state.load().config.quota.rebalance.interval;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            let snap = self.state.load();
+            rebalance_once(&snap, &self.rebalancer, &self.metrics, last.elapsed());
+            last = Instant::now();
+        }
+    }
+}
+
+/// One rebalancing step over the current snapshot.
+pub fn rebalance_once(
+    snap: &Snapshot,
+    rebalancer: &Rebalancer,
+    metrics: &Metrics,
+    elapsed: Duration,
+) {
+    let settings = &snap.config.quota.rebalance;
+    let q = &metrics.quota;
+    let busy: Vec<bool> = snap
+        .router
+        .pools
+        .iter()
+        .map(|p| {
+            let load = p.gate.load();
+            q.pool_inflight
+                .with_label_values(&[&p.id])
+                .set(i64::from(load.inflight));
+            q.pool_waiting
+                .with_label_values(&[&p.id])
+                .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+            if let Some(l) = load.limit {
+                q.pool_limit.with_label_values(&[&p.id]).set(l);
+            }
+            load.utilisation().is_some_and(|u| u >= settings.threshold)
+        })
+        .collect();
+    let views: Vec<TenantView> = snap
+        .config
+        .tenants
+        .iter()
+        .zip(&snap.ledgers)
+        .map(|(t, ledger)| TenantView {
+            ledger: Arc::clone(ledger),
+            pool_busy: snap
+                .config
+                .models
+                .iter()
+                .filter(|m| t.models.allows(&m.name))
+                .flat_map(|m| m.chain.iter())
+                .any(|&p| busy.get(p).copied().unwrap_or(false)),
+        })
+        .collect();
+    for c in rebalancer.tick(settings, &views, elapsed) {
+        log::info!(
+            "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",
+            c.tenant,
+            c.event(),
+            c.before.rpm,
+            c.after.rpm,
+            c.before.tpm,
+            c.after.tpm
+        );
+        q.loan_events
+            .with_label_values(&[&c.tenant, c.event()])
+            .inc();
+        q.loan_rpm.with_label_values(&[&c.tenant]).set(c.after.rpm);
+        q.loan_tpm.with_label_values(&[&c.tenant]).set(c.after.tpm);
     }
 }
 

@@ -4,6 +4,7 @@
 //! config and half of another.
 
 use crate::config::Config;
+use crate::quota::{Calendar, Ledger, TenantLedger};
 use crate::routing::Router;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -12,14 +13,29 @@ use std::sync::Arc;
 pub struct Snapshot {
     pub config: Config,
     pub router: Router,
+    /// Quota ledgers by tenant index (shared with the previous snapshot).
+    pub ledgers: Vec<Arc<TenantLedger>>,
+    pub calendar: Calendar,
     tenant_index: HashMap<String, usize>,
     /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
     key_owner: HashMap<[u8; 32], usize>,
 }
 
 impl Snapshot {
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+    pub fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        ledger: &Ledger,
+    ) -> Result<Snapshot, String> {
         let router = Router::build(&config, previous.map(|p| &p.router))?;
+        let ledgers = config
+            .tenants
+            .iter()
+            .map(|t| ledger.tenant(&t.id, &t.limits))
+            .collect();
+        let ids: Vec<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
+        ledger.retain(&ids);
+        let calendar = Calendar::new(config.quota.timezone.clone());
         let tenant_index = config
             .tenants
             .iter()
@@ -35,6 +51,8 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             router,
+            ledgers,
+            calendar,
             tenant_index,
             key_owner,
         })
@@ -52,13 +70,18 @@ impl Snapshot {
 /// The swappable handle shared by every part of the process.
 pub struct State {
     current: ArcSwap<Snapshot>,
+    /// Quota counts live here, across snapshots.
+    pub ledger: Ledger,
 }
 
 impl State {
-    pub fn new(snapshot: Snapshot) -> State {
-        State {
+    pub fn new(config: Config) -> Result<State, String> {
+        let ledger = Ledger::default();
+        let snapshot = Snapshot::build(config, None, &ledger)?;
+        Ok(State {
             current: ArcSwap::from_pointee(snapshot),
-        }
+            ledger,
+        })
     }
 
     pub fn load(&self) -> Arc<Snapshot> {
@@ -68,7 +91,7 @@ impl State {
     /// Replace the whole snapshot; requests already running keep the old one.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let old = self.current.load_full();
-        let next = Snapshot::build(config, Some(&old))?;
+        let next = Snapshot::build(config, Some(&old), &self.ledger)?;
         self.current.store(Arc::new(next));
         Ok(())
     }

@@ -104,7 +104,7 @@ async fn metrics_parse_as_prometheus_text_and_health_answers() {
         .unwrap();
     assert_eq!(refused.status(), 401);
 
-    let text = gw.metrics().await;
+    let text = gw.metrics_after(2).await;
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
     let names: std::collections::HashSet<&str> =

@@ -277,7 +277,7 @@ async fn embeddings_and_responses_are_routed() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(a.requests()[1].path, "/v1/responses");
-    let m = gw.metrics().await;
+    let m = gw.metrics_after(2).await;
     assert!(
         metric_sum(
             &m,

@@ -38,6 +38,8 @@ pub struct RawConfig {
     pub deployments: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
     pub pricing: BTreeMap<String, serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub quota: Option<serde_yaml_ng::Value>,
 }
 
 /// A size written either as a byte count or as a string with a unit (`32MiB`).
@@ -65,6 +67,69 @@ pub struct RawTenant {
     pub models: Vec<String>,
     #[serde(default)]
     pub priority: Option<i64>,
+    /// Overrides `quota.defaults` field by field; `models` adds per-model limits.
+    #[serde(default)]
+    pub quota: Option<RawLimits>,
+}
+
+/// Global quota settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    /// IANA zone for day and month windows; default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Limits for every tenant that does not set its own.
+    #[serde(default)]
+    pub defaults: Option<RawLimits>,
+    /// Longest a request waits for a saturated pool.
+    #[serde(default)]
+    pub max_wait: Option<String>,
+    #[serde(default)]
+    pub rebalance: Option<RawRebalance>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRebalance {
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub interval: Option<String>,
+}
+
+/// Every limit; all optional (absent = unlimited, or inherited from defaults).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    #[serde(default)]
+    pub rpm_burst: Option<i64>,
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    #[serde(default)]
+    pub tpm_burst: Option<i64>,
+    #[serde(default)]
+    pub requests_per_day: Option<i64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<i64>,
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    #[serde(default)]
+    pub requests_per_month: Option<i64>,
+    #[serde(default)]
+    pub tokens_per_month: Option<i64>,
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
+    /// Output tokens reserved when a request sets no `max_tokens`.
+    #[serde(default)]
+    pub default_max_tokens: Option<i64>,
+    /// Only in a tenant's quota: limits for one model, on top of the tenant's.
+    #[serde(default)]
+    pub models: Option<BTreeMap<String, RawLimits>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +138,12 @@ pub struct RawModel {
     pub name: String,
     /// Pools tried in this order until one answers.
     pub fallback: Vec<String>,
+    /// Most output tokens the model can produce; caps the reservation.
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
+    /// Token estimate family: o200k, cl100k or generic (default: from the name).
+    #[serde(default)]
+    pub tokenizer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +151,12 @@ pub struct RawModel {
 pub struct RawPool {
     pub id: String,
     pub deployments: Vec<RawPoolMember>,
+    /// Requests in flight at once; beyond it requests queue by priority.
+    #[serde(default)]
+    pub max_concurrency: Option<i64>,
+    /// Learn the budget from the provider's 429s (below `max_concurrency`).
+    #[serde(default)]
+    pub adaptive_concurrency: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +186,12 @@ pub struct RawDeployment {
     pub http2: Option<bool>,
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
+    /// The provider's request limit for this key, per minute.
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    /// The provider's token limit for this key, per minute.
+    #[serde(default)]
+    pub tpm: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

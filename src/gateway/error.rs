@@ -3,6 +3,7 @@
 //! metrics and logs. The mapping is exhaustive on purpose: a new variant
 //! must decide its status here.
 
+use crate::quota::RefusalKind;
 use bytes::Bytes;
 use serde::Serialize;
 
@@ -45,6 +46,18 @@ pub enum GatewayError {
     },
     #[error("no upstream is available for this model")]
     NoUpstream,
+    /// The tenant's own quota refused the request.
+    #[error("{}: the {window} limit is reached; retry in {retry_after_s}s", match kind { RefusalKind::RateLimited => "rate limited", RefusalKind::QuotaExceeded => "quota exceeded" })]
+    Quota {
+        window: String,
+        kind: RefusalKind,
+        retry_after_s: u64,
+    },
+    /// The pool stayed saturated for longer than the request may wait.
+    #[error(
+        "the model's capacity is saturated; no slot freed within the maximum wait, retry in {retry_after_s}s"
+    )]
+    QueueTimeout { retry_after_s: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -90,6 +103,15 @@ impl GatewayError {
             UpstreamsBusy { .. } => (429, "rate_limit_error", "upstream_rate_limited"),
             UpstreamsFailed { status, .. } => (*status, "upstream_error", "upstream_failed"),
             NoUpstream => (503, "upstream_error", "no_upstream"),
+            Quota {
+                kind: RefusalKind::RateLimited,
+                ..
+            } => (429, "rate_limited", "rate_limited"),
+            Quota {
+                kind: RefusalKind::QuotaExceeded,
+                ..
+            } => (429, "quota_exceeded", "quota_exceeded"),
+            QueueTimeout { .. } => (429, "rate_limited", "queue_timeout"),
             Internal(_) => (500, "server_error", "internal_error"),
         }
     }
@@ -121,6 +143,8 @@ impl GatewayError {
         let retry_after_s = match self {
             GatewayError::UpstreamsBusy { retry_after_s } => Some(*retry_after_s),
             GatewayError::UpstreamsFailed { retry_after_s, .. } => *retry_after_s,
+            GatewayError::Quota { retry_after_s, .. }
+            | GatewayError::QueueTimeout { retry_after_s } => Some(*retry_after_s),
             _ => None,
         };
         ErrorResponse {

@@ -69,6 +69,8 @@ impl Failure {
 pub struct Attempt {
     pub upstream: usize,
     pub outcome: Result<u16, Failure>,
+    /// Tokens taken from the deployment's own per-minute limit.
+    pub tokens_taken: u64,
 }
 
 /// Run the chain for an admitted, inspected request and answer the client.
@@ -87,11 +89,32 @@ pub async fn run(
     let mut shortest_block: Option<u64> = None;
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;
-    for &pool in chain {
+    let tokens = ctx.tokens_estimate;
+    for (position, &pool) in chain.iter().enumerate() {
         let Some(pool_rt) = router.pools.get(pool) else {
             continue;
         };
-        let upstream = match pool_rt.pick(&router.upstreams, &tried, now_ms()) {
+        // A saturated pool is skipped while a later one may have room; the
+        // last one is waited for, in priority order.
+        let is_last = position + 1 == chain.len();
+        let permit = match pool_rt.gate.try_acquire() {
+            Some(p) => p,
+            None if !is_last => continue,
+            None => {
+                let waited = Instant::now();
+                let acquired = pool_rt.gate.acquire(ctx.priority, ctx.max_wait).await;
+                ctx.queued = Some(waited.elapsed());
+                match acquired {
+                    Ok(p) => p,
+                    Err(t) => {
+                        return Err(GatewayError::QueueTimeout {
+                            retry_after_s: t.retry_after.as_secs().max(1),
+                        });
+                    }
+                }
+            }
+        };
+        let upstream = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens) {
             Pick::Upstream(i) => Arc::clone(&router.upstreams[i]),
             Pick::Blocked { retry_in_ms } => {
                 shortest_block = Some(shortest_block.map_or(retry_in_ms, |s| s.min(retry_in_ms)));
@@ -105,14 +128,28 @@ pub async fn run(
         match attempt(gw, &upstream, header, attempt_body).await {
             Ok(http) => {
                 let status = http.response_header().map_or(0, |h| h.status.as_u16());
+                let exhausted = http
+                    .response_header()
+                    .and_then(|h| h.headers.get("x-ratelimit-remaining-requests"))
+                    .is_some_and(|v| v.as_bytes() == b"0");
+                if exhausted {
+                    pool_rt.gate.saturated();
+                } else if (200..300).contains(&status) {
+                    pool_rt.gate.succeeded();
+                }
                 ctx.attempts.push(Attempt {
                     upstream: upstream.index,
                     outcome: Ok(status),
+                    tokens_taken: tokens,
                 });
                 relay(gw, session, ctx, &upstream, http, inject_usage).await;
+                drop(permit);
                 return Ok(());
             }
             Err((failure, retry_after)) => {
+                if failure == Failure::Status(429) {
+                    pool_rt.gate.saturated();
+                }
                 if let Some(wait) = retry_after {
                     upstream.block_for(wait);
                     last_retry_after = Some(wait.as_secs().max(1));
@@ -125,6 +162,7 @@ pub async fn run(
                 ctx.attempts.push(Attempt {
                     upstream: upstream.index,
                     outcome: Err(failure),
+                    tokens_taken: tokens,
                 });
             }
         }
@@ -512,7 +550,10 @@ async fn relay(
         }
     }
     ctx.usage = match observer {
-        Observer::Sse(o) => o.usage(),
+        Observer::Sse(o) => {
+            ctx.delivered_estimate = o.delivered_tokens();
+            o.usage()
+        }
         Observer::Json(j) if !ctx.truncated && !ctx.client_gone => j.finish(),
         _ => None,
     };
@@ -566,7 +607,9 @@ fn client_response_head(
     let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
     let mut has_length = false;
     for (name, value) in upstream.headers.iter() {
-        if hop_by_hop(name) {
+        // The provider's limits for its key are not the tenant's business;
+        // the tenant's own `x-ratelimit-*` are added below.
+        if hop_by_hop(name) || name.as_str().starts_with("x-ratelimit-") {
             continue;
         }
         if name == header::CONTENT_LENGTH {
@@ -583,5 +626,6 @@ fn client_response_head(
     resp.insert_header("x-collie-model", up.model.as_str())?;
     resp.insert_header("x-collie-attempts", ctx.attempts.len().to_string())?;
     resp.insert_header("x-collie-request-id", ctx.id.as_str())?;
+    super::spend::rate_headers(ctx, &mut resp);
     Ok(resp)
 }

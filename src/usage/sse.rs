@@ -26,6 +26,9 @@ pub struct SseObserver {
     usage: Option<Usage>,
     events: u64,
     done: bool,
+    /// Events carrying generated text, and that text's length in bytes.
+    content_events: u64,
+    content_bytes: u64,
 }
 
 impl SseObserver {
@@ -38,6 +41,8 @@ impl SseObserver {
             usage: None,
             events: 0,
             done: false,
+            content_events: 0,
+            content_bytes: 0,
         }
     }
 
@@ -121,6 +126,11 @@ impl SseObserver {
             self.done = true;
             return false;
         }
+        let text = generated_text_len(&data);
+        if text > 0 {
+            self.content_events += 1;
+            self.content_bytes += text as u64;
+        }
         // Most chunks carry no usage (or `"usage":null`); skip parsing those.
         let Some(at) = memchr::memmem::find(&data, b"\"usage\"") else {
             return false;
@@ -177,6 +187,33 @@ impl SseObserver {
     pub fn events(&self) -> u64 {
         self.events
     }
+
+    /// Completion tokens delivered so far, estimated from the text events:
+    /// at least one per event (providers send about a token each), more for
+    /// long ones.
+    pub fn delivered_tokens(&self) -> u64 {
+        self.content_events.max(self.content_bytes.div_ceil(4))
+    }
+}
+
+/// Length of the generated text in an event (chat `content`, completions
+/// `text`, Responses `delta`), in JSON source bytes; 0 when there is none.
+fn generated_text_len(data: &[u8]) -> usize {
+    for key in [&b"\"content\":\""[..], b"\"delta\":\"", b"\"text\":\""] {
+        if let Some(at) = memchr::memmem::find(data, key) {
+            let rest = &data[at + key.len()..];
+            let mut i = 0;
+            while i < rest.len() {
+                match rest[i] {
+                    b'\\' => i += 2,
+                    b'"' => return i,
+                    _ => i += 1,
+                }
+            }
+            return rest.len();
+        }
+    }
+    0
 }
 
 /// Index just past the blank line that ends the first event at or after `from`.

@@ -71,6 +71,19 @@ impl Gw {
             .json(&body)
     }
 
+    /// Metrics once `n` requests have been accounted: the logging phase runs
+    /// just after the response is sent, so a scrape may come before it.
+    pub async fn metrics_after(&self, n: usize) -> String {
+        for _ in 0..500 {
+            let text = self.metrics().await;
+            if metric_sum(&text, "collie_requests_total", &[]) >= n as f64 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {n} requests were accounted");
+    }
+
     pub async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.admin))

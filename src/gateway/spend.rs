@@ -1,0 +1,242 @@
+//! The request path's side of the quota ledger: what a request reserves
+//! before it is sent, what it settles to when it is done, and the
+//! `x-ratelimit-*` headers a tenant sees on every response.
+
+use super::body::Inspected;
+use super::{Endpoint, GatewayError, RequestCtx};
+use crate::config::Model;
+use crate::quota::estimate;
+use crate::quota::{Amount, RateInfo, WindowInfo};
+use crate::state::Snapshot;
+use crate::usage::Usage;
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::time::Duration;
+
+/// Estimate the request and reserve it in the tenant's ledger. Also fills in
+/// the token estimate the provider limits and settlement use.
+pub fn reserve(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    tenant: usize,
+    model: &Model,
+    body: &[u8],
+    inspected: &Inspected,
+) -> Result<(), GatewayError> {
+    let t = &snap.config.tenants[tenant];
+    let prompt = estimate::prompt_tokens(body, model.family);
+    let output = if ctx.endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        let wanted = inspected.max_tokens.unwrap_or(t.default_max_tokens);
+        model
+            .max_output_tokens
+            .map_or(wanted, |cap| wanted.min(cap))
+    };
+    ctx.prompt_estimate = prompt;
+    ctx.tokens_estimate = prompt + output;
+    let usd_nano = worst_price_cost(snap, model, prompt, output);
+    let amount = Amount {
+        requests: 1,
+        tokens: prompt + output,
+        usd_nano,
+    };
+    let ledger = snap
+        .ledgers
+        .get(tenant)
+        .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
+    match ledger.reserve(&model.name, amount, &snap.calendar) {
+        Ok(r) => {
+            ctx.reservation = Some(r);
+            Ok(())
+        }
+        Err(refusal) => {
+            ctx.refused_by = Some(refusal.window.clone());
+            Err(GatewayError::Quota {
+                window: refusal.window,
+                kind: refusal.kind,
+                retry_after_s: refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            })
+        }
+    }
+}
+
+/// The cost at the most expensive deployment that may serve the model: the
+/// reservation must cover whichever one answers.
+fn worst_price_cost(snap: &Snapshot, model: &Model, prompt: u64, output: u64) -> u64 {
+    let usage = Usage {
+        prompt_tokens: Some(prompt),
+        completion_tokens: Some(output),
+        total_tokens: Some(prompt + output),
+    };
+    model
+        .chain
+        .iter()
+        .filter_map(|&p| snap.config.pools.get(p))
+        .flat_map(|p| p.members.iter())
+        .filter_map(|m| snap.router.upstreams.get(m.deployment))
+        .filter_map(|u| usage.cost_nano_usd(u.price))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Replace the reservation by what the request really used:
+/// - no upstream answered (refused, every attempt failed): full refund;
+/// - an upstream answered with an error status: one request, no tokens;
+/// - usage reported: exactly that, priced at the deployment that served;
+/// - a stream cut off (client gone, upstream broke) without usage: the prompt
+///   estimate plus what was delivered, marked estimated;
+/// - anything else without usage: the reservation stands, marked estimated.
+///
+/// Provider per-minute limits are corrected the same way.
+pub fn settle(ctx: &mut RequestCtx) {
+    let snap = std::sync::Arc::clone(&ctx.snapshot);
+    let served = ctx.served.and_then(|i| snap.router.upstreams.get(i));
+    for a in &ctx.attempts {
+        let Some(limiter) = snap
+            .router
+            .upstreams
+            .get(a.upstream)
+            .and_then(|u| u.limiter.as_ref())
+        else {
+            continue;
+        };
+        let used = match (&a.outcome, Some(a.upstream) == ctx.served) {
+            (Ok(_), true) => ctx.usage.and_then(|u| u.total()).unwrap_or(a.tokens_taken),
+            _ => 0,
+        };
+        limiter.settle_tokens(a.tokens_taken, used);
+    }
+    let Some(reservation) = ctx.reservation.take() else {
+        return;
+    };
+    let Some(up) = served else {
+        reservation.refund();
+        return;
+    };
+    if !(200..300).contains(&ctx.status) {
+        reservation.settle(Amount {
+            requests: 1,
+            tokens: 0,
+            usd_nano: 0,
+        });
+        return;
+    }
+    let reported = ctx.usage.filter(|u| u.total().is_some());
+    let usage = match reported {
+        Some(u) => u,
+        None => {
+            ctx.usage_estimated = true;
+            let completion = if ctx.streamed && (ctx.truncated || ctx.client_gone) {
+                ctx.delivered_estimate
+            } else {
+                reservation
+                    .amount()
+                    .tokens
+                    .saturating_sub(ctx.prompt_estimate)
+            };
+            let u = Usage {
+                prompt_tokens: Some(ctx.prompt_estimate),
+                completion_tokens: Some(completion),
+                total_tokens: Some(ctx.prompt_estimate + completion),
+            };
+            ctx.usage = Some(u);
+            u
+        }
+    };
+    reservation.settle(Amount {
+        requests: 1,
+        tokens: usage.total().unwrap_or(0),
+        usd_nano: usage.cost_nano_usd(up.price).unwrap_or(0),
+    });
+}
+
+/// The longest a request may wait for a saturated pool: the configured
+/// maximum, or less when the client says it gives up sooner
+/// (`x-collie-max-wait` in seconds or `30s` form, or the OpenAI SDK's
+/// `x-stainless-timeout`).
+pub fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
+    let header = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let parse = |v: &str| {
+        v.parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .or_else(|| humantime::parse_duration(v).ok())
+    };
+    [header("x-collie-max-wait"), header("x-stainless-timeout")]
+        .into_iter()
+        .flatten()
+        .filter_map(parse)
+        .fold(configured, Duration::min)
+}
+
+/// OpenAI-style rate headers from the tenant's per-minute windows.
+pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
+    let Some(ledger) = ctx.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
+        return;
+    };
+    let RateInfo { requests, tokens } = ledger.rate_info();
+    for (suffix, w) in [("requests", requests), ("tokens", tokens)] {
+        let Some(WindowInfo {
+            limit,
+            remaining,
+            reset,
+        }) = w
+        else {
+            continue;
+        };
+        let _ = head.insert_header(format!("x-ratelimit-limit-{suffix}"), limit);
+        let _ = head.insert_header(format!("x-ratelimit-remaining-{suffix}"), remaining);
+        let _ = head.insert_header(format!("x-ratelimit-reset-{suffix}"), reset_text(reset));
+    }
+}
+
+/// `1m30s`, `2s`, `250ms` — the format OpenAI uses.
+fn reset_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs_f64().ceil() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec}s"),
+        (h, m, sec) => format!("{h}h{m}m{sec}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_formats() {
+        assert_eq!(reset_text(Duration::from_millis(250)), "250ms");
+        assert_eq!(reset_text(Duration::from_secs(2)), "2s");
+        assert_eq!(reset_text(Duration::from_secs(90)), "1m30s");
+        assert_eq!(reset_text(Duration::from_secs(3700)), "1h1m40s");
+    }
+
+    #[test]
+    fn client_timeout_bounds_the_wait() {
+        let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+        assert_eq!(
+            max_wait(&req, Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+        req.insert_header("x-stainless-timeout", "5").unwrap();
+        assert_eq!(
+            max_wait(&req, Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+        req.insert_header("x-collie-max-wait", "500ms").unwrap();
+        assert_eq!(
+            max_wait(&req, Duration::from_secs(30)),
+            Duration::from_millis(500)
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Dynamic rebalancing: when a pool runs above its threshold (default 80 %
+//! of its concurrency budget), per-minute rate capacity that idle tenants are
+//! not using is lent to high-priority tenants that are hitting their own
+//! rate limits, as a temporary addition to their buckets. Every tick starts
+//! from scratch, so a loan ends by itself when the pool calms down or the
+//! lender's own traffic comes back. Only rates move: daily and monthly
+//! budgets are never raised.
+
+use super::{Loan, TenantLedger};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Tunables (config `quota.rebalance`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebalanceSettings {
+    pub enabled: bool,
+    /// Pool utilisation at which lending starts.
+    pub threshold: f64,
+    pub interval: Duration,
+}
+
+impl Default for RebalanceSettings {
+    fn default() -> Self {
+        RebalanceSettings {
+            enabled: true,
+            threshold: 0.8,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A lender uses less than this share of its own rate.
+const IDLE: f64 = 0.3;
+/// Share of a lender's unused rate that may be lent.
+const LEND_SHARE: f64 = 0.5;
+/// A borrower uses more than this share of its rate (or was refused).
+const BUSY: f64 = 0.8;
+/// Highest priority number that may borrow (1 and 2).
+const BORROWER_PRIORITY: u8 = 2;
+
+/// One tenant as the rebalancer sees it.
+pub struct TenantView {
+    pub ledger: Arc<TenantLedger>,
+    /// Whether any pool this tenant's models use is above the threshold.
+    pub pool_busy: bool,
+}
+
+/// A change of one tenant's loan, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoanChange {
+    pub tenant: String,
+    pub before: Loan,
+    pub after: Loan,
+}
+
+impl LoanChange {
+    pub fn event(&self) -> &'static str {
+        let was = self.before.rpm != 0.0 || self.before.tpm != 0.0;
+        let is = self.after.rpm != 0.0 || self.after.tpm != 0.0;
+        match (was, is) {
+            (_, false) => "reclaim",
+            _ if self.after.rpm < 0.0 || self.after.tpm < 0.0 => "lend",
+            _ => "borrow",
+        }
+    }
+}
+
+/// Smoothed per-minute use of each tenant.
+#[derive(Default)]
+pub struct Rebalancer {
+    rates: Mutex<HashMap<String, (f64, f64)>>,
+}
+
+impl Rebalancer {
+    /// Look at the last interval and set every tenant's loan.
+    pub fn tick(
+        &self,
+        settings: &RebalanceSettings,
+        tenants: &[TenantView],
+        elapsed: Duration,
+    ) -> Vec<LoanChange> {
+        let per_minute = 60.0 / elapsed.as_secs_f64().max(0.001);
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        struct Seen {
+            rpm_use: f64,
+            tpm_use: f64,
+            refused: bool,
+        }
+        let seen: Vec<Seen> = tenants
+            .iter()
+            .map(|t| {
+                let a = t.ledger.take_activity();
+                let e = rates.entry(t.ledger.id.clone()).or_insert((0.0, 0.0));
+                e.0 = 0.5 * e.0 + 0.5 * a.requests as f64 * per_minute;
+                e.1 = 0.5 * e.1 + 0.5 * a.tokens as f64 * per_minute;
+                Seen {
+                    rpm_use: e.0,
+                    tpm_use: e.1,
+                    refused: a.rate_refusals > 0,
+                }
+            })
+            .collect();
+        let mut next = vec![Loan::default(); tenants.len()];
+        if settings.enabled {
+            plan(
+                tenants,
+                &seen
+                    .iter()
+                    .map(|s| (s.rpm_use, s.tpm_use, s.refused))
+                    .collect::<Vec<_>>(),
+                &mut next,
+            );
+        }
+        let mut changes = Vec::new();
+        for (t, loan) in tenants.iter().zip(next) {
+            let before = t.ledger.loan();
+            if before != loan {
+                t.ledger.set_loan(loan);
+                changes.push(LoanChange {
+                    tenant: t.ledger.id.clone(),
+                    before,
+                    after: loan,
+                });
+            }
+        }
+        changes
+    }
+}
+
+/// Decide loans: lenders are idle tenants on a busy pool with a rate limit;
+/// borrowers are priority 1–2 tenants on a busy pool pressing on theirs.
+/// The lent total is split among borrowers by priority weight, each borrowing
+/// at most its own limit again.
+fn plan(tenants: &[TenantView], seen: &[(f64, f64, bool)], next: &mut [Loan]) {
+    let weight = |p: u8| [16.0, 8.0, 4.0, 2.0, 1.0][usize::from(p.clamp(1, 5) - 1)];
+    for dim in [Dim::Requests, Dim::Tokens] {
+        let mut spare = Vec::new();
+        let mut demand = Vec::new();
+        for (i, t) in tenants.iter().enumerate() {
+            if !t.pool_busy {
+                continue;
+            }
+            let Some(limit) = dim.limit(&t.ledger) else {
+                continue;
+            };
+            let used = dim.used(seen[i]);
+            let refused = seen[i].2;
+            let priority = t.ledger.priority();
+            let share = used / limit.max(1.0);
+            if share < IDLE {
+                spare.push((i, (limit - used).max(0.0) * LEND_SHARE));
+            } else if priority <= BORROWER_PRIORITY && (refused || share > BUSY) {
+                demand.push((i, weight(priority), limit));
+            }
+        }
+        let total_spare: f64 = spare.iter().map(|(_, s)| s).sum();
+        let total_weight: f64 = demand.iter().map(|(_, w, _)| w).sum();
+        if total_spare <= 0.0 || total_weight <= 0.0 {
+            continue;
+        }
+        let mut lent = 0.0;
+        for &(i, w, limit) in &demand {
+            let amount = (total_spare * w / total_weight).min(limit);
+            dim.set(&mut next[i], amount);
+            lent += amount;
+        }
+        // Lenders give in proportion to what they had spare.
+        for &(i, s) in &spare {
+            dim.set(&mut next[i], -(lent * s / total_spare));
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dim {
+    Requests,
+    Tokens,
+}
+
+impl Dim {
+    fn limit(self, l: &TenantLedger) -> Option<f64> {
+        let limits = l.limits();
+        match self {
+            Dim::Requests => limits.rpm.map(|r| r.per_minute as f64),
+            Dim::Tokens => limits.tpm.map(|r| r.per_minute as f64),
+        }
+    }
+    fn used(self, seen: (f64, f64, bool)) -> f64 {
+        match self {
+            Dim::Requests => seen.0,
+            Dim::Tokens => seen.1,
+        }
+    }
+    fn set(self, loan: &mut Loan, v: f64) {
+        match self {
+            Dim::Requests => loan.rpm = v,
+            Dim::Tokens => loan.tpm = v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Calendar, Limits, Rate, TenantLimits};
+    use super::*;
+    use jiff::tz::TimeZone;
+
+    fn tenant(id: &str, priority: u8, rpm: u64) -> Arc<TenantLedger> {
+        Arc::new(TenantLedger::new(
+            id,
+            &TenantLimits {
+                priority,
+                limits: Limits {
+                    rpm: Some(Rate {
+                        per_minute: rpm,
+                        burst: rpm,
+                    }),
+                    ..Limits::default()
+                },
+                models: HashMap::new(),
+            },
+        ))
+    }
+
+    #[test]
+    fn lends_idle_capacity_to_a_pressed_high_priority_tenant_and_reclaims() {
+        let cal = Calendar::new(TimeZone::UTC);
+        let hi = tenant("hi", 1, 60);
+        let lo = tenant("lo", 5, 600);
+        let r = Rebalancer::default();
+        let s = RebalanceSettings::default();
+        // hi spends its whole burst and is refused once.
+        for _ in 0..60 {
+            hi.reserve(
+                "m",
+                super::super::Amount {
+                    requests: 1,
+                    tokens: 0,
+                    usd_nano: 0,
+                },
+                &cal,
+            )
+            .unwrap()
+            .settle(super::super::Amount {
+                requests: 1,
+                tokens: 0,
+                usd_nano: 0,
+            });
+        }
+        assert!(
+            hi.reserve(
+                "m",
+                super::super::Amount {
+                    requests: 1,
+                    tokens: 0,
+                    usd_nano: 0
+                },
+                &cal
+            )
+            .is_err()
+        );
+        let views = |busy| {
+            vec![
+                TenantView {
+                    ledger: Arc::clone(&hi),
+                    pool_busy: busy,
+                },
+                TenantView {
+                    ledger: Arc::clone(&lo),
+                    pool_busy: busy,
+                },
+            ]
+        };
+        let changes = r.tick(&s, &views(true), Duration::from_secs(60));
+        assert!(hi.loan().rpm > 0.0 && lo.loan().rpm < 0.0, "{changes:?}");
+        assert!(
+            (hi.loan().rpm + lo.loan().rpm).abs() < 1e-9,
+            "what is lent is what is borrowed"
+        );
+        assert_eq!(
+            changes.iter().find(|c| c.tenant == "hi").unwrap().event(),
+            "borrow"
+        );
+        // The pool calms down: every loan is reclaimed.
+        let changes = r.tick(&s, &views(false), Duration::from_secs(60));
+        assert_eq!(hi.loan(), Loan::default());
+        assert_eq!(lo.loan(), Loan::default());
+        assert!(changes.iter().all(|c| c.event() == "reclaim"));
+    }
+}

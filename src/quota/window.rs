@@ -1,0 +1,296 @@
+//! The windows a quota is counted in: token buckets for per-minute rates
+//! (with bursts) and calendar counters for days and months.
+
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan, Zoned};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What one request takes from a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub requests: u64,
+    pub tokens: u64,
+    /// Nanodollars.
+    pub usd_nano: u64,
+}
+
+impl Amount {
+    pub fn saturating_sub(self, o: Amount) -> Amount {
+        Amount {
+            requests: self.requests.saturating_sub(o.requests),
+            tokens: self.tokens.saturating_sub(o.tokens),
+            usd_nano: self.usd_nano.saturating_sub(o.usd_nano),
+        }
+    }
+
+    pub fn saturating_add(self, o: Amount) -> Amount {
+        Amount {
+            requests: self.requests.saturating_add(o.requests),
+            tokens: self.tokens.saturating_add(o.tokens),
+            usd_nano: self.usd_nano.saturating_add(o.usd_nano),
+        }
+    }
+}
+
+/// A per-minute rate with a burst capacity: the bucket refills at
+/// `per_minute / 60` per second up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+/// Caps on one calendar window; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+    pub usd_nano: Option<u64>,
+}
+
+impl Budget {
+    pub fn is_unlimited(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none() && self.usd_nano.is_none()
+    }
+}
+
+/// Every limit of one scope (a tenant, or a tenant × model).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub rpm: Option<Rate>,
+    pub tpm: Option<Rate>,
+    pub day: Budget,
+    pub month: Budget,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        self.rpm.is_none()
+            && self.tpm.is_none()
+            && self.day.is_unlimited()
+            && self.month.is_unlimited()
+    }
+}
+
+/// A token bucket. The level may go below zero when a request used more
+/// than it reserved: that debt is repaid by refill before anything else is
+/// admitted, so nothing used is forgiven.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    level: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    /// A new bucket starts full: an idle tenant may spend its burst at once.
+    pub fn full(rate: Rate, now: Instant) -> Bucket {
+        Bucket {
+            level: rate.burst as f64,
+            updated: now,
+        }
+    }
+
+    /// Bring the level up to `now`. `extra_per_minute` is lent capacity
+    /// (refill and ceiling both grow by it while the loan lasts).
+    pub fn refill(&mut self, rate: Rate, extra_per_minute: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.updated = now;
+        let per_sec = (rate.per_minute as f64 + extra_per_minute) / 60.0;
+        let ceiling = rate.burst as f64 + extra_per_minute;
+        if self.level < ceiling {
+            self.level = (self.level + elapsed * per_sec).min(ceiling);
+        } else {
+            // A limit lowered by reload (or a loan ended) caps the level.
+            self.level = ceiling;
+        }
+    }
+
+    pub fn level(&self) -> f64 {
+        self.level
+    }
+
+    pub fn can_take(&self, n: u64) -> bool {
+        self.level >= n as f64
+    }
+
+    pub fn take(&mut self, n: u64) {
+        self.level -= n as f64;
+    }
+
+    /// Give back (negative: take more), never above `ceiling`.
+    pub fn adjust(&mut self, delta: f64, ceiling: f64) {
+        self.level = (self.level + delta).min(ceiling);
+    }
+
+    /// How long until `n` can be taken at `per_minute`.
+    pub fn wait_for(&self, n: u64, rate: Rate, extra_per_minute: f64) -> Duration {
+        let missing = n as f64 - self.level;
+        let per_sec = (rate.per_minute as f64 + extra_per_minute) / 60.0;
+        if missing <= 0.0 || per_sec <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(missing / per_sec).unwrap_or(Duration::MAX)
+    }
+}
+
+/// Use of one calendar window: settled use and reservations in flight.
+#[derive(Debug, Clone, Default)]
+pub struct Counter {
+    /// Which day or month (see [`Calendar`]) this counts.
+    pub window: i64,
+    pub used: Amount,
+    pub reserved: Amount,
+}
+
+impl Counter {
+    /// Start counting a new window: settled use resets, reservations in
+    /// flight carry over (they will be settled into the new window).
+    pub fn roll(&mut self, window: i64) {
+        if self.window != window {
+            self.window = window;
+            self.used = Amount::default();
+        }
+    }
+
+    /// The first dimension `amount` would push past `budget`, if any.
+    pub fn exceeds(&self, budget: &Budget, amount: Amount) -> Option<&'static str> {
+        let total = self
+            .used
+            .saturating_add(self.reserved)
+            .saturating_add(amount);
+        if budget.requests.is_some_and(|l| total.requests > l) {
+            Some("requests")
+        } else if budget.tokens.is_some_and(|l| total.tokens > l) {
+            Some("tokens")
+        } else if budget.usd_nano.is_some_and(|l| total.usd_nano > l) {
+            Some("usd")
+        } else {
+            None
+        }
+    }
+}
+
+/// Calendar days and months in the configured time zone, as window numbers
+/// with the instant each one ends. Cached until the current window ends.
+pub struct Calendar {
+    tz: TimeZone,
+    cached: Mutex<Option<Windows>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub day: i64,
+    pub day_end: Timestamp,
+    pub month: i64,
+    pub month_end: Timestamp,
+}
+
+impl Calendar {
+    pub fn new(tz: TimeZone) -> Calendar {
+        Calendar {
+            tz,
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub fn windows(&self, now: Timestamp) -> Windows {
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = *cached {
+            if now < w.day_end && now < w.month_end {
+                return w;
+            }
+        }
+        let w = self.compute(now);
+        *cached = Some(w);
+        w
+    }
+
+    fn compute(&self, now: Timestamp) -> Windows {
+        let z: Zoned = now.to_zoned(self.tz.clone());
+        let date = z.date();
+        let day_start = date.to_zoned(self.tz.clone()).ok();
+        let day_end = day_start
+            .as_ref()
+            .and_then(|d| d.checked_add(1.day()).ok())
+            .map_or(now, |d| d.timestamp());
+        let first = date.first_of_month();
+        let month_end = first
+            .checked_add(1.month())
+            .ok()
+            .and_then(|d| d.to_zoned(self.tz.clone()).ok())
+            .map_or(now, |d| d.timestamp());
+        let day = i64::from(date.year()) * 1000 + i64::from(date.day_of_year());
+        let month = i64::from(date.year()) * 12 + i64::from(date.month());
+        Windows {
+            day,
+            day_end,
+            month,
+            month_end,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_starts_full_then_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let rate = Rate {
+            per_minute: 60,
+            burst: 10,
+        };
+        let mut b = Bucket::full(rate, t0);
+        for _ in 0..10 {
+            assert!(b.can_take(1));
+            b.take(1);
+        }
+        assert!(!b.can_take(1));
+        assert_eq!(b.wait_for(1, rate, 0.0), Duration::from_secs(1));
+        b.refill(rate, 0.0, t0 + Duration::from_millis(2500));
+        assert!(b.can_take(2) && !b.can_take(3));
+        b.refill(rate, 0.0, t0 + Duration::from_secs(3600));
+        assert_eq!(b.level(), 10.0, "never above the burst");
+        b.refill(rate, 5.0, t0 + Duration::from_secs(7200));
+        assert_eq!(b.level(), 15.0, "a loan raises the ceiling");
+    }
+
+    #[test]
+    fn calendar_windows_follow_the_time_zone() {
+        let cal = Calendar::new(TimeZone::get("America/New_York").unwrap());
+        // 2026-03-01 04:30 UTC is still February 28th in New York.
+        let t: Timestamp = "2026-03-01T04:30:00Z".parse().unwrap();
+        let w = cal.windows(t);
+        assert_eq!(w.month_end.to_string(), "2026-03-01T05:00:00Z");
+        assert_eq!(w.day_end, w.month_end);
+        let after = cal.windows("2026-03-01T05:00:00Z".parse().unwrap());
+        assert_ne!(after.day, w.day);
+        assert_ne!(after.month, w.month);
+        let utc = Calendar::new(TimeZone::UTC).windows(t);
+        assert_eq!(utc.day_end.to_string(), "2026-03-02T00:00:00Z");
+    }
+
+    #[test]
+    fn counters_roll_and_check_every_dimension() {
+        let mut c = Counter::default();
+        let budget = Budget {
+            requests: Some(2),
+            tokens: Some(100),
+            usd_nano: None,
+        };
+        let one = Amount {
+            requests: 1,
+            tokens: 40,
+            usd_nano: 0,
+        };
+        assert_eq!(c.exceeds(&budget, one), None);
+        c.used = one;
+        c.reserved = one;
+        assert_eq!(c.exceeds(&budget, one), Some("requests"));
+        c.roll(7);
+        assert_eq!(c.used, Amount::default());
+        assert_eq!(c.reserved, one, "reservations in flight carry over");
+    }
+}
