@@ -9,7 +9,7 @@
 use super::{Loan, TenantLedger};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Tunables (config `quota.rebalance`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,6 +38,8 @@ const LEND_SHARE: f64 = 0.5;
 const BUSY: f64 = 0.8;
 /// Highest priority number that may borrow (1 and 2).
 const BORROWER_PRIORITY: u8 = 2;
+/// A tenant refused by its rate counts as pressed for this long.
+const PRESSED_FOR: Duration = Duration::from_secs(5);
 
 /// One tenant as the rebalancer sees it.
 pub struct TenantView {
@@ -66,10 +68,17 @@ impl LoanChange {
     }
 }
 
-/// Smoothed per-minute use of each tenant.
+/// Smoothed per-minute use of each tenant, and when it was last refused.
 #[derive(Default)]
 pub struct Rebalancer {
-    rates: Mutex<HashMap<String, (f64, f64)>>,
+    rates: Mutex<HashMap<String, Usage>>,
+}
+
+#[derive(Default)]
+struct Usage {
+    rpm: f64,
+    tpm: f64,
+    refused_at: Option<Instant>,
 }
 
 impl Rebalancer {
@@ -91,13 +100,16 @@ impl Rebalancer {
             .iter()
             .map(|t| {
                 let a = t.ledger.take_activity();
-                let e = rates.entry(t.ledger.id.clone()).or_insert((0.0, 0.0));
-                e.0 = 0.5 * e.0 + 0.5 * a.requests as f64 * per_minute;
-                e.1 = 0.5 * e.1 + 0.5 * a.tokens as f64 * per_minute;
+                let e = rates.entry(t.ledger.id.clone()).or_default();
+                e.rpm = 0.5 * e.rpm + 0.5 * a.requests as f64 * per_minute;
+                e.tpm = 0.5 * e.tpm + 0.5 * a.tokens as f64 * per_minute;
+                if a.rate_refusals > 0 {
+                    e.refused_at = Some(Instant::now());
+                }
                 Seen {
-                    rpm_use: e.0,
-                    tpm_use: e.1,
-                    refused: a.rate_refusals > 0,
+                    rpm_use: e.rpm,
+                    tpm_use: e.tpm,
+                    refused: e.refused_at.is_some_and(|at| at.elapsed() < PRESSED_FOR),
                 }
             })
             .collect();
