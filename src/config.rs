@@ -5,11 +5,15 @@
 //! Secrets are never written in the file: provider keys are named by environment
 //! variable and tenant keys are stored as SHA-256 digests.
 
+mod health;
 mod quota;
 mod raw;
 
 use crate::quota::TenantLimits;
 use crate::quota::estimate::Family;
+use crate::routing::Policy;
+use crate::routing::health::HealthSettings;
+pub use health::{RetrySettings, Route};
 pub use quota::QuotaSettings;
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
@@ -48,6 +52,9 @@ pub struct Config {
     /// Keyed by the upstream model name, which is what a provider bills.
     pub pricing: HashMap<String, Price>,
     pub quota: QuotaSettings,
+    pub retry: RetrySettings,
+    /// Longest a request may take in all: waits, attempts and backoff.
+    pub request_deadline: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -83,8 +90,25 @@ pub struct Model {
     pub name: String,
     /// Pool indices in fallback order.
     pub chain: Vec<usize>,
+    /// Route-alias rules; the first that matches replaces `chain`.
+    pub routes: Vec<Route>,
     pub max_output_tokens: Option<u64>,
     pub family: Family,
+}
+
+impl Model {
+    /// The chain for a request: the first route rule matching the hint or the
+    /// tenant's priority, else the default chain.
+    pub fn chain_for(&self, priority: u8, hint: Option<&str>) -> &[usize] {
+        self.routes
+            .iter()
+            .find(|r| {
+                let hint_ok = r.hint.as_deref().is_none_or(|h| Some(h) == hint);
+                let prio_ok = r.priorities.as_ref().is_none_or(|p| p.contains(&priority));
+                hint_ok && prio_ok
+            })
+            .map_or(&self.chain, |r| &r.chain)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +117,9 @@ pub struct Pool {
     pub members: Vec<PoolMember>,
     pub max_concurrency: Option<u32>,
     pub adaptive_concurrency: bool,
+    pub policy: Policy,
+    /// Other members tried before the next pool of the chain.
+    pub retries: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +142,7 @@ pub struct Deployment {
     /// The provider's per-minute limits for this key.
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
+    pub health: HealthSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +440,12 @@ impl Validator<'_> {
             .map(|f| self.ca_file("upstream_tls.ca_file", &f));
 
         let (quota, defaults) = self.quota_settings(raw.quota);
+        let retry = self.retry(raw.retry.as_ref());
+        let request_deadline = self.duration(
+            "request_deadline",
+            &raw.request_deadline,
+            Duration::from_secs(600),
+        );
         let deployments = self.deployments(raw.deployments);
         let pools = self.pools(raw.pools, &deployments);
         let models = self.models(raw.models, &pools);
@@ -440,6 +474,8 @@ impl Validator<'_> {
             deployments: deployments.items,
             pricing,
             quota,
+            retry,
+            request_deadline,
         }
     }
 
@@ -564,6 +600,7 @@ impl Validator<'_> {
                 idle: self.duration(&format!("{path}.timeouts.idle"), &t.idle, defaults.idle),
             },
         };
+        let health = self.health(&format!("{path}.health"), d.health.as_ref());
         let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
         let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
         let base_url = base_url?;
@@ -581,6 +618,7 @@ impl Validator<'_> {
             timeouts,
             rpm,
             tpm,
+            health,
         })
     }
 
@@ -602,7 +640,29 @@ impl Validator<'_> {
                 deployments: raw_members,
                 max_concurrency,
                 adaptive_concurrency,
+                policy,
+                retries,
             } = p;
+            let policy = match policy.as_deref() {
+                None | Some("weighted") => Policy::Weighted,
+                Some("least_latency") => Policy::LeastLatency,
+                Some("cost") => Policy::Cost,
+                Some(other) => {
+                    self.error(
+                        format!("{path}.policy"),
+                        format!("unknown policy `{other}`; use weighted, least_latency or cost"),
+                    );
+                    Policy::Weighted
+                }
+            };
+            let retries = match retries {
+                None => 0,
+                Some(n) if n >= 0 => u32::try_from(n).unwrap_or(u32::MAX),
+                Some(_) => {
+                    self.error(format!("{path}.retries"), "must be ≥ 0");
+                    0
+                }
+            };
             let before = self.errors.len();
             let max_concurrency = self
                 .optional_positive(&format!("{path}.max_concurrency"), max_concurrency)
@@ -664,6 +724,8 @@ impl Validator<'_> {
                 members,
                 max_concurrency,
                 adaptive_concurrency: adaptive_concurrency.unwrap_or(false),
+                policy,
+                retries,
             });
         }
         out
@@ -692,22 +754,8 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            if m.fallback.is_empty() {
-                self.error(format!("{path}.fallback"), "must list at least one pool");
-            }
-            let mut chain = Vec::new();
-            for (j, pool) in m.fallback.iter().enumerate() {
-                match pools.resolve(pool) {
-                    Resolved::Found(idx) => chain.push(idx),
-                    Resolved::Broken => {}
-                    Resolved::Missing => {
-                        self.error(
-                            format!("{path}.fallback[{j}]"),
-                            format!("unknown pool `{pool}`"),
-                        );
-                    }
-                }
-            }
+            let chain = self.chain(&format!("{path}.fallback"), &m.fallback, pools);
+            let routes = self.routes(&path, &m.routes, pools);
             let max_output_tokens =
                 self.optional_positive(&format!("{path}.max_output_tokens"), m.max_output_tokens);
             let family = match m.tokenizer.as_deref() {
@@ -723,6 +771,7 @@ impl Validator<'_> {
             out.push(Model {
                 name: m.name,
                 chain,
+                routes,
                 max_output_tokens,
                 family,
             });

@@ -193,11 +193,15 @@ impl Gateway {
         ctx.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
         ctx.requested_model = Some(inspected.model.clone());
-        let (chain, model) = snap
-            .router
-            .chain(&inspected.model)
-            .zip(config.model(&inspected.model))
+        let model = snap
+            .model(&inspected.model)
             .ok_or_else(|| GatewayError::ModelNotFound(inspected.model.clone()))?;
+        let hint = session
+            .req_header()
+            .headers
+            .get("x-collie-route")
+            .and_then(|v| v.to_str().ok());
+        let chain = model.chain_for(ctx.priority, hint);
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }

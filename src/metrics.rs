@@ -29,6 +29,11 @@ pub struct Metrics {
     attempts: IntCounterVec,
     fallbacks: IntCounterVec,
     pub quota: QuotaMetrics,
+    pub health: crate::routing::probe::HealthMetrics,
+    /// 0 unknown, 1 healthy, 2 degraded, 3 unhealthy.
+    pub deployment_state: prometheus::IntGaugeVec,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: prometheus::IntGaugeVec,
 }
 
 /// The quota ledger, queues and rebalancing as seen from outside.
@@ -228,6 +233,19 @@ impl Metrics {
                 &["model"],
             )?,
             quota: QuotaMetrics::new(r)?,
+            health: crate::routing::probe::HealthMetrics::new(r)?,
+            deployment_state: int_gauge(
+                r,
+                "collie_deployment_health",
+                "Deployment health: 0 unknown, 1 healthy, 2 degraded, 3 unhealthy",
+                &["deployment"],
+            )?,
+            breaker_state: int_gauge(
+                r,
+                "collie_breaker_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                &["deployment"],
+            )?,
             registry,
         })
     }
@@ -242,7 +260,7 @@ impl Metrics {
         let model = ctx
             .requested_model
             .as_deref()
-            .filter(|m| snap.router.chain(m).is_some())
+            .filter(|m| snap.model(m).is_some())
             .unwrap_or(OTHER);
         let class = match ctx.status {
             200..=299 => "2xx",

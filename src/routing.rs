@@ -1,20 +1,25 @@
-//! Where a request may go: public model → ordered fallback chain of pools →
-//! weighted deployments, plus the per-deployment state the exchange consults
-//! (a provider's `Retry-After`). Selection within a pool uses
-//! `pingora-load-balancing`'s weighted round robin.
+//! Where a request may go: public model (or route alias) → ordered fallback
+//! chain of pools → deployments chosen by the pool's policy, skipping those
+//! waiting out a provider's `Retry-After`, those whose breaker is open, and
+//! those whose own provider limits are spent. Health and probes are in
+//! [`health`] and [`probe`].
 
+pub mod health;
+pub mod probe;
 pub mod tls;
 
 use crate::config::{AuthStyle, Config, Price, Timeouts};
 use crate::quota::ProviderLimiter;
 use crate::quota::admission::PoolGate;
+use health::{DeploymentHealth, State};
 use http::{HeaderName, HeaderValue};
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
-use std::collections::{BTreeSet, HashMap};
+use probe::{DeploymentKey, HealthBook};
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -25,6 +30,28 @@ pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// How a pool chooses among its healthy members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// By weight, round robin (`pingora-load-balancing`).
+    Weighted,
+    /// The lowest time-to-first-byte EWMA; one request in twenty goes by
+    /// weight so that the others' figures stay fresh.
+    LeastLatency,
+    /// The cheapest by price (input + output per token); ties by weight.
+    Cost,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Weighted => "weighted",
+            Policy::LeastLatency => "least_latency",
+            Policy::Cost => "cost",
+        }
+    }
 }
 
 /// One deployment ready to be called: a provider endpoint, its key and the
@@ -47,6 +74,8 @@ pub struct Upstream {
     /// The provider's per-minute limits for this key, as configured.
     limits: (Option<u64>, Option<u64>),
     pub limiter: Option<Arc<ProviderLimiter>>,
+    /// Probes, live outcomes and the breaker; kept across reloads.
+    pub health: Arc<DeploymentHealth>,
 }
 
 impl Upstream {
@@ -60,6 +89,13 @@ impl Upstream {
     pub fn blocked_for_ms(&self, now: u64) -> Option<u64> {
         let until = self.blocked_until_ms.load(Ordering::Relaxed);
         (until > now).then(|| until - now)
+    }
+
+    fn price_per_token(&self) -> u64 {
+        self.price.map_or(u64::MAX, |p| {
+            p.input_pico_per_token
+                .saturating_add(p.output_pico_per_token)
+        })
     }
 }
 
@@ -75,28 +111,35 @@ impl std::fmt::Debug for Upstream {
 
 pub struct PoolRuntime {
     pub id: String,
-    members: Vec<usize>,
+    pub members: Vec<usize>,
     lb: LoadBalancer<RoundRobin>,
+    pub policy: Policy,
+    pub retries: u32,
     /// Concurrency budget and priority queue; kept across reloads.
     pub gate: Arc<PoolGate>,
+    picks: AtomicU64,
 }
 
 /// What a pool offers for the next attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pick {
-    Upstream(usize),
-    /// Every untried member is waiting out a `Retry-After`; the shortest wait.
-    Blocked {
-        retry_in_ms: u64,
-    },
+    /// A deployment, and whether it is the half-open breaker's single trial.
+    Upstream { index: usize, trial: bool },
+    /// Every untried member is waiting out a provider's `Retry-After` (or
+    /// its own per-minute limit); the shortest wait.
+    Blocked { retry_in_ms: u64 },
+    /// Every untried member is unhealthy (breaker open, trial taken); the
+    /// shortest wait until one may be tried.
+    Unhealthy { retry_in_ms: u64 },
     /// Every member was already tried for this request.
     Exhausted,
 }
 
 impl PoolRuntime {
-    /// Weighted choice among members not yet tried and not blocked.
-    /// Weighted choice among members not yet tried, not blocked, and whose
-    /// provider limits can take one request of `tokens` (taken on success).
+    /// Choose a member not yet tried: healthy ones first, then degraded,
+    /// then unknown (not preferred until proven), by the pool's policy; else
+    /// the single trial of a half-open breaker. The member's provider limits
+    /// must take one request of `tokens` (taken on success).
     pub fn pick(
         &self,
         upstreams: &[Arc<Upstream>],
@@ -104,60 +147,153 @@ impl PoolRuntime {
         now: u64,
         tokens: u64,
     ) -> Pick {
+        let get = |i: usize| upstreams.get(i).filter(|_| !tried.contains(&i));
         let limited_wait = std::cell::Cell::new(None::<u64>);
-        let usable = |idx: usize| {
-            let Some(u) = upstreams.get(idx) else {
-                return false;
-            };
-            if tried.contains(&idx) || u.blocked_for_ms(now).is_some() {
-                return false;
-            }
-            match u.limiter.as_ref().map(|l| l.try_take(tokens)) {
-                None | Some(Ok(())) => true,
-                Some(Err(wait)) => {
-                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-                    limited_wait.set(Some(limited_wait.get().map_or(ms, |w| w.min(ms))));
-                    false
-                }
+        let note_wait =
+            |ms: u64| limited_wait.set(Some(limited_wait.get().map_or(ms, |w| w.min(ms))));
+        let take = |u: &Upstream| match u.limiter.as_ref().map(|l| l.try_take(tokens)) {
+            None | Some(Ok(())) => true,
+            Some(Err(wait)) => {
+                note_wait(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+                false
             }
         };
+        let states: Vec<(usize, Option<State>)> = self
+            .members
+            .iter()
+            .map(|&i| {
+                let s = get(i)
+                    .filter(|u| u.blocked_for_ms(now).is_none())
+                    .map(|u| u.health.state());
+                (i, s)
+            })
+            .collect();
+        for tier in 0..=2u8 {
+            let eligible = |i: usize| {
+                states
+                    .iter()
+                    .any(|&(m, s)| m == i && s.is_some_and(|s| s.tier() == tier))
+            };
+            if !states
+                .iter()
+                .any(|&(_, s)| s.is_some_and(|s| s.tier() == tier))
+            {
+                continue;
+            }
+            if let Some(i) = self.choose(upstreams, &eligible, &take) {
+                return Pick::Upstream {
+                    index: i,
+                    trial: false,
+                };
+            }
+        }
+        // Nothing healthy enough: a half-open breaker's one trial, if free.
+        for &(i, s) in &states {
+            if s != Some(State::Unhealthy) {
+                continue;
+            }
+            let Some(u) = get(i) else { continue };
+            if u.health.admit().is_ok() {
+                if take(u) {
+                    return Pick::Upstream {
+                        index: i,
+                        trial: true,
+                    };
+                }
+                u.health.release_trial();
+            }
+        }
+        let blocked = self
+            .members
+            .iter()
+            .filter_map(|&i| get(i).and_then(|u| u.blocked_for_ms(now)))
+            .chain(limited_wait.get())
+            .min();
+        if let Some(retry_in_ms) = blocked {
+            return Pick::Blocked { retry_in_ms };
+        }
+        let unhealthy = self
+            .members
+            .iter()
+            .filter_map(|&i| get(i))
+            .map(|u| match u.health.admit() {
+                Err(wait) => u64::try_from(wait.unwrap_or_default().as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                Ok(_) => {
+                    u.health.release_trial();
+                    1
+                }
+            })
+            .min();
+        match unhealthy {
+            Some(retry_in_ms) => Pick::Unhealthy { retry_in_ms },
+            None => Pick::Exhausted,
+        }
+    }
+
+    /// One eligible member by the pool's policy, whose limits take the request.
+    fn choose(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        eligible: &dyn Fn(usize) -> bool,
+        take: &dyn Fn(&Upstream) -> bool,
+    ) -> Option<usize> {
+        let n = self.picks.fetch_add(1, Ordering::Relaxed);
+        let by_metric = |key: &dyn Fn(&Upstream) -> u64| {
+            let mut c: Vec<&Arc<Upstream>> = self
+                .members
+                .iter()
+                .filter(|&&i| eligible(i))
+                .filter_map(|&i| upstreams.get(i))
+                .collect();
+            c.sort_by_key(|u| key(u));
+            c.into_iter().find(|u| take(u)).map(|u| u.index)
+        };
+        match self.policy {
+            Policy::LeastLatency if n % 20 != 19 => {
+                // Unmeasured members count as fastest so they get measured.
+                return by_metric(&|u| {
+                    u.health.ttfb_ewma_ms().map_or(0, |ms| (ms * 1000.0) as u64)
+                });
+            }
+            Policy::Cost => return by_metric(&Upstream::price_per_token),
+            _ => {}
+        }
         // Bounded: the round robin walks every unique member within
         // `members.len()` steps after its weighted first choice.
         let max_iterations = self.members.len() * 2 + 1;
-        let chosen = self.lb.select_with(b"", max_iterations, |b, healthy| {
-            healthy && b.ext.get::<usize>().is_some_and(|&i| usable(i))
-        });
-        if let Some(idx) = chosen.and_then(|b| b.ext.get::<usize>().copied()) {
-            return Pick::Upstream(idx);
-        }
-        let waits = self
-            .members
-            .iter()
-            .filter(|i| !tried.contains(i))
-            .filter_map(|&i| upstreams.get(i).and_then(|u| u.blocked_for_ms(now)))
-            .chain(limited_wait.get());
-        match waits.min() {
-            Some(retry_in_ms) => Pick::Blocked { retry_in_ms },
-            None => Pick::Exhausted,
-        }
+        let chosen = self
+            .lb
+            .select_with(b"", max_iterations, |b, _registry_view| {
+                // The registry's view lags; `DeploymentHealth` is authoritative.
+                b.ext
+                    .get::<usize>()
+                    .is_some_and(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| take(u)))
+            });
+        chosen.and_then(|b| b.ext.get::<usize>().copied())
     }
 }
 
 /// Everything routing needs for one snapshot of the config.
 pub struct Router {
-    chains: HashMap<String, Vec<usize>>,
     pub pools: Vec<PoolRuntime>,
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Router {
-    /// Build from a validated config. Provider state (`Retry-After` blocks) of
-    /// deployments that keep their id is carried over from `previous`.
-    pub fn build(config: &Config, previous: Option<&Router>) -> Result<Router, String> {
+    /// Build from a validated config. Provider state (`Retry-After` blocks,
+    /// provider limits, health, queues) of deployments and pools that keep
+    /// their id is carried over from `previous` and `book`.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Router>,
+        book: &HealthBook,
+    ) -> Result<Router, String> {
         let mut upstreams = Vec::with_capacity(config.deployments.len());
         let mut errors = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
-            match build_upstream(config, index) {
+            match build_upstream(config, index, book) {
                 Ok(mut u) => {
                     if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
                         u.blocked_until_ms.store(
@@ -176,13 +312,20 @@ impl Router {
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
+        book.retarget(&upstreams);
         let mut pools = Vec::with_capacity(config.pools.len());
         for p in &config.pools {
             let mut set = BTreeSet::new();
             for m in &p.members {
-                set.insert(identity_backend(m.deployment, m.weight)?);
+                set.insert(identity_backend(
+                    m.deployment,
+                    &config.deployments[m.deployment].id,
+                    m.weight,
+                )?);
             }
-            let lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Static::new(set)));
+            let backends =
+                Backends::new_with_health_registry(Static::new(set), Arc::clone(&book.registry));
+            let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             // A static discovery never blocks, so this completes at once.
             futures::executor::block_on(lb.update()).map_err(|e| format!("pool {}: {e}", p.id))?;
             // The gate (and the requests queued at it) survives a reload
@@ -198,24 +341,13 @@ impl Router {
                 id: p.id.clone(),
                 members: p.members.iter().map(|m| m.deployment).collect(),
                 lb,
+                policy: p.policy,
+                retries: p.retries,
                 gate,
+                picks: AtomicU64::new(0),
             });
         }
-        let chains = config
-            .models
-            .iter()
-            .map(|m| (m.name.clone(), m.chain.clone()))
-            .collect();
-        Ok(Router {
-            chains,
-            pools,
-            upstreams,
-        })
-    }
-
-    /// The pools to try for a public model, in order.
-    pub fn chain(&self, model: &str) -> Option<&[usize]> {
-        self.chains.get(model).map(Vec::as_slice)
+        Ok(Router { pools, upstreams })
     }
 
     pub fn upstream_by_id(&self, id: &str) -> Option<&Arc<Upstream>> {
@@ -227,11 +359,13 @@ impl Router {
 /// deployments on one endpoint (two keys for the same provider) would collapse
 /// into one. Each deployment therefore gets a synthetic identity address; the
 /// real peer lives in [`Upstream`], found through `ext`.
-fn identity_backend(index: usize, weight: u32) -> Result<Backend, String> {
+fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, String> {
     let port = u16::try_from(index + 1).map_err(|_| "too many deployments".to_string())?;
     let mut b = Backend::new_with_weight(&format!("0.0.0.0:{port}"), weight as usize)
         .map_err(|e| e.to_string())?;
     b.ext.insert(index);
+    // Probes find the deployment by id, which survives reloads.
+    b.ext.insert(DeploymentKey(Arc::from(id)));
     Ok(b)
 }
 
@@ -243,7 +377,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{host} resolved to no address"))
 }
 
-fn build_upstream(config: &Config, index: usize) -> Result<Upstream, String> {
+fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Upstream, String> {
     let d = &config.deployments[index];
     let url = &d.base_url;
     let addr = resolve(&url.host, url.port)?;
@@ -289,12 +423,20 @@ fn build_upstream(config: &Config, index: usize) -> Result<Upstream, String> {
         blocked_until_ms: AtomicU64::new(0),
         limits: (d.rpm, d.tpm),
         limiter: ProviderLimiter::new(d.rpm, d.tpm).map(Arc::new),
+        health: book.health(&d.id, d.health),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn book() -> Arc<HealthBook> {
+        HealthBook::new(
+            probe::HealthMetrics::new(&prometheus::Registry::new()).unwrap(),
+            8,
+        )
+    }
 
     fn config(weights: &[u32]) -> Config {
         let mut deployments = String::new();
@@ -314,11 +456,11 @@ mod tests {
 
     #[test]
     fn weighted_split_is_exact_over_full_cycles() {
-        let r = Router::build(&config(&[3, 1]), None).unwrap();
+        let r = Router::build(&config(&[3, 1]), None, &book()).unwrap();
         let mut counts = [0usize; 2];
         for _ in 0..400 {
             match r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
-                Pick::Upstream(i) => counts[i] += 1,
+                Pick::Upstream { index, .. } => counts[index] += 1,
                 other => panic!("{other:?}"),
             }
         }
@@ -327,13 +469,16 @@ mod tests {
 
     #[test]
     fn skips_tried_and_blocked_members() {
-        let r = Router::build(&config(&[1, 1, 1]), None).unwrap();
+        let r = Router::build(&config(&[1, 1, 1]), None, &book()).unwrap();
         let now = now_ms();
         r.upstreams[1].block_for(Duration::from_secs(30));
         for _ in 0..20 {
             assert_eq!(
                 r.pools[0].pick(&r.upstreams, &[0], now, 1),
-                Pick::Upstream(2)
+                Pick::Upstream {
+                    index: 2,
+                    trial: false
+                }
             );
         }
         match r.pools[0].pick(&r.upstreams, &[0, 2], now, 1) {
@@ -350,11 +495,11 @@ mod tests {
     fn same_endpoint_twice_stays_two_deployments() {
         let text = "models:\n  - {name: m, fallback: [p]}\npools:\n  - id: p\n    deployments: [{deployment: a}, {deployment: b}]\ndeployments:\n  - {id: a, base_url: \"http://127.0.0.1:9/v1\", model: m}\n  - {id: b, base_url: \"http://127.0.0.1:9/v1\", model: m}\n";
         let c = Config::from_yaml(text, &|_| None).unwrap();
-        let r = Router::build(&c, None).unwrap();
+        let r = Router::build(&c, None, &book()).unwrap();
         let mut seen = BTreeSet::new();
         for _ in 0..4 {
-            if let Pick::Upstream(i) = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
-                seen.insert(i);
+            if let Pick::Upstream { index, .. } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
+                seen.insert(index);
             }
         }
         assert_eq!(seen.len(), 2);
@@ -363,9 +508,10 @@ mod tests {
     #[test]
     fn reload_keeps_retry_after_blocks() {
         let c = config(&[1]);
-        let old = Router::build(&c, None).unwrap();
+        let b = book();
+        let old = Router::build(&c, None, &b).unwrap();
         old.upstreams[0].block_for(Duration::from_secs(60));
-        let new = Router::build(&c, Some(&old)).unwrap();
+        let new = Router::build(&c, Some(&old), &b).unwrap();
         assert!(new.upstreams[0].blocked_for_ms(now_ms()).is_some());
     }
 }

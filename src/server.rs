@@ -6,9 +6,11 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
+use crate::routing::probe::HealthBook;
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
+use pingora::lb::HealthCheckService;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -49,8 +51,13 @@ impl Collie {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let state = Arc::new(State::new(config)?);
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
+        let book = HealthBook::new(metrics.health.clone(), 64);
+        let state = Arc::new(State::new(config, Arc::clone(&book))?);
+        let mut probes = HealthCheckService::new(Arc::clone(&book.registry));
+        // Each deployment probes on its own interval; this is the granularity.
+        probes.health_check_frequency = Some(Duration::from_secs(1));
+        probes.parallel_health_check = true;
         let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics));
         let server_conf = Arc::clone(&server.configuration);
         let mut options = HttpServerOptions::default();
@@ -74,6 +81,7 @@ impl Collie {
         admin.threads = Some(1);
         server.add_service(admin);
 
+        server.add_service(background_service("health probes", probes));
         server.add_service(background_service(
             "quota rebalance",
             RebalanceService {

@@ -3,9 +3,10 @@
 //! and keeps that `Arc` to the end, so a reload never shows it half of one
 //! config and half of another.
 
-use crate::config::Config;
+use crate::config::{Config, Model};
 use crate::quota::{Calendar, Ledger, TenantLedger};
 use crate::routing::Router;
+use crate::routing::probe::HealthBook;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub struct Snapshot {
     pub ledgers: Vec<Arc<TenantLedger>>,
     pub calendar: Calendar,
     tenant_index: HashMap<String, usize>,
+    model_index: HashMap<String, usize>,
     /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
     key_owner: HashMap<[u8; 32], usize>,
 }
@@ -26,8 +28,15 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
         ledger: &Ledger,
+        book: &HealthBook,
     ) -> Result<Snapshot, String> {
-        let router = Router::build(&config, previous.map(|p| &p.router))?;
+        let router = Router::build(&config, previous.map(|p| &p.router), book)?;
+        let model_index = config
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name.clone(), i))
+            .collect();
         let ledgers = config
             .tenants
             .iter()
@@ -54,8 +63,15 @@ impl Snapshot {
             ledgers,
             calendar,
             tenant_index,
+            model_index,
             key_owner,
         })
+    }
+
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.model_index
+            .get(name)
+            .and_then(|&i| self.config.models.get(i))
     }
 
     pub fn tenant_index(&self, id: &str) -> Option<usize> {
@@ -72,15 +88,18 @@ pub struct State {
     current: ArcSwap<Snapshot>,
     /// Quota counts live here, across snapshots.
     pub ledger: Ledger,
+    /// Deployment health and probes, across snapshots.
+    pub health: Arc<HealthBook>,
 }
 
 impl State {
-    pub fn new(config: Config) -> Result<State, String> {
+    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, String> {
         let ledger = Ledger::default();
-        let snapshot = Snapshot::build(config, None, &ledger)?;
+        let snapshot = Snapshot::build(config, None, &ledger, &health)?;
         Ok(State {
             current: ArcSwap::from_pointee(snapshot),
             ledger,
+            health,
         })
     }
 
@@ -91,7 +110,7 @@ impl State {
     /// Replace the whole snapshot; requests already running keep the old one.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let old = self.current.load_full();
-        let next = Snapshot::build(config, Some(&old), &self.ledger)?;
+        let next = Snapshot::build(config, Some(&old), &self.ledger, &self.health)?;
         self.current.store(Arc::new(next));
         Ok(())
     }

@@ -103,7 +103,7 @@ async fn refusals_never_reach_an_upstream() {
         );
     }
     assert_eq!(
-        a.request_count() + b.request_count(),
+        a.completion_calls() + b.completion_calls(),
         0,
         "no upstream contact before admission"
     );
@@ -163,7 +163,7 @@ async fn bad_bodies_get_clear_errors() {
         .unwrap();
     let (s, c, _) = error_code(resp).await;
     assert_eq!((s, c.as_str()), (413, "request_too_large"));
-    assert_eq!(a.request_count() + b.request_count(), 0);
+    assert_eq!(a.completion_calls() + b.completion_calls(), 0);
 }
 
 /// A declared Content-Length over the limit is refused before the body is sent.
@@ -232,5 +232,5 @@ async fn endpoints_and_methods() {
     assert_eq!(ids, vec!["other"]);
     let resp = gw.client.get(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
-    assert_eq!(a.request_count() + b.request_count(), 0);
+    assert_eq!(a.completion_calls() + b.completion_calls(), 0);
 }

@@ -193,7 +193,7 @@ async fn streamed_usage_is_settled_exactly_as_reported() {
     let r = gw.chat(small("gpt", 500, true)).send().await.unwrap();
     let text = r.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
-    let sent = a.requests()[0].body.len() as f64;
+    let sent = posts(&a)[0].body.len() as f64;
     // The mock reports ceil(body/4) prompt tokens and one per chunk.
     let expected = (sent / 4.0).ceil() + 9.0;
     assert_eq!(
@@ -352,7 +352,7 @@ async fn priority_admission_orders_the_queue_without_starving() {
                 .status()
         })
     };
-    eventually("the slot is taken", || a.request_count() == 1).await;
+    eventually("the slot is taken", || a.completion_calls() == 1).await;
     let mut tasks = Vec::new();
     let launch = |tenant: &'static str, n: usize, tasks: &mut Vec<tokio::task::JoinHandle<u16>>| {
         for i in 0..n {
@@ -390,7 +390,7 @@ async fn priority_admission_orders_the_queue_without_starving() {
             .await
             .unwrap()
     });
-    eventually("the slot is taken again", || a.request_count() == 17).await;
+    eventually("the slot is taken again", || a.completion_calls() == 17).await;
     let r = as_beta(&gw, small("gpt", 10, false))
         .header("x-collie-max-wait", "100ms")
         .send()
@@ -480,7 +480,7 @@ async fn rebalancing_lends_idle_capacity_and_reclaims_it() {
                 .status()
         }));
     }
-    eventually("the pool is full", || a.request_count() == 2).await;
+    eventually("the pool is full", || a.completion_calls() == 2).await;
     let r = gw.chat(small("gpt", 10, false)).send().await.unwrap();
     assert_eq!(r.status(), 429);
     // Within a few ticks the idle beta lends to alpha.

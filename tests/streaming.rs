@@ -57,7 +57,7 @@ async fn stream_passes_through_byte_exact_and_usage_is_counted() {
     );
     let got = resp.bytes().await.unwrap().to_vec();
 
-    let sent = a.requests()[0].body.clone();
+    let sent = posts(&a)[0].body.clone();
     let expected = direct(&a, &sent).await;
     assert_eq!(
         String::from_utf8_lossy(&got),
@@ -112,10 +112,10 @@ async fn usage_chunk_collie_asked_for_is_invisible_to_the_client() {
         .to_vec();
 
     // The upstream was asked for usage…
-    let sent: serde_json::Value = serde_json::from_slice(&a.requests()[0].body).unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&posts(&a)[0].body).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     // …and sent it, but the client sees every event except that one.
-    let upstream = events(&direct(&a, &a.requests()[0].body).await);
+    let upstream = events(&direct(&a, &posts(&a)[0].body).await);
     let client = events(&got);
     let hidden: Vec<&String> = upstream.iter().filter(|e| !client.contains(e)).collect();
     assert_eq!(hidden.len(), 1, "exactly one event withheld");
@@ -182,7 +182,7 @@ async fn upstream_breaking_mid_stream_ends_with_an_error_event() {
     let v: serde_json::Value = serde_json::from_str(last.trim_start_matches("data: ")).unwrap();
     assert_eq!(v["error"]["code"], "stream_interrupted");
     assert!(!String::from_utf8_lossy(&got).contains("[DONE]"));
-    assert_eq!(b.request_count(), 0, "no retry after the first byte");
+    assert_eq!(b.completion_calls(), 0, "no retry after the first byte");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

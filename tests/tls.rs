@@ -93,7 +93,7 @@ async fn verified_tls_with_h2_and_h1() {
             assert_eq!(r.status(), 200);
             assert_eq!(r.headers()["x-collie-model"], "m-tls");
         }
-        let got = secure.requests();
+        let got = posts(&secure);
         assert_eq!(got[0].version, version);
         assert_eq!(
             recorded_header(&got[0], "authorization").as_deref(),
@@ -107,7 +107,7 @@ async fn verified_tls_with_h2_and_h1() {
             .unwrap();
         assert!(r.bytes().await.unwrap().ends_with(b"data: [DONE]\n\n"));
     }
-    assert_eq!(plain.request_count(), 0);
+    assert_eq!(plain.completion_calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,66 @@ pub struct RawConfig {
     pub pricing: BTreeMap<String, serde_yaml_ng::Value>,
     #[serde(default)]
     pub quota: Option<serde_yaml_ng::Value>,
+    /// Backoff between retries inside a pool.
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+    /// Longest a request may take in all (attempts, waits and backoff).
+    #[serde(default)]
+    pub request_deadline: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    #[serde(default)]
+    pub backoff: Option<String>,
+    #[serde(default)]
+    pub max_backoff: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// models (default), connect, completion or off.
+    #[serde(default)]
+    pub probe: Option<String>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub healthy_after: Option<i64>,
+    #[serde(default)]
+    pub unhealthy_after: Option<i64>,
+    #[serde(default)]
+    pub failures_to_open: Option<i64>,
+    #[serde(default)]
+    pub error_ratio: Option<f64>,
+    #[serde(default)]
+    pub min_samples: Option<i64>,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub cooldown: Option<String>,
+    #[serde(default)]
+    pub max_cooldown: Option<String>,
+    #[serde(default)]
+    pub slow_after: Option<String>,
+    #[serde(default)]
+    pub degraded_error_ratio: Option<f64>,
+}
+
+/// A rule of a route alias: the first matching one picks the chain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Matches the request's `x-collie-route` header.
+    #[serde(default)]
+    pub hint: Option<String>,
+    /// Matches the tenant's priority.
+    #[serde(default)]
+    pub priorities: Option<Vec<i64>>,
+    pub fallback: Vec<String>,
 }
 
 /// A size written either as a byte count or as a string with a unit (`32MiB`).
@@ -144,6 +204,9 @@ pub struct RawModel {
     /// Token estimate family: o200k, cl100k or generic (default: from the name).
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Makes the model a route alias: rules choosing another chain.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +220,12 @@ pub struct RawPool {
     /// Learn the budget from the provider's 429s (below `max_concurrency`).
     #[serde(default)]
     pub adaptive_concurrency: Option<bool>,
+    /// weighted (default), least_latency or cost.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Other deployments of this pool tried before the next pool.
+    #[serde(default)]
+    pub retries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +261,8 @@ pub struct RawDeployment {
     /// The provider's token limit for this key, per minute.
     #[serde(default)]
     pub tpm: Option<i64>,
+    #[serde(default)]
+    pub health: Option<RawHealth>,
 }
 
 #[derive(Debug, Deserialize)]

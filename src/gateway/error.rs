@@ -46,6 +46,11 @@ pub enum GatewayError {
     },
     #[error("no upstream is available for this model")]
     NoUpstream,
+    /// Every deployment of the chain is unhealthy and none is due a trial.
+    #[error("every deployment for this model is unhealthy; retry in {retry_after_s}s")]
+    NoHealthyUpstream { retry_after_s: u64 },
+    #[error("the request deadline passed before any upstream could be tried")]
+    DeadlineExceeded,
     /// The tenant's own quota refused the request.
     #[error("{}: the {window} limit is reached; retry in {retry_after_s}s", match kind { RefusalKind::RateLimited => "rate limited", RefusalKind::QuotaExceeded => "quota exceeded" })]
     Quota {
@@ -103,6 +108,8 @@ impl GatewayError {
             UpstreamsBusy { .. } => (429, "rate_limit_error", "upstream_rate_limited"),
             UpstreamsFailed { status, .. } => (*status, "upstream_error", "upstream_failed"),
             NoUpstream => (503, "upstream_error", "no_upstream"),
+            NoHealthyUpstream { .. } => (503, "upstream_error", "no_healthy_upstream"),
+            DeadlineExceeded => (504, "upstream_error", "deadline_exceeded"),
             Quota {
                 kind: RefusalKind::RateLimited,
                 ..
@@ -141,7 +148,8 @@ impl GatewayError {
         })
         .unwrap_or_default();
         let retry_after_s = match self {
-            GatewayError::UpstreamsBusy { retry_after_s } => Some(*retry_after_s),
+            GatewayError::UpstreamsBusy { retry_after_s }
+            | GatewayError::NoHealthyUpstream { retry_after_s } => Some(*retry_after_s),
             GatewayError::UpstreamsFailed { retry_after_s, .. } => *retry_after_s,
             GatewayError::Quota { retry_after_s, .. }
             | GatewayError::QueueTimeout { retry_after_s } => Some(*retry_after_s),

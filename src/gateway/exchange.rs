@@ -12,6 +12,8 @@
 use super::body::Inspected;
 use super::error::stream_error_event;
 use super::{Endpoint, Gateway, GatewayError, RequestCtx};
+use crate::config::RetrySettings;
+use crate::routing::health::Outcome;
 use crate::routing::{Pick, Upstream, now_ms};
 use crate::state::Snapshot;
 use crate::usage::JsonUsage;
@@ -73,8 +75,23 @@ pub struct Attempt {
     pub tokens_taken: u64,
 }
 
+/// Why no attempt was made in a pool, kept for the final answer.
+#[derive(Default)]
+struct Skipped {
+    /// Shortest wait of a deployment resting after a provider's 429.
+    rate_limited_ms: Option<u64>,
+    /// Shortest wait of a deployment whose breaker is open.
+    unhealthy_ms: Option<u64>,
+}
+
+fn shortest(slot: &mut Option<u64>, ms: u64) {
+    *slot = Some(slot.map_or(ms, |s| s.min(ms)));
+}
+
 /// Run the chain for an admitted, inspected request and answer the client.
-/// An `Err` means nothing was sent to the client yet.
+/// Within a pool, up to `retries` other members are tried (with exponential
+/// backoff and jitter) before the next pool; every wait is capped by the
+/// request's deadline. An `Err` means nothing was sent to the client yet.
 pub async fn run(
     gw: &Gateway,
     session: &mut Session,
@@ -86,10 +103,12 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let inject_usage = inspected.needs_usage_injection(ctx.endpoint.supports_stream_options());
     let mut tried: Vec<usize> = Vec::with_capacity(chain.len());
-    let mut shortest_block: Option<u64> = None;
+    let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;
     let tokens = ctx.tokens_estimate;
+    let deadline = ctx.started + snap.config.request_deadline;
+    let mut retry_number = 0u32;
     for (position, &pool) in chain.iter().enumerate() {
         let Some(pool_rt) = router.pools.get(pool) else {
             continue;
@@ -102,7 +121,8 @@ pub async fn run(
             None if !is_last => continue,
             None => {
                 let waited = Instant::now();
-                let acquired = pool_rt.gate.acquire(ctx.priority, ctx.max_wait).await;
+                let wait = ctx.max_wait.min(deadline.saturating_duration_since(waited));
+                let acquired = pool_rt.gate.acquire(ctx.priority, wait).await;
                 ctx.queued = Some(waited.elapsed());
                 match acquired {
                     Ok(p) => p,
@@ -114,79 +134,129 @@ pub async fn run(
                 }
             }
         };
-        let upstream = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens) {
-            Pick::Upstream(i) => Arc::clone(&router.upstreams[i]),
-            Pick::Blocked { retry_in_ms } => {
-                shortest_block = Some(shortest_block.map_or(retry_in_ms, |s| s.min(retry_in_ms)));
-                continue;
+        for try_in_pool in 0..=pool_rt.retries {
+            if Instant::now() >= deadline {
+                break;
             }
-            Pick::Exhausted => continue,
-        };
-        tried.push(upstream.index);
-        let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-        let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
-        match attempt(gw, &upstream, header, attempt_body).await {
-            Ok(http) => {
-                let status = http.response_header().map_or(0, |h| h.status.as_u16());
-                let exhausted = http
-                    .response_header()
-                    .and_then(|h| h.headers.get("x-ratelimit-remaining-requests"))
-                    .is_some_and(|v| v.as_bytes() == b"0");
-                if exhausted {
-                    pool_rt.gate.saturated();
-                } else if (200..300).contains(&status) {
-                    pool_rt.gate.succeeded();
+            let (upstream, trial) = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens)
+            {
+                Pick::Upstream { index, trial } => (Arc::clone(&router.upstreams[index]), trial),
+                Pick::Blocked { retry_in_ms } => {
+                    shortest(&mut skipped.rate_limited_ms, retry_in_ms);
+                    break;
                 }
-                ctx.attempts.push(Attempt {
-                    upstream: upstream.index,
-                    outcome: Ok(status),
-                    tokens_taken: tokens,
-                });
-                relay(gw, session, ctx, &upstream, http, inject_usage).await;
-                drop(permit);
-                return Ok(());
+                Pick::Unhealthy { retry_in_ms } => {
+                    shortest(&mut skipped.unhealthy_ms, retry_in_ms);
+                    break;
+                }
+                Pick::Exhausted => break,
+            };
+            if try_in_pool > 0 {
+                backoff(&snap.config.retry, retry_number, deadline).await;
             }
-            Err((failure, retry_after)) => {
-                if failure == Failure::Status(429) {
-                    pool_rt.gate.saturated();
+            tried.push(upstream.index);
+            let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
+            let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
+            let sent = Instant::now();
+            match attempt(gw, &upstream, header, attempt_body).await {
+                Ok(http) => {
+                    let status = http.response_header().map_or(0, |h| h.status.as_u16());
+                    if let Some(t) = upstream.health.record(Outcome::Success {
+                        ttfb: sent.elapsed(),
+                    }) {
+                        gw.state.health.transition(&upstream.id, t);
+                    }
+                    let exhausted = http
+                        .response_header()
+                        .and_then(|h| h.headers.get("x-ratelimit-remaining-requests"))
+                        .is_some_and(|v| v.as_bytes() == b"0");
+                    if exhausted {
+                        pool_rt.gate.saturated();
+                    } else if (200..300).contains(&status) {
+                        pool_rt.gate.succeeded();
+                    }
+                    ctx.attempts.push(Attempt {
+                        upstream: upstream.index,
+                        outcome: Ok(status),
+                        tokens_taken: tokens,
+                    });
+                    relay(gw, session, ctx, &upstream, http, inject_usage).await;
+                    drop(permit);
+                    return Ok(());
                 }
-                if let Some(wait) = retry_after {
-                    upstream.block_for(wait);
-                    last_retry_after = Some(wait.as_secs().max(1));
+                Err((failure, retry_after)) => {
+                    let outcome = match failure {
+                        Failure::Status(429) => {
+                            pool_rt.gate.saturated();
+                            Outcome::RateLimited { retry_after }
+                        }
+                        _ => Outcome::Failure,
+                    };
+                    if let Some(t) = upstream.health.record(outcome) {
+                        gw.state.health.transition(&upstream.id, t);
+                    }
+                    if trial {
+                        log::info!(
+                            "request {}: trial request to {} failed: {failure}",
+                            ctx.id,
+                            upstream.id
+                        );
+                    }
+                    if let Some(wait) = retry_after {
+                        upstream.block_for(wait);
+                        last_retry_after = Some(wait.as_secs().max(1));
+                    }
+                    log::debug!(
+                        "request {} attempt on {} failed: {failure}",
+                        ctx.id,
+                        upstream.id
+                    );
+                    ctx.attempts.push(Attempt {
+                        upstream: upstream.index,
+                        outcome: Err(failure),
+                        tokens_taken: tokens,
+                    });
+                    retry_number += 1;
                 }
-                log::debug!(
-                    "request {} attempt on {} failed: {failure}",
-                    ctx.id,
-                    upstream.id
-                );
-                ctx.attempts.push(Attempt {
-                    upstream: upstream.index,
-                    outcome: Err(failure),
-                    tokens_taken: tokens,
-                });
             }
         }
     }
-    Err(all_failed(
-        snap,
-        &ctx.attempts,
-        shortest_block,
-        last_retry_after,
-    ))
+    if ctx.attempts.is_empty() && Instant::now() >= deadline {
+        return Err(GatewayError::DeadlineExceeded);
+    }
+    Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
+}
+
+/// Sleep before a retry: exponential from `retry.backoff`, capped at
+/// `retry.max_backoff`, with full jitter, never past the deadline.
+async fn backoff(retry: &RetrySettings, n: u32, deadline: Instant) {
+    let cap = retry
+        .backoff
+        .saturating_mul(2u32.saturating_pow(n.min(16)))
+        .min(retry.max_backoff);
+    let jittered = cap.mul_f64(rand::random::<f64>());
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::sleep(jittered.min(left)).await;
 }
 
 fn all_failed(
     snap: &Snapshot,
     attempts: &[Attempt],
-    shortest_block: Option<u64>,
+    skipped: &Skipped,
     retry_after: Option<u64>,
 ) -> GatewayError {
+    let secs = |ms: u64| ms.div_ceil(1000).max(1);
     let Some(last) = attempts.last() else {
-        return match shortest_block {
-            Some(ms) => GatewayError::UpstreamsBusy {
-                retry_after_s: ms.div_ceil(1000).max(1),
+        // Nothing was tried: every deployment was resting (the provider's
+        // 429) or unhealthy (panic mode) — answer at once with when to retry.
+        return match (skipped.rate_limited_ms, skipped.unhealthy_ms) {
+            (Some(ms), _) => GatewayError::UpstreamsBusy {
+                retry_after_s: secs(ms),
             },
-            None => GatewayError::NoUpstream,
+            (None, Some(ms)) => GatewayError::NoHealthyUpstream {
+                retry_after_s: secs(ms),
+            },
+            (None, None) => GatewayError::NoUpstream,
         };
     };
     let status = match &last.outcome {
@@ -207,9 +277,10 @@ fn all_failed(
         };
         let _ = write!(text, "{}{name}: {outcome}", if i > 0 { "; " } else { "" });
     }
-    let retry_after_s = match (status, retry_after, shortest_block) {
+    let waits = skipped.rate_limited_ms.or(skipped.unhealthy_ms);
+    let retry_after_s = match (status, retry_after, waits) {
         (429 | 503, Some(s), _) => Some(s),
-        (429 | 503, None, Some(ms)) => Some(ms.div_ceil(1000).max(1)),
+        (429 | 503, None, Some(ms)) => Some(secs(ms)),
         _ => None,
     };
     GatewayError::UpstreamsFailed {

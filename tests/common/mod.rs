@@ -204,6 +204,14 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// What a mock received, without the health probes' `GET /models`.
+pub fn posts(mock: &MockServer) -> Vec<collie::mock::Recorded> {
+    mock.requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect()
+}
+
 /// The value of one header recorded by a mock, if present.
 pub fn recorded_header(req: &collie::mock::Recorded, name: &str) -> Option<String> {
     req.headers

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Collie's benchmark: the same requests through four arms, interleaved and
+repeated, with the proxy pinned as bench/../shared BENCH.md describes.
+
+Arms: direct (load → mock), bare Pingora (bench/tools bare-pingora), nginx
+(nginx-light, 1 worker, upstream keepalive), collie (full policy: auth, body
+inspection, quota ledger, metrics).
+
+Layout L1 (default): the proxy on CPU0 with one worker thread, the mock and
+the load tool on CPU1. Ceiling numbers count only when the proxy's core was
+≥95% busy, and the script says when it was not.
+
+Measures per arm and scenario:
+  - req/s at saturation (wrk, closed loop, 64 connections),
+  - proxy CPU µs per request (Δ utime+stime from /proc/PID/stat ÷ requests),
+  - latency p50/p99 at a fixed 1,000 req/s (oha --latency-correction), and the
+    difference to the direct arm (added latency).
+Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
+
+Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants]
+Needs: release builds (cargo build --release -p collie -p collie-bench),
+wrk, nginx, oha (cargo install oha --locked), taskset.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+MOCK_PORT, BARE_PORT, NGINX_PORT, COLLIE_PORT, ADMIN_PORT = 9201, 8181, 8182, 8183, 9183
+BENCH_KEY = "sk-bench"
+KEY_DIGEST = "c00397de4384b5bbaf14c02fe1ec7020d28d1eeab6a722c576c84b6678c41c29"
+
+
+def wait_port(port, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def chat_body(size):
+    """A chat request of about `size` bytes with `model` last, as the SDK sends it."""
+    filler = max(0, size - 120)
+    content = ("lorem ipsum dolor sit amet " * (filler // 27 + 1))[:filler]
+    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 16, "model": "bench"})
+
+
+def stream_body():
+    return json.dumps({"messages": [{"role": "user", "content": "stream please"}], "max_tokens": 16, "stream": True, "model": "bench"})
+
+
+def collie_config(path, tenants):
+    lines = [
+        f"listen: 127.0.0.1:{COLLIE_PORT}",
+        f"admin_listen: 127.0.0.1:{ADMIN_PORT}",
+        "threads: 1",
+        "quota:",
+        "  rebalance: {enabled: true}",
+        "  defaults: {rpm: 100000000, tpm: 100000000000, requests_per_day: 1000000000, usd_per_day: 1000000.0}",
+        "tenants:",
+        f"  - {{id: bench, api_keys: [\"{KEY_DIGEST}\"], models: [\"*\"], priority: 1}}",
+    ]
+    for i in range(tenants):
+        digest = __import__("hashlib").sha256(f"sk-t{i}".encode()).hexdigest()
+        lines.append(f"  - {{id: t{i}, api_keys: [\"{digest}\"], models: [\"*\"], priority: {1 + i % 5}}}")
+    lines += [
+        "models:",
+        "  - {name: bench, fallback: [p]}",
+        "pools:",
+        "  - id: p",
+        "    deployments: [{deployment: d1, weight: 1}, {deployment: d2, weight: 1}, {deployment: d3, weight: 1}]",
+        "deployments:",
+    ]
+    for i in (1, 2, 3):
+        lines.append(f"  - {{id: d{i}, base_url: \"http://127.0.0.1:{MOCK_PORT}/v1\", model: bench-upstream}}")
+    lines += ["pricing:", "  bench-upstream: {input_per_mtok: 1.0, output_per_mtok: 2.0}"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_buffer_size 4m;
+  client_max_body_size 64m;
+  upstream mock {{ server 127.0.0.1:{mock}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering on;
+    }}
+  }}
+}}
+"""
+
+
+class Procs:
+    def __init__(self):
+        self.procs = {}
+
+    def start(self, name, cmd, cpus, port, env=None):
+        full = ["taskset", "-c", cpus] + cmd
+        p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.procs[name] = p
+        wait_port(port)
+        return p
+
+    def stop(self):
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs.values():
+            p.wait()
+
+
+def lua_script(path, body, headers):
+    hdr = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    with open(path, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n{hdr}\n'
+                'done = function(summary, latency, requests)\n'
+                '  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.errors.status, summary.duration))\n'
+                'end\n')
+
+
+def tenants_lua(path, body, n, zipf):
+    """Pick a tenant per request, uniformly or Zipf-distributed (s = 1)."""
+    with open(path, "w") as f:
+        f.write(f'''
+local body = {json.dumps(body)}
+local n = {n}
+local cdf = {{}}
+local total = 0
+for i = 1, n do total = total + ({"1 / i" if zipf else "1"}); cdf[i] = total end
+for i = 1, n do cdf[i] = cdf[i] / total end
+math.randomseed(os.time())
+request = function()
+  local r = math.random()
+  local lo, hi = 1, n
+  while lo < hi do local mid = math.floor((lo + hi) / 2); if cdf[mid] < r then lo = mid + 1 else hi = mid end end
+  local t = lo - 1
+  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json", ["X-Tenant-ID"] = "t" .. t, ["Authorization"] = "Bearer sk-t" .. t}}, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.errors.status, summary.duration))
+end
+''')
+
+
+def wrk(port, script, duration, conns=64):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script,
+                          f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True).stdout
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+)", out)
+    if not m:
+        raise RuntimeError(out)
+    reqs, sock_err, status_err, dur_us = map(int, m.groups())
+    return reqs, sock_err + status_err, reqs / (dur_us / 1e6)
+
+
+def oha(port, body_file, headers, rate, duration):
+    cmd = ["taskset", "-c", "1", "oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-q", str(rate),
+           "--latency-correction", "-c", "32", "-m", "POST", "-D", body_file, "-T", "application/json"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    cmd.append(f"http://127.0.0.1:{port}/v1/chat/completions")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    data = json.loads(res.stdout)
+    pct = data["latencyPercentiles"]
+    codes = data.get("statusCodeDistribution", {})
+    errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(data.get("errorDistribution", {}).values())
+    return pct["p50"] * 1e6, pct["p99"] * 1e6, errors
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scenarios", default="small,large,stream,tenants")
+    ap.add_argument("--arms", default="direct,bare,nginx,collie")
+    ap.add_argument("--json", help="write raw results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 3
+    for tool in ("wrk", "nginx", "oha", "taskset"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            sys.exit(f"missing {tool}")
+    tmp = tempfile.mkdtemp(prefix="collie-bench-")
+    procs = Procs()
+    results = {}
+    clk = os.sysconf("SC_CLK_TCK")
+    try:
+        procs.start("mock", [f"{REL}/collie", "mock", "--listen", f"127.0.0.1:{MOCK_PORT}"], "1", MOCK_PORT)
+        procs.start("bare", [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{BARE_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", "1"], "0", BARE_PORT)
+        nginx_dir = os.path.join(tmp, "nginx")
+        os.makedirs(nginx_dir)
+        with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
+            f.write(NGINX_CONF.format(dir=nginx_dir, mock=MOCK_PORT, port=NGINX_PORT))
+        procs.start("nginx", ["/usr/sbin/nginx", "-c", os.path.join(nginx_dir, "nginx.conf"), "-p", nginx_dir], "0", NGINX_PORT)
+        n_tenants = 1000 if "tenants" in args.scenarios else 0
+        conf = os.path.join(tmp, "collie.yaml")
+        collie_config(conf, n_tenants)
+        collie = procs.start("collie", [f"{REL}/collie", "run", "--config", conf], "0", COLLIE_PORT,
+                             env={**os.environ, "RUST_LOG": "warn"})
+        rss_idle = rss_kib(collie.pid)
+        ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT, "collie": COLLIE_PORT}
+        pids = {"direct": procs.procs["mock"].pid, "bare": procs.procs["bare"].pid,
+                "nginx": procs.procs["nginx"].pid, "collie": collie.pid}
+        headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
+        scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
+        arms = args.arms.split(",")
+        for name in args.scenarios.split(","):
+            body = scen[name]
+            body_file = os.path.join(tmp, f"{name}.json")
+            with open(body_file, "w") as f:
+                f.write(body)
+            script = os.path.join(tmp, f"{name}.lua")
+            if name == "tenants":
+                tenants_lua(script, body, n_tenants, zipf=True)
+                run_arms = ["collie"]
+            else:
+                lua_script(script, body, headers)
+                run_arms = arms
+            for rnd in range(args.rounds):
+                for arm in run_arms:
+                    # Nginx's master process does no work; measure the worker.
+                    pid = pids[arm]
+                    if arm == "nginx":
+                        pid = int(subprocess.run(["pgrep", "-P", str(pids["nginx"])], capture_output=True, text=True).stdout.split()[0])
+                    t0 = cpu_ticks(pid)
+                    w0 = time.time()
+                    reqs, errors, rps = wrk(ports[arm], script, args.duration)
+                    busy = (cpu_ticks(pid) - t0) / clk / (time.time() - w0)
+                    cpu_us = (cpu_ticks(pid) - t0) / clk * 1e6 / max(reqs, 1)
+                    if name in ("small", "large") or arm == "collie":
+                        p50, p99, lat_err = oha(ports[arm], body_file, headers if name != "tenants" else {"X-Tenant-ID": "t0", "Authorization": "Bearer sk-t0"}, 1000, args.duration)
+                    else:
+                        p50 = p99 = lat_err = None
+                    r = results.setdefault(name, {}).setdefault(arm, [])
+                    r.append({"rps": rps, "errors": errors, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err})
+                    print(f"{name:8} {arm:7} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
+                          f"p50 {p50 if p50 is None else round(p50)} µs  p99 {p99 if p99 is None else round(p99)} µs  errors {errors}/{lat_err}", flush=True)
+        rss_steady = rss_kib(collie.pid)
+        results["rss_kib"] = {"idle": rss_idle, "after": rss_steady, "tenants": n_tenants}
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\nmedians (spread = min..max over rounds)")
+    for name, by_arm in results.items():
+        if name == "rss_kib":
+            continue
+        direct = by_arm.get("direct")
+        for arm, rs in by_arm.items():
+            med = lambda k: statistics.median([r[k] for r in rs if r[k] is not None]) if any(r[k] is not None for r in rs) else None
+            rps = med("rps")
+            line = f"{name:8} {arm:7} {rps:9.0f} req/s ({min(r['rps'] for r in rs):.0f}..{max(r['rps'] for r in rs):.0f})  cpu {med('cpu_us'):.1f} µs/req  busy {med('busy'):.0%}"
+            if "bare" in by_arm and arm != "bare":
+                line += f"  vs bare {rps / statistics.median([r['rps'] for r in by_arm['bare']]):.2f}x"
+            if med("p50_us") is not None:
+                line += f"  p50 {med('p50_us'):.0f} µs p99 {med('p99_us'):.0f} µs"
+                if direct and arm != "direct" and direct[0]["p50_us"] is not None:
+                    line += f"  (added p50 {med('p50_us') - statistics.median([r['p50_us'] for r in direct]):+.0f} µs, p99 {med('p99_us') - statistics.median([r['p99_us'] for r in direct]):+.0f} µs)"
+            line += f"  errors {sum(r['errors'] for r in rs)}"
+            if med("busy") < 0.95 and arm != "direct":
+                line += "  [proxy core <95% busy: not a ceiling]"
+            print(line)
+    print(f"collie RSS: idle {results['rss_kib']['idle']} KiB, after the run {results['rss_kib']['after']} KiB, tenants {results['rss_kib']['tenants']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,610 @@
+//! What Collie knows about each deployment's health, from its active probes
+//! and from live traffic together, and the circuit breaker that keeps
+//! traffic off a failing one.
+//!
+//! States: *unknown* (new: no probe has passed and nothing was served yet),
+//! *healthy*, *degraded* (slow — time-to-first-byte EWMA over the threshold —
+//! or failing more than the allowed share of recent requests, or failing its
+//! probes while live traffic still succeeds), *unhealthy* (breaker open or
+//! half-open).
+//!
+//! Breaker: closed → open after N consecutive failures, or when the error
+//! ratio of the sliding window passes its threshold; open for a cooldown that
+//! doubles on each reopening (capped); then half-open, letting exactly one
+//! trial request through: success closes it, failure reopens it. A 429 with
+//! `Retry-After` opens it for exactly that long. Probes that fail their
+//! threshold open it too; probes that pass close it.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Per-deployment tunables (config `health:` of a deployment).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthSettings {
+    pub probe: ProbeKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive probe results that flip the probe verdict.
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    /// Consecutive live failures that open the breaker.
+    pub failures_to_open: u32,
+    /// Error share of the sliding window that opens the breaker (with at
+    /// least `min_samples` in it).
+    pub error_ratio: f64,
+    pub min_samples: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    /// Time-to-first-byte EWMA above which the deployment is degraded.
+    pub slow_after: Duration,
+    /// Error share above which the deployment is degraded.
+    pub degraded_error_ratio: f64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            probe: ProbeKind::Models,
+            interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(5),
+            healthy_after: 1,
+            unhealthy_after: 2,
+            failures_to_open: 5,
+            error_ratio: 0.5,
+            min_samples: 20,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+            slow_after: Duration::from_secs(10),
+            degraded_error_ratio: 0.1,
+        }
+    }
+}
+
+/// What an active probe does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `GET …/models` with the deployment's key: free.
+    Models,
+    /// A TCP (and TLS) connect only.
+    Connect,
+    /// A one-token completion: for providers whose model list says nothing
+    /// about serving. Costs a token per probe.
+    Completion,
+    /// No active probes; live traffic only.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Unknown,
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Unknown => "unknown",
+            State::Healthy => "healthy",
+            State::Degraded => "degraded",
+            State::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// Selection preference: lower is tried first.
+    pub fn tier(self) -> u8 {
+        match self {
+            State::Healthy => 0,
+            State::Degraded => 1,
+            State::Unknown => 2,
+            State::Unhealthy => 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// How one live attempt went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// A response head arrived (any status the client gets) after `ttfb`.
+    Success { ttfb: Duration },
+    /// Connect error, reset, timeout or 5xx.
+    Failure,
+    /// 429; with the provider's `Retry-After` when it sent one.
+    RateLimited { retry_after: Option<Duration> },
+}
+
+/// A breaker or state change worth logging and counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: BreakerState,
+    pub to: BreakerState,
+}
+
+#[derive(Debug)]
+struct Inner {
+    breaker: BreakerState,
+    open_until: Option<Instant>,
+    /// Openings since the breaker last closed after a successful trial.
+    openings: u32,
+    trial_in_flight: bool,
+    consecutive_failures: u32,
+    outcomes: VecDeque<(Instant, bool)>,
+    ttfb_ewma_ms: Option<f64>,
+    ttfb_recent_ms: VecDeque<f64>,
+    served: u64,
+    live_success: bool,
+    probe_ok_run: u32,
+    probe_fail_run: u32,
+    /// `None` until the first verdict.
+    probe_up: Option<bool>,
+    last_probe: Option<ProbeResult>,
+    last_probe_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeResult {
+    pub ok: bool,
+    pub latency: Duration,
+    pub detail: String,
+}
+
+/// One deployment's health, shared across config reloads (by deployment id).
+#[derive(Debug)]
+pub struct DeploymentHealth {
+    pub id: String,
+    settings: Mutex<HealthSettings>,
+    inner: Mutex<Inner>,
+}
+
+/// A point-in-time view for status pages and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: State,
+    pub breaker: BreakerState,
+    pub ttfb_ewma_ms: Option<f64>,
+    pub ttfb_p95_ms: Option<f64>,
+    pub error_ratio: Option<f64>,
+    pub served: u64,
+    pub last_probe: Option<ProbeResult>,
+    pub open_for: Option<Duration>,
+}
+
+impl DeploymentHealth {
+    pub fn new(id: &str, settings: HealthSettings) -> DeploymentHealth {
+        DeploymentHealth {
+            id: id.to_string(),
+            settings: Mutex::new(settings),
+            inner: Mutex::new(Inner {
+                breaker: BreakerState::Closed,
+                open_until: None,
+                openings: 0,
+                trial_in_flight: false,
+                consecutive_failures: 0,
+                outcomes: VecDeque::new(),
+                ttfb_ewma_ms: None,
+                ttfb_recent_ms: VecDeque::new(),
+                served: 0,
+                live_success: false,
+                probe_ok_run: 0,
+                probe_fail_run: 0,
+                probe_up: None,
+                last_probe: None,
+                last_probe_at: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn settings(&self) -> HealthSettings {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_settings(&self, s: HealthSettings) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// The state now, moving an expired open breaker to half-open.
+    pub fn state(&self) -> State {
+        let s = self.settings();
+        let mut i = self.lock();
+        Self::advance(&mut i, Instant::now());
+        Self::derive(&i, &s, Instant::now())
+    }
+
+    fn advance(i: &mut Inner, now: Instant) -> Option<Transition> {
+        if i.breaker == BreakerState::Open && i.open_until.is_some_and(|u| now >= u) {
+            i.breaker = BreakerState::HalfOpen;
+            i.trial_in_flight = false;
+            return Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen,
+            });
+        }
+        None
+    }
+
+    fn error_ratio(i: &Inner, s: &HealthSettings, now: Instant) -> (usize, f64) {
+        let recent: Vec<bool> = i
+            .outcomes
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= s.window)
+            .map(|(_, ok)| *ok)
+            .collect();
+        let failed = recent.iter().filter(|ok| !**ok).count();
+        (
+            recent.len(),
+            if recent.is_empty() {
+                0.0
+            } else {
+                failed as f64 / recent.len() as f64
+            },
+        )
+    }
+
+    fn derive(i: &Inner, s: &HealthSettings, now: Instant) -> State {
+        if i.breaker != BreakerState::Closed {
+            return State::Unhealthy;
+        }
+        if i.probe_up.is_none() && !i.live_success {
+            return State::Unknown;
+        }
+        let (n, ratio) = Self::error_ratio(i, s, now);
+        let slow = i
+            .ttfb_ewma_ms
+            .is_some_and(|ms| ms > s.slow_after.as_secs_f64() * 1e3);
+        if i.probe_up == Some(false) || slow || (n >= 5 && ratio > s.degraded_error_ratio) {
+            return State::Degraded;
+        }
+        State::Healthy
+    }
+
+    /// May a request go to this deployment now? For a half-open breaker this
+    /// takes its single trial slot. Returns the state it was admitted in.
+    pub fn admit(&self) -> Result<State, Option<Duration>> {
+        let s = self.settings();
+        let now = Instant::now();
+        let mut i = self.lock();
+        Self::advance(&mut i, now);
+        match i.breaker {
+            BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
+            BreakerState::HalfOpen if !i.trial_in_flight => {
+                i.trial_in_flight = true;
+                Ok(State::Unhealthy)
+            }
+            BreakerState::HalfOpen => Err(Some(s.cooldown)),
+            BreakerState::Open => Err(i.open_until.map(|u| u.saturating_duration_since(now))),
+        }
+    }
+
+    /// Give back a trial slot that was taken but not used.
+    pub fn release_trial(&self) {
+        let mut i = self.lock();
+        if i.breaker == BreakerState::HalfOpen {
+            i.trial_in_flight = false;
+        }
+    }
+
+    fn open(
+        i: &mut Inner,
+        s: &HealthSettings,
+        now: Instant,
+        for_: Option<Duration>,
+    ) -> Option<Transition> {
+        let from = i.breaker;
+        let wait = for_.unwrap_or_else(|| {
+            let factor = 2u32.saturating_pow(i.openings.min(16));
+            s.cooldown.saturating_mul(factor).min(s.max_cooldown)
+        });
+        if for_.is_none() {
+            i.openings += 1;
+        }
+        let until = now + wait;
+        i.open_until = Some(
+            i.open_until
+                .filter(|u| *u > until && from == BreakerState::Open)
+                .unwrap_or(until),
+        );
+        i.breaker = BreakerState::Open;
+        i.trial_in_flight = false;
+        (from != BreakerState::Open).then_some(Transition {
+            from,
+            to: BreakerState::Open,
+        })
+    }
+
+    fn close(i: &mut Inner) -> Option<Transition> {
+        let from = i.breaker;
+        i.breaker = BreakerState::Closed;
+        i.open_until = None;
+        i.trial_in_flight = false;
+        i.openings = 0;
+        i.consecutive_failures = 0;
+        (from != BreakerState::Closed).then_some(Transition {
+            from,
+            to: BreakerState::Closed,
+        })
+    }
+
+    /// Account a live attempt.
+    pub fn record(&self, outcome: Outcome) -> Option<Transition> {
+        let s = self.settings();
+        let now = Instant::now();
+        let mut i = self.lock();
+        while i
+            .outcomes
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > s.window)
+            || i.outcomes.len() > 1000
+        {
+            i.outcomes.pop_front();
+        }
+        match outcome {
+            Outcome::Success { ttfb } => {
+                i.outcomes.push_back((now, true));
+                i.served += 1;
+                i.live_success = true;
+                i.consecutive_failures = 0;
+                let ms = ttfb.as_secs_f64() * 1e3;
+                i.ttfb_ewma_ms = Some(i.ttfb_ewma_ms.map_or(ms, |e| 0.8 * e + 0.2 * ms));
+                i.ttfb_recent_ms.push_back(ms);
+                if i.ttfb_recent_ms.len() > 200 {
+                    i.ttfb_recent_ms.pop_front();
+                }
+                if i.breaker == BreakerState::HalfOpen {
+                    return Self::close(&mut i);
+                }
+                None
+            }
+            Outcome::RateLimited {
+                retry_after: Some(wait),
+            } => {
+                // The provider said how long: exactly that, not a guess.
+                i.outcomes.push_back((now, true));
+                Self::open(&mut i, &s, now, Some(wait))
+            }
+            Outcome::RateLimited { retry_after: None } => {
+                // Busy, not broken: no effect on the error ratio or breaker,
+                // except that a half-open trial did not prove recovery.
+                if i.breaker == BreakerState::HalfOpen {
+                    i.trial_in_flight = false;
+                }
+                None
+            }
+            Outcome::Failure => {
+                i.outcomes.push_back((now, false));
+                i.consecutive_failures += 1;
+                if i.breaker == BreakerState::HalfOpen {
+                    return Self::open(&mut i, &s, now, None);
+                }
+                let (n, ratio) = Self::error_ratio(&i, &s, now);
+                let too_many = i.consecutive_failures >= s.failures_to_open;
+                let too_often = n >= s.min_samples as usize && ratio >= s.error_ratio;
+                if i.breaker == BreakerState::Closed && (too_many || too_often) {
+                    return Self::open(&mut i, &s, now, None);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether an active probe is due.
+    pub fn probe_due(&self) -> bool {
+        let s = self.settings();
+        if s.probe == ProbeKind::Off {
+            return false;
+        }
+        self.lock()
+            .last_probe_at
+            .is_none_or(|t| t.elapsed() >= s.interval)
+    }
+
+    /// Account an active probe; returns a breaker transition if it caused one.
+    pub fn record_probe(&self, result: ProbeResult) -> Option<Transition> {
+        let s = self.settings();
+        let now = Instant::now();
+        let mut i = self.lock();
+        i.last_probe_at = Some(now);
+        if result.ok {
+            i.probe_ok_run += 1;
+            i.probe_fail_run = 0;
+        } else {
+            i.probe_fail_run += 1;
+            i.probe_ok_run = 0;
+        }
+        let was = i.probe_up;
+        if i.probe_ok_run >= s.healthy_after {
+            i.probe_up = Some(true);
+        } else if i.probe_fail_run >= s.unhealthy_after {
+            i.probe_up = Some(false);
+        }
+        i.last_probe = Some(result);
+        match (was, i.probe_up) {
+            // Probes came back: traffic may flow again at once.
+            (Some(false) | None, Some(true)) if i.breaker != BreakerState::Closed => {
+                Self::close(&mut i)
+            }
+            // Probes started failing: stop sending live traffic there.
+            (Some(true) | None, Some(false)) => Self::open(&mut i, &s, now, None),
+            _ => None,
+        }
+    }
+
+    /// Whether the last probe verdict is "up" (`None` before any verdict).
+    pub fn probe_up(&self) -> Option<bool> {
+        self.lock().probe_up
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.settings();
+        let now = Instant::now();
+        let mut i = self.lock();
+        Self::advance(&mut i, now);
+        let (n, ratio) = Self::error_ratio(&i, &s, now);
+        let p95 = {
+            let mut v: Vec<f64> = i.ttfb_recent_ms.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.95).round() as usize])
+        };
+        Snapshot {
+            state: Self::derive(&i, &s, now),
+            breaker: i.breaker,
+            ttfb_ewma_ms: i.ttfb_ewma_ms,
+            ttfb_p95_ms: p95,
+            error_ratio: (n > 0).then_some(ratio),
+            served: i.served,
+            last_probe: i.last_probe.clone(),
+            open_for: i
+                .open_until
+                .filter(|_| i.breaker == BreakerState::Open)
+                .map(|u| u.saturating_duration_since(now)),
+        }
+    }
+
+    /// Milliseconds the time-to-first-byte EWMA stands at, if known.
+    pub fn ttfb_ewma_ms(&self) -> Option<f64> {
+        self.lock().ttfb_ewma_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick() -> HealthSettings {
+        HealthSettings {
+            failures_to_open: 3,
+            cooldown: Duration::from_millis(40),
+            ..HealthSettings::default()
+        }
+    }
+
+    #[test]
+    fn new_deployments_are_unknown_until_proven() {
+        let h = DeploymentHealth::new("d", quick());
+        assert_eq!(h.state(), State::Unknown);
+        h.record(Outcome::Success {
+            ttfb: Duration::from_millis(5),
+        });
+        assert_eq!(h.state(), State::Healthy);
+        let h = DeploymentHealth::new("d", quick());
+        h.record_probe(ProbeResult {
+            ok: true,
+            latency: Duration::ZERO,
+            detail: String::new(),
+        });
+        assert_eq!(h.state(), State::Healthy);
+    }
+
+    #[test]
+    fn breaker_opens_half_opens_for_one_trial_and_closes() {
+        let h = DeploymentHealth::new("d", quick());
+        h.record(Outcome::Success {
+            ttfb: Duration::from_millis(5),
+        });
+        assert_eq!(h.record(Outcome::Failure), None);
+        assert_eq!(h.record(Outcome::Failure), None);
+        let t = h.record(Outcome::Failure).unwrap();
+        assert_eq!(t.to, BreakerState::Open);
+        assert!(h.admit().is_err());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(h.admit(), Ok(State::Unhealthy), "the one trial");
+        assert!(h.admit().is_err(), "exactly one");
+        assert_eq!(
+            h.record(Outcome::Success {
+                ttfb: Duration::from_millis(5)
+            })
+            .unwrap()
+            .to,
+            BreakerState::Closed
+        );
+        // Closed again, but the recent failures still weigh until they age out.
+        assert_eq!(h.state(), State::Degraded);
+    }
+
+    #[test]
+    fn cooldown_backs_off_on_repeated_openings() {
+        let h = DeploymentHealth::new("d", quick());
+        for _ in 0..3 {
+            h.record(Outcome::Failure);
+        }
+        let first = h.snapshot().open_for.unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(h.admit().is_ok());
+        h.record(Outcome::Failure);
+        let second = h.snapshot().open_for.unwrap();
+        assert!(second > first, "{second:?} after {first:?}");
+    }
+
+    #[test]
+    fn retry_after_opens_for_exactly_that_long() {
+        let h = DeploymentHealth::new("d", quick());
+        h.record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(7)),
+        });
+        let left = h.snapshot().open_for.unwrap();
+        assert!(left > Duration::from_millis(6900) && left <= Duration::from_secs(7));
+    }
+
+    #[test]
+    fn probes_open_and_close_the_breaker() {
+        let h = DeploymentHealth::new("d", quick());
+        let probe = |ok| ProbeResult {
+            ok,
+            latency: Duration::ZERO,
+            detail: String::new(),
+        };
+        h.record_probe(probe(true));
+        h.record_probe(probe(false));
+        assert_eq!(
+            h.state(),
+            State::Healthy,
+            "one failure is below the threshold"
+        );
+        assert_eq!(h.record_probe(probe(false)).unwrap().to, BreakerState::Open);
+        assert_eq!(h.state(), State::Unhealthy);
+        assert_eq!(
+            h.record_probe(probe(true)).unwrap().to,
+            BreakerState::Closed
+        );
+        assert_eq!(h.state(), State::Healthy);
+    }
+
+    #[test]
+    fn slow_is_degraded() {
+        let h = DeploymentHealth::new(
+            "d",
+            HealthSettings {
+                slow_after: Duration::from_millis(100),
+                ..quick()
+            },
+        );
+        h.record(Outcome::Success {
+            ttfb: Duration::from_millis(500),
+        });
+        assert_eq!(h.state(), State::Degraded);
+    }
+}
