@@ -27,6 +27,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+pub(crate) const X_COLLIE_MODEL: http::HeaderName = http::HeaderName::from_static("x-collie-model");
+pub(crate) const X_COLLIE_ATTEMPTS: http::HeaderName =
+    http::HeaderName::from_static("x-collie-attempts");
+pub(crate) const X_COLLIE_REQUEST_ID: http::HeaderName =
+    http::HeaderName::from_static("x-collie-request-id");
+pub(crate) const X_COLLIE_ERROR: http::HeaderName = http::HeaderName::from_static("x-collie-error");
+
 /// The OpenAI endpoints Collie serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -285,11 +292,11 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
         session.set_keepalive(None);
     }
     let head = (|| -> pingora::Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(r.status, Some(6))?;
+        let mut h = ResponseHeader::build_no_case(r.status, Some(12))?;
         h.insert_header(header::CONTENT_TYPE, "application/json")?;
         h.insert_header(header::CONTENT_LENGTH, r.body.len())?;
-        h.insert_header("x-collie-error", r.reason)?;
-        h.insert_header("x-collie-request-id", ctx.id.as_str())?;
+        h.insert_header(X_COLLIE_ERROR, r.reason)?;
+        h.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
         if let Some(s) = r.retry_after_s {
             h.insert_header(header::RETRY_AFTER, s)?;
         }
@@ -337,12 +344,12 @@ async fn respond_models(
     let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
-    let mut head = ResponseHeader::build(200, Some(3)).map_err(internal)?;
+    let mut head = ResponseHeader::build_no_case(200, Some(10)).map_err(internal)?;
     head.insert_header(header::CONTENT_TYPE, "application/json")
         .map_err(internal)?;
     head.insert_header(header::CONTENT_LENGTH, body.len())
         .map_err(internal)?;
-    head.insert_header("x-collie-request-id", ctx.id.as_str())
+    head.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())
         .map_err(internal)?;
     spend::rate_headers(ctx, &mut head);
     ctx.status = 200;
@@ -364,12 +371,12 @@ async fn respond_quota(
     let body = serde_json::to_vec(&ledger.report(&snap.calendar))
         .map_err(|e| GatewayError::Internal(e.to_string()))?;
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
-    let mut head = ResponseHeader::build(200, Some(3)).map_err(internal)?;
+    let mut head = ResponseHeader::build_no_case(200, Some(10)).map_err(internal)?;
     head.insert_header(header::CONTENT_TYPE, "application/json")
         .map_err(internal)?;
     head.insert_header(header::CONTENT_LENGTH, body.len())
         .map_err(internal)?;
-    head.insert_header("x-collie-request-id", ctx.id.as_str())
+    head.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())
         .map_err(internal)?;
     spend::rate_headers(ctx, &mut head);
     ctx.status = 200;

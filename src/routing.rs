@@ -62,6 +62,8 @@ pub struct Upstream {
     pub peer: HttpPeer,
     /// The model name written into the body sent to this deployment.
     pub model: String,
+    /// The same, ready for the `x-collie-model` response header.
+    pub model_header: HeaderValue,
     pub host: HeaderValue,
     pub path_prefix: String,
     /// Header carrying the provider key, marked sensitive so HPACK never
@@ -158,7 +160,8 @@ impl PoolRuntime {
                 false
             }
         };
-        let states: Vec<(usize, Option<State>)> = self
+        // On the stack for pools of up to eight members.
+        let states: smallvec::SmallVec<[(usize, Option<State>); 8]> = self
             .members
             .iter()
             .map(|&i| {
@@ -415,6 +418,8 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
         id: d.id.clone(),
         peer,
         model: d.model.clone(),
+        model_header: HeaderValue::from_str(&d.model)
+            .map_err(|_| "the model name is not a valid header value".to_string())?,
         host: HeaderValue::from_str(&url.authority()).map_err(|e| e.to_string())?,
         path_prefix: url.path_prefix.clone(),
         auth,

@@ -7,6 +7,7 @@
 pub mod sse;
 
 use crate::config::Price;
+use bytes::Bytes;
 use serde::Deserialize;
 
 /// Tokens of one request as the provider reported them.
@@ -108,30 +109,61 @@ impl UsageCarrier {
 const JSON_WHOLE_LIMIT: usize = 8 << 20;
 const JSON_TAIL: usize = 64 << 10;
 
-/// Collects a non-streamed JSON response on the side to read its usage.
+/// Keeps a non-streamed JSON response on the side (the chunks themselves,
+/// shared, not copied) to read its usage at the end.
 #[derive(Debug, Default)]
 pub struct JsonUsage {
-    buf: Vec<u8>,
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+    kept: usize,
     overflowed: bool,
 }
 
 impl JsonUsage {
-    pub fn feed(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() > JSON_WHOLE_LIMIT + JSON_TAIL {
-            let cut = self.buf.len() - JSON_TAIL;
-            self.buf.drain(..cut);
+    pub fn feed(&mut self, chunk: &Bytes) {
+        self.kept += chunk.len();
+        if self.first.is_none() {
+            self.first = Some(chunk.clone());
+            return;
+        }
+        self.more.push(chunk.clone());
+        // Past the limit keep only enough chunks to cover the tail.
+        while self.kept > JSON_WHOLE_LIMIT + JSON_TAIL {
+            let Some(oldest) = self.first.as_ref().map(Bytes::len) else {
+                break;
+            };
+            if self.kept - oldest < JSON_TAIL {
+                break;
+            }
+            self.kept -= oldest;
             self.overflowed = true;
+            self.first = (!self.more.is_empty()).then(|| self.more.remove(0));
         }
     }
 
+    /// The usage in the body: found from the end first (where providers put
+    /// it, and cheap), else by parsing the whole body when it was kept whole.
     pub fn finish(self) -> Option<Usage> {
-        if !self.overflowed {
-            if let Some(c) = UsageCarrier::parse(&self.buf) {
-                return c.usage();
+        let joined;
+        let body: &[u8] = match (&self.first, self.more.is_empty()) {
+            (None, _) => return None,
+            (Some(only), true) => only,
+            (Some(f), false) => {
+                let mut v = Vec::with_capacity(self.kept);
+                v.extend_from_slice(f);
+                for c in &self.more {
+                    v.extend_from_slice(c);
+                }
+                joined = v;
+                &joined
             }
-        }
-        usage_from_tail(&self.buf)
+        };
+        usage_from_tail(body).or_else(|| {
+            (!self.overflowed)
+                .then(|| UsageCarrier::parse(body))
+                .flatten()
+                .and_then(UsageCarrier::usage)
+        })
     }
 }
 
@@ -188,8 +220,12 @@ mod tests {
     #[test]
     fn reads_usage_from_json_bodies() {
         let mut j = JsonUsage::default();
-        j.feed(br#"{"id":"x","choices":[{"message":{"content":"\"usage\": 5"}}],"#);
-        j.feed(br#""usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        j.feed(&Bytes::from_static(
+            br#"{"id":"x","choices":[{"message":{"content":"\"usage\": 5"}}],"#,
+        ));
+        j.feed(&Bytes::from_static(
+            br#""usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        ));
         assert_eq!(
             j.finish(),
             Some(Usage {
@@ -199,22 +235,24 @@ mod tests {
             })
         );
         let mut j = JsonUsage::default();
-        j.feed(br#"{"object":"response","usage":{"input_tokens":2,"output_tokens":5,"total_tokens":7}}"#);
+        j.feed(&Bytes::from_static(br#"{"object":"response","usage":{"input_tokens":2,"output_tokens":5,"total_tokens":7}}"#));
         assert_eq!(j.finish().and_then(|u| u.completion_tokens), Some(5));
         let mut j = JsonUsage::default();
-        j.feed(br#"{"object":"list","data":[]}"#);
+        j.feed(&Bytes::from_static(br#"{"object":"list","data":[]}"#));
         assert_eq!(j.finish(), None);
     }
 
     #[test]
     fn reads_usage_from_the_tail_of_huge_bodies() {
         let mut j = JsonUsage::default();
-        j.feed(b"{\"data\":[");
-        let filler = vec![b'1'; 1 << 20];
+        j.feed(&Bytes::from_static(b"{\"data\":["));
+        let filler = Bytes::from(vec![b'1'; 1 << 20]);
         for _ in 0..10 {
             j.feed(&filler);
         }
-        j.feed(br#"],"usage" : {"prompt_tokens":9,"total_tokens":9}}"#);
+        j.feed(&Bytes::from_static(
+            br#"],"usage" : {"prompt_tokens":9,"total_tokens":9}}"#,
+        ));
         assert_eq!(j.finish().and_then(|u| u.prompt_tokens), Some(9));
     }
 }

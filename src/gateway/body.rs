@@ -38,30 +38,50 @@ pub async fn read(
             GatewayError::InvalidBody(format!("cannot continue: {}", e.etype().as_str()))
         })?;
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 << 10).min(limit));
+    // Pingora's own read timeout (one timer per read, no extra task).
+    session.set_read_timeout(Some(timeout));
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    let mut total = 0usize;
     loop {
-        let chunk = match tokio::time::timeout(timeout, session.read_request_body()).await {
-            Err(_) => {
+        let chunk = match session.read_request_body().await {
+            Err(e) if e.etype() == &pingora::ErrorType::ReadTimedout => {
                 session.set_keepalive(None);
                 return Err(GatewayError::ClientTimeout);
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 session.set_keepalive(None);
                 return Err(GatewayError::InvalidBody(format!(
                     "cannot read the request body: {}",
                     e.etype().as_str()
                 )));
             }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => chunk,
+            Ok(None) => break,
+            Ok(Some(chunk)) => chunk,
         };
-        if buf.len() + chunk.len() > limit {
+        total += chunk.len();
+        if total > limit {
             session.set_keepalive(None);
             return Err(GatewayError::BodyTooLarge { limit });
         }
-        buf.extend_from_slice(&chunk);
+        // A body that arrives in one piece is kept as it is, without a copy.
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut buf =
+                    BytesMut::with_capacity(declared.unwrap_or(total).min(limit).max(total));
+                buf.extend_from_slice(f);
+                buf.extend_from_slice(&chunk);
+                rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&chunk),
+        }
     }
-    Ok(buf.freeze())
+    Ok(match (first, rest) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
 }
 
 /// The fields of a request the gateway acts on, with where they are.

@@ -339,8 +339,10 @@ fn upstream_request(
         path.push('?');
         path.push_str(q);
     }
-    let mut req = RequestHeader::build("POST", path.as_bytes(), Some(client.headers.len() + 3))
-        .map_err(internal)?;
+    // Header names go out in lower case: no case map to keep per request.
+    let mut req =
+        RequestHeader::build_no_case("POST", path.as_bytes(), Some(client.headers.len() + 3))
+            .map_err(internal)?;
     // Fields the client named in `Connection` are hop-by-hop too.
     let nominated: Vec<String> = client
         .headers
@@ -383,6 +385,7 @@ async fn attempt(
     // the provider having seen the request; such a failure is retried on
     // another connection and does not count as an attempt.
     let mut stale_retries = 2;
+    let mut header = Some(header);
     loop {
         let (mut http, reused) = gw
             .connector
@@ -391,7 +394,14 @@ async fn attempt(
             .map_err(|e| (classify_connect(&e), None))?;
         http.set_write_timeout(Some(up.timeouts.idle));
         http.set_read_timeout(Some(up.timeouts.first_byte));
-        match send_and_read_head(&mut http, header.clone(), body.clone()).await {
+        // Keep a copy only while a stale-connection retry may need it.
+        let this_try = match header.as_ref() {
+            Some(h) if reused && stale_retries > 0 => h.clone(),
+            _ => header
+                .take()
+                .ok_or_else(|| (Failure::Broken("request head already sent".into()), None))?,
+        };
+        match send_and_read_head(&mut http, this_try, body.clone()).await {
             Ok(()) => {}
             Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
                 stale_retries -= 1;
@@ -499,7 +509,7 @@ async fn discard(gw: &Gateway, up: &Upstream, mut http: HttpSession) {
         }
     }
     gw.connector
-        .release_http_session(http, &up.peer, Some(Duration::from_secs(60)))
+        .release_http_session(http, &up.peer, up.peer.options.idle_timeout)
         .await;
 }
 
@@ -593,7 +603,7 @@ async fn relay(
                     ctx.client_gone = true;
                 }
                 gw.connector
-                    .release_http_session(http, &up.peer, Some(Duration::from_secs(60)))
+                    .release_http_session(http, &up.peer, up.peer.options.idle_timeout)
                     .await;
                 break;
             }
@@ -675,7 +685,8 @@ fn client_response_head(
     body_changes: bool,
     downstream_h2: bool,
 ) -> pingora::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 4))?;
+    let mut resp =
+        ResponseHeader::build_no_case(upstream.status, Some(upstream.headers.len() + 8))?;
     let mut has_length = false;
     for (name, value) in upstream.headers.iter() {
         // The provider's limits for its key are not the tenant's business;
@@ -694,9 +705,9 @@ fn client_response_head(
     if !has_length && !downstream_h2 {
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
-    resp.insert_header("x-collie-model", up.model.as_str())?;
-    resp.insert_header("x-collie-attempts", ctx.attempts.len().to_string())?;
-    resp.insert_header("x-collie-request-id", ctx.id.as_str())?;
+    resp.insert_header(super::X_COLLIE_MODEL, up.model_header.clone())?;
+    resp.insert_header(super::X_COLLIE_ATTEMPTS, ctx.attempts.len())?;
+    resp.insert_header(super::X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
     super::spend::rate_headers(ctx, &mut resp);
     Ok(resp)
 }

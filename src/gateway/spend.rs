@@ -9,6 +9,7 @@ use crate::quota::estimate;
 use crate::quota::{Amount, RateInfo, WindowInfo};
 use crate::state::Snapshot;
 use crate::usage::Usage;
+use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
@@ -179,8 +180,20 @@ pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
     let Some(ledger) = ctx.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
         return;
     };
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
     let RateInfo { requests, tokens } = ledger.rate_info();
-    for (suffix, w) in [("requests", requests), ("tokens", tokens)] {
+    for ([limit_name, remaining_name, reset_name], w) in NAMES.into_iter().zip([requests, tokens]) {
         let Some(WindowInfo {
             limit,
             remaining,
@@ -189,9 +202,9 @@ pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
         else {
             continue;
         };
-        let _ = head.insert_header(format!("x-ratelimit-limit-{suffix}"), limit);
-        let _ = head.insert_header(format!("x-ratelimit-remaining-{suffix}"), remaining);
-        let _ = head.insert_header(format!("x-ratelimit-reset-{suffix}"), reset_text(reset));
+        let _ = head.insert_header(limit_name, limit);
+        let _ = head.insert_header(remaining_name, remaining);
+        let _ = head.insert_header(reset_name, reset_text(reset));
     }
 }
 

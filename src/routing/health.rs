@@ -149,7 +149,7 @@ struct Inner {
     openings: u32,
     trial_in_flight: bool,
     consecutive_failures: u32,
-    outcomes: VecDeque<(Instant, bool)>,
+    outcomes: Window,
     ttfb_ewma_ms: Option<f64>,
     ttfb_recent_ms: VecDeque<f64>,
     served: u64,
@@ -160,6 +160,52 @@ struct Inner {
     probe_up: Option<bool>,
     last_probe: Option<ProbeResult>,
     last_probe_at: Option<Instant>,
+}
+
+/// Outcomes of the last `window` in twelve buckets: constant time to add
+/// and to read, whatever the traffic.
+#[derive(Debug, Default)]
+struct Window {
+    buckets: [(u32, u32); 12],
+    /// Bucket number (time since `origin` ÷ bucket length) of each slot.
+    epochs: [u64; 12],
+    origin: Option<Instant>,
+}
+
+impl Window {
+    fn epoch(&mut self, window: Duration, now: Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        let bucket = (window / 12).max(Duration::from_millis(1));
+        (now.duration_since(origin).as_nanos() / bucket.as_nanos()) as u64
+    }
+
+    fn add(&mut self, ok: bool, window: Duration, now: Instant) {
+        let e = self.epoch(window, now);
+        let slot = (e % 12) as usize;
+        if self.epochs[slot] != e {
+            self.epochs[slot] = e;
+            self.buckets[slot] = (0, 0);
+        }
+        if ok {
+            self.buckets[slot].0 += 1;
+        } else {
+            self.buckets[slot].1 += 1;
+        }
+    }
+
+    /// (succeeded, failed) within the window.
+    fn totals(&self, window: Duration, now: Instant) -> (u32, u32) {
+        let Some(origin) = self.origin else {
+            return (0, 0);
+        };
+        let bucket = (window / 12).max(Duration::from_millis(1));
+        let e = (now.duration_since(origin).as_nanos() / bucket.as_nanos()) as u64;
+        self.epochs
+            .iter()
+            .zip(&self.buckets)
+            .filter(|(epoch, _)| e.saturating_sub(**epoch) < 12)
+            .fold((0, 0), |(o, f), (_, (bo, bf))| (o + bo, f + bf))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +247,7 @@ impl DeploymentHealth {
                 openings: 0,
                 trial_in_flight: false,
                 consecutive_failures: 0,
-                outcomes: VecDeque::new(),
+                outcomes: Window::default(),
                 ttfb_ewma_ms: None,
                 ttfb_recent_ms: VecDeque::new(),
                 served: 0,
@@ -248,19 +294,14 @@ impl DeploymentHealth {
     }
 
     fn error_ratio(i: &Inner, s: &HealthSettings, now: Instant) -> (usize, f64) {
-        let recent: Vec<bool> = i
-            .outcomes
-            .iter()
-            .filter(|(t, _)| now.duration_since(*t) <= s.window)
-            .map(|(_, ok)| *ok)
-            .collect();
-        let failed = recent.iter().filter(|ok| !**ok).count();
+        let (ok, failed) = i.outcomes.totals(s.window, now);
+        let n = ok + failed;
         (
-            recent.len(),
-            if recent.is_empty() {
+            n as usize,
+            if n == 0 {
                 0.0
             } else {
-                failed as f64 / recent.len() as f64
+                failed as f64 / n as f64
             },
         )
     }
@@ -354,17 +395,9 @@ impl DeploymentHealth {
         let s = self.settings();
         let now = Instant::now();
         let mut i = self.lock();
-        while i
-            .outcomes
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > s.window)
-            || i.outcomes.len() > 1000
-        {
-            i.outcomes.pop_front();
-        }
         match outcome {
             Outcome::Success { ttfb } => {
-                i.outcomes.push_back((now, true));
+                i.outcomes.add(true, s.window, now);
                 i.served += 1;
                 i.live_success = true;
                 i.consecutive_failures = 0;
@@ -383,7 +416,7 @@ impl DeploymentHealth {
                 retry_after: Some(wait),
             } => {
                 // The provider said how long: exactly that, not a guess.
-                i.outcomes.push_back((now, true));
+                i.outcomes.add(true, s.window, now);
                 Self::open(&mut i, &s, now, Some(wait))
             }
             Outcome::RateLimited { retry_after: None } => {
@@ -395,7 +428,7 @@ impl DeploymentHealth {
                 None
             }
             Outcome::Failure => {
-                i.outcomes.push_back((now, false));
+                i.outcomes.add(false, s.window, now);
                 i.consecutive_failures += 1;
                 if i.breaker == BreakerState::HalfOpen {
                     return Self::open(&mut i, &s, now, None);
