@@ -11,6 +11,8 @@ need cmake cmake
 need cc build-essential
 need pkg-config pkg-config
 need curl curl
+# The status page is tested in a real headless browser.
+need chromium chromium
 
 if ((${#need_pkgs[@]})); then
   echo "setup: installing ${need_pkgs[*]}"

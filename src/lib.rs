@@ -12,4 +12,5 @@ pub mod quota;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod usage;

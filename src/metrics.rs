@@ -229,8 +229,8 @@ impl Metrics {
             fallbacks: counter(
                 r,
                 "collie_fallbacks_total",
-                "Requests served by other than their first attempt",
-                &["model"],
+                "Requests served by another deployment than their first attempt, by upstream model",
+                &["from", "to"],
             )?,
             quota: QuotaMetrics::new(r)?,
             health: crate::routing::probe::HealthMetrics::new(r)?,
@@ -313,8 +313,16 @@ impl Metrics {
         let Some(served) = ctx.served.and_then(|i| snap.router.upstreams.get(i)) else {
             return;
         };
-        if ctx.attempts.len() > 1 {
-            self.fallbacks.with_label_values(&[model]).inc();
+        if let Some(first) = ctx.attempts.first().filter(|a| a.upstream != served.index) {
+            // Upstream model names: from the config.
+            let from = snap
+                .router
+                .upstreams
+                .get(first.upstream)
+                .map_or(OTHER, |u| u.model.as_str());
+            self.fallbacks
+                .with_label_values(&[from, &served.model])
+                .inc();
         }
         let elapsed = ctx.started.elapsed().as_secs_f64();
         self.duration.with_label_values(&[model]).observe(elapsed);
@@ -392,6 +400,16 @@ impl ServeHttp for AdminApp {
             "/metrics" => (200, "text/plain; version=0.0.4", self.metrics.render()),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/quota" => (200, "application/json", self.quota_status()),
+            "/status" => (
+                200,
+                "application/json",
+                crate::status::json(&self.state.load()),
+            ),
+            "/" => (
+                200,
+                "text/html; charset=utf-8",
+                crate::status::PAGE.as_bytes().to_vec(),
+            ),
             "/readyz" => {
                 // Ready once a config with at least one routable model is loaded.
                 let snap = self.state.load();

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
+use crate::routing::health::{BreakerState, State as HealthState};
 use crate::routing::probe::HealthBook;
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
@@ -55,8 +56,18 @@ impl Collie {
         let book = HealthBook::new(metrics.health.clone(), 64);
         let state = Arc::new(State::new(config, Arc::clone(&book))?);
         let mut probes = HealthCheckService::new(Arc::clone(&book.registry));
-        // Each deployment probes on its own interval; this is the granularity.
-        probes.health_check_frequency = Some(Duration::from_secs(1));
+        // Each deployment probes on its own interval; the service wakes as
+        // often as the shortest one needs (at most every 100 ms).
+        let shortest = state
+            .load()
+            .config
+            .deployments
+            .iter()
+            .map(|d| d.health.interval)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        probes.health_check_frequency =
+            Some(shortest.clamp(Duration::from_millis(100), Duration::from_secs(1)));
         probes.parallel_health_check = true;
         let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics));
         let server_conf = Arc::clone(&server.configuration);
@@ -211,8 +222,9 @@ impl ShutdownSignalWatch for HandleSignal {
     }
 }
 
-/// Lends idle tenants' rate capacity to busy high-priority ones while a pool
-/// is saturated, and publishes pool and loan state as metrics.
+/// Once per interval: lends idle tenants' rate capacity to busy high-priority
+/// ones while a pool is saturated, and publishes health, pool and loan state
+/// as metrics.
 struct RebalanceService {
     state: Arc<State>,
     metrics: Arc<Metrics>,
@@ -236,7 +248,8 @@ impl BackgroundService for RebalanceService {
     }
 }
 
-/// One rebalancing step over the current snapshot.
+/// One upkeep step over the current snapshot: health and breaker gauges,
+/// pool gauges, and rebalancing.
 pub fn rebalance_once(
     snap: &Snapshot,
     rebalancer: &Rebalancer,
@@ -279,6 +292,28 @@ pub fn rebalance_once(
                 .any(|&p| busy.get(p).copied().unwrap_or(false)),
         })
         .collect();
+    for u in &snap.router.upstreams {
+        let h = u.health.snapshot();
+        let state = match h.state {
+            HealthState::Unknown => 0,
+            HealthState::Healthy => 1,
+            HealthState::Degraded => 2,
+            HealthState::Unhealthy => 3,
+        };
+        let breaker = match h.breaker {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        };
+        metrics
+            .deployment_state
+            .with_label_values(&[&u.id])
+            .set(state);
+        metrics
+            .breaker_state
+            .with_label_values(&[&u.id])
+            .set(breaker);
+    }
     for c in rebalancer.tick(settings, &views, elapsed) {
         log::info!(
             "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",

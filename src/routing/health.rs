@@ -2,7 +2,8 @@
 //! and from live traffic together, and the circuit breaker that keeps
 //! traffic off a failing one.
 //!
-//! States: *unknown* (new: no probe has passed and nothing was served yet),
+//! States: *unknown* (new: no probe has passed and nothing was served yet;
+//! a deployment without probes is never unknown),
 //! *healthy*, *degraded* (slow — time-to-first-byte EWMA over the threshold —
 //! or failing more than the allowed share of recent requests, or failing its
 //! probes while live traffic still succeeds), *unhealthy* (breaker open or
@@ -310,7 +311,9 @@ impl DeploymentHealth {
         if i.breaker != BreakerState::Closed {
             return State::Unhealthy;
         }
-        if i.probe_up.is_none() && !i.live_success {
+        // Without probes only live traffic can prove a deployment; holding it
+        // back as unknown would starve it of the traffic that could.
+        if i.probe_up.is_none() && !i.live_success && s.probe != ProbeKind::Off {
             return State::Unknown;
         }
         let (n, ratio) = Self::error_ratio(i, s, now);

@@ -1,0 +1,168 @@
+//! The live status view on the admin listener: `GET /status` (JSON: every
+//! model, pool and deployment with its health) and `GET /` (a small page,
+//! no external assets, that polls `/status` every 2 s).
+
+use crate::config::Model;
+use crate::routing::health::State;
+use crate::state::Snapshot;
+use serde::Serialize;
+
+pub const PAGE: &str = include_str!("status.html");
+
+#[derive(Serialize)]
+struct Status<'a> {
+    models: Vec<ModelStatus<'a>>,
+    pools: Vec<PoolStatus<'a>>,
+    deployments: Vec<DeploymentStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct ModelStatus<'a> {
+    name: &'a str,
+    chain: Vec<&'a str>,
+    /// The upstream model a request would get now (first healthy-most
+    /// deployment along the chain).
+    recommended: Option<&'a str>,
+    routes: Vec<RouteStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct RouteStatus<'a> {
+    hint: Option<&'a str>,
+    priorities: Option<&'a [u8]>,
+    chain: Vec<&'a str>,
+    recommended: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PoolStatus<'a> {
+    id: &'a str,
+    policy: &'static str,
+    retries: u32,
+    members: Vec<&'a str>,
+    inflight: u32,
+    concurrency_limit: Option<f64>,
+    waiting: usize,
+}
+
+#[derive(Serialize)]
+struct DeploymentStatus<'a> {
+    id: &'a str,
+    model: &'a str,
+    state: &'static str,
+    breaker: &'static str,
+    breaker_open_for_ms: Option<u128>,
+    ttfb_ewma_ms: Option<f64>,
+    ttfb_p95_ms: Option<f64>,
+    error_ratio: Option<f64>,
+    served: u64,
+    last_probe: Option<ProbeStatus>,
+}
+
+#[derive(Serialize)]
+struct ProbeStatus {
+    ok: bool,
+    latency_ms: f64,
+    detail: String,
+}
+
+/// The deployment a chain would use now: the first pool's best-state member
+/// (healthy, then degraded, then unknown), else the next pool's.
+fn recommended<'a>(snap: &'a Snapshot, chain: &[usize]) -> Option<&'a str> {
+    chain
+        .iter()
+        .filter_map(|&p| snap.router.pools.get(p))
+        .find_map(|pool| {
+            pool.members
+                .iter()
+                .filter_map(|&i| snap.router.upstreams.get(i))
+                .map(|u| (u.health.state(), u))
+                .filter(|(s, _)| *s != State::Unhealthy)
+                .min_by_key(|(s, _)| s.tier())
+                .map(|(_, u)| u.model.as_str())
+        })
+}
+
+fn chain_names<'a>(snap: &'a Snapshot, chain: &[usize]) -> Vec<&'a str> {
+    chain
+        .iter()
+        .filter_map(|&p| snap.config.pools.get(p))
+        .map(|p| p.id.as_str())
+        .collect()
+}
+
+fn model_status<'a>(snap: &'a Snapshot, m: &'a Model) -> ModelStatus<'a> {
+    ModelStatus {
+        name: &m.name,
+        chain: chain_names(snap, &m.chain),
+        recommended: recommended(snap, &m.chain),
+        routes: m
+            .routes
+            .iter()
+            .map(|r| RouteStatus {
+                hint: r.hint.as_deref(),
+                priorities: r.priorities.as_deref(),
+                chain: chain_names(snap, &r.chain),
+                recommended: recommended(snap, &r.chain),
+            })
+            .collect(),
+    }
+}
+
+pub fn json(snap: &Snapshot) -> Vec<u8> {
+    let status = Status {
+        models: snap
+            .config
+            .models
+            .iter()
+            .map(|m| model_status(snap, m))
+            .collect(),
+        pools: snap
+            .router
+            .pools
+            .iter()
+            .map(|p| {
+                let load = p.gate.load_now();
+                PoolStatus {
+                    id: &p.id,
+                    policy: p.policy.as_str(),
+                    retries: p.retries,
+                    members: p
+                        .members
+                        .iter()
+                        .filter_map(|&i| snap.router.upstreams.get(i))
+                        .map(|u| u.id.as_str())
+                        .collect(),
+                    inflight: load.inflight,
+                    concurrency_limit: load.limit,
+                    waiting: load.waiting,
+                }
+            })
+            .collect(),
+        deployments: snap
+            .router
+            .upstreams
+            .iter()
+            .map(|u| {
+                let h = u.health.snapshot();
+                DeploymentStatus {
+                    id: &u.id,
+                    model: &u.model,
+                    state: h.state.as_str(),
+                    breaker: h.breaker.as_str(),
+                    breaker_open_for_ms: h.open_for.map(|d| d.as_millis()),
+                    ttfb_ewma_ms: h.ttfb_ewma_ms,
+                    ttfb_p95_ms: h.ttfb_p95_ms,
+                    error_ratio: h.error_ratio,
+                    served: h.served,
+                    last_probe: h.last_probe.map(|p| ProbeStatus {
+                        ok: p.ok,
+                        latency_ms: p.latency.as_secs_f64() * 1e3,
+                        detail: p.detail,
+                    }),
+                }
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&status).unwrap_or_default()
+}
