@@ -13,6 +13,8 @@ need pkg-config pkg-config
 need curl curl
 # The status page is tested in a real headless browser.
 need chromium chromium
+# The audit trail's PostgreSQL sink is tested against a real server.
+need pg_isready postgresql-client
 
 if ((${#need_pkgs[@]})); then
   echo "setup: installing ${need_pkgs[*]}"

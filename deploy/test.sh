@@ -10,6 +10,21 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# The PostgreSQL audit tests need a server at 127.0.0.1:5432 (database `test`,
+# trust auth for user postgres). Start the local one if it is installed.
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql >/dev/null 2>&1; then
+    echo "test: starting the local PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+  fi
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  echo "test: PostgreSQL is not running at 127.0.0.1:5432; the audit trail's PostgreSQL tests need it" >&2
+  echo "      (install postgresql and create database test with trust auth for user postgres)" >&2
+  exit 1
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"

@@ -5,6 +5,7 @@
 //! Secrets are never written in the file: provider keys are named by environment
 //! variable and tenant keys are stored as SHA-256 digests.
 
+mod audit;
 mod health;
 mod quota;
 mod raw;
@@ -13,6 +14,7 @@ use crate::quota::TenantLimits;
 use crate::quota::estimate::Family;
 use crate::routing::Policy;
 use crate::routing::health::HealthSettings;
+pub use audit::{AnomalySettings, AuditSettings, Webhook};
 pub use health::{RetrySettings, Route};
 pub use quota::QuotaSettings;
 use raw::{
@@ -55,6 +57,7 @@ pub struct Config {
     pub retry: RetrySettings,
     /// Longest a request may take in all: waits, attempts and backoff.
     pub request_deadline: Duration,
+    pub audit: AuditSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -441,6 +444,7 @@ impl Validator<'_> {
 
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());
+        let audit = self.audit(raw.audit);
         let request_deadline = self.duration(
             "request_deadline",
             &raw.request_deadline,
@@ -476,6 +480,7 @@ impl Validator<'_> {
             quota,
             retry,
             request_deadline,
+            audit,
         }
     }
 

@@ -146,17 +146,25 @@ pub struct RequestCtx {
     pub delivered_estimate: u64,
     /// The quota held by this request until `logging` settles it.
     pub reservation: Option<crate::quota::Reservation>,
+    /// The first bytes of the response, when the audit keeps a preview.
+    pub preview: Option<Vec<u8>>,
 }
 
 pub struct Gateway {
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
     pub connector: Connector,
+    /// The audit queue, when auditing is on.
+    pub auditor: Option<crate::audit::Auditor>,
     ids: RequestIds,
 }
 
 impl Gateway {
-    pub fn new(state: Arc<State>, metrics: Arc<Metrics>) -> Gateway {
+    pub fn new(
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+        auditor: Option<crate::audit::Auditor>,
+    ) -> Gateway {
         let snap = state.load();
         let mut options =
             pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
@@ -169,6 +177,7 @@ impl Gateway {
             state,
             metrics,
             connector: Connector::new(Some(options)),
+            auditor,
             ids: RequestIds::new(),
         }
     }
@@ -250,6 +259,7 @@ impl ProxyHttp for Gateway {
             tokens_estimate: 0,
             delivered_estimate: 0,
             reservation: None,
+            preview: None,
         }
     }
 
@@ -279,6 +289,9 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         spend::settle(ctx);
         self.metrics.record(ctx);
+        if let Some(a) = &self.auditor {
+            a.submit(ctx).await;
+        }
     }
 }
 

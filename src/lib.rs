@@ -3,6 +3,7 @@
 //! The map of the parts is in the README; each module's first line says what
 //! it owns.
 
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -43,6 +43,42 @@ enum Command {
     },
     /// Run an OpenAI-compatible mock provider (for tests and benchmarks).
     Mock(collie::mock::MockArgs),
+    /// Read the audit trail: verify its hash chains, or report on it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrailArgs {
+    /// The trail: sqlite:PATH or postgres://user@host/db[#schema].
+    #[arg(long)]
+    sink: Option<String>,
+    /// Use the trail a config file names (its `audit` section).
+    #[arg(long, env = "COLLIE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every record's hash and link; exits 1 if a row was edited or deleted.
+    Verify {
+        #[command(flatten)]
+        trail: TrailArgs,
+    },
+    /// Totals, per-model and per-tenant breakdowns, top errors, refusals, anomalies.
+    Report {
+        #[command(flatten)]
+        trail: TrailArgs,
+        /// How far back, e.g. 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "csv"])]
+        format: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +97,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Mock(args) => mock(args),
+        Command::Audit { command } => audit(command),
     }
 }
 
@@ -144,4 +181,51 @@ fn mock(args: collie::mock::MockArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "command-line output"
+)]
+fn audit(command: AuditCommand) -> ExitCode {
+    use collie::audit::report;
+    let open = |t: &TrailArgs| report::open_sink(t.sink.as_deref(), t.config.as_deref());
+    let result = match command {
+        AuditCommand::Verify { trail } => open(&trail)
+            .and_then(|mut sink| report::verify(&mut *sink))
+            .map(|problems| {
+                if problems.is_empty() {
+                    println!("audit trail intact");
+                    ExitCode::SUCCESS
+                } else {
+                    for p in &problems {
+                        println!("{p}");
+                    }
+                    ExitCode::FAILURE
+                }
+            }),
+        AuditCommand::Report {
+            trail,
+            since,
+            tenant,
+            format,
+        } => report::since_ms(&since)
+            .and_then(|cut| {
+                open(&trail).and_then(|mut sink| report::build(&mut *sink, cut, tenant.as_deref()))
+            })
+            .map(|r| {
+                let out = match format.as_str() {
+                    "json" => serde_json::to_string_pretty(&r).unwrap_or_default(),
+                    "csv" => report::csv(&r),
+                    _ => report::text(&r),
+                };
+                println!("{out}");
+                ExitCode::SUCCESS
+            }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("audit: {e}");
+        ExitCode::from(EX_USAGE)
+    })
 }

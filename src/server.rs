@@ -2,6 +2,7 @@
 //! listener and the background work, run until a signal — or, in tests and
 //! the demo, a handle — stops it.
 
+use crate::audit::AuditHandle;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::{AdminApp, Metrics};
@@ -29,6 +30,7 @@ pub struct Collie {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     server: Server,
+    audit: Option<AuditHandle>,
 }
 
 impl Collie {
@@ -69,7 +71,14 @@ impl Collie {
         probes.health_check_frequency =
             Some(shortest.clamp(Duration::from_millis(100), Duration::from_secs(1)));
         probes.parallel_health_check = true;
-        let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics));
+        let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
+            .map_err(|e| format!("metrics: {e}"))?;
+        let (auditor, audit) = match crate::audit::start(&state.load().config.audit, audit_metrics)?
+        {
+            Some((a, h)) => (Some(a), Some(h)),
+            None => (None, None),
+        };
+        let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics), auditor);
         let server_conf = Arc::clone(&server.configuration);
         let mut options = HttpServerOptions::default();
         // Clients on the same host may speak HTTP/2 without TLS.
@@ -117,6 +126,7 @@ impl Collie {
             listen,
             admin_listen,
             server,
+            audit,
         })
     }
 
@@ -128,6 +138,10 @@ impl Collie {
             self.admin_listen
         );
         self.server.run(RunArgs::default());
+        // The server is gone with every request it held: write the rest.
+        if let Some(a) = self.audit {
+            a.join();
+        }
     }
 
     /// Run on a thread of its own until the returned handle is dropped or
@@ -139,12 +153,16 @@ impl Collie {
         let state = Arc::clone(&self.state);
         let metrics = Arc::clone(&self.metrics);
         let server = self.server;
+        let audit = self.audit;
         let thread = std::thread::Builder::new()
             .name("collie".into())
             .spawn(move || {
                 server.run(RunArgs {
                     shutdown_signal: Box::new(HandleSignal(rx)),
-                })
+                });
+                if let Some(a) = audit {
+                    a.join();
+                }
             })
             .map_err(|e| e.to_string())?;
         let running = Running {

@@ -46,6 +46,90 @@ pub struct RawConfig {
     /// Longest a request may take in all (attempts, waits and backoff).
     #[serde(default)]
     pub request_deadline: Option<String>,
+    #[serde(default)]
+    pub audit: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// sqlite (default), postgres or off.
+    #[serde(default)]
+    pub sink: Option<String>,
+    #[serde(default)]
+    pub sqlite_path: Option<String>,
+    /// Environment variable holding the PostgreSQL URL (it may hold a password).
+    #[serde(default)]
+    pub postgres_url_env: Option<String>,
+    #[serde(default)]
+    pub postgres_schema: Option<String>,
+    #[serde(default)]
+    pub sidecar_id: Option<String>,
+    #[serde(default)]
+    pub queue: Option<i64>,
+    #[serde(default)]
+    pub queue_bytes: Option<RawSize>,
+    #[serde(default)]
+    pub batch: Option<i64>,
+    #[serde(default)]
+    pub flush_interval: Option<String>,
+    /// drop (default) or block.
+    #[serde(default)]
+    pub when_full: Option<String>,
+    #[serde(default)]
+    pub preview_bytes: Option<i64>,
+    #[serde(default)]
+    pub retention: Option<RawRetention>,
+    #[serde(default)]
+    pub anomalies: Option<RawAnomalies>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    #[serde(default)]
+    pub max_age: Option<String>,
+    #[serde(default)]
+    pub max_rows: Option<i64>,
+    #[serde(default)]
+    pub every: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnomalies {
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub tenant_requests: Option<i64>,
+    #[serde(default)]
+    pub global_requests: Option<i64>,
+    #[serde(default)]
+    pub failure_ratio: Option<f64>,
+    #[serde(default)]
+    pub failure_min_requests: Option<i64>,
+    #[serde(default)]
+    pub tenant_cost_per_hour_usd: Option<f64>,
+    #[serde(default)]
+    pub global_cost_per_hour_usd: Option<f64>,
+    #[serde(default)]
+    pub tokens_per_request: Option<i64>,
+    #[serde(default)]
+    pub repeats: Option<i64>,
+    #[serde(default)]
+    pub zscore: Option<f64>,
+    #[serde(default)]
+    pub webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -587,6 +587,12 @@ async fn relay(
                 if ctx.first_byte.is_none() {
                     ctx.first_byte = Some(Instant::now());
                 }
+                let keep = ctx.snapshot.config.audit.preview_bytes;
+                if keep > 0 && (200..300).contains(&status) {
+                    let p = ctx.preview.get_or_insert_with(Vec::new);
+                    let room = keep.saturating_sub(p.len());
+                    p.extend_from_slice(&out[..room.min(out.len())]);
+                }
                 if session.write_response_body(Some(out), false).await.is_err() {
                     ctx.client_gone = true;
                     http.shutdown().await;

@@ -108,8 +108,16 @@ pub fn provider_env() -> HashMap<String, String> {
 pub async fn gateway(yaml: &str) -> Gw {
     let listen = free_port();
     let admin = free_port();
-    let text =
-        format!("listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n{yaml}");
+    // Tests that are not about the audit trail keep it off (its default is
+    // a SQLite file in the working directory).
+    let audit = if yaml.contains("audit:") {
+        ""
+    } else {
+        "audit: {sink: off}\n"
+    };
+    let text = format!(
+        "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n{audit}{yaml}"
+    );
     let env = provider_env();
     let config = Config::from_yaml(&text, &|name| env.get(name).cloned())
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));

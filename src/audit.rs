@@ -1,0 +1,164 @@
+//! The audit trail: one record per request — admitted or refused, streamed or
+//! not, finished or cut off — written off the hot path to SQLite (default) or
+//! PostgreSQL, chained by hashes so an edited or deleted row shows, watched
+//! by anomaly rules, and read back by reports.
+//!
+//! The request path only builds the record and hands it to a bounded queue
+//! (`try_send`; with `when_full: block` it waits for room instead). A writer
+//! thread of its own hashes request bodies, chains, batches and commits, runs
+//! the anomaly rules and retention. On a graceful stop every queued record is
+//! written before the process exits. If the process is killed, what is lost
+//! is what was still queued or in the batch being formed: at most one flush
+//! interval of traffic, and never more than `queue + batch` records.
+
+pub mod anomaly;
+pub mod record;
+pub mod report;
+pub mod sink;
+mod webhook;
+mod writer;
+
+use crate::config::AuditSettings;
+use crate::gateway::RequestCtx;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use record::{Pending, Record};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::mpsc;
+
+/// Counters of the audit machinery.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    pub written: IntCounter,
+    pub dropped: IntCounter,
+    pub write_errors: IntCounter,
+    pub queued: IntGauge,
+    pub anomalies: IntCounterVec,
+    pub webhook_failures: IntCounter,
+}
+
+impl AuditMetrics {
+    pub fn new(r: &Registry) -> prometheus::Result<AuditMetrics> {
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let queued = IntGauge::new("collie_audit_queued", "Audit records waiting to be written")?;
+        r.register(Box::new(queued.clone()))?;
+        let anomalies = IntCounterVec::new(
+            prometheus::Opts::new(
+                "collie_anomalies_total",
+                "Anomalies detected in the audit records, by rule and tenant",
+            ),
+            &["rule", "tenant"],
+        )?;
+        r.register(Box::new(anomalies.clone()))?;
+        Ok(AuditMetrics {
+            written: counter("collie_audit_written_total", "Audit records committed")?,
+            dropped: counter(
+                "collie_audit_dropped_total",
+                "Audit records dropped because the queue was full",
+            )?,
+            write_errors: counter(
+                "collie_audit_write_errors_total",
+                "Failed audit batch writes (retried)",
+            )?,
+            queued,
+            anomalies,
+            webhook_failures: counter(
+                "collie_anomaly_webhook_failures_total",
+                "Anomaly alerts the webhook never accepted",
+            )?,
+        })
+    }
+}
+
+/// The request path's end of the queue.
+pub struct Auditor {
+    tx: mpsc::Sender<writer::Msg>,
+    block: bool,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    metrics: AuditMetrics,
+}
+
+impl Auditor {
+    /// Queue the record of a finished request. Never waits unless the
+    /// configured policy is `block`.
+    pub async fn submit(&self, ctx: &RequestCtx) {
+        let mut record = Record::from_ctx(ctx);
+        let mut body = ctx.body.clone();
+        if let Some(b) = &body {
+            // Bodies waiting to be hashed are bounded; past the bound the
+            // hash is taken here instead.
+            let queued = self.queued_bytes.fetch_add(b.len(), Ordering::Relaxed);
+            if queued + b.len() > self.max_bytes {
+                self.queued_bytes.fetch_sub(b.len(), Ordering::Relaxed);
+                record.request_hash = Some(record::request_hash(b));
+                body = None;
+            }
+        }
+        let body_len = body.as_ref().map_or(0, |b| b.len());
+        let msg = writer::Msg::Record(Box::new(Pending { record, body }));
+        let sent = if self.block {
+            self.tx.send(msg).await.is_ok()
+        } else {
+            self.tx.try_send(msg).is_ok()
+        };
+        if sent {
+            self.metrics.queued.inc();
+        } else {
+            self.queued_bytes.fetch_sub(body_len, Ordering::Relaxed);
+            self.metrics.dropped.inc();
+        }
+    }
+}
+
+/// The writer thread; join it after the server stopped to flush everything.
+pub struct AuditHandle {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AuditHandle {
+    /// Wait until the writer has written everything queued. Returns once every
+    /// `Auditor` (the request path's sender) is gone.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Open the sink and start the writer. `None` when auditing is off.
+pub fn start(
+    settings: &AuditSettings,
+    metrics: AuditMetrics,
+) -> Result<Option<(Auditor, AuditHandle)>, String> {
+    let Some(spec) = &settings.sink else {
+        return Ok(None);
+    };
+    let sink = spec.open()?;
+    let (tx, rx) = mpsc::channel(settings.queue);
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let thread = writer::spawn(
+        sink,
+        rx,
+        tx.downgrade(),
+        settings.clone(),
+        Arc::clone(&queued_bytes),
+        metrics.clone(),
+    )?;
+    Ok(Some((
+        Auditor {
+            tx,
+            block: settings.block_when_full,
+            queued_bytes,
+            max_bytes: settings.queue_bytes,
+            metrics,
+        },
+        AuditHandle {
+            thread: Some(thread),
+        },
+    )))
+}

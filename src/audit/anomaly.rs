@@ -1,0 +1,373 @@
+//! Anomaly rules over the stream of records, per tenant and globally:
+//! request rate, failure ratio, hourly cost, one request's tokens, the same
+//! request repeated, and a per-tenant baseline (EWMA of tokens and cost per
+//! minute) flagging z-score spikes. Time is the records' own, so the rules
+//! are deterministic for a given sequence.
+
+use super::record::Record;
+use super::sink::AnomalyRow;
+use crate::config::AnomalySettings;
+use std::collections::HashMap;
+
+const BUCKETS: usize = 60;
+
+/// Counts of one scope in `BUCKETS` slices of the window, and per minute
+/// over the last hour.
+struct Scope {
+    window: [(i64, u64, u64); BUCKETS],
+    hour: [(i64, u64); 60],
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            window: [(i64::MIN, 0, 0); BUCKETS],
+            hour: [(i64::MIN, 0); 60],
+        }
+    }
+}
+
+impl Scope {
+    fn add(&mut self, slice: i64, minute: i64, failed: bool, cost: u64) {
+        let w = &mut self.window[(slice.rem_euclid(BUCKETS as i64)) as usize];
+        if w.0 != slice {
+            *w = (slice, 0, 0);
+        }
+        w.1 += 1;
+        w.2 += u64::from(failed);
+        let h = &mut self.hour[(minute.rem_euclid(60)) as usize];
+        if h.0 != minute {
+            *h = (minute, 0);
+        }
+        h.1 += cost;
+    }
+
+    fn window_totals(&self, slice: i64) -> (u64, u64) {
+        self.window
+            .iter()
+            .filter(|(s, _, _)| slice.saturating_sub(*s) < BUCKETS as i64)
+            .fold((0, 0), |(r, f), (_, br, bf)| (r + br, f + bf))
+    }
+
+    fn hour_cost(&self, minute: i64) -> u64 {
+        self.hour
+            .iter()
+            .filter(|(m, _)| minute.saturating_sub(*m) < 60)
+            .map(|(_, c)| c)
+            .sum()
+    }
+}
+
+/// A tenant's usual tokens and cost per minute.
+#[derive(Default)]
+struct Baseline {
+    minute: i64,
+    tokens: f64,
+    cost: f64,
+    history: u32,
+    mean_tokens: f64,
+    var_tokens: f64,
+    mean_cost: f64,
+    var_cost: f64,
+}
+
+/// Minutes of history before the baseline judges.
+const BASELINE_MIN_HISTORY: u32 = 10;
+const BASELINE_ALPHA: f64 = 0.1;
+
+pub struct Detector {
+    s: AnomalySettings,
+    sidecar: String,
+    scopes: HashMap<Option<String>, Scope>,
+    repeats: HashMap<(Option<String>, String), (u64, i64)>,
+    baselines: HashMap<String, Baseline>,
+    /// When a (rule, scope) last fired: it fires again only after a window.
+    fired: HashMap<(&'static str, Option<String>), i64>,
+}
+
+impl Detector {
+    pub fn new(s: AnomalySettings, sidecar: &str) -> Detector {
+        Detector {
+            s,
+            sidecar: sidecar.to_string(),
+            scopes: HashMap::new(),
+            repeats: HashMap::new(),
+            baselines: HashMap::new(),
+            fired: HashMap::new(),
+        }
+    }
+
+    fn fire(
+        &mut self,
+        out: &mut Vec<AnomalyRow>,
+        now: i64,
+        rule: &'static str,
+        tenant: Option<&String>,
+        detail: String,
+    ) {
+        let key = (rule, tenant.cloned());
+        let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
+        if self.fired.get(&key).is_some_and(|&at| now - at < window) {
+            return;
+        }
+        self.fired.insert(key, now);
+        out.push(AnomalyRow {
+            ts_ms: now,
+            sidecar: self.sidecar.clone(),
+            rule: rule.to_string(),
+            tenant: tenant.cloned(),
+            detail,
+        });
+    }
+
+    /// Account one record; returns the anomalies it reveals.
+    pub fn observe(&mut self, r: &Record) -> Vec<AnomalyRow> {
+        let mut out = Vec::new();
+        let now = r.ts_ms;
+        let slice_ms = i64::try_from(self.s.window.as_millis() / BUCKETS as u128)
+            .unwrap_or(1)
+            .max(1);
+        let slice = now / slice_ms;
+        let minute = now / 60_000;
+        let failed = r.status >= 400 || r.status == 0;
+        let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
+        let scope_keys = [r.tenant.clone(), None];
+        for key in scope_keys.iter() {
+            let scope = self.scopes.entry(key.clone()).or_default();
+            scope.add(slice, minute, failed, cost);
+            let (requests, failures) = scope.window_totals(slice);
+            let hour_cost = scope.hour_cost(minute);
+            let (rate_limit, cost_limit) = match key {
+                Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
+                None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
+            };
+            let who = key.as_deref().unwrap_or("all tenants");
+            if let Some(limit) = rate_limit.filter(|l| requests > *l) {
+                let detail = format!(
+                    "{who}: {requests} requests in {:?} (limit {limit})",
+                    self.s.window
+                );
+                self.fire(&mut out, now, "request_rate", key.as_ref(), detail);
+            }
+            if requests >= self.s.failure_min_requests
+                && failures as f64 / requests as f64 >= self.s.failure_ratio
+            {
+                let detail = format!(
+                    "{who}: {failures} of {requests} requests failed in {:?} (threshold {:.0}%)",
+                    self.s.window,
+                    self.s.failure_ratio * 100.0
+                );
+                self.fire(&mut out, now, "failure_ratio", key.as_ref(), detail);
+            }
+            if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
+                let detail = format!(
+                    "{who}: ${:.4} in the last hour (limit ${:.4})",
+                    hour_cost as f64 / 1e9,
+                    limit as f64 / 1e9
+                );
+                self.fire(&mut out, now, "hourly_cost", key.as_ref(), detail);
+            }
+        }
+        if let (Some(limit), Some(tokens)) = (self.s.tokens_per_request, r.total_tokens) {
+            if u64::try_from(tokens).is_ok_and(|t| t > limit) {
+                let detail = format!(
+                    "request {} used {tokens} tokens (limit {limit})",
+                    r.request_id
+                );
+                // One per request: keyed by the request, not deduplicated.
+                out.push(AnomalyRow {
+                    ts_ms: now,
+                    sidecar: self.sidecar.clone(),
+                    rule: "large_request".into(),
+                    tenant: r.tenant.clone(),
+                    detail,
+                });
+            }
+        }
+        if let (Some(limit), Some(hash)) = (self.s.repeats, &r.request_hash) {
+            let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
+            let e = self
+                .repeats
+                .entry((r.tenant.clone(), hash.clone()))
+                .or_insert((0, now));
+            if now - e.1 >= window {
+                *e = (0, now);
+            }
+            e.0 += 1;
+            let count = e.0;
+            if count > limit {
+                let detail = format!(
+                    "the same request ({}…) {count} times within {:?}",
+                    &hash[..12.min(hash.len())],
+                    self.s.window
+                );
+                self.fire(&mut out, now, "repeated_request", r.tenant.as_ref(), detail);
+            }
+            if self.repeats.len() > 200_000 {
+                // Bounded memory: forget what has left the window.
+                self.repeats.retain(|_, (_, first)| now - *first < window);
+            }
+        }
+        if let Some(t) = &r.tenant {
+            self.baseline(&mut out, t, minute, r.total_tokens.unwrap_or(0), cost);
+        }
+        out
+    }
+
+    /// Per-tenant baseline: when a minute ends, compare its totals with the
+    /// tenant's EWMA mean and deviation so far.
+    fn baseline(
+        &mut self,
+        out: &mut Vec<AnomalyRow>,
+        tenant: &str,
+        minute: i64,
+        tokens: i64,
+        cost: u64,
+    ) {
+        let z_limit = self.s.zscore;
+        let b = self
+            .baselines
+            .entry(tenant.to_string())
+            .or_insert_with(|| Baseline {
+                minute,
+                ..Baseline::default()
+            });
+        let mut spikes = Vec::new();
+        if minute != b.minute {
+            // Close the finished minute (and count empty minutes in between as zero).
+            let gaps = (minute - b.minute).clamp(1, 60);
+            for i in 0..gaps {
+                let (t, c) = if i == 0 {
+                    (b.tokens, b.cost)
+                } else {
+                    (0.0, 0.0)
+                };
+                if b.history >= BASELINE_MIN_HISTORY {
+                    for (name, x, mean, var) in [
+                        ("tokens", t, b.mean_tokens, b.var_tokens),
+                        ("cost", c, b.mean_cost, b.var_cost),
+                    ] {
+                        let sd = var.sqrt();
+                        if sd > 0.0 && (x - mean) / sd >= z_limit {
+                            spikes.push(format!(
+                                "{tenant}: {name} per minute {x:.0} is {:.1} standard deviations above its usual {mean:.0}",
+                                (x - mean) / sd
+                            ));
+                        }
+                    }
+                }
+                for (x, mean, var) in [
+                    (t, &mut b.mean_tokens, &mut b.var_tokens),
+                    (c, &mut b.mean_cost, &mut b.var_cost),
+                ] {
+                    if b.history == 0 {
+                        *mean = x;
+                    } else {
+                        let d = x - *mean;
+                        *mean += BASELINE_ALPHA * d;
+                        *var = (1.0 - BASELINE_ALPHA) * (*var + BASELINE_ALPHA * d * d);
+                    }
+                }
+                b.history += 1;
+            }
+            b.minute = minute;
+            b.tokens = 0.0;
+            b.cost = 0.0;
+        }
+        b.tokens += tokens as f64;
+        b.cost += cost as f64;
+        let now = minute * 60_000;
+        for detail in spikes {
+            self.fire(
+                out,
+                now,
+                "baseline_spike",
+                Some(&tenant.to_string()),
+                detail,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(ts_ms: i64, tenant: &str, status: i64, tokens: i64) -> Record {
+        Record {
+            ts_ms,
+            request_id: format!("r{ts_ms}"),
+            tenant: Some(tenant.into()),
+            client_ip: None,
+            endpoint: "chat".into(),
+            requested_model: Some("m".into()),
+            served_model: Some("m".into()),
+            deployment: Some("d".into()),
+            attempts: "[]".into(),
+            status,
+            decision: "admitted".into(),
+            rule: None,
+            prompt_tokens: Some(tokens / 2),
+            completion_tokens: Some(tokens / 2),
+            total_tokens: Some(tokens),
+            usage_estimated: false,
+            cost_nano: Some(tokens * 1000),
+            latency_ms: 1.0,
+            ttft_ms: None,
+            streamed: false,
+            truncated: false,
+            client_gone: false,
+            request_hash: Some(format!("{ts_ms:064}")),
+            response_preview: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn baseline_flags_a_spike_after_a_steady_history() {
+        let mut d = Detector::new(
+            AnomalySettings {
+                zscore: 3.0,
+                ..AnomalySettings::default()
+            },
+            "s",
+        );
+        let mut fired = Vec::new();
+        // Twenty minutes of 10 requests × ~100 tokens per minute.
+        for minute in 0..20i64 {
+            for i in 0..10 {
+                fired.extend(d.observe(&record(
+                    minute * 60_000 + i * 1000,
+                    "t",
+                    200,
+                    100 + (minute % 3) * 5,
+                )));
+            }
+        }
+        assert!(fired.is_empty(), "{fired:?}");
+        // Then a minute with fifty times the tokens.
+        for i in 0..10 {
+            d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 5000));
+        }
+        let spike = d.observe(&record(21 * 60_000, "t", 200, 100));
+        assert!(
+            spike.iter().any(|a| a.rule == "baseline_spike"),
+            "{spike:?}"
+        );
+    }
+
+    #[test]
+    fn each_rule_fires_once_per_window() {
+        let s = AnomalySettings {
+            window: Duration::from_secs(60),
+            tenant_requests: Some(5),
+            ..AnomalySettings::default()
+        };
+        let mut d = Detector::new(s, "s");
+        let fired: Vec<AnomalyRow> = (0..20)
+            .flat_map(|i| d.observe(&record(i * 100, "t", 200, 10)))
+            .collect();
+        assert_eq!(fired.iter().filter(|a| a.rule == "request_rate").count(), 1);
+    }
+}

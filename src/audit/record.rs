@@ -1,0 +1,238 @@
+//! One audit record per request, built from the request's context in the
+//! logging phase; its request hash and chain hash are computed later, off
+//! the hot path, by the writer.
+
+use crate::gateway::RequestCtx;
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::time::UNIX_EPOCH;
+
+/// A request as recorded. Never holds a key, an `Authorization` value or a
+/// provider's error body: none of them is ever put into the context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub tenant: Option<String>,
+    pub client_ip: Option<String>,
+    pub endpoint: String,
+    pub requested_model: Option<String>,
+    pub served_model: Option<String>,
+    pub deployment: Option<String>,
+    /// JSON: `[{"deployment":…,"outcome":…}]`.
+    pub attempts: String,
+    pub status: i64,
+    /// `admitted` or `refused`.
+    pub decision: String,
+    /// What refused it (an error code or a quota window), if anything.
+    pub rule: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+    pub usage_estimated: bool,
+    pub cost_nano: Option<i64>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub streamed: bool,
+    pub truncated: bool,
+    pub client_gone: bool,
+    /// SHA-256 of the canonical JSON of the request body (set by the writer).
+    pub request_hash: Option<String>,
+    pub response_preview: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A record waiting in the queue: the body it will be hashed from travels
+/// with it (shared, not copied).
+pub struct Pending {
+    pub record: Record,
+    pub body: Option<Bytes>,
+}
+
+#[derive(Serialize)]
+struct AttemptJson<'a> {
+    deployment: &'a str,
+    outcome: String,
+}
+
+impl Record {
+    pub fn from_ctx(ctx: &RequestCtx) -> Record {
+        let snap = &ctx.snapshot;
+        let upstream = |i: usize| snap.router.upstreams.get(i);
+        let served = ctx.served.and_then(upstream);
+        let attempts: Vec<AttemptJson<'_>> = ctx
+            .attempts
+            .iter()
+            .map(|a| AttemptJson {
+                deployment: upstream(a.upstream).map_or("?", |u| u.id.as_str()),
+                outcome: match &a.outcome {
+                    Ok(s) => format!("HTTP {s}"),
+                    Err(f) => f.to_string(),
+                },
+            })
+            .collect();
+        let admitted = !ctx.attempts.is_empty();
+        let rule = ctx
+            .refused_by
+            .clone()
+            .or_else(|| ctx.error.map(str::to_string));
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let usage = ctx.usage;
+        Record {
+            ts_ms: ctx
+                .started_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            request_id: ctx.id.clone(),
+            tenant: ctx
+                .tenant
+                .and_then(|t| snap.config.tenants.get(t))
+                .map(|t| t.id.clone()),
+            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
+            endpoint: ctx.endpoint.label().to_string(),
+            requested_model: ctx.requested_model.clone(),
+            served_model: served.map(|u| u.model.clone()),
+            deployment: served.map(|u| u.id.clone()),
+            attempts: serde_json::to_string(&attempts).unwrap_or_else(|_| "[]".into()),
+            status: i64::from(ctx.status),
+            decision: if admitted { "admitted" } else { "refused" }.to_string(),
+            rule: if admitted { None } else { rule },
+            prompt_tokens: usage.and_then(|u| u.prompt_tokens).map(as_i64),
+            completion_tokens: usage.and_then(|u| u.completion_tokens).map(as_i64),
+            total_tokens: usage.and_then(|u| u.total()).map(as_i64),
+            usage_estimated: ctx.usage_estimated,
+            cost_nano: usage
+                .zip(served)
+                .and_then(|(u, s)| u.cost_nano_usd(s.price))
+                .map(as_i64),
+            latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
+            ttft_ms: ctx
+                .first_byte
+                .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
+            streamed: ctx.streamed,
+            truncated: ctx.truncated,
+            client_gone: ctx.client_gone,
+            request_hash: None,
+            response_preview: ctx
+                .preview
+                .as_ref()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            error: if admitted && (200..400).contains(&ctx.status) {
+                None
+            } else {
+                ctx.error.map(str::to_string)
+            },
+        }
+    }
+
+    /// The hash chaining this record to the one before it (same sidecar):
+    /// SHA-256 over the previous hash, the position and every field.
+    pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {
+        let mut h = Sha256::new();
+        let mut field = |v: &str| {
+            h.update(v.as_bytes());
+            h.update([0x1f]);
+        };
+        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "\u{0}".into());
+        let opt_i = |v: Option<i64>| v.map_or_else(|| "\u{0}".into(), |n| n.to_string());
+        field(prev_hash);
+        field(sidecar);
+        field(&seq.to_string());
+        field(&self.ts_ms.to_string());
+        field(&self.request_id);
+        field(&opt(&self.tenant));
+        field(&opt(&self.client_ip));
+        field(&self.endpoint);
+        field(&opt(&self.requested_model));
+        field(&opt(&self.served_model));
+        field(&opt(&self.deployment));
+        field(&self.attempts);
+        field(&self.status.to_string());
+        field(&self.decision);
+        field(&opt(&self.rule));
+        field(&opt_i(self.prompt_tokens));
+        field(&opt_i(self.completion_tokens));
+        field(&opt_i(self.total_tokens));
+        field(if self.usage_estimated { "1" } else { "0" });
+        field(&opt_i(self.cost_nano));
+        // Floats are hashed as stored (their exact bits).
+        field(&self.latency_ms.to_bits().to_string());
+        field(
+            &self
+                .ttft_ms
+                .map_or_else(|| "\u{0}".into(), |v| v.to_bits().to_string()),
+        );
+        field(if self.streamed { "1" } else { "0" });
+        field(if self.truncated { "1" } else { "0" });
+        field(if self.client_gone { "1" } else { "0" });
+        field(&opt(&self.request_hash));
+        field(&opt(&self.response_preview));
+        field(&opt(&self.error));
+        hex::encode(h.finalize())
+    }
+}
+
+/// SHA-256 of the canonical form of a JSON body (object keys sorted, no
+/// insignificant whitespace), so two requests that differ only in layout or
+/// key order hash alike. A body that is not JSON is hashed as it is.
+pub fn request_hash(body: &[u8]) -> String {
+    let canonical = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => {
+            let mut out = Vec::with_capacity(body.len());
+            write_canonical(&v, &mut out);
+            out
+        }
+        Err(_) => body.to_vec(),
+    };
+    hex::encode(Sha256::digest(&canonical))
+}
+
+fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(serde_json::to_string(k).unwrap_or_default().as_bytes());
+                out.push(b':');
+                if let Some(v) = map.get(k) {
+                    write_canonical(v, out);
+                }
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        other => out.extend_from_slice(serde_json::to_string(other).unwrap_or_default().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_hash_ignores_layout_and_key_order() {
+        let a = request_hash(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        let b = request_hash(
+            b"{ \"messages\" : [ {\"content\":\"hi\", \"role\":\"user\"} ],\n \"model\":\"m\" }",
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, request_hash(br#"{"model":"m","messages":[]}"#));
+        assert_eq!(request_hash(b"not json").len(), 64);
+    }
+}

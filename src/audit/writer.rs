@@ -1,0 +1,181 @@
+//! The writer thread: drains the queue, hashes request bodies, chains the
+//! records, commits them in batches, runs the anomaly rules and retention.
+//! It ends when the queue is closed and empty.
+
+use super::anomaly::Detector;
+use super::record::{Pending, request_hash};
+use super::sink::{Sink, Stored};
+use super::{AuditMetrics, webhook};
+use crate::config::AuditSettings;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// What the writer receives: records, and ticks that bound how long a
+/// partial batch waits.
+pub(super) enum Msg {
+    Record(Box<Pending>),
+    Tick,
+}
+
+pub(super) fn spawn(
+    mut sink: Box<dyn Sink>,
+    mut rx: mpsc::Receiver<Msg>,
+    ticker: mpsc::WeakSender<Msg>,
+    s: AuditSettings,
+    queued_bytes: Arc<AtomicUsize>,
+    metrics: AuditMetrics,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    // Continue this sidecar's chain where the sink has it.
+    let (mut seq, mut head) = sink
+        .chain_head(&s.sidecar_id)?
+        .unwrap_or((0, String::new()));
+    // Ticks come from a thread of their own that stops when the request
+    // path's senders are gone (it only holds a weak one).
+    let interval = s.flush_interval;
+    std::thread::Builder::new()
+        .name("collie-audit-tick".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(tx) = ticker.upgrade() else { return };
+                // A full queue flushes by size; a lost tick does not matter.
+                let _ = tx.try_send(Msg::Tick);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    // No async runtime on this thread: the sinks' clients block, by design.
+    std::thread::Builder::new()
+        .name("collie-audit".into())
+        .spawn(move || {
+            let (alerts, webhook) = webhook::start(s.anomalies.webhook.clone(), metrics.clone());
+            let mut detector = Detector::new(s.anomalies.clone(), &s.sidecar_id);
+            let mut batch: Vec<Pending> = Vec::with_capacity(s.batch);
+            let mut last_prune = Instant::now();
+            let mut last_flush = Instant::now();
+            loop {
+                let msg = rx.blocking_recv();
+                let closed = msg.is_none();
+                if let Some(Msg::Record(p)) = msg {
+                    batch.push(*p);
+                }
+                let due = last_flush.elapsed() >= s.flush_interval;
+                if !batch.is_empty() && (batch.len() >= s.batch || due || closed) {
+                    let n = batch.len();
+                    write_batch(
+                        &mut *sink,
+                        &mut batch,
+                        &s.sidecar_id,
+                        &mut seq,
+                        &mut head,
+                        &mut detector,
+                        &metrics,
+                        &alerts,
+                        &queued_bytes,
+                    );
+                    metrics.queued.sub(i64::try_from(n).unwrap_or(0));
+                    last_flush = Instant::now();
+                } else if batch.is_empty() {
+                    last_flush = Instant::now();
+                }
+                if last_prune.elapsed() >= s.prune_every
+                    && (s.max_age.is_some() || s.max_rows.is_some())
+                {
+                    last_prune = Instant::now();
+                    let before = s
+                        .max_age
+                        .map(|age| now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+                    let max_rows = s.max_rows.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+                    match sink.prune(before, max_rows) {
+                        Ok(0) => {}
+                        Ok(n) => log::info!("audit retention removed {n} records"),
+                        Err(e) => log::warn!("audit retention failed: {e}"),
+                    }
+                }
+                if closed {
+                    break;
+                }
+            }
+            drop(alerts);
+            // Give pending alerts a bounded time to go out.
+            let _ = webhook.join();
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer's state, passed by parts"
+)]
+fn write_batch(
+    sink: &mut dyn Sink,
+    batch: &mut Vec<Pending>,
+    sidecar: &str,
+    seq: &mut i64,
+    head: &mut String,
+    detector: &mut Detector,
+    metrics: &AuditMetrics,
+    alerts: &mpsc::Sender<super::sink::AnomalyRow>,
+    queued_bytes: &AtomicUsize,
+) {
+    let mut stored = Vec::with_capacity(batch.len());
+    let mut anomalies = Vec::new();
+    let (mut next_seq, mut prev) = (*seq, head.clone());
+    for p in batch.drain(..) {
+        let mut record = p.record;
+        if let Some(body) = p.body {
+            queued_bytes.fetch_sub(body.len(), Ordering::Relaxed);
+            record.request_hash = Some(request_hash(&body));
+        }
+        next_seq += 1;
+        let hash = record.chain_hash(sidecar, next_seq, &prev);
+        anomalies.extend(detector.observe(&record));
+        stored.push(Stored {
+            sidecar: sidecar.to_string(),
+            seq: next_seq,
+            prev_hash: std::mem::replace(&mut prev, hash.clone()),
+            hash,
+            record,
+        });
+    }
+    // A failed commit is retried: the database may be restarting.
+    for attempt in 0..5u32 {
+        match sink.write(&stored, &anomalies) {
+            Ok(()) => {
+                *seq = next_seq;
+                *head = prev;
+                metrics.written.inc_by(stored.len() as u64);
+                for a in anomalies {
+                    log::warn!("anomaly {}: {}", a.rule, a.detail);
+                    metrics
+                        .anomalies
+                        .with_label_values(&[
+                            a.rule.as_str(),
+                            a.tenant.as_deref().unwrap_or("global"),
+                        ])
+                        .inc();
+                    // The alert queue is bounded; an alert that does not fit is still stored and logged.
+                    let _ = alerts.try_send(a);
+                }
+                return;
+            }
+            Err(e) => {
+                metrics.write_errors.inc();
+                log::error!("audit write failed (attempt {}): {e}", attempt + 1);
+                std::thread::sleep(Duration::from_millis(200 * 2u64.pow(attempt)));
+            }
+        }
+    }
+    log::error!(
+        "audit: {} records could not be written and are dropped",
+        stored.len()
+    );
+    metrics.dropped.inc_by(stored.len() as u64);
+}

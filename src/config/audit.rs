@@ -1,0 +1,269 @@
+//! The `audit` section: where records go, how the writer batches, what it
+//! keeps, and the anomaly rules.
+
+use super::Validator;
+use super::raw::{RawAnomalies, RawAudit};
+use crate::audit::sink::SinkSpec;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    /// `None`: auditing is off.
+    pub sink: Option<SinkSpec>,
+    pub sidecar_id: String,
+    pub queue: usize,
+    /// Request bodies waiting to be hashed, at most.
+    pub queue_bytes: usize,
+    pub batch: usize,
+    pub flush_interval: Duration,
+    /// Wait for room instead of dropping when the queue is full.
+    pub block_when_full: bool,
+    pub preview_bytes: usize,
+    pub max_age: Option<Duration>,
+    pub max_rows: Option<u64>,
+    pub prune_every: Duration,
+    pub anomalies: AnomalySettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalySettings {
+    pub window: Duration,
+    pub tenant_requests: Option<u64>,
+    pub global_requests: Option<u64>,
+    pub failure_ratio: f64,
+    pub failure_min_requests: u64,
+    pub tenant_cost_per_hour_nano: Option<u64>,
+    pub global_cost_per_hour_nano: Option<u64>,
+    pub tokens_per_request: Option<u64>,
+    pub repeats: Option<u64>,
+    pub zscore: f64,
+    pub webhook: Option<Webhook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl Default for AnomalySettings {
+    fn default() -> Self {
+        AnomalySettings {
+            window: Duration::from_secs(60),
+            tenant_requests: None,
+            global_requests: None,
+            failure_ratio: 0.5,
+            failure_min_requests: 20,
+            tenant_cost_per_hour_nano: None,
+            global_cost_per_hour_nano: None,
+            tokens_per_request: None,
+            repeats: None,
+            zscore: 4.0,
+            webhook: None,
+        }
+    }
+}
+
+/// The sidecar's name in records: the pod's host name by default.
+fn default_sidecar_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "collie".to_string())
+}
+
+impl Validator<'_> {
+    pub(super) fn audit(&mut self, raw: Option<serde_yaml_ng::Value>) -> AuditSettings {
+        let a: RawAudit = raw.and_then(|v| self.item("audit", v)).unwrap_or_default();
+        let sink = match a.sink.as_deref() {
+            None | Some("sqlite") => Some(SinkSpec::Sqlite(
+                a.sqlite_path
+                    .clone()
+                    .unwrap_or_else(|| "collie-audit.db".into())
+                    .into(),
+            )),
+            Some("postgres") => match &a.postgres_url_env {
+                None => {
+                    self.error(
+                        "audit.postgres_url_env",
+                        "needed for the postgres sink: the variable holding its URL",
+                    );
+                    None
+                }
+                Some(name) => match (self.env)(name) {
+                    Some(url) if !url.trim().is_empty() => Some(SinkSpec::Postgres {
+                        url: url.trim().to_string(),
+                        schema: a.postgres_schema.clone(),
+                    }),
+                    _ => {
+                        self.error(
+                            "audit.postgres_url_env",
+                            format!("environment variable `{name}` is not set"),
+                        );
+                        None
+                    }
+                },
+            },
+            Some("off") => None,
+            Some(other) => {
+                self.error(
+                    "audit.sink",
+                    format!("unknown sink `{other}`; use sqlite, postgres or off"),
+                );
+                None
+            }
+        };
+        if let Some(s) = &a.postgres_schema {
+            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                self.error("audit.postgres_schema", "letters, digits and _ only");
+            }
+        }
+        let when_full = match a.when_full.as_deref() {
+            None | Some("drop") => false,
+            Some("block") => true,
+            Some(other) => {
+                self.error(
+                    "audit.when_full",
+                    format!("unknown policy `{other}`; use drop or block"),
+                );
+                false
+            }
+        };
+        let queue_bytes = match &a.queue_bytes {
+            None => 64 << 20,
+            Some(size) => super::parse_size(size).unwrap_or_else(|m| {
+                self.error("audit.queue_bytes", m);
+                64 << 20
+            }),
+        };
+        let (max_age, max_rows, prune_every) = match &a.retention {
+            None => (
+                Some(Duration::from_secs(30 * 86_400)),
+                None,
+                Duration::from_secs(60),
+            ),
+            Some(r) => (
+                r.max_age
+                    .as_ref()
+                    .map(|_| self.duration("audit.retention.max_age", &r.max_age, Duration::ZERO)),
+                self.optional_positive("audit.retention.max_rows", r.max_rows),
+                self.duration("audit.retention.every", &r.every, Duration::from_secs(60)),
+            ),
+        };
+        AuditSettings {
+            sink,
+            sidecar_id: a.sidecar_id.clone().unwrap_or_else(default_sidecar_id),
+            queue: self.positive("audit.queue", a.queue, 10_000),
+            queue_bytes,
+            batch: self.positive("audit.batch", a.batch, 256),
+            flush_interval: self.duration(
+                "audit.flush_interval",
+                &a.flush_interval,
+                Duration::from_millis(100),
+            ),
+            block_when_full: when_full,
+            preview_bytes: match a.preview_bytes {
+                None => 0,
+                Some(n) if n >= 0 => usize::try_from(n).unwrap_or(0).min(64 << 10),
+                Some(_) => {
+                    self.error("audit.preview_bytes", "must be ≥ 0");
+                    0
+                }
+            },
+            max_age,
+            max_rows,
+            prune_every,
+            anomalies: a
+                .anomalies
+                .as_ref()
+                .map(|r| self.anomalies(r))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn anomalies(&mut self, r: &RawAnomalies) -> AnomalySettings {
+        let d = AnomalySettings::default();
+        let usd = |v: &mut Self, path: &str, usd: Option<f64>| -> Option<u64> {
+            let usd = usd?;
+            if !usd.is_finite() || usd <= 0.0 {
+                v.error(path, "must be a positive amount of USD");
+                return None;
+            }
+            Some((usd * 1e9).round() as u64)
+        };
+        let failure_ratio = match r.failure_ratio {
+            None => d.failure_ratio,
+            Some(f) if f > 0.0 && f <= 1.0 => f,
+            Some(_) => {
+                self.error(
+                    "audit.anomalies.failure_ratio",
+                    "must be a fraction in (0, 1]",
+                );
+                d.failure_ratio
+            }
+        };
+        let zscore = match r.zscore {
+            None => d.zscore,
+            Some(z) if z > 0.0 => z,
+            Some(_) => {
+                self.error("audit.anomalies.zscore", "must be > 0");
+                d.zscore
+            }
+        };
+        let webhook = r.webhook.as_ref().map(|w| {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                self.error(
+                    "audit.anomalies.webhook.url",
+                    "must be an http or https URL",
+                );
+            }
+            Webhook {
+                url: w.url.clone(),
+                timeout: self.duration(
+                    "audit.anomalies.webhook.timeout",
+                    &w.timeout,
+                    Duration::from_secs(5),
+                ),
+                retries: self
+                    .optional_positive("audit.anomalies.webhook.retries", w.retries)
+                    .map_or(5, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            }
+        });
+        AnomalySettings {
+            window: self.duration("audit.anomalies.window", &r.window, d.window),
+            tenant_requests: self
+                .optional_positive("audit.anomalies.tenant_requests", r.tenant_requests),
+            global_requests: self
+                .optional_positive("audit.anomalies.global_requests", r.global_requests),
+            failure_ratio,
+            failure_min_requests: self
+                .optional_positive(
+                    "audit.anomalies.failure_min_requests",
+                    r.failure_min_requests,
+                )
+                .unwrap_or(d.failure_min_requests),
+            tenant_cost_per_hour_nano: usd(
+                self,
+                "audit.anomalies.tenant_cost_per_hour_usd",
+                r.tenant_cost_per_hour_usd,
+            ),
+            global_cost_per_hour_nano: usd(
+                self,
+                "audit.anomalies.global_cost_per_hour_usd",
+                r.global_cost_per_hour_usd,
+            ),
+            tokens_per_request: self
+                .optional_positive("audit.anomalies.tokens_per_request", r.tokens_per_request),
+            repeats: self.optional_positive("audit.anomalies.repeats", r.repeats),
+            zscore,
+            webhook,
+        }
+    }
+}
