@@ -38,6 +38,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 MOCK_PORT, BARE_PORT, NGINX_PORT, COLLIE_PORT, ADMIN_PORT = 9201, 8181, 8182, 8183, 9183
+NOAUDIT_PORT, NOAUDIT_ADMIN, PG_PORT, PG_ADMIN = 8184, 9184, 8185, 9185
+PG_URL = "postgres://postgres@127.0.0.1:5432/test"
+# Layout L1 (default): proxy pinned to CPU0 with one worker thread, mock and
+# load on CPU1. L3 (--layout l3): nothing pinned, default worker threads.
+PIN = True
+THREADS = "1"
 BENCH_KEY = "sk-bench"
 KEY_DIGEST = "c00397de4384b5bbaf14c02fe1ec7020d28d1eeab6a722c576c84b6678c41c29"
 
@@ -78,11 +84,12 @@ def stream_body():
     return json.dumps({"messages": [{"role": "user", "content": "stream please"}], "max_tokens": 16, "stream": True, "model": "bench"})
 
 
-def collie_config(path, tenants):
+def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}"):
     lines = [
-        f"listen: 127.0.0.1:{COLLIE_PORT}",
-        f"admin_listen: 127.0.0.1:{ADMIN_PORT}",
-        "threads: 1",
+        f"listen: 127.0.0.1:{port or COLLIE_PORT}",
+        f"admin_listen: 127.0.0.1:{admin or ADMIN_PORT}",
+        f"threads: {THREADS}",
+        f"audit: {audit}",
         "quota:",
         "  rebalance: {enabled: true}",
         "  defaults: {rpm: 100000000, tpm: 100000000000, requests_per_day: 1000000000, usd_per_day: 1000000.0}",
@@ -137,7 +144,7 @@ class Procs:
         self.procs = {}
 
     def start(self, name, cmd, cpus, port, env=None):
-        full = ["taskset", "-c", cpus] + cmd
+        full = (["taskset", "-c", cpus] if PIN else []) + cmd
         p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
         self.procs[name] = p
         wait_port(port)
@@ -187,7 +194,8 @@ end
 
 
 def wrk(port, script, duration, conns=64):
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script,
+    pin = ["taskset", "-c", "1"] if PIN else []
+    out = subprocess.run(pin + ["wrk", "-t1" if PIN else "-t2", f"-c{conns}", f"-d{duration}s", "-s", script,
                           f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True).stdout
     m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+)", out)
     if not m:
@@ -197,7 +205,7 @@ def wrk(port, script, duration, conns=64):
 
 
 def oha(port, body_file, headers, rate, duration):
-    cmd = ["taskset", "-c", "1", "oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-q", str(rate),
+    cmd = (["taskset", "-c", "1"] if PIN else []) + ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-q", str(rate),
            "--latency-correction", "-c", "32", "-m", "POST", "-D", body_file, "-T", "application/json"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
@@ -210,15 +218,29 @@ def oha(port, body_file, headers, rate, duration):
     return pct["p50"] * 1e6, pct["p99"] * 1e6, errors
 
 
+def sse_probe(port, headers, n=300):
+    """TTFT and inter-event gaps of streamed responses at concurrency 1."""
+    cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/sse-probe", "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
+           "-n", str(n), "-c", "1", "--json", "--body", stream_body()]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+    return json.loads(out[-1]) if out else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scenarios", default="small,large,stream,tenants")
-    ap.add_argument("--arms", default="direct,bare,nginx,collie")
+    ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--layout", default="l1", choices=["l1", "l3"])
     args = ap.parse_args()
+    global PIN, THREADS
+    if args.layout == "l3":
+        PIN, THREADS = False, str(os.cpu_count() or 2)
     if args.quick:
         args.rounds, args.duration = 1, 3
     for tool in ("wrk", "nginx", "oha", "taskset"):
@@ -230,21 +252,32 @@ def main():
     clk = os.sysconf("SC_CLK_TCK")
     try:
         procs.start("mock", [f"{REL}/collie", "mock", "--listen", f"127.0.0.1:{MOCK_PORT}"], "1", MOCK_PORT)
-        procs.start("bare", [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{BARE_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", "1"], "0", BARE_PORT)
+        procs.start("bare", [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{BARE_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", THREADS], "0", BARE_PORT)
         nginx_dir = os.path.join(tmp, "nginx")
         os.makedirs(nginx_dir)
         with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
             f.write(NGINX_CONF.format(dir=nginx_dir, mock=MOCK_PORT, port=NGINX_PORT))
         procs.start("nginx", ["/usr/sbin/nginx", "-c", os.path.join(nginx_dir, "nginx.conf"), "-p", nginx_dir], "0", NGINX_PORT)
         n_tenants = 1000 if "tenants" in args.scenarios else 0
-        conf = os.path.join(tmp, "collie.yaml")
-        collie_config(conf, n_tenants)
-        collie = procs.start("collie", [f"{REL}/collie", "run", "--config", conf], "0", COLLIE_PORT,
-                             env={**os.environ, "RUST_LOG": "warn"})
+        env = {**os.environ, "RUST_LOG": "warn", "COLLIE_BENCH_PG": PG_URL}
+        # collie: the full policy, audit to SQLite; collie-noaudit: the same
+        # without the audit trail; collie-pg: audit to PostgreSQL.
+        variants = {
+            "collie": (COLLIE_PORT, ADMIN_PORT, "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db")),
+            "collie-noaudit": (NOAUDIT_PORT, NOAUDIT_ADMIN, "{sink: off}"),
+            "collie-pg": (PG_PORT, PG_ADMIN, "{sink: postgres, postgres_url_env: COLLIE_BENCH_PG, postgres_schema: collie_bench}"),
+        }
+        ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT}
+        pids = {"direct": procs.procs["mock"].pid, "bare": procs.procs["bare"].pid, "nginx": procs.procs["nginx"].pid}
+        for name, (port, admin, audit) in variants.items():
+            if name not in args.arms.split(","):
+                continue
+            conf = os.path.join(tmp, f"{name}.yaml")
+            collie_config(conf, n_tenants, port, admin, audit)
+            p = procs.start(name, [f"{REL}/collie", "run", "--config", conf], "0", port, env=env)
+            ports[name], pids[name] = port, p.pid
+        collie = procs.procs.get("collie") or procs.procs.get("collie-noaudit")
         rss_idle = rss_kib(collie.pid)
-        ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT, "collie": COLLIE_PORT}
-        pids = {"direct": procs.procs["mock"].pid, "bare": procs.procs["bare"].pid,
-                "nginx": procs.procs["nginx"].pid, "collie": collie.pid}
         headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
         scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
         arms = args.arms.split(",")
@@ -256,7 +289,7 @@ def main():
             script = os.path.join(tmp, f"{name}.lua")
             if name == "tenants":
                 tenants_lua(script, body, n_tenants, zipf=True)
-                run_arms = ["collie"]
+                run_arms = [a for a in arms if a.startswith("collie")]
             else:
                 lua_script(script, body, headers)
                 run_arms = arms
@@ -271,14 +304,16 @@ def main():
                     reqs, errors, rps = wrk(ports[arm], script, args.duration)
                     busy = (cpu_ticks(pid) - t0) / clk / (time.time() - w0)
                     cpu_us = (cpu_ticks(pid) - t0) / clk * 1e6 / max(reqs, 1)
-                    if name in ("small", "large") or arm == "collie":
+                    probe = sse_probe(ports[arm], headers) if name == "stream" else None
+                    if name in ("small", "large") or arm.startswith("collie"):
                         p50, p99, lat_err = oha(ports[arm], body_file, headers if name != "tenants" else {"X-Tenant-ID": "t0", "Authorization": "Bearer sk-t0"}, 1000, args.duration)
                     else:
                         p50 = p99 = lat_err = None
                     r = results.setdefault(name, {}).setdefault(arm, [])
-                    r.append({"rps": rps, "errors": errors, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err})
-                    print(f"{name:8} {arm:7} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
-                          f"p50 {p50 if p50 is None else round(p50)} µs  p99 {p99 if p99 is None else round(p99)} µs  errors {errors}/{lat_err}", flush=True)
+                    r.append({"rps": rps, "errors": errors, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err, "sse": probe})
+                    print(f"{name:8} {arm:14} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
+                          f"p50 {p50 if p50 is None else round(p50)} µs  p99 {p99 if p99 is None else round(p99)} µs  errors {errors}/{lat_err}"
+                          + (f"  sse ttft p50/p99 {probe['ttft_p50_us']}/{probe['ttft_p99_us']} µs gap p99 {probe['gap_p99_us']} µs errors {probe['errors']} incomplete {probe['incomplete']} usage {probe['with_usage']}/{probe['streams']}" if probe else ""), flush=True)
         rss_steady = rss_kib(collie.pid)
         results["rss_kib"] = {"idle": rss_idle, "after": rss_steady, "tenants": n_tenants}
     finally:
@@ -293,7 +328,7 @@ def main():
         for arm, rs in by_arm.items():
             med = lambda k: statistics.median([r[k] for r in rs if r[k] is not None]) if any(r[k] is not None for r in rs) else None
             rps = med("rps")
-            line = f"{name:8} {arm:7} {rps:9.0f} req/s ({min(r['rps'] for r in rs):.0f}..{max(r['rps'] for r in rs):.0f})  cpu {med('cpu_us'):.1f} µs/req  busy {med('busy'):.0%}"
+            line = f"{name:8} {arm:14} {rps:9.0f} req/s ({min(r['rps'] for r in rs):.0f}..{max(r['rps'] for r in rs):.0f})  cpu {med('cpu_us'):.1f} µs/req  busy {med('busy'):.0%}"
             if "bare" in by_arm and arm != "bare":
                 line += f"  vs bare {rps / statistics.median([r['rps'] for r in by_arm['bare']]):.2f}x"
             if med("p50_us") is not None:
@@ -301,6 +336,9 @@ def main():
                 if direct and arm != "direct" and direct[0]["p50_us"] is not None:
                     line += f"  (added p50 {med('p50_us') - statistics.median([r['p50_us'] for r in direct]):+.0f} µs, p99 {med('p99_us') - statistics.median([r['p99_us'] for r in direct]):+.0f} µs)"
             line += f"  errors {sum(r['errors'] for r in rs)}"
+            probes = [r["sse"] for r in rs if r.get("sse")]
+            if probes:
+                line += f"  sse ttft p50 {statistics.median(p['ttft_p50_us'] for p in probes):.0f} p99 {statistics.median(p['ttft_p99_us'] for p in probes):.0f} µs, gap p99 {statistics.median(p['gap_p99_us'] for p in probes):.0f} µs, stream errors {sum(p['errors'] + p['incomplete'] for p in probes)}"
             if med("busy") < 0.95 and arm != "direct":
                 line += "  [proxy core <95% busy: not a ceiling]"
             print(line)

@@ -21,7 +21,7 @@ mod writer;
 use crate::config::AuditSettings;
 use crate::gateway::RequestCtx;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
-use record::{Pending, Record};
+use record::Pending;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
@@ -86,21 +86,20 @@ pub struct Auditor {
 impl Auditor {
     /// Queue the record of a finished request. Never waits unless the
     /// configured policy is `block`.
-    pub async fn submit(&self, ctx: &RequestCtx) {
-        let mut record = Record::from_ctx(ctx);
-        let mut body = ctx.body.clone();
-        if let Some(b) = &body {
+    pub async fn submit(&self, ctx: &mut RequestCtx) {
+        let mut pending = Pending::take(ctx);
+        if let Some(b) = &pending.body {
             // Bodies waiting to be hashed are bounded; past the bound the
             // hash is taken here instead.
             let queued = self.queued_bytes.fetch_add(b.len(), Ordering::Relaxed);
             if queued + b.len() > self.max_bytes {
                 self.queued_bytes.fetch_sub(b.len(), Ordering::Relaxed);
-                record.request_hash = Some(record::request_hash(b));
-                body = None;
+                pending.request_hash = Some(record::request_hash(b));
+                pending.body = None;
             }
         }
-        let body_len = body.as_ref().map_or(0, |b| b.len());
-        let msg = writer::Msg::Record(Box::new(Pending { record, body }));
+        let body_len = pending.body.as_ref().map_or(0, |b| b.len());
+        let msg = writer::Msg::Record(Box::new(pending));
         let sent = if self.block {
             self.tx.send(msg).await.is_ok()
         } else {

@@ -289,6 +289,7 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         spend::settle(ctx);
         self.metrics.record(ctx);
+        // Last: the record takes what it needs out of the context.
         if let Some(a) = &self.auditor {
             a.submit(ctx).await;
         }

@@ -2,11 +2,16 @@
 //! logging phase; its request hash and chain hash are computed later, off
 //! the hot path, by the writer.
 
-use crate::gateway::RequestCtx;
+use crate::gateway::exchange::Attempt;
+use crate::gateway::{Endpoint, RequestCtx};
+use crate::state::Snapshot;
+use crate::usage::Usage;
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::time::UNIX_EPOCH;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A request as recorded. Never holds a key, an `Authorization` value or a
 /// provider's error body: none of them is ever put into the context.
@@ -43,11 +48,33 @@ pub struct Record {
     pub error: Option<String>,
 }
 
-/// A record waiting in the queue: the body it will be hashed from travels
-/// with it (shared, not copied).
+/// What the request path hands over: the request's facts, moved out of its
+/// context (no copies, no formatting), turned into a [`Record`] and hashed by
+/// the writer.
 pub struct Pending {
-    pub record: Record,
+    snapshot: Arc<Snapshot>,
+    started_at: SystemTime,
+    latency: Duration,
+    ttft: Option<Duration>,
+    request_id: String,
+    tenant: Option<usize>,
+    client_ip: Option<IpAddr>,
+    endpoint: Endpoint,
+    requested_model: Option<String>,
+    served: Option<usize>,
+    attempts: Vec<Attempt>,
+    status: u16,
+    refused_by: Option<String>,
+    error: Option<&'static str>,
+    usage: Option<Usage>,
+    usage_estimated: bool,
+    streamed: bool,
+    truncated: bool,
+    client_gone: bool,
+    preview: Option<Vec<u8>>,
     pub body: Option<Bytes>,
+    /// Set when the body was hashed on the request path (queue over its byte budget).
+    pub request_hash: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -56,12 +83,41 @@ struct AttemptJson<'a> {
     outcome: String,
 }
 
-impl Record {
-    pub fn from_ctx(ctx: &RequestCtx) -> Record {
-        let snap = &ctx.snapshot;
+impl Pending {
+    /// Take the facts of a finished request (`logging` is its last phase).
+    pub fn take(ctx: &mut RequestCtx) -> Pending {
+        Pending {
+            snapshot: Arc::clone(&ctx.snapshot),
+            started_at: ctx.started_at,
+            latency: ctx.started.elapsed(),
+            ttft: ctx.first_byte.map(|t| t.duration_since(ctx.started)),
+            request_id: std::mem::take(&mut ctx.id),
+            tenant: ctx.tenant,
+            client_ip: ctx.client_ip,
+            endpoint: ctx.endpoint,
+            requested_model: ctx.requested_model.take(),
+            served: ctx.served,
+            attempts: std::mem::take(&mut ctx.attempts),
+            status: ctx.status,
+            refused_by: ctx.refused_by.take(),
+            error: ctx.error,
+            usage: ctx.usage,
+            usage_estimated: ctx.usage_estimated,
+            streamed: ctx.streamed,
+            truncated: ctx.truncated,
+            client_gone: ctx.client_gone,
+            preview: ctx.preview.take(),
+            body: ctx.body.take(),
+            request_hash: None,
+        }
+    }
+
+    /// The record (its request hash still to be set from `body`).
+    pub fn into_record(self) -> (Record, Option<Bytes>) {
+        let snap = &self.snapshot;
         let upstream = |i: usize| snap.router.upstreams.get(i);
-        let served = ctx.served.and_then(upstream);
-        let attempts: Vec<AttemptJson<'_>> = ctx
+        let served = self.served.and_then(upstream);
+        let attempts: Vec<AttemptJson<'_>> = self
             .attempts
             .iter()
             .map(|a| AttemptJson {
@@ -72,60 +128,60 @@ impl Record {
                 },
             })
             .collect();
-        let admitted = !ctx.attempts.is_empty();
-        let rule = ctx
-            .refused_by
-            .clone()
-            .or_else(|| ctx.error.map(str::to_string));
+        let admitted = !self.attempts.is_empty();
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let usage = ctx.usage;
-        Record {
-            ts_ms: ctx
+        let usage = self.usage;
+        let record = Record {
+            ts_ms: self
                 .started_at
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            request_id: ctx.id.clone(),
-            tenant: ctx
+            request_id: self.request_id,
+            tenant: self
                 .tenant
                 .and_then(|t| snap.config.tenants.get(t))
                 .map(|t| t.id.clone()),
-            client_ip: ctx.client_ip.map(|ip| ip.to_string()),
-            endpoint: ctx.endpoint.label().to_string(),
-            requested_model: ctx.requested_model.clone(),
+            client_ip: self.client_ip.map(|ip| ip.to_string()),
+            endpoint: self.endpoint.label().to_string(),
+            requested_model: self.requested_model,
             served_model: served.map(|u| u.model.clone()),
             deployment: served.map(|u| u.id.clone()),
             attempts: serde_json::to_string(&attempts).unwrap_or_else(|_| "[]".into()),
-            status: i64::from(ctx.status),
+            status: i64::from(self.status),
             decision: if admitted { "admitted" } else { "refused" }.to_string(),
-            rule: if admitted { None } else { rule },
+            rule: if admitted {
+                None
+            } else {
+                self.refused_by.or_else(|| self.error.map(str::to_string))
+            },
             prompt_tokens: usage.and_then(|u| u.prompt_tokens).map(as_i64),
             completion_tokens: usage.and_then(|u| u.completion_tokens).map(as_i64),
             total_tokens: usage.and_then(|u| u.total()).map(as_i64),
-            usage_estimated: ctx.usage_estimated,
+            usage_estimated: self.usage_estimated,
             cost_nano: usage
                 .zip(served)
                 .and_then(|(u, s)| u.cost_nano_usd(s.price))
                 .map(as_i64),
-            latency_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
-            ttft_ms: ctx
-                .first_byte
-                .map(|t| t.duration_since(ctx.started).as_secs_f64() * 1e3),
-            streamed: ctx.streamed,
-            truncated: ctx.truncated,
-            client_gone: ctx.client_gone,
-            request_hash: None,
-            response_preview: ctx
+            latency_ms: self.latency.as_secs_f64() * 1e3,
+            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
+            streamed: self.streamed,
+            truncated: self.truncated,
+            client_gone: self.client_gone,
+            request_hash: self.request_hash,
+            response_preview: self
                 .preview
-                .as_ref()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
-            error: if admitted && (200..400).contains(&ctx.status) {
+                .map(|p| String::from_utf8_lossy(&p).into_owned()),
+            error: if admitted && (200..400).contains(&self.status) {
                 None
             } else {
-                ctx.error.map(str::to_string)
+                self.error.map(str::to_string)
             },
-        }
+        };
+        (record, self.body)
     }
+}
 
+impl Record {
     /// The hash chaining this record to the one before it (same sidecar):
     /// SHA-256 over the previous hash, the position and every field.
     pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {

@@ -432,16 +432,38 @@ fn stored_from_pg(row: &postgres::Row) -> Stored {
 impl Sink for Postgres {
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), String> {
         let mut tx = self.client.transaction().map_err(pg)?;
-        let stmt = tx
-            .prepare(&format!(
-                "INSERT INTO audit_records ({COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29)"
-            ))
-            .map_err(pg)?;
-        for s in records {
-            let r = &s.record;
-            tx.execute(
-                &stmt,
-                &[
+        // One statement per thousand rows: a round trip per batch, not per row.
+        for chunk in records.chunks(1000) {
+            let flags: Vec<[i64; 4]> = chunk
+                .iter()
+                .map(|s| {
+                    let r = &s.record;
+                    [
+                        b(r.usage_estimated),
+                        b(r.streamed),
+                        b(r.truncated),
+                        b(r.client_gone),
+                    ]
+                })
+                .collect();
+            let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
+            let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                Vec::with_capacity(chunk.len() * 29);
+            for (i, (s, f)) in chunk.iter().zip(&flags).enumerate() {
+                let r = &s.record;
+                if i > 0 {
+                    sql.push(',');
+                }
+                let base = i * 29;
+                sql.push('(');
+                for k in 1..=29 {
+                    if k > 1 {
+                        sql.push(',');
+                    }
+                    sql.push_str(&format!("${}", base + k));
+                }
+                sql.push(')');
+                params.extend_from_slice(&[
                     &s.sidecar,
                     &s.seq,
                     &s.prev_hash,
@@ -461,19 +483,19 @@ impl Sink for Postgres {
                     &r.prompt_tokens,
                     &r.completion_tokens,
                     &r.total_tokens,
-                    &b(r.usage_estimated),
+                    &f[0],
                     &r.cost_nano,
                     &r.latency_ms,
                     &r.ttft_ms,
-                    &b(r.streamed),
-                    &b(r.truncated),
-                    &b(r.client_gone),
+                    &f[1],
+                    &f[2],
+                    &f[3],
                     &r.request_hash,
                     &r.response_preview,
                     &r.error,
-                ],
-            )
-            .map_err(pg)?;
+                ]);
+            }
+            tx.execute(sql.as_str(), &params).map_err(pg)?;
         }
         for a in anomalies {
             tx.execute(

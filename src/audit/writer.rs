@@ -53,15 +53,37 @@ pub(super) fn spawn(
             let mut detector = Detector::new(s.anomalies.clone(), &s.sidecar_id);
             let mut batch: Vec<Pending> = Vec::with_capacity(s.batch);
             let mut last_prune = Instant::now();
-            let mut last_flush = Instant::now();
             loop {
-                let msg = rx.blocking_recv();
-                let closed = msg.is_none();
-                if let Some(Msg::Record(p)) = msg {
+                // Wake once for the first record, then let the rest of the
+                // interval's records gather in the queue: one wake-up and one
+                // transaction per batch, not per record.
+                let first = rx.blocking_recv();
+                let closed = first.is_none();
+                if let Some(Msg::Record(p)) = first {
                     batch.push(*p);
+                    let deadline = Instant::now() + s.flush_interval;
+                    loop {
+                        while batch.len() < s.batch {
+                            match rx.try_recv() {
+                                Ok(Msg::Record(p)) => batch.push(*p),
+                                Ok(Msg::Tick) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let now = Instant::now();
+                        if batch.len() >= s.batch || now >= deadline || rx.is_closed() {
+                            break;
+                        }
+                        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+                    }
                 }
-                let due = last_flush.elapsed() >= s.flush_interval;
-                if !batch.is_empty() && (batch.len() >= s.batch || due || closed) {
+                // Anything left when the queue closed.
+                while let Ok(m) = rx.try_recv() {
+                    if let Msg::Record(p) = m {
+                        batch.push(*p);
+                    }
+                }
+                if !batch.is_empty() {
                     let n = batch.len();
                     write_batch(
                         &mut *sink,
@@ -75,9 +97,6 @@ pub(super) fn spawn(
                         &queued_bytes,
                     );
                     metrics.queued.sub(i64::try_from(n).unwrap_or(0));
-                    last_flush = Instant::now();
-                } else if batch.is_empty() {
-                    last_flush = Instant::now();
                 }
                 if last_prune.elapsed() >= s.prune_every
                     && (s.max_age.is_some() || s.max_rows.is_some())
@@ -129,8 +148,8 @@ fn write_batch(
     let mut anomalies = Vec::new();
     let (mut next_seq, mut prev) = (*seq, head.clone());
     for p in batch.drain(..) {
-        let mut record = p.record;
-        if let Some(body) = p.body {
+        let (mut record, body) = p.into_record();
+        if let Some(body) = body {
             queued_bytes.fetch_sub(body.len(), Ordering::Relaxed);
             record.request_hash = Some(request_hash(&body));
         }

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Memory per tenant: RSS of an idle `collie run` with 1, 1k, 10k and 100k
+tenants (each with its quota ledger), after start and after every tenant has
+sent one request. Usage: bench/memory.py [--counts 1,1000,10000,100000]"""
+
+import argparse
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--counts", default="1,1000,10000,100000")
+    ap.add_argument("--touch", type=int, default=1000, help="tenants that send one request each")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="collie-mem-")
+    mock = subprocess.Popen([f"{run.REL}/collie", "mock", "--listen", f"127.0.0.1:{run.MOCK_PORT}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run.wait_port(run.MOCK_PORT)
+    results = []
+    try:
+        for n in [int(c) for c in args.counts.split(",")]:
+            conf = os.path.join(tmp, f"c{n}.yaml")
+            run.collie_config(conf, n)
+            t0 = time.time()
+            p = subprocess.Popen([f"{run.REL}/collie", "run", "--config", conf], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+            run.wait_port(run.COLLIE_PORT, timeout=300)
+            started = time.time() - t0
+            time.sleep(1)
+            idle = run.rss_kib(p.pid)
+            body = run.chat_body(300)
+            touch = min(n, args.touch)
+            for i in range(touch):
+                s = socket.create_connection(("127.0.0.1", run.COLLIE_PORT))
+                s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: t{i}\r\nAuthorization: Bearer sk-t{i}\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode())
+                while s.recv(65536):
+                    pass
+                s.close()
+            used = run.rss_kib(p.pid)
+            p.kill()
+            p.wait()
+            results.append((n, started, idle, used, touch))
+            print(f"{n:>7} tenants: start {started:5.1f} s, RSS idle {idle} KiB, after {touch} tenants sent a request {used} KiB", flush=True)
+    finally:
+        mock.kill()
+    base = results[0]
+    for n, _, idle, used, touch in results[1:]:
+        print(f"{n:>7} tenants: {(idle - base[2]) * 1024 / (n - base[0]):.0f} bytes per configured tenant; "
+              f"{(used - idle) * 1024 / max(touch, 1):.0f} bytes per tenant that sent traffic (metrics series)")
+
+
+if __name__ == "__main__":
+    main()
