@@ -109,7 +109,13 @@ fn schema(real: &str) -> Vec<String> {
     ]
 }
 
-const DELETE_UP_TO_ANCHOR: &str = "DELETE FROM audit_records WHERE seq <= (SELECT a.seq FROM audit_chain_anchor a WHERE a.sidecar = audit_records.sidecar)";
+/// Move a sidecar's anchor to the record (sidecar, seq) about to be pruned.
+const ANCHOR_SQLITE: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
+     SELECT sidecar, seq, hash FROM audit_records WHERE sidecar = ?1 AND seq = ?2
+     ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
+const ANCHOR_PG: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
+     SELECT sidecar, seq, hash FROM audit_records WHERE sidecar = $1 AND seq = $2
+     ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
 
 fn b(v: bool) -> i64 {
     i64::from(v)
@@ -332,18 +338,31 @@ impl Sink for Sqlite {
         if cut_ts == i64::MIN {
             return Ok(0);
         }
-        // Anchor each sidecar's chain at its last record that goes.
-        tx.execute(
-            "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
-             SELECT r.sidecar, r.seq, r.hash FROM audit_records r
-             WHERE r.seq = (SELECT MAX(seq) FROM audit_records x WHERE x.sidecar = r.sidecar AND x.ts_ms < ?1)
-             ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            [cut_ts],
-        )
-        .map_err(sq)?;
-        // Cut each chain at its anchor, so what stays is always a suffix of
-        // the chain (a long request may end after a newer one started).
-        let n = tx.execute(DELETE_UP_TO_ANCHOR, []).map_err(sq)?;
+        // Per sidecar, the last record that goes (the time index finds them);
+        // each chain is cut there, so what stays is always a suffix of it (a
+        // long request may end after a newer one started).
+        let cuts: Vec<(String, i64)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < ?1 GROUP BY sidecar",
+                )
+                .map_err(sq)?;
+            let rows = stmt
+                .query_map([cut_ts], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sq)?;
+            rows.collect::<Result<_, _>>().map_err(sq)?
+        };
+        let mut n = 0;
+        for (sidecar, seq) in cuts {
+            tx.execute(ANCHOR_SQLITE, rusqlite::params![sidecar, seq])
+                .map_err(sq)?;
+            n += tx
+                .execute(
+                    "DELETE FROM audit_records WHERE sidecar = ?1 AND seq <= ?2",
+                    rusqlite::params![sidecar, seq],
+                )
+                .map_err(sq)?;
+        }
         tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < ?1", [cut_ts])
             .map_err(sq)?;
         tx.commit().map_err(sq)?;
@@ -585,15 +604,23 @@ impl Sink for Postgres {
         if cut_ts == i64::MIN {
             return Ok(0);
         }
-        tx.execute(
-            "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
-             SELECT r.sidecar, r.seq, r.hash FROM audit_records r
-             WHERE r.seq = (SELECT MAX(seq) FROM audit_records x WHERE x.sidecar = r.sidecar AND x.ts_ms < $1)
-             ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            &[&cut_ts],
-        )
-        .map_err(pg)?;
-        let n = tx.execute(DELETE_UP_TO_ANCHOR, &[]).map_err(pg)?;
+        let cuts = tx
+            .query(
+                "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < $1 GROUP BY sidecar",
+                &[&cut_ts],
+            )
+            .map_err(pg)?;
+        let mut n = 0;
+        for row in cuts {
+            let (sidecar, seq): (String, i64) = (row.get(0), row.get(1));
+            tx.execute(ANCHOR_PG, &[&sidecar, &seq]).map_err(pg)?;
+            n += tx
+                .execute(
+                    "DELETE FROM audit_records WHERE sidecar = $1 AND seq <= $2",
+                    &[&sidecar, &seq],
+                )
+                .map_err(pg)?;
+        }
         tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < $1", &[&cut_ts])
             .map_err(pg)?;
         tx.commit().map_err(pg)?;

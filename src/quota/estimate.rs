@@ -155,7 +155,7 @@ fn classify(body: &[u8]) -> Counts {
                 if expect_key {
                     c.keys += 1.0;
                 } else {
-                    classify_text(&body[i + 1..end], &mut c);
+                    classify_long_text(&body[i + 1..end], &mut c);
                 }
                 i = end + 1;
                 continue;
@@ -171,13 +171,47 @@ fn classify(body: &[u8]) -> Counts {
 fn string_end(body: &[u8], from: usize) -> usize {
     let mut i = from;
     while i < body.len() {
-        match body[i] {
-            b'\\' => i += 2,
-            b'"' => return i,
-            _ => i += 1,
+        match memchr::memchr2(b'"', b'\\', &body[i..]) {
+            None => break,
+            Some(off) if body[i + off] == b'\\' => i += off + 2,
+            Some(off) => return i + off,
         }
     }
     body.len()
+}
+
+/// Text longer than this is estimated from its first and last parts,
+/// scaled to its length: a long prompt is read once, not three times.
+const SAMPLE: usize = 16 << 10;
+
+fn classify_long_text(text: &[u8], c: &mut Counts) {
+    if text.len() <= 2 * SAMPLE {
+        return classify_text(text, c);
+    }
+    let mut sample = Counts::default();
+    classify_text(&text[..SAMPLE], &mut sample);
+    // Start the tail on a character boundary.
+    let mut tail = text.len() - SAMPLE;
+    while tail < text.len() && (text[tail] & 0xC0) == 0x80 {
+        tail += 1;
+    }
+    classify_text(&text[tail..], &mut sample);
+    let scale = text.len() as f64 / (SAMPLE + text.len() - tail) as f64;
+    c.add_scaled(&sample, scale);
+}
+
+impl Counts {
+    fn add_scaled(&mut self, o: &Counts, k: f64) {
+        self.keys += o.keys * k;
+        self.foreign_words += o.foreign_words * k;
+        self.words += o.words * k;
+        self.long_word_extra += o.long_word_extra * k;
+        self.digit_groups += o.digit_groups * k;
+        self.punct_pairs += o.punct_pairs * k;
+        self.newline_runs += o.newline_runs * k;
+        self.cjk_chars += o.cjk_chars * k;
+        self.other_chars += o.other_chars * k;
+    }
 }
 
 fn classify_text(text: &[u8], c: &mut Counts) {
@@ -283,6 +317,18 @@ mod tests {
         assert_eq!(Family::for_model("gpt-4o-mini"), Family::O200k);
         assert_eq!(Family::for_model("gpt-4-turbo"), Family::Cl100k);
         assert_eq!(Family::for_model("claude-sonnet-4"), Family::Generic);
+    }
+
+    #[test]
+    fn long_text_is_sampled_in_proportion() {
+        let body = |n: usize| {
+            let text = "The quarterly figures rose by 4.2% while costs stayed flat; see table 7. "
+                .repeat(n);
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{text}"}}]}}"#)
+        };
+        let small = prompt_tokens(body(400).as_bytes(), Family::O200k) as f64;
+        let large = prompt_tokens(body(4000).as_bytes(), Family::O200k) as f64;
+        assert!((large / small - 10.0).abs() < 0.3, "{small} → {large}");
     }
 
     #[test]
