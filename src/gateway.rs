@@ -148,6 +148,32 @@ pub struct RequestCtx {
     pub reservation: Option<crate::quota::Reservation>,
     /// The first bytes of the response, when the audit keeps a preview.
     pub preview: Option<Vec<u8>>,
+    /// Counts this request as in flight until the context is dropped.
+    _in_flight: InFlightGuard,
+}
+
+/// Requests the gateway is working on, so a graceful stop can wait for them.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(&self.0))
+    }
+}
+
+/// Dropped with the request context, whichever way the request ended.
+struct InFlightGuard(Arc<AtomicU64>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Gateway {
@@ -156,6 +182,7 @@ pub struct Gateway {
     pub connector: Connector,
     /// The audit queue, when auditing is on.
     pub auditor: Option<crate::audit::Auditor>,
+    pub in_flight: InFlight,
     ids: RequestIds,
 }
 
@@ -178,6 +205,7 @@ impl Gateway {
             metrics,
             connector: Connector::new(Some(options)),
             auditor,
+            in_flight: InFlight::default(),
             ids: RequestIds::new(),
         }
     }
@@ -260,6 +288,7 @@ impl ProxyHttp for Gateway {
             delivered_estimate: 0,
             reservation: None,
             preview: None,
+            _in_flight: self.in_flight.enter(),
         }
     }
 

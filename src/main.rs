@@ -82,7 +82,11 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        // The HTTP stack traces whole request heads and bodies, which carry
+        // provider keys and prompts: never below debug, whatever RUST_LOG says.
+        .filter_module("pingora_core::protocols", log::LevelFilter::Debug)
+        .init();
     match Cli::parse().command {
         Command::Run { config } => run(config),
         Command::CheckConfig { files } => check_config(&files),

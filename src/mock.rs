@@ -17,7 +17,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,6 +36,8 @@ pub struct Behavior {
     pub retry_after: Option<String>,
     /// Read the request and never answer.
     pub hang: bool,
+    /// Read the request, then close the connection without an answer.
+    pub reset: bool,
     /// Content words (streamed: content events).
     pub chunks: usize,
     /// Gap between streamed content events.
@@ -55,6 +56,7 @@ impl Default for Behavior {
             delay: Duration::ZERO,
             retry_after: None,
             hang: false,
+            reset: false,
             chunks: 5,
             chunk_interval: Duration::ZERO,
             break_after: None,
@@ -82,6 +84,10 @@ impl Behavior {
     }
     pub fn hang(mut self) -> Self {
         self.hang = true;
+        self
+    }
+    pub fn reset(mut self) -> Self {
+        self.reset = true;
         self
     }
     pub fn chunks(mut self, n: usize) -> Self {
@@ -375,7 +381,11 @@ fn kind(method: &http::Method, path: &str) -> Option<Kind> {
     (method == expected).then_some(k)
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+/// `Err` closes the connection without a response (the `reset` behaviour).
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, std::io::Error> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
@@ -441,6 +451,12 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     }
     if b.hang {
         std::future::pending::<()>().await;
+    }
+    if b.reset {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "mock: reset before the response head",
+        ));
     }
     if !(200..300).contains(&b.status) {
         return Ok(error_response(b.status, "mock error", &b));

@@ -4,7 +4,7 @@
 
 use crate::audit::AuditHandle;
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, InFlight};
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
 use crate::routing::health::{BreakerState, State as HealthState};
@@ -31,7 +31,11 @@ pub struct Collie {
     pub admin_listen: SocketAddr,
     server: Server,
     audit: Option<AuditHandle>,
+    in_flight: InFlight,
 }
+
+/// Longest a graceful stop waits for requests in flight, streams included.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Collie {
     /// Build every service from a validated config. `config_path` enables
@@ -44,10 +48,14 @@ impl Collie {
             .map_err(|e| format!("admin_listen: {e}"))?;
         let conf = ServerConf {
             threads: config.threads,
-            // Stop accepting at once on SIGTERM, then give requests in flight
-            // (streams included) up to 30 s to finish.
-            grace_period_seconds: Some(0),
-            graceful_shutdown_timeout_seconds: Some(30),
+            // A graceful stop first waits for the requests in flight (see
+            // `Drain`); the grace period after that is for a request that
+            // arrived on a kept-alive connection in the same instant. The
+            // runtime shutdown that follows drops unfinished tasks (its
+            // timeout only covers blocking threads), so the waiting must
+            // happen before it.
+            grace_period_seconds: Some(1),
+            graceful_shutdown_timeout_seconds: Some(1),
             upstream_keepalive_pool_size: config.upstream_keepalive_pool,
             ..ServerConf::default()
         };
@@ -79,6 +87,7 @@ impl Collie {
             None => (None, None),
         };
         let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics), auditor);
+        let in_flight = gateway.in_flight.clone();
         let server_conf = Arc::clone(&server.configuration);
         let mut options = HttpServerOptions::default();
         // Clients on the same host may speak HTTP/2 without TLS.
@@ -127,6 +136,7 @@ impl Collie {
             admin_listen,
             server,
             audit,
+            in_flight,
         })
     }
 
@@ -137,7 +147,12 @@ impl Collie {
             self.listen,
             self.admin_listen
         );
-        self.server.run(RunArgs::default());
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(Drain {
+                signal: UnixSignals,
+                in_flight: self.in_flight,
+            }),
+        });
         // The server is gone with every request it held: write the rest.
         if let Some(a) = self.audit {
             a.join();
@@ -154,11 +169,15 @@ impl Collie {
         let metrics = Arc::clone(&self.metrics);
         let server = self.server;
         let audit = self.audit;
+        let in_flight = self.in_flight;
         let thread = std::thread::Builder::new()
             .name("collie".into())
             .spawn(move || {
                 server.run(RunArgs {
-                    shutdown_signal: Box::new(HandleSignal(rx)),
+                    shutdown_signal: Box::new(Drain {
+                        signal: HandleSignal(rx),
+                        in_flight,
+                    }),
                 });
                 if let Some(a) = audit {
                     a.join();
@@ -218,6 +237,67 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown(false);
+    }
+}
+
+/// A graceful stop waits until no request is in flight (at most
+/// [`DRAIN_TIMEOUT`]) before the server stops accepting and shuts down:
+/// Pingora's own grace period is a fixed sleep, and what is still running
+/// after it is dropped without reaching the logging phase, i.e. without
+/// settlement or an audit record. New requests are still served while the
+/// stop waits; in a pod they are the application's last ones.
+struct Drain<S> {
+    signal: S,
+    in_flight: InFlight,
+}
+
+#[async_trait]
+impl<S: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for Drain<S> {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = self.signal.recv().await;
+        if !matches!(signal, ShutdownSignal::GracefulTerminate) {
+            return signal;
+        }
+        let started = Instant::now();
+        let waiting = self.in_flight.count();
+        if waiting > 0 {
+            log::info!("graceful stop: waiting for {waiting} requests in flight");
+        }
+        while self.in_flight.count() > 0 {
+            if started.elapsed() >= DRAIN_TIMEOUT {
+                log::warn!(
+                    "graceful stop: {} requests still in flight after {DRAIN_TIMEOUT:?}; they are cut off",
+                    self.in_flight.count()
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal
+    }
+}
+
+/// SIGTERM: graceful stop; SIGINT: fast stop; SIGQUIT as SIGTERM (Collie has
+/// no socket hand-over to a new process).
+struct UnixSignals;
+
+#[async_trait]
+impl ShutdownSignalWatch for UnixSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = quit.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
     }
 }
 

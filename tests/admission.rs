@@ -118,6 +118,17 @@ async fn refusals_never_reach_an_upstream() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+    // … also beside an `Authorization` of another scheme.
+    let ok = c
+        .post(&url)
+        .header("x-tenant-id", "alpha")
+        .header("authorization", "Basic abc")
+        .header("api-key", ALPHA_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

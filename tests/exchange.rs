@@ -77,7 +77,10 @@ async fn large_body_with_model_last_is_routed_and_rewritten() {
 }
 
 /// Each failure kind moves the request to the next pool, which receives the
-/// body rewritten for its own model and its own provider key.
+/// body rewritten for its own model and its own provider key. The failing
+/// provider is reached over a kept-alive connection (a first request warms
+/// it), and is contacted exactly once: a failure after the request was sent
+/// is an attempt, never silently sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_on_each_failure_kind() {
     let b = mock().await;
@@ -85,16 +88,21 @@ async fn falls_back_on_each_failure_kind() {
         ("429", Behavior::default().status(429)),
         ("503", Behavior::default().status(503)),
         ("first-byte timeout", Behavior::default().hang()),
+        ("reset before the head", Behavior::default().reset()),
     ];
     for (what, behavior) in kinds {
-        let a = mock_with(behavior).await;
-        b.clear();
+        let a = mock().await;
         let gw = gateway(&two_step(&a, &b, "300ms")).await;
+        let warm = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(warm.headers()["x-collie-model"], "gpt-a", "{what}");
+        warm.bytes().await.unwrap();
+        b.clear();
+        a.push(behavior);
         let resp = gw.chat(hello()).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{what}");
         assert_eq!(resp.headers()["x-collie-model"], "gpt-b", "{what}");
         assert_eq!(resp.headers()["x-collie-attempts"], "2", "{what}");
-        assert_eq!(a.completion_calls(), 1, "{what}");
+        assert_eq!(a.completion_calls(), 2, "{what}: contacted once after the warm-up");
         let got = posts(&b);
         assert_eq!(got.len(), 1, "{what}");
         let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
@@ -114,6 +122,7 @@ async fn falls_back_on_each_failure_kind() {
     let resp = gw.chat(hello()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-collie-model"], "gpt-b");
+    assert_eq!(resp.headers()["x-collie-attempts"], "2", "the refused attempt counts");
     assert_eq!(posts(&b).len(), 1);
 }
 
@@ -285,4 +294,74 @@ async fn embeddings_and_responses_are_routed() {
             &[("tenant", "alpha"), ("model", "embed"), ("type", "input")]
         ) > 0.0
     );
+}
+
+/// Hop-by-hop headers, and those a peer names in its `Connection` header,
+/// stay on their hop in both directions; end-to-end ones pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stay_on_their_hop() {
+    let a = mock_with(
+        Behavior::default()
+            .header("connection", "x-provider-hop")
+            .header("x-provider-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-provider-e2e", "kept"),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let resp = gw
+        .chat(hello())
+        .header("connection", "keep-alive, x-client-hop")
+        .header("x-client-hop", "1")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("x-client-e2e", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h.get("x-provider-e2e").map(|v| v.as_bytes()), Some(&b"kept"[..]));
+    for gone in ["x-provider-hop", "keep-alive"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the client");
+    }
+    assert!(
+        h.get_all("connection")
+            .iter()
+            .all(|v| !v.to_str().unwrap().contains("x-provider-hop")),
+        "the provider's Connection header reached the client"
+    );
+    resp.bytes().await.unwrap();
+    let got = posts(&a);
+    assert_eq!(got.len(), 1);
+    assert_eq!(recorded_header(&got[0], "x-client-e2e").as_deref(), Some("kept"));
+    for gone in ["x-client-hop", "te", "proxy-authorization", "connection"] {
+        assert_eq!(recorded_header(&got[0], gone), None, "{gone} reached the provider");
+    }
+}
+
+/// `/v1/completions` is routed by `model` like chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_completions_are_routed() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let resp = gw
+        .client
+        .post(gw.url("/v1/completions"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .json(&json!({"prompt": "Say hi", "max_tokens": 4, "model": "gpt"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-a");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "text_completion");
+    let got = posts(&a);
+    assert_eq!(got[0].path, "/v1/completions");
+    let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-a");
 }

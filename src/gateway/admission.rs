@@ -42,19 +42,17 @@ pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError
     }
 }
 
-/// The key from `Authorization: Bearer <key>`, else from `api-key`.
+/// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
+/// style; an `Authorization` of another scheme does not hide it).
 fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
-    if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
+    let bearer = req.headers.get(http::header::AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
-        let key = v
-            .get(..7)
+        v.get(..7)
             .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
-            .map(|_| v[7..].trim_ascii())?;
-        return (!key.is_empty()).then_some(key);
-    }
-    req.headers
-        .get("api-key")
-        .map(|v| v.as_bytes().trim_ascii())
+            .map(|_| v[7..].trim_ascii())
+    });
+    bearer
+        .or_else(|| req.headers.get("api-key").map(|v| v.as_bytes().trim_ascii()))
         .filter(|k| !k.is_empty())
 }
 

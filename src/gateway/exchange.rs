@@ -306,6 +306,19 @@ fn hop_by_hop(name: &header::HeaderName) -> bool {
     )
 }
 
+/// Fields a peer named in its `Connection` header: hop-by-hop too (RFC 9110
+/// §7.6.1). Usually none, so usually no allocation.
+fn connection_nominated(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+        .collect()
+}
+
 /// Client headers that must not reach a provider: credentials, routing
 /// headers meant for Collie, and framing that Collie sets itself.
 /// `accept-encoding` is dropped so the provider answers uncompressed and the
@@ -343,15 +356,7 @@ fn upstream_request(
     let mut req =
         RequestHeader::build_no_case("POST", path.as_bytes(), Some(client.headers.len() + 3))
             .map_err(internal)?;
-    // Fields the client named in `Connection` are hop-by-hop too.
-    let nominated: Vec<String> = client
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
+    let nominated = connection_nominated(&client.headers);
     for (name, value) in client.headers.iter() {
         if withheld_from_upstream(name) || nominated.iter().any(|n| n == name.as_str()) {
             continue;
@@ -381,9 +386,12 @@ async fn attempt(
     header
         .insert_header(header::CONTENT_LENGTH, body.len())
         .map_err(|e| (Failure::Broken(e.etype().as_str().to_string()), None))?;
-    // A pooled connection the provider already closed fails at once without
-    // the provider having seen the request; such a failure is retried on
-    // another connection and does not count as an attempt.
+    // A pooled connection the provider already closed fails while the
+    // request is written, before the provider can have acted on it; such a
+    // failure is retried on another connection and does not count as an
+    // attempt. A failure while reading the response head is not retried
+    // here: the provider may have received the request and be generating
+    // (and billing) it, so it is an attempt that failed.
     let mut stale_retries = 2;
     let mut header = Some(header);
     loop {
@@ -401,13 +409,16 @@ async fn attempt(
                 .take()
                 .ok_or_else(|| (Failure::Broken("request head already sent".into()), None))?,
         };
-        match send_and_read_head(&mut http, this_try, body.clone()).await {
+        match send_request(&mut http, this_try, body.clone()).await {
             Ok(()) => {}
             Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
                 stale_retries -= 1;
                 continue;
             }
             Err(e) => return Err((classify_exchange(&e), None)),
+        }
+        if let Err(e) = http.read_response_header().await {
+            return Err((classify_exchange(&e), None));
         }
         let Some(head) = http.response_header() else {
             return Err((Failure::Broken("no response head".into()), None));
@@ -424,15 +435,14 @@ async fn attempt(
     }
 }
 
-async fn send_and_read_head(
+async fn send_request(
     http: &mut HttpSession,
     header: RequestHeader,
     body: Bytes,
 ) -> pingora::Result<()> {
     http.write_request_header(Box::new(header)).await?;
     http.write_request_body(body, true).await?;
-    http.finish_request_body().await?;
-    http.read_response_header().await
+    http.finish_request_body().await
 }
 
 fn classify_connect(e: &Error) -> Failure {
@@ -694,10 +704,14 @@ fn client_response_head(
     let mut resp =
         ResponseHeader::build_no_case(upstream.status, Some(upstream.headers.len() + 8))?;
     let mut has_length = false;
+    let nominated = connection_nominated(&upstream.headers);
     for (name, value) in upstream.headers.iter() {
         // The provider's limits for its key are not the tenant's business;
         // the tenant's own `x-ratelimit-*` are added below.
-        if hop_by_hop(name) || name.as_str().starts_with("x-ratelimit-") {
+        if hop_by_hop(name)
+            || name.as_str().starts_with("x-ratelimit-")
+            || nominated.iter().any(|n| n == name.as_str())
+        {
             continue;
         }
         if name == header::CONTENT_LENGTH {
@@ -708,7 +722,9 @@ fn client_response_head(
         }
         resp.append_header(name.clone(), value.clone())?;
     }
-    if !has_length && !downstream_h2 {
+    // A response that has no body by definition gets no framing either.
+    let bodiless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
+    if !has_length && !downstream_h2 && !bodiless {
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     resp.insert_header(super::X_COLLIE_MODEL, up.model_header.clone())?;
