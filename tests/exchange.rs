@@ -102,7 +102,11 @@ async fn falls_back_on_each_failure_kind() {
         assert_eq!(resp.status(), 200, "{what}");
         assert_eq!(resp.headers()["x-collie-model"], "gpt-b", "{what}");
         assert_eq!(resp.headers()["x-collie-attempts"], "2", "{what}");
-        assert_eq!(a.completion_calls(), 2, "{what}: contacted once after the warm-up");
+        assert_eq!(
+            a.completion_calls(),
+            2,
+            "{what}: contacted once after the warm-up"
+        );
         let got = posts(&b);
         assert_eq!(got.len(), 1, "{what}");
         let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
@@ -122,7 +126,11 @@ async fn falls_back_on_each_failure_kind() {
     let resp = gw.chat(hello()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-collie-model"], "gpt-b");
-    assert_eq!(resp.headers()["x-collie-attempts"], "2", "the refused attempt counts");
+    assert_eq!(
+        resp.headers()["x-collie-attempts"],
+        "2",
+        "the refused attempt counts"
+    );
     assert_eq!(posts(&b).len(), 1);
 }
 
@@ -322,7 +330,10 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
-    assert_eq!(h.get("x-provider-e2e").map(|v| v.as_bytes()), Some(&b"kept"[..]));
+    assert_eq!(
+        h.get("x-provider-e2e").map(|v| v.as_bytes()),
+        Some(&b"kept"[..])
+    );
     for gone in ["x-provider-hop", "keep-alive"] {
         assert!(h.get(gone).is_none(), "{gone} reached the client");
     }
@@ -335,9 +346,16 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
     resp.bytes().await.unwrap();
     let got = posts(&a);
     assert_eq!(got.len(), 1);
-    assert_eq!(recorded_header(&got[0], "x-client-e2e").as_deref(), Some("kept"));
+    assert_eq!(
+        recorded_header(&got[0], "x-client-e2e").as_deref(),
+        Some("kept")
+    );
     for gone in ["x-client-hop", "te", "proxy-authorization", "connection"] {
-        assert_eq!(recorded_header(&got[0], gone), None, "{gone} reached the provider");
+        assert_eq!(
+            recorded_header(&got[0], gone),
+            None,
+            "{gone} reached the provider"
+        );
     }
 }
 

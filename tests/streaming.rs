@@ -213,3 +213,57 @@ async fn client_disconnect_cancels_the_upstream() {
     .await;
     assert_eq!(a.streams_finished(), 0);
 }
+
+/// A client that goes away while the provider is silent (a long pause
+/// between events) is noticed at once, not at the next write: the provider
+/// connection is closed within the wait below, long before the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_during_a_pause_cancels_the_upstream() {
+    let a = mock_with(
+        Behavior::default()
+            .chunks(3)
+            .interval(Duration::from_secs(60)),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let resp = gw.chat(body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    eventually("the upstream stream is cancelled", || {
+        a.stream_cancellations() == 1
+    })
+    .await;
+    assert_eq!(a.streams_finished(), 0);
+}
+
+/// A graceful stop waits for a stream in flight: the client gets every
+/// event and the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_lets_a_stream_finish() {
+    let a = mock_with(
+        Behavior::default()
+            .chunks(10)
+            .interval(Duration::from_millis(100)),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let resp = gw.chat(body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut seen = Vec::new();
+    seen.extend_from_slice(&stream.next().await.unwrap().unwrap());
+    let stopper = std::thread::spawn(move || gw.running.stop(true));
+    while let Some(chunk) = stream.next().await {
+        seen.extend_from_slice(&chunk.expect("the stream is not cut off"));
+    }
+    stopper.join().unwrap();
+    assert!(
+        seen.ends_with(b"data: [DONE]\n\n"),
+        "the stream ran to its end"
+    );
+    assert_eq!(a.streams_finished(), 1);
+}

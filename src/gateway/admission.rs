@@ -52,7 +52,11 @@ fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
             .map(|_| v[7..].trim_ascii())
     });
     bearer
-        .or_else(|| req.headers.get("api-key").map(|v| v.as_bytes().trim_ascii()))
+        .or_else(|| {
+            req.headers
+                .get("api-key")
+                .map(|v| v.as_bytes().trim_ascii())
+        })
         .filter(|k| !k.is_empty())
 }
 
