@@ -11,6 +11,7 @@ pub mod tls;
 use crate::config::{AuthStyle, Config, Price, Timeouts};
 use crate::quota::ProviderLimiter;
 use crate::quota::admission::PoolGate;
+use arc_swap::ArcSwap;
 use health::{DeploymentHealth, State};
 use http::{HeaderName, HeaderValue};
 use pingora::lb::discovery::Static;
@@ -59,7 +60,11 @@ impl Policy {
 pub struct Upstream {
     pub index: usize,
     pub id: String,
-    pub peer: HttpPeer,
+    /// The endpoint; its address is refreshed from DNS in the background
+    /// (see [`Upstream::refresh_address`]), so it is swapped, never edited.
+    peer: ArcSwap<HttpPeer>,
+    /// The host name to resolve, when the base URL names one (not an IP).
+    dns_name: Option<(String, u16)>,
     /// The model name written into the body sent to this deployment.
     pub model: String,
     /// The same, ready for the `x-collie-model` response header.
@@ -81,6 +86,37 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The endpoint to connect to now.
+    pub fn peer(&self) -> Arc<HttpPeer> {
+        self.peer.load_full()
+    }
+
+    /// Resolve the host name again and move to a new address when the old
+    /// one is no longer among the answers (a provider behind a CDN changes
+    /// addresses; pinning the first answer forever would fail every connect
+    /// after such a change). Connections pooled to the old address are left
+    /// to their idle timeout. Returns the new address when it changed.
+    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, String> {
+        let Some((host, port)) = &self.dns_name else {
+            return Ok(None);
+        };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("{host} resolved to no address"));
+        }
+        let current = self.peer.load();
+        let Some(next) = moved_address(current._address.as_inet(), &addrs) else {
+            return Ok(None);
+        };
+        let mut peer = HttpPeer::clone(&current);
+        peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(next);
+        self.peer.store(Arc::new(peer));
+        Ok(Some(next))
+    }
+
     /// Remember a provider's `Retry-After`; a later, longer one wins.
     pub fn block_for(&self, wait: Duration) {
         let until = now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
@@ -372,6 +408,17 @@ fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, Stri
     Ok(b)
 }
 
+/// The address to move to, if the current one is no longer answered.
+fn moved_address(current: Option<&SocketAddr>, answers: &[SocketAddr]) -> Option<SocketAddr> {
+    match current {
+        Some(c) if answers.contains(c) => None,
+        _ => answers.first().copied(),
+    }
+}
+
+/// How often deployments' host names are resolved again.
+pub const DNS_REFRESH: Duration = Duration::from_secs(30);
+
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     (host, port)
         .to_socket_addrs()
@@ -413,10 +460,16 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
             Some((name, value))
         }
     };
+    let dns_name = url
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_err()
+        .then(|| (url.host.clone(), url.port));
     Ok(Upstream {
         index,
         id: d.id.clone(),
-        peer,
+        peer: ArcSwap::from_pointee(peer),
+        dns_name,
         model: d.model.clone(),
         model_header: HeaderValue::from_str(&d.model)
             .map_err(|_| "the model name is not a valid header value".to_string())?,
@@ -435,6 +488,36 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_kept_while_dns_still_answers_it() {
+        let a: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:443".parse().unwrap();
+        assert_eq!(moved_address(Some(&a), &[b, a]), None);
+        assert_eq!(moved_address(Some(&a), &[b]), Some(b));
+        assert_eq!(moved_address(None, &[b]), Some(b));
+    }
+
+    #[tokio::test]
+    async fn a_deployment_named_by_host_is_resolved_again() {
+        let text = "models:\n  - {name: m, fallback: [p]}\npools:\n  - {id: p, deployments: [{deployment: d}]}\ndeployments:\n  - {id: d, base_url: \"http://localhost:10000/v1\", model: m}\n";
+        let c = Config::from_yaml(text, &|_| None).unwrap();
+        let router = Router::build(&c, None, &book()).unwrap();
+        let up = &router.upstreams[0];
+        // Point it somewhere DNS will not answer for `localhost`.
+        let mut stale = HttpPeer::clone(&up.peer());
+        stale._address =
+            pingora::protocols::l4::socket::SocketAddr::Inet("192.0.2.7:80".parse().unwrap());
+        up.peer.store(Arc::new(stale));
+        let moved = up.refresh_address().await.unwrap().unwrap();
+        assert!(moved.ip().is_loopback());
+        assert_eq!(up.peer()._address.as_inet(), Some(&moved));
+        assert_eq!(
+            up.refresh_address().await.unwrap(),
+            None,
+            "stable once moved"
+        );
+    }
 
     fn book() -> Arc<HealthBook> {
         HealthBook::new(

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::gateway::{Gateway, InFlight};
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
+use crate::routing::DNS_REFRESH;
 use crate::routing::health::{BreakerState, State as HealthState};
 use crate::routing::probe::HealthBook;
 use crate::state::{Snapshot, State};
@@ -117,6 +118,13 @@ impl Collie {
                 state: Arc::clone(&state),
                 metrics: Arc::clone(&metrics),
                 rebalancer: Rebalancer::default(),
+            },
+        ));
+
+        server.add_service(background_service(
+            "dns refresh",
+            DnsRefresh {
+                state: Arc::clone(&state),
             },
         ));
 
@@ -427,6 +435,34 @@ pub fn rebalance_once(
             .inc();
         q.loan_rpm.with_label_values(&[&c.tenant]).set(c.after.rpm);
         q.loan_tpm.with_label_values(&[&c.tenant]).set(c.after.tpm);
+    }
+}
+
+/// Resolves deployments' host names again every [`DNS_REFRESH`], so a
+/// provider that moves to new addresses is followed without a reload.
+struct DnsRefresh {
+    state: Arc<State>,
+}
+
+#[async_trait]
+impl BackgroundService for DnsRefresh {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(DNS_REFRESH) => {}
+                _ = shutdown.changed() => return,
+            }
+            let snap = self.state.load();
+            for u in &snap.router.upstreams {
+                match u.refresh_address().await {
+                    Ok(Some(addr)) => log::info!("deployment {} moved to {addr}", u.id),
+                    Ok(None) => {}
+                    // The old address stays in use; probes and breakers
+                    // judge whether it still works.
+                    Err(e) => log::warn!("deployment {}: {e}", u.id),
+                }
+            }
+        }
     }
 }
 

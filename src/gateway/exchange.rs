@@ -397,7 +397,7 @@ async fn attempt(
     loop {
         let (mut http, reused) = gw
             .connector
-            .get_http_session(&up.peer)
+            .get_http_session(&*up.peer())
             .await
             .map_err(|e| (classify_connect(&e), None))?;
         http.set_write_timeout(Some(up.timeouts.idle));
@@ -518,8 +518,14 @@ async fn discard(gw: &Gateway, up: &Upstream, mut http: HttpSession) {
             }
         }
     }
+    release(gw, up, http).await;
+}
+
+/// Return a connection whose exchange completed to the pool.
+async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
+    let peer = up.peer();
     gw.connector
-        .release_http_session(http, &up.peer, up.peer.options.idle_timeout)
+        .release_http_session(http, &*peer, peer.options.idle_timeout)
         .await;
 }
 
@@ -618,9 +624,7 @@ async fn relay(
                 if session.write_response_body(tail, true).await.is_err() {
                     ctx.client_gone = true;
                 }
-                gw.connector
-                    .release_http_session(http, &up.peer, up.peer.options.idle_timeout)
-                    .await;
+                release(gw, up, http).await;
                 break;
             }
             Next::Upstream(Err(e)) => {

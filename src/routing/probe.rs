@@ -220,12 +220,12 @@ async fn probe(connector: &Connector, u: &Upstream, s: &HealthSettings) -> Probe
 
 async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Result<u16, String> {
     let (mut http, _) = connector
-        .get_http_session(&u.peer)
+        .get_http_session(&*u.peer())
         .await
         .map_err(|e| format!("connect failed: {}", e.etype().as_str()))?;
     if kind == ProbeKind::Connect {
         connector
-            .release_http_session(http, &u.peer, Some(Duration::from_secs(30)))
+            .release_http_session(http, &*u.peer(), Some(Duration::from_secs(30)))
             .await;
         return Ok(0);
     }
@@ -277,7 +277,7 @@ async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Resul
         }
     }
     connector
-        .release_http_session(http, &u.peer, Some(Duration::from_secs(30)))
+        .release_http_session(http, &*u.peer(), Some(Duration::from_secs(30)))
         .await;
     Ok(status)
 }
