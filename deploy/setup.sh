@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs what building and testing Collie needs on a Debian/Ubuntu machine
-# with a Rust toolchain: cmake (zlib-ng, built by the HTTP stack), a C
-# toolchain, and the tools the tests and benchmarks use. Safe to run again:
-# it only installs what is missing.
+# Installs what building Collie needs on a Debian/Ubuntu machine with a Rust
+# toolchain: cmake (zlib-ng, built by the HTTP stack) and a C toolchain.
+# With --test, also what the tests use (a headless browser, the PostgreSQL
+# client). Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need_pkgs=()
@@ -11,10 +11,12 @@ need cmake cmake
 need cc build-essential
 need pkg-config pkg-config
 need curl curl
-# The status page is tested in a real headless browser.
-need chromium chromium
-# The audit trail's PostgreSQL sink is tested against a real server.
-need pg_isready postgresql-client
+if [ "${1:-}" = "--test" ]; then
+  # The status page is tested in a real headless browser.
+  need chromium chromium
+  # The audit trail's PostgreSQL sink is tested against a real server.
+  need pg_isready postgresql-client
+fi
 
 if ((${#need_pkgs[@]})); then
   echo "setup: installing ${need_pkgs[*]}"

@@ -3,7 +3,7 @@
 # whole test suite. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./deploy/setup.sh
+./deploy/setup.sh --test
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test: installing cargo-nextest"
