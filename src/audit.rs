@@ -12,6 +12,7 @@
 //! interval of traffic, and never more than `queue + batch` records.
 
 pub mod anomaly;
+mod canonical;
 pub mod record;
 pub mod report;
 pub mod sink;
