@@ -682,7 +682,8 @@ impl Ledger {
 
     pub fn retain(&self, ids: &[&str]) {
         let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, _| ids.contains(&id.as_str()));
+        let keep: std::collections::HashSet<&str> = ids.iter().copied().collect();
+        map.retain(|id, _| keep.contains(id.as_str()));
     }
 
     pub fn all(&self) -> Vec<Arc<TenantLedger>> {
