@@ -246,6 +246,10 @@ def main():
     for tool in ("wrk", "nginx", "oha", "taskset"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             sys.exit(f"missing {tool}")
+    if "collie-pg" in args.arms.split(","):
+        # Start from an empty audit schema so runs do not pile rows up.
+        subprocess.run(["psql", "-q", PG_URL, "-c", "DROP SCHEMA IF EXISTS collie_bench CASCADE"],
+                       capture_output=True)
     tmp = tempfile.mkdtemp(prefix="collie-bench-")
     procs = Procs()
     results = {}
@@ -343,6 +347,32 @@ def main():
                 line += "  [proxy core <95% busy: not a ceiling]"
             print(line)
     print(f"collie RSS: idle {results['rss_kib']['idle']} KiB, after the run {results['rss_kib']['after']} KiB, tenants {results['rss_kib']['tenants']}")
+
+    def med(scenario, arm, key="rps"):
+        rs = results.get(scenario, {}).get(arm)
+        vals = [r[key] for r in rs or [] if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    print("\nratios (medians of the same run)")
+    for scenario in ("small", "large", "stream"):
+        bare = med(scenario, "bare")
+        for arm in ("collie", "collie-noaudit", "collie-pg"):
+            v = med(scenario, arm)
+            if v and bare:
+                print(f"{scenario:8} {arm:14} / bare pingora: {v / bare:.2f}x req/s")
+    for scenario in ("small", "large", "stream", "tenants"):
+        off = med(scenario, "collie-noaudit")
+        for arm, sink in (("collie", "sqlite"), ("collie-pg", "postgres")):
+            on = med(scenario, arm)
+            if on and off:
+                print(f"{scenario:8} audit to {sink:8}: {on / off:.3f}x the req/s of audit off "
+                      f"({1 - on / off:+.1%} cost), CPU {med(scenario, arm, 'cpu_us') - med(scenario, 'collie-noaudit', 'cpu_us'):+.1f} µs/request")
+    for arm in ("collie", "collie-noaudit", "collie-pg"):
+        core, many = med("small", arm), med("tenants", arm)
+        if core and many:
+            print(f"1,000 tenants (Zipf) vs one tenant, {arm:14}: {many / core:.2f}x req/s, "
+                  f"p50 {med('tenants', arm, 'p50_us') - med('small', arm, 'p50_us'):+.0f} µs, "
+                  f"p99 {med('tenants', arm, 'p99_us') - med('small', arm, 'p99_us'):+.0f} µs at 1,000 req/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -185,58 +185,33 @@ async fn upstream_breaking_mid_stream_ends_with_an_error_event() {
     assert_eq!(b.completion_calls(), 0, "no retry after the first byte");
 }
 
+/// A client that goes away cancels the provider's stream: while events
+/// flow, and also while the provider is silent (a long pause between
+/// events), where it is noticed at once rather than at the next write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_the_upstream() {
-    let a = mock_with(
-        Behavior::default()
-            .chunks(200)
-            .interval(Duration::from_millis(20)),
-    )
-    .await;
-    let b = mock().await;
-    let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let body = json!({"model": "gpt", "stream": true, "messages": []});
-    let resp = gw.chat(body).send().await.unwrap();
-    let mut stream = resp.bytes_stream();
-    let mut n = 0;
-    while let Some(chunk) = stream.next().await {
-        chunk.unwrap();
-        n += 1;
-        if n == 5 {
-            break;
+    let cases = [
+        ("flowing", 200, Duration::from_millis(20), 5),
+        ("paused", 3, Duration::from_secs(60), 1),
+    ];
+    for (what, chunks, interval, read) in cases {
+        let a = mock_with(Behavior::default().chunks(chunks).interval(interval)).await;
+        let b = mock().await;
+        let gw = gateway(&two_step(&a, &b, "5s")).await;
+        let body = json!({"model": "gpt", "stream": true, "messages": []});
+        let resp = gw.chat(body).send().await.unwrap();
+        let mut stream = resp.bytes_stream();
+        for _ in 0..read {
+            stream.next().await.unwrap().unwrap();
         }
+        drop(stream);
+        eventually(
+            &format!("the upstream stream is cancelled ({what})"),
+            || a.stream_cancellations() == 1,
+        )
+        .await;
+        assert_eq!(a.streams_finished(), 0, "{what}");
     }
-    drop(stream);
-    eventually("the upstream stream is cancelled", || {
-        a.stream_cancellations() == 1
-    })
-    .await;
-    assert_eq!(a.streams_finished(), 0);
-}
-
-/// A client that goes away while the provider is silent (a long pause
-/// between events) is noticed at once, not at the next write: the provider
-/// connection is closed within the wait below, long before the next event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_disconnect_during_a_pause_cancels_the_upstream() {
-    let a = mock_with(
-        Behavior::default()
-            .chunks(3)
-            .interval(Duration::from_secs(60)),
-    )
-    .await;
-    let b = mock().await;
-    let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let body = json!({"model": "gpt", "stream": true, "messages": []});
-    let resp = gw.chat(body).send().await.unwrap();
-    let mut stream = resp.bytes_stream();
-    stream.next().await.unwrap().unwrap();
-    drop(stream);
-    eventually("the upstream stream is cancelled", || {
-        a.stream_cancellations() == 1
-    })
-    .await;
-    assert_eq!(a.streams_finished(), 0);
 }
 
 /// A graceful stop waits for a stream in flight: the client gets every
