@@ -81,12 +81,34 @@ enum AuditCommand {
     },
 }
 
+/// Libraries trace whole request heads and bodies (the HTTP stack does), which
+/// carry keys and prompts: trace records are Collie's own only, whatever
+/// `RUST_LOG` says. Every other record follows `RUST_LOG` (default `info`).
+struct NoStackTrace(env_logger::Logger);
+
+impl log::Log for NoStackTrace {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        (m.level() < log::Level::Trace || m.target().starts_with("collie")) && self.0.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            self.0.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        // The HTTP stack traces whole request heads and bodies, which carry
-        // provider keys and prompts: never below debug, whatever RUST_LOG says.
-        .filter_module("pingora_core::protocols", log::LevelFilter::Debug)
-        .init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    log::set_max_level(logger.filter());
+    if log::set_boxed_logger(Box::new(NoStackTrace(logger))).is_err() {
+        return ExitCode::FAILURE;
+    }
     match Cli::parse().command {
         Command::Run { config } => run(config),
         Command::CheckConfig { files } => check_config(&files),
