@@ -179,7 +179,8 @@ impl Drop for InFlightGuard {
 pub struct Gateway {
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
-    pub connector: Connector,
+    /// Shared with the tasks that drain failed attempts' bodies.
+    pub connector: Arc<Connector>,
     /// The audit queue, when auditing is on.
     pub auditor: Option<crate::audit::Auditor>,
     pub in_flight: InFlight,
@@ -203,7 +204,7 @@ impl Gateway {
         Gateway {
             state,
             metrics,
-            connector: Connector::new(Some(options)),
+            connector: Arc::new(Connector::new(Some(options))),
             auditor,
             in_flight: InFlight::default(),
             ids: RequestIds::new(),

@@ -47,6 +47,8 @@ pub struct Behavior {
     /// Replaces the whole response body.
     pub body: Option<Bytes>,
     pub headers: Vec<(String, String)>,
+    /// An error status whose body never ends: one byte per interval.
+    pub trickle: Option<Duration>,
 }
 
 impl Default for Behavior {
@@ -62,6 +64,7 @@ impl Default for Behavior {
             break_after: None,
             body: None,
             headers: Vec::new(),
+            trickle: None,
         }
     }
 }
@@ -108,6 +111,11 @@ impl Behavior {
     }
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// With an error status: send the head, then a body that never ends.
+    pub fn trickle(mut self, every: Duration) -> Self {
+        self.trickle = Some(every);
         self
     }
 }
@@ -170,6 +178,10 @@ struct Shared {
     completions: AtomicUsize,
     cancellations: AtomicUsize,
     finished: AtomicUsize,
+    /// Endless error bodies still being sent.
+    trickling: AtomicUsize,
+    /// The server name (SNI) each TLS client asked for.
+    server_names: Mutex<Vec<String>>,
 }
 
 /// A lock that survives a panicking test thread.
@@ -218,7 +230,11 @@ impl MockServer {
                 conns.spawn(async move {
                     match acceptor {
                         Some(a) => match a.accept(tcp).await {
-                            Ok(s) => serve(s, state, true).await,
+                            Ok(s) => {
+                                let sni = s.get_ref().1.server_name().unwrap_or("").to_string();
+                                lock(&state.server_names).push(sni);
+                                serve(s, state, true).await
+                            }
                             Err(e) => log::debug!("mock TLS handshake failed: {e}"),
                         },
                         None => serve(tcp, state, h2c).await,
@@ -237,6 +253,17 @@ impl MockServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Endless error bodies (`Behavior::trickle`) still being sent.
+    pub fn trickling(&self) -> usize {
+        self.shared.trickling.load(Ordering::SeqCst)
+    }
+
+    /// The server name (SNI) of each TLS connection, in order; empty when a
+    /// client sent none.
+    pub fn tls_server_names(&self) -> Vec<String> {
+        lock(&self.shared.server_names).clone()
     }
 
     /// `http://127.0.0.1:PORT/v1`, or `https://localhost:PORT/v1` with TLS.
@@ -457,6 +484,9 @@ async fn handle(
             std::io::ErrorKind::ConnectionReset,
             "mock: reset before the response head",
         ));
+    }
+    if let (Some(every), false) = (b.trickle, (200..300).contains(&b.status)) {
+        return Ok(trickle_response(&b, every, shared));
     }
     if !(200..300).contains(&b.status) {
         return Ok(error_response(b.status, "mock error", &b));
@@ -738,6 +768,31 @@ fn json_response(b: &Behavior, v: &Value) -> Response<Body> {
         b,
         "application/json",
         full(bytes),
+    )
+}
+
+/// Counts an endless error body while its connection is open.
+struct Trickling(Arc<Shared>);
+
+impl Drop for Trickling {
+    fn drop(&mut self) {
+        self.0.trickling.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An error head, then one byte per `every` until the client goes away.
+fn trickle_response(b: &Behavior, every: Duration, shared: Arc<Shared>) -> Response<Body> {
+    shared.trickling.fetch_add(1, Ordering::SeqCst);
+    let guard = Trickling(shared);
+    let stream = futures::stream::unfold(guard, move |guard| async move {
+        tokio::time::sleep(every).await;
+        Some((Ok(Frame::data(Bytes::from_static(b" "))), guard))
+    });
+    finish(
+        Response::builder().status(b.status),
+        b,
+        "application/json",
+        BodyExt::boxed(StreamBody::new(stream)),
     )
 }
 

@@ -134,6 +134,32 @@ async fn falls_back_on_each_failure_kind() {
     assert_eq!(posts(&b).len(), 1);
 }
 
+/// A failed attempt's error body is drained beside the request: the next
+/// attempt does not wait for it, and a body that never ends is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_attempt_does_not_wait_for_an_error_body() {
+    let a = mock().await;
+    let b = mock().await;
+    a.push(
+        Behavior::default()
+            .status(503)
+            .trickle(Duration::from_millis(100)),
+    );
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let resp = tokio::time::timeout(Duration::from_secs(30), gw.chat(hello()).send())
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-b");
+    assert_eq!(
+        a.trickling(),
+        1,
+        "answered while the failed attempt's body was still coming"
+    );
+    eventually("the endless body is cut", || a.trickling() == 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_keeps_traffic_off_a_deployment() {
     let a = mock().await;

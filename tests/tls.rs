@@ -86,7 +86,8 @@ async fn verified_tls_with_h2_and_h1() {
     let plain = mock().await;
     for (h2, version) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
         let secure = tls_mock(&leaf, true).await;
-        let url = format!("https://localhost:{}/v1", secure.addr().port());
+        // A provider's path prefix (as Azure's `/openai/...`) is kept.
+        let url = format!("https://localhost:{}/openai/v1", secure.addr().port());
         let gw = gateway(&yaml(&url, ca_file.to_str().unwrap(), h2, &plain)).await;
         for _ in 0..3 {
             let r = gw.chat(body()).send().await.unwrap();
@@ -95,6 +96,13 @@ async fn verified_tls_with_h2_and_h1() {
         }
         let got = posts(&secure);
         assert_eq!(got[0].version, version);
+        assert_eq!(got[0].path, "/openai/v1/chat/completions");
+        let names = secure.tls_server_names();
+        assert!(!names.is_empty());
+        assert!(
+            names.iter().all(|n| n == "localhost"),
+            "SNI names the host: {names:?}"
+        );
         assert_eq!(
             recorded_header(&got[0], "authorization").as_deref(),
             Some(format!("Bearer {PROVIDER_KEY_A}").as_str())

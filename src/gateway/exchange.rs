@@ -20,9 +20,11 @@ use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
 use bytes::Bytes;
 use http::header;
+use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ use std::time::{Duration, Instant};
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A failed attempt's body is read (to keep the connection) only this far.
 const DISCARD_LIMIT: usize = 64 << 10;
+/// … or takes longer than this in all.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
 
 /// How one attempt ended without being passed to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,7 +432,8 @@ async fn attempt(
             let retry_after = (status == 429 || status == 503)
                 .then(|| retry_after(head))
                 .flatten();
-            discard(gw, up, http).await;
+            // The next attempt does not wait for this one's error body.
+            tokio::spawn(discard(Arc::clone(&gw.connector), up.peer(), http));
             return Err((Failure::Status(status), retry_after));
         }
         return Ok(http);
@@ -498,15 +503,16 @@ fn retry_after(head: &ResponseHeader) -> Option<Duration> {
 }
 
 /// Read and drop a failed attempt's (small) body so its connection can be
-/// reused; a large or slow one is closed instead.
-async fn discard(gw: &Gateway, up: &Upstream, mut http: HttpSession) {
+/// reused; a large or slow one is closed instead. Runs beside the request.
+async fn discard(connector: Arc<Connector>, peer: Arc<HttpPeer>, mut http: HttpSession) {
+    let started = Instant::now();
     http.set_read_timeout(Some(Duration::from_secs(1)));
     let mut read = 0usize;
     loop {
         match http.read_response_body().await {
             Ok(Some(chunk)) => {
                 read += chunk.len();
-                if read > DISCARD_LIMIT {
+                if read > DISCARD_LIMIT || started.elapsed() > DISCARD_TIME {
                     http.shutdown().await;
                     return;
                 }
@@ -518,7 +524,9 @@ async fn discard(gw: &Gateway, up: &Upstream, mut http: HttpSession) {
             }
         }
     }
-    release(gw, up, http).await;
+    connector
+        .release_http_session(http, &*peer, peer.options.idle_timeout)
+        .await;
 }
 
 /// Return a connection whose exchange completed to the pool.
