@@ -179,8 +179,19 @@ async fn every_kind_of_request_gets_exactly_one_record() {
         .unwrap();
     ids.push(("upstream-broke", id(&r)));
     r.bytes().await.unwrap();
+    // Answered by Collie itself.
+    let r = gw
+        .client
+        .get(gw.url("/v1/models"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    ids.push(("models", id(&r)));
 
-    let total = 7; // the quota test sent one extra, admitted request
+    let total = 8; // the quota test sent one extra, admitted request
     let all = until_rows(&spec, total).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let all_again = rows(&spec);
@@ -228,6 +239,16 @@ async fn every_kind_of_request_gets_exactly_one_record() {
     );
     let r = find(&all, &ids[5].1);
     assert!(r.streamed && r.truncated);
+    let r = find(&all, &ids[6].1);
+    assert_eq!(
+        (
+            r.decision.as_str(),
+            r.status,
+            r.rule.as_deref(),
+            r.endpoint.as_str()
+        ),
+        ("admitted", 200, None, "models")
+    );
     let report = collie::audit::report::verify(&mut *spec.open().unwrap()).unwrap();
     assert!(report.is_empty(), "{report:?}");
 }
@@ -280,7 +301,12 @@ fn collie_bin() -> Command {
 }
 
 /// Start `collie run` as a real process with this config; returns it and its ports.
-fn run_process(dir: &Path, yaml: &str, log: &Path) -> (std::process::Child, String, String) {
+fn run_process(
+    dir: &Path,
+    yaml: &str,
+    log: &Path,
+    rust_log: &str,
+) -> (std::process::Child, String, String) {
     let listen = free_port();
     let admin = free_port();
     let path = dir.join("collie.yaml");
@@ -294,7 +320,7 @@ fn run_process(dir: &Path, yaml: &str, log: &Path) -> (std::process::Child, Stri
         .arg(&path)
         .env("KEY_A", PROVIDER_KEY_A)
         .env("KEY_B", PROVIDER_KEY_B)
-        .env("RUST_LOG", "debug")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -323,8 +349,12 @@ async fn kill_9_under_load_loses_at_most_the_bound_and_the_file_is_sound() {
         "{{sink: sqlite, sqlite_path: \"{}\", queue: {queue}, batch: {batch}, flush_interval: {flush_ms}ms}}",
         db.display()
     );
-    let (mut child, base, _) =
-        run_process(dir.path(), &config(&a, &b, &audit), &dir.path().join("log"));
+    let (mut child, base, _) = run_process(
+        dir.path(),
+        &config(&a, &b, &audit),
+        &dir.path().join("log"),
+        "debug",
+    );
     let client = reqwest::Client::new();
     let url = format!("{base}/v1/chat/completions");
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -383,7 +413,7 @@ async fn kill_9_under_load_loses_at_most_the_bound_and_the_file_is_sound() {
 }
 
 /// Every key used in a full run — the tenant's and the providers' — searched
-/// for in the trail, the logs (at debug level) and the metrics.
+/// for in the trail, the logs (at trace level) and the metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_appears_in_the_trail_logs_or_metrics() {
     let dir = tempfile::tempdir().unwrap();
@@ -398,7 +428,8 @@ async fn no_key_appears_in_the_trail_logs_or_metrics() {
         "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, preview_bytes: 4096}}",
         db.display()
     );
-    let (mut child, base, admin) = run_process(dir.path(), &config(&a, &b, &audit), &log);
+    // At trace level: the most the logs can ever say.
+    let (mut child, base, admin) = run_process(dir.path(), &config(&a, &b, &audit), &log, "trace");
     let client = reqwest::Client::new();
     let post = |key: &str, body: Value| {
         client
@@ -594,6 +625,46 @@ async fn postgres_holds_the_same_rows_as_sqlite() {
     });
     assert_eq!(r1.totals.requests, r2.totals.requests);
     assert_eq!(r1.totals.total_tokens, r2.totals.total_tokens);
+    drop_schema(&schema);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_connects_again_after_the_server_drops_it() {
+    let schema = pg_schema();
+    let a = mock().await;
+    let b = mock().await;
+    let app = format!("collie_reconnect_{:08x}", rand::random::<u32>());
+    let url = format!("{PG_URL}?application_name={app}");
+    let audit = format!(
+        "{{sink: postgres, postgres_url_env: COLLIE_TEST_PG, postgres_schema: {schema}, flush_interval: 20ms}}"
+    );
+    let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", &url)]).await;
+    let spec = SinkSpec::Postgres {
+        url: PG_URL.into(),
+        schema: Some(schema.clone()),
+    };
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    until_rows(&spec, 1).await;
+    // The server ends the sidecar's session, as a restart or failover would.
+    let ended: i64 = blocking(|| {
+        let mut c = postgres::Client::connect(PG_URL, postgres::NoTls).unwrap();
+        c.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .unwrap()
+        .len() as i64
+    });
+    assert_eq!(ended, 1, "the sidecar holds one connection");
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    let rows = until_rows(&spec, 3).await;
+    assert_eq!(rows.len(), 3);
+    assert!(blocking(|| collie::audit::report::verify(
+        &mut *spec.open().unwrap()
+    )
+    .unwrap()
+    .is_empty()));
     drop_schema(&schema);
 }
 
@@ -857,6 +928,12 @@ async fn verify_catches_an_edited_row_and_a_deleted_one() {
     let out = verify(&copy);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
+    // A path with no trail is an error, not an empty trail found intact.
+    let nowhere = dir.path().join("nowhere.db");
+    let out = verify(&nowhere);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no audit trail"));
+    assert!(!nowhere.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -917,19 +994,55 @@ async fn report_totals_equal_the_records() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_prunes_and_the_chain_still_verifies() {
+/// A gateway over two mocks, auditing to a fresh SQLite file.
+struct SqliteTrail {
+    gw: Gw,
+    db: PathBuf,
+    spec: SinkSpec,
+    a: MockServer,
+    _b: MockServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn sqlite_trail(extra: &str) -> SqliteTrail {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
-    let spec = SinkSpec::Sqlite(db.clone());
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(
-        &a,
-        &b,
-        &sqlite_audit(&db, ", retention: {max_rows: 5, every: 100ms}"),
-    ))
-    .await;
+    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, extra))).await;
+    SqliteTrail {
+        gw,
+        spec: SinkSpec::Sqlite(db.clone()),
+        db,
+        a,
+        _b: b,
+        _dir: dir,
+    }
+}
+
+/// Poll the trail until its row count satisfies `done`; returns the last count.
+async fn rows_until(spec: &SinkSpec, done: impl Fn(usize) -> bool) -> usize {
+    let mut n = rows(spec).len();
+    for _ in 0..500 {
+        n = rows(spec).len();
+        if done(n) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n
+}
+
+fn intact(spec: &SinkSpec) -> bool {
+    collie::audit::report::verify(&mut *spec.open().unwrap())
+        .unwrap()
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_and_the_chain_still_verifies() {
+    let t = sqlite_trail(", retention: {max_rows: 5, every: 100ms}").await;
+    let (gw, spec) = (&t.gw, &t.spec);
     for i in 0..20 {
         gw.chat(
             json!({"model": "gpt", "messages": [{"role": "user", "content": format!("p{i}")}]}),
@@ -944,18 +1057,136 @@ async fn retention_prunes_and_the_chain_still_verifies() {
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
-    let mut kept = rows(&spec).len();
-    for _ in 0..100 {
-        kept = rows(&spec).len();
-        if kept <= 6 {
+    let kept = rows_until(spec, |n| n <= 6).await;
+    assert!(kept <= 6, "pruned down to the newest rows, kept {kept}");
+    assert!(intact(spec));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_prunes_and_the_chain_continues() {
+    let t = sqlite_trail(", retention: {max_age: 1s, every: 100ms}").await;
+    let (gw, spec) = (&t.gw, &t.spec);
+    for _ in 0..3 {
+        gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    }
+    let mut written = 0.0;
+    for _ in 0..500 {
+        written = metric_sum(&gw.metrics().await, "collie_audit_written_total", &[]);
+        if written >= 3.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(kept <= 6, "pruned down to the newest rows, kept {kept}");
+    assert_eq!(written, 3.0);
+    // Older than a second: pruned.
+    let left = rows_until(spec, |n| n == 0).await;
+    assert_eq!(left, 0, "records older than max_age are pruned");
+    // The chain goes on from the anchor retention left.
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    let kept = until_rows(spec, 1).await;
+    assert_eq!(kept[0].seq, 4);
+    assert!(intact(spec));
+}
+
+/// Stall the writer as a slow or locked disk would: hold SQLite's write lock,
+/// send one request, and wait until the writer has failed to commit it once.
+async fn stall_writer(gw: &Gw, db: &Path) -> rusqlite::Connection {
+    let lock = rusqlite::Connection::open(db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    for _ in 0..1500 {
+        let m = gw.metrics().await;
+        if metric_sum(&m, "collie_audit_write_errors_total", &[]) >= 1.0 {
+            return lock;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the writer never met the lock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_drops_and_counts_by_default() {
+    let t = sqlite_trail(", queue: 2").await;
+    let (gw, db, spec) = (&t.gw, &t.db, &t.spec);
+    let lock = stall_writer(gw, db).await;
+    // The queue holds two records; the rest are dropped, and no request waits.
+    for _ in 0..10 {
+        let r = gw.chat(body()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let dropped = metric_sum(&gw.metrics().await, "collie_audit_dropped_total", &[]);
+    assert!(dropped >= 8.0, "dropped {dropped}");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    // Nothing is lost silently: written + dropped = requests.
+    let written = until_rows(spec, 11 - dropped as usize).await.len();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rows(spec).len(), written);
+    assert_eq!(written + dropped as usize, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_holds_requests_back_with_block() {
+    let t = sqlite_trail(", queue: 2, when_full: block").await;
+    let (gw, db, spec, a) = (&t.gw, &t.db, &t.spec, &t.a);
+    let lock = stall_writer(gw, db).await;
+    // A connection whose request is waiting for room in the queue is not
+    // ready for the next request (that is the back-pressure), so each request
+    // here gets a connection of its own.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let sent: Vec<_> = (0..6)
+        .map(|_| {
+            let req = client
+                .post(gw.url("/v1/chat/completions"))
+                .header("x-tenant-id", "alpha")
+                .bearer_auth(ALPHA_KEY)
+                .json(&body());
+            tokio::spawn(async move { req.send().await.unwrap().bytes().await.unwrap() })
+        })
+        .collect();
+    eventually("the requests reached the provider", || posts(a).len() >= 7).await;
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    for s in sent {
+        s.await.unwrap();
+    }
+    // Every record waited for room; none was dropped.
+    assert_eq!(until_rows(spec, 7).await.len(), 7);
+    let m = gw.metrics().await;
+    assert_eq!(metric_sum(&m, "collie_audit_dropped_total", &[]), 0.0);
+}
+
+/// `RUST_LOG` is obeyed: at `warn` a request leaves no debug or trace lines
+/// (the HTTP stack's own included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_rust_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let a = mock().await;
+    let b = mock().await;
+    let (mut child, base, _) =
+        run_process(dir.path(), &config(&a, &b, "{sink: off}"), &log, "warn");
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("x-tenant-id", "alpha")
+            .bearer_auth(ALPHA_KEY)
+            .json(&body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    unsafe_terminate(&mut child);
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        collie::audit::report::verify(&mut *spec.open().unwrap())
-            .unwrap()
-            .is_empty()
+        !text.contains(" DEBUG ") && !text.contains(" TRACE ") && !text.contains(" INFO "),
+        "{text}"
     );
 }

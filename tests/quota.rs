@@ -177,6 +177,7 @@ async fn token_budget_holds_with_mixed_traffic() {
         let used = settled(&gw, "alpha", ALPHA_KEY, "day.tokens").await;
         // One reservation: the prompt estimate (~15) plus max_tokens (40).
         let one_reservation = 80.0;
+        println!("token budget run {run}: used {used} of {budget}");
         assert!(used <= budget + one_reservation, "run {run}: used {used}");
         assert!(
             used >= budget - one_reservation,

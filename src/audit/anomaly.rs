@@ -83,6 +83,10 @@ pub struct Detector {
     baselines: HashMap<String, Baseline>,
     /// When a (rule, scope) last fired: it fires again only after a window.
     fired: HashMap<(&'static str, Option<String>), i64>,
+    /// The latest record time seen. Records arrive in completion order, so a
+    /// long request started earlier may come after shorter later ones; it is
+    /// counted at this time, never moving the windows back.
+    clock: i64,
 }
 
 impl Detector {
@@ -94,6 +98,7 @@ impl Detector {
             repeats: HashMap::new(),
             baselines: HashMap::new(),
             fired: HashMap::new(),
+            clock: i64::MIN,
         }
     }
 
@@ -123,7 +128,8 @@ impl Detector {
     /// Account one record; returns the anomalies it reveals.
     pub fn observe(&mut self, r: &Record) -> Vec<AnomalyRow> {
         let mut out = Vec::new();
-        let now = r.ts_ms;
+        self.clock = self.clock.max(r.ts_ms);
+        let now = self.clock;
         let slice_ms = i64::try_from(self.s.window.as_millis() / BUCKETS as u128)
             .unwrap_or(1)
             .max(1);
@@ -131,7 +137,11 @@ impl Detector {
         let minute = now / 60_000;
         let failed = r.status >= 400 || r.status == 0;
         let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
-        let scope_keys = [r.tenant.clone(), None];
+        // The tenant's scope (when known) and the global one, each counted once.
+        let scope_keys: Vec<Option<String>> = match &r.tenant {
+            Some(t) => vec![Some(t.clone()), None],
+            None => vec![None],
+        };
         for key in scope_keys.iter() {
             let scope = self.scopes.entry(key.clone()).or_default();
             scope.add(slice, minute, failed, cost);
@@ -369,5 +379,45 @@ mod tests {
             .flat_map(|i| d.observe(&record(i * 100, "t", 200, 10)))
             .collect();
         assert_eq!(fired.iter().filter(|a| a.rule == "request_rate").count(), 1);
+    }
+
+    #[test]
+    fn anonymous_records_count_once_globally() {
+        let s = AnomalySettings {
+            window: Duration::from_secs(60),
+            global_requests: Some(5),
+            ..AnomalySettings::default()
+        };
+        let mut d = Detector::new(s, "s");
+        let anonymous = |ts| Record {
+            tenant: None,
+            ..record(ts, "t", 401, 0)
+        };
+        // Five requests are at the limit, not over it: counted twice, they fired.
+        let quiet: Vec<AnomalyRow> = (0..5).flat_map(|i| d.observe(&anonymous(i))).collect();
+        assert!(quiet.is_empty(), "{quiet:?}");
+        let over = d.observe(&anonymous(5));
+        assert!(
+            over.iter()
+                .any(|a| a.rule == "request_rate" && a.tenant.is_none()),
+            "{over:?}"
+        );
+    }
+
+    #[test]
+    fn a_late_record_does_not_wipe_the_window() {
+        let s = AnomalySettings {
+            window: Duration::from_secs(60),
+            tenant_requests: Some(5),
+            ..AnomalySettings::default()
+        };
+        let mut d = Detector::new(s, "s");
+        // Five requests at t = 120 s, then one that started 60 s earlier (a long
+        // stream finishing late), whose slice maps to the same bucket.
+        for i in 0..5 {
+            assert!(d.observe(&record(120_000 + i, "t", 200, 10)).is_empty());
+        }
+        let late = d.observe(&record(60_000 + 4, "t", 200, 10));
+        assert!(late.iter().any(|a| a.rule == "request_rate"), "{late:?}");
     }
 }

@@ -128,7 +128,10 @@ impl Pending {
                 },
             })
             .collect();
-        let admitted = !self.attempts.is_empty();
+        // Admitted: it reached a provider, or Collie answered it itself
+        // (`/v1/models`, `/v1/collie/quota`) without refusing it.
+        let admitted = !self.attempts.is_empty()
+            || (self.refused_by.is_none() && self.error.is_none() && self.status < 400);
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let usage = self.usage;
         let record = Record {

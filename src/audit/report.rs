@@ -25,6 +25,12 @@ pub fn open_sink(
             );
         }
     };
+    // Reading must not create an empty trail where none was written.
+    if let super::sink::SinkSpec::Sqlite(path) = &spec {
+        if !path.is_file() {
+            return Err(format!("no audit trail at {}", path.display()));
+        }
+    }
     spec.open()
 }
 

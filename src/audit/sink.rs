@@ -374,6 +374,8 @@ impl Sink for Sqlite {
 
 pub struct Postgres {
     client: postgres::Client,
+    url: String,
+    schema: Option<String>,
 }
 
 fn pg(e: postgres::Error) -> String {
@@ -382,6 +384,15 @@ fn pg(e: postgres::Error) -> String {
 
 impl Postgres {
     pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, String> {
+        Ok(Postgres {
+            client: Postgres::connect(url, schema_name)?,
+            url: url.to_string(),
+            schema: schema_name.map(str::to_string),
+        })
+    }
+
+    /// A connection with the schema migrated and selected.
+    fn connect(url: &str, schema_name: Option<&str>) -> Result<postgres::Client, String> {
         let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| {
             format!("postgres: cannot connect ({e}); is the server running and the URL right?")
         })?;
@@ -408,7 +419,18 @@ impl Postgres {
             .batch_execute("SELECT pg_advisory_unlock(7426550042)")
             .map_err(pg)?;
         migrated?;
-        Ok(Postgres { client })
+        Ok(client)
+    }
+
+    /// The client, connected again if the server closed the connection (a
+    /// restart, a failover, an idle timeout): the writer retries a failed
+    /// batch, and the retry goes over the new connection.
+    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+        if self.client.is_closed() {
+            log::warn!("audit: the PostgreSQL connection was closed; connecting again");
+            self.client = Postgres::connect(&self.url, self.schema.as_deref())?;
+        }
+        Ok(&mut self.client)
     }
 }
 
@@ -450,7 +472,7 @@ fn stored_from_pg(row: &postgres::Row) -> Stored {
 
 impl Sink for Postgres {
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), String> {
-        let mut tx = self.client.transaction().map_err(pg)?;
+        let mut tx = self.client()?.transaction().map_err(pg)?;
         // One statement per thousand rows: a round trip per batch, not per row.
         for chunk in records.chunks(1000) {
             let flags: Vec<[i64; 4]> = chunk
@@ -514,6 +536,9 @@ impl Sink for Postgres {
                     &r.error,
                 ]);
             }
+            // A batch whose commit reached the server but whose answer was
+            // lost is retried by the writer: its rows are already there.
+            sql.push_str(" ON CONFLICT (sidecar, seq) DO NOTHING");
             tx.execute(sql.as_str(), &params).map_err(pg)?;
         }
         for a in anomalies {
@@ -528,7 +553,7 @@ impl Sink for Postgres {
 
     fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
         let row = self
-            .client
+            .client()?
             .query_opt(
                 "SELECT seq, hash FROM audit_records WHERE sidecar = $1 ORDER BY seq DESC LIMIT 1",
                 &[&sidecar],
@@ -548,7 +573,7 @@ impl Sink for Postgres {
         let sql = format!(
             "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY sidecar, seq"
         );
-        let rows = self.client.query(&sql, &[&ts_ms, &tenant]).map_err(pg)?;
+        let rows = self.client()?.query(&sql, &[&ts_ms, &tenant]).map_err(pg)?;
         Ok(rows.iter().map(stored_from_pg).collect())
     }
 
@@ -558,7 +583,7 @@ impl Sink for Postgres {
         tenant: Option<&str>,
     ) -> Result<Vec<AnomalyRow>, String> {
         let rows = self
-            .client
+            .client()?
             .query(
                 "SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms",
                 &[&ts_ms, &tenant],
@@ -578,7 +603,7 @@ impl Sink for Postgres {
 
     fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
         let rows = self
-            .client
+            .client()?
             .query("SELECT sidecar, seq, hash FROM audit_chain_anchor", &[])
             .map_err(pg)?;
         Ok(rows
@@ -588,7 +613,7 @@ impl Sink for Postgres {
     }
 
     fn prune(&mut self, before_ms: Option<i64>, max_rows: Option<i64>) -> Result<u64, String> {
-        let mut tx = self.client.transaction().map_err(pg)?;
+        let mut tx = self.client()?.transaction().map_err(pg)?;
         let mut cut_ts = before_ms.unwrap_or(i64::MIN);
         if let Some(max) = max_rows {
             let row = tx

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
+/// How long shutdown waits for anomaly alerts still on their way to the webhook.
+const WEBHOOK_DRAIN: Duration = Duration::from_secs(5);
+
 /// What the writer receives: records, and ticks that bound how long a
 /// partial batch waits.
 pub(super) enum Msg {
@@ -40,8 +43,12 @@ pub(super) fn spawn(
             loop {
                 std::thread::sleep(interval);
                 let Some(tx) = ticker.upgrade() else { return };
-                // A full queue flushes by size; a lost tick does not matter.
-                let _ = tx.try_send(Msg::Tick);
+                // Only into an empty queue: ticks wake an idle writer (for
+                // retention) and must not take the room of records while the
+                // writer is busy. A lost tick does not matter.
+                if tx.capacity() == tx.max_capacity() {
+                    let _ = tx.try_send(Msg::Tick);
+                }
             }
         })
         .map_err(|e| e.to_string())?;
@@ -117,8 +124,19 @@ pub(super) fn spawn(
                 }
             }
             drop(alerts);
-            // Give pending alerts a bounded time to go out.
-            let _ = webhook.join();
+            // Give pending alerts a bounded time to go out: a dead receiver
+            // must not hold the sidecar's shutdown for its retries.
+            let give_up = Instant::now() + WEBHOOK_DRAIN;
+            while !webhook.is_finished() && Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if webhook.is_finished() {
+                let _ = webhook.join();
+            } else {
+                log::warn!(
+                    "anomaly webhook: alerts still pending after {WEBHOOK_DRAIN:?} at shutdown were not sent (they are in the trail)"
+                );
+            }
         })
         .map_err(|e| e.to_string())
 }
