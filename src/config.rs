@@ -311,6 +311,20 @@ impl Config {
     }
 }
 
+/// The top-level field an error is about: the first segment of its path, or
+/// for an unknown field at the top, the name the message quotes.
+fn top_level_key(path: &str, message: &str) -> Option<String> {
+    let first = path
+        .split(['.', '['])
+        .next()
+        .filter(|s| !s.is_empty() && *s != "?");
+    if let Some(k) = first {
+        return Some(k.to_string());
+    }
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
 struct Validator<'a> {
     errors: Vec<ConfigError>,
     env: &'a dyn Fn(&str) -> Option<String>,
@@ -324,15 +338,43 @@ impl Validator<'_> {
         });
     }
 
+    /// Parse the document, reporting every broken top-level field: a field
+    /// that fails (unknown, or of the wrong type) is reported and left out,
+    /// and the rest is parsed again, so one typo does not hide the others.
     fn parse_document(&mut self, text: &str) -> Option<RawConfig> {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        match serde_path_to_error::deserialize::<_, RawConfig>(de) {
-            Ok(raw) => Some(raw),
+        let mut doc: serde_yaml_ng::Value = match serde_yaml_ng::from_str(text) {
+            Ok(serde_yaml_ng::Value::Null) => serde_yaml_ng::Value::Mapping(Default::default()),
+            Ok(v) => v,
             Err(e) => {
-                let path = e.path().to_string();
-                let path = if path == "." { String::new() } else { path };
-                self.error(path, e.into_inner().to_string());
-                None
+                self.error("", e.to_string());
+                return None;
+            }
+        };
+        loop {
+            // The fields left out take their defaults; the errors already
+            // collected keep the file from being accepted.
+            match serde_path_to_error::deserialize::<_, RawConfig>(doc.clone()) {
+                Ok(raw) => return Some(raw),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let message = e.into_inner().to_string();
+                    let key = top_level_key(&path, &message);
+                    let removed = match (&mut doc, &key) {
+                        (serde_yaml_ng::Value::Mapping(m), Some(k)) => {
+                            m.remove(k.as_str()).is_some()
+                        }
+                        _ => false,
+                    };
+                    let path = if path == "." { String::new() } else { path };
+                    let path = match (&key, path.is_empty()) {
+                        (Some(k), true) => k.clone(),
+                        _ => path,
+                    };
+                    self.error(path, message);
+                    if !removed {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -544,6 +586,17 @@ impl Validator<'_> {
         let api_key = match &d.api_key_env {
             None => None,
             Some(name) => match (self.env)(name) {
+                // Checked here so that `check-config` refuses what the server
+                // could not send; the message never quotes the value.
+                Some(v) if v.trim().bytes().any(|b| !(0x20..0x7f).contains(&b)) => {
+                    self.error(
+                        format!("{path}.api_key_env"),
+                        format!(
+                            "environment variable `{name}` holds characters a header cannot carry"
+                        ),
+                    );
+                    None
+                }
                 Some(v) if !v.trim().is_empty() => Some(Secret::new(v.trim().to_string())),
                 Some(_) => {
                     self.error(
@@ -1043,6 +1096,7 @@ mod tests {
         match name {
             "KEY_A" => Some("sk-a".into()),
             "EMPTY" => Some("".into()),
+            "BADKEY" => Some("sk-\u{7}é".into()),
             _ => None,
         }
     }
@@ -1134,6 +1188,10 @@ deployments:
   - id: a
     base_url: http://127.0.0.1:9/v1
     model: m
+  - id: c
+    base_url: http://127.0.0.1:9/v1
+    api_key_env: BADKEY
+    model: m
 "#
         );
         let errs = Config::from_yaml(&text, &env).unwrap_err();
@@ -1143,6 +1201,7 @@ deployments:
             "deployments[0].api_key_env: environment variable `UNSET` is not set",
             "deployments[1].colour: unknown field `colour`",
             "deployments[2].id: duplicate deployment id `a`",
+            "deployments[3].api_key_env: environment variable `BADKEY` holds characters",
             "pools[0].deployments[0].weight: must be > 0",
             "pools[0].deployments[1].weight: must be > 0",
             "pools[0].deployments[2].deployment: unknown deployment `missing`",
@@ -1170,6 +1229,25 @@ deployments:
             errs.to_string().contains("unknown field `listen_port`"),
             "{errs}"
         );
+    }
+
+    #[test]
+    fn a_top_level_typo_does_not_hide_other_problems() {
+        let text = "max_body_byte: 10\nthreads: many\nretry: {backof: 1s}\nmodels:\n  - {name: m, fallback: [ghost]}\n";
+        let errs = Config::from_yaml(text, &env).unwrap_err();
+        let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+        for e in [
+            "max_body_byte: unknown field `max_body_byte`",
+            "threads: invalid type",
+            "retry.backof: unknown field `backof`",
+            "models[0].fallback[0]: unknown pool `ghost`",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(e)),
+                "missing `{e}` in:\n{}",
+                lines.join("\n")
+            );
+        }
     }
 
     #[test]
