@@ -27,8 +27,8 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== collie check-config conf/*.yaml"
 cargo build --locked --quiet
 # Shipped configs name provider keys by environment variable; any value will do for validation.

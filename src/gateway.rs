@@ -6,6 +6,7 @@ mod admission;
 mod body;
 mod error;
 pub mod exchange;
+mod redact;
 mod spend;
 
 pub use admission::key_digest_hex;
@@ -331,6 +332,11 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
     let r = e.response();
     ctx.status = r.status;
     ctx.error = Some(r.reason);
+    if *e == GatewayError::ClientClosed {
+        // Nobody is there to read an answer.
+        session.set_keepalive(None);
+        return;
+    }
     if !session.is_body_done() {
         // Do not read (drain) the body of a request that was refused.
         session.set_keepalive(None);
@@ -343,6 +349,9 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
         h.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
         if let Some(s) = r.retry_after_s {
             h.insert_header(header::RETRY_AFTER, s)?;
+        }
+        if !ctx.attempts.is_empty() {
+            h.insert_header(X_COLLIE_ATTEMPTS, ctx.attempts.len())?;
         }
         spend::rate_headers(ctx, &mut h);
         Ok(h)
@@ -385,20 +394,12 @@ async fn respond_models(
         .filter(|m| access.allows(&m.name))
         .map(|m| serde_json::json!({"id": m.name, "object": "model", "created": 0, "owned_by": "collie"}))
         .collect();
-    let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
-    let mut head = ResponseHeader::build_no_case(200, Some(10)).map_err(internal)?;
-    head.insert_header(header::CONTENT_TYPE, "application/json")
-        .map_err(internal)?;
-    head.insert_header(header::CONTENT_LENGTH, body.len())
-        .map_err(internal)?;
-    head.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())
-        .map_err(internal)?;
-    spend::rate_headers(ctx, &mut head);
-    ctx.status = 200;
-    write_whole(session, ctx, head, Bytes::from(body)).await;
-    Ok(())
+    respond_json(
+        session,
+        ctx,
+        &serde_json::json!({"object": "list", "data": data}),
+    )
+    .await
 }
 
 /// `GET /v1/collie/quota`: every window of the caller's own quota.
@@ -412,8 +413,16 @@ async fn respond_quota(
         .ledgers
         .get(tenant)
         .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    let body = serde_json::to_vec(&ledger.report(&snap.calendar))
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    respond_json(session, ctx, &ledger.report(&snap.calendar)).await
+}
+
+/// A 200 JSON answer Collie gives itself, with its usual headers.
+async fn respond_json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    value: &impl serde::Serialize,
+) -> Result<(), GatewayError> {
+    let body = serde_json::to_vec(value).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
     let mut head = ResponseHeader::build_no_case(200, Some(10)).map_err(internal)?;
     head.insert_header(header::CONTENT_TYPE, "application/json")

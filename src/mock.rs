@@ -180,6 +180,9 @@ struct Shared {
     finished: AtomicUsize,
     /// Endless error bodies still being sent.
     trickling: AtomicUsize,
+    /// Requests whose client went away while the mock was still waiting to
+    /// answer (a delay or a hang).
+    abandoned: AtomicUsize,
     /// The server name (SNI) each TLS client asked for.
     server_names: Mutex<Vec<String>>,
 }
@@ -306,6 +309,11 @@ impl MockServer {
         self.shared.cancellations.load(Ordering::SeqCst)
     }
 
+    /// Requests whose client left before the response head was sent.
+    pub fn abandoned(&self) -> usize {
+        self.shared.abandoned.load(Ordering::SeqCst)
+    }
+
     pub fn streams_finished(&self) -> usize {
         self.shared.finished.load(Ordering::SeqCst)
     }
@@ -318,6 +326,7 @@ impl MockServer {
             &self.shared.completions,
             &self.shared.cancellations,
             &self.shared.finished,
+            &self.shared.abandoned,
         ] {
             c.store(0, Ordering::SeqCst);
         }
@@ -473,12 +482,16 @@ async fn handle(
     };
     apply_overrides(&mut b, &parts.headers);
 
+    // The server drops this handler when its client goes away; the guard
+    // counts a wait that never finished.
+    let waiting = Waiting(Some(Arc::clone(&shared)));
     if !b.delay.is_zero() {
         tokio::time::sleep(b.delay).await;
     }
     if b.hang {
         std::future::pending::<()>().await;
     }
+    waiting.done();
     if b.reset {
         return Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
@@ -529,6 +542,25 @@ async fn handle(
     Ok(resp)
 }
 
+/// Counts a request abandoned while the mock waited to answer it.
+struct Waiting(Option<Arc<Shared>>);
+
+impl Waiting {
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Per-request scripting through `x-mock-*` headers, so the mock run as a
+/// command can produce every failure the in-process API can.
 fn apply_overrides(b: &mut Behavior, h: &http::HeaderMap) {
     let num = |name: &str| {
         h.get(name)
@@ -552,6 +584,15 @@ fn apply_overrides(b: &mut Behavior, h: &http::HeaderMap) {
     }
     if let Some(v) = h.get("x-mock-retry-after").and_then(|v| v.to_str().ok()) {
         b.retry_after = Some(v.to_string());
+    }
+    if h.contains_key("x-mock-hang") {
+        b.hang = true;
+    }
+    if h.contains_key("x-mock-reset") {
+        b.reset = true;
+    }
+    if let Some(ms) = num("x-mock-trickle-ms") {
+        b.trickle = Some(Duration::from_millis(ms.max(1)));
     }
 }
 
@@ -803,7 +844,10 @@ fn error_response(status: u16, message: &str, b: &Behavior) -> Response<Body> {
         _ => ("server_error", "server_error"),
     };
     let v = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+    let bytes = match &b.body {
+        Some(scripted) => scripted.clone(),
+        None => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+    };
     finish(
         Response::builder().status(status),
         b,

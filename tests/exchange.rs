@@ -131,7 +131,83 @@ async fn falls_back_on_each_failure_kind() {
         "2",
         "the refused attempt counts"
     );
-    assert_eq!(posts(&b).len(), 1);
+    let got = posts(&b);
+    assert_eq!(got.len(), 1);
+    let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-b");
+    assert_eq!(
+        recorded_header(&got[0], "authorization").as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY_B}").as_str())
+    );
+}
+
+/// A 503 with `Retry-After` rests the deployment like a 429 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_on_a_503_is_honoured() {
+    let a = mock().await;
+    let b = mock().await;
+    a.push(Behavior::default().status(503).retry_after("30"));
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    let first = gw.chat(hello()).send().await.unwrap();
+    assert_eq!(first.headers()["x-collie-model"], "gpt-b");
+    for _ in 0..3 {
+        let r = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(r.headers()["x-collie-model"], "gpt-b");
+        assert_eq!(r.headers()["x-collie-attempts"], "1", "`a` is not tried");
+    }
+    assert_eq!(a.completion_calls(), 1);
+}
+
+/// A client that leaves while the provider is still thinking cancels the
+/// attempt: the provider's connection is closed (so it stops generating),
+/// no fallback is tried for nobody, and the request is accounted as 499.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_cancels_the_attempt() {
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "60s")).await;
+    a.push(Behavior::default().hang());
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .json(&hello())
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up");
+    eventually("the provider's connection is closed", || a.abandoned() == 1).await;
+    let text = gw.metrics_after(1).await;
+    assert_eq!(
+        metric_sum(&text, "collie_requests_total", &[("status_class", "4xx")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(b.completion_calls(), 0, "no fallback for a client who left");
+}
+
+/// A provider that quotes its key in an error body must not hand it to the
+/// tenant: the key is masked, the rest of the body and its length kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_key_quoted_in_an_error_body_is_masked() {
+    let echo = format!(
+        r#"{{"error":{{"message":"Incorrect API key provided: {PROVIDER_KEY_A}.","type":"invalid_request_error","code":"invalid_api_key"}}}}"#
+    );
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&two_step(&a, &b, "5s")).await;
+    for status in [401, 400] {
+        a.push(Behavior::default().status(status).body(echo.clone()));
+        let r = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(r.status(), status);
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(PROVIDER_KEY_A), "{text}");
+        assert_eq!(text.len(), echo.len());
+        assert!(text.contains("Incorrect API key provided: ****"), "{text}");
+    }
 }
 
 /// A failed attempt's error body is drained beside the request: the next
@@ -212,6 +288,7 @@ async fn all_attempts_failing_names_them() {
     let r = gw.chat(hello()).send().await.unwrap();
     assert_eq!(r.status(), 502, "the last upstream status");
     assert_eq!(r.headers()["x-collie-error"], "upstream_failed");
+    assert_eq!(r.headers()["x-collie-attempts"], "2");
     let body: serde_json::Value = r.json().await.unwrap();
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(

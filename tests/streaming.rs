@@ -197,7 +197,10 @@ async fn client_disconnect_cancels_the_upstream() {
     for (what, chunks, interval, read) in cases {
         let a = mock_with(Behavior::default().chunks(chunks).interval(interval)).await;
         let b = mock().await;
-        let gw = gateway(&two_step(&a, &b, "5s")).await;
+        // An idle timeout far beyond the wait below: only noticing the
+        // client's departure can cancel the silent provider in time.
+        let yaml = two_step(&a, &b, "5s").replace("idle: 2s", "idle: 120s");
+        let gw = gateway(&yaml).await;
         let body = json!({"model": "gpt", "stream": true, "messages": []});
         let resp = gw.chat(body).send().await.unwrap();
         let mut stream = resp.bytes_stream();

@@ -63,6 +63,10 @@ pub enum GatewayError {
         "the model's capacity is saturated; no slot freed within the maximum wait, retry in {retry_after_s}s"
     )]
     QueueTimeout { retry_after_s: u64 },
+    /// The client closed its connection before any response; nobody reads
+    /// the answer, but the logs, metrics and audit trail say what happened.
+    #[error("the client closed the connection before the response")]
+    ClientClosed,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -119,6 +123,8 @@ impl GatewayError {
                 ..
             } => (429, "quota_exceeded", "quota_exceeded"),
             QueueTimeout { .. } => (429, "rate_limited", "queue_timeout"),
+            // 499 as the HTTP servers that log it use it: client closed request.
+            ClientClosed => (499, "invalid_request_error", "client_closed"),
             Internal(_) => (500, "server_error", "internal_error"),
         }
     }

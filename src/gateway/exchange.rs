@@ -11,6 +11,7 @@
 
 use super::body::Inspected;
 use super::error::stream_error_event;
+use super::redact::Redactor;
 use super::{Endpoint, Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
 use crate::routing::health::Outcome;
@@ -44,6 +45,8 @@ pub enum Failure {
     Timeout,
     Broken(String),
     Status(u16),
+    /// The client left before the response head arrived.
+    Abandoned,
 }
 
 impl std::fmt::Display for Failure {
@@ -53,6 +56,7 @@ impl std::fmt::Display for Failure {
             Failure::Timeout => f.write_str("no response head before the first-byte timeout"),
             Failure::Broken(e) => write!(f, "connection failed ({e})"),
             Failure::Status(s) => write!(f, "HTTP {s}"),
+            Failure::Abandoned => f.write_str("the client left before the response"),
         }
     }
 }
@@ -66,6 +70,7 @@ impl Failure {
             Failure::Broken(_) => "broken",
             Failure::Status(429) => "status_429",
             Failure::Status(_) => "status_5xx",
+            Failure::Abandoned => "client_gone",
         }
     }
 }
@@ -156,13 +161,37 @@ pub async fn run(
                 Pick::Exhausted => break,
             };
             if try_in_pool > 0 {
-                backoff(&snap.config.retry, retry_number, deadline).await;
+                let slept = backoff(&snap.config.retry, retry_number, deadline);
+                if until_client_leaves(session, slept).await.is_none() {
+                    if trial {
+                        upstream.health.release_trial();
+                    }
+                    ctx.client_gone = true;
+                    return Err(GatewayError::ClientClosed);
+                }
             }
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
             let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
             let sent = Instant::now();
-            match attempt(gw, &upstream, header, attempt_body).await {
+            // A client that leaves before the response head cancels the
+            // attempt: dropping it closes the provider connection, which is
+            // what stops the provider generating (and billing) the answer.
+            let Some(result) =
+                until_client_leaves(session, attempt(gw, &upstream, header, attempt_body)).await
+            else {
+                if trial {
+                    upstream.health.release_trial();
+                }
+                ctx.client_gone = true;
+                ctx.attempts.push(Attempt {
+                    upstream: upstream.index,
+                    outcome: Err(Failure::Abandoned),
+                    tokens_taken: tokens,
+                });
+                return Err(GatewayError::ClientClosed);
+            };
+            match result {
                 Ok(http) => {
                     let status = http.response_header().map_or(0, |h| h.status.as_u16());
                     if let Some(t) = upstream.health.record(Outcome::Success {
@@ -229,6 +258,20 @@ pub async fn run(
         return Err(GatewayError::DeadlineExceeded);
     }
     Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
+}
+
+/// Run `work` unless the client leaves first (`None`). Before the response
+/// head is written the downstream connection has nothing to say, so anything
+/// it reports — a close, a reset, stray bytes — means the client is gone.
+async fn until_client_leaves<T>(
+    session: &mut Session,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        r = work => Some(r),
+        _ = session.downstream_session.read_body_or_idle(true) => None,
+    }
 }
 
 /// Sleep before a retry: exponential from `retry.backoff`, capped at
@@ -537,11 +580,20 @@ async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
         .await;
 }
 
-/// What watches the response body for usage.
+/// What watches (or, for the provider key, masks) the response body.
 enum Observer {
     Sse(SseObserver),
     Json(JsonUsage),
+    /// A refusal passed through: masked in case it quotes the provider key.
+    Redact(Redactor),
     Off,
+}
+
+/// The provider key as the deployment sends it, without the scheme.
+fn provider_key(up: &Upstream) -> Option<&[u8]> {
+    let (_, value) = up.auth.as_ref()?;
+    let v = value.as_bytes();
+    Some(v.strip_prefix(b"Bearer ").unwrap_or(v))
 }
 
 /// Pass the committed response to the client, observing usage on the side.
@@ -565,7 +617,9 @@ async fn relay(
     let mut observer = match (status, is_sse) {
         (200..=299, true) => Observer::Sse(SseObserver::new(strip_usage)),
         (200..=299, false) => Observer::Json(JsonUsage::default()),
-        _ => Observer::Off,
+        _ => provider_key(up)
+            .and_then(Redactor::new)
+            .map_or(Observer::Off, Observer::Redact),
     };
     let downstream_h2 = session.as_downstream().is_http2();
     let resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
@@ -603,6 +657,7 @@ async fn relay(
                         j.feed(&chunk);
                         chunk
                     }
+                    Observer::Redact(r) => r.feed(&chunk),
                     Observer::Off => chunk,
                 };
                 if out.is_empty() {
@@ -626,6 +681,7 @@ async fn relay(
             Next::Upstream(Ok(None)) => {
                 let tail = match &mut observer {
                     Observer::Sse(o) => o.finish(),
+                    Observer::Redact(r) => r.finish(),
                     _ => Bytes::new(),
                 };
                 let tail = (!tail.is_empty()).then_some(tail);
