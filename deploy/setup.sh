@@ -16,6 +16,9 @@ if [ "${1:-}" = "--test" ]; then
   need chromium chromium
   # The audit trail's PostgreSQL sink is tested against a real server.
   need pg_isready postgresql-client
+  # The demo is tested with the official OpenAI Python SDK, in a virtualenv.
+  need python3 python3
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need_pkgs+=(python3-venv); fi
 fi
 
 if ((${#need_pkgs[@]})); then

@@ -25,6 +25,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   exit 1
 fi
 
+# The OpenAI Python SDK, for the test that drives the demo with it.
+if ! target/sdk-venv/bin/python -c 'import openai' >/dev/null 2>&1; then
+  echo "test: installing the OpenAI Python SDK into target/sdk-venv"
+  mkdir -p target
+  python3 -m venv target/sdk-venv
+  target/sdk-venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"

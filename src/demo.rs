@@ -12,15 +12,50 @@ use std::time::Duration;
 pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 /// The provider key the demo deployments send to the mocks.
 const DEMO_PROVIDER_KEY: &str = "sk-demo-provider";
-const MOCK_PORTS: [u16; 2] = [9101, 9102];
+/// The mock ports the demo config names.
+pub const MOCK_PORTS: [u16; 2] = [9101, 9102];
+
+/// Where the demo listens; the defaults are the demo config's.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Latency of the mock providers before their response head.
+    pub latency: Duration,
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    /// Ports for the two mock providers, in place of 9101 and 9102.
+    pub mock_ports: [u16; 2],
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            latency: Duration::from_millis(150),
+            listen: None,
+            admin_listen: None,
+            mock_ports: MOCK_PORTS,
+        }
+    }
+}
 
 /// Start the mocks and the gateway, and run until SIGINT/SIGTERM.
-pub fn run(latency: Duration) -> Result<(), String> {
+pub fn run(options: DemoOptions) -> Result<(), String> {
     let env = |name: &str| match name {
         "COLLIE_DEMO_PROVIDER_KEY" => Some(DEMO_PROVIDER_KEY.to_string()),
         other => std::env::var(other).ok(),
     };
-    let config = Config::from_yaml(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
+    let mut config = Config::from_yaml(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
+    if let Some(l) = &options.listen {
+        config.listen = l.clone();
+    }
+    if let Some(l) = &options.admin_listen {
+        config.admin_listen = l.clone();
+    }
+    for d in &mut config.deployments {
+        if let Some(i) = MOCK_PORTS.iter().position(|p| *p == d.base_url.port) {
+            d.base_url.port = options.mock_ports[i];
+        }
+    }
+    let latency = options.latency;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -29,7 +64,7 @@ pub fn run(latency: Duration) -> Result<(), String> {
     // The mocks live on this runtime for the life of the process.
     let mocks = runtime.block_on(async {
         let mut mocks = Vec::new();
-        for port in MOCK_PORTS {
+        for port in options.mock_ports {
             let listen = SocketAddr::from(([127, 0, 0, 1], port));
             let mock = MockServer::start(MockConfig {
                 listen,
@@ -50,8 +85,8 @@ pub fn run(latency: Duration) -> Result<(), String> {
     let collie = Collie::build(config, None)?;
     log::info!(
         "demo ready: mock providers on 127.0.0.1:{} and :{}; try\n  curl -s http://{}/v1/chat/completions -H 'X-Tenant-ID: team-a' -H 'Authorization: Bearer sk-demo-team-a' -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\nmetrics: http://{}/metrics",
-        MOCK_PORTS[0],
-        MOCK_PORTS[1],
+        options.mock_ports[0],
+        options.mock_ports[1],
         collie.listen,
         collie.admin_listen
     );

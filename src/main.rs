@@ -40,6 +40,15 @@ enum Command {
         /// Latency of the mock providers before their response head, in milliseconds.
         #[arg(long, default_value_t = 150)]
         latency_ms: u64,
+        /// Address for the gateway, in place of the demo config's 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Address for metrics and status, in place of 127.0.0.1:9090.
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// Ports for the two mock providers, in place of 9101,9102.
+        #[arg(long, value_delimiter = ',')]
+        mock_ports: Option<Vec<u16>>,
     },
     /// Run an OpenAI-compatible mock provider (for tests and benchmarks).
     Mock(collie::mock::MockArgs),
@@ -113,8 +122,26 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { files } => check_config(&files),
         Command::HashKey { key } => hash_key(key),
-        Command::Demo { latency_ms } => {
-            match collie::demo::run(std::time::Duration::from_millis(latency_ms)) {
+        Command::Demo {
+            latency_ms,
+            listen,
+            admin_listen,
+            mock_ports,
+        } => {
+            let options = collie::demo::DemoOptions {
+                latency: std::time::Duration::from_millis(latency_ms),
+                listen,
+                admin_listen,
+                mock_ports: match mock_ports.as_deref() {
+                    None => collie::demo::MOCK_PORTS,
+                    Some(&[a, b]) => [a, b],
+                    Some(_) => {
+                        log::error!("--mock-ports takes two ports, e.g. 9101,9102");
+                        return ExitCode::from(64);
+                    }
+                },
+            };
+            match collie::demo::run(options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

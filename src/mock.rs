@@ -49,6 +49,9 @@ pub struct Behavior {
     pub headers: Vec<(String, String)>,
     /// An error status whose body never ends: one byte per interval.
     pub trickle: Option<Duration>,
+    /// Send `body` as an SSE stream, cut into pieces of this many bytes
+    /// (boundaries fall anywhere, as on a real network).
+    pub sse_pieces: Option<usize>,
 }
 
 impl Default for Behavior {
@@ -65,6 +68,7 @@ impl Default for Behavior {
             body: None,
             headers: Vec::new(),
             trickle: None,
+            sse_pieces: None,
         }
     }
 }
@@ -111,6 +115,12 @@ impl Behavior {
     }
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    /// Stream `body` (an SSE transcript) in pieces of `piece` bytes.
+    pub fn sse(mut self, body: impl Into<Bytes>, piece: usize) -> Self {
+        self.body = Some(body.into());
+        self.sse_pieces = Some(piece.max(1));
         self
     }
     /// With an error status: send the head, then a body that never ends.
@@ -503,6 +513,13 @@ async fn handle(
     }
     if !(200..300).contains(&b.status) {
         return Ok(error_response(b.status, "mock error", &b));
+    }
+    if let (Some(body), Some(piece)) = (&b.body, b.sse_pieces) {
+        let pieces = body
+            .chunks(piece)
+            .map(|c| (true, Bytes::copy_from_slice(c)))
+            .collect();
+        return Ok(stream_response(&b, pieces, shared));
     }
     if let Some(body) = &b.body {
         return Ok(finish(

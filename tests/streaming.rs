@@ -245,3 +245,164 @@ async fn graceful_stop_lets_a_stream_finish() {
     );
     assert_eq!(a.streams_finished(), 1);
 }
+
+/// A transcript under `tests/fixtures/transcripts/`.
+fn transcript(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/transcripts/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// Provider streams in their own shapes (a filter-only first chunk, keep-alive
+/// comments and usage on the last content chunk, CRLF event endings, the
+/// Responses API's named events), cut at odd places: the client gets them
+/// byte for byte, and the usage they report is what Collie counts. When
+/// Collie asked for the usage chunk itself, only that usage-only chunk is
+/// held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_transcripts_pass_through_byte_exact_with_usage() {
+    // (file, endpoint, model, prompt tokens, completion tokens, has a usage-only chunk)
+    let cases = [
+        (
+            "openai_chat_stream_include_usage.sse",
+            "/v1/chat/completions",
+            "gpt",
+            19,
+            9,
+            true,
+        ),
+        (
+            "azure_chat_stream_filters.sse",
+            "/v1/chat/completions",
+            "gpt",
+            24,
+            6,
+            true,
+        ),
+        (
+            "deepseek_reasoner_stream_keepalive.sse",
+            "/v1/chat/completions",
+            "gpt",
+            11,
+            42,
+            false,
+        ),
+        (
+            "local_server_stream_crlf.sse",
+            "/v1/chat/completions",
+            "gpt",
+            31,
+            2,
+            true,
+        ),
+        (
+            "responses_stream.sse",
+            "/v1/responses",
+            "resp",
+            14,
+            3,
+            false,
+        ),
+    ];
+    for (file, path, model, prompt, completion, hides) in cases {
+        let body = transcript(file);
+        for client_asks in [true, false] {
+            let a = mock().await;
+            let b = mock().await;
+            a.push(Behavior::default().sse(body.clone(), 37));
+            let gw = gateway(&two_step(&a, &b, "5s")).await;
+            let mut request =
+                json!({"model": model, "stream": true, "messages": [], "input": "hi"});
+            if client_asks {
+                request["stream_options"] = json!({"include_usage": true});
+            }
+            let resp = gw
+                .client
+                .post(gw.url(path))
+                .header("x-tenant-id", "alpha")
+                .bearer_auth(ALPHA_KEY)
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{file}");
+            let got = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
+            let sent = String::from_utf8(body.clone()).unwrap();
+            let expected = if client_asks || !hides || path == "/v1/responses" {
+                sent
+            } else {
+                let sep = if file.contains("crlf") {
+                    "\r\n\r\n"
+                } else {
+                    "\n\n"
+                };
+                let usage_only: Vec<&str> = sent
+                    .split(sep)
+                    .filter(|e| e.contains("\"choices\":[]") && e.contains("\"usage\":{"))
+                    .collect();
+                assert_eq!(usage_only.len(), 1, "{file}");
+                sent.replacen(&format!("{}{sep}", usage_only[0]), "", 1)
+            };
+            assert_eq!(
+                got, expected,
+                "{file} (client asked for usage: {client_asks})"
+            );
+            let text = gw.metrics_after(1).await;
+            let tokens = |kind| {
+                metric_sum(
+                    &text,
+                    "collie_tokens_total",
+                    &[("tenant", "alpha"), ("type", kind)],
+                )
+            };
+            assert_eq!(tokens("input"), f64::from(prompt), "{file}\n{text}");
+            assert_eq!(tokens("output"), f64::from(completion), "{file}");
+        }
+    }
+}
+
+/// Non-streamed provider answers (pretty-printed chat, compact embeddings)
+/// pass through byte for byte, and their usage is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_json_answers_pass_through_with_usage() {
+    let cases = [
+        (
+            "openai_chat_completion.json",
+            "/v1/chat/completions",
+            "gpt",
+            14.0,
+            7.0,
+        ),
+        (
+            "openai_embeddings.json",
+            "/v1/embeddings",
+            "embed",
+            8.0,
+            0.0,
+        ),
+    ];
+    for (file, path, model, prompt, completion) in cases {
+        let body = transcript(file);
+        let a = mock().await;
+        let b = mock().await;
+        a.push(Behavior::default().body(body.clone()));
+        let gw = gateway(&two_step(&a, &b, "5s")).await;
+        let resp = gw
+            .client
+            .post(gw.url(path))
+            .header("x-tenant-id", "alpha")
+            .bearer_auth(ALPHA_KEY)
+            .json(&json!({"model": model, "messages": [], "input": ["a", "b"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{file}");
+        assert_eq!(resp.bytes().await.unwrap(), body, "{file}");
+        let text = gw.metrics_after(1).await;
+        let tokens = |kind| metric_sum(&text, "collie_tokens_total", &[("type", kind)]);
+        assert_eq!(tokens("input"), prompt, "{file}");
+        assert_eq!(tokens("output"), completion, "{file}");
+    }
+}
