@@ -3,7 +3,7 @@
 //! loop in [`exchange`] — and `logging` settles it (metrics) whatever happened.
 
 mod admission;
-mod body;
+pub mod body;
 mod error;
 pub mod exchange;
 mod redact;

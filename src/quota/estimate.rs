@@ -182,7 +182,7 @@ fn string_end(body: &[u8], from: usize) -> usize {
 
 /// Text longer than this is estimated from its first and last parts,
 /// scaled to its length: a long prompt is read once, not three times.
-const SAMPLE: usize = 16 << 10;
+const SAMPLE: usize = 4 << 10;
 
 fn classify_long_text(text: &[u8], c: &mut Counts) {
     if text.len() <= 2 * SAMPLE {
