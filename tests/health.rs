@@ -1195,3 +1195,46 @@ async fn probes_retry_a_stale_connection_and_connect_afresh() {
     })
     .await;
 }
+
+/// The backoff before a retry comes before the next member is chosen:
+/// nothing that choice takes (here: the member's one request of its
+/// provider's per-minute limit) is held while the request sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backoff_holds_nothing_of_the_next_member() {
+    let a = mock_with(Behavior::default().status(500)).await;
+    let b = mock().await;
+    let z = mock().await;
+    let off = ", health: {probe: off}";
+    // `a` is cheaper, so tried first; the backoff lasts past the deadline.
+    let yaml = format!(
+        "request_deadline: 3s\nretry: {{backoff: 1000h, max_backoff: 1000h}}\n{}",
+        pool_config(
+            &[("a", &a, off), ("b", &b, ", rpm: 1, health: {probe: off}")],
+            ", policy: cost, retries: 1",
+            &z
+        )
+    )
+    .replace(
+        "model-a: {input_per_mtok: 5.0, output_per_mtok: 15.0}",
+        "model-a: {input_per_mtok: 0.1, output_per_mtok: 0.1}",
+    )
+    .replace("models:\n", "models:\n  - {name: bonly, fallback: [pb]}\n")
+    .replace(
+        "pools:\n",
+        "pools:\n  - {id: pb, deployments: [{deployment: b}]}\n",
+    );
+    let gw = gateway(&yaml).await;
+    let first = tokio::spawn(gw.chat(hello("m")).send());
+    eventually("the first request failed on a", || {
+        a.completion_calls() == 1
+    })
+    .await;
+    // While the first request backs off, `b`'s one request a minute is
+    // still free for another request.
+    let r = gw.chat(hello("bonly")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-collie-model"], "model-b");
+    let r = first.await.unwrap().unwrap();
+    assert_eq!(r.status(), 504, "the deadline passed during the backoff");
+    assert_eq!(b.completion_calls(), 1);
+}
