@@ -121,6 +121,8 @@ pub struct RequestCtx {
     /// Index of the deployment whose response the client got.
     pub served: Option<usize>,
     pub attempts: Vec<Attempt>,
+    /// (from, to) deployments when the request fell back along its chain.
+    pub fallback: Option<(usize, usize)>,
     pub status: u16,
     /// Why Collie refused or failed the request itself.
     pub error: Option<&'static str>,
@@ -273,6 +275,7 @@ impl ProxyHttp for Gateway {
             requested_model: None,
             served: None,
             attempts: Vec::new(),
+            fallback: None,
             status: 0,
             error: None,
             usage: None,

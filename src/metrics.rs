@@ -29,11 +29,8 @@ pub struct Metrics {
     attempts: IntCounterVec,
     fallbacks: IntCounterVec,
     pub quota: QuotaMetrics,
+    /// Probes, breakers and the health gauges (set when scraped).
     pub health: crate::routing::probe::HealthMetrics,
-    /// 0 unknown, 1 healthy, 2 degraded, 3 unhealthy.
-    pub deployment_state: prometheus::IntGaugeVec,
-    /// 0 closed, 1 half-open, 2 open.
-    pub breaker_state: prometheus::IntGaugeVec,
 }
 
 /// The quota ledger, queues and rebalancing as seen from outside.
@@ -229,23 +226,11 @@ impl Metrics {
             fallbacks: counter(
                 r,
                 "collie_fallbacks_total",
-                "Requests served by another deployment than their first attempt, by upstream model",
-                &["from", "to"],
+                "Requests that fell back to a later pool of their chain, by upstream model and whether one served them",
+                &["from", "to", "outcome"],
             )?,
             quota: QuotaMetrics::new(r)?,
             health: crate::routing::probe::HealthMetrics::new(r)?,
-            deployment_state: int_gauge(
-                r,
-                "collie_deployment_health",
-                "Deployment health: 0 unknown, 1 healthy, 2 degraded, 3 unhealthy",
-                &["deployment"],
-            )?,
-            breaker_state: int_gauge(
-                r,
-                "collie_breaker_state",
-                "Circuit breaker: 0 closed, 1 half-open, 2 open",
-                &["deployment"],
-            )?,
             registry,
         })
     }
@@ -310,20 +295,26 @@ impl Metrics {
                 .with_label_values(&[deployment, outcome])
                 .inc();
         }
+        if let Some((from, to)) = ctx.fallback {
+            // Upstream model names: from the config.
+            let model = |i: usize| {
+                snap.router
+                    .upstreams
+                    .get(i)
+                    .map_or(OTHER, |u| u.model.as_str())
+            };
+            let outcome = if ctx.served.is_some() {
+                "served"
+            } else {
+                "failed"
+            };
+            self.fallbacks
+                .with_label_values(&[model(from), model(to), outcome])
+                .inc();
+        }
         let Some(served) = ctx.served.and_then(|i| snap.router.upstreams.get(i)) else {
             return;
         };
-        if let Some(first) = ctx.attempts.first().filter(|a| a.upstream != served.index) {
-            // Upstream model names: from the config.
-            let from = snap
-                .router
-                .upstreams
-                .get(first.upstream)
-                .map_or(OTHER, |u| u.model.as_str());
-            self.fallbacks
-                .with_label_values(&[from, &served.model])
-                .inc();
-        }
         let elapsed = ctx.started.elapsed().as_secs_f64();
         self.duration.with_label_values(&[model]).observe(elapsed);
         if let Some(first) = ctx.first_byte {
@@ -397,7 +388,14 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let (status, content_type, body) = match path.as_str() {
-            "/metrics" => (200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/metrics" => {
+                // Health gauges are read from the deployments now, for the
+                // deployments of the config now.
+                self.state
+                    .health
+                    .publish(&self.state.load().router.upstreams);
+                (200, "text/plain; version=0.0.4", self.metrics.render())
+            }
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/quota" => (200, "application/json", self.quota_status()),
             "/status" => (

@@ -612,6 +612,16 @@ impl ProviderLimiter {
 
     /// Take one request and `tokens` if both fit; else how long until they do.
     pub fn try_take(&self, tokens: u64) -> Result<(), Duration> {
+        self.admit(tokens, true)
+    }
+
+    /// What [`Self::try_take`] would answer, taking nothing (routing's
+    /// look-ahead and the status view).
+    pub fn check(&self, tokens: u64) -> Result<(), Duration> {
+        self.admit(tokens, false)
+    }
+
+    fn admit(&self, tokens: u64, take: bool) -> Result<(), Duration> {
         let now = Instant::now();
         let mut rpm = self.rpm.as_ref().map(|(r, b)| (*r, lock(b)));
         let mut tpm = self.tpm.as_ref().map(|(r, b)| (*r, lock(b)));
@@ -632,6 +642,9 @@ impl ProviderLimiter {
         }
         if !wait.is_zero() {
             return Err(wait);
+        }
+        if !take {
+            return Ok(());
         }
         if let Some((_, b)) = &mut rpm {
             b.take(1);

@@ -150,6 +150,8 @@ impl std::fmt::Debug for Upstream {
 pub struct PoolRuntime {
     pub id: String,
     pub members: Vec<usize>,
+    /// Each member's weight, in `members` order.
+    weights: Vec<u32>,
     lb: LoadBalancer<RoundRobin>,
     pub policy: Policy,
     pub retries: u32,
@@ -173,11 +175,20 @@ pub enum Pick {
     Exhausted,
 }
 
+/// Whether a selection takes what it chooses (a request: provider-limit
+/// tokens, the half-open trial, a round-robin turn) or only looks (the
+/// status view; the checks before queueing and before a backoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Take,
+    Peek,
+}
+
 impl PoolRuntime {
     /// Choose a member not yet tried: healthy ones first, then degraded,
     /// then unknown (not preferred until proven), by the pool's policy; else
     /// the single trial of a half-open breaker. The member's provider limits
-    /// must take one request of `tokens` (taken on success).
+    /// must take one request of `tokens` (taken on success; see [`Lease`]).
     pub fn pick(
         &self,
         upstreams: &[Arc<Upstream>],
@@ -185,15 +196,47 @@ impl PoolRuntime {
         now: u64,
         tokens: u64,
     ) -> Pick {
+        self.select(upstreams, tried, now, tokens, Mode::Take)
+    }
+
+    /// What [`Self::pick`] would offer now, by the same rules, taking
+    /// nothing. Where `pick` goes by weighted round robin, this names the
+    /// heaviest candidate instead: the round robin's next turn is not a
+    /// recommendation.
+    pub fn peek(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        tried: &[usize],
+        now: u64,
+        tokens: u64,
+    ) -> Pick {
+        self.select(upstreams, tried, now, tokens, Mode::Peek)
+    }
+
+    fn select(
+        &self,
+        upstreams: &[Arc<Upstream>],
+        tried: &[usize],
+        now: u64,
+        tokens: u64,
+        mode: Mode,
+    ) -> Pick {
         let get = |i: usize| upstreams.get(i).filter(|_| !tried.contains(&i));
         let limited_wait = std::cell::Cell::new(None::<u64>);
         let note_wait =
             |ms: u64| limited_wait.set(Some(limited_wait.get().map_or(ms, |w| w.min(ms))));
-        let take = |u: &Upstream| match u.limiter.as_ref().map(|l| l.try_take(tokens)) {
-            None | Some(Ok(())) => true,
-            Some(Err(wait)) => {
-                note_wait(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
-                false
+        let fits = |u: &Upstream| {
+            let answer = match (u.limiter.as_ref(), mode) {
+                (None, _) => Ok(()),
+                (Some(l), Mode::Take) => l.try_take(tokens),
+                (Some(l), Mode::Peek) => l.check(tokens),
+            };
+            match answer {
+                Ok(()) => true,
+                Err(wait) => {
+                    note_wait(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+                    false
+                }
             }
         };
         // On the stack for pools of up to eight members.
@@ -219,7 +262,7 @@ impl PoolRuntime {
             {
                 continue;
             }
-            if let Some(i) = self.choose(upstreams, &eligible, &take) {
+            if let Some(i) = self.choose(upstreams, &eligible, &fits, mode) {
                 return Pick::Upstream {
                     index: i,
                     trial: false,
@@ -232,14 +275,26 @@ impl PoolRuntime {
                 continue;
             }
             let Some(u) = get(i) else { continue };
-            if u.health.admit().is_ok() {
-                if take(u) {
-                    return Pick::Upstream {
-                        index: i,
-                        trial: true,
-                    };
+            match mode {
+                Mode::Take => {
+                    if u.health.admit().is_ok() {
+                        if fits(u) {
+                            return Pick::Upstream {
+                                index: i,
+                                trial: true,
+                            };
+                        }
+                        u.health.release_trial();
+                    }
                 }
-                u.health.release_trial();
+                Mode::Peek => {
+                    if u.health.would_admit().is_ok() && fits(u) {
+                        return Pick::Upstream {
+                            index: i,
+                            trial: true,
+                        };
+                    }
+                }
             }
         }
         let blocked = self
@@ -255,14 +310,12 @@ impl PoolRuntime {
             .members
             .iter()
             .filter_map(|&i| get(i))
-            .map(|u| match u.health.admit() {
+            .map(|u| match u.health.would_admit() {
                 Err(wait) => u64::try_from(wait.unwrap_or_default().as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1),
-                Ok(_) => {
-                    u.health.release_trial();
-                    1
-                }
+                // Became admissible since the states were read.
+                Ok(_) => 1,
             })
             .min();
         match unhealthy {
@@ -271,46 +324,141 @@ impl PoolRuntime {
         }
     }
 
+    fn weight_of(&self, index: usize) -> u32 {
+        self.members
+            .iter()
+            .position(|&m| m == index)
+            .and_then(|p| self.weights.get(p))
+            .copied()
+            .unwrap_or(1)
+    }
+
     /// One eligible member by the pool's policy, whose limits take the request.
     fn choose(
         &self,
         upstreams: &[Arc<Upstream>],
         eligible: &dyn Fn(usize) -> bool,
-        take: &dyn Fn(&Upstream) -> bool,
+        fits: &dyn Fn(&Upstream) -> bool,
+        mode: Mode,
     ) -> Option<usize> {
-        let n = self.picks.fetch_add(1, Ordering::Relaxed);
-        let by_metric = |key: &dyn Fn(&Upstream) -> u64| {
-            let mut c: Vec<&Arc<Upstream>> = self
+        let n = match mode {
+            Mode::Take => self.picks.fetch_add(1, Ordering::Relaxed),
+            Mode::Peek => self.picks.load(Ordering::Relaxed),
+        };
+        let ranked = |key: &dyn Fn(&Upstream) -> (u64, u64)| {
+            let mut c: smallvec::SmallVec<[&Arc<Upstream>; 8]> = self
                 .members
                 .iter()
                 .filter(|&&i| eligible(i))
                 .filter_map(|&i| upstreams.get(i))
                 .collect();
+            // Stable: equal keys keep the pool's member order.
             c.sort_by_key(|u| key(u));
-            c.into_iter().find(|u| take(u)).map(|u| u.index)
+            c.into_iter().find(|u| fits(u)).map(|u| u.index)
         };
-        match self.policy {
-            Policy::LeastLatency if n % 20 != 19 => {
-                // Unmeasured members count as fastest so they get measured.
-                return by_metric(&|u| {
-                    u.health.ttfb_ewma_ms().map_or(0, |ms| (ms * 1000.0) as u64)
+        let heaviest = |u: &Upstream| (u64::from(u32::MAX - self.weight_of(u.index)), 0);
+        match (self.policy, mode) {
+            (Policy::LeastLatency, Mode::Peek) => {
+                return ranked(&|u| {
+                    let (class, micros) = u.health.latency_rank();
+                    (u64::from(class), micros)
                 });
             }
-            Policy::Cost => return by_metric(&Upstream::price_per_token),
+            (Policy::LeastLatency, Mode::Take) if n % 20 != 19 => {
+                return ranked(&|u| {
+                    let (class, micros) = u.health.latency_rank();
+                    (u64::from(class), micros)
+                });
+            }
+            (Policy::Cost, _) => {
+                return ranked(&|u| {
+                    (
+                        u.price_per_token(),
+                        u64::from(u32::MAX - self.weight_of(u.index)),
+                    )
+                });
+            }
+            (_, Mode::Peek) => return ranked(&heaviest),
             _ => {}
         }
-        // Bounded: the round robin walks every unique member within
-        // `members.len()` steps after its weighted first choice.
-        let max_iterations = self.members.len() * 2 + 1;
-        let chosen = self
-            .lb
-            .select_with(b"", max_iterations, |b, _registry_view| {
-                // The registry's view lags; `DeploymentHealth` is authoritative.
-                b.ext
-                    .get::<usize>()
-                    .is_some_and(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| take(u)))
-            });
-        chosen.and_then(|b| b.ext.get::<usize>().copied())
+        // The weighted round robin's choice, if it will do.
+        let first = self.lb.select_with(b"", 1, |b, _registry_view| {
+            // The registry's view lags; `DeploymentHealth` is authoritative.
+            b.ext
+                .get::<usize>()
+                .is_some_and(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| fits(u)))
+        });
+        if let Some(&i) = first.as_ref().and_then(|b| b.ext.get::<usize>()) {
+            return Some(i);
+        }
+        // Else every member once, from a rotating start: the round robin's
+        // own fallback walks a counter shared with concurrent requests and
+        // may skip the one member that would do.
+        let len = self.members.len();
+        let start = usize::try_from(n).unwrap_or(0) % len.max(1);
+        (0..len)
+            .map(|k| self.members[(start + k) % len])
+            .find(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| fits(u)))
+    }
+}
+
+/// A deployment picked for one attempt, until the attempt's outcome is
+/// known. Dropped without one — an early return, the request deadline
+/// cutting the attempt — it gives back what [`PoolRuntime::pick`] took: the
+/// half-open breaker's trial slot, and the provider-limit tokens unless an
+/// attempt record carries them to settlement. So no path leaks either.
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    trial: bool,
+    tokens: u64,
+    /// The tokens are on an attempt record and settle with the request.
+    tokens_recorded: bool,
+    finished: bool,
+}
+
+impl Lease {
+    pub fn new(upstream: Arc<Upstream>, trial: bool, tokens: u64) -> Lease {
+        Lease {
+            upstream,
+            trial,
+            tokens,
+            tokens_recorded: false,
+            finished: false,
+        }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    pub fn trial(&self) -> bool {
+        self.trial
+    }
+
+    /// An attempt record now holds the provider-limit tokens.
+    pub fn recorded(&mut self) {
+        self.tokens_recorded = true;
+    }
+
+    /// Account the attempt's outcome to the deployment's health, which
+    /// frees a trial slot whatever the outcome.
+    pub fn finish(mut self, outcome: health::Outcome) {
+        self.finished = true;
+        self.upstream.health.record(outcome);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.finished && self.trial {
+            self.upstream.health.release_trial();
+        }
+        if !self.tokens_recorded {
+            if let Some(l) = &self.upstream.limiter {
+                // The request itself stays counted: it was let through.
+                l.settle_tokens(self.tokens, 0);
+            }
+        }
     }
 }
 
@@ -351,7 +499,6 @@ impl Router {
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
-        book.retarget(&upstreams);
         let mut pools = Vec::with_capacity(config.pools.len());
         for p in &config.pools {
             let mut set = BTreeSet::new();
@@ -379,6 +526,7 @@ impl Router {
             pools.push(PoolRuntime {
                 id: p.id.clone(),
                 members: p.members.iter().map(|m| m.deployment).collect(),
+                weights: p.members.iter().map(|m| m.weight).collect(),
                 lb,
                 policy: p.policy,
                 retries: p.retries,
@@ -386,6 +534,11 @@ impl Router {
                 picks: AtomicU64::new(0),
             });
         }
+        // Only once nothing can fail: a config that is refused must not
+        // move the probes or drop the running deployments' series.
+        book.retarget(&upstreams, &|i| {
+            pools.iter().any(|p| p.members.contains(&i))
+        });
         Ok(Router { pools, upstreams })
     }
 
@@ -591,6 +744,77 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 2);
+    }
+
+    /// Under concurrent picks, a pool whose one remaining member is
+    /// eligible always offers it: the fallback after the round robin's
+    /// choice visits every member, whatever other requests do meanwhile.
+    #[test]
+    fn concurrent_picks_always_find_the_one_eligible_member() {
+        let r = Arc::new(Router::build(&config(&[1, 1, 1, 1, 1, 1, 1]), None, &book()).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                std::thread::spawn(move || {
+                    let tried = [0, 1, 2, 3, 4, 5];
+                    (0..20_000)
+                        .filter(|_| {
+                            r.pools[0].pick(&r.upstreams, &tried, now_ms(), 1)
+                                != Pick::Upstream {
+                                    index: 6,
+                                    trial: false,
+                                }
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let misses: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(misses, 0, "picks that missed the eligible member");
+    }
+
+    #[test]
+    fn peek_takes_nothing_and_names_the_heaviest() {
+        let r = Router::build(&config(&[1, 3, 2]), None, &book()).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                r.pools[0].peek(&r.upstreams, &[], now_ms(), 1),
+                Pick::Upstream {
+                    index: 1,
+                    trial: false
+                }
+            );
+        }
+        // The round robin was not moved: a full cycle is still exact.
+        let mut counts = [0usize; 3];
+        for _ in 0..6 {
+            if let Pick::Upstream { index, .. } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
+                counts[index] += 1;
+            }
+        }
+        assert_eq!(counts, [1, 3, 2]);
+    }
+
+    #[test]
+    fn a_dropped_lease_gives_back_the_trial() {
+        let r = Router::build(&config(&[1]), None, &book()).unwrap();
+        let h = &r.upstreams[0].health;
+        h.set_settings(health::HealthSettings {
+            probe: health::ProbeKind::Off,
+            failures_to_open: 1,
+            cooldown: Duration::from_millis(1),
+            ..health::HealthSettings::default()
+        });
+        h.record(health::Outcome::Failure);
+        std::thread::sleep(Duration::from_millis(5));
+        let Pick::Upstream { index, trial: true } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1)
+        else {
+            panic!("expected the trial");
+        };
+        let lease = Lease::new(Arc::clone(&r.upstreams[index]), true, 1);
+        assert!(h.would_admit().is_err(), "the trial is taken");
+        drop(lease);
+        assert!(h.would_admit().is_ok(), "and given back");
     }
 
     #[test]

@@ -8,12 +8,10 @@ use crate::gateway::{Gateway, InFlight};
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
 use crate::routing::DNS_REFRESH;
-use crate::routing::health::{BreakerState, State as HealthState};
 use crate::routing::probe::HealthBook;
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::lb::HealthCheckService;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -66,20 +64,6 @@ impl Collie {
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let book = HealthBook::new(metrics.health.clone(), 64);
         let state = Arc::new(State::new(config, Arc::clone(&book))?);
-        let mut probes = HealthCheckService::new(Arc::clone(&book.registry));
-        // Each deployment probes on its own interval; the service wakes as
-        // often as the shortest one needs (at most every 100 ms).
-        let shortest = state
-            .load()
-            .config
-            .deployments
-            .iter()
-            .map(|d| d.health.interval)
-            .min()
-            .unwrap_or(Duration::from_secs(1));
-        probes.health_check_frequency =
-            Some(shortest.clamp(Duration::from_millis(100), Duration::from_secs(1)));
-        probes.parallel_health_check = true;
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
             .map_err(|e| format!("metrics: {e}"))?;
         let (auditor, audit) = match crate::audit::start(&state.load().config.audit, audit_metrics)?
@@ -111,7 +95,7 @@ impl Collie {
         admin.threads = Some(1);
         server.add_service(admin);
 
-        server.add_service(background_service("health probes", probes));
+        server.add_service(background_service("health probes", Probes { book }));
         server.add_service(background_service(
             "quota rebalance",
             RebalanceService {
@@ -329,8 +313,8 @@ impl ShutdownSignalWatch for HandleSignal {
 }
 
 /// Once per interval: lends idle tenants' rate capacity to busy high-priority
-/// ones while a pool is saturated, and publishes health, pool and loan state
-/// as metrics.
+/// ones while a pool is saturated, and publishes pool and loan state as
+/// metrics.
 struct RebalanceService {
     state: Arc<State>,
     metrics: Arc<Metrics>,
@@ -354,8 +338,7 @@ impl BackgroundService for RebalanceService {
     }
 }
 
-/// One upkeep step over the current snapshot: health and breaker gauges,
-/// pool gauges, and rebalancing.
+/// One upkeep step over the current snapshot: pool gauges and rebalancing.
 pub fn rebalance_once(
     snap: &Snapshot,
     rebalancer: &Rebalancer,
@@ -398,28 +381,6 @@ pub fn rebalance_once(
                 .any(|&p| busy.get(p).copied().unwrap_or(false)),
         })
         .collect();
-    for u in &snap.router.upstreams {
-        let h = u.health.snapshot();
-        let state = match h.state {
-            HealthState::Unknown => 0,
-            HealthState::Healthy => 1,
-            HealthState::Degraded => 2,
-            HealthState::Unhealthy => 3,
-        };
-        let breaker = match h.breaker {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open => 2,
-        };
-        metrics
-            .deployment_state
-            .with_label_values(&[&u.id])
-            .set(state);
-        metrics
-            .breaker_state
-            .with_label_values(&[&u.id])
-            .set(breaker);
-    }
     for c in rebalancer.tick(settings, &views, elapsed) {
         log::info!(
             "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",
@@ -435,6 +396,35 @@ pub fn rebalance_once(
             .inc();
         q.loan_rpm.with_label_values(&[&c.tenant]).set(c.after.rpm);
         q.loan_tpm.with_label_values(&[&c.tenant]).set(c.after.tpm);
+    }
+}
+
+/// Runs passes over the shared health registry. A pass only starts the
+/// probes that are due (each in a task of its own) and returns at once, so
+/// the loop wakes when the next probe of the current deployments is due —
+/// a reload that shortens an interval or adds a deployment wakes it too.
+struct Probes {
+    book: Arc<HealthBook>,
+}
+
+#[async_trait]
+impl BackgroundService for Probes {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            self.book.registry.run_health_check(false).await;
+            // At least every second, so a missed wake-up costs little; at
+            // most every 10 ms, so a storm of them costs little too.
+            let wait = self
+                .book
+                .next_due()
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.book.wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! no external assets, that polls `/status` every 2 s).
 
 use crate::config::Model;
-use crate::routing::health::State;
+use crate::routing::{Pick, now_ms};
 use crate::state::Snapshot;
 use serde::Serialize;
 
@@ -20,8 +20,8 @@ struct Status<'a> {
 struct ModelStatus<'a> {
     name: &'a str,
     chain: Vec<&'a str>,
-    /// The upstream model a request would get now (first healthy-most
-    /// deployment along the chain).
+    /// The upstream model a request would get now, by the routing rules
+    /// themselves (see [`recommended`]).
     recommended: Option<&'a str>,
     routes: Vec<RouteStatus<'a>>,
 }
@@ -57,6 +57,8 @@ struct DeploymentStatus<'a> {
     error_ratio: Option<f64>,
     served: u64,
     last_probe: Option<ProbeStatus>,
+    /// Consecutive failed probes.
+    probe_failures: u32,
 }
 
 #[derive(Serialize)]
@@ -66,21 +68,24 @@ struct ProbeStatus {
     detail: String,
 }
 
-/// The deployment a chain would use now: the first pool's best-state member
-/// (healthy, then degraded, then unknown), else the next pool's.
+/// The model a chain would use now: what routing's own look-ahead offers in
+/// the first pool that offers something — the pool's policy, health tiers,
+/// `Retry-After` blocks and provider limits all applied (for a one-token
+/// request). A half-open breaker's trial is not a recommendation.
 fn recommended<'a>(snap: &'a Snapshot, chain: &[usize]) -> Option<&'a str> {
+    let now = now_ms();
     chain
         .iter()
         .filter_map(|&p| snap.router.pools.get(p))
-        .find_map(|pool| {
-            pool.members
-                .iter()
-                .filter_map(|&i| snap.router.upstreams.get(i))
-                .map(|u| (u.health.state(), u))
-                .filter(|(s, _)| *s != State::Unhealthy)
-                .min_by_key(|(s, _)| s.tier())
-                .map(|(_, u)| u.model.as_str())
-        })
+        .find_map(
+            |pool| match pool.peek(&snap.router.upstreams, &[], now, 1) {
+                Pick::Upstream {
+                    index,
+                    trial: false,
+                } => snap.router.upstreams.get(index).map(|u| u.model.as_str()),
+                _ => None,
+            },
+        )
 }
 
 fn chain_names<'a>(snap: &'a Snapshot, chain: &[usize]) -> Vec<&'a str> {
@@ -160,6 +165,7 @@ pub fn json(snap: &Snapshot) -> Vec<u8> {
                         latency_ms: p.latency.as_secs_f64() * 1e3,
                         detail: p.detail,
                     }),
+                    probe_failures: h.probe_failures,
                 }
             })
             .collect(),

@@ -13,6 +13,8 @@ mod common;
 use collie::mock::{Behavior, MockConfig, MockServer};
 use common::*;
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn hello(model: &str) -> Value {
@@ -41,6 +43,29 @@ fn pool_config(
         tenants = tenants(),
         refs = refs.join(", "),
     )
+}
+
+/// Swap the running gateway's config for this one (same listeners).
+fn reload(gw: &Gw, yaml: &str) {
+    let text = format!(
+        "listen: {}\nadmin_listen: {}\nthreads: 2\naudit: {{sink: off}}\n{yaml}",
+        gw.running.listen, gw.running.admin_listen
+    );
+    let env = provider_env();
+    let config = collie::config::Config::from_yaml(&text, &|n| env.get(n).cloned())
+        .unwrap_or_else(|e| panic!("reloaded config is invalid:\n{e}\n---\n{text}"));
+    gw.running.state.reload(config).unwrap();
+}
+
+/// What the status view recommends for `model` now.
+async fn recommended(gw: &Gw, model: &str) -> Value {
+    status(gw).await["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .unwrap()["recommended"]
+        .clone()
 }
 
 async fn status(gw: &Gw) -> Value {
@@ -89,16 +114,19 @@ async fn served_by(gw: &Gw, model: &str, n: usize) -> Vec<String> {
     out
 }
 
-const FAST_PROBES: &str = ", health: {interval: 150ms, timeout: 300ms, healthy_after: 1, unhealthy_after: 1, cooldown: 300ms}";
-
+/// A deployment that starts refusing connections is unhealthy exactly when
+/// `unhealthy_after` probes in a row have failed (every status view shows
+/// both together), gets no traffic after that, and comes back when probes
+/// pass again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
     let a = mock().await;
     let b = mock().await;
     let z = mock().await;
     let addr = a.addr();
+    let probes = ", health: {interval: 150ms, timeout: 300ms, healthy_after: 1, unhealthy_after: 3, cooldown: 60s}";
     let gw = gateway(&pool_config(
-        &[("a", &a, FAST_PROBES), ("b", &b, FAST_PROBES)],
+        &[("a", &a, probes), ("b", &b, probes)],
         "",
         &z,
     ))
@@ -107,7 +135,23 @@ async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
     until(&gw, "b", "state", "healthy").await;
     // `a` stops accepting connections.
     a.shutdown().await;
-    until(&gw, "a", "state", "unhealthy").await;
+    let mut views = 0;
+    loop {
+        let d = deployment(&gw, "a").await;
+        let failed = d["probe_failures"].as_u64().unwrap();
+        assert_eq!(
+            d["state"] == "unhealthy",
+            failed >= 3,
+            "unhealthy exactly after 3 failed probes: {d}"
+        );
+        if failed >= 3 {
+            assert_eq!(d["last_probe"]["ok"], false);
+            break;
+        }
+        views += 1;
+        assert!(views < 1000, "never marked unhealthy: {d}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = b.completion_calls();
     let models = served_by(&gw, "m", 20).await;
     assert!(
@@ -115,6 +159,12 @@ async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
         "no traffic to a: {models:?}"
     );
     assert_eq!(b.completion_calls() - before, 20);
+    let m = gw.metrics_after(20).await;
+    assert_eq!(
+        metric_sum(&m, "collie_upstream_attempts_total", &[("deployment", "a")]),
+        0.0,
+        "not even a failed attempt reached a"
+    );
     // It comes back on the same port; probes pass and traffic returns.
     let a = MockServer::start(MockConfig {
         listen: addr,
@@ -126,6 +176,50 @@ async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
     let models = served_by(&gw, "m", 20).await;
     assert!(models.iter().any(|m| m == "model-a"));
     assert!(a.completion_calls() > 0);
+}
+
+/// Each probe runs on its own: one waiting out a long timeout holds up no
+/// other deployment's probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_probe_does_not_hold_up_other_probes() {
+    let hanging = mock_with(Behavior::default().hang()).await;
+    let b = mock().await;
+    let z = mock().await;
+    let gw = gateway(&pool_config(
+        &[
+            ("a", &hanging, ", health: {interval: 100ms, timeout: 60s}"),
+            ("b", &b, ", health: {interval: 100ms, timeout: 1s}"),
+        ],
+        "",
+        &z,
+    ))
+    .await;
+    eventually("b probed eight times", || b.request_count() >= 8).await;
+    assert_eq!(hanging.request_count(), 1, "a's one probe is still waiting");
+    assert_eq!(deployment(&gw, "a").await["state"], "unknown");
+    drop(gw);
+}
+
+/// A reload that shortens a probe interval takes effect: the probe loop's
+/// wake-ups follow the config now, not the one it started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_probe_interval_takes_effect() {
+    let a = mock().await;
+    let z = mock().await;
+    let gw = gateway(&pool_config(
+        &[("a", &a, ", health: {interval: 1h}")],
+        "",
+        &z,
+    ))
+    .await;
+    until(&gw, "a", "state", "healthy").await;
+    assert_eq!(a.request_count(), 1, "one probe an hour");
+    reload(
+        &gw,
+        &pool_config(&[("a", &a, ", health: {interval: 50ms}")], "", &z),
+    );
+    eventually("a probed every 50 ms", || a.request_count() >= 20).await;
+    assert_eq!(a.completion_calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +273,15 @@ async fn breaker_opens_half_opens_for_exactly_one_trial_and_closes() {
             "collie_breaker_transitions_total",
             &[("deployment", "a"), ("to", "closed")]
         ) >= 1.0
+    );
+    // The cooldown's end is a transition too, logged and counted once.
+    assert_eq!(
+        metric_sum(
+            &m,
+            "collie_breaker_transitions_total",
+            &[("deployment", "a"), ("to", "half_open")]
+        ),
+        1.0
     );
 }
 
@@ -371,8 +474,117 @@ async fn route_aliases_follow_hints_and_priorities() {
     assert_eq!(best["routes"][0]["recommended"], "model-a");
 }
 
+/// Chromium driven through its DevTools pipe (`--remote-debugging-pipe`:
+/// NUL-terminated JSON messages on descriptors 3 and 4), so a test can read
+/// the live DOM of a page it loaded once.
+struct Browser {
+    child: tokio::process::Child,
+    to: tokio::process::ChildStdin,
+    from: tokio::io::BufReader<tokio::process::ChildStdout>,
+    next_id: u64,
+    session: Option<String>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn open(chromium: &str, url: &str) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        // The shell hands the pipes to Chromium as descriptors 3 and 4.
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" 3<&0 4>&1 0</dev/null 1>/dev/null")
+            .arg(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--remote-debugging-pipe",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut b = Browser {
+            to: child.stdin.take().unwrap(),
+            from: tokio::io::BufReader::new(child.stdout.take().unwrap()),
+            child,
+            next_id: 0,
+            session: None,
+            _profile: profile,
+        };
+        let target = b.call("Target.createTarget", json!({"url": url})).await;
+        let attached = b
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        b.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+        b
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = &self.session {
+            msg["sessionId"] = json!(s);
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.to.write_all(&bytes).await.unwrap();
+        loop {
+            let mut buf = Vec::new();
+            let n =
+                tokio::time::timeout(Duration::from_secs(30), self.from.read_until(0, &mut buf))
+                    .await
+                    .expect("Chromium answers")
+                    .unwrap();
+            assert!(n > 0, "Chromium closed its pipe");
+            buf.pop();
+            let reply: Value = serde_json::from_slice(&buf).unwrap();
+            // Events have no id.
+            if reply["id"] == id {
+                assert!(reply["error"].is_null(), "{method}: {reply}");
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluate a JavaScript expression in the page.
+    async fn eval(&mut self, expression: &str) -> Value {
+        self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true}),
+        )
+        .await["result"]["value"]
+            .clone()
+    }
+
+    /// Wait until the expression is true in the page.
+    async fn until(&mut self, expression: &str) {
+        for _ in 0..300 {
+            if self.eval(expression).await == true {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dom = self.eval("document.body.innerHTML").await;
+        panic!("never true in the page: {expression}\n{dom}");
+    }
+}
+
 /// The status page in a real headless browser: it loads, lists every
-/// deployment, and shows a breaker opening.
+/// deployment, and — loaded once, never reloaded — shows a breaker opening.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_renders_in_headless_chromium() {
     let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -388,41 +600,641 @@ async fn status_page_renders_in_headless_chromium() {
     let z = mock().await;
     let live = ", health: {probe: off, failures_to_open: 1, cooldown: 60s}";
     let gw = gateway(&pool_config(&[("a", &a, live), ("b", &b, live)], "", &z)).await;
-    let render = |url: String| {
-        let chromium = chromium.to_string();
-        async move {
-            let profile = tempfile::tempdir().unwrap();
-            let out = tokio::process::Command::new(chromium)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--virtual-time-budget=3000",
-                    "--dump-dom",
-                ])
-                .arg(format!("--user-data-dir={}", profile.path().display()))
-                .arg(url)
-                .output()
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
+    let mut page = Browser::open(chromium, &format!("{}/", gw.admin)).await;
+    let row = |id: &str| {
+        format!(
+            "((document.querySelector('#deployments tr[data-id=\"{id}\"]') || {{}}).innerHTML || '')"
+        )
     };
-    let dom = render(format!("{}/", gw.admin)).await;
-    for id in ["<td>a</td>", "<td>b</td>", "<td>z</td>", "model-a"] {
-        assert!(dom.contains(id), "page shows {id}:\n{dom}");
+    page.until(&format!("{}.includes('model-a')", row("a")))
+        .await;
+    for id in ["a", "b", "z"] {
+        page.until(&format!("{}.includes('<td>{id}</td>')", row(id)))
+            .await;
     }
-    assert!(!dom.contains("badge open"), "no breaker open yet");
-    // One failure opens `a`'s breaker; the page shows it.
+    let body = page.eval("document.body.innerHTML").await;
+    assert!(
+        !body.as_str().unwrap().contains("badge open"),
+        "no breaker open yet"
+    );
+    // Marks this load of the page: a reload would lose it.
+    page.eval("window.loadedOnce = 'yes'").await;
+    // One failure opens `a`'s breaker; the page shows it by itself.
     gw.chat(hello("m")).send().await.unwrap();
     gw.chat(hello("m")).send().await.unwrap();
     until(&gw, "a", "breaker", "open").await;
-    let dom = render(format!("{}/", gw.admin)).await;
-    assert!(dom.contains("badge open"), "breaker shown open:\n{dom}");
-    assert!(dom.contains("badge unhealthy"));
+    page.until(&format!("{}.includes('badge open')", row("a")))
+        .await;
+    assert!(
+        page.eval(&row("a"))
+            .await
+            .as_str()
+            .unwrap()
+            .contains("badge unhealthy")
+    );
+    assert!(
+        !page
+            .eval(&row("b"))
+            .await
+            .as_str()
+            .unwrap()
+            .contains("badge open")
+    );
+    assert_eq!(page.eval("window.loadedOnce").await, "yes", "not reloaded");
+    let _ = page.child.kill().await;
+}
+
+/// The request deadline caps an attempt's wait for the response head, even
+/// when the deployment's own first-byte timeout is longer, and the client
+/// gets an OpenAI-style 504. A cut attempt is not held against the
+/// deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_cuts_a_waiting_attempt() {
+    let a = mock_with(Behavior::default().hang()).await;
+    let z = mock().await;
+    let yaml = format!(
+        "request_deadline: 300ms\n{}",
+        pool_config(&[("a", &a, ", health: {probe: off}")], "", &z)
+    );
+    let gw = gateway(&yaml).await;
+    let r = gw.chat(hello("m")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-collie-error"], "deadline_exceeded");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "deadline_exceeded");
+    assert_eq!(v["error"]["type"], "upstream_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("deadline"));
+    assert_eq!(a.completion_calls(), 1);
+    let m = gw.metrics_after(1).await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "collie_upstream_attempts_total",
+            &[("deployment", "a"), ("outcome", "deadline")]
+        ),
+        1.0
+    );
+    let d = deployment(&gw, "a").await;
+    assert_eq!(d["breaker"], "closed");
+    assert_eq!(d["error_ratio"], Value::Null, "no outcome recorded");
+}
+
+/// No attempt starts once the deadline has passed, even if it passed during
+/// the backoff before a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_attempt_starts_after_the_deadline() {
+    let a = mock_with(Behavior::default().status(500)).await;
+    let b = mock().await;
+    let z = mock().await;
+    let off = ", health: {probe: off}";
+    // A backoff drawn from up to an hour: the deadline passes during it.
+    let yaml = format!(
+        "request_deadline: 200ms\nretry: {{backoff: 1h, max_backoff: 1h}}\n{}",
+        pool_config(
+            &[("a", &a, off), ("b", &b, off)],
+            ", policy: cost, retries: 1",
+            &z
+        )
+    )
+    .replace(
+        "pricing:\n",
+        "pricing:\n  model-a: {input_per_mtok: 0.1, output_per_mtok: 0.1}\n",
+    )
+    .replace(
+        "  model-a: {input_per_mtok: 5.0, output_per_mtok: 15.0}\n",
+        "",
+    );
+    let gw = gateway(&yaml).await;
+    let r = gw.chat(hello("fb")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-collie-error"], "deadline_exceeded");
+    assert_eq!(a.completion_calls(), 1);
+    assert_eq!(b.completion_calls(), 0, "no attempt after the deadline");
+    assert_eq!(z.completion_calls(), 0);
+}
+
+/// A half-open breaker's one trial, cut by the request deadline, gives its
+/// slot back: the next request is the trial, not a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_cut_by_the_deadline_frees_the_trial_slot() {
+    let a = mock_with(Behavior::default().status(500)).await;
+    let z = mock().await;
+    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 200ms}";
+    let yaml = format!(
+        "request_deadline: 400ms\n{}",
+        pool_config(&[("a", &a, live)], "", &z)
+    );
+    let gw = gateway(&yaml).await;
+    assert_eq!(gw.chat(hello("m")).send().await.unwrap().status(), 500);
+    until(&gw, "a", "breaker", "open").await;
+    a.set_default(Behavior::default().hang());
+    until(&gw, "a", "breaker", "half_open").await;
+    let r = gw.chat(hello("m")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(a.completion_calls(), 2, "the trial went out");
+    assert_eq!(deployment(&gw, "a").await["breaker"], "half_open");
+    a.set_default(Behavior::default());
+    let r = gw.chat(hello("m")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the slot was given back");
+    assert_eq!(a.completion_calls(), 3);
+    until(&gw, "a", "breaker", "closed").await;
+}
+
+/// Panic mode with a concurrency limit: while the pool's one slot is held,
+/// a request for a chain whose every member is unhealthy is answered 503
+/// without queueing for the slot and without calling the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_answers_without_queueing() {
+    let a = mock().await;
+    let z = mock().await;
+    let probes = ", health: {interval: 100ms, timeout: 1s, unhealthy_after: 1, cooldown: 30s}";
+    let yaml = pool_config(&[("a", &a, probes)], ", max_concurrency: 1", &z)
+        .replace("first_byte: 2s", "first_byte: 60s");
+    let gw = gateway(&yaml).await;
+    until(&gw, "a", "state", "healthy").await;
+    // One slow request holds the pool's only slot throughout.
+    a.push(Behavior::default().delay(Duration::from_secs(30)));
+    let slow = tokio::spawn(gw.chat(hello("m")).send());
+    eventually("the slow request reached a", || a.completion_calls() == 1).await;
+    // Meanwhile the probes find `a` failing: the whole chain is unhealthy.
+    a.set_default(Behavior::default().status(500));
+    until(&gw, "a", "breaker", "open").await;
+    let r = gw.chat(hello("m")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-collie-error"], "no_healthy_upstream");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(a.completion_calls(), 1, "no upstream contact");
+    let m = gw.metrics_after(1).await;
+    assert_eq!(
+        metric_sum(&m, "collie_queue_wait_seconds_count", &[]),
+        0.0,
+        "never queued for the slot"
+    );
+    assert!(!slow.is_finished(), "the slot was held all along");
+    slow.abort();
+}
+
+/// A live success does not make an unknown deployment known: while a proven
+/// sibling serves, a deployment no probe has passed gets no traffic —
+/// also one added by a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_deployments_get_no_traffic_while_a_proven_sibling_serves() {
+    let a = mock().await;
+    // `c` serves completions, but its model list never answers: no probe
+    // of it ever passes.
+    let c = mock_with(Behavior::default().hang()).await;
+    c.set_model_behavior("model-c", Behavior::default());
+    let z = mock().await;
+    let fast = ", health: {interval: 100ms, timeout: 1s}";
+    let stuck = ", health: {interval: 1h, timeout: 60s}";
+    let gw = gateway(&pool_config(
+        &[("a", &a, fast), ("c", &c, stuck)],
+        ", retries: 1",
+        &z,
+    ))
+    .await;
+    until(&gw, "a", "state", "healthy").await;
+    assert_eq!(deployment(&gw, "c").await["state"], "unknown");
+    // `a` fails once: the retry inside the pool goes to `c` and succeeds.
+    a.push(Behavior::default().status(500));
+    let r = gw.chat(hello("m")).send().await.unwrap();
+    assert_eq!(r.headers()["x-collie-model"], "model-c");
+    let d = deployment(&gw, "c").await;
+    assert_eq!(d["state"], "unknown", "one live success proves nothing");
+    assert_eq!(d["served"], 1);
+    let models = served_by(&gw, "m", 20).await;
+    assert!(models.iter().all(|m| m == "model-a"), "{models:?}");
+    assert_eq!(c.completion_calls(), 1);
+    // Added on reload: unknown too, and left alone.
+    let d2 = mock_with(Behavior::default().hang()).await;
+    d2.set_model_behavior("model-d", Behavior::default());
+    reload(
+        &gw,
+        &pool_config(
+            &[("a", &a, fast), ("c", &c, stuck), ("d", &d2, stuck)],
+            ", retries: 1",
+            &z,
+        ),
+    );
+    assert_eq!(deployment(&gw, "d").await["state"], "unknown");
+    let models = served_by(&gw, "m", 20).await;
+    assert!(models.iter().all(|m| m == "model-a"), "{models:?}");
+    assert_eq!(d2.completion_calls(), 0);
+    assert_eq!(c.completion_calls(), 1);
+}
+
+/// Degraded (slow) members are passed over while a healthy one serves, and
+/// tried before the next pool when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_members_are_tried_after_healthy_ones() {
+    let a = mock_with(Behavior::default().delay(Duration::from_millis(150))).await;
+    let b = mock().await;
+    let z = mock().await;
+    let live = ", health: {probe: off, slow_after: 50ms}";
+    let gw = gateway(&pool_config(
+        &[("a", &a, live), ("b", &b, live)],
+        ", retries: 1",
+        &z,
+    ))
+    .await;
+    // The round robin sends `a` one of the first two requests.
+    served_by(&gw, "m", 2).await;
+    assert_eq!(a.completion_calls(), 1);
+    until(&gw, "a", "state", "degraded").await;
+    assert_eq!(deployment(&gw, "b").await["state"], "healthy");
+    let models = served_by(&gw, "m", 20).await;
+    assert!(models.iter().all(|m| m == "model-b"), "{models:?}");
+    assert_eq!(a.completion_calls(), 1);
+    // `b` fails: the degraded `a` is next, before the next pool.
+    b.set_default(Behavior::default().status(500));
+    let r = gw.chat(hello("fb")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-collie-model"], "model-a");
+    assert_eq!(r.headers()["x-collie-attempts"], "2");
+    assert_eq!(z.completion_calls(), 0);
+}
+
+/// Health gauges are current when scraped, fallbacks are counted when a
+/// request moves down its chain (served or not) and not for retries inside
+/// a pool, and a deployment dropped by a reload leaves no health series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_are_current_and_follow_the_config() {
+    let a = mock().await;
+    let b = mock_with(Behavior::default().status(500)).await;
+    let z = mock().await;
+    let probed = ", health: {interval: 100ms}";
+    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 60s}";
+    let gw = gateway(&pool_config(
+        &[("a", &a, probed), ("b", &b, live)],
+        ", retries: 1",
+        &z,
+    ))
+    .await;
+    until(&gw, "a", "state", "healthy").await;
+    // Until `b` has been tried once: a retry inside the pool, served by `a`.
+    let mut sent = 0;
+    while b.completion_calls() == 0 {
+        let r = gw.chat(hello("m")).send().await.unwrap();
+        assert_eq!(r.headers()["x-collie-model"], "model-a");
+        sent += 1;
+        assert!(sent < 5);
+    }
+    let m = gw.metrics_after(sent).await;
+    assert_eq!(metric_sum(&m, "collie_fallbacks_total", &[]), 0.0);
+    // Scraped at once, not at some later tick.
+    let gauge = |m: &str, name: &str, id: &str| metric_sum(m, name, &[("deployment", id)]);
+    assert_eq!(gauge(&m, "collie_breaker_state", "b"), 2.0, "open");
+    assert_eq!(gauge(&m, "collie_deployment_health", "b"), 3.0);
+    assert_eq!(gauge(&m, "collie_breaker_state", "a"), 0.0);
+    assert_eq!(gauge(&m, "collie_deployment_health", "a"), 1.0);
+    assert!(gauge(&m, "collie_probe_duration_seconds_count", "a") >= 1.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "collie_breaker_transitions_total",
+            &[("deployment", "b"), ("to", "open")]
+        ),
+        1.0
+    );
+    // `a` fails its requests (its probes still pass): `fb` falls back to `z`.
+    a.set_model_behavior("model-a", Behavior::default().status(500));
+    let r = gw.chat(hello("fb")).send().await.unwrap();
+    assert_eq!(r.headers()["x-collie-model"], "model-z");
+    // And when `z` fails too, the fallback is still counted.
+    z.set_default(Behavior::default().status(500));
+    assert_eq!(gw.chat(hello("fb")).send().await.unwrap().status(), 500);
+    let m = gw.metrics_after(sent + 2).await;
+    for outcome in ["served", "failed"] {
+        assert_eq!(
+            metric_sum(
+                &m,
+                "collie_fallbacks_total",
+                &[("from", "model-a"), ("to", "model-z"), ("outcome", outcome)]
+            ),
+            1.0,
+            "{outcome}"
+        );
+    }
+    // `b` leaves the config: its health series go with it.
+    reload(&gw, &pool_config(&[("a", &a, probed)], ", retries: 1", &z));
+    let m = gw.metrics().await;
+    for name in [
+        "collie_deployment_health",
+        "collie_breaker_state",
+        "collie_breaker_transitions_total",
+        "collie_probe_duration_seconds",
+    ] {
+        assert!(
+            !m.lines()
+                .any(|l| l.starts_with(name) && l.contains("deployment=\"b\"")),
+            "{name} still has b"
+        );
+    }
+    assert_eq!(gauge(&m, "collie_deployment_health", "a"), 1.0);
+}
+
+/// The status view's recommendation is routing's own choice: the pool's
+/// policy, provider limits and `Retry-After` blocks all count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_recommends_what_routing_would_choose() {
+    let a = mock().await;
+    let b = mock().await;
+    let c = mock().await;
+    let z = mock().await;
+    let off = ", health: {probe: off}";
+    let yaml = pool_config(
+        &[
+            ("a", &a, off),
+            ("b", &b, ", rpm: 2, health: {probe: off}"),
+            ("c", &c, off),
+        ],
+        ", policy: cost, retries: 2",
+        &z,
+    )
+    .replace(
+        "pricing:\n",
+        "pricing:\n  model-c: {input_per_mtok: 1.0, output_per_mtok: 3.0}\n",
+    );
+    let gw = gateway(&yaml).await;
+    // Cheapest first, though `a` is listed first.
+    assert_eq!(recommended(&gw, "m").await, "model-b");
+    // `b`'s own per-minute limit is spent: the next cheapest.
+    assert_eq!(served_by(&gw, "m", 2).await, ["model-b", "model-b"]);
+    assert_eq!(recommended(&gw, "m").await, "model-c");
+    // `c` asks for 30 s of rest: the pricey one is all that is left.
+    c.push(Behavior::default().status(429).retry_after("30"));
+    assert_eq!(served_by(&gw, "m", 1).await, ["model-a"]);
+    assert_eq!(recommended(&gw, "m").await, "model-a");
+}
+
+/// Least-latency does not keep choosing a deployment that only fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_latency_does_not_prefer_a_failing_deployment() {
+    let failing = mock_with(Behavior::default().status(500)).await;
+    let ok = mock_with(Behavior::default().delay(Duration::from_millis(20))).await;
+    let z = mock().await;
+    let live = ", health: {probe: off, failures_to_open: 1000, degraded_error_ratio: 1.0}";
+    let gw = gateway(&pool_config(
+        &[("a", &failing, live), ("b", &ok, live)],
+        ", policy: least_latency, retries: 1",
+        &z,
+    ))
+    .await;
+    let models = served_by(&gw, "m", 40).await;
+    assert!(models.iter().all(|m| m == "model-b"));
+    // Tried first while unmeasured, then only by the policy's occasional
+    // weighted pick.
+    assert!(
+        failing.completion_calls() <= 4,
+        "the failing deployment was tried {} times in 40",
+        failing.completion_calls()
+    );
+}
+
+/// The default probe sends the deployment's provider key; no probe outcome
+/// writes a key to the log, whatever the log level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_send_the_provider_key_and_never_log_it() {
+    let a = mock().await;
+    let z = mock().await;
+    let gw = gateway(&pool_config(
+        &[("a", &a, ", api_key_env: KEY_A, health: {interval: 100ms}")],
+        "",
+        &z,
+    ))
+    .await;
+    until(&gw, "a", "state", "healthy").await;
+    let probe = a
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET")
+        .unwrap();
+    assert!(probe.path.ends_with("/v1/models"));
+    assert_eq!(
+        recorded_header(&probe, "authorization").as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY_A}").as_str())
+    );
+    drop(gw);
+
+    // The real binary at trace level: a key the provider refuses, a
+    // provider that fails, one that is down, and one that answers.
+    let refusing = mock_with(Behavior::default().status(401)).await;
+    let failing = mock_with(Behavior::default().status(500)).await;
+    let fine = mock().await;
+    let down = format!("http://127.0.0.1:{}/v1", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("collie.log");
+    let fast = "health: {interval: 100ms, timeout: 500ms, unhealthy_after: 1}";
+    let yaml = format!(
+        "{tenants}models:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: r}}, {{deployment: f}}, {{deployment: d}}, {{deployment: ok}}]}}\ndeployments:\n  - {{id: r, base_url: \"{}\", model: m, api_key_env: KEY_A, {fast}}}\n  - {{id: f, base_url: \"{}\", model: m, api_key_env: KEY_B, {fast}}}\n  - {{id: d, base_url: \"{down}\", model: m, api_key_env: KEY_A, {fast}}}\n  - {{id: ok, base_url: \"{}\", model: m, api_key_env: KEY_B, {fast}}}\n",
+        refusing.base_url(),
+        failing.base_url(),
+        fine.base_url(),
+        tenants = tenants(),
+    );
+    let (mut child, admin) = run_collie(dir.path(), &yaml, &log);
+    let client = reqwest::Client::new();
+    let mut last = Value::Null;
+    for _ in 0..500 {
+        if let Ok(r) = client.get(format!("{admin}/status")).send().await {
+            if let Ok(json) = r.json::<Value>().await {
+                last = json;
+                let state = |id: &str| {
+                    last["deployments"]
+                        .as_array()
+                        .and_then(|ds| ds.iter().find(|d| d["id"] == id))
+                        .map(|d| d["state"].clone())
+                };
+                let down = ["r", "f", "d"]
+                    .iter()
+                    .all(|id| state(id).is_some_and(|s| s == "unhealthy"));
+                if down && state("ok").is_some_and(|s| s == "healthy") {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("breaker closed → open"),
+        "probe failures were logged: {last}\n{text}"
+    );
+    for key in [PROVIDER_KEY_A, PROVIDER_KEY_B] {
+        assert!(!text.contains(key), "a provider key in the log");
+    }
+    assert!(
+        !text.contains("canary"),
+        "no part of a provider key in the log"
+    );
+}
+
+/// `collie run` as a real process at trace level, its log in `log`; returns
+/// the child and the admin listener's URL once the gateway accepts.
+fn run_collie(
+    dir: &std::path::Path,
+    yaml: &str,
+    log: &std::path::Path,
+) -> (std::process::Child, String) {
+    let listen = free_port();
+    let admin = free_port();
+    let path = dir.join("collie.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\naudit: {{sink: off}}\n{yaml}"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_collie"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("KEY_A", PROVIDER_KEY_A)
+        .env("KEY_B", PROVIDER_KEY_B)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, format!("http://127.0.0.1:{admin}"))
+}
+
+/// A provider on raw sockets that answers `GET …/models` on kept-alive
+/// connections, except that it closes its first connection, unanswered,
+/// when a second request arrives on it: what a provider's idle timeout does
+/// to a pooled connection at the wrong moment. Counts accepted connections.
+async fn closing_provider() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let number = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut requests = 0;
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        requests += 1;
+                        if number == 0 && requests == 2 {
+                            return;
+                        }
+                        let body = br#"{"object":"list","data":[]}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if conn.write_all(head.as_bytes()).await.is_err()
+                            || conn.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A `/models` probe on a pooled connection the provider just closed tries
+/// a fresh one instead of failing (with `unhealthy_after: 1` one such race
+/// would open the breaker); a connect probe always makes a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_retry_a_stale_connection_and_connect_afresh() {
+    let (models_addr, models_conns) = closing_provider().await;
+    let (connect_addr, connect_conns) = closing_provider().await;
+    let z = mock().await;
+    let once = "interval: 1h, timeout: 2s, healthy_after: 1, unhealthy_after: 1";
+    let yaml = format!(
+        "{tenants}models:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: a}}, {{deployment: c}}]}}\n  - {{id: q, deployments: [{{deployment: z}}]}}\ndeployments:\n  - {{id: a, base_url: \"http://{models_addr}/v1\", model: m, health: {{{once}}}}}\n  - {{id: c, base_url: \"http://{connect_addr}/v1\", model: m, health: {{probe: connect, {once}}}}}\n  - {{id: z, base_url: \"{}\", model: m, health: {{probe: off}}}}\n",
+        z.base_url(),
+        tenants = tenants(),
+    );
+    let gw = gateway(&yaml).await;
+    until(&gw, "a", "state", "healthy").await;
+    until(&gw, "c", "state", "healthy").await;
+    let book = &gw.running.state.health;
+    // The first probe's connection is pooled; the provider closes it when
+    // it is used again. The probe still passes, on a new connection.
+    let result = book.probe_now("a").await.unwrap();
+    assert!(result.ok, "{result:?}");
+    assert_eq!(models_conns.load(Ordering::SeqCst), 2);
+    let d = deployment(&gw, "a").await;
+    assert_eq!(d["breaker"], "closed");
+    assert_eq!(d["state"], "healthy");
+    // Every connect probe is a connect.
+    let before = connect_conns.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert!(book.probe_now("c").await.unwrap().ok);
+    }
+    eventually("three new connections", || {
+        connect_conns.load(Ordering::SeqCst) == before + 3
+    })
+    .await;
+}
+
+/// The backoff before a retry comes before the next member is chosen:
+/// nothing that choice takes (here: the member's one request of its
+/// provider's per-minute limit) is held while the request sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backoff_holds_nothing_of_the_next_member() {
+    let a = mock_with(Behavior::default().status(500)).await;
+    let b = mock().await;
+    let z = mock().await;
+    let off = ", health: {probe: off}";
+    // `a` is cheaper, so tried first; the backoff lasts past the deadline.
+    let yaml = format!(
+        "request_deadline: 3s\nretry: {{backoff: 1000h, max_backoff: 1000h}}\n{}",
+        pool_config(
+            &[("a", &a, off), ("b", &b, ", rpm: 1, health: {probe: off}")],
+            ", policy: cost, retries: 1",
+            &z
+        )
+    )
+    .replace(
+        "model-a: {input_per_mtok: 5.0, output_per_mtok: 15.0}",
+        "model-a: {input_per_mtok: 0.1, output_per_mtok: 0.1}",
+    )
+    .replace("models:\n", "models:\n  - {name: bonly, fallback: [pb]}\n")
+    .replace(
+        "pools:\n",
+        "pools:\n  - {id: pb, deployments: [{deployment: b}]}\n",
+    );
+    let gw = gateway(&yaml).await;
+    let first = tokio::spawn(gw.chat(hello("m")).send());
+    eventually("the first request failed on a", || {
+        a.completion_calls() == 1
+    })
+    .await;
+    // While the first request backs off, `b`'s one request a minute is
+    // still free for another request.
+    let r = gw.chat(hello("bonly")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-collie-model"], "model-b");
+    let r = first.await.unwrap().unwrap();
+    assert_eq!(r.status(), 504, "the deadline passed during the backoff");
+    assert_eq!(b.completion_calls(), 1);
 }

@@ -49,7 +49,7 @@ pub enum GatewayError {
     /// Every deployment of the chain is unhealthy and none is due a trial.
     #[error("every deployment for this model is unhealthy; retry in {retry_after_s}s")]
     NoHealthyUpstream { retry_after_s: u64 },
-    #[error("the request deadline passed before any upstream could be tried")]
+    #[error("the request deadline passed before an upstream answered")]
     DeadlineExceeded,
     /// The tenant's own quota refused the request.
     #[error("{}: the {window} limit is reached; retry in {retry_after_s}s", match kind { RefusalKind::RateLimited => "rate limited", RefusalKind::QuotaExceeded => "quota exceeded" })]

@@ -15,7 +15,7 @@ use super::redact::Redactor;
 use super::{Endpoint, Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
 use crate::routing::health::Outcome;
-use crate::routing::{Pick, Upstream, now_ms};
+use crate::routing::{Lease, Pick, Router, Upstream, now_ms};
 use crate::state::Snapshot;
 use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
@@ -47,6 +47,8 @@ pub enum Failure {
     Status(u16),
     /// The client left before the response head arrived.
     Abandoned,
+    /// The request's deadline passed while the attempt waited.
+    Deadline,
 }
 
 impl std::fmt::Display for Failure {
@@ -57,6 +59,7 @@ impl std::fmt::Display for Failure {
             Failure::Broken(e) => write!(f, "connection failed ({e})"),
             Failure::Status(s) => write!(f, "HTTP {s}"),
             Failure::Abandoned => f.write_str("the client left before the response"),
+            Failure::Deadline => f.write_str("cut off by the request deadline"),
         }
     }
 }
@@ -71,6 +74,7 @@ impl Failure {
             Failure::Status(429) => "status_429",
             Failure::Status(_) => "status_5xx",
             Failure::Abandoned => "client_gone",
+            Failure::Deadline => "deadline",
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Attempt {
     pub outcome: Result<u16, Failure>,
     /// Tokens taken from the deployment's own per-minute limit.
     pub tokens_taken: u64,
+    /// Position in the fallback chain of the pool it was made in.
+    pub position: usize,
 }
 
 /// Why no attempt was made in a pool, kept for the final answer.
@@ -99,9 +105,59 @@ fn shortest(slot: &mut Option<u64>, ms: u64) {
 
 /// Run the chain for an admitted, inspected request and answer the client.
 /// Within a pool, up to `retries` other members are tried (with exponential
-/// backoff and jitter) before the next pool; every wait is capped by the
-/// request's deadline. An `Err` means nothing was sent to the client yet.
+/// backoff and jitter) before the next pool. The request's deadline bounds
+/// everything up to the response head: queueing, backoff, and each attempt's
+/// connect and first-byte waits; no attempt starts after it. An `Err` means
+/// nothing was sent to the client yet.
 pub async fn run(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Arc<Snapshot>,
+    chain: &[usize],
+    body: Bytes,
+    inspected: &Inspected,
+) -> Result<(), GatewayError> {
+    let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
+    ctx.fallback = fallback(&ctx.attempts, ctx.served, chain, &snap.router);
+    result
+}
+
+/// A request fell back when it made an attempt in a pool after the first of
+/// its chain (retries inside a pool are not fallbacks). From: the first
+/// attempt's deployment, or the first pool's first member when that pool
+/// had nothing to offer; to: the one that served, else the last tried.
+fn fallback(
+    attempts: &[Attempt],
+    served: Option<usize>,
+    chain: &[usize],
+    router: &Router,
+) -> Option<(usize, usize)> {
+    let last = attempts.last().filter(|a| a.position > 0)?;
+    let from = match attempts.first() {
+        Some(a) if a.position == 0 => a.upstream,
+        _ => *router.pools.get(*chain.first()?)?.members.first()?,
+    };
+    Some((from, served.unwrap_or(last.upstream)))
+}
+
+/// Whether a pool's look-ahead offers a member; if not, remember why.
+fn offers(pick: Pick, skipped: &mut Skipped) -> bool {
+    match pick {
+        Pick::Upstream { .. } => true,
+        Pick::Blocked { retry_in_ms } => {
+            shortest(&mut skipped.rate_limited_ms, retry_in_ms);
+            false
+        }
+        Pick::Unhealthy { retry_in_ms } => {
+            shortest(&mut skipped.unhealthy_ms, retry_in_ms);
+            false
+        }
+        Pick::Exhausted => false,
+    }
+}
+
+async fn attempts(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -117,11 +173,20 @@ pub async fn run(
     let router = &snap.router;
     let tokens = ctx.tokens_estimate;
     let deadline = ctx.started + snap.config.request_deadline;
-    let mut retry_number = 0u32;
-    for (position, &pool) in chain.iter().enumerate() {
+    let mut out_of_time = false;
+    'chain: for (position, &pool) in chain.iter().enumerate() {
         let Some(pool_rt) = router.pools.get(pool) else {
             continue;
         };
+        // A pool with nothing to offer now (every member unhealthy with no
+        // trial due, or resting after a 429) is passed at once, before its
+        // concurrency gate: panic mode answers without queueing.
+        if !offers(
+            pool_rt.peek(&router.upstreams, &tried, now_ms(), tokens),
+            &mut skipped,
+        ) {
+            continue;
+        }
         // A saturated pool is skipped while a later one may have room; the
         // last one is waited for, in priority order.
         let is_last = position + 1 == chain.len();
@@ -144,61 +209,94 @@ pub async fn run(
             }
         };
         for try_in_pool in 0..=pool_rt.retries {
-            if Instant::now() >= deadline {
-                break;
-            }
-            let (upstream, trial) = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens)
-            {
-                Pick::Upstream { index, trial } => (Arc::clone(&router.upstreams[index]), trial),
-                Pick::Blocked { retry_in_ms } => {
-                    shortest(&mut skipped.rate_limited_ms, retry_in_ms);
-                    break;
-                }
-                Pick::Unhealthy { retry_in_ms } => {
-                    shortest(&mut skipped.unhealthy_ms, retry_in_ms);
-                    break;
-                }
-                Pick::Exhausted => break,
-            };
             if try_in_pool > 0 {
-                let slept = backoff(&snap.config.retry, retry_number, deadline);
+                // Only when the pool still has a member to offer; and before
+                // the pick, so nothing it takes (a half-open trial, provider
+                // tokens) is held while sleeping. The exponent counts this
+                // pool's retries only.
+                if !offers(
+                    pool_rt.peek(&router.upstreams, &tried, now_ms(), tokens),
+                    &mut skipped,
+                ) {
+                    break;
+                }
+                let slept = backoff(&snap.config.retry, try_in_pool - 1, deadline);
                 if until_client_leaves(session, slept).await.is_none() {
-                    if trial {
-                        upstream.health.release_trial();
-                    }
                     ctx.client_gone = true;
                     return Err(GatewayError::ClientClosed);
                 }
             }
+            if Instant::now() >= deadline {
+                out_of_time = true;
+                break 'chain;
+            }
+            let mut lease = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens) {
+                Pick::Upstream { index, trial } => match router.upstreams.get(index) {
+                    Some(u) => Lease::new(Arc::clone(u), trial, tokens),
+                    None => break,
+                },
+                other => {
+                    offers(other, &mut skipped);
+                    break;
+                }
+            };
+            // From here every way out gives back or accounts what the pick
+            // took: `lease` is finished with an outcome or dropped.
+            let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
             let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
             let sent = Instant::now();
+            // The deployment's connect and first-byte timeouts apply inside;
+            // the deadline caps the attempt as a whole.
+            let record = |ctx: &mut RequestCtx, outcome| {
+                ctx.attempts.push(Attempt {
+                    upstream: upstream.index,
+                    outcome,
+                    tokens_taken: tokens,
+                    position,
+                });
+            };
             // A client that leaves before the response head cancels the
             // attempt: dropping it closes the provider connection, which is
             // what stops the provider generating (and billing) the answer.
-            let Some(result) =
-                until_client_leaves(session, attempt(gw, &upstream, header, attempt_body)).await
+            let Some(result) = until_client_leaves(
+                session,
+                tokio::time::timeout_at(
+                    deadline.into(),
+                    attempt(gw, &upstream, header, attempt_body),
+                ),
+            )
+            .await
             else {
-                if trial {
-                    upstream.health.release_trial();
-                }
+                // Not the deployment's failure: no health outcome; the lease
+                // frees a trial slot.
+                record(ctx, Err(Failure::Abandoned));
+                lease.recorded();
                 ctx.client_gone = true;
-                ctx.attempts.push(Attempt {
-                    upstream: upstream.index,
-                    outcome: Err(Failure::Abandoned),
-                    tokens_taken: tokens,
-                });
                 return Err(GatewayError::ClientClosed);
             };
             match result {
-                Ok(http) => {
+                Err(_deadline) => {
+                    // Not the deployment's failure: it may have had less time
+                    // than its own timeouts allow. No health outcome; the
+                    // lease frees a trial slot.
+                    record(ctx, Err(Failure::Deadline));
+                    lease.recorded();
+                    log::debug!(
+                        "request {}: deadline passed during the attempt on {}",
+                        ctx.id,
+                        upstream.id
+                    );
+                    out_of_time = true;
+                    break 'chain;
+                }
+                Ok(Ok(http)) => {
                     let status = http.response_header().map_or(0, |h| h.status.as_u16());
-                    if let Some(t) = upstream.health.record(Outcome::Success {
+                    lease.recorded();
+                    lease.finish(Outcome::Success {
                         ttfb: sent.elapsed(),
-                    }) {
-                        gw.state.health.transition(&upstream.id, t);
-                    }
+                    });
                     let exhausted = http
                         .response_header()
                         .and_then(|h| h.headers.get("x-ratelimit-remaining-requests"))
@@ -208,16 +306,12 @@ pub async fn run(
                     } else if (200..300).contains(&status) {
                         pool_rt.gate.succeeded();
                     }
-                    ctx.attempts.push(Attempt {
-                        upstream: upstream.index,
-                        outcome: Ok(status),
-                        tokens_taken: tokens,
-                    });
+                    record(ctx, Ok(status));
                     relay(gw, session, ctx, &upstream, http, inject_usage).await;
                     drop(permit);
                     return Ok(());
                 }
-                Err((failure, retry_after)) => {
+                Ok(Err((failure, retry_after))) => {
                     let outcome = match failure {
                         Failure::Status(429) => {
                             pool_rt.gate.saturated();
@@ -225,16 +319,15 @@ pub async fn run(
                         }
                         _ => Outcome::Failure,
                     };
-                    if let Some(t) = upstream.health.record(outcome) {
-                        gw.state.health.transition(&upstream.id, t);
-                    }
-                    if trial {
+                    if lease.trial() {
                         log::info!(
                             "request {}: trial request to {} failed: {failure}",
                             ctx.id,
                             upstream.id
                         );
                     }
+                    lease.recorded();
+                    lease.finish(outcome);
                     if let Some(wait) = retry_after {
                         upstream.block_for(wait);
                         last_retry_after = Some(wait.as_secs().max(1));
@@ -244,17 +337,12 @@ pub async fn run(
                         ctx.id,
                         upstream.id
                     );
-                    ctx.attempts.push(Attempt {
-                        upstream: upstream.index,
-                        outcome: Err(failure),
-                        tokens_taken: tokens,
-                    });
-                    retry_number += 1;
+                    record(ctx, Err(failure));
                 }
             }
         }
     }
-    if ctx.attempts.is_empty() && Instant::now() >= deadline {
+    if out_of_time {
         return Err(GatewayError::DeadlineExceeded);
     }
     Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
@@ -274,8 +362,9 @@ async fn until_client_leaves<T>(
     }
 }
 
-/// Sleep before a retry: exponential from `retry.backoff`, capped at
-/// `retry.max_backoff`, with full jitter, never past the deadline.
+/// Sleep before the `n`th retry in a pool (from 0): exponential from
+/// `retry.backoff`, capped at `retry.max_backoff`, with full jitter, never
+/// past the deadline.
 async fn backoff(retry: &RetrySettings, n: u32, deadline: Instant) {
     let cap = retry
         .backoff
@@ -308,7 +397,7 @@ fn all_failed(
     };
     let status = match &last.outcome {
         Err(Failure::Status(s)) => *s,
-        Err(Failure::Timeout) => 504,
+        Err(Failure::Timeout | Failure::Deadline) => 504,
         _ => 502,
     };
     let mut text = String::new();

@@ -2,8 +2,12 @@
 //! and from live traffic together, and the circuit breaker that keeps
 //! traffic off a failing one.
 //!
-//! States: *unknown* (new: no probe has passed and nothing was served yet;
-//! a deployment without probes is never unknown),
+//! States: *unknown* (new: no probe verdict yet. Only a passing probe makes
+//! it known: a live success while unknown is recorded — latency, error
+//! ratio — but does not promote it, so a deployment that has never passed a
+//! probe is not preferred over a proven sibling because one request happened
+//! to succeed there. A deployment without probes is never unknown: only
+//! live traffic can prove it),
 //! *healthy*, *degraded* (slow — time-to-first-byte EWMA over the threshold —
 //! or failing more than the allowed share of recent requests, or failing its
 //! probes while live traffic still succeeds), *unhealthy* (breaker open or
@@ -14,11 +18,17 @@
 //! doubles on each reopening (capped); then half-open, letting exactly one
 //! trial request through: success closes it, failure reopens it. A 429 with
 //! `Retry-After` opens it for exactly that long. Probes that fail their
-//! threshold open it too; probes that pass close it.
+//! threshold open it too; probes that pass close it. Every breaker change,
+//! whichever call notices it (an expired cooldown is noticed by the next
+//! read), is reported once to the deployment's [`OnTransition`] hook, which
+//! logs and counts it.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Called once per breaker change, outside the deployment's lock.
+pub type OnTransition = Arc<dyn Fn(&str, Transition) + Send + Sync>;
 
 /// Per-deployment tunables (config `health:` of a deployment).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -154,7 +164,6 @@ struct Inner {
     ttfb_ewma_ms: Option<f64>,
     ttfb_recent_ms: VecDeque<f64>,
     served: u64,
-    live_success: bool,
     probe_ok_run: u32,
     probe_fail_run: u32,
     /// `None` until the first verdict.
@@ -217,11 +226,19 @@ pub struct ProbeResult {
 }
 
 /// One deployment's health, shared across config reloads (by deployment id).
-#[derive(Debug)]
 pub struct DeploymentHealth {
     pub id: String,
     settings: Mutex<HealthSettings>,
     inner: Mutex<Inner>,
+    on_transition: OnTransition,
+}
+
+impl std::fmt::Debug for DeploymentHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentHealth")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A point-in-time view for status pages and metrics.
@@ -234,13 +251,25 @@ pub struct Snapshot {
     pub error_ratio: Option<f64>,
     pub served: u64,
     pub last_probe: Option<ProbeResult>,
+    /// Consecutive failed probes (0 after a pass).
+    pub probe_failures: u32,
     pub open_for: Option<Duration>,
 }
 
 impl DeploymentHealth {
+    /// Without a hook: breaker changes are only returned (tests).
     pub fn new(id: &str, settings: HealthSettings) -> DeploymentHealth {
+        Self::with_hook(id, settings, Arc::new(|_, _| {}))
+    }
+
+    pub fn with_hook(
+        id: &str,
+        settings: HealthSettings,
+        on_transition: OnTransition,
+    ) -> DeploymentHealth {
         DeploymentHealth {
             id: id.to_string(),
+            on_transition,
             settings: Mutex::new(settings),
             inner: Mutex::new(Inner {
                 breaker: BreakerState::Closed,
@@ -252,7 +281,6 @@ impl DeploymentHealth {
                 ttfb_ewma_ms: None,
                 ttfb_recent_ms: VecDeque::new(),
                 served: 0,
-                live_success: false,
                 probe_ok_run: 0,
                 probe_fail_run: 0,
                 probe_up: None,
@@ -274,12 +302,25 @@ impl DeploymentHealth {
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
+    /// Hand a breaker change to the hook (the lock is no longer held).
+    fn report(&self, t: Option<Transition>) -> Option<Transition> {
+        if let Some(t) = t {
+            (self.on_transition)(&self.id, t);
+        }
+        t
+    }
+
     /// The state now, moving an expired open breaker to half-open.
     pub fn state(&self) -> State {
         let s = self.settings();
-        let mut i = self.lock();
-        Self::advance(&mut i, Instant::now());
-        Self::derive(&i, &s, Instant::now())
+        let now = Instant::now();
+        let (state, t) = {
+            let mut i = self.lock();
+            let t = Self::advance(&mut i, now);
+            (Self::derive(&i, &s, now), t)
+        };
+        self.report(t);
+        state
     }
 
     fn advance(i: &mut Inner, now: Instant) -> Option<Transition> {
@@ -311,9 +352,10 @@ impl DeploymentHealth {
         if i.breaker != BreakerState::Closed {
             return State::Unhealthy;
         }
-        // Without probes only live traffic can prove a deployment; holding it
-        // back as unknown would starve it of the traffic that could.
-        if i.probe_up.is_none() && !i.live_success && s.probe != ProbeKind::Off {
+        // Only a probe verdict makes a probed deployment known. Without
+        // probes only live traffic can prove a deployment; holding it back
+        // as unknown would starve it of the traffic that could.
+        if i.probe_up.is_none() && s.probe != ProbeKind::Off {
             return State::Unknown;
         }
         let (n, ratio) = Self::error_ratio(i, s, now);
@@ -329,19 +371,33 @@ impl DeploymentHealth {
     /// May a request go to this deployment now? For a half-open breaker this
     /// takes its single trial slot. Returns the state it was admitted in.
     pub fn admit(&self) -> Result<State, Option<Duration>> {
+        self.admission(true)
+    }
+
+    /// What [`Self::admit`] would answer, without taking the trial slot.
+    pub fn would_admit(&self) -> Result<State, Option<Duration>> {
+        self.admission(false)
+    }
+
+    fn admission(&self, take_trial: bool) -> Result<State, Option<Duration>> {
         let s = self.settings();
         let now = Instant::now();
-        let mut i = self.lock();
-        Self::advance(&mut i, now);
-        match i.breaker {
-            BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
-            BreakerState::HalfOpen if !i.trial_in_flight => {
-                i.trial_in_flight = true;
-                Ok(State::Unhealthy)
-            }
-            BreakerState::HalfOpen => Err(Some(s.cooldown)),
-            BreakerState::Open => Err(i.open_until.map(|u| u.saturating_duration_since(now))),
-        }
+        let (answer, t) = {
+            let mut i = self.lock();
+            let t = Self::advance(&mut i, now);
+            let answer = match i.breaker {
+                BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
+                BreakerState::HalfOpen if !i.trial_in_flight => {
+                    i.trial_in_flight = take_trial;
+                    Ok(State::Unhealthy)
+                }
+                BreakerState::HalfOpen => Err(Some(s.cooldown)),
+                BreakerState::Open => Err(i.open_until.map(|u| u.saturating_duration_since(now))),
+            };
+            (answer, t)
+        };
+        self.report(t);
+        answer
     }
 
     /// Give back a trial slot that was taken but not used.
@@ -393,16 +449,28 @@ impl DeploymentHealth {
         })
     }
 
-    /// Account a live attempt.
+    /// Account a live attempt. Frees a half-open breaker's trial slot
+    /// whatever the outcome.
     pub fn record(&self, outcome: Outcome) -> Option<Transition> {
         let s = self.settings();
         let now = Instant::now();
-        let mut i = self.lock();
+        let t = {
+            let mut i = self.lock();
+            Self::apply(&mut i, &s, now, outcome)
+        };
+        self.report(t)
+    }
+
+    fn apply(
+        i: &mut Inner,
+        s: &HealthSettings,
+        now: Instant,
+        outcome: Outcome,
+    ) -> Option<Transition> {
         match outcome {
             Outcome::Success { ttfb } => {
                 i.outcomes.add(true, s.window, now);
                 i.served += 1;
-                i.live_success = true;
                 i.consecutive_failures = 0;
                 let ms = ttfb.as_secs_f64() * 1e3;
                 i.ttfb_ewma_ms = Some(i.ttfb_ewma_ms.map_or(ms, |e| 0.8 * e + 0.2 * ms));
@@ -411,7 +479,7 @@ impl DeploymentHealth {
                     i.ttfb_recent_ms.pop_front();
                 }
                 if i.breaker == BreakerState::HalfOpen {
-                    return Self::close(&mut i);
+                    return Self::close(i);
                 }
                 None
             }
@@ -420,7 +488,7 @@ impl DeploymentHealth {
             } => {
                 // The provider said how long: exactly that, not a guess.
                 i.outcomes.add(true, s.window, now);
-                Self::open(&mut i, &s, now, Some(wait))
+                Self::open(i, s, now, Some(wait))
             }
             Outcome::RateLimited { retry_after: None } => {
                 // Busy, not broken: no effect on the error ratio or breaker,
@@ -434,13 +502,13 @@ impl DeploymentHealth {
                 i.outcomes.add(false, s.window, now);
                 i.consecutive_failures += 1;
                 if i.breaker == BreakerState::HalfOpen {
-                    return Self::open(&mut i, &s, now, None);
+                    return Self::open(i, s, now, None);
                 }
-                let (n, ratio) = Self::error_ratio(&i, &s, now);
+                let (n, ratio) = Self::error_ratio(i, s, now);
                 let too_many = i.consecutive_failures >= s.failures_to_open;
                 let too_often = n >= s.min_samples as usize && ratio >= s.error_ratio;
                 if i.breaker == BreakerState::Closed && (too_many || too_often) {
-                    return Self::open(&mut i, &s, now, None);
+                    return Self::open(i, s, now, None);
                 }
                 None
             }
@@ -462,7 +530,19 @@ impl DeploymentHealth {
     pub fn record_probe(&self, result: ProbeResult) -> Option<Transition> {
         let s = self.settings();
         let now = Instant::now();
-        let mut i = self.lock();
+        let t = {
+            let mut i = self.lock();
+            Self::apply_probe(&mut i, &s, now, result)
+        };
+        self.report(t)
+    }
+
+    fn apply_probe(
+        i: &mut Inner,
+        s: &HealthSettings,
+        now: Instant,
+        result: ProbeResult,
+    ) -> Option<Transition> {
         i.last_probe_at = Some(now);
         if result.ok {
             i.probe_ok_run += 1;
@@ -480,11 +560,9 @@ impl DeploymentHealth {
         i.last_probe = Some(result);
         match (was, i.probe_up) {
             // Probes came back: traffic may flow again at once.
-            (Some(false) | None, Some(true)) if i.breaker != BreakerState::Closed => {
-                Self::close(&mut i)
-            }
+            (Some(false) | None, Some(true)) if i.breaker != BreakerState::Closed => Self::close(i),
             // Probes started failing: stop sending live traffic there.
-            (Some(true) | None, Some(false)) => Self::open(&mut i, &s, now, None),
+            (Some(true) | None, Some(false)) => Self::open(i, s, now, None),
             _ => None,
         }
     }
@@ -497,22 +575,31 @@ impl DeploymentHealth {
     pub fn snapshot(&self) -> Snapshot {
         let s = self.settings();
         let now = Instant::now();
-        let mut i = self.lock();
-        Self::advance(&mut i, now);
-        let (n, ratio) = Self::error_ratio(&i, &s, now);
+        let (snap, t) = {
+            let mut i = self.lock();
+            let t = Self::advance(&mut i, now);
+            (Self::view(&i, &s, now), t)
+        };
+        self.report(t);
+        snap
+    }
+
+    fn view(i: &Inner, s: &HealthSettings, now: Instant) -> Snapshot {
+        let (n, ratio) = Self::error_ratio(i, s, now);
         let p95 = {
             let mut v: Vec<f64> = i.ttfb_recent_ms.iter().copied().collect();
             v.sort_by(f64::total_cmp);
             (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.95).round() as usize])
         };
         Snapshot {
-            state: Self::derive(&i, &s, now),
+            state: Self::derive(i, s, now),
             breaker: i.breaker,
             ttfb_ewma_ms: i.ttfb_ewma_ms,
             ttfb_p95_ms: p95,
             error_ratio: (n > 0).then_some(ratio),
             served: i.served,
             last_probe: i.last_probe.clone(),
+            probe_failures: i.probe_fail_run,
             open_for: i
                 .open_until
                 .filter(|_| i.breaker == BreakerState::Open)
@@ -524,35 +611,198 @@ impl DeploymentHealth {
     pub fn ttfb_ewma_ms(&self) -> Option<f64> {
         self.lock().ttfb_ewma_ms
     }
+
+    /// Sort key for the least-latency policy, lower first: deployments by
+    /// their EWMA, unmeasured ones first (so they get measured), and after
+    /// all of them those whose last live attempt failed. A failure has no
+    /// time to first byte: without this penalty a deployment that only
+    /// fails would keep its old figure, or none, and stay first.
+    pub fn latency_rank(&self) -> (u8, u64) {
+        let i = self.lock();
+        match (i.consecutive_failures > 0, i.ttfb_ewma_ms) {
+            (true, _) => (1, 0),
+            (false, None) => (0, 0),
+            (false, Some(ms)) => (0, (ms * 1000.0) as u64),
+        }
+    }
+
+    /// When the next probe is due (`None`: probes off). A probe that never
+    /// ran is due now.
+    pub fn next_probe_in(&self) -> Option<Duration> {
+        let s = self.settings();
+        if s.probe == ProbeKind::Off {
+            return None;
+        }
+        let last = self.lock().last_probe_at;
+        Some(last.map_or(Duration::ZERO, |t| s.interval.saturating_sub(t.elapsed())))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Live traffic only, unless a test says otherwise.
     fn quick() -> HealthSettings {
         HealthSettings {
+            probe: ProbeKind::Off,
             failures_to_open: 3,
             cooldown: Duration::from_millis(40),
             ..HealthSettings::default()
         }
     }
 
+    fn probe(ok: bool) -> ProbeResult {
+        ProbeResult {
+            ok,
+            latency: Duration::ZERO,
+            detail: String::new(),
+        }
+    }
+
     #[test]
-    fn new_deployments_are_unknown_until_proven() {
-        let h = DeploymentHealth::new("d", quick());
+    fn new_deployments_are_unknown_until_a_probe_passes() {
+        let probed = HealthSettings {
+            probe: ProbeKind::Models,
+            ..quick()
+        };
+        let h = DeploymentHealth::new("d", probed);
         assert_eq!(h.state(), State::Unknown);
+        // A live success is recorded, but only a probe proves the deployment.
         h.record(Outcome::Success {
             ttfb: Duration::from_millis(5),
         });
+        assert_eq!(h.state(), State::Unknown);
+        assert_eq!(h.snapshot().served, 1);
+        h.record_probe(probe(true));
         assert_eq!(h.state(), State::Healthy);
-        let h = DeploymentHealth::new("d", quick());
-        h.record_probe(ProbeResult {
-            ok: true,
-            latency: Duration::ZERO,
-            detail: String::new(),
+        // Without probes, live traffic is all there is: known from the start.
+        assert_eq!(DeploymentHealth::new("d", quick()).state(), State::Healthy);
+    }
+
+    /// Every breaker change reaches the hook exactly once, including the
+    /// open → half-open one that only a read (state, admit, snapshot) notices.
+    #[test]
+    fn every_breaker_change_is_reported_once() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let h = DeploymentHealth::with_hook(
+            "d",
+            quick(),
+            Arc::new(move |id: &str, t: Transition| {
+                sink.lock().unwrap().push((id.to_string(), t.to));
+            }),
+        );
+        for _ in 0..3 {
+            h.record(Outcome::Failure);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // Several readers notice the expired cooldown; one report.
+        assert_eq!(h.snapshot().breaker, BreakerState::HalfOpen);
+        assert_eq!(h.state(), State::Unhealthy);
+        assert!(h.admit().is_ok());
+        h.record(Outcome::Success {
+            ttfb: Duration::from_millis(5),
         });
-        assert_eq!(h.state(), State::Healthy);
+        let to: Vec<BreakerState> = seen.lock().unwrap().iter().map(|(_, t)| *t).collect();
+        assert_eq!(
+            to,
+            [
+                BreakerState::Open,
+                BreakerState::HalfOpen,
+                BreakerState::Closed
+            ]
+        );
+        assert!(seen.lock().unwrap().iter().all(|(id, _)| id == "d"));
+    }
+
+    #[test]
+    fn would_admit_leaves_the_trial_free() {
+        let h = DeploymentHealth::new("d", quick());
+        for _ in 0..3 {
+            h.record(Outcome::Failure);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(h.would_admit(), Ok(State::Unhealthy));
+        assert_eq!(h.would_admit(), Ok(State::Unhealthy));
+        assert_eq!(h.admit(), Ok(State::Unhealthy));
+        assert!(h.would_admit().is_err(), "taken now");
+        h.release_trial();
+        assert!(h.would_admit().is_ok());
+    }
+
+    #[test]
+    fn failing_more_than_the_degraded_ratio_is_degraded() {
+        let h = DeploymentHealth::new(
+            "d",
+            HealthSettings {
+                failures_to_open: 100,
+                degraded_error_ratio: 0.2,
+                ..quick()
+            },
+        );
+        let ok = Outcome::Success {
+            ttfb: Duration::from_millis(5),
+        };
+        for _ in 0..9 {
+            h.record(ok);
+        }
+        h.record(Outcome::Failure);
+        assert_eq!(h.state(), State::Healthy, "1 in 10 is under 0.2");
+        for _ in 0..3 {
+            h.record(Outcome::Failure);
+            h.record(ok);
+        }
+        // 4 failures in 16: 0.25.
+        assert_eq!(h.state(), State::Degraded);
+        assert_eq!(h.snapshot().breaker, BreakerState::Closed);
+    }
+
+    #[test]
+    fn the_error_ratio_opens_the_breaker_without_consecutive_failures() {
+        let h = DeploymentHealth::new(
+            "d",
+            HealthSettings {
+                failures_to_open: 100,
+                error_ratio: 0.5,
+                min_samples: 10,
+                ..quick()
+            },
+        );
+        let ok = Outcome::Success {
+            ttfb: Duration::from_millis(5),
+        };
+        // Alternating: never two failures in a row.
+        for _ in 0..4 {
+            h.record(ok);
+            assert_eq!(h.record(Outcome::Failure), None);
+        }
+        h.record(ok);
+        // 10 samples, 5 failed: the ratio reaches 0.5.
+        let t = h.record(Outcome::Failure).unwrap();
+        assert_eq!(t.to, BreakerState::Open);
+        assert_eq!(h.state(), State::Unhealthy);
+    }
+
+    #[test]
+    fn latency_rank_puts_failing_after_slow_and_unmeasured_first() {
+        let s = quick();
+        let slow = DeploymentHealth::new("slow", s);
+        slow.record(Outcome::Success {
+            ttfb: Duration::from_millis(900),
+        });
+        let fresh = DeploymentHealth::new("fresh", s);
+        let failing = DeploymentHealth::new("failing", s);
+        failing.record(Outcome::Success {
+            ttfb: Duration::from_millis(1),
+        });
+        failing.record(Outcome::Failure);
+        assert!(fresh.latency_rank() < slow.latency_rank());
+        assert!(slow.latency_rank() < failing.latency_rank());
+        failing.record(Outcome::Success {
+            ttfb: Duration::from_millis(1),
+        });
+        assert!(failing.latency_rank() < slow.latency_rank(), "recovered");
     }
 
     #[test]
@@ -608,11 +858,6 @@ mod tests {
     #[test]
     fn probes_open_and_close_the_breaker() {
         let h = DeploymentHealth::new("d", quick());
-        let probe = |ok| ProbeResult {
-            ok,
-            latency: Duration::ZERO,
-            detail: String::new(),
-        };
         h.record_probe(probe(true));
         h.record_probe(probe(false));
         assert_eq!(

@@ -1,21 +1,29 @@
 //! Active health probes, run through `pingora-load-balancing`'s shared
 //! health registry: every pool's backends join one registry (a deployment in
-//! two pools is probed once), its `HealthCheckService` calls [`Prober`] for
-//! each, and the prober probes a deployment when its own interval is due.
-//! Thresholds and breaker effects are per deployment, in [`DeploymentHealth`].
+//! two pools is probed once), a pass over the registry calls [`Prober`] for
+//! each, and the prober starts a probe of a deployment when its own interval
+//! is due. Each probe runs as a task of its own: one that waits out its
+//! timeout never holds up another deployment's probe, and the pass itself
+//! returns at once. Thresholds and breaker effects are per deployment, in
+//! [`DeploymentHealth`].
 
 use super::Upstream;
-use super::health::{DeploymentHealth, HealthSettings, ProbeKind, ProbeResult, Transition};
+use super::health::{
+    BreakerState, DeploymentHealth, HealthSettings, OnTransition, ProbeKind, ProbeResult, State,
+    Transition,
+};
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::connectors::TransportConnector;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::HealthCheck;
 use pingora::lb::{Backend, HealthRegistry};
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,11 +31,15 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeploymentKey(pub Arc<str>);
 
-/// Counters the health machinery updates.
+/// The health machinery's series, all labelled by deployment id.
 #[derive(Clone)]
 pub struct HealthMetrics {
     pub transitions: IntCounterVec,
     pub probe_seconds: HistogramVec,
+    /// 0 unknown, 1 healthy, 2 degraded, 3 unhealthy.
+    pub deployment_state: IntGaugeVec,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
 }
 
 impl HealthMetrics {
@@ -49,12 +61,44 @@ impl HealthMetrics {
             ]),
             &["deployment"],
         )?;
+        let deployment_state = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "collie_deployment_health",
+                "Deployment health: 0 unknown, 1 healthy, 2 degraded, 3 unhealthy",
+            ),
+            &["deployment"],
+        )?;
+        let breaker_state = IntGaugeVec::new(
+            prometheus::Opts::new(
+                "collie_breaker_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            ),
+            &["deployment"],
+        )?;
         r.register(Box::new(transitions.clone()))?;
         r.register(Box::new(probe_seconds.clone()))?;
+        r.register(Box::new(deployment_state.clone()))?;
+        r.register(Box::new(breaker_state.clone()))?;
         Ok(HealthMetrics {
             transitions,
             probe_seconds,
+            deployment_state,
+            breaker_state,
         })
+    }
+
+    /// Drop every series of a deployment that left the config.
+    fn forget(&self, id: &str) {
+        let _ = self.probe_seconds.remove_label_values(&[id]);
+        let _ = self.deployment_state.remove_label_values(&[id]);
+        let _ = self.breaker_state.remove_label_values(&[id]);
+        for to in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            let _ = self.transitions.remove_label_values(&[id, to.as_str()]);
+        }
     }
 }
 
@@ -62,14 +106,30 @@ struct Entry {
     health: Arc<DeploymentHealth>,
     /// What to probe: the deployment as the current config has it.
     target: ArcSwapOption<Upstream>,
+    /// A probe of this deployment is running (at most one at a time).
+    probing: AtomicBool,
+}
+
+/// Clears [`Entry::probing`] however the probe task ends.
+struct Probing(Arc<Entry>);
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::Release);
+    }
 }
 
 /// Every deployment's health, kept across reloads by deployment id.
 pub struct HealthBook {
     pub registry: Arc<HealthRegistry>,
-    entries: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
+    entries: Arc<Mutex<HashMap<Arc<str>, Arc<Entry>>>>,
+    /// For `/models` and completion probes; keeps their connections alive.
     connector: Connector,
+    /// For connect probes: always a new connection, never a pooled one.
+    transport: TransportConnector,
     metrics: HealthMetrics,
+    /// Wakes the probe loop: a probe finished or the deployments changed.
+    pub wake: tokio::sync::Notify,
 }
 
 impl HealthBook {
@@ -81,9 +141,11 @@ impl HealthBook {
         }));
         let book = Arc::new(HealthBook {
             registry: Arc::clone(&registry),
-            entries: Mutex::new(HashMap::new()),
+            entries: Arc::new(Mutex::new(HashMap::new())),
             connector: Connector::new(Some(pingora::connectors::ConnectorOptions::new(keepalive))),
+            transport: TransportConnector::new(None),
             metrics,
+            wake: tokio::sync::Notify::new(),
         });
         registry.set_health_check(Box::new(Prober {
             book: Arc::downgrade(&book),
@@ -101,53 +163,152 @@ impl HealthBook {
         let mut map = self.entries();
         let e = map.entry(Arc::from(id)).or_insert_with(|| {
             Arc::new(Entry {
-                health: Arc::new(DeploymentHealth::new(id, settings)),
+                health: Arc::new(DeploymentHealth::with_hook(
+                    id,
+                    settings,
+                    self.on_transition(),
+                )),
                 target: ArcSwapOption::empty(),
+                probing: AtomicBool::new(false),
             })
         });
         e.health.set_settings(settings);
         Arc::clone(&e.health)
     }
 
-    /// Point the probes at the deployments of a new config; forget the rest.
-    pub fn retarget(&self, upstreams: &[Arc<Upstream>]) {
-        let mut map = self.entries();
-        map.retain(|id, _| upstreams.iter().any(|u| *u.id == **id));
-        for u in upstreams {
-            if let Some(e) = map.get(u.id.as_str()) {
-                e.target.store(Some(Arc::clone(u)));
+    /// Log and count a breaker change (the deployment reports each once).
+    /// A request still running on an old config may report a change of a
+    /// deployment that has left it: logged, but its series stay removed.
+    fn on_transition(&self) -> OnTransition {
+        let metrics = self.metrics.clone();
+        let entries = Arc::downgrade(&self.entries);
+        Arc::new(move |id: &str, t: Transition| {
+            log::warn!(
+                "deployment {id}: breaker {} → {}",
+                t.from.as_str(),
+                t.to.as_str()
+            );
+            let current = entries
+                .upgrade()
+                .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id));
+            if current {
+                metrics
+                    .transitions
+                    .with_label_values(&[id, t.to.as_str()])
+                    .inc();
+                metrics
+                    .breaker_state
+                    .with_label_values(&[id])
+                    .set(breaker_gauge(t.to));
             }
+        })
+    }
+
+    /// Point the probes at the deployments of a new config that some pool
+    /// uses (no traffic can reach the others, so they are not probed);
+    /// forget the deployments that left, their metric series included.
+    pub fn retarget(&self, upstreams: &[Arc<Upstream>], pooled: &dyn Fn(usize) -> bool) {
+        let mut gone = Vec::new();
+        {
+            let mut map = self.entries();
+            map.retain(|id, _| {
+                let keep = upstreams.iter().any(|u| *u.id == **id);
+                if !keep {
+                    gone.push(Arc::clone(id));
+                }
+                keep
+            });
+            for u in upstreams {
+                if let Some(e) = map.get(u.id.as_str()) {
+                    e.target.store(pooled(u.index).then(|| Arc::clone(u)));
+                }
+            }
+        }
+        for id in gone {
+            self.metrics.forget(&id);
+        }
+        // New deployments are probed at once, not at the next wake-up.
+        self.wake.notify_one();
+    }
+
+    /// Set the health and breaker gauges from the deployments' state now
+    /// (called when metrics are scraped, so they are never stale).
+    pub fn publish(&self, upstreams: &[Arc<Upstream>]) {
+        for u in upstreams {
+            let h = u.health.snapshot();
+            let state = match h.state {
+                State::Unknown => 0,
+                State::Healthy => 1,
+                State::Degraded => 2,
+                State::Unhealthy => 3,
+            };
+            self.metrics
+                .deployment_state
+                .with_label_values(&[&u.id])
+                .set(state);
+            self.metrics
+                .breaker_state
+                .with_label_values(&[&u.id])
+                .set(breaker_gauge(h.breaker));
         }
     }
 
-    /// Log and count a breaker change once.
-    pub fn transition(&self, id: &str, t: Transition) {
-        log::warn!(
-            "deployment {id}: breaker {} → {}",
-            t.from.as_str(),
-            t.to.as_str()
-        );
-        self.metrics
-            .transitions
-            .with_label_values(&[id, t.to.as_str()])
-            .inc();
+    /// How long until the next probe of any deployment is due (`None`: no
+    /// deployment is probed). Deployments being probed now are left out:
+    /// the end of their probe wakes the loop.
+    pub fn next_due(&self) -> Option<Duration> {
+        self.entries()
+            .values()
+            .filter(|e| !e.probing.load(Ordering::Acquire) && e.target.load().is_some())
+            .filter_map(|e| e.health.next_probe_in())
+            .min()
     }
 
-    /// Probe one deployment now, whatever its schedule (used by the service
-    /// and by tests).
+    /// Probe one deployment now, whatever its schedule (used by the probe
+    /// tasks and by tests).
     pub async fn probe_now(&self, id: &str) -> Option<ProbeResult> {
         let entry = self.entries().get(id).cloned()?;
         let target = entry.target.load_full()?;
         let settings = entry.health.settings();
-        let result = probe(&self.connector, &target, &settings).await;
-        self.metrics
-            .probe_seconds
-            .with_label_values(&[id])
-            .observe(result.latency.as_secs_f64());
-        if let Some(t) = entry.health.record_probe(result.clone()) {
-            self.transition(id, t);
+        let result = probe(&self.connector, &self.transport, &target, &settings).await;
+        // A probe that outlived its deployment (dropped by a reload) must
+        // not bring its series back.
+        let current = self
+            .entries()
+            .get(id)
+            .is_some_and(|e| Arc::ptr_eq(e, &entry));
+        if current {
+            self.metrics
+                .probe_seconds
+                .with_label_values(&[id])
+                .observe(result.latency.as_secs_f64());
         }
+        entry.health.record_probe(result.clone());
         Some(result)
+    }
+
+    /// Start a probe of `entry` in a task of its own unless one is running.
+    fn start_probe(self: &Arc<Self>, id: &Arc<str>, entry: &Arc<Entry>) {
+        if entry.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let guard = Probing(Arc::clone(entry));
+        let book = Arc::clone(self);
+        let id = Arc::clone(id);
+        tokio::spawn(async move {
+            // Bounded by the deployment's probe timeout.
+            book.probe_now(&id).await;
+            drop(guard);
+            book.wake.notify_one();
+        });
+    }
+}
+
+fn breaker_gauge(b: BreakerState) -> i64 {
+    match b {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
     }
 }
 
@@ -174,8 +335,9 @@ impl HealthCheck for Prober {
             return Ok(());
         };
         if entry.health.probe_due() {
-            book.probe_now(&key.0).await;
+            book.start_probe(&key.0, &entry);
         }
+        // The verdict so far; the probe just started reports later.
         match entry.health.probe_up() {
             Some(false) => fail("probe failing"),
             _ => Ok(()),
@@ -190,9 +352,20 @@ impl HealthCheck for Prober {
 }
 
 /// One probe of one deployment.
-async fn probe(connector: &Connector, u: &Upstream, s: &HealthSettings) -> ProbeResult {
+async fn probe(
+    connector: &Connector,
+    transport: &TransportConnector,
+    u: &Upstream,
+    s: &HealthSettings,
+) -> ProbeResult {
     let start = Instant::now();
-    let outcome = tokio::time::timeout(s.timeout, exchange(connector, u, s.probe)).await;
+    let outcome = tokio::time::timeout(s.timeout, async {
+        match s.probe {
+            ProbeKind::Connect => connect(transport, u).await.map(|()| 0),
+            kind => exchange(connector, u, kind).await,
+        }
+    })
+    .await;
     let latency = start.elapsed();
     let (ok, detail) = match outcome {
         Err(_) => (false, format!("no answer within {:?}", s.timeout)),
@@ -218,17 +391,69 @@ async fn probe(connector: &Connector, u: &Upstream, s: &HealthSettings) -> Probe
     }
 }
 
-async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Result<u16, String> {
-    let (mut http, _) = connector
-        .get_http_session(&*u.peer())
+/// A TCP connect, and the TLS handshake for `https`, on a new connection:
+/// a pooled one would prove nothing about connecting now.
+async fn connect(transport: &TransportConnector, u: &Upstream) -> Result<(), String> {
+    let mut stream = transport
+        .new_stream(&*u.peer())
         .await
         .map_err(|e| format!("connect failed: {}", e.etype().as_str()))?;
-    if kind == ProbeKind::Connect {
-        connector
-            .release_http_session(http, &*u.peer(), Some(Duration::from_secs(30)))
-            .await;
-        return Ok(0);
+    use tokio::io::AsyncWriteExt as _;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// `GET …/models` (or the one-token completion) with the deployment's key.
+/// A pooled connection may have been closed by the provider while idle; as
+/// in the request path, such a failure is retried on another connection
+/// instead of counting against the deployment. The model list is safe to
+/// ask again whatever failed; the completion only when the request could
+/// not be written, since the provider may otherwise have served (and
+/// billed) it.
+async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Result<u16, String> {
+    let mut stale_retries = 2;
+    loop {
+        let (mut http, reused) = connector
+            .get_http_session(&*u.peer())
+            .await
+            .map_err(|e| format!("connect failed: {}", e.etype().as_str()))?;
+        match ask(&mut http, u, kind).await {
+            Ok(status) => {
+                // Read the (small) answer so the connection can be reused.
+                let mut read = 0usize;
+                while let Ok(Some(chunk)) = http.read_response_body().await {
+                    read += chunk.len();
+                    if read > 1 << 20 {
+                        http.shutdown().await;
+                        return Ok(status);
+                    }
+                }
+                connector
+                    .release_http_session(http, &*u.peer(), Some(Duration::from_secs(30)))
+                    .await;
+                return Ok(status);
+            }
+            Err((e, written))
+                if reused && stale_retries > 0 && (kind == ProbeKind::Models || !written) =>
+            {
+                log::debug!(
+                    "probe of {}: pooled connection failed ({e}); retrying",
+                    u.id
+                );
+                stale_retries -= 1;
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
+}
+
+/// Send the probe request and read the response head. The error says
+/// whether the request was fully written.
+async fn ask(
+    http: &mut pingora::protocols::http::client::HttpSession,
+    u: &Upstream,
+    kind: ProbeKind,
+) -> Result<u16, (String, bool)> {
     let completion = kind == ProbeKind::Completion;
     let path = format!(
         "{}{}",
@@ -247,7 +472,7 @@ async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Resul
             .to_string(),
         )
     });
-    let e = |e: Box<pingora::Error>| format!("probe failed: {}", e.etype().as_str());
+    let e = |e: Box<pingora::Error>| (format!("probe failed: {}", e.etype().as_str()), false);
     let mut req = RequestHeader::build(method, path.as_bytes(), Some(4)).map_err(e)?;
     req.insert_header(http::header::HOST, u.host.clone())
         .map_err(e)?;
@@ -265,19 +490,7 @@ async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Resul
         http.write_request_body(b, true).await.map_err(e)?;
     }
     http.finish_request_body().await.map_err(e)?;
-    http.read_response_header().await.map_err(e)?;
-    let status = http.response_header().map_or(0, |h| h.status.as_u16());
-    // Read the (small) answer so the connection can be reused.
-    let mut read = 0usize;
-    while let Ok(Some(chunk)) = http.read_response_body().await {
-        read += chunk.len();
-        if read > 1 << 20 {
-            http.shutdown().await;
-            return Ok(status);
-        }
-    }
-    connector
-        .release_http_session(http, &*u.peer(), Some(Duration::from_secs(30)))
-        .await;
-    Ok(status)
+    let read = |e: Box<pingora::Error>| (format!("probe failed: {}", e.etype().as_str()), true);
+    http.read_response_header().await.map_err(read)?;
+    Ok(http.response_header().map_or(0, |h| h.status.as_u16()))
 }
