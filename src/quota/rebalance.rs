@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn lends_idle_capacity_to_a_pressed_high_priority_tenant_and_reclaims() {
-        let cal = Calendar::new(TimeZone::UTC);
+        let cal = Arc::new(Calendar::new(TimeZone::UTC));
         let hi = tenant("hi", 1, 60);
         let lo = tenant("lo", 5, 600);
         let r = Rebalancer::default();
