@@ -31,8 +31,6 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// `ctx.error` of a request whose client hung up before it was answered.
-pub const CLIENT_GONE: &str = "client_gone";
 /// Longest `Retry-After` honoured; a larger value is capped, not ignored.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A failed attempt's body is read (to keep the connection) only this far.
@@ -146,8 +144,9 @@ pub async fn run(
                         });
                     }
                     None => {
+                        // Not a refusal: admitted, then abandoned by the
+                        // client (the audit record says `client_gone`).
                         ctx.client_gone = true;
-                        ctx.error = Some(CLIENT_GONE);
                         // Nobody to answer; the connection is not reused.
                         session.set_keepalive(None);
                         return Ok(());

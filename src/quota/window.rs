@@ -1,10 +1,11 @@
 //! The windows a quota is counted in: token buckets for per-minute rates
 //! (with bursts) and calendar counters for days and months.
 
+use arc_swap::ArcSwapOption;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What one request takes from a window.
@@ -229,7 +230,8 @@ impl Clock {
 pub struct Calendar {
     tz: TimeZone,
     clock: Clock,
-    cached: Mutex<Option<Windows>>,
+    /// Read by every reservation, settlement and response head: no lock.
+    cached: ArcSwapOption<Windows>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +254,7 @@ impl Calendar {
         Calendar {
             tz,
             clock,
-            cached: Mutex::new(None),
+            cached: ArcSwapOption::empty(),
         }
     }
 
@@ -262,15 +264,15 @@ impl Calendar {
     }
 
     pub fn windows(&self, now: Timestamp) -> Windows {
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = *cached {
+        if let Some(w) = self.cached.load().as_deref() {
             // A pinned clock may also move backwards.
             if w.day_start <= now && now < w.day_end && now < w.month_end {
-                return w;
+                return *w;
             }
         }
+        // Two threads may both compute the new day; they agree.
         let w = self.compute(now);
-        *cached = Some(w);
+        self.cached.store(Some(Arc::new(w)));
         w
     }
 
