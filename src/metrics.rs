@@ -19,6 +19,9 @@ const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
 
 pub struct Metrics {
     pub registry: Registry,
+    /// One scrape at a time: the quota window gauges are reset and set
+    /// again for each.
+    scrape: std::sync::Mutex<()>,
     requests: IntCounterVec,
     tokens: IntCounterVec,
     token_usage: HistogramVec,
@@ -318,6 +321,7 @@ impl Metrics {
                 &["deployment"],
             )?,
             registry,
+            scrape: std::sync::Mutex::new(()),
         })
     }
 
@@ -482,6 +486,11 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let (status, content_type, body) = match path.as_str() {
             "/metrics" => {
+                let _one = self
+                    .metrics
+                    .scrape
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 self.metrics.quota.refresh_windows(&self.state.load());
                 (200, "text/plain; version=0.0.4", self.metrics.render())
             }
