@@ -497,6 +497,7 @@ impl Validator<'_> {
         let models = self.models(raw.models, &pools);
         let tenants = self.tenants(raw.tenants, &models, &defaults);
         let pricing = self.pricing(raw.pricing);
+        self.check_rebalance_capacity(&quota, &pools.items);
         self.check_priced_budgets(
             &tenants,
             &models,

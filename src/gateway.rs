@@ -11,6 +11,7 @@ mod spend;
 
 pub use admission::key_digest_hex;
 pub use error::GatewayError;
+pub use spend::Settlement;
 
 use crate::metrics::Metrics;
 use crate::state::{Snapshot, State};
@@ -149,6 +150,8 @@ pub struct RequestCtx {
     pub delivered_estimate: u64,
     /// The quota held by this request until `logging` settles it.
     pub reservation: Option<crate::quota::Reservation>,
+    /// How the reservation was settled, once it was.
+    pub settlement: Option<Settlement>,
     /// The first bytes of the response, when the audit keeps a preview.
     pub preview: Option<Vec<u8>>,
     /// Counts this request as in flight until the context is dropped.
@@ -292,6 +295,7 @@ impl ProxyHttp for Gateway {
             tokens_estimate: 0,
             delivered_estimate: 0,
             reservation: None,
+            settlement: None,
             preview: None,
             _in_flight: self.in_flight.enter(),
         }

@@ -4,7 +4,7 @@
 //! client cannot grow the series count.
 
 use crate::gateway::RequestCtx;
-use crate::state::State;
+use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
@@ -19,6 +19,9 @@ const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
 
 pub struct Metrics {
     pub registry: Registry,
+    /// One scrape at a time: the quota window gauges are reset and set
+    /// again for each.
+    scrape: std::sync::Mutex<()>,
     requests: IntCounterVec,
     tokens: IntCounterVec,
     token_usage: HistogramVec,
@@ -36,6 +39,13 @@ pub struct Metrics {
 /// The quota ledger, queues and rebalancing as seen from outside.
 pub struct QuotaMetrics {
     refusals: IntCounterVec,
+    settlements: IntCounterVec,
+    /// Per tenant (and tenant × model) window: limit, used, reserved,
+    /// remaining. Set from the ledgers when `/metrics` is scraped.
+    window_limit: prometheus::GaugeVec,
+    window_used: prometheus::GaugeVec,
+    window_reserved: prometheus::GaugeVec,
+    window_remaining: prometheus::GaugeVec,
     queue_wait: HistogramVec,
     estimated: IntCounterVec,
     pub loan_rpm: prometheus::GaugeVec,
@@ -45,6 +55,10 @@ pub struct QuotaMetrics {
     pub pool_limit: prometheus::GaugeVec,
     pub pool_waiting: prometheus::IntGaugeVec,
 }
+
+/// `model` is empty for a tenant-wide window; `window` is one of
+/// [`crate::quota::WINDOWS`].
+const WINDOW_LABELS: &[&str] = &["tenant", "model", "window"];
 
 fn gauge(
     registry: &Registry,
@@ -69,6 +83,36 @@ fn int_gauge(
 }
 
 impl QuotaMetrics {
+    /// Set the window gauges from every tenant's ledger. Runs when metrics
+    /// are scraped, not per request. Tenants and models come from the
+    /// config; those removed by a reload disappear.
+    pub fn refresh_windows(&self, snap: &Snapshot) {
+        let gauges = [
+            &self.window_limit,
+            &self.window_used,
+            &self.window_reserved,
+            &self.window_remaining,
+        ];
+        for g in gauges {
+            g.reset();
+        }
+        for ledger in &snap.ledgers {
+            let report = ledger.report(&snap.calendar);
+            for scope in &report.scopes {
+                let model = scope.model.as_deref().unwrap_or("");
+                for w in &scope.windows {
+                    let labels = [report.tenant.as_str(), model, w.window];
+                    for (g, v) in gauges
+                        .iter()
+                        .zip([w.limit, w.used, w.reserved, w.remaining])
+                    {
+                        g.with_label_values(&labels).set(v);
+                    }
+                }
+            }
+        }
+    }
+
     fn new(r: &Registry) -> prometheus::Result<QuotaMetrics> {
         Ok(QuotaMetrics {
             refusals: counter(
@@ -76,6 +120,36 @@ impl QuotaMetrics {
                 "collie_quota_refusals_total",
                 "Requests refused by the tenant's quota, by window (queue = no pool slot in time)",
                 &["tenant", "window"],
+            )?,
+            settlements: counter(
+                r,
+                "collie_quota_settlements_total",
+                "Reservations settled, by outcome: reported (provider usage), estimated (Collie's count), failed (provider error: one request, no tokens), refunded (nothing reached a provider)",
+                &["tenant", "outcome"],
+            )?,
+            window_limit: gauge(
+                r,
+                "collie_quota_limit",
+                "Configured limit of each quota window (per-minute windows: the rate); USD windows in USD",
+                WINDOW_LABELS,
+            )?,
+            window_used: gauge(
+                r,
+                "collie_quota_used",
+                "Settled use of each quota window (per-minute windows: drawn from the bucket, above the burst while in debt)",
+                WINDOW_LABELS,
+            )?,
+            window_reserved: gauge(
+                r,
+                "collie_quota_reserved",
+                "Reservations in flight in each day and month window",
+                WINDOW_LABELS,
+            )?,
+            window_remaining: gauge(
+                r,
+                "collie_quota_remaining",
+                "What each quota window still admits: limit - used - reserved (per-minute windows: the bucket's level, never below 0)",
+                WINDOW_LABELS,
             )?,
             queue_wait: histogram(
                 r,
@@ -168,9 +242,9 @@ impl Metrics {
         let cost = CounterVec::new(
             Opts::new(
                 "collie_cost_usd_total",
-                "Cost of served requests in USD, from the pricing table",
+                "Cost of served requests in USD, from the pricing table; usage=reported or estimated as for collie_tokens_total",
             ),
-            &["tenant", "model"],
+            &["tenant", "model", "usage"],
         )?;
         registry.register(Box::new(cost.clone()))?;
         Ok(Metrics {
@@ -183,8 +257,8 @@ impl Metrics {
             tokens: counter(
                 r,
                 "collie_tokens_total",
-                "Tokens reported by upstreams",
-                &["tenant", "model", "type"],
+                "Tokens of served requests; usage=reported (by the upstream) or estimated (by Collie, the upstream reported none)",
+                &["tenant", "model", "type", "usage"],
             )?,
             token_usage: histogram(
                 r,
@@ -199,7 +273,7 @@ impl Metrics {
             usage_unknown: counter(
                 r,
                 "collie_usage_unknown_total",
-                "Served requests whose upstream reported no usage",
+                "Served requests whose upstream reported no usage (their tokens count as usage=estimated)",
                 &["model"],
             )?,
             cost,
@@ -232,6 +306,7 @@ impl Metrics {
             quota: QuotaMetrics::new(r)?,
             health: crate::routing::probe::HealthMetrics::new(r)?,
             registry,
+            scrape: std::sync::Mutex::new(()),
         })
     }
 
@@ -254,9 +329,16 @@ impl Metrics {
             500..=599 => "5xx",
             _ => "none",
         };
+        self.record_details(ctx, tenant, model);
+        // Counted last: a request seen in `collie_requests_total` has every
+        // other series of it recorded already (scrapers and tests rely on it).
         self.requests
             .with_label_values(&[tenant, model, ctx.endpoint.label(), class])
             .inc();
+    }
+
+    fn record_details(&self, ctx: &RequestCtx, tenant: &str, model: &str) {
+        let snap = &ctx.snapshot;
         if let Some(window) = &ctx.refused_by {
             // Per-model windows carry the model's name; fold it away to keep
             // the label set to the fixed window names.
@@ -280,6 +362,12 @@ impl Metrics {
         }
         if ctx.usage_estimated {
             self.quota.estimated.with_label_values(&[tenant]).inc();
+        }
+        if let Some(s) = ctx.settlement {
+            self.quota
+                .settlements
+                .with_label_values(&[tenant, s.label()])
+                .inc();
         }
         for a in &ctx.attempts {
             let deployment = snap
@@ -322,26 +410,33 @@ impl Metrics {
                 .with_label_values(&[model])
                 .observe(first.duration_since(ctx.started).as_secs_f64());
         }
-        match ctx.usage {
-            Some(u) => {
-                for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
-                    if let Some(n) = n {
-                        self.tokens
-                            .with_label_values(&[tenant, model, kind])
-                            .inc_by(n);
+        let source = if ctx.usage_estimated {
+            "estimated"
+        } else {
+            "reported"
+        };
+        if let Some(u) = ctx.usage {
+            for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
+                if let Some(n) = n {
+                    self.tokens
+                        .with_label_values(&[tenant, model, kind, source])
+                        .inc_by(n);
+                    // The distribution is of what providers report.
+                    if !ctx.usage_estimated {
                         self.token_usage
                             .with_label_values(&[model, kind])
                             .observe(n as f64);
                     }
                 }
-                if let Some(nano) = u.cost_nano_usd(served.price) {
-                    self.cost
-                        .with_label_values(&[tenant, model])
-                        .inc_by(nano as f64 / 1e9);
-                }
             }
-            None if !(200..300).contains(&ctx.status) => {}
-            None => self.usage_unknown.with_label_values(&[model]).inc(),
+            if let Some(nano) = u.cost_nano_usd(served.price) {
+                self.cost
+                    .with_label_values(&[tenant, model, source])
+                    .inc_by(nano as f64 / 1e9);
+            }
+        }
+        if (200..300).contains(&ctx.status) && (ctx.usage_estimated || ctx.usage.is_none()) {
+            self.usage_unknown.with_label_values(&[model]).inc();
         }
     }
 
@@ -389,6 +484,12 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let (status, content_type, body) = match path.as_str() {
             "/metrics" => {
+                let _one = self
+                    .metrics
+                    .scrape
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                self.metrics.quota.refresh_windows(&self.state.load());
                 // Health gauges are read from the deployments now, for the
                 // deployments of the config now.
                 self.state

@@ -47,11 +47,14 @@ pub struct Behavior {
     /// Replaces the whole response body.
     pub body: Option<Bytes>,
     pub headers: Vec<(String, String)>,
-    /// An error status whose body never ends: one byte per interval.
+    /// A body that never ends: after the head (and, with a 2xx, the whole
+    /// answer), one space per interval.
     pub trickle: Option<Duration>,
     /// Send `body` as an SSE stream, cut into pieces of this many bytes
     /// (boundaries fall anywhere, as on a real network).
     pub sse_pieces: Option<usize>,
+    /// Report no usage, even when the request asks for it.
+    pub no_usage: bool,
 }
 
 impl Default for Behavior {
@@ -69,6 +72,7 @@ impl Default for Behavior {
             headers: Vec::new(),
             trickle: None,
             sse_pieces: None,
+            no_usage: false,
         }
     }
 }
@@ -124,8 +128,14 @@ impl Behavior {
         self
     }
     /// With an error status: send the head, then a body that never ends.
+    /// Send the head (with a 2xx, the whole JSON answer too), then spaces
+    /// that never end: JSON that is complete but a response that is not.
     pub fn trickle(mut self, every: Duration) -> Self {
         self.trickle = Some(every);
+        self
+    }
+    pub fn no_usage(mut self) -> Self {
+        self.no_usage = true;
         self
     }
 }
@@ -509,7 +519,7 @@ async fn handle(
         ));
     }
     if let (Some(every), false) = (b.trickle, (200..300).contains(&b.status)) {
-        return Ok(trickle_response(&b, every, shared));
+        return Ok(trickle_response(&b, every, Bytes::new(), shared));
     }
     if !(200..300).contains(&b.status) {
         return Ok(error_response(b.status, "mock error", &b));
@@ -533,12 +543,19 @@ async fn handle(
     let stream = request["stream"].as_bool().unwrap_or(false);
     let include_usage = request["stream_options"]["include_usage"]
         .as_bool()
-        .unwrap_or(false);
+        .unwrap_or(false)
+        && !b.no_usage;
     let answer = Gen {
         model,
         prompt,
         completion: b.chunks as u64,
+        no_usage: b.no_usage,
     };
+    let answers = matches!(kind, Kind::Chat | Kind::Completions | Kind::Responses);
+    if let (Some(every), false, true) = (b.trickle, stream, answers) {
+        let whole = serde_json::to_vec(&answer.whole(kind)).unwrap_or_default();
+        return Ok(trickle_response(&b, every, Bytes::from(whole), shared));
+    }
     let resp = match (kind, stream) {
         (Kind::Models, _) => json_response(
             &b,
@@ -593,6 +610,9 @@ fn apply_overrides(b: &mut Behavior, h: &http::HeaderMap) {
     if let Some(n) = num("x-mock-chunks") {
         b.chunks = usize::try_from(n).unwrap_or(b.chunks);
     }
+    if num("x-mock-no-usage").is_some_and(|n| n > 0) {
+        b.no_usage = true;
+    }
     if let Some(ms) = num("x-mock-interval-ms") {
         b.chunk_interval = Duration::from_millis(ms);
     }
@@ -618,15 +638,22 @@ struct Gen {
     model: String,
     prompt: u64,
     completion: u64,
+    no_usage: bool,
 }
 
 impl Gen {
     fn usage(&self) -> Value {
+        if self.no_usage {
+            return Value::Null;
+        }
         json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
                "total_tokens": self.prompt + self.completion})
     }
 
     fn responses_usage(&self) -> Value {
+        if self.no_usage {
+            return Value::Null;
+        }
         json!({"input_tokens": self.prompt, "output_tokens": self.completion,
                "total_tokens": self.prompt + self.completion})
     }
@@ -838,13 +865,22 @@ impl Drop for Trickling {
     }
 }
 
-/// An error head, then one byte per `every` until the client goes away.
-fn trickle_response(b: &Behavior, every: Duration, shared: Arc<Shared>) -> Response<Body> {
+/// The head and `first`, then one byte per `every` until the client goes away.
+fn trickle_response(
+    b: &Behavior,
+    every: Duration,
+    first: Bytes,
+    shared: Arc<Shared>,
+) -> Response<Body> {
     shared.trickling.fetch_add(1, Ordering::SeqCst);
     let guard = Trickling(shared);
-    let stream = futures::stream::unfold(guard, move |guard| async move {
+    let first = (!first.is_empty()).then_some(first);
+    let stream = futures::stream::unfold((guard, first), move |(guard, first)| async move {
+        if let Some(f) = first {
+            return Some((Ok(Frame::data(f)), (guard, None)));
+        }
         tokio::time::sleep(every).await;
-        Some((Ok(Frame::data(Bytes::from_static(b" "))), guard))
+        Some((Ok(Frame::data(Bytes::from_static(b" "))), (guard, None)))
     });
     finish(
         Response::builder().status(b.status),

@@ -3,15 +3,23 @@
 //! buckets with bursts, daily and monthly request/token/USD budgets — then
 //! settlement to what the upstream really used, or a full refund.
 //!
-//! Invariants:
-//! - A reservation either takes from every window or from none.
+//! Invariants (checked by the `ledger_conserves_totals` property test):
+//! - A reservation either takes from every window or from none. Day and
+//!   month budgets are checked before per-minute rates, so a spent budget is
+//!   reported as such.
 //! - A reservation is settled or refunded exactly once; dropping it unsettled
-//!   (a panic, a cancelled task) refunds it.
-//! - Counters never go below zero; a bucket may owe tokens after a request
-//!   used more than it reserved, and that debt is repaid before more is admitted.
-//! - Usage a request reserves counts against the limits while it is in flight,
-//!   so concurrent requests cannot slip past a budget; the only overshoot is a
-//!   request using more than it reserved.
+//!   (a panic, a cancelled task) refunds it. It settles into the windows
+//!   current when it ends.
+//! - Day and month counters hold settled use and reservations in flight,
+//!   both unsigned; a reservation is admitted only if use + reservations +
+//!   it fit the budget, so reservations alone never pass a limit. The only
+//!   overshoot is a request that used more than it reserved.
+//! - A per-minute bucket holds its burst less what is reserved and used and
+//!   not yet refilled. It is never above its burst (plus a loan). It goes
+//!   below zero — into debt — only when a request used more than it
+//!   reserved, when one request was larger than the whole burst, or when a
+//!   reload lowered the limit below what was already used; the debt is
+//!   repaid by refill before anything more is admitted.
 //!
 //! Priority admission to saturated pools is in [`admission`]; lending of
 //! spare rate capacity in [`rebalance`].
@@ -26,7 +34,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-pub use window::{Amount, Budget, Calendar, Limits, Rate, Windows};
+pub use window::{Amount, Budget, Calendar, Clock, Limits, Rate, Windows};
 use window::{Bucket, Counter};
 
 /// Every window name, as used in refusals and reports.
@@ -84,6 +92,9 @@ struct Scope {
     month: Counter,
 }
 
+/// A refusal found by a check, before it is named for its scope.
+type Refused = (&'static str, RefusalKind, Duration);
+
 impl Scope {
     fn new(limits: Limits, now: Instant) -> Scope {
         Scope {
@@ -95,20 +106,21 @@ impl Scope {
         }
     }
 
-    /// New limits from a reload; what was counted stays.
-    fn set_limits(&mut self, limits: Limits, now: Instant) {
-        if self.rpm.is_none() {
-            self.rpm = limits.rpm.map(|r| Bucket::full(r, now));
-        }
-        if self.tpm.is_none() {
-            self.tpm = limits.tpm.map(|r| Bucket::full(r, now));
-        }
-        if limits.rpm.is_none() {
-            self.rpm = None;
-        }
-        if limits.tpm.is_none() {
-            self.tpm = None;
-        }
+    /// New limits from a reload; what was counted stays counted, in the
+    /// buckets as well as the calendar windows (see [`Bucket::rebase`]).
+    fn set_limits(&mut self, limits: Limits, now: Instant, loan: Loan) {
+        let rebuilt = |bucket: &mut Option<Bucket>, old: Option<Rate>, new: Option<Rate>, extra| {
+            match (bucket.as_mut(), old, new) {
+                (Some(b), Some(o), Some(n)) => {
+                    // Refill at the old rate up to now, then move the level.
+                    b.refill(o, extra, now);
+                    b.rebase(o, n);
+                }
+                (_, _, n) => *bucket = n.map(|r| Bucket::full(r, now)),
+            }
+        };
+        rebuilt(&mut self.rpm, self.limits.rpm, limits.rpm, loan.rpm);
+        rebuilt(&mut self.tpm, self.limits.tpm, limits.tpm, loan.tpm);
         self.limits = limits;
     }
 
@@ -119,40 +131,17 @@ impl Scope {
         if let (Some(b), Some(r)) = (&mut self.tpm, self.limits.tpm) {
             b.refill(r, loan.tpm, now);
         }
+        self.roll(w);
+    }
+
+    fn roll(&mut self, w: &Windows) {
         self.day.roll(w.day);
         self.month.roll(w.month);
     }
 
-    /// Check every window; nothing is taken here.
-    fn check(
-        &self,
-        amount: Amount,
-        w: &Windows,
-        now: Timestamp,
-        loan: Loan,
-    ) -> Result<(), (&'static str, RefusalKind, Duration)> {
-        if let (Some(b), Some(r)) = (&self.rpm, self.limits.rpm) {
-            if !b.can_take(amount.requests) {
-                return Err((
-                    "minute.requests",
-                    RefusalKind::RateLimited,
-                    b.wait_for(amount.requests, r, loan.rpm),
-                ));
-            }
-        }
-        if let (Some(b), Some(r)) = (&self.tpm, self.limits.tpm) {
-            // A request larger than the whole burst is admitted from a full
-            // bucket (and leaves it in debt) rather than never.
-            let ceiling = (r.burst as f64 + loan.tpm).max(1.0);
-            let need = (amount.tokens as f64).min(ceiling).ceil() as u64;
-            if !b.can_take(need) {
-                return Err((
-                    "minute.tokens",
-                    RefusalKind::RateLimited,
-                    b.wait_for(need, r, loan.tpm),
-                ));
-            }
-        }
+    /// The day and month budgets; nothing is taken here. Checked before the
+    /// per-minute rates (see [`TenantLedger::reserve_at`]).
+    fn check_budgets(&self, amount: Amount, w: &Windows, now: Timestamp) -> Result<(), Refused> {
         let until =
             |end: Timestamp| Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO);
         if let Some(dim) = self.day.exceeds(&self.limits.day, amount) {
@@ -172,6 +161,30 @@ impl Scope {
         Ok(())
     }
 
+    /// The per-minute buckets; nothing is taken here.
+    fn check_rates(&self, amount: Amount, loan: Loan) -> Result<(), Refused> {
+        if let (Some(b), Some(r)) = (&self.rpm, self.limits.rpm) {
+            if !b.can_take(amount.requests) {
+                return Err((
+                    "minute.requests",
+                    RefusalKind::RateLimited,
+                    b.wait_for(amount.requests, r, loan.rpm),
+                ));
+            }
+        }
+        if let (Some(b), Some(r)) = (&self.tpm, self.limits.tpm) {
+            let need = tokens_needed(amount.tokens, r, loan.tpm);
+            if !b.can_take(need) {
+                return Err((
+                    "minute.tokens",
+                    RefusalKind::RateLimited,
+                    b.wait_for(need, r, loan.tpm),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn take(&mut self, amount: Amount) {
         if let Some(b) = &mut self.rpm {
             b.take(amount.requests);
@@ -184,6 +197,7 @@ impl Scope {
     }
 
     /// Replace a reservation by what was really used (zero for a refund).
+    /// The counters must have been rolled to the current windows first.
     fn settle(&mut self, reserved: Amount, actual: Amount, loan: Loan) {
         for c in [&mut self.day, &mut self.month] {
             c.reserved = c.reserved.saturating_sub(reserved);
@@ -201,6 +215,88 @@ impl Scope {
                 r.burst as f64 + loan.tpm,
             );
         }
+    }
+
+    /// The tightest window of each kind, for the `x-ratelimit-*` headers.
+    fn tightest(&self, w: &Windows, now: Timestamp, loan: Loan, into: &mut RateInfo) {
+        let until =
+            |end: Timestamp| Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO);
+        let bucket = |b: &Option<Bucket>, r: Option<Rate>, extra: f64| {
+            let (b, r) = (b.as_ref()?, r?);
+            let ceiling = r.burst as f64 + extra;
+            Some(WindowInfo {
+                // The configured rate, as OpenAI reports it: not the burst,
+                // not a loan. With a burst above the rate, or a loan,
+                // `remaining` may exceed it.
+                limit: r.per_minute,
+                remaining: b.level().max(0.0) as u64,
+                reset: b.wait_for(ceiling.max(0.0).ceil() as u64, r, extra),
+            })
+        };
+        let budget = |limit: Option<u64>, used: u64, reserved: u64, end: Timestamp| {
+            limit.map(|l| WindowInfo {
+                limit: l,
+                remaining: l.saturating_sub(used.saturating_add(reserved)),
+                reset: until(end),
+            })
+        };
+        let (d, m) = (&self.day, &self.month);
+        for c in [
+            bucket(&self.rpm, self.limits.rpm, loan.rpm),
+            budget(
+                self.limits.day.requests,
+                d.used.requests,
+                d.reserved.requests,
+                w.day_end,
+            ),
+            budget(
+                self.limits.month.requests,
+                m.used.requests,
+                m.reserved.requests,
+                w.month_end,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            into.requests = Some(tighter(into.requests, c));
+        }
+        for c in [
+            bucket(&self.tpm, self.limits.tpm, loan.tpm),
+            budget(
+                self.limits.day.tokens,
+                d.used.tokens,
+                d.reserved.tokens,
+                w.day_end,
+            ),
+            budget(
+                self.limits.month.tokens,
+                m.used.tokens,
+                m.reserved.tokens,
+                w.month_end,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            into.tokens = Some(tighter(into.tokens, c));
+        }
+    }
+}
+
+/// What a request of `tokens` must find in a token bucket. A request larger
+/// than the whole burst is admitted from a full bucket (and leaves it in
+/// debt) rather than never.
+fn tokens_needed(tokens: u64, r: Rate, extra: f64) -> u64 {
+    let ceiling = (r.burst as f64 + extra).max(1.0);
+    (tokens as f64).min(ceiling).ceil() as u64
+}
+
+/// The window with less left; on a tie, the one that resets sooner.
+fn tighter(a: Option<WindowInfo>, b: WindowInfo) -> WindowInfo {
+    match a {
+        Some(a) if (a.remaining, a.reset) <= (b.remaining, b.reset) => a,
+        _ => b,
     }
 }
 
@@ -236,13 +332,25 @@ pub struct Activity {
     pub rate_refusals: u64,
 }
 
+/// Activity as it accumulates. Tokens count when reserved (demand shows at
+/// once) and are corrected when settled; a correction can arrive after the
+/// rebalancer took the interval its reservation was counted in, so the
+/// running count is signed and a negative rest carries into the next
+/// interval instead of being lost.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u64,
+    tokens: i64,
+    rate_refusals: u64,
+}
+
 #[derive(Debug)]
 struct TenantState {
     priority: u8,
     tenant: Scope,
     models: HashMap<String, Scope>,
     loan: Loan,
-    activity: Activity,
+    activity: Tally,
 }
 
 /// One tenant's ledger. Lives across reloads: a reload changes its limits and
@@ -261,9 +369,16 @@ pub struct TenantLimits {
     pub models: HashMap<String, Limits>,
 }
 
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl TenantLedger {
     pub fn new(id: &str, limits: &TenantLimits) -> TenantLedger {
-        let now = Instant::now();
+        TenantLedger::new_at(id, limits, Instant::now())
+    }
+
+    fn new_at(id: &str, limits: &TenantLimits, now: Instant) -> TenantLedger {
         TenantLedger {
             id: id.to_string(),
             state: Mutex::new(TenantState {
@@ -275,7 +390,7 @@ impl TenantLedger {
                     .map(|(m, l)| (m.clone(), Scope::new(*l, now)))
                     .collect(),
                 loan: Loan::default(),
-                activity: Activity::default(),
+                activity: Tally::default(),
             }),
         }
     }
@@ -285,14 +400,18 @@ impl TenantLedger {
     }
 
     pub fn set_limits(&self, limits: &TenantLimits) {
-        let now = Instant::now();
+        self.set_limits_at(limits, Instant::now());
+    }
+
+    fn set_limits_at(&self, limits: &TenantLimits, now: Instant) {
         let mut s = self.lock();
         s.priority = limits.priority;
-        s.tenant.set_limits(limits.limits, now);
+        let loan = s.loan;
+        s.tenant.set_limits(limits.limits, now, loan);
         s.models.retain(|m, _| limits.models.contains_key(m));
         for (m, l) in &limits.models {
             match s.models.get_mut(m) {
-                Some(scope) => scope.set_limits(*l, now),
+                Some(scope) => scope.set_limits(*l, now, Loan::default()),
                 None => {
                     s.models.insert(m.clone(), Scope::new(*l, now));
                 }
@@ -306,10 +425,23 @@ impl TenantLedger {
         self: &Arc<Self>,
         model: &str,
         amount: Amount,
-        calendar: &Calendar,
+        calendar: &Arc<Calendar>,
     ) -> Result<Reservation, Refusal> {
-        let now = Instant::now();
-        let ts = Timestamp::now();
+        self.reserve_at(model, amount, calendar, Instant::now(), calendar.now())
+    }
+
+    /// [`TenantLedger::reserve`] at a given time. Budgets are checked before
+    /// rates, in both scopes: a tenant out of its day or month budget is told
+    /// so (`quota_exceeded`, retry when the window ends), not sent back every
+    /// second by a per-minute window that happens to be empty too.
+    fn reserve_at(
+        self: &Arc<Self>,
+        model: &str,
+        amount: Amount,
+        calendar: &Arc<Calendar>,
+        now: Instant,
+        ts: Timestamp,
+    ) -> Result<Reservation, Refusal> {
         let w = calendar.windows(ts);
         let mut s = self.lock();
         let loan = s.loan;
@@ -318,16 +450,22 @@ impl TenantLedger {
         if let Some(m) = s.models.get_mut(model) {
             m.refresh(now, &w, Loan::default());
         }
+        let scoped = |r: Refused| (format!("model:{model}.{}", r.0), r.1, r.2);
+        let named = |r: Refused| (r.0.to_string(), r.1, r.2);
+        let model_scope = s.models.get(model);
         let checked = s
             .tenant
-            .check(amount, &w, ts, loan)
-            .map_err(|(win, kind, wait)| (win.to_string(), kind, wait));
-        let checked = checked.and_then(|()| match s.models.get(model) {
-            Some(m) => m
-                .check(amount, &w, ts, Loan::default())
-                .map_err(|(win, kind, wait)| (format!("model:{model}.{win}"), kind, wait)),
-            None => Ok(()),
-        });
+            .check_budgets(amount, &w, ts)
+            .map_err(named)
+            .and_then(|()| {
+                model_scope.map_or(Ok(()), |m| m.check_budgets(amount, &w, ts).map_err(scoped))
+            })
+            .and_then(|()| s.tenant.check_rates(amount, loan).map_err(named))
+            .and_then(|()| {
+                model_scope.map_or(Ok(()), |m| {
+                    m.check_rates(amount, Loan::default()).map_err(scoped)
+                })
+            });
         if let Err((window, kind, retry_after)) = checked {
             if kind == RefusalKind::RateLimited {
                 s.activity.rate_refusals += 1;
@@ -343,66 +481,88 @@ impl TenantLedger {
             m.take(amount);
         }
         s.activity.requests += amount.requests;
-        s.activity.tokens += amount.tokens;
+        s.activity.tokens = s.activity.tokens.saturating_add(signed(amount.tokens));
         drop(s);
         Ok(Reservation {
             ledger: Arc::clone(self),
+            calendar: Arc::clone(calendar),
             model: has_model_scope.then(|| model.to_string()),
             amount,
             done: false,
         })
     }
 
-    fn settle(&self, model: Option<&str>, reserved: Amount, actual: Amount) {
+    /// Replace a reservation by what was used, in the windows current at
+    /// `ts`. The counters roll first: a request reserved before midnight and
+    /// settled after it is counted in the new day. That is the only place it
+    /// can count — an ended window is no longer enforced, so use settled into
+    /// it would be forgiven — and it is where its reservation already is, as
+    /// reservations in flight carry over when a window rolls.
+    fn settle_at(
+        &self,
+        model: Option<&str>,
+        reserved: Amount,
+        actual: Amount,
+        w: &Windows,
+        now: Instant,
+    ) {
         let mut s = self.lock();
         let loan = s.loan;
+        s.tenant.refresh(now, w, loan);
         s.tenant.settle(reserved, actual, loan);
         if let Some(m) = model.and_then(|m| s.models.get_mut(m)) {
+            m.refresh(now, w, Loan::default());
             m.settle(reserved, actual, Loan::default());
         }
-        // Activity follows real use.
         s.activity.tokens = s
             .activity
             .tokens
-            .saturating_sub(reserved.tokens)
-            .saturating_add(actual.tokens);
+            .saturating_add(signed(actual.tokens))
+            .saturating_sub(signed(reserved.tokens));
     }
 
-    /// The minute windows for the `x-ratelimit-*` headers.
-    pub fn rate_info(&self) -> RateInfo {
-        let now = Instant::now();
+    /// For the `x-ratelimit-*` headers: of the windows that limit requests
+    /// (per minute, day, month; the tenant's and the model's), the one with
+    /// the least left, and the same for tokens. `None` where no window of
+    /// that kind applies.
+    pub fn rate_info(&self, model: Option<&str>, calendar: &Calendar) -> RateInfo {
+        self.rate_info_at(model, calendar, Instant::now(), calendar.now())
+    }
+
+    fn rate_info_at(
+        &self,
+        model: Option<&str>,
+        calendar: &Calendar,
+        now: Instant,
+        ts: Timestamp,
+    ) -> RateInfo {
+        let w = calendar.windows(ts);
         let mut s = self.lock();
         let loan = s.loan;
-        let info = |b: &mut Bucket, r: Rate, extra: f64| {
-            b.refill(r, extra, now);
-            let ceiling = (r.burst as f64 + extra).max(0.0);
-            WindowInfo {
-                limit: ceiling as u64,
-                remaining: b.level().max(0.0) as u64,
-                reset: b.wait_for(ceiling.ceil() as u64, r, extra),
-            }
+        let mut info = RateInfo {
+            requests: None,
+            tokens: None,
         };
-        let rpm = s.tenant.limits.rpm;
-        let tpm = s.tenant.limits.tpm;
-        RateInfo {
-            requests: s
-                .tenant
-                .rpm
-                .as_mut()
-                .zip(rpm)
-                .map(|(b, r)| info(b, r, loan.rpm)),
-            tokens: s
-                .tenant
-                .tpm
-                .as_mut()
-                .zip(tpm)
-                .map(|(b, r)| info(b, r, loan.tpm)),
+        s.tenant.refresh(now, &w, loan);
+        s.tenant.tightest(&w, ts, loan, &mut info);
+        if let Some(m) = model.and_then(|m| s.models.get_mut(m)) {
+            m.refresh(now, &w, Loan::default());
+            m.tightest(&w, ts, Loan::default(), &mut info);
         }
+        info
     }
 
     /// Take the activity counters (for the rebalancer) and start anew.
     pub fn take_activity(&self) -> Activity {
-        std::mem::take(&mut self.lock().activity)
+        let mut s = self.lock();
+        let a = std::mem::take(&mut s.activity);
+        // A negative rest (settlements below their reservations) carries on.
+        s.activity.tokens = a.tokens.min(0);
+        Activity {
+            requests: a.requests,
+            tokens: u64::try_from(a.tokens).unwrap_or(0),
+            rate_refusals: a.rate_refusals,
+        }
     }
 
     pub fn priority(&self) -> u8 {
@@ -417,14 +577,34 @@ impl TenantLedger {
         self.lock().loan
     }
 
+    /// Start, change or end a loan. Capacity that becomes available — a loan
+    /// that starts or grows, or lent capacity coming back to its owner — is
+    /// credited to the bucket at once: a loan is a burst allowance, and a
+    /// lender that returns has its capacity back, not only its refill rate.
+    /// Capacity that goes away is capped off at the next refill.
     pub fn set_loan(&self, loan: Loan) {
-        self.lock().loan = loan;
+        self.set_loan_at(loan, Instant::now());
+    }
+
+    fn set_loan_at(&self, loan: Loan, now: Instant) {
+        let mut s = self.lock();
+        let old = s.loan;
+        let t = &mut s.tenant;
+        if let (Some(b), Some(r)) = (&mut t.rpm, t.limits.rpm) {
+            b.refill(r, old.rpm, now);
+            b.credit((loan.rpm - old.rpm).max(0.0));
+        }
+        if let (Some(b), Some(r)) = (&mut t.tpm, t.limits.tpm) {
+            b.refill(r, old.tpm, now);
+            b.credit((loan.tpm - old.tpm).max(0.0));
+        }
+        s.loan = loan;
     }
 
     /// Everything a tenant may know about its own quota.
     pub fn report(&self, calendar: &Calendar) -> QuotaReport {
         let now = Instant::now();
-        let ts = Timestamp::now();
+        let ts = calendar.now();
         let w = calendar.windows(ts);
         let mut s = self.lock();
         let loan = s.loan;
@@ -470,7 +650,12 @@ pub struct ScopeReport {
 #[derive(Debug, Serialize)]
 pub struct WindowReport {
     pub window: &'static str,
+    /// Per-minute windows: the configured rate.
     pub limit: f64,
+    /// Per-minute windows: what the bucket holds when full (burst plus any
+    /// loan).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<f64>,
     pub used: f64,
     pub reserved: f64,
     pub remaining: f64,
@@ -487,8 +672,11 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
             let ceiling = r.burst as f64 + extra;
             windows.push(WindowReport {
                 window: name,
-                limit: ceiling,
-                used: (ceiling - b.level()).max(0.0),
+                limit: r.per_minute as f64,
+                burst: Some(ceiling),
+                // Drawn from the bucket and not yet refilled; more than the
+                // burst while the bucket is in debt.
+                used: ceiling - b.level(),
                 reserved: 0.0,
                 remaining: b.level().max(0.0),
                 resets_at: None,
@@ -529,6 +717,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                         (_, d) => month_window(d),
                     },
                     limit: limit as f64 / scale,
+                    burst: None,
                     used: used as f64 / scale,
                     reserved: reserved as f64 / scale,
                     remaining: limit.saturating_sub(used + reserved) as f64 / scale,
@@ -548,6 +737,8 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
 #[derive(Debug)]
 pub struct Reservation {
     ledger: Arc<TenantLedger>,
+    /// Settlement rolls the windows to the day it happens in.
+    calendar: Arc<Calendar>,
     model: Option<String>,
     amount: Amount,
     done: bool,
@@ -559,10 +750,16 @@ impl Reservation {
     }
 
     /// Replace the reservation by what was really used (more or less).
-    pub fn settle(mut self, actual: Amount) {
+    pub fn settle(self, actual: Amount) {
+        let ts = self.calendar.now();
+        self.settle_at(actual, Instant::now(), ts);
+    }
+
+    fn settle_at(mut self, actual: Amount, now: Instant, ts: Timestamp) {
         self.done = true;
+        let w = self.calendar.windows(ts);
         self.ledger
-            .settle(self.model.as_deref(), self.amount, actual);
+            .settle_at(self.model.as_deref(), self.amount, actual, &w, now);
     }
 
     /// Nothing was used: give everything back.
@@ -578,36 +775,77 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.ledger
-                .settle(self.model.as_deref(), self.amount, Amount::default());
+            let w = self.calendar.windows(self.calendar.now());
+            self.ledger.settle_at(
+                self.model.as_deref(),
+                self.amount,
+                Amount::default(),
+                &w,
+                Instant::now(),
+            );
         }
     }
 }
 
 /// A provider key's own per-minute limits: selection skips a deployment
 /// whose bucket cannot take the request, so Collie does not drive a key into
-/// the provider's 429s.
+/// the provider's 429s. Shared across reloads; a reload that changes the
+/// limits changes them in place and keeps what was counted.
 #[derive(Debug)]
 pub struct ProviderLimiter {
-    rpm: Option<(Rate, Mutex<Bucket>)>,
-    tpm: Option<(Rate, Mutex<Bucket>)>,
+    state: Mutex<ProviderBuckets>,
+}
+
+#[derive(Debug)]
+struct ProviderBuckets {
+    rpm: Option<(Rate, Bucket)>,
+    tpm: Option<(Rate, Bucket)>,
+}
+
+/// A provider's limit is a plain per-minute window: its burst is its rate.
+fn provider_rate(n: u64) -> Rate {
+    Rate {
+        per_minute: n,
+        burst: n,
+    }
 }
 
 impl ProviderLimiter {
     /// `None` when the deployment has no limits.
     pub fn new(rpm: Option<u64>, tpm: Option<u64>) -> Option<ProviderLimiter> {
         let now = Instant::now();
-        let bucket = |n: u64| {
-            let r = Rate {
-                per_minute: n,
-                burst: n,
-            };
-            (r, Mutex::new(Bucket::full(r, now)))
-        };
+        let bucket = |n: u64| (provider_rate(n), Bucket::full(provider_rate(n), now));
         (rpm.is_some() || tpm.is_some()).then(|| ProviderLimiter {
-            rpm: rpm.map(bucket),
-            tpm: tpm.map(bucket),
+            state: Mutex::new(ProviderBuckets {
+                rpm: rpm.map(bucket),
+                tpm: tpm.map(bucket),
+            }),
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ProviderBuckets> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New limits from a reload. What was taken this minute stays taken (see
+    /// [`Bucket::rebase`]); a limit that is new starts full.
+    pub fn reconfigure(&self, rpm: Option<u64>, tpm: Option<u64>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let change = |slot: &mut Option<(Rate, Bucket)>, n: Option<u64>| {
+            *slot = match (slot.take(), n) {
+                (_, None) => None,
+                (None, Some(n)) => Some((provider_rate(n), Bucket::full(provider_rate(n), now))),
+                (Some((old, mut b)), Some(n)) => {
+                    let new = provider_rate(n);
+                    b.refill(old, 0.0, now);
+                    b.rebase(old, new);
+                    Some((new, b))
+                }
+            };
+        };
+        change(&mut s.rpm, rpm);
+        change(&mut s.tpm, tpm);
     }
 
     /// Take one request and `tokens` if both fit; else how long until they do.
@@ -623,21 +861,20 @@ impl ProviderLimiter {
 
     fn admit(&self, tokens: u64, take: bool) -> Result<(), Duration> {
         let now = Instant::now();
-        let mut rpm = self.rpm.as_ref().map(|(r, b)| (*r, lock(b)));
-        let mut tpm = self.tpm.as_ref().map(|(r, b)| (*r, lock(b)));
+        let mut s = self.lock();
         let mut wait = Duration::ZERO;
-        if let Some((r, b)) = &mut rpm {
+        if let Some((r, b)) = &mut s.rpm {
             b.refill(*r, 0.0, now);
             if !b.can_take(1) {
                 wait = wait.max(b.wait_for(1, *r, 0.0));
             }
         }
         // As for tenants: a request bigger than the burst goes from a full bucket.
-        let need = |r: Rate| tokens.min(r.burst);
-        if let Some((r, b)) = &mut tpm {
+        if let Some((r, b)) = &mut s.tpm {
             b.refill(*r, 0.0, now);
-            if !b.can_take(need(*r)) {
-                wait = wait.max(b.wait_for(need(*r), *r, 0.0));
+            let need = tokens_needed(tokens, *r, 0.0);
+            if !b.can_take(need) {
+                wait = wait.max(b.wait_for(need, *r, 0.0));
             }
         }
         if !wait.is_zero() {
@@ -646,10 +883,10 @@ impl ProviderLimiter {
         if !take {
             return Ok(());
         }
-        if let Some((_, b)) = &mut rpm {
+        if let Some((_, b)) = &mut s.rpm {
             b.take(1);
         }
-        if let Some((_, b)) = &mut tpm {
+        if let Some((_, b)) = &mut s.tpm {
             b.take(tokens);
         }
         Ok(())
@@ -657,24 +894,40 @@ impl ProviderLimiter {
 
     /// Correct a take of `taken` tokens to what was used.
     pub fn settle_tokens(&self, taken: u64, used: u64) {
-        if let Some((r, b)) = &self.tpm {
-            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((r, b)) = &mut self.lock().tpm {
             b.adjust(taken as f64 - used as f64, r.burst as f64);
         }
     }
+
+    /// (requests, tokens) left in the buckets now, for status and tests.
+    pub fn remaining(&self) -> (Option<f64>, Option<f64>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let level = |slot: &mut Option<(Rate, Bucket)>| {
+            slot.as_mut().map(|(r, b)| {
+                b.refill(*r, 0.0, now);
+                b.level()
+            })
+        };
+        let rpm = level(&mut s.rpm);
+        (rpm, level(&mut s.tpm))
+    }
 }
 
-fn lock(m: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Every tenant's ledger, kept across reloads.
+/// Every tenant's ledger, kept across reloads, and the clock its calendar
+/// windows follow.
 #[derive(Default)]
 pub struct Ledger {
     tenants: Mutex<HashMap<String, Arc<TenantLedger>>>,
+    clock: Clock,
 }
 
 impl Ledger {
+    /// The wall clock every snapshot's calendar reads (pinnable in tests).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// The ledger of a tenant with these limits: the existing one (limits
     /// updated, counts kept) or a new one. Tenants gone from the config are
     /// forgotten by [`Ledger::retain`].
@@ -706,21 +959,26 @@ impl Ledger {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "the reference model walks parallel per-scope arrays by index"
+)]
 mod tests {
     use super::*;
     use jiff::tz::TimeZone;
     use proptest::prelude::*;
 
-    fn ledger(limits: Limits) -> (Arc<TenantLedger>, Calendar) {
+    fn calendar() -> Arc<Calendar> {
+        Arc::new(Calendar::new(TimeZone::UTC))
+    }
+
+    fn ledger(limits: Limits) -> (Arc<TenantLedger>, Arc<Calendar>) {
         let l = TenantLimits {
             priority: 3,
             limits,
             models: HashMap::new(),
         };
-        (
-            Arc::new(TenantLedger::new("t", &l)),
-            Calendar::new(TimeZone::UTC),
-        )
+        (Arc::new(TenantLedger::new("t", &l)), calendar())
     }
 
     fn amt(tokens: u64) -> Amount {
@@ -729,6 +987,14 @@ mod tests {
             tokens,
             usd_nano: tokens * 10,
         }
+    }
+
+    fn rate(per_minute: u64, burst: u64) -> Option<Rate> {
+        Some(Rate { per_minute, burst })
+    }
+
+    fn ts(text: &str) -> Timestamp {
+        text.parse().unwrap()
     }
 
     fn day_used(t: &TenantLedger) -> (Amount, Amount) {
@@ -783,7 +1049,7 @@ mod tests {
             )]),
         };
         let t = Arc::new(TenantLedger::new("t", &l));
-        let cal = Calendar::new(TimeZone::UTC);
+        let cal = calendar();
         let _a = t.reserve("big", amt(1), &cal).unwrap();
         assert_eq!(
             t.reserve("big", amt(1), &cal).unwrap_err().window,
@@ -792,13 +1058,58 @@ mod tests {
         assert!(t.reserve("small", amt(1), &cal).is_ok());
     }
 
+    /// Out of its day budget and, at the same moment, of its per-minute
+    /// rate: the tenant is told the budget is spent (until the day ends),
+    /// not to come back in a second.
+    #[test]
+    fn a_spent_budget_wins_over_an_empty_rate_bucket() {
+        let (t, cal) = ledger(Limits {
+            rpm: rate(60, 1),
+            day: Budget {
+                requests: Some(1),
+                ..Budget::default()
+            },
+            ..Limits::default()
+        });
+        t.reserve("m", amt(1), &cal).unwrap().settle(amt(1));
+        let refused = t.reserve("m", amt(1), &cal).unwrap_err();
+        assert_eq!(refused.window, "day.requests");
+        assert_eq!(refused.kind, RefusalKind::QuotaExceeded);
+        assert!(refused.retry_after > Duration::from_secs(1) || is_just_before_midnight());
+        // Also across scopes: the tenant's rate is empty, the model's budget spent.
+        let l = TenantLimits {
+            priority: 1,
+            limits: Limits {
+                rpm: rate(60, 1),
+                ..Limits::default()
+            },
+            models: HashMap::from([(
+                "big".to_string(),
+                Limits {
+                    day: Budget {
+                        requests: Some(1),
+                        ..Budget::default()
+                    },
+                    ..Limits::default()
+                },
+            )]),
+        };
+        let t = Arc::new(TenantLedger::new("t", &l));
+        t.reserve("big", amt(1), &cal).unwrap().settle(amt(1));
+        let refused = t.reserve("big", amt(1), &cal).unwrap_err();
+        assert_eq!(refused.window, "model:big.day.requests");
+        assert_eq!(refused.kind, RefusalKind::QuotaExceeded);
+    }
+
+    fn is_just_before_midnight() -> bool {
+        let w = Calendar::new(TimeZone::UTC).windows(Timestamp::now());
+        w.day_end.duration_since(Timestamp::now()) < jiff::SignedDuration::from_secs(2)
+    }
+
     #[test]
     fn large_request_is_admitted_from_a_full_token_bucket() {
         let (t, cal) = ledger(Limits {
-            tpm: Some(Rate {
-                per_minute: 100,
-                burst: 100,
-            }),
+            tpm: rate(100, 100),
             ..Limits::default()
         });
         let r = t.reserve("m", amt(500), &cal).unwrap();
@@ -809,6 +1120,96 @@ mod tests {
             refused.retry_after > Duration::from_secs(200),
             "the debt is repaid first"
         );
+    }
+
+    /// Reserved at 23:59, settled at 00:01 before the tenant's next request:
+    /// the use counts in the new day (where the reservation had carried
+    /// over), not in the day that ended, where it would be wiped.
+    #[test]
+    fn settlement_after_midnight_counts_in_the_new_day() {
+        let (t, _) = ledger(Limits {
+            day: Budget {
+                tokens: Some(1000),
+                ..Budget::default()
+            },
+            month: Budget {
+                tokens: Some(5000),
+                ..Budget::default()
+            },
+            ..Limits::default()
+        });
+        let clock = Clock::default();
+        let cal = Arc::new(Calendar::with_clock(TimeZone::UTC, clock.clone()));
+        let now = Instant::now();
+        let before = ts("2026-01-31T23:59:00Z");
+        let after = ts("2026-02-01T00:01:00Z");
+        let r = t.reserve_at("m", amt(300), &cal, now, before).unwrap();
+        r.settle_at(amt(700), now, after);
+        // The next request, in the new day: the 700 already count.
+        let refused = t.reserve_at("m", amt(400), &cal, now, after).unwrap_err();
+        assert_eq!(refused.window, "day.tokens");
+        let (used, reserved) = day_used(&t);
+        assert_eq!((used.tokens, reserved.tokens), (700, 0));
+        assert_eq!(t.lock().tenant.month.used.tokens, 700, "a new month too");
+        // The same through the public path, with the calendar's clock pinned.
+        clock.pin(before);
+        let r = t.reserve("m", amt(1), &cal).unwrap();
+        clock.pin(ts("2026-02-02T00:00:01Z"));
+        r.settle(amt(50));
+        clock.pin(ts("2026-02-02T00:00:02Z"));
+        assert_eq!(t.report(&cal).scopes[0].windows[0].used, 50.0);
+    }
+
+    #[test]
+    fn rate_info_reports_the_tightest_window_with_its_configured_limit() {
+        let l = TenantLimits {
+            priority: 1,
+            limits: Limits {
+                rpm: rate(60, 5),
+                tpm: rate(1000, 2000),
+                day: Budget {
+                    tokens: Some(10_000),
+                    ..Budget::default()
+                },
+                ..Limits::default()
+            },
+            models: HashMap::from([(
+                "big".to_string(),
+                Limits {
+                    day: Budget {
+                        requests: Some(2),
+                        ..Budget::default()
+                    },
+                    ..Limits::default()
+                },
+            )]),
+        };
+        let t = Arc::new(TenantLedger::new("t", &l));
+        let cal = calendar();
+        let _r = t.reserve("m", amt(100), &cal).unwrap();
+        let info = t.rate_info(Some("m"), &cal);
+        let req = info.requests.unwrap();
+        // The configured rate, not the burst: remaining is the bucket's level.
+        assert_eq!((req.limit, req.remaining), (60, 4));
+        let tok = info.tokens.unwrap();
+        // 1900 left per minute, 9900 in the day: the minute is tighter.
+        assert_eq!((tok.limit, tok.remaining), (1000, 1900));
+        // For the model with a day budget of 2, that is the tightest.
+        let big = t.rate_info(Some("big"), &cal).requests.unwrap();
+        assert_eq!((big.limit, big.remaining), (2, 2));
+        assert!(big.reset > Duration::from_secs(1) || is_just_before_midnight());
+        // Only a day budget: still reported.
+        let (d, cal) = ledger(Limits {
+            day: Budget {
+                requests: Some(7),
+                ..Budget::default()
+            },
+            ..Limits::default()
+        });
+        let _r = d.reserve("m", amt(1), &cal).unwrap();
+        let info = d.rate_info(None, &cal);
+        assert_eq!(info.requests.map(|w| (w.limit, w.remaining)), Some((7, 6)));
+        assert_eq!(info.tokens, None, "no window limits tokens");
     }
 
     #[test]
@@ -825,7 +1226,7 @@ mod tests {
             models: HashMap::new(),
         };
         let ledger = Ledger::default();
-        let cal = Calendar::new(TimeZone::UTC);
+        let cal = calendar();
         let t = ledger.tenant("a", &limits(2));
         t.reserve("m", amt(1), &cal).unwrap().settle(amt(1));
         let again = ledger.tenant("a", &limits(1));
@@ -836,62 +1237,382 @@ mod tests {
         );
     }
 
+    /// A reload that changes a per-minute limit keeps what was drawn this
+    /// minute: raised, the difference is available at once; lowered below
+    /// what was used, the bucket owes it.
+    #[test]
+    fn reload_keeps_what_a_bucket_counted() {
+        let with_rpm = |burst| TenantLimits {
+            priority: 3,
+            limits: Limits {
+                rpm: rate(burst, burst),
+                ..Limits::default()
+            },
+            models: HashMap::new(),
+        };
+        let now = Instant::now();
+        let t = Arc::new(TenantLedger::new_at("t", &with_rpm(3), now));
+        let cal = calendar();
+        let at = Timestamp::now();
+        for _ in 0..3 {
+            t.reserve_at("m", amt(0), &cal, now, at)
+                .unwrap()
+                .settle_at(amt(0), now, at);
+        }
+        assert!(t.reserve_at("m", amt(0), &cal, now, at).is_err());
+        t.set_limits_at(&with_rpm(5), now);
+        for _ in 0..2 {
+            t.reserve_at("m", amt(0), &cal, now, at)
+                .unwrap()
+                .settle_at(amt(0), now, at);
+        }
+        assert!(
+            t.reserve_at("m", amt(0), &cal, now, at).is_err(),
+            "5 in the minute, not 3 + 5"
+        );
+        t.set_limits_at(&with_rpm(2), now);
+        assert_eq!(t.lock().tenant.rpm.as_ref().unwrap().level(), -3.0);
+    }
+
+    /// The rebalancer takes activity every interval; a settlement that comes
+    /// after its reservation's interval was taken corrects the next one
+    /// instead of being lost (or inventing use).
+    #[test]
+    fn activity_follows_real_use_across_intervals() {
+        let (t, cal) = ledger(Limits::default());
+        let r = t.reserve("m", amt(1000), &cal).unwrap();
+        assert_eq!(t.take_activity().tokens, 1000, "demand shows at once");
+        r.settle(amt(100));
+        assert_eq!(t.take_activity().tokens, 0);
+        let r = t.reserve("m", amt(1000), &cal).unwrap();
+        r.settle(amt(1000));
+        // 1000 + 1000 reserved, 100 + 1000 used: 1100 over the three intervals.
+        assert_eq!(t.take_activity().tokens, 100);
+        assert_eq!(t.take_activity().tokens, 0);
+    }
+
+    /// A loan is burst allowance at once; capacity coming back to a lender
+    /// is there at once too. What goes away is capped off.
+    #[test]
+    fn loans_credit_capacity_when_they_start_and_when_it_returns() {
+        let now = Instant::now();
+        let limits = TenantLimits {
+            priority: 1,
+            limits: Limits {
+                rpm: rate(6, 2),
+                ..Limits::default()
+            },
+            models: HashMap::new(),
+        };
+        let t = Arc::new(TenantLedger::new_at("t", &limits, now));
+        let cal = calendar();
+        let at = Timestamp::now();
+        for _ in 0..2 {
+            t.reserve_at("m", amt(0), &cal, now, at)
+                .unwrap()
+                .settle_at(amt(0), now, at);
+        }
+        assert!(t.reserve_at("m", amt(0), &cal, now, at).is_err());
+        t.set_loan_at(Loan { rpm: 3.0, tpm: 0.0 }, now);
+        for _ in 0..3 {
+            t.reserve_at("m", amt(0), &cal, now, at)
+                .unwrap()
+                .settle_at(amt(0), now, at);
+        }
+        assert!(t.reserve_at("m", amt(0), &cal, now, at).is_err());
+        t.set_loan_at(Loan::default(), now);
+        // A lender: lending caps it; the end of the loan gives it back.
+        let lender = Arc::new(TenantLedger::new_at("l", &limits, now));
+        lender.set_loan_at(
+            Loan {
+                rpm: -1.0,
+                tpm: 0.0,
+            },
+            now,
+        );
+        lender
+            .reserve_at("m", amt(0), &cal, now, at)
+            .unwrap()
+            .settle_at(amt(0), now, at);
+        assert!(lender.reserve_at("m", amt(0), &cal, now, at).is_err());
+        lender.set_loan_at(Loan::default(), now);
+        lender
+            .reserve_at("m", amt(0), &cal, now, at)
+            .unwrap()
+            .settle_at(amt(0), now, at);
+    }
+
+    #[test]
+    fn provider_limits_change_in_place_and_keep_their_count() {
+        let l = ProviderLimiter::new(Some(3), Some(1000)).unwrap();
+        for _ in 0..2 {
+            l.try_take(100).unwrap();
+        }
+        l.reconfigure(Some(4), Some(500));
+        let (rpm, tpm) = l.remaining();
+        assert!((2.0..2.1).contains(&rpm.unwrap()), "{rpm:?}");
+        assert!((300.0..301.0).contains(&tpm.unwrap()), "{tpm:?}");
+        l.reconfigure(None, Some(500));
+        assert_eq!(l.remaining().0, None);
+    }
+
+    /// The reference the property test holds the ledger to: counters per
+    /// calendar window and buckets, with the refill left out (time jumps far
+    /// enough to fill every bucket, or does not move).
+    #[derive(Debug, Clone, Default)]
+    struct Model {
+        day: i64,
+        month: i64,
+        /// [tenant, model scope] × (day used, month used).
+        used: [(Amount, Amount); 2],
+        /// [tenant, model scope] × (rpm level, tpm level).
+        level: [(f64, f64); 2],
+    }
+
+    const SCOPES: [Limits; 2] = [
+        Limits {
+            rpm: Some(Rate {
+                per_minute: 30,
+                burst: 20,
+            }),
+            tpm: Some(Rate {
+                per_minute: 600,
+                burst: 1500,
+            }),
+            day: Budget {
+                requests: Some(40),
+                tokens: Some(3000),
+                usd_nano: Some(30_000),
+            },
+            month: Budget {
+                requests: Some(100),
+                tokens: Some(8000),
+                usd_nano: Some(80_000),
+            },
+        },
+        Limits {
+            rpm: Some(Rate {
+                per_minute: 10,
+                burst: 10,
+            }),
+            tpm: Some(Rate {
+                per_minute: 400,
+                burst: 800,
+            }),
+            day: Budget {
+                requests: None,
+                tokens: Some(1500),
+                usd_nano: None,
+            },
+            month: Budget {
+                requests: None,
+                tokens: None,
+                usd_nano: Some(40_000),
+            },
+        },
+    ];
+
+    fn full(l: &Limits) -> (f64, f64) {
+        (
+            l.rpm.map_or(0.0, |r| r.burst as f64),
+            l.tpm.map_or(0.0, |r| r.burst as f64),
+        )
+    }
+
+    fn over(b: &Budget, a: Amount) -> bool {
+        b.requests.is_some_and(|l| a.requests > l)
+            || b.tokens.is_some_and(|l| a.tokens > l)
+            || b.usd_nano.is_some_and(|l| a.usd_nano > l)
+    }
+
+    /// Settle, refund or drop in the reference: use counts in the current
+    /// windows, the bucket gets back what was reserved and not used.
+    fn give_back(m: &mut Model, reserved: Amount, actual: Amount, scoped: bool) {
+        for s in 0..if scoped { 2 } else { 1 } {
+            m.used[s].0 = m.used[s].0.saturating_add(actual);
+            m.used[s].1 = m.used[s].1.saturating_add(actual);
+            let (rpm, tpm) = full(&SCOPES[s]);
+            let l = &mut m.level[s];
+            l.0 = (l.0 + reserved.requests as f64 - actual.requests as f64).min(rpm);
+            l.1 = (l.1 + reserved.tokens as f64 - actual.tokens as f64).min(tpm);
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
-        Reserve(u64),
+        /// On the model with its own scope, or on another one.
+        Reserve {
+            scoped: bool,
+            tokens: u64,
+        },
         Settle(usize, u64),
         Refund(usize),
         Drop(usize),
+        /// Hours: far enough to refill every bucket, often into a new day
+        /// or month.
+        Advance(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (1u64..400).prop_map(Op::Reserve),
-            (0usize..8, 0u64..600).prop_map(|(i, n)| Op::Settle(i, n)),
-            (0usize..8).prop_map(Op::Refund),
-            (0usize..8).prop_map(Op::Drop),
+            6 => (any::<bool>(), 1u64..400).prop_map(|(scoped, tokens)| Op::Reserve { scoped, tokens }),
+            3 => (0usize..8, 0u64..700).prop_map(|(i, n)| Op::Settle(i, n)),
+            1 => (0usize..8).prop_map(Op::Refund),
+            1 => (0usize..8).prop_map(Op::Drop),
+            1 => (4u64..40).prop_map(Op::Advance),
         ]
     }
 
     proptest! {
-        /// Over any sequence: nothing negative, reservations in flight equal
-        /// the sum of those held, and settled use equals the sum of what was
-        /// settled; admitted reservations never exceed the budget.
+        /// Over any sequence of reserve / settle / refund / drop and jumps
+        /// in time (across days and months), for the tenant and a per-model
+        /// scope, in every window (per-minute requests and tokens, day and
+        /// month requests, tokens and USD):
+        /// - admission is exactly what the limits allow (budgets before rates);
+        /// - a day or month counter's `reserved` is the sum of the
+        ///   reservations held, its `used` the sum settled since the window
+        ///   began, and what was settled in all windows is what was settled;
+        /// - a bucket holds its burst less what is held and what was used
+        ///   since it was last full (a settlement above the reservation can
+        ///   leave it in debt, never over its burst);
+        /// - an admitted reservation never takes a budget past its limit.
         #[test]
         fn ledger_conserves_totals(ops in proptest::collection::vec(op(), 1..200)) {
-            let budget = 2000u64;
-            let (t, cal) = ledger(Limits {
-                day: Budget { requests: Some(50), tokens: Some(budget), usd_nano: None },
-                month: Budget { requests: None, tokens: Some(budget * 2), usd_nano: Some(budget * 20) },
-                ..Limits::default()
-            });
-            let mut held: Vec<Reservation> = Vec::new();
-            let mut settled = Amount::default();
+            let limits = TenantLimits {
+                priority: 3,
+                limits: SCOPES[0],
+                models: HashMap::from([("big".to_string(), SCOPES[1])]),
+            };
+            // Ahead of the real clock: the paths that read it (drop, refund)
+            // then see no time pass, and the reference needs no refill.
+            let mut now = Instant::now() + Duration::from_secs(10 * 365 * 86_400);
+            let t = Arc::new(TenantLedger::new_at("t", &limits, now));
+            let clock = Clock::default();
+            let cal = Arc::new(Calendar::with_clock(TimeZone::UTC, clock.clone()));
+            let mut at = ts("2026-01-30T20:00:00Z");
+            clock.pin(at);
+            let w0 = cal.windows(at);
+            let mut m = Model {
+                day: w0.day,
+                month: w0.month,
+                level: [full(&SCOPES[0]), full(&SCOPES[1])],
+                ..Model::default()
+            };
+            // Held reservations, and whether each is in the model scope.
+            let mut held: Vec<(Reservation, bool)> = Vec::new();
+            let mut settled_total = Amount::default();
+            // Settled into tenant day windows that have ended.
+            let mut rolled_away = Amount::default();
+            let in_flight = |held: &[(Reservation, bool)], scope: usize| {
+                held.iter()
+                    .filter(|(_, scoped)| scope == 0 || *scoped)
+                    .fold(Amount::default(), |a, (r, _)| a.saturating_add(r.amount()))
+            };
             for op in ops {
                 match op {
-                    Op::Reserve(n) => {
-                        if let Ok(r) = t.reserve("m", amt(n), &cal) {
-                            held.push(r);
+                    Op::Reserve { scoped, tokens } => {
+                        let a = amt(tokens);
+                        let model = if scoped { "big" } else { "other" };
+                        let scopes = if scoped { 2 } else { 1 };
+                        let budget_refusal = (0..scopes).any(|s| {
+                            let f = in_flight(&held, s).saturating_add(a);
+                            over(&SCOPES[s].day, m.used[s].0.saturating_add(f))
+                                || over(&SCOPES[s].month, m.used[s].1.saturating_add(f))
+                        });
+                        let rate_refusal = (0..scopes).any(|s| {
+                            let tpm = full(&SCOPES[s]).1;
+                            m.level[s].0 < 1.0 || m.level[s].1 < (tokens as f64).min(tpm.max(1.0)).ceil()
+                        });
+                        match t.reserve_at(model, a, &cal, now, at) {
+                            Ok(r) => {
+                                prop_assert!(!budget_refusal && !rate_refusal, "admitted past a limit");
+                                for s in 0..scopes {
+                                    m.level[s].0 -= 1.0;
+                                    m.level[s].1 -= tokens as f64;
+                                }
+                                held.push((r, scoped));
+                                // Reservations never take a budget past its limit.
+                                for s in 0..scopes {
+                                    let f = in_flight(&held, s);
+                                    prop_assert!(!over(&SCOPES[s].day, m.used[s].0.saturating_add(f)));
+                                    prop_assert!(!over(&SCOPES[s].month, m.used[s].1.saturating_add(f)));
+                                }
+                            }
+                            Err(refusal) => {
+                                prop_assert!(budget_refusal || rate_refusal, "refused within limits: {refusal:?}");
+                                let kind = if budget_refusal { RefusalKind::QuotaExceeded } else { RefusalKind::RateLimited };
+                                prop_assert_eq!(refusal.kind, kind, "budgets are checked before rates");
+                            }
                         }
                     }
                     Op::Settle(i, n) if i < held.len() => {
-                        let r = held.remove(i);
-                        settled = settled.saturating_add(amt(n));
-                        r.settle(amt(n));
+                        let (r, scoped) = held.remove(i);
+                        let reserved = r.amount();
+                        r.settle_at(amt(n), now, at);
+                        give_back(&mut m, reserved, amt(n), scoped);
+                        settled_total = settled_total.saturating_add(amt(n));
                     }
-                    Op::Refund(i) if i < held.len() => held.remove(i).refund(),
-                    Op::Drop(i) if i < held.len() => drop(held.remove(i)),
+                    Op::Refund(i) if i < held.len() => {
+                        let (r, scoped) = held.remove(i);
+                        let reserved = r.amount();
+                        r.refund();
+                        give_back(&mut m, reserved, Amount::default(), scoped);
+                    }
+                    Op::Drop(i) if i < held.len() => {
+                        let (r, scoped) = held.remove(i);
+                        let reserved = r.amount();
+                        drop(r);
+                        give_back(&mut m, reserved, Amount::default(), scoped);
+                    }
+                    Op::Advance(hours) => {
+                        now += Duration::from_secs(hours * 3600);
+                        at = at.checked_add(jiff::SignedDuration::from_hours(hours as i64)).unwrap();
+                        clock.pin(at);
+                        m.level = [full(&SCOPES[0]), full(&SCOPES[1])];
+                        let w = cal.windows(at);
+                        if w.day != m.day {
+                            rolled_away = rolled_away.saturating_add(m.used[0].0);
+                            m.used[0].0 = Amount::default();
+                            m.used[1].0 = Amount::default();
+                            m.day = w.day;
+                        }
+                        if w.month != m.month {
+                            m.used[0].1 = Amount::default();
+                            m.used[1].1 = Amount::default();
+                            m.month = w.month;
+                        }
+                    }
                     _ => {}
                 }
-                let in_flight = held.iter().fold(Amount::default(), |a, r| a.saturating_add(r.amount()));
-                let (used, reserved) = day_used(&t);
-                prop_assert_eq!(reserved, in_flight);
-                prop_assert_eq!(used, settled);
-                // Reservations alone never pass the budget.
-                prop_assert!(in_flight.tokens <= budget);
+                // The ledger as it stands now: windows rolled and buckets
+                // refilled to `now`.
+                let w = cal.windows(at);
+                let mut s = t.lock();
+                s.tenant.refresh(now, &w, Loan::default());
+                if let Some(big) = s.models.get_mut("big") {
+                    big.refresh(now, &w, Loan::default());
+                }
+                let model_scope = s.models.get("big").unwrap();
+                for (i, scope) in [&s.tenant, model_scope].into_iter().enumerate() {
+                    let f = in_flight(&held, i);
+                    prop_assert_eq!(scope.day.reserved, f);
+                    prop_assert_eq!(scope.month.reserved, f);
+                    prop_assert_eq!(scope.day.used, m.used[i].0);
+                    prop_assert_eq!(scope.month.used, m.used[i].1);
+                    let levels = (scope.rpm.as_ref().unwrap().level(), scope.tpm.as_ref().unwrap().level());
+                    prop_assert_eq!(levels, m.level[i]);
+                    let (rpm, tpm) = full(&SCOPES[i]);
+                    prop_assert!(levels.0 <= rpm && levels.1 <= tpm, "never over the burst");
+                }
             }
+            // Every reservation let go: nothing in flight, and every token
+            // settled is in exactly one day window.
             held.clear();
-            prop_assert_eq!(day_used(&t), (settled, Amount::default()));
+            let s = t.lock();
+            prop_assert_eq!(s.tenant.day.reserved, Amount::default());
+            prop_assert_eq!(s.tenant.month.reserved, Amount::default());
+            prop_assert_eq!(s.tenant.day.used, m.used[0].0);
+            prop_assert_eq!(rolled_away.saturating_add(m.used[0].0), settled_total);
         }
     }
 }

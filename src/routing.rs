@@ -479,6 +479,10 @@ impl Router {
     ) -> Result<Router, String> {
         let mut upstreams = Vec::with_capacity(config.deployments.len());
         let mut errors = Vec::new();
+        // Applied only if the whole router builds: a rejected reload changes
+        // nothing.
+        let mut limiter_changes = Vec::new();
+        let mut gate_changes = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
             match build_upstream(config, index, book) {
                 Ok(mut u) => {
@@ -487,8 +491,14 @@ impl Router {
                             old.blocked_until_ms.load(Ordering::Relaxed),
                             Ordering::Relaxed,
                         );
-                        if old.limits == u.limits {
-                            u.limiter = old.limiter.clone();
+                        // The key's limiter lives on, its limits changed in
+                        // place (once the whole router is built): what it
+                        // counted this minute stays counted.
+                        if let (Some(l), true) = (&old.limiter, u.limiter.is_some()) {
+                            u.limiter = Some(Arc::clone(l));
+                            if old.limits != u.limits {
+                                limiter_changes.push((Arc::clone(l), u.limits));
+                            }
                         }
                     }
                     upstreams.push(Arc::new(u));
@@ -514,15 +524,19 @@ impl Router {
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             // A static discovery never blocks, so this completes at once.
             futures::executor::block_on(lb.update()).map_err(|e| format!("pool {}: {e}", p.id))?;
-            // The gate (and the requests queued at it) survives a reload
-            // unless the pool's budget changed.
-            let gate = previous
-                .and_then(|r| r.pools.iter().find(|o| o.id == p.id))
-                .filter(|o| o.gate.settings() == (p.max_concurrency, p.adaptive_concurrency))
-                .map_or_else(
-                    || Arc::new(PoolGate::new(p.max_concurrency, p.adaptive_concurrency)),
-                    |o| Arc::clone(&o.gate),
-                );
+            // The gate (with the requests in flight and queued at it)
+            // survives a reload; a changed budget is changed in place.
+            let gate = match previous.and_then(|r| r.pools.iter().find(|o| o.id == p.id)) {
+                Some(o) => {
+                    gate_changes.push((
+                        Arc::clone(&o.gate),
+                        p.max_concurrency,
+                        p.adaptive_concurrency,
+                    ));
+                    Arc::clone(&o.gate)
+                }
+                None => Arc::new(PoolGate::new(p.max_concurrency, p.adaptive_concurrency)),
+            };
             pools.push(PoolRuntime {
                 id: p.id.clone(),
                 members: p.members.iter().map(|m| m.deployment).collect(),
@@ -533,6 +547,12 @@ impl Router {
                 gate,
                 picks: AtomicU64::new(0),
             });
+        }
+        for (limiter, (rpm, tpm)) in limiter_changes {
+            limiter.reconfigure(rpm, tpm);
+        }
+        for (gate, ceiling, adaptive) in gate_changes {
+            gate.reconfigure(ceiling, adaptive);
         }
         // Only once nothing can fail: a config that is refused must not
         // move the probes or drop the running deployments' series.

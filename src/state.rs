@@ -16,7 +16,8 @@ pub struct Snapshot {
     pub router: Router,
     /// Quota ledgers by tenant index (shared with the previous snapshot).
     pub ledgers: Vec<Arc<TenantLedger>>,
-    pub calendar: Calendar,
+    /// Held by reservations too: they settle into the windows current then.
+    pub calendar: Arc<Calendar>,
     tenant_index: HashMap<String, usize>,
     model_index: HashMap<String, usize>,
     /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
@@ -44,7 +45,10 @@ impl Snapshot {
             .collect();
         let ids: Vec<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
         ledger.retain(&ids);
-        let calendar = Calendar::new(config.quota.timezone.clone());
+        let calendar = Arc::new(Calendar::with_clock(
+            config.quota.timezone.clone(),
+            ledger.clock().clone(),
+        ));
         let tenant_index = config
             .tenants
             .iter()

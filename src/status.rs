@@ -14,6 +14,17 @@ struct Status<'a> {
     models: Vec<ModelStatus<'a>>,
     pools: Vec<PoolStatus<'a>>,
     deployments: Vec<DeploymentStatus<'a>>,
+    /// Rate capacity moved by rebalancing right now: borrowed (positive) or
+    /// lent (negative), per minute. Tenants without a loan are left out.
+    loans: Vec<LoanStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct LoanStatus<'a> {
+    tenant: &'a str,
+    priority: u8,
+    rpm: f64,
+    tpm: f64,
 }
 
 #[derive(Serialize)]
@@ -167,6 +178,19 @@ pub fn json(snap: &Snapshot) -> Vec<u8> {
                     }),
                     probe_failures: h.probe_failures,
                 }
+            })
+            .collect(),
+        loans: snap
+            .ledgers
+            .iter()
+            .filter_map(|l| {
+                let loan = l.loan();
+                (loan.rpm != 0.0 || loan.tpm != 0.0).then(|| LoanStatus {
+                    tenant: &l.id,
+                    priority: l.priority(),
+                    rpm: loan.rpm,
+                    tpm: loan.tpm,
+                })
             })
             .collect(),
     };

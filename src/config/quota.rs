@@ -16,6 +16,8 @@ pub struct QuotaSettings {
     pub timezone: TimeZone,
     pub max_wait: Duration,
     pub rebalance: RebalanceSettings,
+    /// `quota.rebalance.enabled: true` was written out (not the default).
+    rebalance_requested: bool,
 }
 
 impl Default for QuotaSettings {
@@ -24,6 +26,7 @@ impl Default for QuotaSettings {
             timezone: TimeZone::UTC,
             max_wait: Duration::from_secs(30),
             rebalance: RebalanceSettings::default(),
+            rebalance_requested: false,
         }
     }
 }
@@ -51,6 +54,7 @@ impl Validator<'_> {
         settings.max_wait = self.duration("quota.max_wait", &q.max_wait, settings.max_wait);
         if let Some(r) = &q.rebalance {
             settings.rebalance = self.rebalance(r);
+            settings.rebalance_requested = r.enabled == Some(true);
         }
         let defaults = q.defaults.unwrap_or_default();
         if defaults.models.is_some() {
@@ -179,6 +183,22 @@ impl Validator<'_> {
         Some((usd * 1e9).round() as u64)
     }
 
+    /// Rebalancing lends only while a pool runs above a share of its
+    /// concurrency budget; a pool without one (`max_concurrency` or
+    /// `adaptive_concurrency`) is never "busy". Asking for rebalancing where
+    /// no pool has a budget would silently do nothing, so it is an error.
+    pub(super) fn check_rebalance_capacity(&mut self, quota: &QuotaSettings, pools: &[Pool]) {
+        let measurable = pools
+            .iter()
+            .any(|p| p.max_concurrency.is_some() || p.adaptive_concurrency);
+        if quota.rebalance_requested && !measurable {
+            self.error(
+                "quota.rebalance.enabled",
+                "rebalancing lends capacity only on pools with `max_concurrency` or `adaptive_concurrency`, and no pool has either",
+            );
+        }
+    }
+
     /// A USD budget cannot be enforced for a model nobody priced: every
     /// deployment that may serve such a tenant needs a price.
     pub(super) fn check_priced_budgets(
@@ -239,5 +259,42 @@ fn merge(own: &RawLimits, defaults: &RawLimits) -> RawLimits {
         usd_per_month: own.usd_per_month.or(defaults.usd_per_month),
         default_max_tokens: own.default_max_tokens.or(defaults.default_max_tokens),
         models: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn config(rebalance: &str, pool_extra: &str) -> Result<Config, String> {
+        let text = format!(
+            r#"
+quota: {{ rebalance: {rebalance} }}
+tenants:
+  - id: alpha
+    api_keys: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    models: ["*"]
+models:
+  - {{ name: gpt, fallback: [main] }}
+pools:
+  - {{ id: main, deployments: [{{ deployment: a }}] {pool_extra} }}
+deployments:
+  - {{ id: a, base_url: "http://127.0.0.1:9/v1", model: gpt-x }}
+"#
+        );
+        Config::from_yaml(&text, &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rebalancing_asked_for_needs_a_pool_with_a_budget() {
+        let err = config("{ enabled: true }", "").unwrap_err();
+        assert!(
+            err.contains("quota.rebalance.enabled") && err.contains("max_concurrency"),
+            "{err}"
+        );
+        assert!(config("{ enabled: true }", ", max_concurrency: 4").is_ok());
+        assert!(config("{ enabled: true }", ", adaptive_concurrency: true").is_ok());
+        // The default (on, not written out) stays quiet: it costs nothing.
+        assert!(config("{ threshold: 0.5 }", "").is_ok());
     }
 }

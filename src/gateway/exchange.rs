@@ -14,6 +14,7 @@ use super::error::stream_error_event;
 use super::redact::Redactor;
 use super::{Endpoint, Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
+use crate::quota::admission::{Pressure, provider_pressure};
 use crate::routing::health::Outcome;
 use crate::routing::{Lease, Pick, Router, Upstream, now_ms};
 use crate::state::Snapshot;
@@ -196,14 +197,29 @@ async fn attempts(
             None => {
                 let waited = Instant::now();
                 let wait = ctx.max_wait.min(deadline.saturating_duration_since(waited));
-                let acquired = pool_rt.gate.acquire(ctx.priority, wait).await;
+                // A client that hangs up while queued leaves the queue at
+                // once (dropping the wait gives its place, or a slot just
+                // handed to it, back) and nothing is sent upstream.
+                let acquired = tokio::select! {
+                    biased;
+                    _ = session.downstream_session.read_body_or_idle(true) => None,
+                    r = pool_rt.gate.acquire(ctx.priority, wait) => Some(r),
+                };
                 ctx.queued = Some(waited.elapsed());
                 match acquired {
-                    Ok(p) => p,
-                    Err(t) => {
+                    Some(Ok(p)) => p,
+                    Some(Err(t)) => {
                         return Err(GatewayError::QueueTimeout {
                             retry_after_s: t.retry_after.as_secs().max(1),
                         });
+                    }
+                    None => {
+                        // Not a refusal: admitted, then abandoned by the
+                        // client (the audit record says `client_gone`).
+                        ctx.client_gone = true;
+                        // Nobody to answer; the connection is not reused.
+                        session.set_keepalive(None);
+                        return Ok(());
                     }
                 }
             }
@@ -297,15 +313,10 @@ async fn attempts(
                     lease.finish(Outcome::Success {
                         ttfb: sent.elapsed(),
                     });
-                    let exhausted = http
+                    let pressure = http
                         .response_header()
-                        .and_then(|h| h.headers.get("x-ratelimit-remaining-requests"))
-                        .is_some_and(|v| v.as_bytes() == b"0");
-                    if exhausted {
-                        pool_rt.gate.saturated();
-                    } else if (200..300).contains(&status) {
-                        pool_rt.gate.succeeded();
-                    }
+                        .map_or(Pressure::Clear, |h| provider_pressure(&h.headers, tokens));
+                    pool_rt.gate.observe(pressure, (200..300).contains(&status));
                     record(ctx, Ok(status));
                     relay(gw, session, ctx, &upstream, http, inject_usage).await;
                     drop(permit);
@@ -808,8 +819,11 @@ async fn relay(
             ctx.delivered_estimate = o.delivered_tokens();
             o.usage()
         }
-        Observer::Json(j) if !ctx.truncated && !ctx.client_gone => j.finish(),
-        _ => None,
+        // Usage the provider reported counts even when the client left or
+        // the body broke after it: what was read is what was reported (a
+        // body cut short before its usage parses to none).
+        Observer::Json(j) => j.finish(),
+        Observer::Redact(_) | Observer::Off => None,
     };
 }
 

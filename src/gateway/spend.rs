@@ -81,17 +81,42 @@ fn worst_price_cost(snap: &Snapshot, model: &Model, prompt: u64, output: u64) ->
 }
 
 /// Replace the reservation by what the request really used:
-/// - no upstream answered (refused, every attempt failed): full refund;
+/// - no upstream answered (refused, every attempt failed, the client left
+///   while queued): full refund;
 /// - an upstream answered with an error status: one request, no tokens;
-/// - usage reported: exactly that, priced at the deployment that served;
-/// - a stream cut off (client gone, upstream broke) without usage: the prompt
-///   estimate plus what was delivered, marked estimated;
-/// - anything else without usage: the reservation stands, marked estimated.
+/// - usage reported: exactly that, priced at the deployment that served —
+///   also when the client left or the upstream broke after it was read;
+/// - a stream without usage (finished, cut off by the client or broken by
+///   the upstream): the prompt estimate plus the completion tokens counted
+///   from its deltas, marked estimated;
+/// - any other response without usage: the reservation stands, marked
+///   estimated.
 ///
 /// Provider per-minute limits are corrected the same way.
 pub fn settle(ctx: &mut RequestCtx) {
     let snap = std::sync::Arc::clone(&ctx.snapshot);
     let served = ctx.served.and_then(|i| snap.router.upstreams.get(i));
+    let reported = ctx.usage.filter(|u| u.total().is_some());
+    // Settled first: the provider limits below correct to the same count.
+    let usage = match (reported, served, ctx.reservation.as_ref()) {
+        (Some(u), _, _) => Some(u),
+        (None, Some(_), Some(r)) if (200..300).contains(&ctx.status) => {
+            ctx.usage_estimated = true;
+            let completion = if ctx.streamed {
+                ctx.delivered_estimate
+            } else {
+                r.amount().tokens.saturating_sub(ctx.prompt_estimate)
+            };
+            let u = Usage {
+                prompt_tokens: Some(ctx.prompt_estimate),
+                completion_tokens: Some(completion),
+                total_tokens: Some(ctx.prompt_estimate + completion),
+            };
+            ctx.usage = Some(u);
+            Some(u)
+        }
+        _ => None,
+    };
     for a in &ctx.attempts {
         let Some(limiter) = snap
             .router
@@ -102,7 +127,7 @@ pub fn settle(ctx: &mut RequestCtx) {
             continue;
         };
         let used = match (&a.outcome, Some(a.upstream) == ctx.served) {
-            (Ok(_), true) => ctx.usage.and_then(|u| u.total()).unwrap_or(a.tokens_taken),
+            (Ok(_), true) => usage.and_then(|u| u.total()).unwrap_or(a.tokens_taken),
             _ => 0,
         };
         limiter.settle_tokens(a.tokens_taken, used);
@@ -111,10 +136,12 @@ pub fn settle(ctx: &mut RequestCtx) {
         return;
     };
     let Some(up) = served else {
+        ctx.settlement = Some(Settlement::Refunded);
         reservation.refund();
         return;
     };
     if !(200..300).contains(&ctx.status) {
+        ctx.settlement = Some(Settlement::Failed);
         reservation.settle(Amount {
             requests: 1,
             tokens: 0,
@@ -122,33 +149,41 @@ pub fn settle(ctx: &mut RequestCtx) {
         });
         return;
     }
-    let reported = ctx.usage.filter(|u| u.total().is_some());
-    let usage = match reported {
-        Some(u) => u,
-        None => {
-            ctx.usage_estimated = true;
-            let completion = if ctx.streamed && (ctx.truncated || ctx.client_gone) {
-                ctx.delivered_estimate
-            } else {
-                reservation
-                    .amount()
-                    .tokens
-                    .saturating_sub(ctx.prompt_estimate)
-            };
-            let u = Usage {
-                prompt_tokens: Some(ctx.prompt_estimate),
-                completion_tokens: Some(completion),
-                total_tokens: Some(ctx.prompt_estimate + completion),
-            };
-            ctx.usage = Some(u);
-            u
-        }
-    };
+    let usage = usage.unwrap_or_default();
+    ctx.settlement = Some(if ctx.usage_estimated {
+        Settlement::Estimated
+    } else {
+        Settlement::Reported
+    });
     reservation.settle(Amount {
         requests: 1,
         tokens: usage.total().unwrap_or(0),
         usd_nano: usage.cost_nano_usd(up.price).unwrap_or(0),
     });
+}
+
+/// How a reservation ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Settled to the usage the provider reported.
+    Reported,
+    /// Settled to Collie's estimate: the provider reported none.
+    Estimated,
+    /// The provider answered with an error: one request, no tokens.
+    Failed,
+    /// Nothing reached a provider: everything given back.
+    Refunded,
+}
+
+impl Settlement {
+    pub fn label(self) -> &'static str {
+        match self {
+            Settlement::Reported => "reported",
+            Settlement::Estimated => "estimated",
+            Settlement::Failed => "failed",
+            Settlement::Refunded => "refunded",
+        }
+    }
 }
 
 /// The longest a request may wait for a saturated pool: the configured
@@ -175,7 +210,11 @@ pub fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
         .fold(configured, Duration::min)
 }
 
-/// OpenAI-style rate headers from the tenant's per-minute windows.
+/// OpenAI-style rate headers on every response to an identified tenant:
+/// for requests and for tokens, the tightest window that applies — the
+/// per-minute bucket, the day or the month, the tenant's or the requested
+/// model's — with its configured limit, what is left, and when it is whole
+/// again. A kind no window limits gets no headers.
 pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
     let Some(ledger) = ctx.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
         return;
@@ -192,7 +231,8 @@ pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
             HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
-    let RateInfo { requests, tokens } = ledger.rate_info();
+    let RateInfo { requests, tokens } =
+        ledger.rate_info(ctx.requested_model.as_deref(), &ctx.snapshot.calendar);
     for ([limit_name, remaining_name, reset_name], w) in NAMES.into_iter().zip([requests, tokens]) {
         let Some(WindowInfo {
             limit,

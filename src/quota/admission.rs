@@ -1,9 +1,11 @@
 //! Priority admission to a pool whose concurrency is short.
 //!
 //! Each pool has a concurrency budget: configured (`max_concurrency`), or
-//! learned from the provider (a 429 or `x-ratelimit-remaining-requests: 0`
-//! cuts it to three quarters of what was in flight; every success grows it
-//! by one over the current budget, up to the configured ceiling). While the
+//! learned from the provider (a 429, no requests left, or fewer tokens left
+//! than the request reserved — the provider's `x-ratelimit-remaining-*`
+//! headers — cuts it to three quarters of what was in flight; less than a
+//! tenth of a provider window left holds it; every other success grows it by
+//! one over the current budget, up to the configured ceiling). While the
 //! pool is saturated, requests wait in one queue per priority. A freed slot
 //! goes to the class with the smallest virtual pass (stride scheduling with
 //! weights 16, 8, 4, 2, 1 for priorities 1 … 5): priority 1 is served first
@@ -18,17 +20,24 @@ use tokio::sync::oneshot;
 
 const WEIGHTS: [f64; 5] = [16.0, 8.0, 4.0, 2.0, 1.0];
 
-/// A pool's concurrency gate.
+/// What the queue assumes a request holds its slot for until one has been
+/// released: `Retry-After` for a queue that has not moved yet follows from
+/// the configuration alone (position × this ÷ slots).
+pub const INITIAL_SERVICE_TIME: Duration = Duration::from_secs(1);
+
+/// A pool's concurrency gate. One per pool id, kept across reloads: a reload
+/// changes its settings in place, so the requests in flight and in the queue
+/// stay counted.
 #[derive(Debug)]
 pub struct PoolGate {
-    /// Upper bound on the budget; `None` with `adaptive` = learn from scratch.
-    ceiling: Option<u32>,
-    adaptive: bool,
     state: Mutex<GateState>,
 }
 
 #[derive(Debug)]
 struct GateState {
+    /// Upper bound on the budget; `None` with `adaptive` = learn from scratch.
+    ceiling: Option<u32>,
+    adaptive: bool,
     inflight: u32,
     /// `None`: no budget known, nothing queues.
     limit: Option<f64>,
@@ -42,10 +51,15 @@ struct GateState {
     peak: u32,
 }
 
+/// A queued request. The slot is handed over as a [`Permit`] that exists
+/// before it is sent: if the request is gone by then, the send fails and the
+/// slot is taken back; if it goes after the send but before it looked, the
+/// permit is dropped with the channel and releases the slot. Either way
+/// nothing leaks.
 #[derive(Debug)]
 struct Waiter {
     id: u64,
-    tx: oneshot::Sender<()>,
+    tx: oneshot::Sender<Permit>,
 }
 
 /// Why a request did not get a slot.
@@ -59,11 +73,38 @@ pub struct QueueTimeout {
 pub struct Permit {
     gate: Arc<PoolGate>,
     since: Instant,
+    /// False only for a permit whose hand-off failed (its slot was already
+    /// taken back).
+    armed: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.release(self.since.elapsed());
+        if self.armed {
+            self.gate.release(self.since.elapsed());
+        }
+    }
+}
+
+/// A request's place in the queue while it waits. Dropped — the wait timed
+/// out, or the future waiting was cancelled because the client went away —
+/// it leaves the queue at once, so it neither holds up nor inflates the
+/// `Retry-After` of those behind it. A permit already handed to it is
+/// released when `rx` drops.
+struct Ticket {
+    gate: Arc<PoolGate>,
+    class: usize,
+    id: u64,
+    rx: oneshot::Receiver<Permit>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        if let Some(pos) = s.queues[self.class].iter().position(|w| w.id == self.id) {
+            s.queues[self.class].remove(pos);
+        }
+        // The lock is released before `rx` (and any permit in it) drops.
     }
 }
 
@@ -71,18 +112,23 @@ fn class(priority: u8) -> usize {
     usize::from(priority.clamp(1, 5) - 1)
 }
 
+/// The budget a gate starts with, or is set to by a reload.
+fn configured_limit(ceiling: Option<u32>) -> Option<f64> {
+    ceiling.map(f64::from)
+}
+
 impl PoolGate {
     pub fn new(ceiling: Option<u32>, adaptive: bool) -> PoolGate {
         PoolGate {
-            ceiling,
-            adaptive,
             state: Mutex::new(GateState {
+                ceiling,
+                adaptive,
                 inflight: 0,
-                limit: ceiling.map(f64::from),
+                limit: configured_limit(ceiling),
                 queues: Default::default(),
                 pass: [0.0; 5],
                 vtime: 0.0,
-                service_s: 1.0,
+                service_s: INITIAL_SERVICE_TIME.as_secs_f64(),
                 next_id: 0,
                 peak: 0,
             }),
@@ -91,7 +137,27 @@ impl PoolGate {
 
     /// (ceiling, adaptive) as configured.
     pub fn settings(&self) -> (Option<u32>, bool) {
-        (self.ceiling, self.adaptive)
+        let s = self.lock();
+        (s.ceiling, s.adaptive)
+    }
+
+    /// New settings from a reload. Requests in flight and queued stay; a
+    /// learned budget is kept under the new ceiling; a budget that grew lets
+    /// waiting requests in at once.
+    pub fn reconfigure(self: &Arc<Self>, ceiling: Option<u32>, adaptive: bool) {
+        let mut s = self.lock();
+        if (s.ceiling, s.adaptive) == (ceiling, adaptive) {
+            return;
+        }
+        s.limit = match (adaptive, s.adaptive, s.limit, ceiling) {
+            // Still learning: keep what was learned, under the new ceiling.
+            (true, true, Some(l), Some(c)) => Some(l.min(f64::from(c))),
+            (true, true, Some(l), None) => Some(l),
+            _ => configured_limit(ceiling),
+        };
+        s.ceiling = ceiling;
+        s.adaptive = adaptive;
+        self.hand_over(&mut s);
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -109,6 +175,7 @@ impl PoolGate {
         Permit {
             gate: Arc::clone(self),
             since: Instant::now(),
+            armed: true,
         }
     }
 
@@ -120,13 +187,14 @@ impl PoolGate {
     }
 
     /// A slot, waiting in the priority queue for at most `max_wait`.
+    /// Cancel-safe: dropping the future leaves the queue and leaks no slot.
     pub async fn acquire(
         self: &Arc<Self>,
         priority: u8,
         max_wait: Duration,
     ) -> Result<Permit, QueueTimeout> {
         let c = class(priority);
-        let (id, rx) = {
+        let mut ticket = {
             let mut s = self.lock();
             if s.queues.iter().all(VecDeque::is_empty) && Self::has_room(&s) {
                 return Ok(self.grant(&mut s));
@@ -140,38 +208,40 @@ impl PoolGate {
                 s.pass[c] = s.pass[c].max(s.vtime + 1.0 / WEIGHTS[c]);
             }
             s.queues[c].push_back(Waiter { id, tx });
-            (id, rx)
-        };
-        match tokio::time::timeout(max_wait, rx).await {
-            Ok(Ok(())) => Ok(Permit {
+            Ticket {
                 gate: Arc::clone(self),
-                since: Instant::now(),
-            }),
-            // The sender is never dropped unsent while the waiter is queued;
-            // treat it like a timeout.
-            Ok(Err(_)) | Err(_) => {
-                let mut s = self.lock();
-                let position = s.queues[c].iter().position(|w| w.id == id);
-                match position {
-                    Some(pos) => {
-                        s.queues[c].remove(pos);
-                        Err(QueueTimeout {
-                            retry_after: Self::wait_estimate(&s, c, pos),
-                        })
-                    }
-                    // Granted just as the wait ran out: the slot is ours.
-                    None => Ok(Permit {
-                        gate: Arc::clone(self),
-                        since: Instant::now(),
-                    }),
-                }
+                class: c,
+                id,
+                rx,
             }
+        };
+        if let Ok(Ok(permit)) = tokio::time::timeout(max_wait, &mut ticket.rx).await {
+            return Ok(permit);
+        }
+        // The wait ran out (the sender is never dropped unsent while the
+        // waiter is queued). Leave the queue, unless a slot was handed over
+        // just now: it is ours then.
+        let retry_after = {
+            let mut s = self.lock();
+            let pos = s.queues[c].iter().position(|w| w.id == ticket.id);
+            pos.map(|pos| {
+                s.queues[c].remove(pos);
+                Self::wait_estimate(&s, c, pos)
+            })
+        };
+        match retry_after {
+            Some(retry_after) => Err(QueueTimeout { retry_after }),
+            None => ticket.rx.try_recv().map_err(|_| QueueTimeout {
+                retry_after: INITIAL_SERVICE_TIME,
+            }),
         }
     }
 
     /// How long the request at `pos` in class `c` would still wait: those
     /// ahead of it (its own class and every higher one) times the time a slot
-    /// is held, spread over the slots.
+    /// is held, spread over the slots. Before any slot was released the time
+    /// held is [`INITIAL_SERVICE_TIME`], so the answer follows from the
+    /// configuration and the queue alone.
     fn wait_estimate(s: &GateState, c: usize, pos: usize) -> Duration {
         let ahead = pos + 1 + s.queues[..c].iter().map(VecDeque::len).sum::<usize>();
         let slots = s.limit.unwrap_or(1.0).max(1.0);
@@ -179,12 +249,17 @@ impl PoolGate {
         Duration::from_secs_f64(secs)
     }
 
-    fn release(&self, held: Duration) {
+    fn release(self: &Arc<Self>, held: Duration) {
         let mut s = self.lock();
         s.inflight = s.inflight.saturating_sub(1);
         s.service_s = 0.8 * s.service_s + 0.2 * held.as_secs_f64();
-        while Self::has_room(&s) {
-            let Some(c) = Self::next_class(&s) else {
+        self.hand_over(&mut s);
+    }
+
+    /// Give free slots to waiting requests, by stride order.
+    fn hand_over(self: &Arc<Self>, s: &mut GateState) {
+        while Self::has_room(s) {
+            let Some(c) = Self::next_class(s) else {
                 break;
             };
             let Some(w) = s.queues[c].pop_front() else {
@@ -192,10 +267,12 @@ impl PoolGate {
             };
             s.vtime = s.pass[c];
             s.pass[c] += 1.0 / WEIGHTS[c];
-            // The waiter may have just timed out and gone.
-            if w.tx.send(()).is_ok() {
-                s.inflight += 1;
-                s.peak = s.peak.max(s.inflight);
+            let permit = self.grant(s);
+            if let Err(mut unsent) = w.tx.send(permit) {
+                // The waiter is gone: take the slot back here (dropping an
+                // armed permit would lock the gate again).
+                unsent.armed = false;
+                s.inflight -= 1;
             }
         }
     }
@@ -207,25 +284,37 @@ impl PoolGate {
             .min_by(|&a, &b| s.pass[a].total_cmp(&s.pass[b]).then(a.cmp(&b)))
     }
 
+    /// React to what a provider's response said about the key's capacity:
+    /// exhausted cuts an adaptive budget, low holds it, clear (on a success)
+    /// grows it.
+    pub fn observe(&self, pressure: Pressure, success: bool) {
+        match pressure {
+            Pressure::Exhausted => self.saturated(),
+            Pressure::Low => {}
+            Pressure::Clear if success => self.succeeded(),
+            Pressure::Clear => {}
+        }
+    }
+
     /// The provider pushed back (429, or no requests left in its window).
     pub fn saturated(&self) {
-        if !self.adaptive {
+        let mut s = self.lock();
+        if !s.adaptive {
             return;
         }
-        let mut s = self.lock();
         let cut = (f64::from(s.inflight) * 0.75).max(1.0);
         s.limit = Some(s.limit.map_or(cut, |l| l.min(cut)));
     }
 
     /// A request went through: an adaptive budget grows again.
     pub fn succeeded(&self) {
-        if !self.adaptive {
+        let mut s = self.lock();
+        if !s.adaptive {
             return;
         }
-        let mut s = self.lock();
         if let Some(l) = s.limit {
             let grown = l + 1.0 / l.max(1.0);
-            s.limit = Some(match self.ceiling {
+            s.limit = Some(match s.ceiling {
                 Some(c) => grown.min(f64::from(c)),
                 None => grown,
             });
@@ -255,6 +344,51 @@ impl PoolGate {
             waiting: s.queues.iter().map(VecDeque::len).sum(),
         }
     }
+}
+
+/// What a provider's `x-ratelimit-*` response headers say about its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// No request left, or fewer tokens left than this request reserved:
+    /// the next one like it would get a 429.
+    Exhausted,
+    /// Less than [`LOW_SHARE`] of a window left: do not grow.
+    Low,
+    /// Nothing said, or plenty left.
+    Clear,
+}
+
+/// Share of a provider's window below which the budget stops growing.
+pub const LOW_SHARE: f64 = 0.1;
+
+/// Read `x-ratelimit-remaining-requests` / `-tokens` and their `limit`
+/// counterparts (OpenAI's names, also used by several compatible providers).
+/// `tokens` is what this request reserved, the size of the next one like it.
+pub fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Pressure {
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| n.is_finite())
+    };
+    let requests_left = number("x-ratelimit-remaining-requests");
+    let tokens_left = number("x-ratelimit-remaining-tokens");
+    if requests_left.is_some_and(|n| n < 1.0)
+        || tokens_left.is_some_and(|n| n < (tokens.max(1)) as f64)
+    {
+        return Pressure::Exhausted;
+    }
+    let low = |left: Option<f64>, limit: Option<f64>| {
+        left.zip(limit)
+            .is_some_and(|(left, limit)| limit > 0.0 && left / limit < LOW_SHARE)
+    };
+    if low(requests_left, number("x-ratelimit-limit-requests"))
+        || low(tokens_left, number("x-ratelimit-limit-tokens"))
+    {
+        return Pressure::Low;
+    }
+    Pressure::Clear
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -325,6 +459,123 @@ mod tests {
             0,
             "a timed-out waiter leaves the queue"
         );
+    }
+
+    /// The slot is handed to a waiter whose future is then dropped before
+    /// it looked: the slot comes back (it used to stay counted forever).
+    #[tokio::test]
+    async fn a_slot_handed_to_a_cancelled_waiter_is_not_lost() {
+        let gate = Arc::new(PoolGate::new(Some(1), false));
+        let hold = gate.try_acquire().unwrap();
+        let mut waiting = Box::pin(gate.acquire(3, Duration::from_secs(30)));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        assert_eq!(gate.load_now().waiting, 1);
+        drop(hold);
+        // Handed over: counted in flight, not yet received.
+        assert_eq!(gate.load_now().inflight, 1);
+        drop(waiting);
+        assert_eq!(gate.load_now().inflight, 0, "the slot came back");
+        assert!(gate.try_acquire().is_some());
+    }
+
+    /// A waiter that goes away leaves the queue at once: those behind it
+    /// move up and are told shorter waits.
+    #[tokio::test]
+    async fn a_cancelled_waiter_leaves_the_queue() {
+        let gate = Arc::new(PoolGate::new(Some(1), false));
+        let _hold = gate.try_acquire().unwrap();
+        let mut first = Box::pin(gate.acquire(5, Duration::from_secs(30)));
+        assert!(futures::poll!(&mut first).is_pending());
+        drop(first);
+        assert_eq!(gate.load_now().waiting, 0);
+        let err = gate
+            .acquire(5, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.retry_after, Duration::from_secs(1), "first in line");
+    }
+
+    /// Before any slot was released the estimate follows from the queue and
+    /// the configuration alone: ahead of a request are those of its class
+    /// before it and every waiting request of a higher priority.
+    #[tokio::test]
+    async fn retry_after_follows_the_queue_position() {
+        let gate = Arc::new(PoolGate::new(Some(2), false));
+        let _hold = (gate.try_acquire().unwrap(), gate.try_acquire().unwrap());
+        let mut queued = Vec::new();
+        for p in [5, 5, 5, 1] {
+            let mut w = Box::pin(gate.acquire(p, Duration::from_secs(30)));
+            assert!(futures::poll!(&mut w).is_pending());
+            queued.push(w);
+        }
+        let retry = |p| {
+            let gate = Arc::clone(&gate);
+            async move {
+                gate.acquire(p, Duration::from_millis(5))
+                    .await
+                    .unwrap_err()
+                    .retry_after
+            }
+        };
+        // Priority 5 at position 3 with one priority 1 ahead: 5 × 1 s / 2 slots.
+        assert_eq!(retry(5).await, Duration::from_secs(3));
+        // Priority 1 at position 1: 2 × 1 s / 2.
+        assert_eq!(retry(1).await, Duration::from_secs(1));
+        queued.truncate(1);
+        assert_eq!(retry(5).await, Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn reconfigure_keeps_the_count_and_lets_waiters_in() {
+        let gate = Arc::new(PoolGate::new(Some(1), false));
+        let hold = gate.try_acquire().unwrap();
+        let mut waiting = Box::pin(gate.acquire(3, Duration::from_secs(30)));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        gate.reconfigure(Some(3), false);
+        let second = waiting.await.unwrap();
+        assert_eq!(gate.load_now().inflight, 2, "the slot held before counts");
+        let third = gate.try_acquire().unwrap();
+        assert!(gate.try_acquire().is_none());
+        gate.reconfigure(Some(1), true);
+        drop((hold, second, third));
+        assert_eq!(gate.load_now().inflight, 0);
+        assert_eq!(gate.settings(), (Some(1), true));
+    }
+
+    #[test]
+    fn provider_headers_say_how_pressed_the_key_is() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, http::HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert_eq!(provider_pressure(&h(&[]), 100), Pressure::Clear);
+        let none_left = h(&[("x-ratelimit-remaining-requests", "0")]);
+        assert_eq!(provider_pressure(&none_left, 100), Pressure::Exhausted);
+        let few_tokens = h(&[("x-ratelimit-remaining-tokens", "99")]);
+        assert_eq!(provider_pressure(&few_tokens, 100), Pressure::Exhausted);
+        let low = h(&[
+            ("x-ratelimit-remaining-tokens", "900"),
+            ("x-ratelimit-limit-tokens", "10000"),
+        ]);
+        assert_eq!(provider_pressure(&low, 100), Pressure::Low);
+        let plenty = h(&[
+            ("x-ratelimit-remaining-requests", "4999"),
+            ("x-ratelimit-limit-requests", "5000"),
+            ("x-ratelimit-remaining-tokens", "149984"),
+            ("x-ratelimit-limit-tokens", "150000"),
+        ]);
+        assert_eq!(provider_pressure(&plenty, 100), Pressure::Clear);
+        let gate = Arc::new(PoolGate::new(Some(4), true));
+        let _p = gate.try_acquire().unwrap();
+        gate.observe(Pressure::Exhausted, true);
+        assert_eq!(gate.load_now().limit, Some(1.0));
+        gate.observe(Pressure::Low, true);
+        assert_eq!(gate.load_now().limit, Some(1.0), "low holds");
+        gate.observe(Pressure::Clear, true);
+        assert_eq!(gate.load_now().limit, Some(2.0), "clear grows");
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! Dynamic rebalancing: when a pool runs above its threshold (default 80 %
 //! of its concurrency budget), per-minute rate capacity that idle tenants are
 //! not using is lent to high-priority tenants that are hitting their own
-//! rate limits, as a temporary addition to their buckets. Every tick starts
-//! from scratch, so a loan ends by itself when the pool calms down or the
-//! lender's own traffic comes back. Only rates move: daily and monthly
-//! budgets are never raised.
+//! rate limits, as a temporary addition to their buckets (credited at once:
+//! see [`TenantLedger::set_loan`]). Every tick starts from scratch, so a
+//! loan ends by itself when the pool calms down or the lender's own traffic
+//! comes back, and the lender gets its capacity back at once. Only rates
+//! move: daily and monthly budgets are never raised.
+//!
+//! Load is measured against a pool's concurrency budget (configured or
+//! learned); a pool without one never counts as busy, so nothing is lent on
+//! its account (config validation refuses `rebalance.enabled: true` when no
+//! pool has a budget).
 
 use super::{Loan, TenantLedger};
 use std::collections::HashMap;
@@ -237,7 +243,7 @@ mod tests {
 
     #[test]
     fn lends_idle_capacity_to_a_pressed_high_priority_tenant_and_reclaims() {
-        let cal = Calendar::new(TimeZone::UTC);
+        let cal = Arc::new(Calendar::new(TimeZone::UTC));
         let hi = tenant("hi", 1, 60);
         let lo = tenant("lo", 5, 600);
         let r = Rebalancer::default();

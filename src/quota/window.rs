@@ -1,9 +1,11 @@
 //! The windows a quota is counted in: token buckets for per-minute rates
 //! (with bursts) and calendar counters for days and months.
 
+use arc_swap::ArcSwapOption;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 /// What one request takes from a window.
@@ -95,7 +97,10 @@ impl Bucket {
     /// (refill and ceiling both grow by it while the loan lasts).
     pub fn refill(&mut self, rate: Rate, extra_per_minute: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.updated = now;
+        // Instants are read before the ledger's lock is taken, so one may
+        // arrive after a later one: time never runs backwards here, or the
+        // span between them would be refilled twice.
+        self.updated = self.updated.max(now);
         let per_sec = (rate.per_minute as f64 + extra_per_minute) / 60.0;
         let ceiling = rate.burst as f64 + extra_per_minute;
         if self.level < ceiling {
@@ -121,6 +126,18 @@ impl Bucket {
     /// Give back (negative: take more), never above `ceiling`.
     pub fn adjust(&mut self, delta: f64, ceiling: f64) {
         self.level = (self.level + delta).min(ceiling);
+    }
+
+    /// The burst changed (a reload): what was drawn from the bucket stays
+    /// drawn, so the level moves by the change. A lowered limit can leave the
+    /// bucket in debt, repaid at the new rate like any other debt.
+    pub fn rebase(&mut self, old: Rate, new: Rate) {
+        self.level += new.burst as f64 - old.burst as f64;
+    }
+
+    /// Add lent capacity at once (a loan that starts or grows).
+    pub fn credit(&mut self, n: f64) {
+        self.level += n;
     }
 
     /// How long until `n` can be taken at `per_minute`.
@@ -171,38 +188,91 @@ impl Counter {
     }
 }
 
+/// The wall clock calendar windows are read from: the system clock, unless
+/// pinned. Tests (and simulations) pin it to cross a day or month boundary
+/// without waiting for one; per-minute buckets always use the monotonic
+/// clock and are not affected.
+#[derive(Debug, Clone)]
+pub struct Clock(Arc<AtomicI64>);
+
+/// Stored in a [`Clock`] that follows the system clock.
+const UNPINNED: i64 = i64::MIN;
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock(Arc::new(AtomicI64::new(UNPINNED)))
+    }
+}
+
+impl Clock {
+    pub fn now(&self) -> Timestamp {
+        match self.0.load(Ordering::Relaxed) {
+            UNPINNED => Timestamp::now(),
+            ms => Timestamp::from_millisecond(ms).unwrap_or_else(|_| Timestamp::now()),
+        }
+    }
+
+    /// From now on, `now()` is `at` (to the millisecond) until pinned again
+    /// or [`Clock::unpin`]ned.
+    pub fn pin(&self, at: Timestamp) {
+        self.0.store(at.as_millisecond(), Ordering::Relaxed);
+    }
+
+    pub fn unpin(&self) {
+        self.0.store(UNPINNED, Ordering::Relaxed);
+    }
+}
+
 /// Calendar days and months in the configured time zone, as window numbers
-/// with the instant each one ends. Cached until the current window ends.
+/// with the instant each one ends. Cached while the clock stays inside the
+/// current day.
+#[derive(Debug)]
 pub struct Calendar {
     tz: TimeZone,
-    cached: Mutex<Option<Windows>>,
+    clock: Clock,
+    /// Read by every reservation, settlement and response head: no lock.
+    cached: ArcSwapOption<Windows>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Windows {
     pub day: i64,
+    /// When the current day began (a month never begins inside a day).
+    pub day_start: Timestamp,
     pub day_end: Timestamp,
     pub month: i64,
     pub month_end: Timestamp,
 }
 
 impl Calendar {
+    /// Following the system clock.
     pub fn new(tz: TimeZone) -> Calendar {
+        Calendar::with_clock(tz, Clock::default())
+    }
+
+    pub fn with_clock(tz: TimeZone, clock: Clock) -> Calendar {
         Calendar {
             tz,
-            cached: Mutex::new(None),
+            clock,
+            cached: ArcSwapOption::empty(),
         }
     }
 
+    /// The calendar's notion of now.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
     pub fn windows(&self, now: Timestamp) -> Windows {
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = *cached {
-            if now < w.day_end && now < w.month_end {
-                return w;
+        if let Some(w) = self.cached.load().as_deref() {
+            // A pinned clock may also move backwards.
+            if w.day_start <= now && now < w.day_end && now < w.month_end {
+                return *w;
             }
         }
+        // Two threads may both compute the new day; they agree.
         let w = self.compute(now);
-        *cached = Some(w);
+        self.cached.store(Some(Arc::new(w)));
         w
     }
 
@@ -214,6 +284,7 @@ impl Calendar {
             .as_ref()
             .and_then(|d| d.checked_add(1.day()).ok())
             .map_or(now, |d| d.timestamp());
+        let day_start = day_start.map_or(now, |d| d.timestamp());
         let first = date.first_of_month();
         let month_end = first
             .checked_add(1.month())
@@ -224,6 +295,7 @@ impl Calendar {
         let month = i64::from(date.year()) * 12 + i64::from(date.month());
         Windows {
             day,
+            day_start,
             day_end,
             month,
             month_end,
@@ -270,6 +342,40 @@ mod tests {
         assert_ne!(after.month, w.month);
         let utc = Calendar::new(TimeZone::UTC).windows(t);
         assert_eq!(utc.day_end.to_string(), "2026-03-02T00:00:00Z");
+    }
+
+    #[test]
+    fn a_pinned_clock_moves_the_calendar_both_ways() {
+        let clock = Clock::default();
+        let cal = Calendar::with_clock(TimeZone::get("Asia/Tokyo").unwrap(), clock.clone());
+        // 23:30 on March 1st in Tokyo.
+        clock.pin("2026-03-01T14:30:00Z".parse().unwrap());
+        let before = cal.windows(cal.now());
+        assert_eq!(before.day_end.to_string(), "2026-03-01T15:00:00Z");
+        clock.pin("2026-03-01T15:00:01Z".parse().unwrap());
+        let after = cal.windows(cal.now());
+        assert_ne!(after.day, before.day, "a new day in Tokyo, not yet in UTC");
+        clock.pin("2026-03-01T14:59:59Z".parse().unwrap());
+        assert_eq!(cal.windows(cal.now()), before, "the cache follows it back");
+        clock.unpin();
+        assert!(cal.now() > "2026-01-01T00:00:00Z".parse().unwrap());
+    }
+
+    #[test]
+    fn refill_never_runs_time_backwards() {
+        let t0 = Instant::now();
+        let rate = Rate {
+            per_minute: 60,
+            burst: 10,
+        };
+        let mut b = Bucket::full(rate, t0);
+        b.take(10);
+        b.refill(rate, 0.0, t0 + Duration::from_secs(2));
+        // An instant read earlier, arriving late, adds nothing...
+        b.refill(rate, 0.0, t0 + Duration::from_secs(1));
+        // ...and the next refill does not count the second twice.
+        b.refill(rate, 0.0, t0 + Duration::from_secs(3));
+        assert_eq!(b.level(), 3.0);
     }
 
     #[test]

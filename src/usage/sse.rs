@@ -197,9 +197,15 @@ impl SseObserver {
 }
 
 /// Length of the generated text in an event (chat `content`, completions
-/// `text`, Responses `delta`), in JSON source bytes; 0 when there is none.
+/// `text`, Responses `delta`, a streamed tool call's `arguments`), in JSON
+/// source bytes; 0 when there is none.
 fn generated_text_len(data: &[u8]) -> usize {
-    for key in [&b"\"content\":\""[..], b"\"delta\":\"", b"\"text\":\""] {
+    for key in [
+        &b"\"content\":\""[..],
+        b"\"delta\":\"",
+        b"\"text\":\"",
+        b"\"arguments\":\"",
+    ] {
         if let Some(at) = memchr::memmem::find(data, key) {
             let rest = &data[at + key.len()..];
             let mut i = 0;
@@ -255,6 +261,14 @@ fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_call_arguments_count_as_delivered() {
+        let mut o = SseObserver::new(false);
+        let event = "data: {\"choices\":[{\"delta\":{\"content\":null,\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]}}]}\n\n";
+        o.feed(Bytes::from(event));
+        assert!(o.delivered_tokens() >= 4, "{}", o.delivered_tokens());
+    }
 
     const STREAM: &str = concat!(
         "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
