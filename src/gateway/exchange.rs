@@ -21,9 +21,11 @@ use crate::state::Snapshot;
 use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
 use bytes::Bytes;
+use futures::FutureExt;
 use http::header;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::HttpTask;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
@@ -743,24 +745,42 @@ async fn relay(
         return;
     }
     http.set_read_timeout(Some(up.timeouts.idle));
+    // An outcome read while draining a burst, handled before reading again.
+    let mut pending: Option<pingora::Result<Option<Bytes>>> = None;
     loop {
-        let next = tokio::select! {
-            biased;
-            r = http.read_response_body() => Next::Upstream(r),
-            _ = session.downstream_session.read_body_or_idle(true) => Next::ClientGone,
+        let next = match pending.take() {
+            Some(r) => Next::Upstream(r),
+            None => tokio::select! {
+                biased;
+                r = http.read_response_body() => Next::Upstream(r),
+                _ = session.downstream_session.read_body_or_idle(true) => Next::ClientGone,
+            },
         };
         match next {
             Next::Upstream(Ok(Some(chunk))) => {
-                let out = match &mut observer {
-                    Observer::Sse(o) => o.feed(chunk),
-                    Observer::Json(j) => {
-                        j.feed(&chunk);
-                        chunk
+                // What the provider has already sent besides this chunk goes
+                // out in the same write: one write for a burst of SSE events,
+                // not one each. Nothing waits for more than is already here,
+                // so no latency is added. (Pingora's body reader keeps its
+                // state across a dropped read, so polling once is safe.)
+                let mut batch = vec![observe(&mut observer, chunk)];
+                let mut size = batch[0].len();
+                while size < BURST_BYTES {
+                    match tokio::task::unconstrained(http.read_response_body()).now_or_never() {
+                        Some(Ok(Some(more))) => {
+                            let out = observe(&mut observer, more);
+                            size += out.len();
+                            batch.push(out);
+                        }
+                        Some(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        None => break,
                     }
-                    Observer::Redact(r) => r.feed(&chunk),
-                    Observer::Off => chunk,
-                };
-                if out.is_empty() {
+                }
+                batch.retain(|b| !b.is_empty());
+                if batch.is_empty() {
                     continue;
                 }
                 if ctx.first_byte.is_none() {
@@ -769,10 +789,12 @@ async fn relay(
                 let keep = ctx.snapshot.config.audit.preview_bytes;
                 if keep > 0 && (200..300).contains(&status) {
                     let p = ctx.preview.get_or_insert_with(Vec::new);
-                    let room = keep.saturating_sub(p.len());
-                    p.extend_from_slice(&out[..room.min(out.len())]);
+                    for out in &batch {
+                        let room = keep.saturating_sub(p.len());
+                        p.extend_from_slice(&out[..room.min(out.len())]);
+                    }
                 }
-                if session.write_response_body(Some(out), false).await.is_err() {
+                if write_burst(session, batch).await.is_err() {
                     ctx.client_gone = true;
                     http.shutdown().await;
                     break;
@@ -830,6 +852,35 @@ async fn relay(
 enum Next {
     Upstream(pingora::Result<Option<Bytes>>),
     ClientGone,
+}
+
+/// A burst of response bytes already received is written at once up to this
+/// size; beyond it the rest waits for the next round.
+const BURST_BYTES: usize = 64 << 10;
+
+/// Pass one upstream chunk through its observer; what the client gets.
+fn observe(observer: &mut Observer, chunk: Bytes) -> Bytes {
+    match observer {
+        Observer::Sse(o) => o.feed(chunk),
+        Observer::Json(j) => {
+            j.feed(&chunk);
+            chunk
+        }
+        Observer::Redact(r) => r.feed(&chunk),
+        Observer::Off => chunk,
+    }
+}
+
+/// Write response pieces to the client in one write when there are several.
+async fn write_burst(session: &mut Session, mut batch: Vec<Bytes>) -> pingora::Result<()> {
+    if batch.len() == 1 {
+        return session.write_response_body(batch.pop(), false).await;
+    }
+    let tasks = batch
+        .into_iter()
+        .map(|b| HttpTask::Body(Some(b), false))
+        .collect();
+    session.write_response_tasks(tasks).await.map(|_| ())
 }
 
 /// A stream ends with an SSE error event the client can read; any other body
