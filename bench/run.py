@@ -13,13 +13,15 @@ the load tool on CPU1. Ceiling numbers count only when the proxy's core was
 Measures per arm and scenario:
   - req/s at saturation (wrk, closed loop, 64 connections),
   - proxy CPU µs per request (Δ utime+stime from /proc/PID/stat ÷ requests),
-  - latency p50/p99 at a fixed 1,000 req/s (oha --latency-correction), and the
-    difference to the direct arm (added latency).
+  - latency p50/p99 at a fixed 1,000 req/s (rate-probe), and the difference to
+    the direct arm (added latency); for streams, to the end of the stream.
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
 Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants]
 Needs: release builds (cargo build --release -p collie -p collie-bench),
-wrk, nginx, oha (cargo install oha --locked), taskset.
+wrk, nginx (nginx-light), taskset. Fixed-rate latency comes from
+bench/tools rate-probe (open loop, coordinated omission corrected, tenant
+chosen per request).
 """
 
 import argparse
@@ -104,6 +106,9 @@ def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}"):
         "  - {name: bench, fallback: [p]}",
         "pools:",
         "  - id: p",
+        # A capacity the load reaches, so priority admission and rebalancing
+        # have work to do (wrk keeps 64 requests in flight).
+        "    max_concurrency: 48",
         "    deployments: [{deployment: d1, weight: 1}, {deployment: d2, weight: 1}, {deployment: d3, weight: 1}]",
         "deployments:",
     ]
@@ -204,21 +209,30 @@ def wrk(port, script, duration, conns=64):
     return reqs, sock_err + status_err, reqs / (dur_us / 1e6)
 
 
-def oha(port, body_file, headers, rate, duration):
-    cmd = (["taskset", "-c", "1"] if PIN else []) + ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-q", str(rate),
-           "--latency-correction", "-c", "32", "-m", "POST", "-D", body_file, "-T", "application/json"]
+def rate_probe(port, body_file, headers, rate, duration, tenants=0):
+    """Latency at a fixed rate, corrected for coordinated omission (each
+    request timed from when it was due), with the tenant chosen per request
+    when `tenants` is set (Zipf, as in the saturation run)."""
+    cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/rate-probe", "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
+           "--body-file", body_file, "--rate", str(rate), "--duration", str(duration), "-c", "32", "--json"]
+    if tenants:
+        cmd += ["--tenants", str(tenants), "--zipf"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
-    cmd.append(f"http://127.0.0.1:{port}/v1/chat/completions")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    data = json.loads(res.stdout)
-    pct = data["latencyPercentiles"]
-    codes = data.get("statusCodeDistribution", {})
-    # Requests still in flight when the timed run ends are cut by oha itself
-    # ("aborted due to deadline"): not the proxy's failures.
-    errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(
-        v for k, v in data.get("errorDistribution", {}).items() if "deadline" not in k)
-    return pct["p50"] * 1e6, pct["p99"] * 1e6, errors
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+    data = json.loads(out[-1])
+    return data["p50_us"], data["p99_us"], data["errors"] + data["non2xx"]
+
+
+def dropped_records(admin_port):
+    """Audit records the writer dropped (queue full): a throughput bought
+    with lost records would not count."""
+    try:
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("collie_audit_dropped_total"))
 
 
 def sse_probe(port, headers, n=300):
@@ -231,12 +245,53 @@ def sse_probe(port, headers, n=300):
     return json.loads(out[-1]) if out else None
 
 
+PANIC_PORT, PANIC_ADMIN = 8186, 9186
+
+
+def panic_mode(procs, tmp, env, duration):
+    """Every deployment of the model unhealthy (its port refuses; probes mark
+    it so): how fast Collie answers 503 + Retry-After instead of waiting."""
+    conf = os.path.join(tmp, "panic.yaml")
+    dead = free_port()
+    collie_config(conf, 0, PANIC_PORT, PANIC_ADMIN)
+    with open(conf) as f:
+        text = f.read().replace(f"127.0.0.1:{MOCK_PORT}", f"127.0.0.1:{dead}")
+    text = text.replace("model: bench-upstream}", "model: bench-upstream, health: {probe: connect, interval: 1s, unhealthy_after: 1}}")
+    with open(conf, "w") as f:
+        f.write(text)
+    procs.start("collie-panic", [f"{REL}/collie", "run", "--config", conf], "0", PANIC_PORT, env=env)
+    import urllib.request
+    for _ in range(100):
+        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{PANIC_ADMIN}/status", timeout=2).read())
+        states = [d.get("state") for d in status.get("deployments", [])]
+        if states and all(s == "unhealthy" for s in states):
+            break
+        time.sleep(0.1)
+    body_file = os.path.join(tmp, "panic.json")
+    with open(body_file, "w") as f:
+        f.write(chat_body(300))
+    headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
+    cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/rate-probe", "--url", f"http://127.0.0.1:{PANIC_PORT}/v1/chat/completions",
+           "--body-file", body_file, "--rate", "1000", "--duration", str(duration), "-c", "32", "--json"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    data = json.loads(subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    print(f"panic    collie         {data['requests']} requests, {data['non2xx']} answered 503: p50 {data['p50_us']:.0f} µs, p99 {data['p99_us']:.0f} µs, p99.9 {data['p999_us']:.0f} µs", flush=True)
+    return data
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--scenarios", default="small,large,stream,tenants")
+    ap.add_argument("--scenarios", default="small,large,stream,tenants,panic")
     ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--layout", default="l1", choices=["l1", "l3"])
@@ -246,7 +301,7 @@ def main():
         PIN, THREADS = False, str(os.cpu_count() or 2)
     if args.quick:
         args.rounds, args.duration = 1, 3
-    for tool in ("wrk", "nginx", "oha", "taskset"):
+    for tool in ("wrk", "nginx", "taskset"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             sys.exit(f"missing {tool}")
     if "collie-pg" in args.arms.split(","):
@@ -275,6 +330,7 @@ def main():
             "collie-pg": (PG_PORT, PG_ADMIN, "{sink: postgres, postgres_url_env: COLLIE_BENCH_PG, postgres_schema: collie_bench}"),
         }
         ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT}
+        admins = {}
         pids = {"direct": procs.procs["mock"].pid, "bare": procs.procs["bare"].pid, "nginx": procs.procs["nginx"].pid}
         for name, (port, admin, audit) in variants.items():
             if name not in args.arms.split(","):
@@ -282,13 +338,15 @@ def main():
             conf = os.path.join(tmp, f"{name}.yaml")
             collie_config(conf, n_tenants, port, admin, audit)
             p = procs.start(name, [f"{REL}/collie", "run", "--config", conf], "0", port, env=env)
-            ports[name], pids[name] = port, p.pid
+            ports[name], pids[name], admins[name] = port, p.pid, admin
         collie = procs.procs.get("collie") or procs.procs.get("collie-noaudit")
         rss_idle = rss_kib(collie.pid)
         headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
         scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
         arms = args.arms.split(",")
         for name in args.scenarios.split(","):
+            if name == "panic":
+                continue
             body = scen[name]
             body_file = os.path.join(tmp, f"{name}.json")
             with open(body_file, "w") as f:
@@ -312,10 +370,10 @@ def main():
                     busy = (cpu_ticks(pid) - t0) / clk / (time.time() - w0)
                     cpu_us = (cpu_ticks(pid) - t0) / clk * 1e6 / max(reqs, 1)
                     probe = sse_probe(ports[arm], headers) if name == "stream" else None
-                    if name in ("small", "large") or arm.startswith("collie"):
-                        p50, p99, lat_err = oha(ports[arm], body_file, headers if name != "tenants" else {"X-Tenant-ID": "t0", "Authorization": "Bearer sk-t0"}, 1000, args.duration)
+                    if name == "tenants":
+                        p50, p99, lat_err = rate_probe(ports[arm], body_file, {}, 1000, args.duration, tenants=n_tenants)
                     else:
-                        p50 = p99 = lat_err = None
+                        p50, p99, lat_err = rate_probe(ports[arm], body_file, headers, 1000, args.duration)
                     r = results.setdefault(name, {}).setdefault(arm, [])
                     r.append({"rps": rps, "errors": errors, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err, "sse": probe})
                     print(f"{name:8} {arm:14} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
@@ -323,13 +381,16 @@ def main():
                           + (f"  sse ttft p50/p99 {probe['ttft_p50_us']}/{probe['ttft_p99_us']} µs gap p99 {probe['gap_p99_us']} µs errors {probe['errors']} incomplete {probe['incomplete']} usage {probe['with_usage']}/{probe['streams']}" if probe else ""), flush=True)
         rss_steady = rss_kib(collie.pid)
         results["rss_kib"] = {"idle": rss_idle, "after": rss_steady, "tenants": n_tenants}
+        results["audit_dropped"] = {arm: dropped_records(admin) for arm, admin in admins.items()}
+        if "panic" in args.scenarios.split(","):
+            results["panic"] = panic_mode(procs, tmp, env, args.duration)
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\nmedians (spread = min..max over rounds)")
     for name, by_arm in results.items():
-        if name == "rss_kib":
+        if name in ("rss_kib", "audit_dropped", "panic"):
             continue
         direct = by_arm.get("direct")
         for arm, rs in by_arm.items():
@@ -350,6 +411,7 @@ def main():
                 line += "  [proxy core <95% busy: not a ceiling]"
             print(line)
     print(f"collie RSS: idle {results['rss_kib']['idle']} KiB, after the run {results['rss_kib']['after']} KiB, tenants {results['rss_kib']['tenants']}")
+    print(f"audit records dropped (queue full) over the whole run: {results['audit_dropped']}")
 
     def med(scenario, arm, key="rps"):
         rs = results.get(scenario, {}).get(arm)
