@@ -22,7 +22,7 @@ use pingora::upstreams::peer::HttpPeer;
 use probe::{DeploymentKey, HealthBook};
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,10 @@ pub struct Upstream {
     peer: ArcSwap<HttpPeer>,
     /// The host name to resolve, when the base URL names one (not an IP).
     dns_name: Option<(String, u16)>,
+    /// The host name did not resolve yet (at start or reload): `peer` holds
+    /// a placeholder that is never connected to, and attempts and probes
+    /// fail at once until the background refresh resolves it.
+    unresolved: AtomicBool,
     /// The model name written into the body sent to this deployment.
     pub model: String,
     /// The same, ready for the `x-collie-model` response header.
@@ -108,13 +112,25 @@ impl Upstream {
             return Err(format!("{host} resolved to no address"));
         }
         let current = self.peer.load();
-        let Some(next) = moved_address(current._address.as_inet(), &addrs) else {
+        let unresolved = self.unresolved.load(Ordering::Acquire);
+        let known = (!unresolved).then(|| current._address.as_inet()).flatten();
+        let Some(next) = moved_address(known, &addrs) else {
             return Ok(None);
         };
         let mut peer = HttpPeer::clone(&current);
         peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(next);
         self.peer.store(Arc::new(peer));
+        self.unresolved.store(false, Ordering::Release);
         Ok(Some(next))
+    }
+
+    /// Whether the deployment has an address to connect to; the error names
+    /// the host that did not resolve.
+    pub fn resolved(&self) -> Result<(), String> {
+        match (&self.dns_name, self.unresolved.load(Ordering::Acquire)) {
+            (Some((host, _)), true) => Err(format!("{host} does not resolve")),
+            _ => Ok(()),
+        }
     }
 
     /// Remember a provider's `Retry-After`; a later, longer one wins.
@@ -603,7 +619,26 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
 fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Upstream, String> {
     let d = &config.deployments[index];
     let url = &d.base_url;
-    let addr = resolve(&url.host, url.port)?;
+    let dns_name = url
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_err()
+        .then(|| (url.host.clone(), url.port));
+    // A host that does not resolve now (DNS down at start, a name not yet
+    // published) does not stop the gateway: the deployment fails over like
+    // a refused connection until the background refresh resolves it.
+    let (addr, unresolved) = match resolve(&url.host, url.port) {
+        Ok(addr) => (addr, false),
+        Err(e) => {
+            log::warn!(
+                "deployment {}: {e}; retried every {}s, requests fail over meanwhile",
+                d.id,
+                DNS_REFRESH.as_secs()
+            );
+            // TEST-NET-1 (RFC 5737): a placeholder that is never dialled.
+            (SocketAddr::from(([192, 0, 2, 1], url.port)), true)
+        }
+    };
     let mut peer = HttpPeer::new(addr, url.tls, url.host.clone());
     let o = &mut peer.options;
     o.connection_timeout = Some(d.timeouts.connect);
@@ -633,16 +668,12 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
             Some((name, value))
         }
     };
-    let dns_name = url
-        .host
-        .parse::<std::net::IpAddr>()
-        .is_err()
-        .then(|| (url.host.clone(), url.port));
     Ok(Upstream {
         index,
         id: d.id.clone(),
         peer: ArcSwap::from_pointee(peer),
         dns_name,
+        unresolved: AtomicBool::new(unresolved),
         model: d.model.clone(),
         model_header: HeaderValue::from_str(&d.model)
             .map_err(|_| "the model name is not a valid header value".to_string())?,

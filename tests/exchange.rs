@@ -486,3 +486,28 @@ async fn legacy_completions_are_routed() {
     let sent: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(sent["model"], "gpt-a");
 }
+
+/// A deployment whose host name does not resolve (DNS down at start, a name
+/// not published yet) does not keep the gateway from starting: it fails
+/// over like a refused connection until the name resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_does_not_resolve_fails_over_instead_of_stopping_the_start() {
+    let a = mock().await;
+    let b = mock().await;
+    let yaml = two_step(&a, &b, "5s").replacen(&a.base_url(), "http://collie-test.invalid/v1", 1);
+    let gw = gateway(&yaml).await;
+    for _ in 0..2 {
+        let r = gw.chat(hello()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-collie-model"], "gpt-b");
+    }
+    let text = gw.metrics_after(2).await;
+    assert!(
+        metric_sum(
+            &text,
+            "collie_upstream_attempts_total",
+            &[("deployment", "a"), ("outcome", "connect_error")]
+        ) >= 1.0,
+        "{text}"
+    );
+}

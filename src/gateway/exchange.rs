@@ -541,6 +541,7 @@ async fn attempt(
     // attempt. A failure while reading the response head is not retried
     // here: the provider may have received the request and be generating
     // (and billing) it, so it is an attempt that failed.
+    up.resolved().map_err(|e| (Failure::Connect(e), None))?;
     let mut stale_retries = 2;
     let mut header = Some(header);
     loop {

@@ -394,6 +394,7 @@ async fn probe(
 /// A TCP connect, and the TLS handshake for `https`, on a new connection:
 /// a pooled one would prove nothing about connecting now.
 async fn connect(transport: &TransportConnector, u: &Upstream) -> Result<(), String> {
+    u.resolved()?;
     let mut stream = transport
         .new_stream(&*u.peer())
         .await
@@ -411,6 +412,7 @@ async fn connect(transport: &TransportConnector, u: &Upstream) -> Result<(), Str
 /// not be written, since the provider may otherwise have served (and
 /// billed) it.
 async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Result<u16, String> {
+    u.resolved()?;
     let mut stale_retries = 2;
     loop {
         let (mut http, reused) = connector
