@@ -8,7 +8,7 @@ mod error;
 pub mod exchange;
 mod spend;
 
-pub use admission::key_digest_hex;
+pub use admission::{Claimed, key_digest_hex};
 pub use error::GatewayError;
 
 use crate::metrics::Metrics;
@@ -116,6 +116,9 @@ pub struct RequestCtx {
     pub endpoint: Endpoint,
     /// Index of the proven tenant.
     pub tenant: Option<usize>,
+    /// Refused by authentication: the tenant `X-Tenant-ID` named (for the
+    /// audit's security view; never billed).
+    pub claimed_tenant: Option<Claimed>,
     pub requested_model: Option<String>,
     /// Index of the deployment whose response the client got.
     pub served: Option<usize>,
@@ -131,6 +134,9 @@ pub struct RequestCtx {
     pub first_byte: Option<Instant>,
     pub streamed: bool,
     pub truncated: bool,
+    /// Why the provider broke the response off mid-way (a short, fixed
+    /// reason; never the provider's words).
+    pub broken: Option<&'static str>,
     pub client_gone: bool,
     /// The tenant's priority (1 highest … 5), for queueing.
     pub priority: u8,
@@ -223,7 +229,9 @@ impl Gateway {
             .map(|a| a.ip());
         let req = session.req_header();
         ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
-        let tenant = admission::admit(req, &snap)?;
+        let tenant = admission::admit(req, &snap).inspect_err(|_| {
+            ctx.claimed_tenant = admission::claimed(req, &snap);
+        })?;
         ctx.tenant = Some(tenant);
         ctx.priority = snap.config.tenants[tenant].priority;
         ctx.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
@@ -269,6 +277,7 @@ impl ProxyHttp for Gateway {
             snapshot: self.state.load(),
             endpoint: Endpoint::ChatCompletions,
             tenant: None,
+            claimed_tenant: None,
             requested_model: None,
             served: None,
             attempts: Vec::new(),
@@ -280,6 +289,7 @@ impl ProxyHttp for Gateway {
             first_byte: None,
             streamed: false,
             truncated: false,
+            broken: None,
             client_gone: false,
             priority: crate::config::DEFAULT_PRIORITY,
             max_wait: std::time::Duration::ZERO,

@@ -221,6 +221,12 @@ async fn every_kind_of_request_gets_exactly_one_record() {
         r.tenant, None,
         "an unproven tenant is not recorded as that tenant"
     );
+    assert_eq!(
+        r.claimed_tenant.as_deref(),
+        Some("alpha"),
+        "but whose id was named is"
+    );
+    assert!(r.failed());
     let r = find(&all, &ids[2].1);
     assert_eq!(
         (r.decision.as_str(), r.status, r.rule.as_deref()),
@@ -231,14 +237,25 @@ async fn every_kind_of_request_gets_exactly_one_record() {
     let attempts: Value = serde_json::from_str(&r.attempts).unwrap();
     assert_eq!(attempts[0]["outcome"], "HTTP 503");
     assert_eq!(attempts.as_array().unwrap().len(), 2);
+    assert_eq!(r.claimed_tenant, None, "proven, not claimed");
     let r = find(&all, &ids[4].1);
     assert!(r.streamed && r.client_gone && !r.truncated);
+    assert_eq!(r.error, None, "the client leaving is not a failure");
+    assert!(!r.failed());
     assert!(
         r.usage_estimated,
         "no usage reported: estimated from what was delivered"
     );
     let r = find(&all, &ids[5].1);
     assert!(r.streamed && r.truncated);
+    // The client got a 200 head and part of a stream: a failure, with a
+    // short reason of Collie's own.
+    assert_eq!(r.status, 200);
+    assert!(r.failed());
+    assert_eq!(
+        r.error.as_deref(),
+        Some("stream_interrupted: ConnectionClosed")
+    );
     let r = find(&all, &ids[6].1);
     assert_eq!(
         (
@@ -694,24 +711,372 @@ async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> Gw {
     }
 }
 
+/// Tenants alpha and beta (any model, no quota); `gpt` served by mock `a`
+/// (falling back to `b`), `flaky` by mock `b` only.
+fn rules_config(a: &MockServer, b: &MockServer, audit: &str) -> String {
+    format!(
+        "audit: {audit}
+tenants:
+  - id: alpha
+    api_keys: [\"{ka}\"]
+    models: [\"*\"]
+  - id: beta
+    api_keys: [\"{kb}\"]
+    models: [\"*\"]
+models:
+  - {{name: gpt, fallback: [pa, pb]}}
+  - {{name: flaky, fallback: [pb]}}
+pools:
+  - {{id: pa, deployments: [{{deployment: a}}]}}
+  - {{id: pb, deployments: [{{deployment: b}}]}}
+deployments:
+  - {{id: a, base_url: \"{}\", api_key_env: KEY_A, model: gpt-a, health: {{probe: off}}}}
+  - {{id: b, base_url: \"{}\", api_key_env: KEY_B, model: gpt-b, health: {{probe: off}}}}
+pricing:
+  gpt-a: {{input_per_mtok: 1.0, output_per_mtok: 1.0}}
+  gpt-b: {{input_per_mtok: 1.0, output_per_mtok: 1.0}}
+",
+        a.base_url(),
+        b.base_url(),
+        ka = key_digest_hex(ALPHA_KEY),
+        kb = key_digest_hex(BETA_KEY),
+    )
+}
+
+/// A chat completion reporting exactly this usage (at $1 per million
+/// tokens, 1000 tokens cost $0.001).
+fn usage_body(prompt: u64, completion: u64) -> String {
+    json!({
+        "id": "chatcmpl-fixed", "object": "chat.completion", "created": 0, "model": "gpt-a",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    })
+    .to_string()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Who {
+    Alpha,
+    Beta,
+    /// Names tenant alpha with a key nobody has.
+    Guesser,
+}
+
+/// A gateway whose provider `a` answers every request with 1000 prompt
+/// tokens (`b` answers 500), auditing to SQLite with these anomaly rules.
+struct RulesTrail {
+    gw: Gw,
+    spec: SinkSpec,
+    a: MockServer,
+    _b: MockServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn rules_trail(rules: &str) -> RulesTrail {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let a = mock_with(Behavior::default().body(usage_body(1000, 0))).await;
+    let b = mock_with(Behavior::default().status(500)).await;
+    let audit = sqlite_audit(&db, &format!(", anomalies: {{{rules}}}"));
+    let gw = gateway(&rules_config(&a, &b, &audit)).await;
+    RulesTrail {
+        gw,
+        spec: SinkSpec::Sqlite(db),
+        a,
+        _b: b,
+        _dir: dir,
+    }
+}
+
+impl RulesTrail {
+    /// Send one request and read the whole answer.
+    async fn send(&self, who: Who, body: Value) -> reqwest::StatusCode {
+        let (tenant, key) = match who {
+            Who::Alpha => ("alpha", ALPHA_KEY),
+            Who::Beta => ("beta", BETA_KEY),
+            Who::Guesser => ("alpha", "sk-guessed"),
+        };
+        let r = self
+            .gw
+            .client
+            .post(self.gw.url("/v1/chat/completions"))
+            .header("x-tenant-id", tenant)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        r.bytes().await.unwrap();
+        status
+    }
+
+    async fn send_n(&self, n: usize, who: Who, body: Value) {
+        for _ in 0..n {
+            self.send(who, body.clone()).await;
+        }
+    }
+
+    /// The anomalies stored once the trail holds `records` records (an
+    /// anomaly is committed with the record that revealed it), as (rule,
+    /// tenant) in the order they fired.
+    async fn fired_after(&self, records: usize) -> Vec<(String, Option<String>)> {
+        let all = until_rows(&self.spec, records).await;
+        assert_eq!(all.len(), records, "one record per request");
+        self.fired()
+    }
+
+    fn fired(&self) -> Vec<(String, Option<String>)> {
+        blocking(|| {
+            self.spec
+                .open()
+                .unwrap()
+                .anomalies_since(i64::MIN, None)
+                .unwrap()
+        })
+        .into_iter()
+        .map(|a| (a.rule, a.tenant))
+        .collect()
+    }
+}
+
+fn fired(rule: &str, tenant: Option<&str>) -> (String, Option<String>) {
+    (rule.to_string(), tenant.map(str::to_string))
+}
+
+fn question(i: usize) -> Value {
+    json!({"model": "gpt", "messages": [{"role": "user", "content": format!("question {i}")}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rate_fires_per_tenant_and_globally_just_over_its_limits() {
+    let t = rules_trail("window: 1m, tenant_requests: 5, global_requests: 8").await;
+    // At the limits, not over them: alpha 5 (its limit), 8 in all.
+    for i in 0..5 {
+        t.send(Who::Alpha, question(i)).await;
+    }
+    for i in 5..8 {
+        t.send(Who::Beta, question(i)).await;
+    }
+    assert_eq!(t.fired_after(8).await, vec![]);
+    // A ninth request, beta's fourth: over the global limit only.
+    t.send(Who::Beta, question(8)).await;
+    assert_eq!(t.fired_after(9).await, vec![fired("request_rate", None)]);
+    // Alpha's sixth: over alpha's limit (all tenants already fired this window).
+    t.send(Who::Alpha, question(9)).await;
+    assert_eq!(
+        t.fired_after(10).await,
+        vec![
+            fired("request_rate", None),
+            fired("request_rate", Some("alpha"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_ratio_fires_per_tenant_and_globally_and_counts_broken_streams() {
+    let t = rules_trail("window: 1m, failure_ratio: 0.5, failure_min_requests: 4").await;
+    t.send_n(5, Who::Alpha, question(0)).await;
+    // Refused by authentication: no tenant is proven, so they count for
+    // all tenants only. 4 of 9 failed: under half.
+    for _ in 0..4 {
+        assert_eq!(t.send(Who::Guesser, question(0)).await, 401);
+    }
+    assert_eq!(t.fired_after(9).await, vec![]);
+    // 5 of 10: half.
+    t.send(Who::Guesser, question(0)).await;
+    assert_eq!(t.fired_after(10).await, vec![fired("failure_ratio", None)]);
+    // Alpha: 5 good, then 3 provider errors and a stream the provider
+    // broke off (a 200 head, then nothing): 4 of 9.
+    let flaky = json!({"model": "flaky", "messages": []});
+    for _ in 0..3 {
+        assert_eq!(t.send(Who::Alpha, flaky.clone()).await, 500);
+    }
+    let stream = json!({"model": "gpt", "stream": true, "messages": []});
+    t.a.push(Behavior::default().chunks(10).break_after(2));
+    assert_eq!(t.send(Who::Alpha, stream.clone()).await, 200);
+    assert_eq!(t.fired_after(14).await, vec![fired("failure_ratio", None)]);
+    // One more broken stream: 5 of 10.
+    t.a.push(Behavior::default().chunks(10).break_after(2));
+    t.send(Who::Alpha, stream).await;
+    assert_eq!(
+        t.fired_after(15).await,
+        vec![
+            fired("failure_ratio", None),
+            fired("failure_ratio", Some("alpha"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_cost_fires_per_tenant_and_globally_just_over_its_limits() {
+    // Each request costs $0.001 (1000 prompt tokens at $1 per million).
+    let t = rules_trail("tenant_cost_per_hour_usd: 0.003, global_cost_per_hour_usd: 0.005").await;
+    t.send_n(3, Who::Alpha, question(0)).await;
+    t.send_n(2, Who::Beta, question(0)).await;
+    let all = until_rows(&t.spec, 5).await;
+    assert!(all.iter().all(|s| s.record.cost_nano == Some(1_000_000)));
+    // $0.003 for alpha and $0.005 in all: at the limits.
+    assert_eq!(t.fired_after(5).await, vec![]);
+    t.send(Who::Beta, question(0)).await;
+    assert_eq!(t.fired_after(6).await, vec![fired("hourly_cost", None)]);
+    t.send(Who::Alpha, question(0)).await;
+    assert_eq!(
+        t.fired_after(7).await,
+        vec![
+            fired("hourly_cost", None),
+            fired("hourly_cost", Some("alpha"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_requests_fire_per_tenant_and_globally_just_over_their_limits() {
+    let t = rules_trail("window: 1m, repeats: 3, global_repeats: 4").await;
+    // The same request, however it is laid out (the hash is of canonical JSON).
+    let same = json!({"model": "gpt", "messages": [{"role": "user", "content": "again"}]});
+    let same_reordered =
+        json!({"messages": [{"content": "again", "role": "user"}], "model": "gpt"});
+    t.send(Who::Alpha, same.clone()).await;
+    t.send(Who::Alpha, same_reordered.clone()).await;
+    t.send_n(2, Who::Beta, same.clone()).await;
+    // Different requests do not count.
+    for i in 0..5 {
+        t.send(Who::Alpha, question(i)).await;
+    }
+    // Four in all (the global limit), two each.
+    assert_eq!(t.fired_after(9).await, vec![]);
+    t.send(Who::Beta, same.clone()).await;
+    assert_eq!(
+        t.fired_after(10).await,
+        vec![fired("repeated_request", None)]
+    );
+    // Alpha's third is at its limit; its fourth over it.
+    t.send(Who::Alpha, same.clone()).await;
+    assert_eq!(t.fired_after(11).await.len(), 1);
+    t.send(Who::Alpha, same_reordered).await;
+    assert_eq!(
+        t.fired_after(12).await,
+        vec![
+            fired("repeated_request", None),
+            fired("repeated_request", Some("alpha"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_request_fires_for_one_request_over_the_token_limit() {
+    let t = rules_trail("tokens_per_request: 1500").await;
+    t.a.push(Behavior::default().body(usage_body(1000, 500)));
+    t.send(Who::Alpha, question(0)).await;
+    assert_eq!(t.fired_after(1).await, vec![]);
+    t.a.push(Behavior::default().body(usage_body(1000, 501)));
+    t.send(Who::Beta, question(1)).await;
+    assert_eq!(
+        t.fired_after(2).await,
+        vec![fired("large_request", Some("beta"))]
+    );
+    // One per request: another one fires again.
+    t.a.push(Behavior::default().body(usage_body(5000, 0)));
+    t.send(Who::Beta, question(2)).await;
+    assert_eq!(t.fired_after(3).await.len(), 2);
+}
+
+/// The epoch time in ms.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_flags_a_spike_after_steady_usage_even_when_silence_follows() {
+    // Periods of 400 ms; judged after 5 of history; z of 5. A perfectly
+    // steady tenant has no deviation: its floor (a quarter of the mean)
+    // lets a period at twice the usual pass (z = 4) and flags 20 times it.
+    const PERIOD: i64 = 400;
+    let t = rules_trail("zscore: 5, baseline_interval: 400ms, baseline_min_history: 5").await;
+    // One request a quarter into each period (the record's time is when
+    // the gateway got it). A stall that pushes one into the next period
+    // gives a period of 0 and one of 2: still under the limit.
+    let next_period = || async {
+        let now = now_ms();
+        let at = (now / PERIOD + 1) * PERIOD + PERIOD / 4;
+        tokio::time::sleep(Duration::from_millis((at - now) as u64)).await;
+        at / PERIOD
+    };
+    for _ in 0..7 {
+        next_period().await;
+        t.send(Who::Alpha, question(0)).await;
+    }
+    // Twice the usual.
+    next_period().await;
+    t.a.push(Behavior::default().body(usage_body(2000, 0)));
+    t.send(Who::Alpha, question(0)).await;
+    // Twenty times the usual, and then nothing more: the period is judged
+    // on the writer's clock.
+    let spike = next_period().await;
+    t.a.push(Behavior::default().body(usage_body(20_000, 0)));
+    t.send(Who::Alpha, question(0)).await;
+    let mut anomalies = Vec::new();
+    for _ in 0..200 {
+        anomalies = blocking(|| {
+            t.spec
+                .open()
+                .unwrap()
+                .anomalies_since(i64::MIN, None)
+                .unwrap()
+        });
+        if !anomalies.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rows(&t.spec).len(), 9, "no record came after the spike");
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    let a = &anomalies[0];
+    assert_eq!(
+        (a.rule.as_str(), a.tenant.as_deref()),
+        ("baseline_spike", Some("alpha"))
+    );
+    // The spike's period, not the doubled one (which, had it fired, would
+    // have held the rule's one alert of the window).
+    // Found when the period ended (and the grace after it passed).
+    assert_eq!(a.ts_ms, (spike + 1) * PERIOD, "{a:?}");
+    assert!(
+        a.detail.contains("tokens per 400ms 20000 is"),
+        "{}",
+        a.detail
+    );
+}
+
+/// One attempt the webhook receiver saw.
+#[derive(Clone, Debug)]
+struct Delivery {
+    id: String,
+    body: String,
+    at: std::time::Instant,
+}
+
 /// A one-route HTTP receiver for the webhook: answers 500 to the first
-/// request (to exercise the retry), 200 after; keeps the bodies.
-async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// `fail_first` attempts of each alert (by its `id`), 200 after; keeps every
+/// attempt.
+async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/alerts", listener.local_addr().unwrap());
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Delivery>::new()));
     let seen = std::sync::Arc::clone(&got);
     tokio::spawn(async move {
-        let mut n = 0;
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
-            loop {
+            let body = loop {
                 let k = s.read(&mut chunk).await.unwrap_or(0);
                 if k == 0 {
-                    break;
+                    break None;
                 }
                 buf.extend_from_slice(&chunk[..k]);
                 let text = String::from_utf8_lossy(&buf).to_string();
@@ -725,22 +1090,29 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
                         })
                         .unwrap_or(0);
                     if buf.len() >= head_end + 4 + len {
-                        break;
+                        break Some(text[head_end + 4..].to_string());
                     }
                 }
-            }
-            n += 1;
-            let text = String::from_utf8_lossy(&buf).to_string();
-            let status = if n == 1 {
+            };
+            let Some(body) = body else { continue };
+            let id = serde_json::from_str::<Value>(&body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let tries = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(Delivery {
+                    id: id.clone(),
+                    body,
+                    at: std::time::Instant::now(),
+                });
+                seen.iter().filter(|d| d.id == id).count()
+            };
+            let status = if tries <= fail_first {
                 "500 Internal Server Error"
             } else {
                 "200 OK"
             };
-            if n > 1 {
-                seen.lock()
-                    .unwrap()
-                    .push(text.split("\r\n\r\n").nth(1).unwrap_or("").to_string());
-            }
             let _ = s
                 .write_all(
                     format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -753,139 +1125,82 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn anomaly_rules_fire_on_crafted_traffic_and_stay_quiet_otherwise() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("audit.db");
-    let spec = SinkSpec::Sqlite(db.clone());
-    let (hook, alerts) = receiver().await;
-    let a = mock_with(Behavior::default().chunks(3)).await;
-    let b = mock_with(Behavior::default().status(500)).await;
-    let rules = format!(
-        ", anomalies: {{window: 1m, tenant_requests: 40, failure_ratio: 0.5, failure_min_requests: 10, tenant_cost_per_hour_usd: 0.001, tokens_per_request: 1500, repeats: 5, webhook: {{url: \"{hook}\", timeout: 2s, retries: 3}}}}"
+async fn the_webhook_sends_the_same_alert_again_with_backoff_until_accepted() {
+    let (hook, deliveries) = receiver(2).await;
+    let t = rules_trail(&format!(
+        "tenant_requests: 2, webhook: {{url: \"{hook}\", timeout: 2s, retries: 3, backoff: 50ms}}"
+    ))
+    .await;
+    t.send_n(3, Who::Alpha, question(0)).await;
+    assert_eq!(
+        t.fired_after(3).await,
+        vec![fired("request_rate", Some("alpha"))]
     );
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, &rules))).await;
-    let distinct = |i: usize| json!({"model": "gpt", "messages": [{"role": "user", "content": format!("question {i}")}]});
-    // Normal traffic: a few distinct, successful, small requests.
-    for i in 0..10 {
-        gw.chat(distinct(i))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-    }
-    until_rows(&spec, 10).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let anomalies = |spec: &SinkSpec| {
-        spec.open()
-            .unwrap()
-            .anomalies_since(i64::MIN, None)
-            .unwrap()
-    };
+    eventually("the alert is accepted", || {
+        deliveries.lock().unwrap().len() >= 3
+    })
+    .await;
+    // Once accepted it is not sent again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = deliveries.lock().unwrap().clone();
+    assert_eq!(
+        got.len(),
+        3,
+        "two refusals and the accepted attempt: {got:?}"
+    );
     assert!(
-        anomalies(&spec).is_empty(),
-        "quiet on normal traffic: {:?}",
-        anomalies(&spec)
+        got.iter()
+            .all(|d| d.id == got[0].id && d.body == got[0].body)
     );
+    let alert: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(
+        (alert["rule"].as_str(), alert["tenant"].as_str()),
+        (Some("request_rate"), Some("alpha"))
+    );
+    // Backoff: each retry waits at least twice as long as the one before
+    // (50 ms, then 100 ms).
+    assert!(got[1].at - got[0].at >= Duration::from_millis(50));
+    assert!(got[2].at - got[1].at >= Duration::from_millis(100));
+    let m = t.gw.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "collie_anomaly_webhook_failures_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "collie_anomalies_total",
+            &[("rule", "request_rate"), ("tenant", "alpha")]
+        ),
+        1.0
+    );
+}
 
-    // Failures.
-    for i in 0..12 {
-        gw.chat(
-            json!({"model": "flaky", "messages": [{"role": "user", "content": format!("f{i}")}]}),
-        )
-        .send()
-        .await
-        .unwrap();
-    }
-    // The same request, again and again.
-    for _ in 0..6 {
-        gw.chat(distinct(0))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-    }
-    // A single request over the token limit.
-    a.push(Behavior::default().chunks(2000));
-    gw.chat(distinct(99))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    // A burst of requests.
-    for i in 0..20 {
-        gw.chat(distinct(200 + i))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-    }
-    let mut fired = Vec::new();
-    for _ in 0..300 {
-        fired = anomalies(&spec)
-            .iter()
-            .map(|a| a.rule.clone())
-            .collect::<Vec<_>>();
-        if [
-            "repeated_request",
-            "large_request",
-            "failure_ratio",
-            "request_rate",
-            "hourly_cost",
-        ]
-        .iter()
-        .all(|r| fired.iter().any(|f| f == r))
-        {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gives_up_after_its_retries_and_counts_the_failure() {
+    let (hook, deliveries) = receiver(usize::MAX).await;
+    let t = rules_trail(&format!(
+        "tenant_requests: 2, webhook: {{url: \"{hook}\", timeout: 2s, retries: 2, backoff: 20ms}}"
+    ))
+    .await;
+    t.send_n(3, Who::Alpha, question(0)).await;
+    t.fired_after(3).await;
+    let mut failures = 0.0;
+    for _ in 0..200 {
+        failures = metric_sum(
+            &t.gw.metrics().await,
+            "collie_anomaly_webhook_failures_total",
+            &[],
+        );
+        if failures > 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for rule in [
-        "repeated_request",
-        "large_request",
-        "failure_ratio",
-        "request_rate",
-        "hourly_cost",
-    ] {
-        assert!(
-            fired.iter().any(|f| f == rule),
-            "{rule} did not fire: {fired:?}"
-        );
-    }
-    // Logged once per rule and scope (a tenant, or all tenants).
-    let rows = anomalies(&spec);
-    for rule in [
-        "repeated_request",
-        "failure_ratio",
-        "request_rate",
-        "hourly_cost",
-    ] {
-        for scope in [Some("alpha".to_string()), None] {
-            let n = rows
-                .iter()
-                .filter(|a| a.rule == rule && a.tenant == scope)
-                .count();
-            assert!(n <= 1, "{rule} for {scope:?} logged {n} times");
-        }
-    }
-    // Counted in metrics and delivered to the webhook (after one 500).
-    let m = gw.metrics().await;
-    assert!(metric_sum(&m, "collie_anomalies_total", &[("rule", "request_rate")]) >= 1.0);
-    eventually("the webhook got the alerts", || {
-        alerts
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|b| b.contains("\"rule\":\"request_rate\""))
-    })
-    .await;
+    assert_eq!(failures, 1.0);
+    let got = deliveries.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "the first attempt and two retries: {got:?}");
+    assert!(got.iter().all(|d| d.id == got[0].id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -936,14 +1251,115 @@ async fn verify_catches_an_edited_row_and_a_deleted_one() {
     assert!(!nowhere.exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn report_totals_equal_the_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("audit.db");
-    let a = mock_with(Behavior::default().chunks(4)).await;
-    let b = mock().await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ""))).await;
+/// Run `collie audit report` on a trail; the parsed JSON, or the text.
+fn report_cli(sink: &str, args: &[&str]) -> String {
+    let out = collie_bin()
+        .args(["audit", "report", "--sink", sink])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn report_json(sink: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--format", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&report_cli(sink, &all)).unwrap()
+}
+
+/// What a report must say of these records, worked out from the records
+/// themselves (percentiles: nearest rank, the value at round((n − 1) · p)
+/// of the sorted latencies).
+fn expected_totals(rs: &[&Record]) -> Value {
+    let sum = |f: fn(&Record) -> Option<i64>| rs.iter().filter_map(|r| f(r)).sum::<i64>();
+    let count = |f: fn(&Record) -> bool| rs.iter().filter(|r| f(r)).count();
+    let mut lat: Vec<f64> = rs.iter().map(|r| r.latency_ms).collect();
+    lat.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * p).round() as usize]);
+    json!({
+        "requests": rs.len(),
+        "refused": count(|r| r.decision == "refused"),
+        "failures": count(|r| r.status >= 400 || r.status == 0 || r.truncated),
+        "truncated": count(|r| r.truncated),
+        "prompt_tokens": sum(|r| r.prompt_tokens),
+        "completion_tokens": sum(|r| r.completion_tokens),
+        "total_tokens": sum(|r| r.total_tokens),
+        "estimated": count(|r| r.usage_estimated),
+        "cost_usd": sum(|r| r.cost_nano) as f64 / 1e9,
+        "latency_p50_ms": pct(0.5),
+        "latency_p95_ms": pct(0.95),
+    })
+}
+
+/// Compare a report's totals with the expected ones (numbers with
+/// fractions to a few ULPs: JSON parsing need not round-trip exactly).
+fn assert_totals(got: &Value, want: &Value, what: &str) {
+    for (k, v) in want.as_object().unwrap() {
+        if v.is_f64() {
+            let (g, w) = (got[k].as_f64().unwrap(), v.as_f64().unwrap());
+            assert!((g - w).abs() <= w.abs() * 1e-12, "{what}: {k} {g} vs {w}");
+        } else {
+            assert_eq!(&got[k], v, "{what}: {k}");
+        }
+    }
+}
+
+/// (name, count) lists of a report, as pairs.
+fn pairs(v: &Value) -> Vec<(String, u64)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+        .collect()
+}
+
+/// Count records by a key, most frequent first (ties by name), top 10.
+fn top_of(rs: &[&Record], key: impl Fn(&Record) -> Option<String>) -> Vec<(String, u64)> {
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    for r in rs {
+        if let Some(k) = key(r) {
+            *counts.entry(k).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(String, u64)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(10);
+    v
+}
+
+/// A CSV line split into fields (quoted fields may hold commas and "").
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            (c, _) => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Traffic of every kind for the report: successes of different sizes,
+/// a fallback, a broken stream, an unknown model, refusals by
+/// authentication (naming alpha, and naming nobody) and by quota.
+async fn report_traffic(gw: &Gw, a: &MockServer) {
     for i in 0..8 {
+        a.push(Behavior::default().chunks(1 + i * 3));
         gw.chat(
             json!({"model": "gpt", "messages": [{"role": "user", "content": format!("r{i}")}]}),
         )
@@ -954,44 +1370,240 @@ async fn report_totals_equal_the_records() {
         .await
         .unwrap();
     }
-    gw.client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth("bad")
-        .json(&body())
+    a.push(Behavior::default().status(503));
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    a.push(Behavior::default().chunks(10).break_after(3));
+    gw.chat(json!({"model": "gpt", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    gw.chat(json!({"model": "nope", "messages": []}))
         .send()
         .await
         .unwrap();
-    let all = until_rows(&SinkSpec::Sqlite(db.clone()), 9).await;
-    for format in ["json", "text", "csv"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_collie"))
-            .args([
-                "audit", "report", "--since", "1h", "--format", format, "--sink",
-            ])
-            .arg(format!("sqlite:{}", db.display()))
-            .output()
+    for (tenant, key) in [("alpha", "bad-1"), ("alpha", "bad-2"), ("mallory", "bad-3")] {
+        gw.client
+            .post(gw.url("/v1/chat/completions"))
+            .header("x-tenant-id", tenant)
+            .bearer_auth(key)
+            .json(&body())
+            .send()
+            .await
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if format != "json" {
-            assert!(text.contains("gpt"));
-            continue;
-        }
-        let r: Value = serde_json::from_str(&text).unwrap();
-        let sum =
-            |f: fn(&Record) -> Option<i64>| all.iter().filter_map(|s| f(&s.record)).sum::<i64>();
-        assert_eq!(r["totals"]["requests"], all.len());
-        assert_eq!(r["totals"]["total_tokens"], sum(|r| r.total_tokens));
-        assert_eq!(r["totals"]["refused"], 1);
-        let cost = sum(|r| r.cost_nano) as f64 / 1e9;
-        assert!((r["totals"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12);
-        assert_eq!(r["by_tenant"]["alpha"]["requests"], 8);
-        assert_eq!(r["refusals_by_rule"][0][0], "invalid_api_key");
     }
+    for _ in 0..2 {
+        gw.client
+            .post(gw.url("/v1/chat/completions"))
+            .header("x-tenant-id", "capped")
+            .bearer_auth(BETA_KEY)
+            .json(&body())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_matches_the_records_by_every_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        &sqlite_audit(&db, ", anomalies: {tenant_requests: 5}"),
+    ))
+    .await;
+    report_traffic(&gw, &a).await;
+    let n = 16;
+    let all = until_rows(&SinkSpec::Sqlite(db.clone()), n).await;
+    drop(gw);
+    let sink = format!("sqlite:{}", db.display());
+    let recs: Vec<&Record> = all.iter().map(|s| &s.record).collect();
+    let r = report_json(&sink, &["--since", "1h"]);
+
+    assert_totals(&r["totals"], &expected_totals(&recs), "totals");
+    assert!(
+        r["totals"]["latency_p50_ms"].as_f64().unwrap()
+            <= r["totals"]["latency_p95_ms"].as_f64().unwrap()
+    );
+    assert_eq!(r["totals"]["truncated"], 1);
+    let models: Vec<String> = r["by_model"].as_object().unwrap().keys().cloned().collect();
+    // Refused before the body was read: no model.
+    assert_eq!(models, ["(none)", "gpt", "nope"]);
+    for model in &models {
+        let of: Vec<&Record> = recs
+            .iter()
+            .copied()
+            .filter(|r| r.requested_model.as_deref().unwrap_or("(none)") == model)
+            .collect();
+        assert_totals(&r["by_model"][model], &expected_totals(&of), model);
+    }
+    for tenant in ["alpha", "capped"] {
+        let of: Vec<&Record> = recs
+            .iter()
+            .copied()
+            .filter(|r| r.tenant.as_deref() == Some(tenant))
+            .collect();
+        assert_totals(&r["by_tenant"][tenant], &expected_totals(&of), tenant);
+    }
+    assert_eq!(r["by_tenant"]["(unauthenticated)"]["requests"], 3);
+    let failed: Vec<&Record> = recs.iter().copied().filter(|r| r.failed()).collect();
+    let errors = pairs(&r["top_errors"]);
+    assert_eq!(
+        errors,
+        top_of(&failed, |r| Some(
+            r.error
+                .clone()
+                .or(r.rule.clone())
+                .unwrap_or_else(|| format!("HTTP {}", r.status))
+        ))
+    );
+    assert_eq!(errors[0], ("invalid_api_key".to_string(), 3));
+    assert!(errors.contains(&("stream_interrupted: ConnectionClosed".to_string(), 1)));
+    assert!(
+        errors.contains(&("quota_exceeded".to_string(), 1)),
+        "{errors:?}"
+    );
+    let sec = &r["security"];
+    assert_eq!(
+        pairs(&sec["refusals_by_rule"]),
+        vec![
+            ("invalid_api_key".to_string(), 3),
+            ("day.requests".to_string(), 1),
+            ("model_not_found".to_string(), 1)
+        ]
+    );
+    assert_eq!(
+        pairs(&sec["refusals_by_client"]),
+        vec![("127.0.0.1".to_string(), 5)]
+    );
+    assert_eq!(
+        pairs(&sec["auth_refusals_by_claimed_tenant"]),
+        vec![("alpha".to_string(), 2), ("(unknown)".to_string(), 1)]
+    );
+    let anomalies = r["anomalies"].as_array().unwrap();
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    assert_eq!(anomalies[0]["rule"], "request_rate");
+    assert_eq!(anomalies[0]["tenant"], "alpha");
+
+    // One tenant: its records, and the refusals that claimed its id.
+    let alpha = report_json(&sink, &["--since", "1h", "--tenant", "alpha"]);
+    let of: Vec<&Record> = recs
+        .iter()
+        .copied()
+        .filter(|r| r.tenant.as_deref() == Some("alpha"))
+        .collect();
+    assert_totals(&alpha["totals"], &expected_totals(&of), "--tenant alpha");
+    assert_eq!(alpha["by_tenant"].as_object().unwrap().len(), 1);
+    assert_eq!(
+        pairs(&alpha["security"]["auth_refusals_by_claimed_tenant"]),
+        vec![("alpha".to_string(), 2)]
+    );
+    assert_eq!(alpha["anomalies"].as_array().unwrap().len(), 1);
+    let capped = report_json(&sink, &["--since", "1h", "--tenant", "capped"]);
+    assert_eq!(capped["totals"]["requests"], 2);
+    assert_eq!(capped["anomalies"].as_array().unwrap().len(), 0);
+
+    // CSV: the same numbers.
+    let text = report_cli(&sink, &["--since", "1h", "--format", "csv"]);
+    let lines: Vec<Vec<String>> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(csv_fields)
+        .collect();
+    let header = &lines[0];
+    assert_eq!(header.len(), 14);
+    assert!(lines.iter().all(|l| l.len() == header.len()), "{text}");
+    let col =
+        |row: &Vec<String>, name: &str| row[header.iter().position(|h| h == name).unwrap()].clone();
+    let row = |section: &str, name: &str| {
+        lines
+            .iter()
+            .find(|l| l[0] == section && l[1] == name)
+            .unwrap_or_else(|| panic!("no {section},{name} in\n{text}"))
+            .clone()
+    };
+    for (section, name, want) in [
+        ("total", "all", &r["totals"]),
+        ("model", "gpt", &r["by_model"]["gpt"]),
+        ("tenant", "alpha", &r["by_tenant"]["alpha"]),
+    ] {
+        let line = row(section, name);
+        for k in [
+            "requests",
+            "failures",
+            "truncated",
+            "refused",
+            "prompt_tokens",
+            "total_tokens",
+            "estimated",
+        ] {
+            assert_eq!(col(&line, k), want[k].to_string(), "{section} {name} {k}");
+        }
+        let close = |k: &str, eps: f64| {
+            (col(&line, k).parse::<f64>().unwrap() - want[k].as_f64().unwrap()).abs() <= eps
+        };
+        assert!(
+            close("cost_usd", 1e-9)
+                && close("latency_p50_ms", 5e-4)
+                && close("latency_p95_ms", 5e-4)
+        );
+    }
+    assert_eq!(col(&row("error", "invalid_api_key"), "requests"), "3");
+    assert_eq!(col(&row("claimed_tenant", "(unknown)"), "requests"), "1");
+    assert!(col(&row("anomaly", "request_rate"), "detail").contains("alpha"));
+
+    // Text: every section, with the numbers.
+    let text = report_cli(&sink, &["--since", "1h"]);
+    for heading in [
+        "Totals",
+        "By model",
+        "By tenant",
+        "Top errors",
+        "Security",
+        "Refusals by rule",
+        "Refusals by client address",
+        "claimed tenant",
+        "Anomalies",
+    ] {
+        assert!(text.contains(heading), "{heading} missing:\n{text}");
+    }
+    let total_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("all "))
+        .unwrap();
+    let words: Vec<&str> = total_line.split_whitespace().collect();
+    assert_eq!(words[1], n.to_string(), "{total_line}");
+    assert_eq!(
+        words[2],
+        r["totals"]["failures"].to_string(),
+        "{total_line}"
+    );
+
+    // The cut-off: records older than --since are left out.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let two_days_ago = now_ms() - 48 * 3_600_000;
+    conn.execute(
+        "UPDATE audit_records SET ts_ms = ?1 WHERE seq <= 4",
+        [two_days_ago],
+    )
+    .unwrap();
+    assert_eq!(
+        report_json(&sink, &["--since", "24h"])["totals"]["requests"],
+        n - 4
+    );
+    assert_eq!(
+        report_json(&sink, &["--since", "3d"])["totals"]["requests"],
+        n
+    );
 }
 
 /// A gateway over two mocks, auditing to a fresh SQLite file.

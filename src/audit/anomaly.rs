@@ -2,7 +2,12 @@
 //! request rate, failure ratio, hourly cost, one request's tokens, the same
 //! request repeated, and a per-tenant baseline (EWMA of tokens and cost per
 //! minute) flagging z-score spikes. Time is the records' own, so the rules
-//! are deterministic for a given sequence.
+//! are deterministic for a given sequence; only the baseline is also judged
+//! on the writer's clock ([`Detector::tick`]), so a spike followed by
+//! silence is not left waiting for a next record.
+//!
+//! State is in memory, per sidecar: in a fleet each sidecar judges its own
+//! traffic, and a restart starts every window and baseline afresh.
 
 use super::record::Record;
 use super::sink::AnomalyRow;
@@ -58,10 +63,11 @@ impl Scope {
     }
 }
 
-/// A tenant's usual tokens and cost per minute.
+/// A tenant's usual tokens and cost per period (a minute by default).
 #[derive(Default)]
 struct Baseline {
-    minute: i64,
+    /// The open period (epoch ms / period length).
+    period: i64,
     tokens: f64,
     cost: f64,
     history: u32,
@@ -71,9 +77,9 @@ struct Baseline {
     var_cost: f64,
 }
 
-/// Minutes of history before the baseline judges.
-const BASELINE_MIN_HISTORY: u32 = 10;
 const BASELINE_ALPHA: f64 = 0.1;
+/// The least deviation a baseline judges against, as a share of its mean.
+const BASELINE_SD_FLOOR: f64 = 0.25;
 
 pub struct Detector {
     s: AnomalySettings,
@@ -135,7 +141,7 @@ impl Detector {
             .max(1);
         let slice = now / slice_ms;
         let minute = now / 60_000;
-        let failed = r.status >= 400 || r.status == 0;
+        let failed = r.failed();
         let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
         // The tenant's scope (when known) and the global one, each counted once.
         let scope_keys: Vec<Option<String>> = match &r.tenant {
@@ -194,11 +200,41 @@ impl Detector {
                 });
             }
         }
-        if let (Some(limit), Some(hash)) = (self.s.repeats, &r.request_hash) {
-            let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
+        if let Some(hash) = &r.request_hash {
+            self.repeats(&mut out, now, r.tenant.as_ref(), hash);
+        }
+        if let Some(t) = &r.tenant {
+            let period = now / self.baseline_ms();
+            self.baseline(&mut out, t, period, r.total_tokens.unwrap_or(0), cost);
+        }
+        out
+    }
+
+    /// The same request (by hash) more often than allowed in a window: per
+    /// tenant (`repeats`) and for all tenants together (`global_repeats`).
+    fn repeats(
+        &mut self,
+        out: &mut Vec<AnomalyRow>,
+        now: i64,
+        tenant: Option<&String>,
+        hash: &str,
+    ) {
+        let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
+        let scopes = [
+            (tenant.cloned(), self.s.repeats),
+            (None, self.s.global_repeats),
+        ];
+        // An anonymous record belongs to the global scope only.
+        let scopes = if tenant.is_some() {
+            &scopes[..]
+        } else {
+            &scopes[1..]
+        };
+        for (scope, limit) in scopes {
+            let Some(limit) = *limit else { continue };
             let e = self
                 .repeats
-                .entry((r.tenant.clone(), hash.clone()))
+                .entry((scope.clone(), hash.to_string()))
                 .or_insert((0, now));
             if now - e.1 >= window {
                 *e = (0, now);
@@ -206,62 +242,92 @@ impl Detector {
             e.0 += 1;
             let count = e.0;
             if count > limit {
+                let who = scope.as_deref().unwrap_or("all tenants");
                 let detail = format!(
-                    "the same request ({}…) {count} times within {:?}",
+                    "{who}: the same request ({}…) {count} times within {:?} (limit {limit})",
                     &hash[..12.min(hash.len())],
                     self.s.window
                 );
-                self.fire(&mut out, now, "repeated_request", r.tenant.as_ref(), detail);
-            }
-            if self.repeats.len() > 200_000 {
-                // Bounded memory: forget what has left the window.
-                self.repeats.retain(|_, (_, first)| now - *first < window);
+                self.fire(out, now, "repeated_request", scope.as_ref(), detail);
             }
         }
-        if let Some(t) = &r.tenant {
-            self.baseline(&mut out, t, minute, r.total_tokens.unwrap_or(0), cost);
+        if self.repeats.len() > 200_000 {
+            // Bounded memory: forget what has left the window.
+            self.repeats.retain(|_, (_, first)| now - *first < window);
+        }
+    }
+
+    fn baseline_ms(&self) -> i64 {
+        i64::try_from(self.s.baseline_interval.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// Judge the baseline periods that ended before `now_ms` (wall clock),
+    /// so a spike followed by silence is flagged without waiting for the
+    /// tenant's next record. A period is judged once it is over by a grace
+    /// (a quarter period, at most 5 s) that lets its last records arrive; a
+    /// record that comes later still is counted in the open period.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<AnomalyRow> {
+        let mut out = Vec::new();
+        let period_ms = self.baseline_ms();
+        let grace = (period_ms / 4).min(5_000);
+        let closed = now_ms.saturating_sub(grace) / period_ms;
+        let due: Vec<String> = self
+            .baselines
+            .iter()
+            .filter(|(_, b)| b.period < closed)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for tenant in due {
+            self.baseline(&mut out, &tenant, closed, 0, 0);
         }
         out
     }
 
-    /// Per-tenant baseline: when a minute ends, compare its totals with the
-    /// tenant's EWMA mean and deviation so far.
+    /// Per-tenant baseline: when a period ends, compare its totals with the
+    /// tenant's EWMA mean and deviation so far, then fold it in. `period` is
+    /// where `tokens` and `cost` belong; an earlier one (a record that
+    /// arrives after its period was judged) is counted in the open period.
     fn baseline(
         &mut self,
         out: &mut Vec<AnomalyRow>,
         tenant: &str,
-        minute: i64,
+        period: i64,
         tokens: i64,
         cost: u64,
     ) {
         let z_limit = self.s.zscore;
+        let min_history = self.s.baseline_min_history;
+        let period_ms = self.baseline_ms();
         let b = self
             .baselines
             .entry(tenant.to_string())
             .or_insert_with(|| Baseline {
-                minute,
+                period,
                 ..Baseline::default()
             });
+        let period = period.max(b.period);
         let mut spikes = Vec::new();
-        if minute != b.minute {
-            // Close the finished minute (and count empty minutes in between as zero).
-            let gaps = (minute - b.minute).clamp(1, 60);
+        if period != b.period {
+            // Close the finished period (and count empty ones in between as zero).
+            let gaps = (period - b.period).clamp(1, 60);
             for i in 0..gaps {
                 let (t, c) = if i == 0 {
                     (b.tokens, b.cost)
                 } else {
                     (0.0, 0.0)
                 };
-                if b.history >= BASELINE_MIN_HISTORY {
+                if b.history >= min_history {
                     for (name, x, mean, var) in [
                         ("tokens", t, b.mean_tokens, b.var_tokens),
                         ("cost", c, b.mean_cost, b.var_cost),
                     ] {
-                        let sd = var.sqrt();
-                        if sd > 0.0 && (x - mean) / sd >= z_limit {
+                        let z = (x - mean) / deviation(mean, var);
+                        if z >= z_limit {
                             spikes.push(format!(
-                                "{tenant}: {name} per minute {x:.0} is {:.1} standard deviations above its usual {mean:.0}",
-                                (x - mean) / sd
+                                "{tenant}: {name} per {:?} {x:.0} is {z:.1} standard deviations above its usual {mean:.0}",
+                                self.s.baseline_interval
                             ));
                         }
                     }
@@ -280,13 +346,13 @@ impl Detector {
                 }
                 b.history += 1;
             }
-            b.minute = minute;
+            b.period = period;
             b.tokens = 0.0;
             b.cost = 0.0;
         }
         b.tokens += tokens as f64;
         b.cost += cost as f64;
-        let now = minute * 60_000;
+        let now = period * period_ms;
         for detail in spikes {
             self.fire(
                 out,
@@ -299,6 +365,15 @@ impl Detector {
     }
 }
 
+/// The deviation a baseline judges against: its EWMA standard deviation,
+/// but never less than a quarter of its mean (nor one unit). Perfectly
+/// steady usage has no deviation at all, and would otherwise never flag
+/// anything; with the floor, at the default z of 4 a steady tenant is
+/// flagged when a period's usage reaches twice its usual.
+fn deviation(mean: f64, var: f64) -> f64 {
+    var.sqrt().max(BASELINE_SD_FLOOR * mean.abs()).max(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +384,7 @@ mod tests {
             ts_ms,
             request_id: format!("r{ts_ms}"),
             tenant: Some(tenant.into()),
+            claimed_tenant: None,
             client_ip: None,
             endpoint: "chat".into(),
             requested_model: Some("m".into()),
@@ -365,6 +441,108 @@ mod tests {
             spike.iter().any(|a| a.rule == "baseline_spike"),
             "{spike:?}"
         );
+    }
+
+    fn steady(zscore: f64) -> (Detector, Vec<AnomalyRow>) {
+        let mut d = Detector::new(
+            AnomalySettings {
+                zscore,
+                ..AnomalySettings::default()
+            },
+            "s",
+        );
+        // Twenty minutes of exactly the same usage: no deviation at all.
+        let fired = (0..20i64)
+            .flat_map(|minute| {
+                (0..10)
+                    .map(|i| record(minute * 60_000 + i * 1000, "t", 200, 100))
+                    .collect::<Vec<_>>()
+            })
+            .flat_map(|r| d.observe(&r))
+            .collect();
+        (d, fired)
+    }
+
+    #[test]
+    fn perfectly_steady_usage_still_flags_a_spike() {
+        let (mut d, fired) = steady(4.0);
+        assert!(fired.is_empty(), "{fired:?}");
+        for i in 0..10 {
+            d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 1000));
+        }
+        let spike = d.observe(&record(21 * 60_000, "t", 200, 100));
+        assert!(
+            spike.iter().any(|a| a.rule == "baseline_spike"),
+            "{spike:?}"
+        );
+    }
+
+    #[test]
+    fn a_steady_baseline_tolerates_less_than_its_floor() {
+        // The deviation's floor is a quarter of the mean: at z 5, a minute at
+        // twice the usual (z = 4) passes.
+        let (mut d, _) = steady(5.0);
+        for i in 0..20 {
+            d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 100));
+        }
+        let next = d.observe(&record(21 * 60_000, "t", 200, 100));
+        assert!(next.is_empty(), "{next:?}");
+    }
+
+    #[test]
+    fn a_spike_followed_by_silence_is_flagged_on_the_clock() {
+        let (mut d, _) = steady(4.0);
+        for i in 0..10 {
+            assert!(
+                d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 5000))
+                    .is_empty()
+            );
+        }
+        // No more records. The minute is judged once it is over by the grace
+        // (a quarter of it, at most 5 s), not before.
+        assert!(d.tick(21 * 60_000 + 4_000).is_empty());
+        let late = d.tick(21 * 60_000 + 5_000);
+        assert!(
+            late.iter()
+                .any(|a| a.rule == "baseline_spike" && a.tenant.as_deref() == Some("t")),
+            "{late:?}"
+        );
+        // Judged once: the next tick and a late record of that minute add nothing.
+        assert!(d.tick(21 * 60_000 + 6_000).is_empty());
+        assert!(
+            d.observe(&record(20 * 60_000 + 59_000, "t", 200, 100))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn repeats_count_per_tenant_and_for_all_tenants() {
+        let s = AnomalySettings {
+            repeats: Some(3),
+            global_repeats: Some(4),
+            ..AnomalySettings::default()
+        };
+        let mut d = Detector::new(s, "s");
+        let same = |ts, tenant| Record {
+            request_hash: Some("ab".repeat(32)),
+            ..record(ts, tenant, 200, 10)
+        };
+        let mut fired = Vec::new();
+        for (i, t) in ["a", "a", "b", "b"].iter().enumerate() {
+            fired.extend(d.observe(&same(i as i64, t)));
+        }
+        assert!(fired.is_empty(), "{fired:?}");
+        // Five in all: over the global limit, while each tenant is under its own.
+        let over = d.observe(&same(4, "b"));
+        assert_eq!(over.len(), 1, "{over:?}");
+        assert_eq!(
+            (over[0].rule.as_str(), over[0].tenant.as_deref()),
+            ("repeated_request", None)
+        );
+        // b's fourth is over b's limit.
+        let over = d.observe(&same(5, "b"));
+        assert_eq!(over.len(), 1, "{over:?}");
+        assert_eq!(over[0].tenant.as_deref(), Some("b"));
     }
 
     #[test]

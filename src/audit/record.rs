@@ -13,6 +13,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::gateway::Claimed;
+
+/// The claimed tenant of a refused request that named no configured tenant.
+/// The header's text is not kept: it is free text, and may hold a secret.
+pub const UNKNOWN_TENANT: &str = "(unknown)";
+
 /// A request as recorded. Never holds a key, an `Authorization` value or a
 /// provider's error body: none of them is ever put into the context.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +26,10 @@ pub struct Record {
     pub ts_ms: i64,
     pub request_id: String,
     pub tenant: Option<String>,
+    /// Refused by authentication: the configured tenant the request named
+    /// in `X-Tenant-ID` but did not prove (`(unknown)` when it named none).
+    /// Claimed, never proven; never billed.
+    pub claimed_tenant: Option<String>,
     pub client_ip: Option<String>,
     pub endpoint: String,
     pub requested_model: Option<String>,
@@ -58,6 +68,7 @@ pub struct Pending {
     ttft: Option<Duration>,
     request_id: String,
     tenant: Option<usize>,
+    claimed_tenant: Option<Claimed>,
     client_ip: Option<IpAddr>,
     endpoint: Endpoint,
     requested_model: Option<String>,
@@ -66,6 +77,7 @@ pub struct Pending {
     status: u16,
     refused_by: Option<String>,
     error: Option<&'static str>,
+    broken: Option<&'static str>,
     usage: Option<Usage>,
     usage_estimated: bool,
     streamed: bool,
@@ -93,6 +105,7 @@ impl Pending {
             ttft: ctx.first_byte.map(|t| t.duration_since(ctx.started)),
             request_id: std::mem::take(&mut ctx.id),
             tenant: ctx.tenant,
+            claimed_tenant: ctx.claimed_tenant,
             client_ip: ctx.client_ip,
             endpoint: ctx.endpoint,
             requested_model: ctx.requested_model.take(),
@@ -101,6 +114,7 @@ impl Pending {
             status: ctx.status,
             refused_by: ctx.refused_by.take(),
             error: ctx.error,
+            broken: ctx.broken,
             usage: ctx.usage,
             usage_estimated: ctx.usage_estimated,
             streamed: ctx.streamed,
@@ -144,6 +158,14 @@ impl Pending {
                 .tenant
                 .and_then(|t| snap.config.tenants.get(t))
                 .map(|t| t.id.clone()),
+            claimed_tenant: self.claimed_tenant.map(|c| match c {
+                Claimed::Tenant(i) => snap
+                    .config
+                    .tenants
+                    .get(i)
+                    .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
+                Claimed::Unknown => UNKNOWN_TENANT.to_string(),
+            }),
             client_ip: self.client_ip.map(|ip| ip.to_string()),
             endpoint: self.endpoint.label().to_string(),
             requested_model: self.requested_model,
@@ -174,7 +196,11 @@ impl Pending {
             response_preview: self
                 .preview
                 .map(|p| String::from_utf8_lossy(&p).into_owned()),
-            error: if admitted && (200..400).contains(&self.status) {
+            // Only Collie's own short reasons: a provider's error body may
+            // echo a key, so it is never kept.
+            error: if let Some(why) = self.broken {
+                Some(format!("stream_interrupted: {why}"))
+            } else if admitted && (200..400).contains(&self.status) {
                 None
             } else {
                 self.error.map(str::to_string)
@@ -185,6 +211,12 @@ impl Pending {
 }
 
 impl Record {
+    /// Failed: an error status, no answer at all, or a response the provider
+    /// broke off mid-way (the client got a 200 head and part of a body).
+    pub fn failed(&self) -> bool {
+        self.status >= 400 || self.status == 0 || self.truncated
+    }
+
     /// The hash chaining this record to the one before it (same sidecar):
     /// SHA-256 over the previous hash, the position and every field.
     pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {
@@ -228,6 +260,12 @@ impl Record {
         field(&opt(&self.request_hash));
         field(&opt(&self.response_preview));
         field(&opt(&self.error));
+        // Added in schema v2: hashed only when present, so the records
+        // written before it still verify.
+        if let Some(c) = &self.claimed_tenant {
+            field("claimed_tenant");
+            field(c);
+        }
         hex::encode(h.finalize())
     }
 }
