@@ -1802,3 +1802,88 @@ async fn logs_follow_rust_log() {
         "{text}"
     );
 }
+
+fn pg_audit(schema: &str, extra: &str) -> String {
+    format!(
+        "{{sink: postgres, postgres_url_env: COLLIE_TEST_PG, postgres_schema: {schema}, flush_interval: 20ms{extra}}}"
+    )
+}
+
+fn pg_spec(schema: &str) -> SinkSpec {
+    SinkSpec::Postgres {
+        url: PG_URL.into(),
+        schema: Some(schema.to_string()),
+    }
+}
+
+/// Two sidecars given the same id on one database: each notices the
+/// other's rows where it meant to put its own, says so, and chains its
+/// batch after them. Nothing is lost and the one chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_with_one_id_lose_nothing_and_keep_one_chain() {
+    let schema = pg_schema();
+    let a = mock().await;
+    let b = mock().await;
+    let yaml = config(&a, &b, &pg_audit(&schema, ", sidecar_id: twin"));
+    let env = [("COLLIE_TEST_PG", PG_URL)];
+    // Both start before either writes: both read an empty chain.
+    let one = gateway_with_env(&yaml, &env).await;
+    let two = gateway_with_env(&yaml, &env).await;
+    let spec = pg_spec(&schema);
+    let mut sent = 0;
+    for round in 0..3 {
+        for gw in [&one, &two] {
+            for _ in 0..3 {
+                gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+                sent += 1;
+            }
+            until_rows(&spec, sent).await;
+        }
+        assert_eq!(rows(&spec).len(), sent, "round {round}");
+    }
+    let all = rows(&spec);
+    assert!(all.iter().all(|s| s.sidecar == "twin"));
+    let seqs: Vec<i64> = all.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, (1..=sent as i64).collect::<Vec<_>>());
+    assert!(blocking(|| intact(&spec)));
+    let (m1, m2) = (one.metrics().await, two.metrics().await);
+    let total = |name: &str| metric_sum(&m1, name, &[]) + metric_sum(&m2, name, &[]);
+    assert_eq!(total("collie_audit_written_total"), sent as f64);
+    assert!(total("collie_audit_chain_conflicts_total") >= 1.0);
+    assert_eq!(total("collie_audit_dropped_total"), 0.0);
+    drop_schema(&schema);
+}
+
+/// Without a configured id, two sidecars on one host write chains of their
+/// own: the host name and a suffix of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_sidecar_id_is_unique_per_process() {
+    let schema = pg_schema();
+    let a = mock().await;
+    let b = mock().await;
+    let yaml = config(&a, &b, &pg_audit(&schema, ""));
+    let env = [("COLLIE_TEST_PG", PG_URL)];
+    let one = gateway_with_env(&yaml, &env).await;
+    let two = gateway_with_env(&yaml, &env).await;
+    for gw in [&one, &two, &one, &two] {
+        gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    }
+    let spec = pg_spec(&schema);
+    let all = until_rows(&spec, 4).await;
+    let ids: std::collections::BTreeSet<&str> = all.iter().map(|s| s.sidecar.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| host.trim().to_string());
+    assert!(
+        ids.iter().all(|id| id.starts_with(&format!("{host}-"))),
+        "{ids:?}"
+    );
+    assert!(all.iter().all(|s| s.seq <= 2));
+    let m = one.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "collie_audit_chain_conflicts_total", &[]),
+        0.0
+    );
+    assert!(blocking(|| intact(&spec)));
+    drop_schema(&schema);
+}
