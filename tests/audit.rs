@@ -1651,13 +1651,70 @@ fn intact(spec: &SinkSpec) -> bool {
         .is_empty()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_prunes_and_the_chain_still_verifies() {
-    let t = sqlite_trail(", retention: {max_rows: 5, every: 100ms}").await;
-    let (gw, spec) = (&t.gw, &t.spec);
+/// Send 20 requests one after another (each starting a few ms after the
+/// one before, so no two share a start time) and check that retention
+/// keeps exactly the newest 5, and keeps them.
+async fn keeps_exactly_the_newest_five(gw: &Gw, spec: &SinkSpec) {
+    let mut ids = Vec::new();
     for i in 0..20 {
+        let r = gw
+            .chat(
+                json!({"model": "gpt", "messages": [{"role": "user", "content": format!("p{i}")}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        ids.push(id(&r));
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let kept = rows_until(spec, |n| n == 5).await;
+    assert_eq!(kept, 5, "pruned to max_rows");
+    // Several more rounds of retention change nothing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let kept: Vec<String> = rows(spec)
+        .into_iter()
+        .map(|s| s.record.request_id)
+        .collect();
+    assert_eq!(kept, ids[15..], "the newest five");
+    assert!(blocking(|| intact(spec)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_exactly_max_rows_and_the_chain_still_verifies() {
+    let t = sqlite_trail(", retention: {max_rows: 5, every: 100ms}").await;
+    keeps_exactly_the_newest_five(&t.gw, &t.spec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_keeps_exactly_max_rows_and_the_chain_still_verifies() {
+    let schema = pg_schema();
+    let a = mock().await;
+    let b = mock().await;
+    let audit = pg_audit(&schema, ", retention: {max_rows: 5, every: 100ms}");
+    let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
+    keeps_exactly_the_newest_five(&gw, &pg_spec(&schema)).await;
+    drop_schema(&schema);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_shrinks_the_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let spec = SinkSpec::Sqlite(db.clone());
+    // Large rows: a 2000-byte preview of a long answer.
+    let a = mock_with(Behavior::default().chunks(600)).await;
+    let b = mock().await;
+    let audit = |retention: &str| {
+        format!(
+            "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, sidecar_id: s, preview_bytes: 2000{retention}}}",
+            db.display()
+        )
+    };
+    let gw = gateway(&config(&a, &b, &audit(""))).await;
+    for i in 0..150 {
         gw.chat(
-            json!({"model": "gpt", "messages": [{"role": "user", "content": format!("p{i}")}]}),
+            json!({"model": "gpt", "messages": [{"role": "user", "content": format!("s{i}")}]}),
         )
         .send()
         .await
@@ -1665,13 +1722,48 @@ async fn retention_prunes_and_the_chain_still_verifies() {
         .bytes()
         .await
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let running = gw.running;
+    tokio::task::spawn_blocking(move || running.stop(true))
+        .await
+        .unwrap();
+    let before = std::fs::metadata(&db).unwrap().len();
+    let limit: u64 = 128 << 10;
+    assert!(before > 2 * limit, "the trail is {before} bytes");
+
+    // The same file under a size limit: pruned to it, and the file shrinks.
+    let gw = gateway(&config(
+        &a,
+        &b,
+        &audit(", retention: {max_bytes: 128KiB, every: 100ms}"),
+    ))
+    .await;
+    let mut size = before;
+    for _ in 0..500 {
+        size = std::fs::metadata(&db).unwrap().len();
+        if size <= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(size <= limit, "{size} bytes on disk, limit {limit}");
+    let kept = rows(&spec);
+    assert!(kept.len() >= 10 && kept.len() < 150, "kept {}", kept.len());
+    assert_eq!(kept.last().unwrap().seq, 150, "the newest are kept");
+    assert!(intact(&spec));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let pragma = |p: &str| -> i64 {
+        conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(pragma("freelist_count"), 0, "free pages were given back");
+    assert!(pragma("page_count") * pragma("page_size") <= limit as i64);
+    // New records keep coming in under the limit.
     gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
-    let kept = rows_until(spec, |n| n <= 6).await;
-    assert!(kept <= 6, "pruned down to the newest rows, kept {kept}");
-    assert!(intact(spec));
+    assert_eq!(
+        until_rows(&spec, kept.len() + 1).await.last().unwrap().seq,
+        151
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

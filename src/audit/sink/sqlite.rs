@@ -408,9 +408,14 @@ impl Sink for Sqlite {
             n += self.prune_before(ts)?;
         }
         // Give the freed pages back to the file system: the file shrinks at
-        // the checkpoint that follows.
+        // the checkpoint that follows. The pragma frees one page per step.
+        {
+            let mut stmt = self.conn.prepare("PRAGMA incremental_vacuum").map_err(sq)?;
+            let mut rows = stmt.query([]).map_err(sq)?;
+            while rows.next().map_err(sq)?.is_some() {}
+        }
         self.conn
-            .execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
             .map_err(sq)?;
         Ok(n)
     }
