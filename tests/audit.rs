@@ -654,32 +654,60 @@ fn drop_schema(schema: &str) {
     });
 }
 
-/// The fields that must match between two sinks for the same traffic.
-fn comparable(rows: &[Stored]) -> Vec<String> {
-    let mut v: Vec<String> = rows
-        .iter()
-        .map(|s| {
-            let r = &s.record;
-            format!(
-                "{:?}|{}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}",
-                r.tenant,
-                r.endpoint,
-                r.requested_model,
-                r.served_model,
-                r.status,
-                r.decision,
-                r.rule,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.cost_nano,
-                r.streamed,
-                r.truncated,
-                r.request_hash
-            )
-        })
-        .collect();
-    v.sort();
-    v
+/// A record with what must match between two sinks for the same traffic:
+/// every column but
+/// - `ts_ms`, `latency_ms`, `ttft_ms`: clock readings (only whether a
+///   first byte was seen is compared);
+/// - `seq`, `prev_hash`, `hash`: the chain orders records by completion and
+///   hashes those clock readings (each chain is verified instead);
+/// - `request_id`: its prefix is random per process (its counter, the
+///   request's place in the traffic, is compared).
+fn comparable(s: &Stored) -> (String, Value) {
+    let r = &s.record;
+    let counter = r.request_id[r.request_id.len() - 12..].to_string();
+    let v = json!({
+        "sidecar": s.sidecar, "tenant": r.tenant, "claimed_tenant": r.claimed_tenant,
+        "client_ip": r.client_ip, "endpoint": r.endpoint, "requested_model": r.requested_model,
+        "served_model": r.served_model, "deployment": r.deployment, "attempts": r.attempts,
+        "status": r.status, "decision": r.decision, "rule": r.rule,
+        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+        "total_tokens": r.total_tokens, "usage_estimated": r.usage_estimated,
+        "cost_nano": r.cost_nano, "streamed": r.streamed, "truncated": r.truncated,
+        "client_gone": r.client_gone, "request_hash": r.request_hash,
+        "response_preview": r.response_preview, "error": r.error,
+        "first_byte": r.ttft_ms.is_some(),
+    });
+    (counter, v)
+}
+
+/// Every kind of request: [`report_traffic`], a stream the client cuts,
+/// and a models listing.
+async fn every_kind(gw: &Gw, a: &MockServer) {
+    report_traffic(gw, a).await;
+    a.push(
+        Behavior::default()
+            .chunks(50)
+            .interval(Duration::from_millis(10)),
+    );
+    let r = gw
+        .chat(json!({"model": "gpt", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let mut s = r.bytes_stream();
+    s.next().await.unwrap().unwrap();
+    drop(s);
+    eventually("the stream is cancelled", || a.stream_cancellations() == 1).await;
+    gw.client
+        .get(gw.url("/v1/models"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth(ALPHA_KEY)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,62 +715,157 @@ async fn postgres_holds_the_same_rows_as_sqlite() {
     let schema = pg_schema();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
-    let a = mock().await;
-    let b = mock().await;
-    let pg_spec = SinkSpec::Postgres {
-        url: PG_URL.into(),
-        schema: Some(schema.clone()),
-    };
-    let sqlite_spec = SinkSpec::Sqlite(db.clone());
-    let pg_audit = format!(
-        "{{sink: postgres, postgres_url_env: COLLIE_TEST_PG, postgres_schema: {schema}, flush_interval: 20ms}}"
-    );
-    // SAFETY of the environment: this variable is read only by this test's config.
-    let yaml_pg = config(&a, &b, &pg_audit);
-    let yaml_sqlite = config(&a, &b, &sqlite_audit(&db, ""));
-    let gw_pg = gateway_with_env(&yaml_pg, &[("COLLIE_TEST_PG", PG_URL)]).await;
-    let gw_sqlite = gateway(&yaml_sqlite).await;
-    for gw in [&gw_pg, &gw_sqlite] {
-        for i in 0..5 {
-            let b =
-                json!({"model": "gpt", "messages": [{"role": "user", "content": format!("q{i}")}]});
-            gw.chat(b).send().await.unwrap().bytes().await.unwrap();
-        }
-        gw.chat(json!({"model": "gpt", "stream": true, "messages": []}))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", "alpha")
-            .bearer_auth("nope")
-            .json(&body())
-            .send()
-            .await
-            .unwrap();
+    let pg = pg_spec(&schema);
+    let sqlite = SinkSpec::Sqlite(db.clone());
+    // The same sidecar id (they are different databases).
+    let same = ", sidecar_id: same, preview_bytes: 64, anomalies: {tenant_requests: 5}";
+    for spec in [&pg, &sqlite] {
+        let a = mock().await;
+        let b = mock().await;
+        let audit = match spec {
+            SinkSpec::Postgres { .. } => pg_audit(&schema, same),
+            SinkSpec::Sqlite(_) => format!(
+                "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms{same}}}",
+                db.display()
+            ),
+        };
+        let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
+        every_kind(&gw, &a).await;
+        until_rows(spec, 18).await;
     }
-    let pg_rows = until_rows(&pg_spec, 7).await;
-    let sqlite_rows = until_rows(&sqlite_spec, 7).await;
-    assert_eq!(comparable(&pg_rows), comparable(&sqlite_rows));
-    assert!(blocking(|| collie::audit::report::verify(
-        &mut *pg_spec.open().unwrap()
-    )
-    .unwrap()
-    .is_empty()));
-    // The same report from either.
-    let cut = i64::MIN;
-    let r1 = blocking(|| {
-        collie::audit::report::build(&mut *pg_spec.open().unwrap(), cut, None).unwrap()
-    });
-    let r2 = blocking(|| {
-        collie::audit::report::build(&mut *sqlite_spec.open().unwrap(), cut, None).unwrap()
-    });
-    assert_eq!(r1.totals.requests, r2.totals.requests);
-    assert_eq!(r1.totals.total_tokens, r2.totals.total_tokens);
+    let mut pg_rows: Vec<(String, Value)> = rows(&pg).iter().map(comparable).collect();
+    let mut sqlite_rows: Vec<(String, Value)> = rows(&sqlite).iter().map(comparable).collect();
+    pg_rows.sort_by(|x, y| x.0.cmp(&y.0));
+    sqlite_rows.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(pg_rows.len(), 18);
+    for (p, q) in pg_rows.iter().zip(&sqlite_rows) {
+        assert_eq!(p, q);
+    }
+    // The traffic had every kind in it.
+    let kinds = |f: fn(&Value) -> bool| sqlite_rows.iter().filter(|(_, v)| f(v)).count();
+    assert_eq!(kinds(|v| v["truncated"] == true), 1);
+    assert_eq!(kinds(|v| v["client_gone"] == true), 1);
+    assert_eq!(kinds(|v| v["rule"] == "day.requests"), 1);
+    assert_eq!(kinds(|v| v["served_model"] == "gpt-b"), 1, "a fallback");
+    assert_eq!(kinds(|v| v["claimed_tenant"] == "alpha"), 2);
+    assert_eq!(kinds(|v| v["response_preview"].is_string()), 12);
+    for spec in [&pg, &sqlite] {
+        assert!(blocking(|| intact(spec)));
+    }
+    // The same report from either, from the command line.
+    let pg_sink = format!("{PG_URL}#{schema}");
+    let sqlite_sink = format!("sqlite:{}", db.display());
+    let strip = |mut r: Value| {
+        fn clear(t: &mut Value) {
+            t["latency_p50_ms"] = Value::Null;
+            t["latency_p95_ms"] = Value::Null;
+        }
+        clear(&mut r["totals"]);
+        for g in ["by_model", "by_tenant"] {
+            r[g].as_object_mut().unwrap().values_mut().for_each(clear);
+        }
+        for a in r["anomalies"].as_array_mut().unwrap() {
+            a["ts_ms"] = Value::Null;
+        }
+        r["since_ms"] = Value::Null;
+        r
+    };
+    let from_pg = strip(report_json(&pg_sink, &["--since", "1h"]));
+    let from_sqlite = strip(report_json(&sqlite_sink, &["--since", "1h"]));
+    assert_eq!(from_pg["totals"]["requests"], 18);
+    assert_eq!(from_pg, from_sqlite);
+    let verified = collie_bin()
+        .args(["audit", "verify", "--sink", &pg_sink])
+        .output()
+        .unwrap();
+    assert!(verified.status.success());
     drop_schema(&schema);
+}
+
+/// Stored and read back, every column of every kind of value comes out of
+/// either sink exactly as it went in (the columns the traffic comparison
+/// leaves out included: times, floats, the chain).
+#[test]
+fn both_sinks_store_every_column_exactly() {
+    let base = Record {
+        claimed_tenant: Some("alpha".into()),
+        error: Some("invalid_api_key".into()),
+        response_preview: Some("{\"id\":\"x\", \u{e9}\u{1f600}".into()),
+        latency_ms: 0.1 + 0.2,
+        ttft_ms: Some(1e-7),
+        ..v1_record()
+    };
+    let variants = [
+        base.clone(),
+        Record {
+            tenant: None,
+            client_ip: None,
+            requested_model: None,
+            served_model: None,
+            deployment: None,
+            rule: Some("day.requests".into()),
+            prompt_tokens: None,
+            completion_tokens: None,
+            total_tokens: None,
+            cost_nano: None,
+            ttft_ms: None,
+            request_hash: None,
+            response_preview: None,
+            error: None,
+            claimed_tenant: None,
+            usage_estimated: true,
+            streamed: true,
+            truncated: true,
+            client_gone: true,
+            status: 0,
+            ..base.clone()
+        },
+        Record {
+            cost_nano: Some(i64::MAX),
+            total_tokens: Some(i64::MAX),
+            latency_ms: f64::MAX,
+            ts_ms: i64::MAX,
+            ..base
+        },
+    ];
+    let mut prev = String::new();
+    let stored: Vec<Stored> = variants
+        .into_iter()
+        .enumerate()
+        .map(|(i, record)| {
+            let seq = i as i64 + 1;
+            let hash = record.chain_hash("exact", seq, &prev);
+            Stored {
+                sidecar: "exact".into(),
+                seq,
+                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+                record,
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!("collie_test_{:016x}", rand::random::<u64>());
+    for spec in [SinkSpec::Sqlite(dir.path().join("a.db")), pg_spec(&schema)] {
+        let mut sink = spec.open().unwrap();
+        sink.write(&stored, &[]).unwrap();
+        assert_eq!(
+            sink.records_since(i64::MIN, None).unwrap(),
+            stored,
+            "{spec:?}"
+        );
+        // Written again (a commit whose answer was lost): not twice.
+        sink.write(&stored, &[]).unwrap();
+        assert_eq!(sink.records_since(i64::MIN, None).unwrap().len(), 3);
+        assert!(
+            collie::audit::report::verify(&mut *sink)
+                .unwrap()
+                .is_empty()
+        );
+    }
+    if let Ok(mut c) = postgres::Client::connect(PG_URL, postgres::NoTls) {
+        let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2101,9 +2224,9 @@ const SCHEMA_V1: &[&str] = &[
     "CREATE TABLE audit_chain_anchor (sidecar TEXT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL)",
 ];
 
-/// A record as the first release wrote it, first of sidecar `old`'s chain.
-fn v1_row() -> (String, Vec<String>) {
-    let r = Record {
+/// A record as the first release could write it.
+fn v1_record() -> Record {
+    Record {
         ts_ms: now_ms() - 1000,
         request_id: "r-v1".into(),
         tenant: Some("alpha".into()),
@@ -2130,7 +2253,13 @@ fn v1_row() -> (String, Vec<String>) {
         request_hash: Some("ab".repeat(32)),
         response_preview: None,
         error: None,
-    };
+    }
+}
+
+/// The first record of sidecar `old`'s chain as the first release wrote
+/// it, and that release's schema.
+fn v1_row() -> (String, Vec<String>) {
+    let r = v1_record();
     let hash = r.chain_hash("old", 1, "");
     let sql = format!(
         "INSERT INTO audit_records VALUES ('old', 1, '', '{hash}', {}, 'r-v1', 'alpha', '127.0.0.1', 'chat', 'gpt', 'gpt-a', 'a', '{}', 200, 'admitted', NULL, 10, 5, 15, 0, 20000, 1.5, 1.25, 0, 0, 0, '{}', NULL, NULL)",
