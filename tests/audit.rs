@@ -2371,3 +2371,110 @@ async fn an_older_postgres_trail_is_migrated() {
     assert_eq!(versions, 1);
     drop_schema(&schema);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_preview_is_off_by_default_and_bounded_when_on() {
+    let t = sqlite_trail("").await;
+    t.gw.chat(body())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        until_rows(&t.spec, 1).await[0].record.response_preview,
+        None
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let spec = SinkSpec::Sqlite(db.clone());
+    let a = mock_with(Behavior::default().chunks(100)).await;
+    // `flaky` is served by b, whose error body echoes its key.
+    let b = mock_with(Behavior::default().status(401).body(format!(
+        "{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY_B}\"}}}}"
+    )))
+    .await;
+    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ", preview_bytes: 40"))).await;
+    let json_body = gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    let stream_body = gw
+        .chat(json!({"model": "gpt", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    a.push(Behavior::default().body("{\"short\":true}"));
+    let short_body = gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    let failed = gw
+        .chat(json!({"model": "flaky", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 401);
+    let all = until_rows(&spec, 4).await;
+    let preview = |i: usize| all[i].record.response_preview.clone();
+    assert!(json_body.len() > 40 && stream_body.len() > 40);
+    // The first 40 bytes the client got, of a JSON answer or of a stream.
+    assert_eq!(preview(0).unwrap().as_bytes(), &json_body[..40]);
+    assert_eq!(preview(1).unwrap().as_bytes(), &stream_body[..40]);
+    // A shorter answer whole.
+    assert_eq!(preview(2).unwrap().as_bytes(), &short_body[..]);
+    // Never a provider's error body.
+    assert_eq!(preview(3), None);
+    assert_eq!(all[3].record.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_to_first_byte_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let spec = SinkSpec::Sqlite(db.clone());
+    // 150 ms before the head, then five events 40 ms apart.
+    let a = mock_with(
+        Behavior::default()
+            .delay(Duration::from_millis(150))
+            .chunks(5)
+            .interval(Duration::from_millis(40)),
+    )
+    .await;
+    let b = mock().await;
+    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ""))).await;
+    gw.chat(json!({"model": "gpt", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    gw.client
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-tenant-id", "alpha")
+        .bearer_auth("wrong")
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    let all = until_rows(&spec, 3).await;
+    let (stream, json, refused) = (&all[0].record, &all[1].record, &all[2].record);
+    assert!(stream.streamed);
+    // Lower bounds the provider sets: no byte before its head; the last
+    // event at least four gaps after the first.
+    let ttft = stream.ttft_ms.unwrap();
+    assert!(ttft >= 150.0, "{ttft}");
+    assert!(
+        stream.latency_ms >= ttft + 150.0,
+        "{} {ttft}",
+        stream.latency_ms
+    );
+    let ttft = json.ttft_ms.unwrap();
+    assert!(
+        ttft >= 150.0 && ttft <= json.latency_ms,
+        "{ttft} {}",
+        json.latency_ms
+    );
+    assert_eq!(refused.ttft_ms, None, "nothing came from a provider");
+}
