@@ -529,92 +529,127 @@ async fn kill_9_with_a_stalled_writer_loses_at_most_the_bound() {
     );
 }
 
-/// Every key used in a full run — the tenant's and the providers' — searched
-/// for in the trail, the logs (at trace level) and the metrics.
+/// Every key used in a run with every kind of request — the tenants', the
+/// providers', guessed ones, one sent as a tenant id — searched for in
+/// everything the audit produced: the database, the logs (at trace level),
+/// the metrics and status page, the webhook's alerts and the reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_key_appears_in_the_trail_logs_or_metrics() {
+async fn no_key_appears_in_the_trail_logs_metrics_alerts_or_reports() {
+    const GUESSED: &str = "sk-guessed-canary-key";
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
     let log = dir.path().join("log");
-    let a = mock_with(Behavior::default().status(401).body(format!(
-        "{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY_A}\"}}}}"
-    )))
-    .await;
+    let a = mock().await;
     let b = mock().await;
+    let (hook, alerts) = receiver(1).await;
     let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, preview_bytes: 4096}}",
+        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, preview_bytes: 4096, \
+         anomalies: {{tenant_requests: 3, failure_ratio: 0.2, failure_min_requests: 3, repeats: 2, \
+         tokens_per_request: 10, webhook: {{url: \"{hook}\", backoff: 10ms}}}}}}",
         db.display()
     );
     // At trace level: the most the logs can ever say.
     let (mut child, base, admin) = run_process(dir.path(), &config(&a, &b, &audit), &log, "trace");
-    let client = reqwest::Client::new();
-    let post = |key: &str, body: Value| {
-        client
-            .post(format!("{base}/v1/chat/completions"))
-            .header("x-tenant-id", "alpha")
-            .bearer_auth(key)
-            .json(&body)
+    let t = Target {
+        base: base.clone(),
+        client: reqwest::Client::new(),
+    };
+    every_kind(&t, &a).await;
+    // A provider refusing its key, echoing it: the fallback goes on to b.
+    a.push(Behavior::default().status(401).body(format!(
+        "{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY_A}\"}}}}"
+    )));
+    t.chat(body()).send().await.unwrap().bytes().await.unwrap();
+    // The same with nowhere to fall back to (`flaky` is b only), streamed.
+    b.push(Behavior::default().status(401).body(format!(
+        "{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY_B}\"}}}}"
+    )));
+    t.chat(json!({"model": "flaky", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let post = |tenant: &str, auth: (&str, String)| {
+        t.client
+            .post(t.url("/v1/chat/completions"))
+            .header("x-tenant-id", tenant)
+            .header(auth.0, auth.1)
+            .json(&body())
             .send()
     };
-    post(ALPHA_KEY, body())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    post("sk-guessed-canary-key", body())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    post(
-        ALPHA_KEY,
-        json!({"model": "flaky", "stream": true, "messages": []}),
-    )
-    .await
-    .unwrap()
-    .bytes()
-    .await
-    .unwrap();
-    post(BETA_KEY, body()).await.unwrap().bytes().await.unwrap();
-    let metrics = client
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let status = client
-        .get(format!("{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (tenant, auth) in [
+        ("alpha", ("authorization", format!("Bearer {GUESSED}"))),
+        ("alpha", ("api-key", GUESSED.to_string())),
+        ("alpha", ("authorization", format!("Bearer {BETA_KEY}"))),
+        // A key pasted where the tenant id goes.
+        (ALPHA_KEY, ("authorization", format!("Bearer {ALPHA_KEY}"))),
+        ("capped", ("api-key", BETA_KEY.to_string())),
+    ] {
+        post(tenant, auth).await.unwrap().bytes().await.unwrap();
+    }
+    let get = |url: String| async move { reqwest::get(url).await.unwrap().text().await.unwrap() };
+    let metrics = get(format!("{admin}/metrics")).await;
+    let status = get(format!("{admin}/status")).await;
+    eventually("the webhook got alerts", || {
+        alerts.lock().unwrap().len() >= 4
+    })
+    .await;
     unsafe_terminate(&mut child);
+    let spec = SinkSpec::Sqlite(db.clone());
+    let all = rows(&spec);
+    assert_eq!(all.len(), 25, "one record per request");
+    let anomalies = blocking(|| {
+        spec.open()
+            .unwrap()
+            .anomalies_since(i64::MIN, None)
+            .unwrap()
+    });
+    let rules: std::collections::BTreeSet<&str> =
+        anomalies.iter().map(|a| a.rule.as_str()).collect();
+    assert_eq!(
+        rules,
+        [
+            "failure_ratio",
+            "large_request",
+            "repeated_request",
+            "request_rate"
+        ]
+        .into()
+    );
+    assert!(
+        all.iter()
+            .any(|s| s.record.claimed_tenant.as_deref() == Some("(unknown)"))
+    );
     let mut haystack = std::fs::read(&db).unwrap();
     for extra in ["audit.db-wal", "log"] {
         haystack.extend(std::fs::read(dir.path().join(extra)).unwrap_or_default());
     }
     haystack.extend(metrics.as_bytes());
     haystack.extend(status.as_bytes());
-    assert!(rows(&SinkSpec::Sqlite(db)).len() >= 4);
-    for key in [
-        ALPHA_KEY,
-        BETA_KEY,
-        PROVIDER_KEY_A,
-        PROVIDER_KEY_B,
-        "sk-guessed-canary-key",
-    ] {
+    for d in alerts.lock().unwrap().iter() {
+        haystack.extend(d.body.as_bytes());
+    }
+    let sink = format!("sqlite:{}", db.display());
+    for format in ["text", "json", "csv"] {
+        haystack.extend(report_cli(&sink, &["--since", "1h", "--format", format]).as_bytes());
+    }
+    haystack.extend(
+        collie_bin()
+            .args(["audit", "verify", "--sink", &sink])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    for key in [ALPHA_KEY, BETA_KEY, PROVIDER_KEY_A, PROVIDER_KEY_B, GUESSED] {
         assert!(
             memchr::memmem::find(&haystack, key.as_bytes()).is_none(),
-            "{key} leaked into the trail, the logs or the metrics"
+            "{key} leaked into the trail, the logs, the metrics, an alert or a report"
         );
     }
+    // The search would have found them.
+    assert!(memchr::memmem::find(&haystack, b"invalid_api_key").is_some());
 }
 
 /// SIGTERM and wait, so the trail is flushed.
@@ -682,7 +717,7 @@ fn comparable(s: &Stored) -> (String, Value) {
 
 /// Every kind of request: [`report_traffic`], a stream the client cuts,
 /// and a models listing.
-async fn every_kind(gw: &Gw, a: &MockServer) {
+async fn every_kind(gw: &Target, a: &MockServer) {
     report_traffic(gw, a).await;
     a.push(
         Behavior::default()
@@ -730,7 +765,7 @@ async fn postgres_holds_the_same_rows_as_sqlite() {
             ),
         };
         let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
-        every_kind(&gw, &a).await;
+        every_kind(&Target::of(&gw), &a).await;
         until_rows(spec, 18).await;
     }
     let mut pg_rows: Vec<(String, Value)> = rows(&pg).iter().map(comparable).collect();
@@ -1577,10 +1612,38 @@ fn csv_fields(line: &str) -> Vec<String> {
     out
 }
 
+/// Where traffic goes: a gateway in this process or a `collie run` process.
+struct Target {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Target {
+    fn of(gw: &Gw) -> Target {
+        Target {
+            base: gw.base.clone(),
+            client: gw.client.clone(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A chat request as tenant alpha.
+    fn chat(&self, body: Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .header("x-tenant-id", "alpha")
+            .bearer_auth(ALPHA_KEY)
+            .json(&body)
+    }
+}
+
 /// Traffic of every kind for the report: successes of different sizes,
 /// a fallback, a broken stream, an unknown model, refusals by
 /// authentication (naming alpha, and naming nobody) and by quota.
-async fn report_traffic(gw: &Gw, a: &MockServer) {
+async fn report_traffic(gw: &Target, a: &MockServer) {
     for i in 0..8 {
         a.push(Behavior::default().chunks(1 + i * 3));
         gw.chat(
@@ -1644,7 +1707,7 @@ async fn report_matches_the_records_by_every_measure() {
         &sqlite_audit(&db, ", anomalies: {tenant_requests: 5}"),
     ))
     .await;
-    report_traffic(&gw, &a).await;
+    report_traffic(&Target::of(&gw), &a).await;
     let n = 16;
     let all = until_rows(&SinkSpec::Sqlite(db.clone()), n).await;
     drop(gw);
