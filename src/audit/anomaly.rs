@@ -81,31 +81,53 @@ const BASELINE_ALPHA: f64 = 0.1;
 /// The least deviation a baseline judges against, as a share of its mean.
 const BASELINE_SD_FLOOR: f64 = 0.25;
 
+/// How often a request (by its hash) was seen in the current window, and
+/// when that window started.
+type Repeats = HashMap<[u8; 32], (u64, i64)>;
+
+/// Per-record work allocates nothing for a tenant already seen: maps are
+/// keyed so that a `&str` finds the entry, and request hashes are kept as
+/// their 32 bytes.
 pub struct Detector {
     s: AnomalySettings,
     sidecar: String,
-    scopes: HashMap<Option<String>, Scope>,
-    repeats: HashMap<(Option<String>, String), (u64, i64)>,
+    tenants: HashMap<String, Scope>,
+    global: Scope,
+    tenant_repeats: HashMap<String, Repeats>,
+    global_repeats: Repeats,
     baselines: HashMap<String, Baseline>,
-    /// When a (rule, scope) last fired: it fires again only after a window.
-    fired: HashMap<(&'static str, Option<String>), i64>,
+    /// When a rule last fired, per tenant and for all tenants: it fires
+    /// again only after a window.
+    fired_tenants: HashMap<String, HashMap<&'static str, i64>>,
+    fired_global: HashMap<&'static str, i64>,
     /// The latest record time seen. Records arrive in completion order, so a
     /// long request started earlier may come after shorter later ones; it is
     /// counted at this time, never moving the windows back.
     clock: i64,
 }
 
+/// Past this many distinct requests in one scope, those whose window is
+/// over are forgotten (bounded memory).
+const REPEATS_KEPT: usize = 200_000;
+
 impl Detector {
     pub fn new(s: AnomalySettings, sidecar: &str) -> Detector {
         Detector {
             s,
             sidecar: sidecar.to_string(),
-            scopes: HashMap::new(),
-            repeats: HashMap::new(),
+            tenants: HashMap::new(),
+            global: Scope::default(),
+            tenant_repeats: HashMap::new(),
+            global_repeats: HashMap::new(),
             baselines: HashMap::new(),
-            fired: HashMap::new(),
+            fired_tenants: HashMap::new(),
+            fired_global: HashMap::new(),
             clock: i64::MIN,
         }
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX)
     }
 
     fn fire(
@@ -113,21 +135,27 @@ impl Detector {
         out: &mut Vec<AnomalyRow>,
         now: i64,
         rule: &'static str,
-        tenant: Option<&String>,
-        detail: String,
+        tenant: Option<&str>,
+        detail: impl FnOnce() -> String,
     ) {
-        let key = (rule, tenant.cloned());
-        let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
-        if self.fired.get(&key).is_some_and(|&at| now - at < window) {
+        let window = self.window_ms();
+        let last = match tenant {
+            None => &mut self.fired_global,
+            Some(t) => match get_or_insert(&mut self.fired_tenants, t) {
+                Some(last) => last,
+                None => return,
+            },
+        };
+        if last.get(rule).is_some_and(|&at| now - at < window) {
             return;
         }
-        self.fired.insert(key, now);
+        last.insert(rule, now);
         out.push(AnomalyRow {
             ts_ms: now,
             sidecar: self.sidecar.clone(),
             rule: rule.to_string(),
-            tenant: tenant.cloned(),
-            detail,
+            tenant: tenant.map(str::to_string),
+            detail: detail(),
         });
     }
 
@@ -144,46 +172,20 @@ impl Detector {
         let failed = r.failed();
         let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
         // The tenant's scope (when known) and the global one, each counted once.
-        let scope_keys: Vec<Option<String>> = match &r.tenant {
-            Some(t) => vec![Some(t.clone()), None],
-            None => vec![None],
-        };
-        for key in scope_keys.iter() {
-            let scope = self.scopes.entry(key.clone()).or_default();
-            scope.add(slice, minute, failed, cost);
-            let (requests, failures) = scope.window_totals(slice);
-            let hour_cost = scope.hour_cost(minute);
-            let (rate_limit, cost_limit) = match key {
-                Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
-                None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
-            };
-            let who = key.as_deref().unwrap_or("all tenants");
-            if let Some(limit) = rate_limit.filter(|l| requests > *l) {
-                let detail = format!(
-                    "{who}: {requests} requests in {:?} (limit {limit})",
-                    self.s.window
-                );
-                self.fire(&mut out, now, "request_rate", key.as_ref(), detail);
-            }
-            if requests >= self.s.failure_min_requests
-                && failures as f64 / requests as f64 >= self.s.failure_ratio
-            {
-                let detail = format!(
-                    "{who}: {failures} of {requests} requests failed in {:?} (threshold {:.0}%)",
-                    self.s.window,
-                    self.s.failure_ratio * 100.0
-                );
-                self.fire(&mut out, now, "failure_ratio", key.as_ref(), detail);
-            }
-            if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
-                let detail = format!(
-                    "{who}: ${:.4} in the last hour (limit ${:.4})",
-                    hour_cost as f64 / 1e9,
-                    limit as f64 / 1e9
-                );
-                self.fire(&mut out, now, "hourly_cost", key.as_ref(), detail);
+        let tenant = r.tenant.as_deref();
+        if let Some(t) = tenant {
+            if let Some(scope) = get_or_insert(&mut self.tenants, t) {
+                scope.add(slice, minute, failed, cost);
+                let counts = (scope.window_totals(slice), scope.hour_cost(minute));
+                self.judge_scope(&mut out, now, Some(t), counts);
             }
         }
+        self.global.add(slice, minute, failed, cost);
+        let counts = (
+            self.global.window_totals(slice),
+            self.global.hour_cost(minute),
+        );
+        self.judge_scope(&mut out, now, None, counts);
         if let (Some(limit), Some(tokens)) = (self.s.tokens_per_request, r.total_tokens) {
             if u64::try_from(tokens).is_ok_and(|t| t > limit) {
                 let detail = format!(
@@ -201,59 +203,99 @@ impl Detector {
             }
         }
         if let Some(hash) = &r.request_hash {
-            self.repeats(&mut out, now, r.tenant.as_ref(), hash);
+            self.repeats(&mut out, now, tenant, hash);
         }
-        if let Some(t) = &r.tenant {
+        if let Some(t) = tenant {
             let period = now / self.baseline_ms();
             self.baseline(&mut out, t, period, r.total_tokens.unwrap_or(0), cost);
         }
         out
     }
 
-    /// The same request (by hash) more often than allowed in a window: per
-    /// tenant (`repeats`) and for all tenants together (`global_repeats`).
-    fn repeats(
+    /// The window rules of one scope, given its (requests, failures) in the
+    /// window and its cost over the last hour.
+    fn judge_scope(
         &mut self,
         out: &mut Vec<AnomalyRow>,
         now: i64,
-        tenant: Option<&String>,
-        hash: &str,
+        tenant: Option<&str>,
+        ((requests, failures), hour_cost): ((u64, u64), u64),
     ) {
-        let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
-        let scopes = [
-            (tenant.cloned(), self.s.repeats),
-            (None, self.s.global_repeats),
-        ];
-        // An anonymous record belongs to the global scope only.
-        let scopes = if tenant.is_some() {
-            &scopes[..]
-        } else {
-            &scopes[1..]
+        let (rate_limit, cost_limit) = match tenant {
+            Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
+            None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
         };
-        for (scope, limit) in scopes {
-            let Some(limit) = *limit else { continue };
-            let e = self
-                .repeats
-                .entry((scope.clone(), hash.to_string()))
-                .or_insert((0, now));
+        let who = tenant.unwrap_or("all tenants");
+        let window = self.s.window;
+        if let Some(limit) = rate_limit.filter(|l| requests > *l) {
+            self.fire(out, now, "request_rate", tenant, || {
+                format!("{who}: {requests} requests in {window:?} (limit {limit})")
+            });
+        }
+        let ratio = self.s.failure_ratio;
+        if requests >= self.s.failure_min_requests && failures as f64 / requests as f64 >= ratio {
+            self.fire(out, now, "failure_ratio", tenant, || {
+                format!(
+                    "{who}: {failures} of {requests} requests failed in {window:?} (threshold {:.0}%)",
+                    ratio * 100.0
+                )
+            });
+        }
+        if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
+            self.fire(out, now, "hourly_cost", tenant, || {
+                format!(
+                    "{who}: ${:.4} in the last hour (limit ${:.4})",
+                    hour_cost as f64 / 1e9,
+                    limit as f64 / 1e9
+                )
+            });
+        }
+    }
+
+    /// The same request (by hash) more often than allowed in a window: per
+    /// tenant (`repeats`) and for all tenants together (`global_repeats`).
+    fn repeats(&mut self, out: &mut Vec<AnomalyRow>, now: i64, tenant: Option<&str>, hash: &str) {
+        let mut key = [0u8; 32];
+        if hex::decode_to_slice(hash, &mut key).is_err() {
+            return;
+        }
+        let window = self.window_ms();
+        let count = |seen: &mut Repeats| {
+            let e = seen.entry(key).or_insert((0, now));
             if now - e.1 >= window {
                 *e = (0, now);
             }
             e.0 += 1;
-            let count = e.0;
-            if count > limit {
-                let who = scope.as_deref().unwrap_or("all tenants");
-                let detail = format!(
-                    "{who}: the same request ({}…) {count} times within {:?} (limit {limit})",
-                    &hash[..12.min(hash.len())],
-                    self.s.window
-                );
-                self.fire(out, now, "repeated_request", scope.as_ref(), detail);
+            let n = e.0;
+            if seen.len() > REPEATS_KEPT {
+                seen.retain(|_, (_, first)| now - *first < window);
             }
-        }
-        if self.repeats.len() > 200_000 {
-            // Bounded memory: forget what has left the window.
-            self.repeats.retain(|_, (_, first)| now - *first < window);
+            n
+        };
+        // An anonymous record belongs to the global scope only.
+        let tenant_count = match (tenant, self.s.repeats) {
+            (Some(t), Some(limit)) => {
+                get_or_insert(&mut self.tenant_repeats, t).map(|seen| (t, limit, count(seen)))
+            }
+            _ => None,
+        };
+        let global_count = self
+            .s
+            .global_repeats
+            .map(|limit| (limit, count(&mut self.global_repeats)));
+        let short = &hash[..12.min(hash.len())];
+        let within = self.s.window;
+        for (scope, limit, n) in tenant_count
+            .map(|(t, l, n)| (Some(t), l, n))
+            .into_iter()
+            .chain(global_count.map(|(l, n)| (None, l, n)))
+        {
+            if n > limit {
+                let who = scope.unwrap_or("all tenants");
+                self.fire(out, now, "repeated_request", scope, || {
+                    format!("{who}: the same request ({short}…) {n} times within {within:?} (limit {limit})")
+                });
+            }
         }
     }
 
@@ -300,13 +342,18 @@ impl Detector {
         let z_limit = self.s.zscore;
         let min_history = self.s.baseline_min_history;
         let period_ms = self.baseline_ms();
-        let b = self
-            .baselines
-            .entry(tenant.to_string())
-            .or_insert_with(|| Baseline {
-                period,
-                ..Baseline::default()
-            });
+        if !self.baselines.contains_key(tenant) {
+            self.baselines.insert(
+                tenant.to_string(),
+                Baseline {
+                    period,
+                    ..Baseline::default()
+                },
+            );
+        }
+        let Some(b) = self.baselines.get_mut(tenant) else {
+            return;
+        };
         let period = period.max(b.period);
         let mut spikes = Vec::new();
         if period != b.period {
@@ -354,15 +401,19 @@ impl Detector {
         b.cost += cost as f64;
         let now = period * period_ms;
         for detail in spikes {
-            self.fire(
-                out,
-                now,
-                "baseline_spike",
-                Some(&tenant.to_string()),
-                detail,
-            );
+            self.fire(out, now, "baseline_spike", Some(tenant), || detail);
         }
     }
+}
+
+/// The entry of `key`, made (with one allocation) the first time only.
+/// Always `Some`; an `Option` because the borrow checker cannot yet return
+/// the found entry or else insert.
+fn get_or_insert<'a, V: Default>(map: &'a mut HashMap<String, V>, key: &str) -> Option<&'a mut V> {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key)
 }
 
 /// The deviation a baseline judges against: its EWMA standard deviation,

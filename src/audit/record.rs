@@ -218,56 +218,185 @@ impl Record {
     }
 
     /// The hash chaining this record to the one before it (same sidecar):
-    /// SHA-256 over the previous hash, the position and every field.
+    /// SHA-256 over the previous hash, the position and every field, each
+    /// field's text followed by 0x1F (absent: a NUL). Fed to the hasher
+    /// piece by piece, with no allocation but the hex result.
     pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {
-        let mut h = Sha256::new();
-        let mut field = |v: &str| {
-            h.update(v.as_bytes());
-            h.update([0x1f]);
-        };
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "\u{0}".into());
-        let opt_i = |v: Option<i64>| v.map_or_else(|| "\u{0}".into(), |n| n.to_string());
-        field(prev_hash);
-        field(sidecar);
-        field(&seq.to_string());
-        field(&self.ts_ms.to_string());
-        field(&self.request_id);
-        field(&opt(&self.tenant));
-        field(&opt(&self.client_ip));
-        field(&self.endpoint);
-        field(&opt(&self.requested_model));
-        field(&opt(&self.served_model));
-        field(&opt(&self.deployment));
-        field(&self.attempts);
-        field(&self.status.to_string());
-        field(&self.decision);
-        field(&opt(&self.rule));
-        field(&opt_i(self.prompt_tokens));
-        field(&opt_i(self.completion_tokens));
-        field(&opt_i(self.total_tokens));
-        field(if self.usage_estimated { "1" } else { "0" });
-        field(&opt_i(self.cost_nano));
+        let mut h = Fields(Sha256::new());
+        h.text(prev_hash);
+        h.text(sidecar);
+        h.int(seq);
+        h.int(self.ts_ms);
+        h.text(&self.request_id);
+        h.opt(&self.tenant);
+        h.opt(&self.client_ip);
+        h.text(&self.endpoint);
+        h.opt(&self.requested_model);
+        h.opt(&self.served_model);
+        h.opt(&self.deployment);
+        h.text(&self.attempts);
+        h.int(self.status);
+        h.text(&self.decision);
+        h.opt(&self.rule);
+        h.opt_int(self.prompt_tokens);
+        h.opt_int(self.completion_tokens);
+        h.opt_int(self.total_tokens);
+        h.flag(self.usage_estimated);
+        h.opt_int(self.cost_nano);
         // Floats are hashed as stored (their exact bits).
-        field(&self.latency_ms.to_bits().to_string());
-        field(
-            &self
-                .ttft_ms
-                .map_or_else(|| "\u{0}".into(), |v| v.to_bits().to_string()),
-        );
-        field(if self.streamed { "1" } else { "0" });
-        field(if self.truncated { "1" } else { "0" });
-        field(if self.client_gone { "1" } else { "0" });
-        field(&opt(&self.request_hash));
-        field(&opt(&self.response_preview));
-        field(&opt(&self.error));
+        h.uint(self.latency_ms.to_bits());
+        match self.ttft_ms {
+            Some(v) => h.uint(v.to_bits()),
+            None => h.text(NONE),
+        }
+        h.flag(self.streamed);
+        h.flag(self.truncated);
+        h.flag(self.client_gone);
+        h.opt(&self.request_hash);
+        h.opt(&self.response_preview);
+        h.opt(&self.error);
         // Added in schema v2: hashed only when present, so the records
         // written before it still verify.
         if let Some(c) = &self.claimed_tenant {
-            field("claimed_tenant");
-            field(c);
+            h.text("claimed_tenant");
+            h.text(c);
         }
-        hex::encode(h.finalize())
+        hex::encode(h.0.finalize())
+    }
+}
+
+/// An absent field, as hashed.
+const NONE: &str = "\u{0}";
+
+/// The chain hash's encoding of fields.
+struct Fields(Sha256);
+
+impl Fields {
+    fn text(&mut self, v: &str) {
+        self.0.update(v.as_bytes());
+        self.0.update([0x1f]);
+    }
+
+    fn opt(&mut self, v: &Option<String>) {
+        self.text(v.as_deref().unwrap_or(NONE));
+    }
+
+    fn flag(&mut self, v: bool) {
+        self.text(if v { "1" } else { "0" });
+    }
+
+    /// Decimal, as `to_string` writes it, from a buffer on the stack.
+    fn int(&mut self, v: i64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.0.update(b"-");
+        }
+        self.0.update(&buf[i..]);
+        self.0.update([0x1f]);
+    }
+
+    fn uint(&mut self, v: u64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut n = v;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.0.update(&buf[i..]);
+        self.0.update([0x1f]);
+    }
+
+    fn opt_int(&mut self, v: Option<i64>) {
+        match v {
+            Some(n) => self.int(n),
+            None => self.text(NONE),
+        }
     }
 }
 
 pub use super::canonical::request_hash;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            ts_ms: 1_700_000_000_123,
+            request_id: "req_0123".into(),
+            tenant: Some("alpha".into()),
+            claimed_tenant: None,
+            client_ip: Some("127.0.0.1".into()),
+            endpoint: "chat".into(),
+            requested_model: Some("gpt".into()),
+            served_model: Some("gpt-a".into()),
+            deployment: Some("a".into()),
+            attempts: r#"[{"deployment":"a","outcome":"HTTP 200"}]"#.into(),
+            status: 200,
+            decision: "admitted".into(),
+            rule: None,
+            prompt_tokens: Some(12),
+            completion_tokens: Some(-9),
+            total_tokens: None,
+            usage_estimated: true,
+            cost_nano: Some(i64::MIN),
+            latency_ms: 0.41,
+            ttft_ms: Some(0.39),
+            streamed: false,
+            truncated: true,
+            client_gone: false,
+            request_hash: Some("ab".repeat(32)),
+            response_preview: None,
+            error: Some("stream_interrupted: ConnectionClosed".into()),
+        }
+    }
+
+    /// The chain hash of a record is part of every stored trail: it must
+    /// never change for the same fields (pinned values from the first
+    /// release's definition; the claimed tenant only when present).
+    #[test]
+    fn chain_hashes_are_stable() {
+        assert_eq!(
+            sample().chain_hash("s", 7, "prev"),
+            "c56a222d6ef8a9d6d0434bb698dc58bb8f8a090ae42a093e75ddef0b007e5a7c"
+        );
+        let claimed = Record {
+            claimed_tenant: Some("beta".into()),
+            ..sample()
+        };
+        assert_eq!(
+            claimed.chain_hash("s", 7, "prev"),
+            "13510d0578b35446d5790547efbb64809b1835aaa266d384caecc8d55d53ad8c"
+        );
+        // Every integer as `to_string` writes it.
+        for v in [0, 1, -1, 9, 10, 12345, i64::MIN, i64::MAX] {
+            let mut a = Fields(Sha256::new());
+            a.int(v);
+            let mut b = Fields(Sha256::new());
+            b.text(&v.to_string());
+            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+        }
+        for v in [0, 7, u64::MAX, 0.41f64.to_bits()] {
+            let mut a = Fields(Sha256::new());
+            a.uint(v);
+            let mut b = Fields(Sha256::new());
+            b.text(&v.to_string());
+            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+        }
+    }
+}
