@@ -101,6 +101,8 @@ pub struct AnomalyOut {
 const TOP: usize = 10;
 /// Anomalies listed at most (the newest).
 const MAX_ANOMALIES: usize = 1000;
+/// Problems `verify` lists one by one; past these it counts them.
+const MAX_PROBLEMS: usize = 1000;
 
 /// What counts as failed, as SQL (see [`super::record::Record::failed`]).
 const FAILED: &str = "(status >= 400 OR status = 0 OR truncated = 1)";
@@ -277,19 +279,28 @@ pub fn build(sink: &mut dyn Sink, since_ms: i64, tenant: Option<&str>) -> Result
             tenant,
         )?,
     };
-    let mut anomalies: Vec<AnomalyOut> = sink
-        .anomalies_since(since_ms, tenant)?
-        .into_iter()
-        .map(|a| AnomalyOut {
-            ts_ms: a.ts_ms,
-            rule: a.rule,
-            tenant: a.tenant,
-            detail: a.detail,
-        })
-        .collect();
-    if anomalies.len() > MAX_ANOMALIES {
-        anomalies.drain(..anomalies.len() - MAX_ANOMALIES);
-    }
+    // The newest, oldest first.
+    let mut anomalies = Vec::new();
+    sink.query(
+        &format!(
+            "SELECT ts_ms, rule, tenant, detail FROM audit_anomalies WHERE {WHERE} ORDER BY ts_ms DESC LIMIT {MAX_ANOMALIES}"
+        ),
+        since_ms,
+        tenant,
+        &mut |row| {
+            anomalies.push(AnomalyOut {
+                ts_ms: row[0].int(),
+                rule: row[1].text(),
+                tenant: match &row[2] {
+                    Cell::Null => None,
+                    c => Some(c.text()),
+                },
+                detail: row[3].text(),
+            });
+            Ok(())
+        },
+    )?;
+    anomalies.reverse();
     Ok(Report {
         since_ms,
         tenant: tenant.map(str::to_string),
@@ -476,8 +487,16 @@ pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
         .map(|(s, q, h)| (s, (q, h)))
         .collect();
     let mut problems = Vec::new();
+    let mut more = 0u64;
     let mut current: Option<String> = None;
     let (mut expect_seq, mut expect_prev) = (1i64, String::new());
+    let mut problem = |p: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(p);
+        } else {
+            more += 1;
+        }
+    };
     sink.each_record(i64::MIN, None, &mut |s| {
         if current.as_deref() != Some(s.sidecar.as_str()) {
             let (seq, hash) = anchors
@@ -489,20 +508,20 @@ pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
             current = Some(s.sidecar.clone());
         }
         if s.seq != expect_seq {
-            problems.push(format!(
+            problem(format!(
                 "{}: records {}..{} are missing (deleted?)",
                 s.sidecar,
                 expect_seq,
                 s.seq - 1
             ));
         } else if s.prev_hash != expect_prev {
-            problems.push(format!(
+            problem(format!(
                 "{}: record {} does not link to the one before it",
                 s.sidecar, s.seq
             ));
         }
         if s.record.chain_hash(&s.sidecar, s.seq, &s.prev_hash) != s.hash {
-            problems.push(format!(
+            problem(format!(
                 "{}: record {} ({}) was altered",
                 s.sidecar, s.seq, s.record.request_id
             ));
@@ -511,5 +530,8 @@ pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
         expect_prev = s.hash;
         Ok(())
     })?;
+    if more > 0 {
+        problems.push(format!("… and {more} more problems"));
+    }
     Ok(problems)
 }
