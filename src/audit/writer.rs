@@ -97,22 +97,18 @@ pub(super) fn spawn(
                         batch.push(*p);
                     }
                 }
-                // The baseline's periods end on the clock, records or not.
-                let due = detector.tick(now_ms());
-                if !batch.is_empty() || !due.is_empty() {
-                    let n = batch.len();
-                    write_batch(
-                        &mut *sink,
-                        &mut batch,
-                        due,
-                        &mut chain,
-                        &mut detector,
-                        &metrics,
-                        &alerts,
-                        &queued_bytes,
-                    );
-                    metrics.queued.sub(i64::try_from(n).unwrap_or(0));
-                }
+                // Also with no records: the baseline's periods end on the clock.
+                let n = batch.len();
+                write_batch(
+                    &mut *sink,
+                    &mut batch,
+                    &mut chain,
+                    &mut detector,
+                    &metrics,
+                    &alerts,
+                    &queued_bytes,
+                );
+                metrics.queued.sub(i64::try_from(n).unwrap_or(0));
                 if last_prune.elapsed() >= s.prune_every
                     && (s.max_age.is_some() || s.max_rows.is_some() || s.max_bytes.is_some())
                 {
@@ -161,14 +157,11 @@ fn now_ms() -> i64 {
 /// Attempts at one batch before it is dropped (and counted).
 const WRITE_ATTEMPTS: u32 = 5;
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the writer's state, passed by parts"
-)]
+/// Turn the pending records into the chain's next links, add what the
+/// anomaly rules find (in them, and on the clock), and commit it all.
 fn write_batch(
     sink: &mut dyn Sink,
     batch: &mut Vec<Pending>,
-    mut anomalies: Vec<AnomalyRow>,
     chain: &mut Chain,
     detector: &mut Detector,
     metrics: &AuditMetrics,
@@ -176,6 +169,7 @@ fn write_batch(
     queued_bytes: &AtomicUsize,
 ) {
     let mut stored = Vec::with_capacity(batch.len());
+    let mut anomalies = Vec::new();
     for p in batch.drain(..) {
         let (mut record, body) = p.into_record();
         if let Some(body) = body {
@@ -190,6 +184,11 @@ fn write_batch(
             hash: String::new(),
             record,
         });
+    }
+    // After the batch's records, so those of a period just over count in it.
+    anomalies.extend(detector.tick(now_ms()));
+    if stored.is_empty() && anomalies.is_empty() {
+        return;
     }
     link(&mut stored, chain.seq, &chain.head);
     let mut attempt = 0;
