@@ -2364,6 +2364,15 @@ async fn an_older_sqlite_trail_is_migrated_and_its_chain_continues() {
         .query_row("SELECT version FROM audit_schema", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, collie::audit::sink::SCHEMA_VERSION);
+    // A request hash is found through the index of its prefix.
+    let plan: String = conn
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT * FROM audit_records WHERE substr(request_hash, 1, 16) = substr(?1, 1, 16) AND request_hash = ?1",
+            ["ab".repeat(32)],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("audit_records_hash16"), "{plan}");
     let auto_vacuum: i64 = conn
         .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
         .unwrap();

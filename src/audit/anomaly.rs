@@ -255,6 +255,9 @@ impl Detector {
     /// The same request (by hash) more often than allowed in a window: per
     /// tenant (`repeats`) and for all tenants together (`global_repeats`).
     fn repeats(&mut self, out: &mut Vec<AnomalyRow>, now: i64, tenant: Option<&str>, hash: &str) {
+        if self.s.repeats.is_none() && self.s.global_repeats.is_none() {
+            return;
+        }
         let mut key = [0u8; 32];
         if hex::decode_to_slice(hash, &mut key).is_err() {
             return;
