@@ -7,9 +7,16 @@
 //! (`try_send`; with `when_full: block` it waits for room instead). A writer
 //! thread of its own hashes request bodies, chains, batches and commits, runs
 //! the anomaly rules and retention. On a graceful stop every queued record is
-//! written before the process exits. If the process is killed, what is lost
-//! is what was still queued or in the batch being formed: at most one flush
-//! interval of traffic, and never more than `queue + batch` records.
+//! written before the process exits.
+//!
+//! If the process is killed, what is lost is every record not yet
+//! committed: those in the queue (at most `queue`), the one batch the writer
+//! holds, being formed, committed or retried (at most `batch`), and the
+//! requests whose response went out but whose logging phase had not queued
+//! their record yet (at most the requests in flight). So at most
+//! `queue + batch + requests in flight`; when the writer keeps up, about one
+//! flush interval of traffic. Records dropped on a full queue are lost
+//! whether or not the process dies, and counted.
 
 pub mod anomaly;
 mod canonical;
@@ -36,6 +43,7 @@ pub struct AuditMetrics {
     pub queued: IntGauge,
     pub anomalies: IntCounterVec,
     pub webhook_failures: IntCounter,
+    pub chain_conflicts: IntCounter,
 }
 
 impl AuditMetrics {
@@ -70,6 +78,10 @@ impl AuditMetrics {
             webhook_failures: counter(
                 "collie_anomaly_webhook_failures_total",
                 "Anomaly alerts the webhook never accepted",
+            )?,
+            chain_conflicts: counter(
+                "collie_audit_chain_conflicts_total",
+                "Batches whose chain places another process had taken (same sidecar id)",
             )?,
         })
     }
@@ -141,11 +153,14 @@ pub fn start(
     let sink = spec.open()?;
     let (tx, rx) = mpsc::channel(settings.queue);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let sidecar = sidecar_id(settings);
+    log::info!("audit: writing the chain of sidecar `{sidecar}`");
     let thread = writer::spawn(
         sink,
         rx,
         tx.downgrade(),
         settings.clone(),
+        sidecar,
         Arc::clone(&queued_bytes),
         metrics.clone(),
     )?;
@@ -161,4 +176,31 @@ pub fn start(
             thread: Some(thread),
         },
     )))
+}
+
+/// The name of this process's hash chain: `audit.sidecar_id` when set,
+/// else the host name and a random suffix chosen at start.
+///
+/// The host name alone is not unique enough: two sidecars on one host (or
+/// two pods given the same name) would write one chain from two places.
+/// A fresh suffix per start means each run is a chain of its own, which
+/// `verify` checks on its own; the price is that a run's last records can
+/// be cut off without a later run noticing. Set `sidecar_id` to a name that
+/// is unique per instance and stable across restarts (a StatefulSet pod's
+/// name) to continue one chain over restarts.
+pub fn sidecar_id(settings: &AuditSettings) -> String {
+    if let Some(id) = &settings.sidecar_id {
+        return id.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "collie".to_string());
+    format!("{host}-{:08x}", rand::random::<u32>())
 }

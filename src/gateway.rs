@@ -9,7 +9,7 @@ pub mod exchange;
 mod redact;
 mod spend;
 
-pub use admission::key_digest_hex;
+pub use admission::{Claimed, key_digest_hex};
 pub use error::GatewayError;
 pub use spend::Settlement;
 
@@ -118,6 +118,9 @@ pub struct RequestCtx {
     pub endpoint: Endpoint,
     /// Index of the proven tenant.
     pub tenant: Option<usize>,
+    /// Refused by authentication: the tenant `X-Tenant-ID` named (for the
+    /// audit's security view; never billed).
+    pub claimed_tenant: Option<Claimed>,
     pub requested_model: Option<String>,
     /// Index of the deployment whose response the client got.
     pub served: Option<usize>,
@@ -135,6 +138,9 @@ pub struct RequestCtx {
     pub first_byte: Option<Instant>,
     pub streamed: bool,
     pub truncated: bool,
+    /// Why the provider broke the response off mid-way (a short, fixed
+    /// reason; never the provider's words).
+    pub broken: Option<&'static str>,
     pub client_gone: bool,
     /// The tenant's priority (1 highest … 5), for queueing.
     pub priority: u8,
@@ -229,7 +235,9 @@ impl Gateway {
             .map(|a| a.ip());
         let req = session.req_header();
         ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
-        let tenant = admission::admit(req, &snap)?;
+        let tenant = admission::admit(req, &snap).inspect_err(|_| {
+            ctx.claimed_tenant = admission::claimed(req, &snap);
+        })?;
         ctx.tenant = Some(tenant);
         ctx.priority = snap.config.tenants[tenant].priority;
         ctx.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
@@ -275,6 +283,7 @@ impl ProxyHttp for Gateway {
             snapshot: self.state.load(),
             endpoint: Endpoint::ChatCompletions,
             tenant: None,
+            claimed_tenant: None,
             requested_model: None,
             served: None,
             attempts: Vec::new(),
@@ -287,6 +296,7 @@ impl ProxyHttp for Gateway {
             first_byte: None,
             streamed: false,
             truncated: false,
+            broken: None,
             client_gone: false,
             priority: crate::config::DEFAULT_PRIORITY,
             max_wait: std::time::Duration::ZERO,

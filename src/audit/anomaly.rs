@@ -2,7 +2,12 @@
 //! request rate, failure ratio, hourly cost, one request's tokens, the same
 //! request repeated, and a per-tenant baseline (EWMA of tokens and cost per
 //! minute) flagging z-score spikes. Time is the records' own, so the rules
-//! are deterministic for a given sequence.
+//! are deterministic for a given sequence; only the baseline is also judged
+//! on the writer's clock ([`Detector::tick`]), so a spike followed by
+//! silence is not left waiting for a next record.
+//!
+//! State is in memory, per sidecar: in a fleet each sidecar judges its own
+//! traffic, and a restart starts every window and baseline afresh.
 
 use super::record::Record;
 use super::sink::AnomalyRow;
@@ -58,10 +63,11 @@ impl Scope {
     }
 }
 
-/// A tenant's usual tokens and cost per minute.
+/// A tenant's usual tokens and cost per period (a minute by default).
 #[derive(Default)]
 struct Baseline {
-    minute: i64,
+    /// The open period (epoch ms / period length).
+    period: i64,
     tokens: f64,
     cost: f64,
     history: u32,
@@ -71,35 +77,57 @@ struct Baseline {
     var_cost: f64,
 }
 
-/// Minutes of history before the baseline judges.
-const BASELINE_MIN_HISTORY: u32 = 10;
 const BASELINE_ALPHA: f64 = 0.1;
+/// The least deviation a baseline judges against, as a share of its mean.
+const BASELINE_SD_FLOOR: f64 = 0.25;
 
+/// How often a request (by its hash) was seen in the current window, and
+/// when that window started.
+type Repeats = HashMap<[u8; 32], (u64, i64)>;
+
+/// Per-record work allocates nothing for a tenant already seen: maps are
+/// keyed so that a `&str` finds the entry, and request hashes are kept as
+/// their 32 bytes.
 pub struct Detector {
     s: AnomalySettings,
     sidecar: String,
-    scopes: HashMap<Option<String>, Scope>,
-    repeats: HashMap<(Option<String>, String), (u64, i64)>,
+    tenants: HashMap<String, Scope>,
+    global: Scope,
+    tenant_repeats: HashMap<String, Repeats>,
+    global_repeats: Repeats,
     baselines: HashMap<String, Baseline>,
-    /// When a (rule, scope) last fired: it fires again only after a window.
-    fired: HashMap<(&'static str, Option<String>), i64>,
+    /// When a rule last fired, per tenant and for all tenants: it fires
+    /// again only after a window.
+    fired_tenants: HashMap<String, HashMap<&'static str, i64>>,
+    fired_global: HashMap<&'static str, i64>,
     /// The latest record time seen. Records arrive in completion order, so a
     /// long request started earlier may come after shorter later ones; it is
     /// counted at this time, never moving the windows back.
     clock: i64,
 }
 
+/// Past this many distinct requests in one scope, those whose window is
+/// over are forgotten (bounded memory).
+const REPEATS_KEPT: usize = 200_000;
+
 impl Detector {
     pub fn new(s: AnomalySettings, sidecar: &str) -> Detector {
         Detector {
             s,
             sidecar: sidecar.to_string(),
-            scopes: HashMap::new(),
-            repeats: HashMap::new(),
+            tenants: HashMap::new(),
+            global: Scope::default(),
+            tenant_repeats: HashMap::new(),
+            global_repeats: HashMap::new(),
             baselines: HashMap::new(),
-            fired: HashMap::new(),
+            fired_tenants: HashMap::new(),
+            fired_global: HashMap::new(),
             clock: i64::MIN,
         }
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX)
     }
 
     fn fire(
@@ -107,21 +135,27 @@ impl Detector {
         out: &mut Vec<AnomalyRow>,
         now: i64,
         rule: &'static str,
-        tenant: Option<&String>,
-        detail: String,
+        tenant: Option<&str>,
+        detail: impl FnOnce() -> String,
     ) {
-        let key = (rule, tenant.cloned());
-        let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
-        if self.fired.get(&key).is_some_and(|&at| now - at < window) {
+        let window = self.window_ms();
+        let last = match tenant {
+            None => &mut self.fired_global,
+            Some(t) => match get_or_insert(&mut self.fired_tenants, t) {
+                Some(last) => last,
+                None => return,
+            },
+        };
+        if last.get(rule).is_some_and(|&at| now - at < window) {
             return;
         }
-        self.fired.insert(key, now);
+        last.insert(rule, now);
         out.push(AnomalyRow {
             ts_ms: now,
             sidecar: self.sidecar.clone(),
             rule: rule.to_string(),
-            tenant: tenant.cloned(),
-            detail,
+            tenant: tenant.map(str::to_string),
+            detail: detail(),
         });
     }
 
@@ -135,49 +169,23 @@ impl Detector {
             .max(1);
         let slice = now / slice_ms;
         let minute = now / 60_000;
-        let failed = r.status >= 400 || r.status == 0;
+        let failed = r.failed();
         let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
         // The tenant's scope (when known) and the global one, each counted once.
-        let scope_keys: Vec<Option<String>> = match &r.tenant {
-            Some(t) => vec![Some(t.clone()), None],
-            None => vec![None],
-        };
-        for key in scope_keys.iter() {
-            let scope = self.scopes.entry(key.clone()).or_default();
-            scope.add(slice, minute, failed, cost);
-            let (requests, failures) = scope.window_totals(slice);
-            let hour_cost = scope.hour_cost(minute);
-            let (rate_limit, cost_limit) = match key {
-                Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
-                None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
-            };
-            let who = key.as_deref().unwrap_or("all tenants");
-            if let Some(limit) = rate_limit.filter(|l| requests > *l) {
-                let detail = format!(
-                    "{who}: {requests} requests in {:?} (limit {limit})",
-                    self.s.window
-                );
-                self.fire(&mut out, now, "request_rate", key.as_ref(), detail);
-            }
-            if requests >= self.s.failure_min_requests
-                && failures as f64 / requests as f64 >= self.s.failure_ratio
-            {
-                let detail = format!(
-                    "{who}: {failures} of {requests} requests failed in {:?} (threshold {:.0}%)",
-                    self.s.window,
-                    self.s.failure_ratio * 100.0
-                );
-                self.fire(&mut out, now, "failure_ratio", key.as_ref(), detail);
-            }
-            if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
-                let detail = format!(
-                    "{who}: ${:.4} in the last hour (limit ${:.4})",
-                    hour_cost as f64 / 1e9,
-                    limit as f64 / 1e9
-                );
-                self.fire(&mut out, now, "hourly_cost", key.as_ref(), detail);
+        let tenant = r.tenant.as_deref();
+        if let Some(t) = tenant {
+            if let Some(scope) = get_or_insert(&mut self.tenants, t) {
+                scope.add(slice, minute, failed, cost);
+                let counts = (scope.window_totals(slice), scope.hour_cost(minute));
+                self.judge_scope(&mut out, now, Some(t), counts);
             }
         }
+        self.global.add(slice, minute, failed, cost);
+        let counts = (
+            self.global.window_totals(slice),
+            self.global.hour_cost(minute),
+        );
+        self.judge_scope(&mut out, now, None, counts);
         if let (Some(limit), Some(tokens)) = (self.s.tokens_per_request, r.total_tokens) {
             if u64::try_from(tokens).is_ok_and(|t| t > limit) {
                 let detail = format!(
@@ -194,74 +202,182 @@ impl Detector {
                 });
             }
         }
-        if let (Some(limit), Some(hash)) = (self.s.repeats, &r.request_hash) {
-            let window = i64::try_from(self.s.window.as_millis()).unwrap_or(i64::MAX);
-            let e = self
-                .repeats
-                .entry((r.tenant.clone(), hash.clone()))
-                .or_insert((0, now));
-            if now - e.1 >= window {
-                *e = (0, now);
-            }
-            e.0 += 1;
-            let count = e.0;
-            if count > limit {
-                let detail = format!(
-                    "the same request ({}…) {count} times within {:?}",
-                    &hash[..12.min(hash.len())],
-                    self.s.window
-                );
-                self.fire(&mut out, now, "repeated_request", r.tenant.as_ref(), detail);
-            }
-            if self.repeats.len() > 200_000 {
-                // Bounded memory: forget what has left the window.
-                self.repeats.retain(|_, (_, first)| now - *first < window);
-            }
+        if let Some(hash) = &r.request_hash {
+            self.repeats(&mut out, now, tenant, hash);
         }
-        if let Some(t) = &r.tenant {
-            self.baseline(&mut out, t, minute, r.total_tokens.unwrap_or(0), cost);
+        if let Some(t) = tenant {
+            let period = now / self.baseline_ms();
+            self.baseline(&mut out, t, period, r.total_tokens.unwrap_or(0), cost);
         }
         out
     }
 
-    /// Per-tenant baseline: when a minute ends, compare its totals with the
-    /// tenant's EWMA mean and deviation so far.
+    /// The window rules of one scope, given its (requests, failures) in the
+    /// window and its cost over the last hour.
+    fn judge_scope(
+        &mut self,
+        out: &mut Vec<AnomalyRow>,
+        now: i64,
+        tenant: Option<&str>,
+        ((requests, failures), hour_cost): ((u64, u64), u64),
+    ) {
+        let (rate_limit, cost_limit) = match tenant {
+            Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
+            None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
+        };
+        let who = tenant.unwrap_or("all tenants");
+        let window = self.s.window;
+        if let Some(limit) = rate_limit.filter(|l| requests > *l) {
+            self.fire(out, now, "request_rate", tenant, || {
+                format!("{who}: {requests} requests in {window:?} (limit {limit})")
+            });
+        }
+        let ratio = self.s.failure_ratio;
+        if requests >= self.s.failure_min_requests && failures as f64 / requests as f64 >= ratio {
+            self.fire(out, now, "failure_ratio", tenant, || {
+                format!(
+                    "{who}: {failures} of {requests} requests failed in {window:?} (threshold {:.0}%)",
+                    ratio * 100.0
+                )
+            });
+        }
+        if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
+            self.fire(out, now, "hourly_cost", tenant, || {
+                format!(
+                    "{who}: ${:.4} in the last hour (limit ${:.4})",
+                    hour_cost as f64 / 1e9,
+                    limit as f64 / 1e9
+                )
+            });
+        }
+    }
+
+    /// The same request (by hash) more often than allowed in a window: per
+    /// tenant (`repeats`) and for all tenants together (`global_repeats`).
+    fn repeats(&mut self, out: &mut Vec<AnomalyRow>, now: i64, tenant: Option<&str>, hash: &str) {
+        if self.s.repeats.is_none() && self.s.global_repeats.is_none() {
+            return;
+        }
+        let mut key = [0u8; 32];
+        if hex::decode_to_slice(hash, &mut key).is_err() {
+            return;
+        }
+        let window = self.window_ms();
+        let count = |seen: &mut Repeats| {
+            let e = seen.entry(key).or_insert((0, now));
+            if now - e.1 >= window {
+                *e = (0, now);
+            }
+            e.0 += 1;
+            let n = e.0;
+            if seen.len() > REPEATS_KEPT {
+                seen.retain(|_, (_, first)| now - *first < window);
+            }
+            n
+        };
+        // An anonymous record belongs to the global scope only.
+        let tenant_count = match (tenant, self.s.repeats) {
+            (Some(t), Some(limit)) => {
+                get_or_insert(&mut self.tenant_repeats, t).map(|seen| (t, limit, count(seen)))
+            }
+            _ => None,
+        };
+        let global_count = self
+            .s
+            .global_repeats
+            .map(|limit| (limit, count(&mut self.global_repeats)));
+        let short = &hash[..12.min(hash.len())];
+        let within = self.s.window;
+        for (scope, limit, n) in tenant_count
+            .map(|(t, l, n)| (Some(t), l, n))
+            .into_iter()
+            .chain(global_count.map(|(l, n)| (None, l, n)))
+        {
+            if n > limit {
+                let who = scope.unwrap_or("all tenants");
+                self.fire(out, now, "repeated_request", scope, || {
+                    format!("{who}: the same request ({short}…) {n} times within {within:?} (limit {limit})")
+                });
+            }
+        }
+    }
+
+    fn baseline_ms(&self) -> i64 {
+        i64::try_from(self.s.baseline_interval.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// Judge the baseline periods that ended before `now_ms` (wall clock),
+    /// so a spike followed by silence is flagged without waiting for the
+    /// tenant's next record. A period is judged once it is over by a grace
+    /// (a quarter period, at most 5 s) that lets its last records arrive; a
+    /// record that comes later still is counted in the open period.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<AnomalyRow> {
+        let mut out = Vec::new();
+        let period_ms = self.baseline_ms();
+        let grace = (period_ms / 4).min(5_000);
+        let closed = now_ms.saturating_sub(grace) / period_ms;
+        let due: Vec<String> = self
+            .baselines
+            .iter()
+            .filter(|(_, b)| b.period < closed)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for tenant in due {
+            self.baseline(&mut out, &tenant, closed, 0, 0);
+        }
+        out
+    }
+
+    /// Per-tenant baseline: when a period ends, compare its totals with the
+    /// tenant's EWMA mean and deviation so far, then fold it in. `period` is
+    /// where `tokens` and `cost` belong; an earlier one (a record that
+    /// arrives after its period was judged) is counted in the open period.
     fn baseline(
         &mut self,
         out: &mut Vec<AnomalyRow>,
         tenant: &str,
-        minute: i64,
+        period: i64,
         tokens: i64,
         cost: u64,
     ) {
         let z_limit = self.s.zscore;
-        let b = self
-            .baselines
-            .entry(tenant.to_string())
-            .or_insert_with(|| Baseline {
-                minute,
-                ..Baseline::default()
-            });
+        let min_history = self.s.baseline_min_history;
+        let period_ms = self.baseline_ms();
+        if !self.baselines.contains_key(tenant) {
+            self.baselines.insert(
+                tenant.to_string(),
+                Baseline {
+                    period,
+                    ..Baseline::default()
+                },
+            );
+        }
+        let Some(b) = self.baselines.get_mut(tenant) else {
+            return;
+        };
+        let period = period.max(b.period);
         let mut spikes = Vec::new();
-        if minute != b.minute {
-            // Close the finished minute (and count empty minutes in between as zero).
-            let gaps = (minute - b.minute).clamp(1, 60);
+        if period != b.period {
+            // Close the finished period (and count empty ones in between as zero).
+            let gaps = (period - b.period).clamp(1, 60);
             for i in 0..gaps {
                 let (t, c) = if i == 0 {
                     (b.tokens, b.cost)
                 } else {
                     (0.0, 0.0)
                 };
-                if b.history >= BASELINE_MIN_HISTORY {
+                if b.history >= min_history {
                     for (name, x, mean, var) in [
                         ("tokens", t, b.mean_tokens, b.var_tokens),
                         ("cost", c, b.mean_cost, b.var_cost),
                     ] {
-                        let sd = var.sqrt();
-                        if sd > 0.0 && (x - mean) / sd >= z_limit {
+                        let z = (x - mean) / deviation(mean, var);
+                        if z >= z_limit {
                             spikes.push(format!(
-                                "{tenant}: {name} per minute {x:.0} is {:.1} standard deviations above its usual {mean:.0}",
-                                (x - mean) / sd
+                                "{tenant}: {name} per {:?} {x:.0} is {z:.1} standard deviations above its usual {mean:.0}",
+                                self.s.baseline_interval
                             ));
                         }
                     }
@@ -280,23 +396,36 @@ impl Detector {
                 }
                 b.history += 1;
             }
-            b.minute = minute;
+            b.period = period;
             b.tokens = 0.0;
             b.cost = 0.0;
         }
         b.tokens += tokens as f64;
         b.cost += cost as f64;
-        let now = minute * 60_000;
+        let now = period * period_ms;
         for detail in spikes {
-            self.fire(
-                out,
-                now,
-                "baseline_spike",
-                Some(&tenant.to_string()),
-                detail,
-            );
+            self.fire(out, now, "baseline_spike", Some(tenant), || detail);
         }
     }
+}
+
+/// The entry of `key`, made (with one allocation) the first time only.
+/// Always `Some`; an `Option` because the borrow checker cannot yet return
+/// the found entry or else insert.
+fn get_or_insert<'a, V: Default>(map: &'a mut HashMap<String, V>, key: &str) -> Option<&'a mut V> {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key)
+}
+
+/// The deviation a baseline judges against: its EWMA standard deviation,
+/// but never less than a quarter of its mean (nor one unit). Perfectly
+/// steady usage has no deviation at all, and would otherwise never flag
+/// anything; with the floor, at the default z of 4 a steady tenant is
+/// flagged when a period's usage reaches twice its usual.
+fn deviation(mean: f64, var: f64) -> f64 {
+    var.sqrt().max(BASELINE_SD_FLOOR * mean.abs()).max(1.0)
 }
 
 #[cfg(test)]
@@ -309,6 +438,7 @@ mod tests {
             ts_ms,
             request_id: format!("r{ts_ms}"),
             tenant: Some(tenant.into()),
+            claimed_tenant: None,
             client_ip: None,
             endpoint: "chat".into(),
             requested_model: Some("m".into()),
@@ -365,6 +495,108 @@ mod tests {
             spike.iter().any(|a| a.rule == "baseline_spike"),
             "{spike:?}"
         );
+    }
+
+    fn steady(zscore: f64) -> (Detector, Vec<AnomalyRow>) {
+        let mut d = Detector::new(
+            AnomalySettings {
+                zscore,
+                ..AnomalySettings::default()
+            },
+            "s",
+        );
+        // Twenty minutes of exactly the same usage: no deviation at all.
+        let fired = (0..20i64)
+            .flat_map(|minute| {
+                (0..10)
+                    .map(|i| record(minute * 60_000 + i * 1000, "t", 200, 100))
+                    .collect::<Vec<_>>()
+            })
+            .flat_map(|r| d.observe(&r))
+            .collect();
+        (d, fired)
+    }
+
+    #[test]
+    fn perfectly_steady_usage_still_flags_a_spike() {
+        let (mut d, fired) = steady(4.0);
+        assert!(fired.is_empty(), "{fired:?}");
+        for i in 0..10 {
+            d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 1000));
+        }
+        let spike = d.observe(&record(21 * 60_000, "t", 200, 100));
+        assert!(
+            spike.iter().any(|a| a.rule == "baseline_spike"),
+            "{spike:?}"
+        );
+    }
+
+    #[test]
+    fn a_steady_baseline_tolerates_less_than_its_floor() {
+        // The deviation's floor is a quarter of the mean: at z 5, a minute at
+        // twice the usual (z = 4) passes.
+        let (mut d, _) = steady(5.0);
+        for i in 0..20 {
+            d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 100));
+        }
+        let next = d.observe(&record(21 * 60_000, "t", 200, 100));
+        assert!(next.is_empty(), "{next:?}");
+    }
+
+    #[test]
+    fn a_spike_followed_by_silence_is_flagged_on_the_clock() {
+        let (mut d, _) = steady(4.0);
+        for i in 0..10 {
+            assert!(
+                d.observe(&record(20 * 60_000 + i * 1000, "t", 200, 5000))
+                    .is_empty()
+            );
+        }
+        // No more records. The minute is judged once it is over by the grace
+        // (a quarter of it, at most 5 s), not before.
+        assert!(d.tick(21 * 60_000 + 4_000).is_empty());
+        let late = d.tick(21 * 60_000 + 5_000);
+        assert!(
+            late.iter()
+                .any(|a| a.rule == "baseline_spike" && a.tenant.as_deref() == Some("t")),
+            "{late:?}"
+        );
+        // Judged once: the next tick and a late record of that minute add nothing.
+        assert!(d.tick(21 * 60_000 + 6_000).is_empty());
+        assert!(
+            d.observe(&record(20 * 60_000 + 59_000, "t", 200, 100))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn repeats_count_per_tenant_and_for_all_tenants() {
+        let s = AnomalySettings {
+            repeats: Some(3),
+            global_repeats: Some(4),
+            ..AnomalySettings::default()
+        };
+        let mut d = Detector::new(s, "s");
+        let same = |ts, tenant| Record {
+            request_hash: Some("ab".repeat(32)),
+            ..record(ts, tenant, 200, 10)
+        };
+        let mut fired = Vec::new();
+        for (i, t) in ["a", "a", "b", "b"].iter().enumerate() {
+            fired.extend(d.observe(&same(i as i64, t)));
+        }
+        assert!(fired.is_empty(), "{fired:?}");
+        // Five in all: over the global limit, while each tenant is under its own.
+        let over = d.observe(&same(4, "b"));
+        assert_eq!(over.len(), 1, "{over:?}");
+        assert_eq!(
+            (over[0].rule.as_str(), over[0].tenant.as_deref()),
+            ("repeated_request", None)
+        );
+        // b's fourth is over b's limit.
+        let over = d.observe(&same(5, "b"));
+        assert_eq!(over.len(), 1, "{over:?}");
+        assert_eq!(over[0].tenant.as_deref(), Some("b"));
     }
 
     #[test]

@@ -13,6 +13,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::gateway::Claimed;
+
+/// The claimed tenant of a refused request that named no configured tenant.
+/// The header's text is not kept: it is free text, and may hold a secret.
+pub const UNKNOWN_TENANT: &str = "(unknown)";
+
 /// A request as recorded. Never holds a key, an `Authorization` value or a
 /// provider's error body: none of them is ever put into the context.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +26,10 @@ pub struct Record {
     pub ts_ms: i64,
     pub request_id: String,
     pub tenant: Option<String>,
+    /// Refused by authentication: the configured tenant the request named
+    /// in `X-Tenant-ID` but did not prove (`(unknown)` when it named none).
+    /// Claimed, never proven; never billed.
+    pub claimed_tenant: Option<String>,
     pub client_ip: Option<String>,
     pub endpoint: String,
     pub requested_model: Option<String>,
@@ -58,6 +68,7 @@ pub struct Pending {
     ttft: Option<Duration>,
     request_id: String,
     tenant: Option<usize>,
+    claimed_tenant: Option<Claimed>,
     client_ip: Option<IpAddr>,
     endpoint: Endpoint,
     requested_model: Option<String>,
@@ -66,6 +77,7 @@ pub struct Pending {
     status: u16,
     refused_by: Option<String>,
     error: Option<&'static str>,
+    broken: Option<&'static str>,
     usage: Option<Usage>,
     usage_estimated: bool,
     streamed: bool,
@@ -93,6 +105,7 @@ impl Pending {
             ttft: ctx.first_byte.map(|t| t.duration_since(ctx.started)),
             request_id: std::mem::take(&mut ctx.id),
             tenant: ctx.tenant,
+            claimed_tenant: ctx.claimed_tenant,
             client_ip: ctx.client_ip,
             endpoint: ctx.endpoint,
             requested_model: ctx.requested_model.take(),
@@ -101,6 +114,7 @@ impl Pending {
             status: ctx.status,
             refused_by: ctx.refused_by.take(),
             error: ctx.error,
+            broken: ctx.broken,
             usage: ctx.usage,
             usage_estimated: ctx.usage_estimated,
             streamed: ctx.streamed,
@@ -144,6 +158,14 @@ impl Pending {
                 .tenant
                 .and_then(|t| snap.config.tenants.get(t))
                 .map(|t| t.id.clone()),
+            claimed_tenant: self.claimed_tenant.map(|c| match c {
+                Claimed::Tenant(i) => snap
+                    .config
+                    .tenants
+                    .get(i)
+                    .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
+                Claimed::Unknown => UNKNOWN_TENANT.to_string(),
+            }),
             client_ip: self.client_ip.map(|ip| ip.to_string()),
             endpoint: self.endpoint.label().to_string(),
             requested_model: self.requested_model,
@@ -174,7 +196,11 @@ impl Pending {
             response_preview: self
                 .preview
                 .map(|p| String::from_utf8_lossy(&p).into_owned()),
-            error: if admitted && (200..400).contains(&self.status) {
+            // Only Collie's own short reasons: a provider's error body may
+            // echo a key, so it is never kept.
+            error: if let Some(why) = self.broken {
+                Some(format!("stream_interrupted: {why}"))
+            } else if admitted && (200..400).contains(&self.status) {
                 None
             } else {
                 self.error.map(str::to_string)
@@ -185,51 +211,192 @@ impl Pending {
 }
 
 impl Record {
+    /// Failed: an error status, no answer at all, or a response the provider
+    /// broke off mid-way (the client got a 200 head and part of a body).
+    pub fn failed(&self) -> bool {
+        self.status >= 400 || self.status == 0 || self.truncated
+    }
+
     /// The hash chaining this record to the one before it (same sidecar):
-    /// SHA-256 over the previous hash, the position and every field.
+    /// SHA-256 over the previous hash, the position and every field, each
+    /// field's text followed by 0x1F (absent: a NUL). Fed to the hasher
+    /// piece by piece, with no allocation but the hex result.
     pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {
-        let mut h = Sha256::new();
-        let mut field = |v: &str| {
-            h.update(v.as_bytes());
-            h.update([0x1f]);
-        };
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "\u{0}".into());
-        let opt_i = |v: Option<i64>| v.map_or_else(|| "\u{0}".into(), |n| n.to_string());
-        field(prev_hash);
-        field(sidecar);
-        field(&seq.to_string());
-        field(&self.ts_ms.to_string());
-        field(&self.request_id);
-        field(&opt(&self.tenant));
-        field(&opt(&self.client_ip));
-        field(&self.endpoint);
-        field(&opt(&self.requested_model));
-        field(&opt(&self.served_model));
-        field(&opt(&self.deployment));
-        field(&self.attempts);
-        field(&self.status.to_string());
-        field(&self.decision);
-        field(&opt(&self.rule));
-        field(&opt_i(self.prompt_tokens));
-        field(&opt_i(self.completion_tokens));
-        field(&opt_i(self.total_tokens));
-        field(if self.usage_estimated { "1" } else { "0" });
-        field(&opt_i(self.cost_nano));
+        let mut h = Fields(Sha256::new());
+        h.text(prev_hash);
+        h.text(sidecar);
+        h.int(seq);
+        h.int(self.ts_ms);
+        h.text(&self.request_id);
+        h.opt(&self.tenant);
+        h.opt(&self.client_ip);
+        h.text(&self.endpoint);
+        h.opt(&self.requested_model);
+        h.opt(&self.served_model);
+        h.opt(&self.deployment);
+        h.text(&self.attempts);
+        h.int(self.status);
+        h.text(&self.decision);
+        h.opt(&self.rule);
+        h.opt_int(self.prompt_tokens);
+        h.opt_int(self.completion_tokens);
+        h.opt_int(self.total_tokens);
+        h.flag(self.usage_estimated);
+        h.opt_int(self.cost_nano);
         // Floats are hashed as stored (their exact bits).
-        field(&self.latency_ms.to_bits().to_string());
-        field(
-            &self
-                .ttft_ms
-                .map_or_else(|| "\u{0}".into(), |v| v.to_bits().to_string()),
-        );
-        field(if self.streamed { "1" } else { "0" });
-        field(if self.truncated { "1" } else { "0" });
-        field(if self.client_gone { "1" } else { "0" });
-        field(&opt(&self.request_hash));
-        field(&opt(&self.response_preview));
-        field(&opt(&self.error));
-        hex::encode(h.finalize())
+        h.uint(self.latency_ms.to_bits());
+        match self.ttft_ms {
+            Some(v) => h.uint(v.to_bits()),
+            None => h.text(NONE),
+        }
+        h.flag(self.streamed);
+        h.flag(self.truncated);
+        h.flag(self.client_gone);
+        h.opt(&self.request_hash);
+        h.opt(&self.response_preview);
+        h.opt(&self.error);
+        // Added in schema v2: hashed only when present, so the records
+        // written before it still verify.
+        if let Some(c) = &self.claimed_tenant {
+            h.text("claimed_tenant");
+            h.text(c);
+        }
+        hex::encode(h.0.finalize())
+    }
+}
+
+/// An absent field, as hashed.
+const NONE: &str = "\u{0}";
+
+/// The chain hash's encoding of fields.
+struct Fields(Sha256);
+
+impl Fields {
+    fn text(&mut self, v: &str) {
+        self.0.update(v.as_bytes());
+        self.0.update([0x1f]);
+    }
+
+    fn opt(&mut self, v: &Option<String>) {
+        self.text(v.as_deref().unwrap_or(NONE));
+    }
+
+    fn flag(&mut self, v: bool) {
+        self.text(if v { "1" } else { "0" });
+    }
+
+    /// Decimal, as `to_string` writes it, from a buffer on the stack.
+    fn int(&mut self, v: i64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.0.update(b"-");
+        }
+        self.0.update(&buf[i..]);
+        self.0.update([0x1f]);
+    }
+
+    fn uint(&mut self, v: u64) {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        let mut n = v;
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.0.update(&buf[i..]);
+        self.0.update([0x1f]);
+    }
+
+    fn opt_int(&mut self, v: Option<i64>) {
+        match v {
+            Some(n) => self.int(n),
+            None => self.text(NONE),
+        }
     }
 }
 
 pub use super::canonical::request_hash;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            ts_ms: 1_700_000_000_123,
+            request_id: "req_0123".into(),
+            tenant: Some("alpha".into()),
+            claimed_tenant: None,
+            client_ip: Some("127.0.0.1".into()),
+            endpoint: "chat".into(),
+            requested_model: Some("gpt".into()),
+            served_model: Some("gpt-a".into()),
+            deployment: Some("a".into()),
+            attempts: r#"[{"deployment":"a","outcome":"HTTP 200"}]"#.into(),
+            status: 200,
+            decision: "admitted".into(),
+            rule: None,
+            prompt_tokens: Some(12),
+            completion_tokens: Some(-9),
+            total_tokens: None,
+            usage_estimated: true,
+            cost_nano: Some(i64::MIN),
+            latency_ms: 0.41,
+            ttft_ms: Some(0.39),
+            streamed: false,
+            truncated: true,
+            client_gone: false,
+            request_hash: Some("ab".repeat(32)),
+            response_preview: None,
+            error: Some("stream_interrupted: ConnectionClosed".into()),
+        }
+    }
+
+    /// The chain hash of a record is part of every stored trail: it must
+    /// never change for the same fields (pinned values from the first
+    /// release's definition; the claimed tenant only when present).
+    #[test]
+    fn chain_hashes_are_stable() {
+        assert_eq!(
+            sample().chain_hash("s", 7, "prev"),
+            "c56a222d6ef8a9d6d0434bb698dc58bb8f8a090ae42a093e75ddef0b007e5a7c"
+        );
+        let claimed = Record {
+            claimed_tenant: Some("beta".into()),
+            ..sample()
+        };
+        assert_eq!(
+            claimed.chain_hash("s", 7, "prev"),
+            "13510d0578b35446d5790547efbb64809b1835aaa266d384caecc8d55d53ad8c"
+        );
+        // Every integer as `to_string` writes it.
+        for v in [0, 1, -1, 9, 10, 12345, i64::MIN, i64::MAX] {
+            let mut a = Fields(Sha256::new());
+            a.int(v);
+            let mut b = Fields(Sha256::new());
+            b.text(&v.to_string());
+            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+        }
+        for v in [0, 7, u64::MAX, 0.41f64.to_bits()] {
+            let mut a = Fields(Sha256::new());
+            a.uint(v);
+            let mut b = Fields(Sha256::new());
+            b.text(&v.to_string());
+            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! model, what failed, what looked wrong, who was refused) and `collie audit
 //! verify` (every chain intact: no edited row, no deleted one).
 
-use super::sink::{AnomalyRow, Sink, Stored};
+use super::sink::{Cell, Sink};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -48,45 +48,20 @@ pub fn since_ms(since: &str) -> Result<i64, String> {
 pub struct Totals {
     pub requests: u64,
     pub refused: u64,
+    /// Error statuses, no answer, and responses the provider broke off.
     pub failures: u64,
+    /// Of the failures: responses the provider broke off mid-way.
+    pub truncated: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
     /// Requests whose tokens are Collie's estimate, not the provider's count.
     pub estimated: u64,
     pub cost_usd: f64,
+    /// Nearest-rank percentiles: the record at position round((n − 1) · p)
+    /// of the group's latencies in ascending order.
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
-    #[serde(skip)]
-    latencies: Vec<f64>,
-    #[serde(skip)]
-    cost_nano: i64,
-}
-
-impl Totals {
-    fn add(&mut self, r: &super::record::Record) {
-        self.requests += 1;
-        self.refused += u64::from(r.decision == "refused");
-        self.failures += u64::from(r.status >= 400 || r.status == 0);
-        let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
-        self.prompt_tokens += n(r.prompt_tokens);
-        self.completion_tokens += n(r.completion_tokens);
-        self.total_tokens += n(r.total_tokens);
-        self.estimated += u64::from(r.usage_estimated);
-        self.cost_nano = self.cost_nano.saturating_add(r.cost_nano.unwrap_or(0));
-        self.latencies.push(r.latency_ms);
-    }
-
-    fn finish(&mut self) {
-        self.cost_usd = self.cost_nano as f64 / 1e9;
-        self.latencies.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            (!self.latencies.is_empty())
-                .then(|| self.latencies[((self.latencies.len() - 1) as f64 * p).round() as usize])
-        };
-        self.latency_p50_ms = pct(0.5);
-        self.latency_p95_ms = pct(0.95);
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -98,10 +73,20 @@ pub struct Report {
     pub by_tenant: BTreeMap<String, Totals>,
     /// (what, count), most frequent first.
     pub top_errors: Vec<(String, u64)>,
-    /// Refusals by rule and by client address: the security view.
+    pub security: Security,
+    pub anomalies: Vec<AnomalyOut>,
+}
+
+/// Requests refused before they reached a provider: who was refused, from
+/// where, and whose tenant id was named without its key.
+#[derive(Debug, Default, Serialize)]
+pub struct Security {
+    /// By the rule that refused (an error code or a quota window).
     pub refusals_by_rule: Vec<(String, u64)>,
     pub refusals_by_client: Vec<(String, u64)>,
-    pub anomalies: Vec<AnomalyOut>,
+    /// Refused by authentication, by the tenant id the request claimed
+    /// (`(unknown)`: a name no tenant has). Claimed, not proven.
+    pub auth_refusals_by_claimed_tenant: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,85 +97,220 @@ pub struct AnomalyOut {
     pub detail: String,
 }
 
-fn top(counts: HashMap<String, u64>, n: usize) -> Vec<(String, u64)> {
-    let mut v: Vec<(String, u64)> = counts.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(n);
-    v
-}
+/// Entries of each top list.
+const TOP: usize = 10;
+/// Anomalies listed at most (the newest).
+const MAX_ANOMALIES: usize = 1000;
+/// Problems `verify` lists one by one; past these it counts them.
+const MAX_PROBLEMS: usize = 1000;
 
-pub fn build(sink: &mut dyn Sink, since_ms: i64, tenant: Option<&str>) -> Result<Report, String> {
-    let records = sink.records_since(since_ms, tenant)?;
-    let anomalies = sink.anomalies_since(since_ms, tenant)?;
-    Ok(summarize(&records, &anomalies, since_ms, tenant))
-}
+/// What counts as failed, as SQL (see [`super::record::Record::failed`]).
+const FAILED: &str = "(status >= 400 OR status = 0 OR truncated = 1)";
+/// The period and tenant a report covers.
+const WHERE: &str = "ts_ms >= $1 AND (CAST($2 AS TEXT) IS NULL OR tenant = $2)";
+/// The same for the security view, which also counts the tenant's id being
+/// claimed by requests that were refused.
+const WHERE_CLAIMED: &str =
+    "ts_ms >= $1 AND (CAST($2 AS TEXT) IS NULL OR tenant = $2 OR claimed_tenant = $2)";
 
-pub fn summarize(
-    records: &[Stored],
-    anomalies: &[AnomalyRow],
+const BY_MODEL: &str = "COALESCE(requested_model, '(none)')";
+const BY_TENANT: &str = "COALESCE(tenant, '(unauthenticated)')";
+
+/// Sums per group, computed by the database: the report never holds the
+/// records, only one row per group.
+fn group_totals(
+    sink: &mut dyn Sink,
+    key: &str,
     since_ms: i64,
     tenant: Option<&str>,
-) -> Report {
-    let mut totals = Totals::default();
-    let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
-    let mut by_tenant: BTreeMap<String, Totals> = BTreeMap::new();
-    let mut errors: HashMap<String, u64> = HashMap::new();
-    let mut by_rule: HashMap<String, u64> = HashMap::new();
-    let mut by_client: HashMap<String, u64> = HashMap::new();
-    for s in records {
-        let r = &s.record;
-        totals.add(r);
-        by_model
-            .entry(r.requested_model.clone().unwrap_or_else(|| "(none)".into()))
-            .or_default()
-            .add(r);
-        by_tenant
-            .entry(
-                r.tenant
-                    .clone()
-                    .unwrap_or_else(|| "(unauthenticated)".into()),
-            )
-            .or_default()
-            .add(r);
-        if r.status >= 400 || r.status == 0 {
-            let what = r
-                .error
-                .clone()
-                .or_else(|| r.rule.clone())
-                .unwrap_or_else(|| format!("HTTP {}", r.status));
-            *errors.entry(what).or_default() += 1;
-        }
-        if r.decision == "refused" {
-            *by_rule
-                .entry(r.rule.clone().unwrap_or_else(|| "?".into()))
-                .or_default() += 1;
-            *by_client
-                .entry(r.client_ip.clone().unwrap_or_else(|| "?".into()))
-                .or_default() += 1;
-        }
+) -> Result<BTreeMap<String, Totals>, String> {
+    let sql = format!(
+        "SELECT {key}, COUNT(*),
+            CAST(SUM(CASE WHEN decision = 'refused' THEN 1 ELSE 0 END) AS BIGINT),
+            CAST(SUM(CASE WHEN {FAILED} THEN 1 ELSE 0 END) AS BIGINT),
+            CAST(SUM(truncated) AS BIGINT),
+            CAST(SUM(COALESCE(prompt_tokens, 0)) AS BIGINT),
+            CAST(SUM(COALESCE(completion_tokens, 0)) AS BIGINT),
+            CAST(SUM(COALESCE(total_tokens, 0)) AS BIGINT),
+            CAST(SUM(usage_estimated) AS BIGINT),
+            CAST(SUM(COALESCE(cost_nano, 0)) AS BIGINT)
+         FROM audit_records WHERE {WHERE} GROUP BY 1"
+    );
+    let mut out = BTreeMap::new();
+    let n = |c: &Cell| u64::try_from(c.int()).unwrap_or(0);
+    sink.query(&sql, since_ms, tenant, &mut |row| {
+        out.insert(
+            row[0].text(),
+            Totals {
+                requests: n(&row[1]),
+                refused: n(&row[2]),
+                failures: n(&row[3]),
+                truncated: n(&row[4]),
+                prompt_tokens: n(&row[5]),
+                completion_tokens: n(&row[6]),
+                total_tokens: n(&row[7]),
+                estimated: n(&row[8]),
+                cost_usd: row[9].int() as f64 / 1e9,
+                latency_p50_ms: None,
+                latency_p95_ms: None,
+            },
+        );
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The p50 and p95 latency of every group in one pass over the latencies in
+/// ascending order, streamed from the database: each group's percentile is
+/// the value at its rank, found by counting the group's rows as they pass.
+fn percentiles(
+    sink: &mut dyn Sink,
+    since_ms: i64,
+    tenant: Option<&str>,
+    totals: &mut Totals,
+    by_model: &mut BTreeMap<String, Totals>,
+    by_tenant: &mut BTreeMap<String, Totals>,
+) -> Result<(), String> {
+    fn ranks(n: u64) -> [u64; 2] {
+        let last = n.saturating_sub(1) as f64;
+        [(last * 0.5).round() as u64, (last * 0.95).round() as u64]
     }
-    totals.finish();
-    by_model.values_mut().for_each(Totals::finish);
-    by_tenant.values_mut().for_each(Totals::finish);
-    Report {
+    fn take(t: &mut Totals, seen: &mut u64, v: f64) {
+        let [p50, p95] = ranks(t.requests);
+        if *seen == p50 {
+            t.latency_p50_ms = Some(v);
+        }
+        if *seen == p95 {
+            t.latency_p95_ms = Some(v);
+        }
+        *seen += 1;
+    }
+    let sql = format!(
+        "SELECT {BY_MODEL}, {BY_TENANT}, latency_ms FROM audit_records WHERE {WHERE} ORDER BY latency_ms"
+    );
+    let mut seen_all = 0u64;
+    let mut seen: HashMap<(bool, String), u64> = HashMap::new();
+    sink.query(&sql, since_ms, tenant, &mut |row| {
+        let v = row[2].real();
+        take(totals, &mut seen_all, v);
+        for (is_model, key, groups) in [
+            (true, row[0].text(), &mut *by_model),
+            (false, row[1].text(), &mut *by_tenant),
+        ] {
+            if let Some(t) = groups.get_mut(&key) {
+                take(t, seen.entry((is_model, key)).or_default(), v);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The `TOP` most frequent values of `what` among the records `filter`
+/// selects, most frequent first (ties by name).
+fn top(
+    sink: &mut dyn Sink,
+    what: &str,
+    filter: &str,
+    scope: &str,
+    since_ms: i64,
+    tenant: Option<&str>,
+) -> Result<Vec<(String, u64)>, String> {
+    let sql = format!(
+        "SELECT {what}, COUNT(*) FROM audit_records WHERE {scope} AND {filter} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {TOP}"
+    );
+    let mut out = Vec::new();
+    sink.query(&sql, since_ms, tenant, &mut |row| {
+        out.push((row[0].text(), u64::try_from(row[1].int()).unwrap_or(0)));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The report of records since `since_ms` (of `tenant`), aggregated by the
+/// database: memory grows with the number of models and tenants, never with
+/// the number of records.
+pub fn build(sink: &mut dyn Sink, since_ms: i64, tenant: Option<&str>) -> Result<Report, String> {
+    let mut totals = group_totals(sink, "'all'", since_ms, tenant)?
+        .into_values()
+        .next()
+        .unwrap_or_default();
+    let mut by_model = group_totals(sink, BY_MODEL, since_ms, tenant)?;
+    let mut by_tenant = group_totals(sink, BY_TENANT, since_ms, tenant)?;
+    percentiles(
+        sink,
+        since_ms,
+        tenant,
+        &mut totals,
+        &mut by_model,
+        &mut by_tenant,
+    )?;
+    let top_errors = top(
+        sink,
+        "COALESCE(error, rule, 'HTTP ' || CAST(status AS TEXT))",
+        FAILED,
+        WHERE,
+        since_ms,
+        tenant,
+    )?;
+    let refused = "decision = 'refused'";
+    let security = Security {
+        refusals_by_rule: top(
+            sink,
+            "COALESCE(rule, '?')",
+            refused,
+            WHERE_CLAIMED,
+            since_ms,
+            tenant,
+        )?,
+        refusals_by_client: top(
+            sink,
+            "COALESCE(client_ip, '?')",
+            refused,
+            WHERE_CLAIMED,
+            since_ms,
+            tenant,
+        )?,
+        auth_refusals_by_claimed_tenant: top(
+            sink,
+            "claimed_tenant",
+            "claimed_tenant IS NOT NULL",
+            WHERE_CLAIMED,
+            since_ms,
+            tenant,
+        )?,
+    };
+    // The newest, oldest first.
+    let mut anomalies = Vec::new();
+    sink.query(
+        &format!(
+            "SELECT ts_ms, rule, tenant, detail FROM audit_anomalies WHERE {WHERE} ORDER BY ts_ms DESC LIMIT {MAX_ANOMALIES}"
+        ),
+        since_ms,
+        tenant,
+        &mut |row| {
+            anomalies.push(AnomalyOut {
+                ts_ms: row[0].int(),
+                rule: row[1].text(),
+                tenant: match &row[2] {
+                    Cell::Null => None,
+                    c => Some(c.text()),
+                },
+                detail: row[3].text(),
+            });
+            Ok(())
+        },
+    )?;
+    anomalies.reverse();
+    Ok(Report {
         since_ms,
         tenant: tenant.map(str::to_string),
         totals,
         by_model,
         by_tenant,
-        top_errors: top(errors, 10),
-        refusals_by_rule: top(by_rule, 10),
-        refusals_by_client: top(by_client, 10),
-        anomalies: anomalies
-            .iter()
-            .map(|a| AnomalyOut {
-                ts_ms: a.ts_ms,
-                rule: a.rule.clone(),
-                tenant: a.tenant.clone(),
-                detail: a.detail.clone(),
-            })
-            .collect(),
-    }
+        top_errors,
+        security,
+        anomalies,
+    })
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -203,9 +323,10 @@ pub fn text(r: &Report) -> String {
     let row = |out: &mut String, name: &str, t: &Totals| {
         let _ = writeln!(
             out,
-            "  {name:<28} {:>8} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9} {:>9}",
+            "  {name:<28} {:>8} {:>8} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9} {:>9}",
             t.requests,
             t.failures,
+            t.truncated,
             t.refused,
             t.total_tokens,
             t.estimated,
@@ -218,10 +339,11 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(out, "\n{title}");
         let _ = writeln!(
             out,
-            "  {:<28} {:>8} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9} {:>9}",
+            "  {:<28} {:>8} {:>8} {:>9} {:>8} {:>12} {:>9} {:>12} {:>9} {:>9}",
             "",
             "requests",
             "failed",
+            "truncated",
             "refused",
             "tokens",
             "estimated",
@@ -232,7 +354,8 @@ pub fn text(r: &Report) -> String {
     };
     let _ = writeln!(
         out,
-        "Collie audit report{}",
+        "Collie audit report since {}{}",
+        since_text(r.since_ms),
         r.tenant
             .as_ref()
             .map(|t| format!(" for tenant {t}"))
@@ -258,114 +381,157 @@ pub fn text(r: &Report) -> String {
         }
     };
     list(&mut out, "Top errors", &r.top_errors);
-    list(&mut out, "Refusals by rule", &r.refusals_by_rule);
+    let _ = writeln!(out, "\nSecurity");
+    list(&mut out, "Refusals by rule", &r.security.refusals_by_rule);
     list(
         &mut out,
         "Refusals by client address",
-        &r.refusals_by_client,
+        &r.security.refusals_by_client,
+    );
+    list(
+        &mut out,
+        "Authentication refusals by claimed tenant (claimed, not proven)",
+        &r.security.auth_refusals_by_claimed_tenant,
     );
     let _ = writeln!(out, "\nAnomalies");
     if r.anomalies.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
     for a in &r.anomalies {
-        let _ = writeln!(out, "  {} {:<18} {}", a.ts_ms, a.rule, a.detail);
+        let _ = writeln!(out, "  {} {:<18} {}", since_text(a.ts_ms), a.rule, a.detail);
     }
     out
 }
 
+/// An epoch-ms time as RFC 3339 UTC (to the second).
+fn since_text(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("{:.0}", t))
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// One line per group and list entry:
+/// `section,name,requests,failures,truncated,refused,prompt_tokens,completion_tokens,total_tokens,estimated,cost_usd,latency_p50_ms,latency_p95_ms,detail`.
+/// Sections: `total`, `model`, `tenant` (every column); `error`,
+/// `refusal_rule`, `refusal_client`, `claimed_tenant` (a count in
+/// `requests`); `anomaly` (its rule in `name`, its text in `detail`).
 pub fn csv(r: &Report) -> String {
+    const COLUMNS: usize = 14;
     let mut out = String::from(
-        "section,name,requests,failures,refused,prompt_tokens,completion_tokens,total_tokens,estimated,cost_usd,latency_p50_ms,latency_p95_ms\n",
+        "section,name,requests,failures,truncated,refused,prompt_tokens,completion_tokens,total_tokens,estimated,cost_usd,latency_p50_ms,latency_p95_ms,detail\n",
     );
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-    let mut row = |section: &str, name: &str, t: &Totals| {
-        out.push_str(&format!(
-            "{section},{},{},{},{},{},{},{},{},{:.9},{},{}\n",
-            quote(name),
-            t.requests,
-            t.failures,
-            t.refused,
-            t.prompt_tokens,
-            t.completion_tokens,
-            t.total_tokens,
-            t.estimated,
-            t.cost_usd,
-            t.latency_p50_ms
-                .map_or(String::new(), |v| format!("{v:.3}")),
-            t.latency_p95_ms
-                .map_or(String::new(), |v| format!("{v:.3}")),
-        ));
+    let mut line = |cells: Vec<String>| {
+        let n = cells.len();
+        out.push_str(&cells.join(","));
+        for _ in n..COLUMNS {
+            out.push(',');
+        }
+        out.push('\n');
     };
-    row("total", "all", &r.totals);
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+    let mut totals = |section: &str, name: &str, t: &Totals| {
+        line(vec![
+            section.into(),
+            quote(name),
+            t.requests.to_string(),
+            t.failures.to_string(),
+            t.truncated.to_string(),
+            t.refused.to_string(),
+            t.prompt_tokens.to_string(),
+            t.completion_tokens.to_string(),
+            t.total_tokens.to_string(),
+            t.estimated.to_string(),
+            format!("{:.9}", t.cost_usd),
+            opt(t.latency_p50_ms),
+            opt(t.latency_p95_ms),
+        ]);
+    };
+    totals("total", "all", &r.totals);
     for (m, t) in &r.by_model {
-        row("model", m, t);
+        totals("model", m, t);
     }
     for (m, t) in &r.by_tenant {
-        row("tenant", m, t);
+        totals("tenant", m, t);
     }
-    for (k, n) in &r.top_errors {
-        out.push_str(&format!("error,{},{n},,,,,,,,,\n", quote(k)));
-    }
-    for (k, n) in &r.refusals_by_rule {
-        out.push_str(&format!("refusal_rule,{},{n},,,,,,,,,\n", quote(k)));
-    }
-    for (k, n) in &r.refusals_by_client {
-        out.push_str(&format!("refusal_client,{},{n},,,,,,,,,\n", quote(k)));
+    for (section, items) in [
+        ("error", &r.top_errors),
+        ("refusal_rule", &r.security.refusals_by_rule),
+        ("refusal_client", &r.security.refusals_by_client),
+        (
+            "claimed_tenant",
+            &r.security.auth_refusals_by_claimed_tenant,
+        ),
+    ] {
+        for (k, n) in items {
+            line(vec![section.into(), quote(k), n.to_string()]);
+        }
     }
     for a in &r.anomalies {
-        out.push_str(&format!(
-            "anomaly,{},,,,,,,,,,{}\n",
-            quote(&a.rule),
-            quote(&a.detail)
-        ));
+        let mut cells = vec!["anomaly".to_string(), quote(&a.rule)];
+        cells.resize(COLUMNS - 1, String::new());
+        cells.push(quote(&a.detail));
+        line(cells);
     }
     out
 }
 
 /// Check every sidecar's chain: each record's hash recomputes, each links
 /// to the one before it, and no position is missing. Returns the problems.
+/// The records stream by in (sidecar, seq) order; only the previous one is
+/// kept.
 pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
     let anchors: HashMap<String, (i64, String)> = sink
         .anchors()?
         .into_iter()
         .map(|(s, q, h)| (s, (q, h)))
         .collect();
-    let records = sink.records_since(i64::MIN, None)?;
     let mut problems = Vec::new();
-    let mut current: Option<&str> = None;
+    let mut more = 0u64;
+    let mut current: Option<String> = None;
     let (mut expect_seq, mut expect_prev) = (1i64, String::new());
-    for s in &records {
-        if current != Some(s.sidecar.as_str()) {
-            current = Some(&s.sidecar);
+    let mut problem = |p: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(p);
+        } else {
+            more += 1;
+        }
+    };
+    sink.each_record(i64::MIN, None, &mut |s| {
+        if current.as_deref() != Some(s.sidecar.as_str()) {
             let (seq, hash) = anchors
                 .get(&s.sidecar)
                 .cloned()
                 .unwrap_or((0, String::new()));
             expect_seq = seq + 1;
             expect_prev = hash;
+            current = Some(s.sidecar.clone());
         }
         if s.seq != expect_seq {
-            problems.push(format!(
+            problem(format!(
                 "{}: records {}..{} are missing (deleted?)",
                 s.sidecar,
                 expect_seq,
                 s.seq - 1
             ));
         } else if s.prev_hash != expect_prev {
-            problems.push(format!(
+            problem(format!(
                 "{}: record {} does not link to the one before it",
                 s.sidecar, s.seq
             ));
         }
         if s.record.chain_hash(&s.sidecar, s.seq, &s.prev_hash) != s.hash {
-            problems.push(format!(
+            problem(format!(
                 "{}: record {} ({}) was altered",
                 s.sidecar, s.seq, s.record.request_id
             ));
         }
         expect_seq = s.seq + 1;
-        expect_prev = s.hash.clone();
+        expect_prev = s.hash;
+        Ok(())
+    })?;
+    if more > 0 {
+        problems.push(format!("… and {more} more problems"));
     }
     Ok(problems)
 }

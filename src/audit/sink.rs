@@ -1,5 +1,12 @@
 //! Where records are kept: SQLite (a file next to the sidecar, WAL mode) or
-//! PostgreSQL (one database for a fleet). The same schema, the same queries.
+//! PostgreSQL (one database for a fleet). The same schema, brought up to
+//! date by the same numbered migrations, and the same queries.
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::Postgres;
+pub use sqlite::Sqlite;
 
 use super::record::Record;
 use std::path::PathBuf;
@@ -29,6 +36,7 @@ impl SinkSpec {
         ))
     }
 
+    /// Open the sink, its schema migrated to [`SCHEMA_VERSION`].
     pub fn open(&self) -> Result<Box<dyn Sink>, String> {
         match self {
             SinkSpec::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
@@ -59,13 +67,87 @@ pub struct AnomalyRow {
     pub detail: String,
 }
 
+/// Why a batch was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// Positions of this sidecar's chain are taken by rows that are not
+    /// this batch's: another process writes under the same sidecar id.
+    Conflict(String),
+    /// Anything else (a lost connection, a locked file…): worth a retry.
+    Failed(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Conflict(m) => write!(f, "chain conflict: {m}"),
+            WriteError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// What retention keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Records that started before this go.
+    pub before_ms: Option<i64>,
+    /// At most this many records stay (the newest).
+    pub max_rows: Option<i64>,
+    /// SQLite: the pages in use stay under this many bytes.
+    pub max_bytes: Option<u64>,
+}
+
+/// One value of a report query's row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl Cell {
+    pub fn int(&self) -> i64 {
+        match self {
+            Cell::Int(n) => *n,
+            Cell::Real(v) => *v as i64,
+            Cell::Null | Cell::Text(_) => 0,
+        }
+    }
+
+    pub fn real(&self) -> f64 {
+        match self {
+            Cell::Int(n) => *n as f64,
+            Cell::Real(v) => *v,
+            Cell::Null | Cell::Text(_) => 0.0,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Int(n) => n.to_string(),
+            Cell::Real(v) => v.to_string(),
+            Cell::Null => String::new(),
+        }
+    }
+}
+
 pub trait Sink: Send {
-    /// Write records (and anomalies) in one transaction.
-    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), String>;
+    /// Write records (and anomalies) in one transaction: all or nothing.
+    /// A batch whose rows are all there already (its commit went through but
+    /// the answer was lost) is not written twice.
+    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError>;
     /// The last (seq, hash) written by a sidecar, to continue its chain.
     fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String>;
-    /// Records since `ts_ms`, in (sidecar, seq) order.
-    fn records_since(&mut self, ts_ms: i64, tenant: Option<&str>) -> Result<Vec<Stored>, String>;
+    /// Records since `ts_ms` (of `tenant`), in (sidecar, seq) order, one at a
+    /// time: never all of them in memory.
+    fn each_record(
+        &mut self,
+        ts_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(Stored) -> Result<(), String>,
+    ) -> Result<(), String>;
     fn anomalies_since(
         &mut self,
         ts_ms: i64,
@@ -73,18 +155,50 @@ pub trait Sink: Send {
     ) -> Result<Vec<AnomalyRow>, String>;
     /// Where each sidecar's chain starts now (after pruning): (sidecar, seq, hash).
     fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String>;
-    /// Delete records older than `before_ms` and beyond the newest `max_rows`,
-    /// moving each sidecar's anchor to its last deleted record. Returns the
-    /// number deleted.
-    fn prune(&mut self, before_ms: Option<i64>, max_rows: Option<i64>) -> Result<u64, String>;
+    /// Delete what retention no longer keeps, moving each sidecar's anchor to
+    /// its last deleted record. Returns the number of records deleted.
+    fn prune(&mut self, keep: &Retention) -> Result<u64, String>;
+    /// Run a read-only query written for both databases (`$1` the cut-off in
+    /// epoch ms, `$2` a tenant or NULL), one row at a time.
+    fn query(
+        &mut self,
+        sql: &str,
+        since_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
+    ) -> Result<(), String>;
+    /// The schema version the trail is at.
+    fn schema_version(&mut self) -> Result<i64, String>;
+
+    /// Records since `ts_ms`, collected (for tests and small trails).
+    fn records_since(&mut self, ts_ms: i64, tenant: Option<&str>) -> Result<Vec<Stored>, String> {
+        let mut out = Vec::new();
+        self.each_record(ts_ms, tenant, &mut |s| {
+            out.push(s);
+            Ok(())
+        })?;
+        Ok(out)
+    }
 }
 
-const COLUMNS: &str = "sidecar, seq, prev_hash, hash, ts_ms, request_id, tenant, client_ip, endpoint, requested_model, served_model, deployment, attempts, status, decision, rule, prompt_tokens, completion_tokens, total_tokens, usage_estimated, cost_nano, latency_ms, ttft_ms, streamed, truncated, client_gone, request_hash, response_preview, error";
+/// The columns of `audit_records`, in the order every query reads them.
+const COLUMNS: &str = "sidecar, seq, prev_hash, hash, ts_ms, request_id, tenant, client_ip, endpoint, requested_model, served_model, deployment, attempts, status, decision, rule, prompt_tokens, completion_tokens, total_tokens, usage_estimated, cost_nano, latency_ms, ttft_ms, streamed, truncated, client_gone, request_hash, response_preview, error, claimed_tenant";
+const N_COLUMNS: usize = 30;
 
-fn schema(real: &str) -> Vec<String> {
+/// The schema version this build writes. A trail at a newer version is
+/// refused (an older collie must not write rows it cannot fully fill).
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The steps from each version to the next: `MIGRATIONS[i]` takes a trail
+/// from version `i` to `i + 1`. A trail written before versions were kept
+/// (an `audit_records` table but no `audit_schema`) is at version 1. Steps
+/// are only ever appended; a released step never changes.
+fn migrations(real: &str) -> Vec<Vec<String>> {
     vec![
-        format!(
-            "CREATE TABLE IF NOT EXISTS audit_records (
+        // 1: records, anomalies, chain anchors.
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS audit_records (
                 sidecar TEXT NOT NULL, seq BIGINT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
                 ts_ms BIGINT NOT NULL, request_id TEXT NOT NULL, tenant TEXT, client_ip TEXT,
                 endpoint TEXT NOT NULL, requested_model TEXT, served_model TEXT, deployment TEXT,
@@ -94,26 +208,54 @@ fn schema(real: &str) -> Vec<String> {
                 streamed BIGINT NOT NULL, truncated BIGINT NOT NULL, client_gone BIGINT NOT NULL,
                 request_hash TEXT, response_preview TEXT, error TEXT,
                 PRIMARY KEY (sidecar, seq))"
-        ),
-        "CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts_ms)".into(),
-        "CREATE INDEX IF NOT EXISTS audit_records_tenant ON audit_records (tenant, ts_ms)".into(),
-        "CREATE INDEX IF NOT EXISTS audit_records_model ON audit_records (requested_model, ts_ms)".into(),
-        "CREATE INDEX IF NOT EXISTS audit_records_hash ON audit_records (request_hash)".into(),
-        "CREATE TABLE IF NOT EXISTS audit_anomalies (
+            ),
+            "CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts_ms)".into(),
+            "CREATE INDEX IF NOT EXISTS audit_records_tenant ON audit_records (tenant, ts_ms)".into(),
+            "CREATE INDEX IF NOT EXISTS audit_records_model ON audit_records (requested_model, ts_ms)"
+                .into(),
+            "CREATE INDEX IF NOT EXISTS audit_records_hash ON audit_records (request_hash)".into(),
+            "CREATE TABLE IF NOT EXISTS audit_anomalies (
             ts_ms BIGINT NOT NULL, sidecar TEXT NOT NULL, rule TEXT NOT NULL, tenant TEXT, detail TEXT NOT NULL)"
-            .into(),
-        "CREATE INDEX IF NOT EXISTS audit_anomalies_ts ON audit_anomalies (ts_ms)".into(),
-        "CREATE TABLE IF NOT EXISTS audit_chain_anchor (
+                .into(),
+            "CREATE INDEX IF NOT EXISTS audit_anomalies_ts ON audit_anomalies (ts_ms)".into(),
+            "CREATE TABLE IF NOT EXISTS audit_chain_anchor (
             sidecar TEXT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL)"
-            .into(),
+                .into(),
+        ],
+        // 2: the tenant a request refused by authentication claimed to be.
+        vec!["ALTER TABLE audit_records ADD COLUMN claimed_tenant TEXT".into()],
+        // 3: the request hash indexed by its first 16 hex digits (64 bits):
+        // a quarter of the full key, so each insert into this index (random
+        // keys: a different page every time) writes fewer pages. Look a hash
+        // up with `substr(request_hash, 1, 16) = substr($h, 1, 16) AND
+        // request_hash = $h`.
+        vec![
+            "DROP INDEX IF EXISTS audit_records_hash".into(),
+            "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))"
+                .into(),
+        ],
     ]
 }
 
+const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS audit_schema (version BIGINT NOT NULL)";
+
+/// Check a trail's version against this build's, and say which steps to run.
+fn pending_steps(found: i64, real: &str) -> Result<Vec<(i64, Vec<String>)>, String> {
+    if found > SCHEMA_VERSION {
+        return Err(format!(
+            "the audit trail's schema is version {found}, newer than this collie knows ({SCHEMA_VERSION}); run a newer collie"
+        ));
+    }
+    Ok(migrations(real)
+        .into_iter()
+        .enumerate()
+        .map(|(i, step)| (i as i64 + 1, step))
+        .filter(|(to, _)| *to > found)
+        .collect())
+}
+
 /// Move a sidecar's anchor to the record (sidecar, seq) about to be pruned.
-const ANCHOR_SQLITE: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
-     SELECT sidecar, seq, hash FROM audit_records WHERE sidecar = ?1 AND seq = ?2
-     ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
-const ANCHOR_PG: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
+const ANCHOR: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
      SELECT sidecar, seq, hash FROM audit_records WHERE sidecar = $1 AND seq = $2
      ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
 
@@ -121,534 +263,21 @@ fn b(v: bool) -> i64 {
     i64::from(v)
 }
 
-// ---------------------------------------------------------------- SQLite
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub struct Sqlite {
-    conn: rusqlite::Connection,
-}
-
-fn sq(e: rusqlite::Error) -> String {
-    format!("sqlite: {e}")
-}
-
-impl Sqlite {
-    pub fn open(path: &std::path::Path) -> Result<Sqlite, String> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-        let conn = rusqlite::Connection::open(path).map_err(sq)?;
-        // WAL: readers (reports) do not block the writer; NORMAL: a commit
-        // survives the process being killed (only an OS crash may lose the
-        // last transactions).
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
-        )
-        .map_err(sq)?;
-        for stmt in schema("REAL") {
-            conn.execute(&stmt, []).map_err(sq)?;
-        }
-        Ok(Sqlite { conn })
-    }
-}
-
-fn stored_from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
-    Ok(Stored {
-        sidecar: row.get(0)?,
-        seq: row.get(1)?,
-        prev_hash: row.get(2)?,
-        hash: row.get(3)?,
-        record: Record {
-            ts_ms: row.get(4)?,
-            request_id: row.get(5)?,
-            tenant: row.get(6)?,
-            client_ip: row.get(7)?,
-            endpoint: row.get(8)?,
-            requested_model: row.get(9)?,
-            served_model: row.get(10)?,
-            deployment: row.get(11)?,
-            attempts: row.get(12)?,
-            status: row.get(13)?,
-            decision: row.get(14)?,
-            rule: row.get(15)?,
-            prompt_tokens: row.get(16)?,
-            completion_tokens: row.get(17)?,
-            total_tokens: row.get(18)?,
-            usage_estimated: row.get::<_, i64>(19)? != 0,
-            cost_nano: row.get(20)?,
-            latency_ms: row.get(21)?,
-            ttft_ms: row.get(22)?,
-            streamed: row.get::<_, i64>(23)? != 0,
-            truncated: row.get::<_, i64>(24)? != 0,
-            client_gone: row.get::<_, i64>(25)? != 0,
-            request_hash: row.get(26)?,
-            response_preview: row.get(27)?,
-            error: row.get(28)?,
-        },
-    })
-}
-
-impl Sink for Sqlite {
-    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), String> {
-        let tx = self.conn.transaction().map_err(sq)?;
-        {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO audit_records ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29)"
-                ))
-                .map_err(sq)?;
-            for s in records {
-                let r = &s.record;
-                stmt.execute(rusqlite::params![
-                    s.sidecar,
-                    s.seq,
-                    s.prev_hash,
-                    s.hash,
-                    r.ts_ms,
-                    r.request_id,
-                    r.tenant,
-                    r.client_ip,
-                    r.endpoint,
-                    r.requested_model,
-                    r.served_model,
-                    r.deployment,
-                    r.attempts,
-                    r.status,
-                    r.decision,
-                    r.rule,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.total_tokens,
-                    b(r.usage_estimated),
-                    r.cost_nano,
-                    r.latency_ms,
-                    r.ttft_ms,
-                    b(r.streamed),
-                    b(r.truncated),
-                    b(r.client_gone),
-                    r.request_hash,
-                    r.response_preview,
-                    r.error
-                ])
-                .map_err(sq)?;
-            }
-            let mut stmt = tx
-                .prepare_cached("INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES (?1,?2,?3,?4,?5)")
-                .map_err(sq)?;
-            for a in anomalies {
-                stmt.execute(rusqlite::params![
-                    a.ts_ms, a.sidecar, a.rule, a.tenant, a.detail
-                ])
-                .map_err(sq)?;
-            }
-        }
-        tx.commit().map_err(sq)
-    }
-
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
-        let last = self
-            .conn
-            .query_row(
-                "SELECT seq, hash FROM audit_records WHERE sidecar = ?1 ORDER BY seq DESC LIMIT 1",
-                [sidecar],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(sq(e)),
-            })?;
-        if last.is_some() {
-            return Ok(last);
-        }
-        // Everything pruned: continue from the anchor.
-        Ok(self
-            .anchors()?
+    #[test]
+    fn a_newer_trail_is_refused_and_an_older_one_gets_the_missing_steps() {
+        assert!(pending_steps(SCHEMA_VERSION + 1, "REAL").is_err());
+        assert!(pending_steps(SCHEMA_VERSION, "REAL").unwrap().is_empty());
+        let steps: Vec<i64> = pending_steps(1, "REAL")
+            .unwrap()
             .into_iter()
-            .find(|(s, _, _)| s == sidecar)
-            .map(|(_, q, h)| (q, h)))
-    }
-
-    fn records_since(&mut self, ts_ms: i64, tenant: Option<&str>) -> Result<Vec<Stored>, String> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY sidecar, seq"
-        );
-        let mut stmt = self.conn.prepare(&sql).map_err(sq)?;
-        let rows = stmt
-            .query_map(rusqlite::params![ts_ms, tenant], stored_from_sqlite)
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
-    }
-
-    fn anomalies_since(
-        &mut self,
-        ts_ms: i64,
-        tenant: Option<&str>,
-    ) -> Result<Vec<AnomalyRow>, String> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms")
-            .map_err(sq)?;
-        let rows = stmt
-            .query_map(rusqlite::params![ts_ms, tenant], |r| {
-                Ok(AnomalyRow {
-                    ts_ms: r.get(0)?,
-                    sidecar: r.get(1)?,
-                    rule: r.get(2)?,
-                    tenant: r.get(3)?,
-                    detail: r.get(4)?,
-                })
-            })
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
-    }
-
-    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT sidecar, seq, hash FROM audit_chain_anchor")
-            .map_err(sq)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
-    }
-
-    fn prune(&mut self, before_ms: Option<i64>, max_rows: Option<i64>) -> Result<u64, String> {
-        let tx = self.conn.transaction().map_err(sq)?;
-        // The cut: every record older than the age limit, and every record
-        // before the newest `max_rows` (by time).
-        let mut cut_ts = before_ms.unwrap_or(i64::MIN);
-        if let Some(max) = max_rows {
-            let nth: Option<i64> = tx
-                .query_row(
-                    "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET ?1",
-                    [max],
-                    |r| r.get(0),
-                )
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(sq(e)),
-                })?;
-            if let Some(ts) = nth {
-                cut_ts = cut_ts.max(ts + 1);
-            }
-        }
-        if cut_ts == i64::MIN {
-            return Ok(0);
-        }
-        // Per sidecar, the last record that goes (the time index finds them);
-        // each chain is cut there, so what stays is always a suffix of it (a
-        // long request may end after a newer one started).
-        let cuts: Vec<(String, i64)> = {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < ?1 GROUP BY sidecar",
-                )
-                .map_err(sq)?;
-            let rows = stmt
-                .query_map([cut_ts], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(sq)?;
-            rows.collect::<Result<_, _>>().map_err(sq)?
-        };
-        let mut n = 0;
-        for (sidecar, seq) in cuts {
-            tx.execute(ANCHOR_SQLITE, rusqlite::params![sidecar, seq])
-                .map_err(sq)?;
-            n += tx
-                .execute(
-                    "DELETE FROM audit_records WHERE sidecar = ?1 AND seq <= ?2",
-                    rusqlite::params![sidecar, seq],
-                )
-                .map_err(sq)?;
-        }
-        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < ?1", [cut_ts])
-            .map_err(sq)?;
-        tx.commit().map_err(sq)?;
-        Ok(n as u64)
-    }
-}
-
-// ------------------------------------------------------------ PostgreSQL
-
-pub struct Postgres {
-    client: postgres::Client,
-    url: String,
-    schema: Option<String>,
-}
-
-fn pg(e: postgres::Error) -> String {
-    format!("postgres: {e}")
-}
-
-impl Postgres {
-    pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, String> {
-        Ok(Postgres {
-            client: Postgres::connect(url, schema_name)?,
-            url: url.to_string(),
-            schema: schema_name.map(str::to_string),
-        })
-    }
-
-    /// A connection with the schema migrated and selected.
-    fn connect(url: &str, schema_name: Option<&str>) -> Result<postgres::Client, String> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| {
-            format!("postgres: cannot connect ({e}); is the server running and the URL right?")
-        })?;
-        if let Some(s) = schema_name {
-            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "postgres: schema `{s}` must be letters, digits and _"
-                ));
-            }
-            client
-                .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}"
-                ))
-                .map_err(pg)?;
-        }
-        // Several sidecars may start at once; the migration must not race.
-        client
-            .batch_execute("SELECT pg_advisory_lock(7426550042)")
-            .map_err(pg)?;
-        let migrated = schema("DOUBLE PRECISION")
-            .iter()
-            .try_for_each(|stmt| client.batch_execute(stmt).map_err(pg));
-        client
-            .batch_execute("SELECT pg_advisory_unlock(7426550042)")
-            .map_err(pg)?;
-        migrated?;
-        Ok(client)
-    }
-
-    /// The client, connected again if the server closed the connection (a
-    /// restart, a failover, an idle timeout): the writer retries a failed
-    /// batch, and the retry goes over the new connection.
-    fn client(&mut self) -> Result<&mut postgres::Client, String> {
-        if self.client.is_closed() {
-            log::warn!("audit: the PostgreSQL connection was closed; connecting again");
-            self.client = Postgres::connect(&self.url, self.schema.as_deref())?;
-        }
-        Ok(&mut self.client)
-    }
-}
-
-fn stored_from_pg(row: &postgres::Row) -> Stored {
-    Stored {
-        sidecar: row.get(0),
-        seq: row.get(1),
-        prev_hash: row.get(2),
-        hash: row.get(3),
-        record: Record {
-            ts_ms: row.get(4),
-            request_id: row.get(5),
-            tenant: row.get(6),
-            client_ip: row.get(7),
-            endpoint: row.get(8),
-            requested_model: row.get(9),
-            served_model: row.get(10),
-            deployment: row.get(11),
-            attempts: row.get(12),
-            status: row.get(13),
-            decision: row.get(14),
-            rule: row.get(15),
-            prompt_tokens: row.get(16),
-            completion_tokens: row.get(17),
-            total_tokens: row.get(18),
-            usage_estimated: row.get::<_, i64>(19) != 0,
-            cost_nano: row.get(20),
-            latency_ms: row.get(21),
-            ttft_ms: row.get(22),
-            streamed: row.get::<_, i64>(23) != 0,
-            truncated: row.get::<_, i64>(24) != 0,
-            client_gone: row.get::<_, i64>(25) != 0,
-            request_hash: row.get(26),
-            response_preview: row.get(27),
-            error: row.get(28),
-        },
-    }
-}
-
-impl Sink for Postgres {
-    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), String> {
-        let mut tx = self.client()?.transaction().map_err(pg)?;
-        // One statement per thousand rows: a round trip per batch, not per row.
-        for chunk in records.chunks(1000) {
-            let flags: Vec<[i64; 4]> = chunk
-                .iter()
-                .map(|s| {
-                    let r = &s.record;
-                    [
-                        b(r.usage_estimated),
-                        b(r.streamed),
-                        b(r.truncated),
-                        b(r.client_gone),
-                    ]
-                })
-                .collect();
-            let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
-            let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                Vec::with_capacity(chunk.len() * 29);
-            for (i, (s, f)) in chunk.iter().zip(&flags).enumerate() {
-                let r = &s.record;
-                if i > 0 {
-                    sql.push(',');
-                }
-                let base = i * 29;
-                sql.push('(');
-                for k in 1..=29 {
-                    if k > 1 {
-                        sql.push(',');
-                    }
-                    sql.push_str(&format!("${}", base + k));
-                }
-                sql.push(')');
-                params.extend_from_slice(&[
-                    &s.sidecar,
-                    &s.seq,
-                    &s.prev_hash,
-                    &s.hash,
-                    &r.ts_ms,
-                    &r.request_id,
-                    &r.tenant,
-                    &r.client_ip,
-                    &r.endpoint,
-                    &r.requested_model,
-                    &r.served_model,
-                    &r.deployment,
-                    &r.attempts,
-                    &r.status,
-                    &r.decision,
-                    &r.rule,
-                    &r.prompt_tokens,
-                    &r.completion_tokens,
-                    &r.total_tokens,
-                    &f[0],
-                    &r.cost_nano,
-                    &r.latency_ms,
-                    &r.ttft_ms,
-                    &f[1],
-                    &f[2],
-                    &f[3],
-                    &r.request_hash,
-                    &r.response_preview,
-                    &r.error,
-                ]);
-            }
-            // A batch whose commit reached the server but whose answer was
-            // lost is retried by the writer: its rows are already there.
-            sql.push_str(" ON CONFLICT (sidecar, seq) DO NOTHING");
-            tx.execute(sql.as_str(), &params).map_err(pg)?;
-        }
-        for a in anomalies {
-            tx.execute(
-                "INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES ($1,$2,$3,$4,$5)",
-                &[&a.ts_ms, &a.sidecar, &a.rule, &a.tenant, &a.detail],
-            )
-            .map_err(pg)?;
-        }
-        tx.commit().map_err(pg)
-    }
-
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
-        let row = self
-            .client()?
-            .query_opt(
-                "SELECT seq, hash FROM audit_records WHERE sidecar = $1 ORDER BY seq DESC LIMIT 1",
-                &[&sidecar],
-            )
-            .map_err(pg)?;
-        if let Some(r) = row {
-            return Ok(Some((r.get(0), r.get(1))));
-        }
-        Ok(self
-            .anchors()?
-            .into_iter()
-            .find(|(s, _, _)| s == sidecar)
-            .map(|(_, q, h)| (q, h)))
-    }
-
-    fn records_since(&mut self, ts_ms: i64, tenant: Option<&str>) -> Result<Vec<Stored>, String> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY sidecar, seq"
-        );
-        let rows = self.client()?.query(&sql, &[&ts_ms, &tenant]).map_err(pg)?;
-        Ok(rows.iter().map(stored_from_pg).collect())
-    }
-
-    fn anomalies_since(
-        &mut self,
-        ts_ms: i64,
-        tenant: Option<&str>,
-    ) -> Result<Vec<AnomalyRow>, String> {
-        let rows = self
-            .client()?
-            .query(
-                "SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms",
-                &[&ts_ms, &tenant],
-            )
-            .map_err(pg)?;
-        Ok(rows
-            .iter()
-            .map(|r| AnomalyRow {
-                ts_ms: r.get(0),
-                sidecar: r.get(1),
-                rule: r.get(2),
-                tenant: r.get(3),
-                detail: r.get(4),
-            })
-            .collect())
-    }
-
-    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
-        let rows = self
-            .client()?
-            .query("SELECT sidecar, seq, hash FROM audit_chain_anchor", &[])
-            .map_err(pg)?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    fn prune(&mut self, before_ms: Option<i64>, max_rows: Option<i64>) -> Result<u64, String> {
-        let mut tx = self.client()?.transaction().map_err(pg)?;
-        let mut cut_ts = before_ms.unwrap_or(i64::MIN);
-        if let Some(max) = max_rows {
-            let row = tx
-                .query_opt(
-                    "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET $1",
-                    &[&max],
-                )
-                .map_err(pg)?;
-            if let Some(r) = row {
-                cut_ts = cut_ts.max(r.get::<_, i64>(0) + 1);
-            }
-        }
-        if cut_ts == i64::MIN {
-            return Ok(0);
-        }
-        let cuts = tx
-            .query(
-                "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < $1 GROUP BY sidecar",
-                &[&cut_ts],
-            )
-            .map_err(pg)?;
-        let mut n = 0;
-        for row in cuts {
-            let (sidecar, seq): (String, i64) = (row.get(0), row.get(1));
-            tx.execute(ANCHOR_PG, &[&sidecar, &seq]).map_err(pg)?;
-            n += tx
-                .execute(
-                    "DELETE FROM audit_records WHERE sidecar = $1 AND seq <= $2",
-                    &[&sidecar, &seq],
-                )
-                .map_err(pg)?;
-        }
-        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < $1", &[&cut_ts])
-            .map_err(pg)?;
-        tx.commit().map_err(pg)?;
-        Ok(n)
+            .map(|(v, _)| v)
+            .collect();
+        assert_eq!(steps, (2..=SCHEMA_VERSION).collect::<Vec<_>>());
+        assert_eq!(migrations("REAL").len() as i64, SCHEMA_VERSION);
+        assert_eq!(COLUMNS.split(',').count(), N_COLUMNS);
     }
 }

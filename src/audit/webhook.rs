@@ -1,6 +1,8 @@
 //! Sends each anomaly to the configured webhook as a JSON POST, retried with
 //! exponential backoff; runs beside the writer so a slow receiver never
-//! delays the records.
+//! delays the records. Every attempt for one alert carries the same body,
+//! whose `id` lets a receiver drop a duplicate (an attempt that was in fact
+//! accepted but whose answer was lost is sent again).
 
 use super::AuditMetrics;
 use super::sink::AnomalyRow;
@@ -25,6 +27,7 @@ pub(super) fn start(
         while let Some(a) = rx.recv().await {
             let Some(hook) = &hook else { continue };
             let body = serde_json::json!({
+                "id": alert_id(&a),
                 "source": "collie",
                 "rule": a.rule,
                 "tenant": a.tenant,
@@ -54,9 +57,16 @@ pub(super) fn start(
                     }
                     Err(_) => log::warn!("anomaly webhook timed out (attempt {})", attempt + 1),
                 }
-                tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt.min(8)))).await;
+                if attempt < hook.retries {
+                    tokio::time::sleep(hook.backoff.saturating_mul(1 << attempt.min(8))).await;
+                }
             }
             if !delivered {
+                log::error!(
+                    "anomaly webhook never accepted the {} alert after {} attempts (it is in the trail)",
+                    a.rule,
+                    hook.retries + 1
+                );
                 metrics.webhook_failures.inc();
             }
         }
@@ -71,6 +81,24 @@ pub(super) fn start(
         }
     });
     (tx, thread)
+}
+
+/// The alert's identity: the same for every attempt, different for every
+/// alert (an anomaly is stored once per rule, scope and time).
+fn alert_id(a: &AnomalyRow) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        a.sidecar.as_str(),
+        &a.ts_ms.to_string(),
+        &a.rule,
+        a.tenant.as_deref().unwrap_or("\u{0}"),
+        &a.detail,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0x1f]);
+    }
+    hex::encode(&h.finalize()[..16])
 }
 
 async fn post(connector: &Connector, url: &str, body: Bytes) -> Result<u16, String> {

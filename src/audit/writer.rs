@@ -4,7 +4,7 @@
 
 use super::anomaly::Detector;
 use super::record::{Pending, request_hash};
-use super::sink::{Sink, Stored};
+use super::sink::{AnomalyRow, Retention, Sink, Stored, WriteError};
 use super::{AuditMetrics, webhook};
 use crate::config::AuditSettings;
 use std::sync::Arc;
@@ -22,18 +22,25 @@ pub(super) enum Msg {
     Tick,
 }
 
+/// This sidecar's place in its chain: the last (seq, hash) committed.
+struct Chain {
+    sidecar: String,
+    seq: i64,
+    head: String,
+}
+
 pub(super) fn spawn(
     mut sink: Box<dyn Sink>,
     mut rx: mpsc::Receiver<Msg>,
     ticker: mpsc::WeakSender<Msg>,
     s: AuditSettings,
+    sidecar: String,
     queued_bytes: Arc<AtomicUsize>,
     metrics: AuditMetrics,
 ) -> Result<std::thread::JoinHandle<()>, String> {
     // Continue this sidecar's chain where the sink has it.
-    let (mut seq, mut head) = sink
-        .chain_head(&s.sidecar_id)?
-        .unwrap_or((0, String::new()));
+    let (seq, head) = sink.chain_head(&sidecar)?.unwrap_or((0, String::new()));
+    let mut chain = Chain { sidecar, seq, head };
     // Ticks come from a thread of their own that stops when the request
     // path's senders are gone (it only holds a weak one).
     let interval = s.flush_interval;
@@ -57,7 +64,7 @@ pub(super) fn spawn(
         .name("collie-audit".into())
         .spawn(move || {
             let (alerts, webhook) = webhook::start(s.anomalies.webhook.clone(), metrics.clone());
-            let mut detector = Detector::new(s.anomalies.clone(), &s.sidecar_id);
+            let mut detector = Detector::new(s.anomalies.clone(), &chain.sidecar);
             let mut batch: Vec<Pending> = Vec::with_capacity(s.batch);
             let mut last_prune = Instant::now();
             loop {
@@ -90,30 +97,30 @@ pub(super) fn spawn(
                         batch.push(*p);
                     }
                 }
-                if !batch.is_empty() {
-                    let n = batch.len();
-                    write_batch(
-                        &mut *sink,
-                        &mut batch,
-                        &s.sidecar_id,
-                        &mut seq,
-                        &mut head,
-                        &mut detector,
-                        &metrics,
-                        &alerts,
-                        &queued_bytes,
-                    );
-                    metrics.queued.sub(i64::try_from(n).unwrap_or(0));
-                }
+                // Also with no records: the baseline's periods end on the clock.
+                let n = batch.len();
+                write_batch(
+                    &mut *sink,
+                    &mut batch,
+                    &mut chain,
+                    &mut detector,
+                    &metrics,
+                    &alerts,
+                    &queued_bytes,
+                );
+                metrics.queued.sub(i64::try_from(n).unwrap_or(0));
                 if last_prune.elapsed() >= s.prune_every
-                    && (s.max_age.is_some() || s.max_rows.is_some())
+                    && (s.max_age.is_some() || s.max_rows.is_some() || s.max_bytes.is_some())
                 {
                     last_prune = Instant::now();
-                    let before = s
-                        .max_age
-                        .map(|age| now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
-                    let max_rows = s.max_rows.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-                    match sink.prune(before, max_rows) {
+                    let keep = Retention {
+                        before_ms: s.max_age.map(|age| {
+                            now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX)
+                        }),
+                        max_rows: s.max_rows.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                        max_bytes: s.max_bytes,
+                    };
+                    match sink.prune(&keep) {
                         Ok(0) => {}
                         Ok(n) => log::info!("audit retention removed {n} records"),
                         Err(e) => log::warn!("audit retention failed: {e}"),
@@ -147,47 +154,52 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the writer's state, passed by parts"
-)]
+/// Attempts at one batch before it is dropped (and counted).
+const WRITE_ATTEMPTS: u32 = 5;
+
+/// Turn the pending records into the chain's next links, add what the
+/// anomaly rules find (in them, and on the clock), and commit it all.
 fn write_batch(
     sink: &mut dyn Sink,
     batch: &mut Vec<Pending>,
-    sidecar: &str,
-    seq: &mut i64,
-    head: &mut String,
+    chain: &mut Chain,
     detector: &mut Detector,
     metrics: &AuditMetrics,
-    alerts: &mpsc::Sender<super::sink::AnomalyRow>,
+    alerts: &mpsc::Sender<AnomalyRow>,
     queued_bytes: &AtomicUsize,
 ) {
     let mut stored = Vec::with_capacity(batch.len());
     let mut anomalies = Vec::new();
-    let (mut next_seq, mut prev) = (*seq, head.clone());
     for p in batch.drain(..) {
         let (mut record, body) = p.into_record();
         if let Some(body) = body {
             queued_bytes.fetch_sub(body.len(), Ordering::Relaxed);
             record.request_hash = Some(request_hash(&body));
         }
-        next_seq += 1;
-        let hash = record.chain_hash(sidecar, next_seq, &prev);
         anomalies.extend(detector.observe(&record));
         stored.push(Stored {
-            sidecar: sidecar.to_string(),
-            seq: next_seq,
-            prev_hash: std::mem::replace(&mut prev, hash.clone()),
-            hash,
+            sidecar: chain.sidecar.clone(),
+            seq: 0,
+            prev_hash: String::new(),
+            hash: String::new(),
             record,
         });
     }
-    // A failed commit is retried: the database may be restarting.
-    for attempt in 0..5u32 {
+    // After the batch's records, so those of a period just over count in it.
+    anomalies.extend(detector.tick(now_ms()));
+    if stored.is_empty() && anomalies.is_empty() {
+        return;
+    }
+    link(&mut stored, chain.seq, &chain.head);
+    let mut attempt = 0;
+    while attempt < WRITE_ATTEMPTS {
+        attempt += 1;
         match sink.write(&stored, &anomalies) {
             Ok(()) => {
-                *seq = next_seq;
-                *head = prev;
+                if let Some(last) = stored.last() {
+                    chain.seq = last.seq;
+                    chain.head.clone_from(&last.hash);
+                }
                 metrics.written.inc_by(stored.len() as u64);
                 for a in anomalies {
                     log::warn!("anomaly {}: {}", a.rule, a.detail);
@@ -203,10 +215,29 @@ fn write_batch(
                 }
                 return;
             }
-            Err(e) => {
+            Err(WriteError::Conflict(e)) => {
+                // Another process writes under this sidecar id: its rows hold
+                // the places this batch was chained to. Nothing of either is
+                // lost: this batch is chained again after the rows that are
+                // there now, so the chain stays one verifiable sequence.
+                metrics.chain_conflicts.inc();
+                log::error!(
+                    "audit: sidecar id `{}` is being written by another process too ({e}); \
+                     give each sidecar its own audit.sidecar_id. Chaining this batch after its rows.",
+                    chain.sidecar
+                );
+                match sink.chain_head(&chain.sidecar) {
+                    Ok(head) => {
+                        let (seq, hash) = head.unwrap_or((0, String::new()));
+                        link(&mut stored, seq, &hash);
+                    }
+                    Err(e) => log::error!("audit: cannot read the chain head: {e}"),
+                }
+            }
+            Err(WriteError::Failed(e)) => {
                 metrics.write_errors.inc();
-                log::error!("audit write failed (attempt {}): {e}", attempt + 1);
-                std::thread::sleep(Duration::from_millis(200 * 2u64.pow(attempt)));
+                log::error!("audit write failed (attempt {attempt}): {e}");
+                std::thread::sleep(Duration::from_millis(200 * 2u64.pow(attempt - 1)));
             }
         }
     }
@@ -215,4 +246,15 @@ fn write_batch(
         stored.len()
     );
     metrics.dropped.inc_by(stored.len() as u64);
+}
+
+/// Give each record its place in the chain after (`seq`, `head`).
+fn link(stored: &mut [Stored], mut seq: i64, head: &str) {
+    let mut prev = head.to_string();
+    for s in stored {
+        seq += 1;
+        s.seq = seq;
+        s.hash = s.record.chain_hash(&s.sidecar, seq, &prev);
+        s.prev_hash = std::mem::replace(&mut prev, s.hash.clone());
+    }
 }

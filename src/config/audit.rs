@@ -10,7 +10,9 @@ use std::time::Duration;
 pub struct AuditSettings {
     /// `None`: auditing is off.
     pub sink: Option<SinkSpec>,
-    pub sidecar_id: String,
+    /// The name of this sidecar's hash chain. `None`: the host name and a
+    /// random suffix, new on every start (see [`crate::audit::sidecar_id`]).
+    pub sidecar_id: Option<String>,
     pub queue: usize,
     /// Request bodies waiting to be hashed, at most.
     pub queue_bytes: usize,
@@ -21,6 +23,8 @@ pub struct AuditSettings {
     pub preview_bytes: usize,
     pub max_age: Option<Duration>,
     pub max_rows: Option<u64>,
+    /// SQLite only: the largest the file may grow (pages in use).
+    pub max_bytes: Option<u64>,
     pub prune_every: Duration,
     pub anomalies: AnomalySettings,
 }
@@ -36,7 +40,11 @@ pub struct AnomalySettings {
     pub global_cost_per_hour_nano: Option<u64>,
     pub tokens_per_request: Option<u64>,
     pub repeats: Option<u64>,
+    pub global_repeats: Option<u64>,
     pub zscore: f64,
+    /// The baseline's period and how many periods it learns before it judges.
+    pub baseline_interval: Duration,
+    pub baseline_min_history: u32,
     pub webhook: Option<Webhook>,
 }
 
@@ -45,6 +53,8 @@ pub struct Webhook {
     pub url: String,
     pub timeout: Duration,
     pub retries: u32,
+    /// Delay before the first retry; doubled for each next one.
+    pub backoff: Duration,
 }
 
 impl Default for AnomalySettings {
@@ -59,24 +69,13 @@ impl Default for AnomalySettings {
             global_cost_per_hour_nano: None,
             tokens_per_request: None,
             repeats: None,
+            global_repeats: None,
             zscore: 4.0,
+            baseline_interval: Duration::from_secs(60),
+            baseline_min_history: 10,
             webhook: None,
         }
     }
-}
-
-/// The sidecar's name in records: the pod's host name by default.
-fn default_sidecar_id() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "collie".to_string())
 }
 
 impl Validator<'_> {
@@ -143,9 +142,10 @@ impl Validator<'_> {
                 64 << 20
             }),
         };
-        let (max_age, max_rows, prune_every) = match &a.retention {
+        let (max_age, max_rows, max_bytes, prune_every) = match &a.retention {
             None => (
                 Some(Duration::from_secs(30 * 86_400)),
+                None,
                 None,
                 Duration::from_secs(60),
             ),
@@ -154,12 +154,36 @@ impl Validator<'_> {
                     .as_ref()
                     .map(|_| self.duration("audit.retention.max_age", &r.max_age, Duration::ZERO)),
                 self.optional_positive("audit.retention.max_rows", r.max_rows),
+                r.max_bytes
+                    .as_ref()
+                    .and_then(|size| match super::parse_size(size) {
+                        Ok(n) if n > 0 => u64::try_from(n).ok(),
+                        Ok(_) => {
+                            self.error("audit.retention.max_bytes", "must be > 0");
+                            None
+                        }
+                        Err(m) => {
+                            self.error("audit.retention.max_bytes", m);
+                            None
+                        }
+                    }),
                 self.duration("audit.retention.every", &r.every, Duration::from_secs(60)),
             ),
         };
+        if max_bytes.is_some() && !matches!(sink, Some(SinkSpec::Sqlite(_))) {
+            self.error(
+                "audit.retention.max_bytes",
+                "only the sqlite sink has a file size to bound; use max_rows or max_age",
+            );
+        }
+        if let Some(id) = &a.sidecar_id {
+            if id.trim().is_empty() {
+                self.error("audit.sidecar_id", "must not be empty");
+            }
+        }
         AuditSettings {
             sink,
-            sidecar_id: a.sidecar_id.clone().unwrap_or_else(default_sidecar_id),
+            sidecar_id: a.sidecar_id.clone().map(|s| s.trim().to_string()),
             queue: self.positive("audit.queue", a.queue, 10_000),
             queue_bytes,
             batch: self.positive("audit.batch", a.batch, 256),
@@ -179,6 +203,7 @@ impl Validator<'_> {
             },
             max_age,
             max_rows,
+            max_bytes,
             prune_every,
             anomalies: a
                 .anomalies
@@ -234,6 +259,11 @@ impl Validator<'_> {
                 retries: self
                     .optional_positive("audit.anomalies.webhook.retries", w.retries)
                     .map_or(5, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+                backoff: self.duration(
+                    "audit.anomalies.webhook.backoff",
+                    &w.backoff,
+                    Duration::from_millis(100),
+                ),
             }
         });
         AnomalySettings {
@@ -262,7 +292,28 @@ impl Validator<'_> {
             tokens_per_request: self
                 .optional_positive("audit.anomalies.tokens_per_request", r.tokens_per_request),
             repeats: self.optional_positive("audit.anomalies.repeats", r.repeats),
+            global_repeats: self
+                .optional_positive("audit.anomalies.global_repeats", r.global_repeats),
             zscore,
+            baseline_interval: {
+                let d = self.duration(
+                    "audit.anomalies.baseline_interval",
+                    &r.baseline_interval,
+                    d.baseline_interval,
+                );
+                if d.as_millis() < 10 {
+                    self.error("audit.anomalies.baseline_interval", "must be at least 10ms");
+                }
+                d.max(Duration::from_millis(10))
+            },
+            baseline_min_history: self
+                .optional_positive(
+                    "audit.anomalies.baseline_min_history",
+                    r.baseline_min_history,
+                )
+                .map_or(d.baseline_min_history, |n| {
+                    u32::try_from(n).unwrap_or(u32::MAX)
+                }),
             webhook,
         }
     }

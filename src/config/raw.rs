@@ -91,6 +91,9 @@ pub struct RawRetention {
     pub max_age: Option<String>,
     #[serde(default)]
     pub max_rows: Option<i64>,
+    /// SQLite only: the largest the file may grow.
+    #[serde(default)]
+    pub max_bytes: Option<RawSize>,
     #[serde(default)]
     pub every: Option<String>,
 }
@@ -117,7 +120,15 @@ pub struct RawAnomalies {
     #[serde(default)]
     pub repeats: Option<i64>,
     #[serde(default)]
+    pub global_repeats: Option<i64>,
+    #[serde(default)]
     pub zscore: Option<f64>,
+    /// The baseline's period (default 1m) and how many periods it learns
+    /// before it judges (default 10).
+    #[serde(default)]
+    pub baseline_interval: Option<String>,
+    #[serde(default)]
+    pub baseline_min_history: Option<i64>,
     #[serde(default)]
     pub webhook: Option<RawWebhook>,
 }
@@ -130,6 +141,9 @@ pub struct RawWebhook {
     pub timeout: Option<String>,
     #[serde(default)]
     pub retries: Option<i64>,
+    /// The first retry's delay; each next one doubles it.
+    #[serde(default)]
+    pub backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

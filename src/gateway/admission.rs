@@ -42,6 +42,33 @@ pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError
     }
 }
 
+/// The tenant a request named, as the audit records it for a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// A configured tenant (its index).
+    Tenant(usize),
+    /// A name no tenant has (its text is not kept: it may hold a secret).
+    Unknown,
+}
+
+/// The tenant `X-Tenant-ID` names, if the header is there.
+pub fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
+    let id = req
+        .headers
+        .get(TENANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let Some(id) = id else {
+        // Present but not text, or blank: named, but nothing to name.
+        return req.headers.get(TENANT_HEADER).map(|_| Claimed::Unknown);
+    };
+    Some(
+        snap.tenant_index(id)
+            .map_or(Claimed::Unknown, Claimed::Tenant),
+    )
+}
+
 /// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
 /// style; an `Authorization` of another scheme does not hide it).
 fn presented_key(req: &RequestHeader) -> Option<&[u8]> {

@@ -817,16 +817,17 @@ async fn relay(
             Next::Upstream(Err(e)) => {
                 ctx.truncated = true;
                 let detail = match e.etype() {
-                    ErrorType::ReadTimedout => "no data within the idle timeout".to_string(),
-                    other => other.as_str().to_string(),
+                    ErrorType::ReadTimedout => "no data within the idle timeout",
+                    other => other.as_str(),
                 };
+                ctx.broken = Some(detail);
                 log::info!(
                     "request {}: upstream {} broke mid-response: {detail}",
                     ctx.id,
                     up.id
                 );
                 http.shutdown().await;
-                end_broken_response(session, ctx, &mut observer, &detail).await;
+                end_broken_response(session, ctx, &mut observer, detail).await;
                 break;
             }
             Next::ClientGone => {

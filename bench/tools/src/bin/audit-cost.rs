@@ -14,6 +14,7 @@ fn record(i: usize, tenants: usize) -> Record {
         ts_ms: 1_700_000_000_000 + i as i64 / 20,
         request_id: format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15),
         tenant: Some(format!("tenant-{}", i % tenants)),
+        claimed_tenant: None,
         client_ip: Some("127.0.0.1".into()),
         endpoint: "chat".into(),
         requested_model: Some("gpt-4o-mini".into()),

@@ -1,0 +1,421 @@
+//! The fleet sink: one PostgreSQL database (optionally one schema of it)
+//! that every sidecar writes to, each on its own hash chain.
+
+use super::{
+    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, Stored,
+    WriteError, b, pending_steps,
+};
+use crate::audit::record::Record;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{ToSql, Type};
+
+pub struct Postgres {
+    client: postgres::Client,
+    url: String,
+    schema: Option<String>,
+}
+
+fn pg(e: postgres::Error) -> String {
+    format!("postgres: {e}")
+}
+
+/// Serialises schema migrations of every sidecar sharing the database.
+const MIGRATION_LOCK: i64 = 7_426_550_042;
+
+impl Postgres {
+    pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, String> {
+        Ok(Postgres {
+            client: Postgres::connect(url, schema_name)?,
+            url: url.to_string(),
+            schema: schema_name.map(str::to_string),
+        })
+    }
+
+    /// A connection with the schema migrated and selected.
+    fn connect(url: &str, schema_name: Option<&str>) -> Result<postgres::Client, String> {
+        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| {
+            format!("postgres: cannot connect ({e}); is the server running and the URL right?")
+        })?;
+        if let Some(s) = schema_name {
+            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "postgres: schema `{s}` must be letters, digits and _"
+                ));
+            }
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}"
+                ))
+                .map_err(pg)?;
+        }
+        migrate(&mut client)?;
+        Ok(client)
+    }
+
+    /// The client, connected again if the server closed the connection (a
+    /// restart, a failover, an idle timeout): the writer retries a failed
+    /// batch, and the retry goes over the new connection.
+    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+        if self.client.is_closed() {
+            log::warn!("audit: the PostgreSQL connection was closed; connecting again");
+            self.client = Postgres::connect(&self.url, self.schema.as_deref())?;
+        }
+        Ok(&mut self.client)
+    }
+}
+
+/// Bring the schema to this build's version. Several sidecars may start at
+/// once: a transaction-scoped advisory lock makes them take turns, and each
+/// step commits with the version it reached.
+fn migrate(client: &mut postgres::Client) -> Result<(), String> {
+    let mut tx = client.transaction().map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(pg)?;
+    tx.batch_execute(SCHEMA_TABLE).map_err(pg)?;
+    let found: Option<i64> = tx
+        .query_one("SELECT MAX(version) FROM audit_schema", &[])
+        .map_err(pg)?
+        .get(0);
+    let found = match found {
+        Some(v) => v,
+        None => {
+            // `to_regclass` looks along the search path: this schema's table.
+            let legacy: bool = tx
+                .query_one("SELECT to_regclass('audit_records') IS NOT NULL", &[])
+                .map_err(pg)?
+                .get(0);
+            i64::from(legacy)
+        }
+    };
+    for (version, step) in pending_steps(found, "DOUBLE PRECISION")? {
+        for stmt in step {
+            tx.batch_execute(&stmt).map_err(pg)?;
+        }
+        tx.execute("DELETE FROM audit_schema", &[]).map_err(pg)?;
+        tx.execute(
+            "INSERT INTO audit_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .map_err(pg)?;
+        if version > 1 {
+            log::info!("audit: trail schema migrated to version {version}");
+        }
+    }
+    tx.commit().map_err(pg)
+}
+
+fn stored_from_row(row: &postgres::Row) -> Result<Stored, String> {
+    let flag = |i: usize| row.try_get::<_, i64>(i).map(|v| v != 0);
+    (|| -> Result<Stored, postgres::Error> {
+        Ok(Stored {
+            sidecar: row.try_get(0)?,
+            seq: row.try_get(1)?,
+            prev_hash: row.try_get(2)?,
+            hash: row.try_get(3)?,
+            record: Record {
+                ts_ms: row.try_get(4)?,
+                request_id: row.try_get(5)?,
+                tenant: row.try_get(6)?,
+                client_ip: row.try_get(7)?,
+                endpoint: row.try_get(8)?,
+                requested_model: row.try_get(9)?,
+                served_model: row.try_get(10)?,
+                deployment: row.try_get(11)?,
+                attempts: row.try_get(12)?,
+                status: row.try_get(13)?,
+                decision: row.try_get(14)?,
+                rule: row.try_get(15)?,
+                prompt_tokens: row.try_get(16)?,
+                completion_tokens: row.try_get(17)?,
+                total_tokens: row.try_get(18)?,
+                usage_estimated: flag(19)?,
+                cost_nano: row.try_get(20)?,
+                latency_ms: row.try_get(21)?,
+                ttft_ms: row.try_get(22)?,
+                streamed: flag(23)?,
+                truncated: flag(24)?,
+                client_gone: flag(25)?,
+                request_hash: row.try_get(26)?,
+                response_preview: row.try_get(27)?,
+                error: row.try_get(28)?,
+                claimed_tenant: row.try_get(29)?,
+            },
+        })
+    })()
+    .map_err(pg)
+}
+
+fn is_unique_violation(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// Rows per INSERT statement: a round trip per batch, not per row, well
+/// under the protocol's 65535 parameters.
+const ROWS_PER_INSERT: usize = 1000;
+
+fn insert_records(
+    tx: &mut postgres::Transaction<'_>,
+    records: &[Stored],
+) -> Result<(), postgres::Error> {
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        let flags: Vec<[i64; 4]> = chunk
+            .iter()
+            .map(|s| {
+                let r = &s.record;
+                [
+                    b(r.usage_estimated),
+                    b(r.streamed),
+                    b(r.truncated),
+                    b(r.client_gone),
+                ]
+            })
+            .collect();
+        let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * N_COLUMNS);
+        for (i, (s, f)) in chunk.iter().zip(&flags).enumerate() {
+            let r = &s.record;
+            if i > 0 {
+                sql.push(',');
+            }
+            let base = i * N_COLUMNS;
+            sql.push('(');
+            for k in 1..=N_COLUMNS {
+                if k > 1 {
+                    sql.push(',');
+                }
+                sql.push('$');
+                sql.push_str(&(base + k).to_string());
+            }
+            sql.push(')');
+            params.extend_from_slice(&[
+                &s.sidecar,
+                &s.seq,
+                &s.prev_hash,
+                &s.hash,
+                &r.ts_ms,
+                &r.request_id,
+                &r.tenant,
+                &r.client_ip,
+                &r.endpoint,
+                &r.requested_model,
+                &r.served_model,
+                &r.deployment,
+                &r.attempts,
+                &r.status,
+                &r.decision,
+                &r.rule,
+                &r.prompt_tokens,
+                &r.completion_tokens,
+                &r.total_tokens,
+                &f[0],
+                &r.cost_nano,
+                &r.latency_ms,
+                &r.ttft_ms,
+                &f[1],
+                &f[2],
+                &f[3],
+                &r.request_hash,
+                &r.response_preview,
+                &r.error,
+                &r.claimed_tenant,
+            ]);
+        }
+        tx.execute(sql.as_str(), &params)?;
+    }
+    Ok(())
+}
+
+impl Sink for Postgres {
+    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError> {
+        let failed = |e: postgres::Error| WriteError::Failed(pg(e));
+        let client = self.client().map_err(WriteError::Failed)?;
+        let mut tx = client.transaction().map_err(failed)?;
+        match insert_records(&mut tx, records) {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                drop(tx);
+                // Taken positions: either this very batch, committed before
+                // its answer was lost (then it is done), or another
+                // process's rows under the same sidecar id.
+                let Some(last) = records.last() else {
+                    return Err(WriteError::Conflict(pg(e)));
+                };
+                let hash: Option<String> = client
+                    .query_opt(
+                        "SELECT hash FROM audit_records WHERE sidecar = $1 AND seq = $2",
+                        &[&last.sidecar, &last.seq],
+                    )
+                    .map_err(failed)?
+                    .map(|r| r.get(0));
+                return if hash.as_deref() == Some(last.hash.as_str()) {
+                    Ok(())
+                } else {
+                    Err(WriteError::Conflict(pg(e)))
+                };
+            }
+            Err(e) => return Err(failed(e)),
+        }
+        for a in anomalies {
+            tx.execute(
+                "INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES ($1,$2,$3,$4,$5)",
+                &[&a.ts_ms, &a.sidecar, &a.rule, &a.tenant, &a.detail],
+            )
+            .map_err(failed)?;
+        }
+        tx.commit().map_err(failed)
+    }
+
+    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+        let row = self
+            .client()?
+            .query_opt(
+                "SELECT seq, hash FROM audit_records WHERE sidecar = $1 ORDER BY seq DESC LIMIT 1",
+                &[&sidecar],
+            )
+            .map_err(pg)?;
+        if let Some(r) = row {
+            return Ok(Some((r.get(0), r.get(1))));
+        }
+        Ok(self
+            .anchors()?
+            .into_iter()
+            .find(|(s, _, _)| s == sidecar)
+            .map(|(_, q, h)| (q, h)))
+    }
+
+    fn each_record(
+        &mut self,
+        ts_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(Stored) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY sidecar, seq"
+        );
+        let params: [&(dyn ToSql + Sync); 2] = [&ts_ms, &tenant];
+        let mut rows = self.client()?.query_raw(sql.as_str(), params).map_err(pg)?;
+        while let Some(row) = rows.next().map_err(pg)? {
+            f(stored_from_row(&row)?)?;
+        }
+        Ok(())
+    }
+
+    fn anomalies_since(
+        &mut self,
+        ts_ms: i64,
+        tenant: Option<&str>,
+    ) -> Result<Vec<AnomalyRow>, String> {
+        let rows = self
+            .client()?
+            .query(
+                "SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms",
+                &[&ts_ms, &tenant],
+            )
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| AnomalyRow {
+                ts_ms: r.get(0),
+                sidecar: r.get(1),
+                rule: r.get(2),
+                tenant: r.get(3),
+                detail: r.get(4),
+            })
+            .collect())
+    }
+
+    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
+        let rows = self
+            .client()?
+            .query("SELECT sidecar, seq, hash FROM audit_chain_anchor", &[])
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    fn prune(&mut self, keep: &Retention) -> Result<u64, String> {
+        let mut tx = self.client()?.transaction().map_err(pg)?;
+        let mut cut_ts = keep.before_ms.unwrap_or(i64::MIN);
+        if let Some(max) = keep.max_rows {
+            let row = tx
+                .query_opt(
+                    "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET $1",
+                    &[&max],
+                )
+                .map_err(pg)?;
+            if let Some(r) = row {
+                cut_ts = cut_ts.max(r.get::<_, i64>(0) + 1);
+            }
+        }
+        if cut_ts == i64::MIN {
+            return Ok(0);
+        }
+        let cuts = tx
+            .query(
+                "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < $1 GROUP BY sidecar",
+                &[&cut_ts],
+            )
+            .map_err(pg)?;
+        let mut n = 0;
+        for row in cuts {
+            let (sidecar, seq): (String, i64) = (row.get(0), row.get(1));
+            tx.execute(ANCHOR, &[&sidecar, &seq]).map_err(pg)?;
+            n += tx
+                .execute(
+                    "DELETE FROM audit_records WHERE sidecar = $1 AND seq <= $2",
+                    &[&sidecar, &seq],
+                )
+                .map_err(pg)?;
+        }
+        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < $1", &[&cut_ts])
+            .map_err(pg)?;
+        tx.commit().map_err(pg)?;
+        Ok(n)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        since_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let params: [&(dyn ToSql + Sync); 2] = [&since_ms, &tenant];
+        let mut rows = self.client()?.query_raw(sql, params).map_err(pg)?;
+        let mut cells = Vec::new();
+        while let Some(row) = rows.next().map_err(pg)? {
+            cells.clear();
+            for (i, col) in row.columns().iter().enumerate() {
+                let t = col.type_();
+                let cell = if *t == Type::INT8 {
+                    row.try_get::<_, Option<i64>>(i).map(|v| v.map(Cell::Int))
+                } else if *t == Type::INT4 {
+                    row.try_get::<_, Option<i32>>(i)
+                        .map(|v| v.map(|v| Cell::Int(i64::from(v))))
+                } else if *t == Type::FLOAT8 {
+                    row.try_get::<_, Option<f64>>(i).map(|v| v.map(Cell::Real))
+                } else if *t == Type::BOOL {
+                    row.try_get::<_, Option<bool>>(i)
+                        .map(|v| v.map(|v| Cell::Int(i64::from(v))))
+                } else {
+                    row.try_get::<_, Option<String>>(i)
+                        .map(|v| v.map(Cell::Text))
+                };
+                cells.push(cell.map_err(pg)?.unwrap_or(Cell::Null));
+            }
+            f(&cells)?;
+        }
+        Ok(())
+    }
+
+    fn schema_version(&mut self) -> Result<i64, String> {
+        self.client()?
+            .query_one("SELECT MAX(version) FROM audit_schema", &[])
+            .map_err(pg)?
+            .try_get::<_, Option<i64>>(0)
+            .map(|v| v.unwrap_or(0))
+            .map_err(pg)
+    }
+}

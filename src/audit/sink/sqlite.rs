@@ -1,0 +1,470 @@
+//! The embedded sink: one SQLite file in WAL mode, with incremental vacuum
+//! so retention by size gives the space back to the file system.
+
+use super::{
+    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, Stored,
+    WriteError, b, pending_steps,
+};
+use crate::audit::record::Record;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+pub struct Sqlite {
+    conn: Connection,
+}
+
+fn sq(e: rusqlite::Error) -> String {
+    format!("sqlite: {e}")
+}
+
+/// `PRAGMA auto_vacuum` value of incremental vacuum.
+const INCREMENTAL: i64 = 2;
+
+impl Sqlite {
+    pub fn open(path: &std::path::Path) -> Result<Sqlite, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let mut conn = Connection::open(path).map_err(sq)?;
+        // Before anything is created in a new file: freed pages can then be
+        // given back to the file system (`retention.max_bytes`).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .map_err(sq)?;
+        // WAL: readers (reports) do not block the writer; NORMAL: a commit
+        // survives the process being killed (only an OS crash may lose the
+        // last transactions).
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(sq)?;
+        migrate(&mut conn)?;
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .map_err(sq)?;
+        if mode != INCREMENTAL {
+            // A file made before incremental vacuum was asked for: the mode
+            // only takes effect once the file is rebuilt (once, here).
+            log::info!(
+                "audit: rebuilding {} for incremental vacuum",
+                path.display()
+            );
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+                .map_err(sq)?;
+        }
+        Ok(Sqlite { conn })
+    }
+
+    /// Bytes of the pages in use (what `max_bytes` bounds).
+    fn used_bytes(&self) -> Result<u64, String> {
+        let pragma = |name: &str| -> Result<i64, String> {
+            self.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .map_err(sq)
+        };
+        let used = (pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?;
+        Ok(u64::try_from(used).unwrap_or(0))
+    }
+
+    /// Delete records older than `cut_ts`, each sidecar's chain cut at its
+    /// last deleted record.
+    fn prune_before(&mut self, cut_ts: i64) -> Result<u64, String> {
+        let tx = self.conn.transaction().map_err(sq)?;
+        // Per sidecar, the last record that goes (the time index finds them);
+        // each chain is cut there, so what stays is always a suffix of it (a
+        // long request may end after a newer one started).
+        let cuts: Vec<(String, i64)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < ?1 GROUP BY sidecar",
+                )
+                .map_err(sq)?;
+            let rows = stmt
+                .query_map([cut_ts], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sq)?;
+            rows.collect::<Result<_, _>>().map_err(sq)?
+        };
+        let mut n = 0;
+        for (sidecar, seq) in cuts {
+            tx.execute(ANCHOR, params![sidecar, seq]).map_err(sq)?;
+            n += tx
+                .execute(
+                    "DELETE FROM audit_records WHERE sidecar = ?1 AND seq <= ?2",
+                    params![sidecar, seq],
+                )
+                .map_err(sq)?;
+        }
+        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < ?1", [cut_ts])
+            .map_err(sq)?;
+        tx.commit().map_err(sq)?;
+        Ok(n as u64)
+    }
+
+    /// The start time of the newest `keep` records' oldest, plus one: the
+    /// cut that leaves `keep` records (fewer where start times tie).
+    fn cut_keeping(&self, keep: i64) -> Result<Option<i64>, String> {
+        self.conn
+            .query_row(
+                "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET ?1",
+                [keep],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|ts| ts.map(|t| t + 1))
+            .map_err(sq)
+    }
+}
+
+/// Bring the file's schema to this build's version, one step per
+/// transaction; the write lock is taken first so two processes opening one
+/// file cannot both migrate it.
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sq)?;
+    tx.execute(SCHEMA_TABLE, []).map_err(sq)?;
+    let found: Option<i64> = tx
+        .query_row("SELECT MAX(version) FROM audit_schema", [], |r| r.get(0))
+        .map_err(sq)?;
+    let found = match found {
+        Some(v) => v,
+        None => {
+            let legacy: bool = tx
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sq)?;
+            i64::from(legacy)
+        }
+    };
+    for (version, step) in pending_steps(found, "REAL")? {
+        for stmt in step {
+            tx.execute(&stmt, []).map_err(sq)?;
+        }
+        tx.execute("DELETE FROM audit_schema", []).map_err(sq)?;
+        tx.execute("INSERT INTO audit_schema (version) VALUES (?1)", [version])
+            .map_err(sq)?;
+        if version > 1 {
+            log::info!("audit: trail schema migrated to version {version}");
+        }
+    }
+    tx.commit().map_err(sq)
+}
+
+fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+    Ok(Stored {
+        sidecar: row.get(0)?,
+        seq: row.get(1)?,
+        prev_hash: row.get(2)?,
+        hash: row.get(3)?,
+        record: Record {
+            ts_ms: row.get(4)?,
+            request_id: row.get(5)?,
+            tenant: row.get(6)?,
+            client_ip: row.get(7)?,
+            endpoint: row.get(8)?,
+            requested_model: row.get(9)?,
+            served_model: row.get(10)?,
+            deployment: row.get(11)?,
+            attempts: row.get(12)?,
+            status: row.get(13)?,
+            decision: row.get(14)?,
+            rule: row.get(15)?,
+            prompt_tokens: row.get(16)?,
+            completion_tokens: row.get(17)?,
+            total_tokens: row.get(18)?,
+            usage_estimated: row.get::<_, i64>(19)? != 0,
+            cost_nano: row.get(20)?,
+            latency_ms: row.get(21)?,
+            ttft_ms: row.get(22)?,
+            streamed: row.get::<_, i64>(23)? != 0,
+            truncated: row.get::<_, i64>(24)? != 0,
+            client_gone: row.get::<_, i64>(25)? != 0,
+            request_hash: row.get(26)?,
+            response_preview: row.get(27)?,
+            error: row.get(28)?,
+            claimed_tenant: row.get(29)?,
+        },
+    })
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// `(?1,…,?n)` for one row, `rows` times, comma-separated.
+fn placeholders(rows: usize, per_row: usize) -> String {
+    let mut sql = String::with_capacity(rows * per_row * 5);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for k in 1..=per_row {
+            if k > 1 {
+                sql.push(',');
+            }
+            sql.push('?');
+            sql.push_str(&(i * per_row + k).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Rows per INSERT statement: SQLite binds at most 32766 parameters.
+const ROWS_PER_INSERT: usize = 64;
+
+fn insert_records(tx: &rusqlite::Transaction<'_>, records: &[Stored]) -> rusqlite::Result<()> {
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        // One statement per chunk size, kept prepared: full batches reuse
+        // the same one.
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO audit_records ({COLUMNS}) VALUES {}",
+            placeholders(chunk.len(), N_COLUMNS)
+        ))?;
+        let mut k = 0;
+        let mut bind = |stmt: &mut rusqlite::CachedStatement<'_>,
+                        v: &dyn rusqlite::ToSql|
+         -> rusqlite::Result<()> {
+            k += 1;
+            stmt.raw_bind_parameter(k, v)
+        };
+        for s in chunk {
+            let r = &s.record;
+            bind(&mut stmt, &s.sidecar)?;
+            bind(&mut stmt, &s.seq)?;
+            bind(&mut stmt, &s.prev_hash)?;
+            bind(&mut stmt, &s.hash)?;
+            bind(&mut stmt, &r.ts_ms)?;
+            bind(&mut stmt, &r.request_id)?;
+            bind(&mut stmt, &r.tenant)?;
+            bind(&mut stmt, &r.client_ip)?;
+            bind(&mut stmt, &r.endpoint)?;
+            bind(&mut stmt, &r.requested_model)?;
+            bind(&mut stmt, &r.served_model)?;
+            bind(&mut stmt, &r.deployment)?;
+            bind(&mut stmt, &r.attempts)?;
+            bind(&mut stmt, &r.status)?;
+            bind(&mut stmt, &r.decision)?;
+            bind(&mut stmt, &r.rule)?;
+            bind(&mut stmt, &r.prompt_tokens)?;
+            bind(&mut stmt, &r.completion_tokens)?;
+            bind(&mut stmt, &r.total_tokens)?;
+            bind(&mut stmt, &b(r.usage_estimated))?;
+            bind(&mut stmt, &r.cost_nano)?;
+            bind(&mut stmt, &r.latency_ms)?;
+            bind(&mut stmt, &r.ttft_ms)?;
+            bind(&mut stmt, &b(r.streamed))?;
+            bind(&mut stmt, &b(r.truncated))?;
+            bind(&mut stmt, &b(r.client_gone))?;
+            bind(&mut stmt, &r.request_hash)?;
+            bind(&mut stmt, &r.response_preview)?;
+            bind(&mut stmt, &r.error)?;
+            bind(&mut stmt, &r.claimed_tenant)?;
+        }
+        stmt.raw_execute()?;
+    }
+    Ok(())
+}
+
+impl Sink for Sqlite {
+    fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError> {
+        let failed = |e: rusqlite::Error| WriteError::Failed(sq(e));
+        let tx = self.conn.transaction().map_err(failed)?;
+        match insert_records(&tx, records) {
+            Ok(()) => {}
+            Err(e) if is_constraint(&e) => {
+                drop(tx);
+                return match records.last() {
+                    Some(last) if stored_hash(&self.conn, last).map_err(failed)? => Ok(()),
+                    _ => Err(WriteError::Conflict(sq(e))),
+                };
+            }
+            Err(e) => return Err(failed(e)),
+        }
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES (?1,?2,?3,?4,?5)")
+                .map_err(failed)?;
+            for a in anomalies {
+                stmt.execute(params![a.ts_ms, a.sidecar, a.rule, a.tenant, a.detail])
+                    .map_err(failed)?;
+            }
+        }
+        tx.commit().map_err(failed)
+    }
+
+    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+        let last = self
+            .conn
+            .query_row(
+                "SELECT seq, hash FROM audit_records WHERE sidecar = ?1 ORDER BY seq DESC LIMIT 1",
+                [sidecar],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sq)?;
+        if last.is_some() {
+            return Ok(last);
+        }
+        // Everything pruned: continue from the anchor.
+        Ok(self
+            .anchors()?
+            .into_iter()
+            .find(|(s, _, _)| s == sidecar)
+            .map(|(_, q, h)| (q, h)))
+    }
+
+    fn each_record(
+        &mut self,
+        ts_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(Stored) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY sidecar, seq"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(sq)?;
+        let mut rows = stmt.query(params![ts_ms, tenant]).map_err(sq)?;
+        while let Some(row) = rows.next().map_err(sq)? {
+            f(stored_from_row(row).map_err(sq)?)?;
+        }
+        Ok(())
+    }
+
+    fn anomalies_since(
+        &mut self,
+        ts_ms: i64,
+        tenant: Option<&str>,
+    ) -> Result<Vec<AnomalyRow>, String> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms")
+            .map_err(sq)?;
+        let rows = stmt
+            .query_map(params![ts_ms, tenant], |r| {
+                Ok(AnomalyRow {
+                    ts_ms: r.get(0)?,
+                    sidecar: r.get(1)?,
+                    rule: r.get(2)?,
+                    tenant: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })
+            .map_err(sq)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
+    }
+
+    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT sidecar, seq, hash FROM audit_chain_anchor")
+            .map_err(sq)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(sq)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
+    }
+
+    fn prune(&mut self, keep: &Retention) -> Result<u64, String> {
+        // The cut: every record older than the age limit, and every record
+        // before the newest `max_rows` (by time).
+        let mut cut_ts = keep.before_ms.unwrap_or(i64::MIN);
+        if let Some(max) = keep.max_rows {
+            if let Some(ts) = self.cut_keeping(max)? {
+                cut_ts = cut_ts.max(ts);
+            }
+        }
+        let mut n = 0;
+        if cut_ts != i64::MIN {
+            n += self.prune_before(cut_ts)?;
+        }
+        let Some(max_bytes) = keep.max_bytes else {
+            return Ok(n);
+        };
+        // By size: estimate the bytes a record takes from the file as it is
+        // and keep as many as fit in nine tenths of the limit (room for the
+        // records written until the next round). A few rounds at most: the
+        // estimate is close once the file is mostly records.
+        for _ in 0..4 {
+            let used = self.used_bytes()?;
+            if used <= max_bytes {
+                break;
+            }
+            let rows: i64 = self
+                .conn
+                .query_row("SELECT COUNT(*) FROM audit_records", [], |r| r.get(0))
+                .map_err(sq)?;
+            if rows == 0 {
+                break;
+            }
+            let fit = (rows as f64 * 0.9 * max_bytes as f64 / used as f64) as i64;
+            let fit = fit.min(rows - 1).max(0);
+            let Some(ts) = self.cut_keeping(fit)? else {
+                break;
+            };
+            n += self.prune_before(ts)?;
+        }
+        // Give the freed pages back to the file system: the file shrinks at
+        // the checkpoint that follows. The pragma frees one page per step.
+        {
+            let mut stmt = self.conn.prepare("PRAGMA incremental_vacuum").map_err(sq)?;
+            let mut rows = stmt.query([]).map_err(sq)?;
+            while rows.next().map_err(sq)?.is_some() {}
+        }
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .map_err(sq)?;
+        Ok(n)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        since_ms: i64,
+        tenant: Option<&str>,
+        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut stmt = self.conn.prepare(sql).map_err(sq)?;
+        let n = stmt.column_count();
+        let mut rows = stmt.query(params![since_ms, tenant]).map_err(sq)?;
+        let mut cells = Vec::with_capacity(n);
+        while let Some(row) = rows.next().map_err(sq)? {
+            cells.clear();
+            for i in 0..n {
+                use rusqlite::types::ValueRef;
+                cells.push(match row.get_ref(i).map_err(sq)? {
+                    ValueRef::Null => Cell::Null,
+                    ValueRef::Integer(v) => Cell::Int(v),
+                    ValueRef::Real(v) => Cell::Real(v),
+                    ValueRef::Text(t) | ValueRef::Blob(t) => {
+                        Cell::Text(String::from_utf8_lossy(t).into_owned())
+                    }
+                });
+            }
+            f(&cells)?;
+        }
+        Ok(())
+    }
+
+    fn schema_version(&mut self) -> Result<i64, String> {
+        self.conn
+            .query_row("SELECT MAX(version) FROM audit_schema", [], |r| r.get(0))
+            .map_err(sq)
+    }
+}
+
+/// Whether the row at `s`'s place holds `s` (its hash): the batch ending
+/// with `s` was written before.
+fn stored_hash(conn: &Connection, s: &Stored) -> rusqlite::Result<bool> {
+    let hash: Option<String> = conn
+        .query_row(
+            "SELECT hash FROM audit_records WHERE sidecar = ?1 AND seq = ?2",
+            params![s.sidecar, s.seq],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(hash.as_deref() == Some(s.hash.as_str()))
+}
