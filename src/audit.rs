@@ -41,6 +41,8 @@ pub struct AuditMetrics {
     pub dropped: IntCounter,
     pub write_errors: IntCounter,
     pub queued: IntGauge,
+    /// Requests answered whose record waits for room (`when_full: block`).
+    pub waiting: IntGauge,
     pub anomalies: IntCounterVec,
     pub webhook_failures: IntCounter,
     pub chain_conflicts: IntCounter,
@@ -55,6 +57,11 @@ impl AuditMetrics {
         };
         let queued = IntGauge::new("collie_audit_queued", "Audit records waiting to be written")?;
         r.register(Box::new(queued.clone()))?;
+        let waiting = IntGauge::new(
+            "collie_audit_waiting",
+            "Answered requests whose audit record waits for room in a full queue",
+        )?;
+        r.register(Box::new(waiting.clone()))?;
         let anomalies = IntCounterVec::new(
             prometheus::Opts::new(
                 "collie_anomalies_total",
@@ -74,6 +81,7 @@ impl AuditMetrics {
                 "Failed audit batch writes (retried)",
             )?,
             queued,
+            waiting,
             anomalies,
             webhook_failures: counter(
                 "collie_anomaly_webhook_failures_total",
@@ -114,7 +122,10 @@ impl Auditor {
         let body_len = pending.body.as_ref().map_or(0, |b| b.len());
         let msg = writer::Msg::Record(Box::new(pending));
         let sent = if self.block {
-            self.tx.send(msg).await.is_ok()
+            self.metrics.waiting.inc();
+            let sent = self.tx.send(msg).await.is_ok();
+            self.metrics.waiting.dec();
+            sent
         } else {
             self.tx.try_send(msg).is_ok()
         };

@@ -91,10 +91,14 @@ pub(super) fn spawn(
                         std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
                     }
                 }
-                // Anything left when the queue closed.
-                while let Ok(m) = rx.try_recv() {
-                    if let Msg::Record(p) = m {
-                        batch.push(*p);
+                // A tick woke the writer: take what is queued, but never
+                // more than one batch. (The writer holds at most `batch`
+                // records outside the queue; the crash bound counts on it.)
+                while batch.len() < s.batch {
+                    match rx.try_recv() {
+                        Ok(Msg::Record(p)) => batch.push(*p),
+                        Ok(Msg::Tick) => {}
+                        Err(_) => break,
                     }
                 }
                 // Also with no records: the baseline's periods end on the clock.
