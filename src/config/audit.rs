@@ -186,7 +186,7 @@ impl Validator<'_> {
             sidecar_id: a.sidecar_id.clone().map(|s| s.trim().to_string()),
             queue: self.positive("audit.queue", a.queue, 10_000),
             queue_bytes,
-            batch: self.positive("audit.batch", a.batch, 256),
+            batch: self.positive("audit.batch", a.batch, 2048),
             flush_interval: self.duration(
                 "audit.flush_interval",
                 &a.flush_interval,
