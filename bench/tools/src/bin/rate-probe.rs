@@ -2,22 +2,25 @@
 //! request: oha can only send the same headers every time, which would
 //! measure 1,000 configured tenants through one tenant's ledger.
 //!
-//! Requests are scheduled at exact times (`--rate` per second); a request
-//! that cannot start on time because every connection is busy waits, and
-//! its latency is counted from when it was due, not from when it was sent
-//! (so a stall is not hidden: coordinated omission corrected). Responses are
-//! read whole (Content-Length or chunked, so streams too).
+//! Request `i` is due at `start + i / rate`. Connection `k` (an OS thread
+//! with a blocking socket) sends requests `k, k + c, k + 2c, …`, each when it
+//! is due. Latency is counted from when a request was due, not from when it
+//! was sent, so a slow response that delays the next one shows in both
+//! (coordinated omission corrected). Threads sleep with the kernel's timer
+//! slack at 1 ns and spin the last microseconds, so a request leaves within
+//! a few microseconds of its time (an async runtime's timer wheel rounds to
+//! a millisecond, which would be counted as latency). Responses are read whole: Content-Length or chunked,
+//! so streams are timed to their end.
 //!
 //! Usage: rate-probe --url http://127.0.0.1:8183/v1/chat/completions \
 //!            --body-file body.json --rate 1000 --duration 10 -c 32 \
 //!            [--tenants 1000 [--zipf]] [-H 'X-Tenant-ID: bench'] [--json]
 
 use clap::Parser;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::{Mutex, mpsc};
 
 #[derive(Parser)]
 struct Args {
@@ -43,18 +46,13 @@ struct Args {
     json: bool,
 }
 
-struct Job {
-    due: Instant,
-    request: Arc<Vec<u8>>,
-}
-
 /// Read one HTTP/1.1 response; returns its status.
-async fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
+fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
     buf.clear();
     let mut chunk = [0u8; 16 << 10];
     let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed");
     let head_end = loop {
-        let n = c.read(&mut chunk).await?;
+        let n = c.read(&mut chunk)?;
         if n == 0 {
             return Err(closed());
         }
@@ -84,7 +82,7 @@ async fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<
         if complete {
             return Ok(status);
         }
-        let n = c.read(&mut chunk).await?;
+        let n = c.read(&mut chunk)?;
         if n == 0 {
             return Err(closed());
         }
@@ -108,8 +106,29 @@ fn next_random(state: &mut u64) -> f64 {
     (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
-#[tokio::main]
-async fn main() {
+/// How early a thread wakes to wait out the rest of its time spinning: a
+/// wake-up from sleep takes tens of microseconds on a VM, which would be
+/// counted as latency. At 1,000 requests/s this spins ~5% of a core.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Wait until `due`: sleep, then spin the last few microseconds.
+fn sleep_until(due: Instant) {
+    let now = Instant::now();
+    if due > now + SPIN {
+        std::thread::sleep(due - now - SPIN);
+    }
+    while Instant::now() < due {
+        std::hint::spin_loop();
+    }
+}
+
+struct Outcome {
+    latencies: Vec<Duration>,
+    errors: usize,
+    non2xx: usize,
+}
+
+fn main() {
     let a = Args::parse();
     let rest = a.url.strip_prefix("http://").expect("http:// URL");
     let (host, path) = rest
@@ -129,10 +148,9 @@ async fn main() {
         req.push_str("\r\n");
         let mut bytes = req.into_bytes();
         bytes.extend_from_slice(&body);
-        Arc::new(bytes)
+        bytes
     };
-    // One pre-built request per tenant, and the cumulative distribution to pick from.
-    let requests: Vec<Arc<Vec<u8>>> = if a.tenants == 0 {
+    let requests: Vec<Vec<u8>> = if a.tenants == 0 {
         vec![build(&[])]
     } else {
         (0..a.tenants)
@@ -144,6 +162,7 @@ async fn main() {
             })
             .collect()
     };
+    // The whole schedule up front: which request goes out at step i.
     let weights: Vec<f64> = (1..=requests.len())
         .map(|i| if a.zipf { 1.0 / i as f64 } else { 1.0 })
         .collect();
@@ -154,76 +173,81 @@ async fn main() {
         acc += w / total;
         cdf.push(acc);
     }
-
-    let (tx, rx) = mpsc::unbounded_channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
-    let mut workers = Vec::new();
-    for _ in 0..a.connections {
-        let rx = Arc::clone(&rx);
-        let host = host.clone();
-        workers.push(tokio::spawn(async move {
-            let mut conn: Option<TcpStream> = None;
-            let mut buf = Vec::with_capacity(64 << 10);
-            let mut lat = Vec::new();
-            let (mut errors, mut non2xx) = (0usize, 0usize);
-            loop {
-                let job = { rx.lock().await.recv().await };
-                let Some(job) = job else { break };
-                if conn.is_none() {
-                    match TcpStream::connect(&host).await {
-                        Ok(c) => {
-                            let _ = c.set_nodelay(true);
-                            conn = Some(c);
+    let n = usize::try_from(a.rate * a.duration).expect("a count");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let schedule: Vec<u32> = (0..n)
+        .map(|_| {
+            let r = next_random(&mut seed);
+            cdf.partition_point(|&c| c < r).min(requests.len() - 1) as u32
+        })
+        .collect();
+    let (requests, schedule) = (Arc::new(requests), Arc::new(schedule));
+    let start = Instant::now() + Duration::from_millis(100);
+    let step = Duration::from_nanos(1_000_000_000 / a.rate.max(1));
+    let threads: Vec<_> = (0..a.connections)
+        .map(|k| {
+            let (requests, schedule, host) =
+                (Arc::clone(&requests), Arc::clone(&schedule), host.clone());
+            let connections = a.connections;
+            std::thread::spawn(move || {
+                // Timer slack: how late the kernel may wake a sleeping thread
+                // (50 µs by default). 1 ns: wake on time.
+                // SAFETY: prctl with PR_SET_TIMERSLACK takes one integer
+                // argument and touches no memory.
+                unsafe {
+                    libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64);
+                }
+                let mut out = Outcome {
+                    latencies: Vec::with_capacity(schedule.len() / connections + 1),
+                    errors: 0,
+                    non2xx: 0,
+                };
+                let mut conn: Option<TcpStream> = None;
+                let mut buf = Vec::with_capacity(64 << 10);
+                for i in (k..schedule.len()).step_by(connections) {
+                    let due = start + step * u32::try_from(i).unwrap_or(u32::MAX);
+                    sleep_until(due);
+                    if conn.is_none() {
+                        match TcpStream::connect(&host) {
+                            Ok(c) => {
+                                let _ = c.set_nodelay(true);
+                                conn = Some(c);
+                            }
+                            Err(_) => {
+                                out.errors += 1;
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    let request = &requests[schedule[i] as usize];
+                    match c
+                        .write_all(request)
+                        .and_then(|()| read_response(c, &mut buf))
+                    {
+                        Ok(status) => {
+                            out.latencies.push(due.elapsed());
+                            if !(200..300).contains(&status) {
+                                out.non2xx += 1;
+                            }
                         }
                         Err(_) => {
-                            errors += 1;
-                            continue;
+                            out.errors += 1;
+                            conn = None;
                         }
                     }
                 }
-                let Some(c) = conn.as_mut() else { continue };
-                let result = match c.write_all(&job.request).await {
-                    Ok(()) => read_response(c, &mut buf).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(status) => {
-                        lat.push(job.due.elapsed());
-                        if !(200..300).contains(&status) {
-                            non2xx += 1;
-                        }
-                    }
-                    Err(_) => {
-                        errors += 1;
-                        conn = None;
-                    }
-                }
-            }
-            (lat, errors, non2xx)
-        }));
-    }
-
-    let start = Instant::now() + Duration::from_millis(50);
-    let n = a.rate * a.duration;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for i in 0..n {
-        let due = start + Duration::from_nanos(i * 1_000_000_000 / a.rate);
-        tokio::time::sleep_until(due.into()).await;
-        let r = next_random(&mut seed);
-        let t = cdf.partition_point(|&c| c < r).min(requests.len() - 1);
-        let request = Arc::clone(&requests[t]);
-        if tx.send(Job { due, request }).is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let mut lat = Vec::new();
+                out
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(n);
     let (mut errors, mut non2xx) = (0, 0);
-    for w in workers {
-        let (l, e, s) = w.await.expect("worker");
-        lat.extend(l);
-        errors += e;
-        non2xx += s;
+    for t in threads {
+        let o = t.join().expect("a connection thread");
+        lat.extend(o.latencies);
+        errors += o.errors;
+        non2xx += o.non2xx;
     }
     lat.sort();
     let elapsed = start.elapsed().as_secs_f64();
