@@ -106,9 +106,11 @@ def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}"):
         "  - {name: bench, fallback: [p]}",
         "pools:",
         "  - id: p",
-        # A capacity the load reaches, so priority admission and rebalancing
-        # have work to do (wrk keeps 64 requests in flight).
-        "    max_concurrency: 48",
+        # Priority admission and rebalancing are on the path (every request
+        # takes and returns a slot); the capacity is above wrk's 64 requests
+        # in flight, so requests are not queued: a queue would measure the
+        # configured capacity, not the proxy.
+        "    max_concurrency: 256",
         "    deployments: [{deployment: d1, weight: 1}, {deployment: d2, weight: 1}, {deployment: d3, weight: 1}]",
         "deployments:",
     ]
