@@ -26,10 +26,20 @@ pub const PROVIDER_KEY_B: &str = "sk-provider-B-canary-93ce";
 /// A port nobody listens on right now. The gateway binds it by address, so
 /// the OS picked it fresh and it is very unlikely to be taken in between.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
+    // The OS may hand the same free port to two binds in a row once the
+    // first is closed: never give one out twice in this process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub async fn mock() -> MockServer {
