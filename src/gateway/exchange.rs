@@ -202,11 +202,8 @@ async fn attempts(
                 // A client that hangs up while queued leaves the queue at
                 // once (dropping the wait gives its place, or a slot just
                 // handed to it, back) and nothing is sent upstream.
-                let acquired = tokio::select! {
-                    biased;
-                    _ = session.downstream_session.read_body_or_idle(true) => None,
-                    r = pool_rt.gate.acquire(ctx.priority, wait) => Some(r),
-                };
+                let acquired =
+                    until_client_leaves(session, pool_rt.gate.acquire(ctx.priority, wait)).await;
                 ctx.queued = Some(waited.elapsed());
                 match acquired {
                     Some(Ok(p)) => p,
@@ -361,9 +358,10 @@ async fn attempts(
     Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
 }
 
-/// Run `work` unless the client leaves first (`None`). Before the response
-/// head is written the downstream connection has nothing to say, so anything
-/// it reports — a close, a reset, stray bytes — means the client is gone.
+/// Run `work` unless the client leaves first (`None`). The request body has
+/// been read whole, so the downstream connection has nothing more to say
+/// until the answer is done: anything it reports — a close, a reset, stray
+/// bytes — means the client is gone. `work` must be safe to drop midway.
 async fn until_client_leaves<T>(
     session: &mut Session,
     work: impl std::future::Future<Output = T>,
@@ -751,11 +749,9 @@ async fn relay(
     loop {
         let next = match pending.take() {
             Some(r) => Next::Upstream(r),
-            None => tokio::select! {
-                biased;
-                r = http.read_response_body() => Next::Upstream(r),
-                _ = session.downstream_session.read_body_or_idle(true) => Next::ClientGone,
-            },
+            None => until_client_leaves(session, http.read_response_body())
+                .await
+                .map_or(Next::ClientGone, Next::Upstream),
         };
         match next {
             Next::Upstream(Ok(Some(chunk))) => {
