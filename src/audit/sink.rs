@@ -138,8 +138,8 @@ pub trait Sink: Send {
     /// A batch whose rows are all there already (its commit went through but
     /// the answer was lost) is not written twice.
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError>;
-    /// The last (seq, hash) written by a sidecar, to continue its chain.
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String>;
+    /// The (seq, hash) of a sidecar's last record in the trail.
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String>;
     /// Records since `ts_ms` (of `tenant`), in (sidecar, seq) order, one at a
     /// time: never all of them in memory.
     fn each_record(
@@ -169,6 +169,20 @@ pub trait Sink: Send {
     ) -> Result<(), String>;
     /// The schema version the trail is at.
     fn schema_version(&mut self) -> Result<i64, String>;
+
+    /// The last (seq, hash) written by a sidecar, to continue its chain:
+    /// its last record, or where retention left its anchor when every
+    /// record was pruned.
+    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+        if let Some(last) = self.last_record(sidecar)? {
+            return Ok(Some(last));
+        }
+        Ok(self
+            .anchors()?
+            .into_iter()
+            .find(|(s, _, _)| s == sidecar)
+            .map(|(_, q, h)| (q, h)))
+    }
 
     /// Records since `ts_ms`, collected (for tests and small trails).
     fn records_since(&mut self, ts_ms: i64, tenant: Option<&str>) -> Result<Vec<Stored>, String> {

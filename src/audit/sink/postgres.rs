@@ -265,7 +265,7 @@ impl Sink for Postgres {
         tx.commit().map_err(failed)
     }
 
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
         let row = self
             .client()?
             .query_opt(
@@ -273,14 +273,7 @@ impl Sink for Postgres {
                 &[&sidecar],
             )
             .map_err(pg)?;
-        if let Some(r) = row {
-            return Ok(Some((r.get(0), r.get(1))));
-        }
-        Ok(self
-            .anchors()?
-            .into_iter()
-            .find(|(s, _, _)| s == sidecar)
-            .map(|(_, q, h)| (q, h)))
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     fn each_record(

@@ -301,25 +301,15 @@ impl Sink for Sqlite {
         tx.commit().map_err(failed)
     }
 
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
-        let last = self
-            .conn
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+        self.conn
             .query_row(
                 "SELECT seq, hash FROM audit_records WHERE sidecar = ?1 ORDER BY seq DESC LIMIT 1",
                 [sidecar],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
-            .map_err(sq)?;
-        if last.is_some() {
-            return Ok(last);
-        }
-        // Everything pruned: continue from the anchor.
-        Ok(self
-            .anchors()?
-            .into_iter()
-            .find(|(s, _, _)| s == sidecar)
-            .map(|(_, q, h)| (q, h)))
+            .map_err(sq)
     }
 
     fn each_record(
