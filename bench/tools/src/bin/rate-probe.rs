@@ -17,6 +17,7 @@
 //!            [--tenants 1000 [--zipf]] [-H 'X-Tenant-ID: bench'] [--json]
 
 use clap::Parser;
+use collie_bench::{percentile_us, split_url};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -90,14 +91,6 @@ fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
     }
 }
 
-fn pct(v: &[Duration], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i].as_secs_f64() * 1e6
-}
-
 /// A small deterministic generator: the same tenant sequence every run.
 fn next_random(state: &mut u64) -> f64 {
     *state ^= *state << 13;
@@ -130,11 +123,7 @@ struct Outcome {
 
 fn main() {
     let a = Args::parse();
-    let rest = a.url.strip_prefix("http://").expect("http:// URL");
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h.to_string(), format!("/{p}")))
-        .expect("URL with a path");
+    let (host, path) = split_url(&a.url);
     let body = std::fs::read(&a.body_file).expect("body file");
     let build = |extra: &[String]| {
         let mut req = format!(
@@ -251,7 +240,11 @@ fn main() {
     }
     lat.sort();
     let elapsed = start.elapsed().as_secs_f64();
-    let (p50, p99, p999) = (pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 0.999));
+    let (p50, p99, p999) = (
+        percentile_us(&lat, 0.5),
+        percentile_us(&lat, 0.99),
+        percentile_us(&lat, 0.999),
+    );
     if a.json {
         println!(
             "{{\"requests\":{},\"rps\":{:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"errors\":{errors},\"non2xx\":{non2xx}}}",

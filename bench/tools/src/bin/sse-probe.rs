@@ -8,6 +8,7 @@
 //!            [-H 'X-Tenant-ID: bench'] [--body '{…}'] [--json]
 
 use clap::Parser;
+use collie_bench::{percentile_us, split_url};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -148,23 +149,10 @@ async fn one(
     }
 }
 
-fn pct(v: &mut [Duration], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i].as_secs_f64() * 1e6
-}
-
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
-    let rest = a.url.strip_prefix("http://").expect("http:// URL");
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h.to_string(), format!("/{p}")))
-        .expect("URL with a path");
+    let (host, path) = split_url(&a.url);
     let per = a.requests.div_ceil(a.concurrency);
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
@@ -189,15 +177,17 @@ async fn main() {
     }
     let mut ttft: Vec<Duration> = all.iter().filter_map(|s| s.ttft).collect();
     let mut gaps: Vec<Duration> = all.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+    ttft.sort();
+    gaps.sort();
     let errors = all.iter().filter(|s| s.error.is_some()).count();
     let incomplete = all.iter().filter(|s| s.error.is_none() && !s.done).count();
     let events: usize = all.iter().map(|s| s.events).sum();
     let with_usage = all.iter().filter(|s| s.usage).count();
     let (t50, t99, g50, g99) = (
-        pct(&mut ttft, 0.5),
-        pct(&mut ttft, 0.99),
-        pct(&mut gaps, 0.5),
-        pct(&mut gaps, 0.99),
+        percentile_us(&ttft, 0.5),
+        percentile_us(&ttft, 0.99),
+        percentile_us(&gaps, 0.5),
+        percentile_us(&gaps, 0.99),
     );
     if a.json {
         println!(
