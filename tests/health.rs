@@ -69,14 +69,7 @@ async fn recommended(gw: &Gw, model: &str) -> Value {
 }
 
 async fn status(gw: &Gw) -> Value {
-    gw.client
-        .get(format!("{}/status", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    gw.admin_json("/status").await
 }
 
 async fn deployment(gw: &Gw, id: &str) -> Value {

@@ -426,15 +426,7 @@ async fn priority_admission_orders_the_queue_without_starving() {
 /// Wait until `n` requests are queued at the gateway's pools (admin status).
 async fn waiting(gw: &Gw, n: u64) {
     for _ in 0..500 {
-        let v: Value = gw
-            .client
-            .get(format!("{}/quota", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = gw.admin_json("/quota").await;
         let queued: u64 = v["pools"]
             .as_array()
             .unwrap()
@@ -516,15 +508,7 @@ async fn rebalancing_lends_idle_capacity_and_reclaims_it() {
     }
     assert!(borrowed > 0.0, "alpha borrowed capacity");
     assert!(loan("beta", BETA_KEY).await < 0.0, "beta lent it");
-    let status: Value = gw
-        .client
-        .get(format!("{}/status", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = gw.admin_json("/status").await;
     let loans = status["loans"].as_array().unwrap();
     assert!(
         loans
@@ -677,14 +661,7 @@ fn pool_p(yaml: String, settings: &str) -> String {
 
 /// The admin listener's `/quota`: every tenant's report and every pool.
 async fn admin_quota(gw: &Gw) -> Value {
-    gw.client
-        .get(format!("{}/quota", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    gw.admin_json("/quota").await
 }
 
 /// One pool's gate as the admin listener shows it.

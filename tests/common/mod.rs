@@ -94,6 +94,18 @@ impl Gw {
         panic!("fewer than {n} requests were accounted");
     }
 
+    /// A JSON page of the admin listener (`/status`, `/quota`).
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.admin))
