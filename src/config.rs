@@ -31,6 +31,11 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub const DEFAULT_PRIORITY: u8 = 3;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
+/// The HTTP/1 parser below Collie stops at 256 header fields.
+const MAX_HEADERS_CEILING: usize = 250;
 
 /// The validated configuration. Indices (`usize`) refer into the vectors of
 /// this struct; names were resolved during validation.
@@ -41,9 +46,24 @@ pub struct Config {
     pub threads: usize,
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
-    /// How long a client may take to send its body, and how long a write to a
-    /// slow client may block.
+    /// How long a client may take to send its whole body, and how long a
+    /// write to a slow client may block.
     pub client_timeout: Duration,
+    /// How long a client may take to send a whole request head, from its
+    /// first byte (on a new connection: from the connection's start).
+    pub head_timeout: Duration,
+    /// How long a connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
+    /// Largest request head (request line and headers) accepted: 431 beyond.
+    pub max_header_bytes: usize,
+    /// Most header fields a request may carry: 431 beyond.
+    pub max_headers: usize,
+    /// Request bodies held in memory by all requests together: beyond it a
+    /// request gets 503 with `Retry-After` instead of its body being read.
+    pub max_inflight_body_bytes: usize,
+    /// Longest a graceful stop waits for requests in flight before it cuts
+    /// them off (streams end with an error event).
+    pub drain_timeout: Duration,
     pub upstream_keepalive_pool: usize,
     /// Replaces the system roots for every `https` deployment without its own `ca_file`.
     pub upstream_ca_file: Option<PathBuf>,
@@ -428,6 +448,22 @@ impl Validator<'_> {
         }
     }
 
+    /// A size in bytes that must be > 0.
+    fn size(&mut self, path: &str, value: Option<&RawSize>, default: usize) -> usize {
+        match value.map(parse_size) {
+            None => default,
+            Some(Ok(n)) if n > 0 => n,
+            Some(Ok(_)) => {
+                self.error(path, "must be > 0");
+                default
+            }
+            Some(Err(m)) => {
+                self.error(path, m);
+                default
+            }
+        }
+    }
+
     fn positive(&mut self, path: &str, value: Option<i64>, default: usize) -> usize {
         match value {
             None => default,
@@ -445,20 +481,11 @@ impl Validator<'_> {
             raw.threads,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         );
-        let max_body_bytes = match raw.max_body_bytes {
-            None => DEFAULT_MAX_BODY_BYTES,
-            Some(size) => match parse_size(&size) {
-                Ok(n) if n > 0 => n,
-                Ok(_) => {
-                    self.error("max_body_bytes", "must be > 0");
-                    DEFAULT_MAX_BODY_BYTES
-                }
-                Err(m) => {
-                    self.error("max_body_bytes", m);
-                    DEFAULT_MAX_BODY_BYTES
-                }
-            },
-        };
+        let max_body_bytes = self.size(
+            "max_body_bytes",
+            raw.max_body_bytes.as_ref(),
+            DEFAULT_MAX_BODY_BYTES,
+        );
         let max_json_depth =
             self.positive("max_json_depth", raw.max_json_depth, DEFAULT_MAX_JSON_DEPTH);
         let client_timeout = self.duration(
@@ -466,6 +493,35 @@ impl Validator<'_> {
             &raw.client_timeout,
             Duration::from_secs(60),
         );
+        let head_timeout =
+            self.duration("head_timeout", &raw.head_timeout, Duration::from_secs(10));
+        let keepalive_timeout = self.duration(
+            "keepalive_timeout",
+            &raw.keepalive_timeout,
+            Duration::from_secs(60),
+        );
+        let max_header_bytes = self.size(
+            "max_header_bytes",
+            raw.max_header_bytes.as_ref(),
+            DEFAULT_MAX_HEADER_BYTES,
+        );
+        if max_header_bytes < 1024 {
+            self.error("max_header_bytes", "must be at least 1KiB");
+        }
+        let max_headers = self.positive("max_headers", raw.max_headers, DEFAULT_MAX_HEADERS);
+        if max_headers > MAX_HEADERS_CEILING {
+            self.error(
+                "max_headers",
+                format!("must be at most {MAX_HEADERS_CEILING}"),
+            );
+        }
+        let max_inflight_body_bytes = self.size(
+            "max_inflight_body_bytes",
+            raw.max_inflight_body_bytes.as_ref(),
+            DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+        );
+        let drain_timeout =
+            self.duration("drain_timeout", &raw.drain_timeout, Duration::from_secs(30));
         let upstream_keepalive_pool =
             self.positive("upstream_keepalive_pool", raw.upstream_keepalive_pool, 1024);
         let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -513,6 +569,12 @@ impl Validator<'_> {
             max_body_bytes,
             max_json_depth,
             client_timeout,
+            head_timeout,
+            keepalive_timeout,
+            max_header_bytes,
+            max_headers,
+            max_inflight_body_bytes,
+            drain_timeout,
             upstream_keepalive_pool,
             upstream_ca_file,
             tenants,

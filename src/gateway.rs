@@ -10,10 +10,13 @@ mod redact;
 mod spend;
 
 pub use admission::{Claimed, key_digest_hex};
+pub use body::BodyBudget;
 pub use error::GatewayError;
+pub use redact::KeyMask;
 pub use spend::Settlement;
 
 use crate::metrics::Metrics;
+use crate::server::Lifecycle;
 use crate::state::{Snapshot, State};
 use crate::usage::Usage;
 use async_trait::async_trait;
@@ -160,6 +163,8 @@ pub struct RequestCtx {
     pub settlement: Option<Settlement>,
     /// The first bytes of the response, when the audit keeps a preview.
     pub preview: Option<Vec<u8>>,
+    /// The request body's share of the in-flight body budget.
+    pub body_hold: Option<body::BodyHold>,
     /// Counts this request as in flight until the context is dropped.
     _in_flight: InFlightGuard,
 }
@@ -196,6 +201,9 @@ pub struct Gateway {
     /// The audit queue, when auditing is on.
     pub auditor: Option<crate::audit::Auditor>,
     pub in_flight: InFlight,
+    /// Memory held by request bodies in flight.
+    pub bodies: Arc<BodyBudget>,
+    pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
 }
 
@@ -204,6 +212,7 @@ impl Gateway {
         state: Arc<State>,
         metrics: Arc<Metrics>,
         auditor: Option<crate::audit::Auditor>,
+        lifecycle: Lifecycle,
     ) -> Gateway {
         let snap = state.load();
         let mut options =
@@ -219,6 +228,8 @@ impl Gateway {
             connector: Arc::new(Connector::new(Some(options))),
             auditor,
             in_flight: InFlight::default(),
+            bodies: BodyBudget::new(snap.config.max_inflight_body_bytes),
+            lifecycle,
             ids: RequestIds::new(),
         }
     }
@@ -234,6 +245,8 @@ impl Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let req = session.req_header();
+        admission::single_identity(req)?;
+        check_head_size(req, &snap.config)?;
         ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
         let tenant = admission::admit(req, &snap).inspect_err(|_| {
             ctx.claimed_tenant = admission::claimed(req, &snap);
@@ -248,13 +261,24 @@ impl Gateway {
         }
         let config = &snap.config;
         session.set_write_timeout(Some(config.client_timeout));
-        let body = body::read(session, config.max_body_bytes, config.client_timeout).await?;
+        self.bodies.set_limit(config.max_inflight_body_bytes);
+        let body = body::read(
+            session,
+            config.max_body_bytes,
+            config.client_timeout,
+            &self.bodies,
+            &mut ctx.body_hold,
+        )
+        .await?;
         ctx.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
+        let Some(model) = snap.model(&inspected.model) else {
+            // The text is the client's, and may be anything — a key sent by
+            // mistake: only a fingerprint of it is recorded.
+            ctx.requested_model = Some(unknown_model_label(&inspected.model));
+            return Err(GatewayError::ModelNotFound(inspected.model.clone()));
+        };
         ctx.requested_model = Some(inspected.model.clone());
-        let model = snap
-            .model(&inspected.model)
-            .ok_or_else(|| GatewayError::ModelNotFound(inspected.model.clone()))?;
         let hint = session
             .req_header()
             .headers
@@ -307,8 +331,26 @@ impl ProxyHttp for Gateway {
             reservation: None,
             settlement: None,
             preview: None,
+            body_hold: None,
             _in_flight: self.in_flight.enter(),
         }
+    }
+
+    /// The head is parsed: the connection's head limits stop applying, and
+    /// a draining gateway closes the connection after this answer. Pipelined
+    /// requests are answered in order (a request sent while another is
+    /// answered waits its turn instead of being taken for a departing client).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        crate::listener::request_started();
+        session.downstream_session.set_pipelining_enabled(true);
+        if self.lifecycle.draining.is_cancelled() {
+            session.set_keepalive(None);
+        }
+        Ok(())
     }
 
     /// Never reached: `request_filter` answers every request itself.
@@ -341,6 +383,7 @@ impl ProxyHttp for Gateway {
         if let Some(a) = &self.auditor {
             a.submit(ctx).await;
         }
+        crate::listener::request_finished();
     }
 }
 
@@ -452,6 +495,36 @@ async fn respond_json(
     ctx.status = 200;
     write_whole(session, ctx, head, Bytes::from(body)).await;
     Ok(())
+}
+
+/// Heads over the configured limits get 431. The connection guard refuses
+/// an HTTP/1 head before it is parsed; this holds for HTTP/2 too.
+fn check_head_size(
+    req: &pingora::http::RequestHeader,
+    config: &crate::config::Config,
+) -> Result<(), GatewayError> {
+    if req.headers.len() > config.max_headers {
+        return Err(GatewayError::HeaderTooLarge);
+    }
+    let bytes = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len().saturating_add(v.len()))
+        .fold(
+            req.uri.path_and_query().map_or(0, |p| p.as_str().len()),
+            usize::saturating_add,
+        );
+    if bytes > config.max_header_bytes {
+        return Err(GatewayError::HeaderTooLarge);
+    }
+    Ok(())
+}
+
+/// How an unknown `model` is recorded: a fingerprint, never its text.
+fn unknown_model_label(model: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(model.as_bytes());
+    format!("unknown:{}", hex::encode(&digest[..6]))
 }
 
 /// Request ids unique across restarts and sidecars: a random per-process

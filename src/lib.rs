@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod listener;
 pub mod metrics;
 pub mod mock;
 pub mod quota;

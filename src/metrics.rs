@@ -31,6 +31,10 @@ pub struct Metrics {
     ttft: HistogramVec,
     attempts: IntCounterVec,
     fallbacks: IntCounterVec,
+    /// Connections refused before their request head was read, by reason.
+    pub connection_refusals: IntCounterVec,
+    /// Memory held by request bodies in flight (set when scraped).
+    inflight_body_bytes: prometheus::IntGauge,
     pub quota: QuotaMetrics,
     /// Probes, breakers and the health gauges (set when scraped).
     pub health: crate::routing::probe::HealthMetrics,
@@ -303,6 +307,20 @@ impl Metrics {
                 "Requests that fell back to a later pool of their chain, by upstream model and whether one served them",
                 &["from", "to", "outcome"],
             )?,
+            connection_refusals: counter(
+                r,
+                "collie_connection_refusals_total",
+                "Client connections refused before their request head was read: head_timeout (408), header_too_large (431)",
+                &["reason"],
+            )?,
+            inflight_body_bytes: {
+                let g = prometheus::IntGauge::new(
+                    "collie_inflight_body_bytes",
+                    "Memory held by request bodies in flight (limit: max_inflight_body_bytes)",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             quota: QuotaMetrics::new(r)?,
             health: crate::routing::probe::HealthMetrics::new(r)?,
             registry,
@@ -476,11 +494,16 @@ impl AdminApp {
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub state: Arc<State>,
+    /// Cancelled when a graceful stop begins: `/readyz` fails from then on.
+    pub draining: tokio_util::sync::CancellationToken,
+    pub bodies: Arc<crate::gateway::BodyBudget>,
 }
 
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The connection waits for its next head once this answer is out.
+        crate::listener::request_finished();
         let path = session.req_header().uri.path().to_string();
         let (status, content_type, body) = match path.as_str() {
             "/metrics" => {
@@ -495,6 +518,9 @@ impl ServeHttp for AdminApp {
                 self.state
                     .health
                     .publish(&self.state.load().router.upstreams);
+                self.metrics
+                    .inflight_body_bytes
+                    .set(i64::try_from(self.bodies.held()).unwrap_or(i64::MAX));
                 (200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
@@ -510,9 +536,12 @@ impl ServeHttp for AdminApp {
                 crate::status::PAGE.as_bytes().to_vec(),
             ),
             "/readyz" => {
-                // Ready once a config with at least one routable model is loaded.
+                // Ready once a config with at least one routable model is
+                // loaded, until a graceful stop begins.
                 let snap = self.state.load();
-                if snap.config.models.is_empty() {
+                if self.draining.is_cancelled() {
+                    (503, "text/plain", b"draining\n".to_vec())
+                } else if snap.config.models.is_empty() {
                     (503, "text/plain", b"no models configured\n".to_vec())
                 } else {
                     (200, "text/plain", b"ready\n".to_vec())

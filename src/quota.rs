@@ -23,6 +23,7 @@
 //!
 //! Priority admission to saturated pools is in [`admission`]; lending of
 //! spare rate capacity in [`rebalance`].
+#![deny(clippy::arithmetic_side_effects)]
 
 pub mod admission;
 pub mod estimate;
@@ -468,7 +469,7 @@ impl TenantLedger {
             });
         if let Err((window, kind, retry_after)) = checked {
             if kind == RefusalKind::RateLimited {
-                s.activity.rate_refusals += 1;
+                s.activity.rate_refusals = s.activity.rate_refusals.saturating_add(1);
             }
             return Err(Refusal {
                 window,
@@ -480,7 +481,7 @@ impl TenantLedger {
         if let Some(m) = s.models.get_mut(model) {
             m.take(amount);
         }
-        s.activity.requests += amount.requests;
+        s.activity.requests = s.activity.requests.saturating_add(amount.requests);
         s.activity.tokens = s.activity.tokens.saturating_add(signed(amount.tokens));
         drop(s);
         Ok(Reservation {
@@ -720,7 +721,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                     burst: None,
                     used: used as f64 / scale,
                     reserved: reserved as f64 / scale,
-                    remaining: limit.saturating_sub(used + reserved) as f64 / scale,
+                    remaining: limit.saturating_sub(used.saturating_add(reserved)) as f64 / scale,
                     resets_at: Some(end.to_string()),
                 });
             }
@@ -959,6 +960,7 @@ impl Ledger {
 }
 
 #[cfg(test)]
+#[expect(clippy::arithmetic_side_effects, reason = "tests on small numbers")]
 #[expect(
     clippy::needless_range_loop,
     reason = "the reference model walks parallel per-scope arrays by index"

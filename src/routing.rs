@@ -78,6 +78,8 @@ pub struct Upstream {
     /// Header carrying the provider key, marked sensitive so HPACK never
     /// indexes it. `None` for upstreams that take no key.
     pub auth: Option<(HeaderName, HeaderValue)>,
+    /// Finds the provider key in what the deployment sends back.
+    pub key_mask: Option<crate::gateway::KeyMask>,
     pub timeouts: Timeouts,
     pub price: Option<Price>,
     /// Until when (see [`now_ms`]) the provider asked us to stay away; 0 = open.
@@ -680,6 +682,10 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
         host: HeaderValue::from_str(&url.authority()).map_err(|e| e.to_string())?,
         path_prefix: url.path_prefix.clone(),
         auth,
+        key_mask: d
+            .api_key
+            .as_ref()
+            .and_then(|k| crate::gateway::KeyMask::new(k.expose().as_bytes())),
         timeouts: d.timeouts,
         price: config.pricing.get(&d.model).copied(),
         blocked_until_ms: AtomicU64::new(0),

@@ -5,6 +5,7 @@
 use crate::audit::AuditHandle;
 use crate::config::Config;
 use crate::gateway::{Gateway, InFlight};
+use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
 use crate::metrics::{AdminApp, Metrics};
 use crate::quota::rebalance::{Rebalancer, TenantView};
 use crate::routing::DNS_REFRESH;
@@ -12,7 +13,6 @@ use crate::routing::probe::HealthBook;
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// A configured, not yet running process.
 pub struct Collie {
@@ -30,11 +31,52 @@ pub struct Collie {
     pub admin_listen: SocketAddr,
     server: Server,
     audit: Option<AuditHandle>,
-    in_flight: InFlight,
+    drain: DrainParts,
 }
 
-/// Longest a graceful stop waits for requests in flight, streams included.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a graceful stop acts on.
+#[derive(Clone)]
+struct DrainParts {
+    in_flight: InFlight,
+    lifecycle: Lifecycle,
+    state: Arc<State>,
+}
+
+/// How the process is stopping, for every part that acts on it.
+#[derive(Clone, Default)]
+pub struct Lifecycle {
+    /// A graceful stop began: `/readyz` fails, idle connections close, and
+    /// every answer says `Connection: close`.
+    pub draining: CancellationToken,
+    /// The drain timeout passed: requests still in flight are cut off
+    /// (streams end with an error event) so they are settled and recorded.
+    pub cut: CancellationToken,
+}
+
+/// After the cut, how long the stop waits for cut requests to be settled.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
+/// The live config's head limits for every new connection; refusals counted.
+struct ConnPolicy {
+    state: Arc<State>,
+    refusals: prometheus::IntCounterVec,
+}
+
+impl ListenerPolicy for ConnPolicy {
+    fn limits(&self) -> HeadLimits {
+        let c = &self.state.load().config;
+        HeadLimits {
+            head_timeout: c.head_timeout,
+            idle_timeout: c.keepalive_timeout,
+            max_bytes: c.max_header_bytes,
+            max_headers: c.max_headers,
+        }
+    }
+
+    fn refused(&self, why: Refusal) {
+        self.refusals.with_label_values(&[why.label()]).inc();
+    }
+}
 
 impl Collie {
     /// Build every service from a validated config. `config_path` enables
@@ -71,25 +113,49 @@ impl Collie {
             Some((a, h)) => (Some(a), Some(h)),
             None => (None, None),
         };
-        let gateway = Gateway::new(Arc::clone(&state), Arc::clone(&metrics), auditor);
+        let lifecycle = Lifecycle::default();
+        let gateway = Gateway::new(
+            Arc::clone(&state),
+            Arc::clone(&metrics),
+            auditor,
+            lifecycle.clone(),
+        );
         let in_flight = gateway.in_flight.clone();
+        let bodies = Arc::clone(&gateway.bodies);
         let server_conf = Arc::clone(&server.configuration);
+        let mut proxy = pingora::proxy::http_proxy(&server_conf, gateway);
         let mut options = HttpServerOptions::default();
         // Clients on the same host may speak HTTP/2 without TLS.
         options.h2c = true;
-        let mut proxy = ProxyServiceBuilder::new(&server_conf, gateway)
-            .name("collie gateway")
-            .server_options(options)
-            .build();
-        proxy.add_tcp(&listen.to_string());
-        server.add_service(proxy);
+        let snap = state.load();
+        options.h2_idle_timeout = Some(snap.config.keepalive_timeout);
+        proxy.server_options = Some(options);
+        let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+        h2.max_header_list_size(u32::try_from(snap.config.max_header_bytes).unwrap_or(u32::MAX));
+        proxy.h2_options = Some(h2);
+        let policy = || ConnPolicy {
+            state: Arc::clone(&state),
+            refusals: metrics.connection_refusals.clone(),
+        };
+        let mut gateway_service = Service::new(
+            "collie gateway".to_string(),
+            Listener::new(proxy, policy(), lifecycle.draining.clone()),
+        );
+        gateway_service.add_tcp(&listen.to_string());
+        server.add_service(gateway_service);
 
         let mut admin = Service::new(
             "collie admin".to_string(),
-            AdminApp {
-                metrics: Arc::clone(&metrics),
-                state: Arc::clone(&state),
-            },
+            Listener::new(
+                AdminApp {
+                    metrics: Arc::clone(&metrics),
+                    state: Arc::clone(&state),
+                    draining: lifecycle.draining.clone(),
+                    bodies,
+                },
+                policy(),
+                lifecycle.draining.clone(),
+            ),
         );
         admin.add_tcp(&admin_listen.to_string());
         admin.threads = Some(1);
@@ -122,13 +188,17 @@ impl Collie {
             ));
         }
         Ok(Collie {
-            state,
             metrics,
             listen,
             admin_listen,
+            drain: DrainParts {
+                in_flight,
+                lifecycle,
+                state: Arc::clone(&state),
+            },
+            state,
             server,
             audit,
-            in_flight,
         })
     }
 
@@ -142,7 +212,7 @@ impl Collie {
         self.server.run(RunArgs {
             shutdown_signal: Box::new(Drain {
                 signal: UnixSignals,
-                in_flight: self.in_flight,
+                parts: self.drain,
             }),
         });
         // The server is gone with every request it held: write the rest.
@@ -161,14 +231,14 @@ impl Collie {
         let metrics = Arc::clone(&self.metrics);
         let server = self.server;
         let audit = self.audit;
-        let in_flight = self.in_flight;
+        let parts = self.drain;
         let thread = std::thread::Builder::new()
             .name("collie".into())
             .spawn(move || {
                 server.run(RunArgs {
                     shutdown_signal: Box::new(Drain {
                         signal: HandleSignal(rx),
-                        in_flight,
+                        parts,
                     }),
                 });
                 if let Some(a) = audit {
@@ -232,15 +302,33 @@ impl Drop for Running {
     }
 }
 
-/// A graceful stop waits until no request is in flight (at most
-/// [`DRAIN_TIMEOUT`]) before the server stops accepting and shuts down:
-/// Pingora's own grace period is a fixed sleep, and what is still running
-/// after it is dropped without reaching the logging phase, i.e. without
-/// settlement or an audit record. New requests are still served while the
-/// stop waits; in a pod they are the application's last ones.
+/// A graceful stop: at once `/readyz` fails, idle client connections are
+/// closed and every answer carries `Connection: close`; then it waits until
+/// no request is in flight (at most the config's `drain_timeout`) before the
+/// server stops accepting and shuts down. Requests still running then are
+/// cut off through [`Lifecycle::cut`] — a stream ends with an error event —
+/// and get a few seconds to be settled and recorded: Pingora's own grace
+/// period is a fixed sleep, and what is still running after it is dropped
+/// without reaching the logging phase, i.e. without settlement or an audit
+/// record. New requests are still served while the stop waits; in a pod
+/// they are the application's last ones.
 struct Drain<S> {
     signal: S,
-    in_flight: InFlight,
+    parts: DrainParts,
+}
+
+impl DrainParts {
+    /// Wait until nothing is in flight or `limit` passed; whether it emptied.
+    async fn settled_within(&self, limit: Duration) -> bool {
+        let started = Instant::now();
+        while self.in_flight.count() > 0 {
+            if started.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
 }
 
 #[async_trait]
@@ -250,20 +338,25 @@ impl<S: ShutdownSignalWatch + Send + Sync> ShutdownSignalWatch for Drain<S> {
         if !matches!(signal, ShutdownSignal::GracefulTerminate) {
             return signal;
         }
-        let started = Instant::now();
-        let waiting = self.in_flight.count();
+        let p = &self.parts;
+        p.lifecycle.draining.cancel();
+        let limit = p.state.load().config.drain_timeout;
+        let waiting = p.in_flight.count();
         if waiting > 0 {
-            log::info!("graceful stop: waiting for {waiting} requests in flight");
+            log::info!("graceful stop: waiting up to {limit:?} for {waiting} requests in flight");
         }
-        while self.in_flight.count() > 0 {
-            if started.elapsed() >= DRAIN_TIMEOUT {
+        if !p.settled_within(limit).await {
+            log::warn!(
+                "graceful stop: {} requests still in flight after {limit:?}; cutting them off",
+                p.in_flight.count()
+            );
+            p.lifecycle.cut.cancel();
+            if !p.settled_within(CUT_GRACE).await {
                 log::warn!(
-                    "graceful stop: {} requests still in flight after {DRAIN_TIMEOUT:?}; they are cut off",
-                    self.in_flight.count()
+                    "graceful stop: {} requests did not end after the cut; dropped unrecorded",
+                    p.in_flight.count()
                 );
-                break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         signal
     }

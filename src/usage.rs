@@ -3,6 +3,7 @@
 //!
 //! Usage is never a silent zero: a field the upstream did not report stays
 //! `None`.
+#![deny(clippy::arithmetic_side_effects)]
 
 pub mod sse;
 
@@ -40,9 +41,15 @@ impl Usage {
             None if self.total_tokens == Some(prompt) => 0,
             None => return None,
         };
-        let pico = u128::from(prompt) * u128::from(price.input_pico_per_token)
-            + u128::from(completion) * u128::from(price.output_pico_per_token);
-        u64::try_from(pico.div_ceil(1000)).ok()
+        // Saturating, not wrapping or failing: a cost beyond what the
+        // integers hold is the largest cost there is, which every budget
+        // refuses (a cost that overflowed to nothing would pass them all).
+        let pico = u128::from(prompt)
+            .saturating_mul(u128::from(price.input_pico_per_token))
+            .saturating_add(
+                u128::from(completion).saturating_mul(u128::from(price.output_pico_per_token)),
+            );
+        Some(u64::try_from(pico.div_ceil(1000)).unwrap_or(u64::MAX))
     }
 }
 
@@ -121,21 +128,21 @@ pub struct JsonUsage {
 
 impl JsonUsage {
     pub fn feed(&mut self, chunk: &Bytes) {
-        self.kept += chunk.len();
+        self.kept = self.kept.saturating_add(chunk.len());
         if self.first.is_none() {
             self.first = Some(chunk.clone());
             return;
         }
         self.more.push(chunk.clone());
         // Past the limit keep only enough chunks to cover the tail.
-        while self.kept > JSON_WHOLE_LIMIT + JSON_TAIL {
+        while self.kept > JSON_WHOLE_LIMIT.saturating_add(JSON_TAIL) {
             let Some(oldest) = self.first.as_ref().map(Bytes::len) else {
                 break;
             };
-            if self.kept - oldest < JSON_TAIL {
+            if self.kept.saturating_sub(oldest) < JSON_TAIL {
                 break;
             }
-            self.kept -= oldest;
+            self.kept = self.kept.saturating_sub(oldest);
             self.overflowed = true;
             self.first = (!self.more.is_empty()).then(|| self.more.remove(0));
         }
@@ -170,12 +177,8 @@ impl JsonUsage {
 /// Find the last `"usage"` key in a fragment of JSON and parse the object after it.
 fn usage_from_tail(buf: &[u8]) -> Option<Usage> {
     let at = memchr::memmem::rfind(buf, b"\"usage\"")?;
-    let rest = &buf[at + 7..];
-    let colon = rest.iter().position(|&b| !b.is_ascii_whitespace())?;
-    if rest.get(colon) != Some(&b':') {
-        return None;
-    }
-    let value = &rest[colon + 1..];
+    let rest = buf.get(at.saturating_add(7)..)?;
+    let value = rest.trim_ascii_start().strip_prefix(b":")?;
     let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
     stream.next()?.ok().map(Usage::from)
 }

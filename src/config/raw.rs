@@ -25,6 +25,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub client_timeout: Option<String>,
     #[serde(default)]
+    pub head_timeout: Option<String>,
+    #[serde(default)]
+    pub keepalive_timeout: Option<String>,
+    #[serde(default)]
+    pub max_header_bytes: Option<RawSize>,
+    #[serde(default)]
+    pub max_headers: Option<i64>,
+    #[serde(default)]
+    pub max_inflight_body_bytes: Option<RawSize>,
+    #[serde(default)]
+    pub drain_timeout: Option<String>,
+    #[serde(default)]
     pub upstream_keepalive_pool: Option<i64>,
     #[serde(default)]
     pub upstream_tls: Option<serde_yaml_ng::Value>,

@@ -69,21 +69,47 @@ pub fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
     )
 }
 
-/// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
-/// style; an `Authorization` of another scheme does not hide it).
-fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
-    let bearer = req.headers.get(http::header::AUTHORIZATION).and_then(|v| {
+/// A request names one tenant and presents one key, or is refused before
+/// anything else: with two `X-Tenant-ID` (or `Authorization`, or `api-key`)
+/// headers, which one counts would depend on who reads the request, and
+/// `Authorization: Bearer` and `api-key` with different keys are two
+/// identities too.
+pub fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
+    for name in [TENANT_HEADER, "authorization", "api-key"] {
+        if req.headers.get_all(name).iter().nth(1).is_some() {
+            return Err(GatewayError::AmbiguousIdentity(name));
+        }
+    }
+    let bearer = bearer_key(req);
+    let api_key = api_key(req);
+    if let (Some(a), Some(b)) = (bearer, api_key) {
+        if a != b {
+            return Err(GatewayError::AmbiguousIdentity("authorization"));
+        }
+    }
+    Ok(())
+}
+
+fn bearer_key(req: &RequestHeader) -> Option<&[u8]> {
+    req.headers.get(http::header::AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
         v.get(..7)
             .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
             .map(|_| v[7..].trim_ascii())
-    });
-    bearer
-        .or_else(|| {
-            req.headers
-                .get("api-key")
-                .map(|v| v.as_bytes().trim_ascii())
-        })
+    })
+}
+
+fn api_key(req: &RequestHeader) -> Option<&[u8]> {
+    req.headers
+        .get("api-key")
+        .map(|v| v.as_bytes().trim_ascii())
+}
+
+/// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
+/// style; an `Authorization` of another scheme does not hide it).
+fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
+    bearer_key(req)
+        .or_else(|| api_key(req))
         .filter(|k| !k.is_empty())
 }
 

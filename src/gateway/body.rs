@@ -7,15 +7,101 @@ use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Read the whole body, refusing more than `limit` bytes. A declared
-/// `Content-Length` over the limit is refused before anything is read.
+/// Memory held by request bodies in flight, across every request. A body
+/// is counted from before it is read (its declared length) or as it arrives
+/// (chunked), until its request ends; beyond the limit a request is refused
+/// with 503 and `Retry-After` instead of being read, so a burst of large
+/// bodies cannot take the process out of memory.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: AtomicUsize,
+    held: AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            limit: AtomicUsize::new(limit),
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// A reload may change the limit; holds already granted stay.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes held by bodies now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(n).filter(|&total| total <= limit)
+            })
+            .is_ok()
+    }
+
+    /// Hold `n` bytes, if the budget has them.
+    pub fn hold(self: &Arc<Self>, n: usize) -> Option<BodyHold> {
+        self.take(n).then(|| BodyHold {
+            budget: Arc::clone(self),
+            bytes: n,
+        })
+    }
+}
+
+/// Bytes of the budget held by one request's body; given back when dropped.
+#[derive(Debug)]
+pub struct BodyHold {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl BodyHold {
+    /// Hold at least `total` bytes; `false` when the budget is out.
+    fn cover(&mut self, total: usize) -> bool {
+        let more = total.saturating_sub(self.bytes);
+        if more == 0 {
+            return true;
+        }
+        if !self.budget.take(more) {
+            return false;
+        }
+        self.bytes = total;
+        true
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// What the budget answers a body it cannot hold: retry shortly.
+const BUSY_RETRY_S: u64 = 1;
+
+/// Read the whole body, refusing more than `limit` bytes, within `timeout`
+/// in all (a body trickled a byte at a time does not reset it). A declared
+/// `Content-Length` over the limit is refused before anything is read, and
+/// so is one the body budget cannot hold. The body is kept in one buffer
+/// (or in the single piece it arrived in), counted in `hold`.
 pub async fn read(
     session: &mut Session,
     limit: usize,
     timeout: Duration,
+    budget: &Arc<BodyBudget>,
+    hold: &mut Option<BodyHold>,
 ) -> Result<Bytes, GatewayError> {
     let declared = session
         .req_header()
@@ -28,6 +114,13 @@ pub async fn read(
         session.set_keepalive(None);
         return Err(GatewayError::BodyTooLarge { limit });
     }
+    let Some(held) = budget.hold(declared.unwrap_or(0)) else {
+        session.set_keepalive(None);
+        return Err(GatewayError::Overloaded {
+            retry_after_s: BUSY_RETRY_S,
+        });
+    };
+    let held = hold.insert(held);
     let expects_continue = session
         .req_header()
         .headers
@@ -38,19 +131,38 @@ pub async fn read(
             GatewayError::InvalidBody(format!("cannot continue: {}", e.etype().as_str()))
         })?;
     }
-    // Pingora's own read timeout (one timer per read, no extra task).
-    session.set_read_timeout(Some(timeout));
+    // One deadline for the whole body instead of one timer per read.
+    session.set_read_timeout(None);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let read = tokio::time::timeout_at(deadline, read_chunks(session, limit, declared, held));
+    match read.await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => {
+            session.set_keepalive(None);
+            Err(e)
+        }
+        Err(_elapsed) => {
+            session.set_keepalive(None);
+            Err(GatewayError::ClientTimeout)
+        }
+    }
+}
+
+async fn read_chunks(
+    session: &mut Session,
+    limit: usize,
+    declared: Option<usize>,
+    hold: &mut BodyHold,
+) -> Result<Bytes, GatewayError> {
     let mut first: Option<Bytes> = None;
     let mut rest: Option<BytesMut> = None;
     let mut total = 0usize;
     loop {
         let chunk = match session.read_request_body().await {
             Err(e) if e.etype() == &pingora::ErrorType::ReadTimedout => {
-                session.set_keepalive(None);
                 return Err(GatewayError::ClientTimeout);
             }
             Err(e) => {
-                session.set_keepalive(None);
                 return Err(GatewayError::InvalidBody(format!(
                     "cannot read the request body: {}",
                     e.etype().as_str()
@@ -59,10 +171,14 @@ pub async fn read(
             Ok(None) => break,
             Ok(Some(chunk)) => chunk,
         };
-        total += chunk.len();
+        total = total.saturating_add(chunk.len());
         if total > limit {
-            session.set_keepalive(None);
             return Err(GatewayError::BodyTooLarge { limit });
+        }
+        if !hold.cover(total) {
+            return Err(GatewayError::Overloaded {
+                retry_after_s: BUSY_RETRY_S,
+            });
         }
         // A body that arrives in one piece is kept as it is, without a copy.
         match (&mut first, &mut rest) {
@@ -129,6 +245,15 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError>
         return Err(invalid(
             "the request body is empty; send a JSON object".into(),
         ));
+    }
+    // JSON text is UTF-8 (RFC 8259 §8.1). The parser below skips the fields
+    // Collie does not read without looking inside their strings, so the
+    // whole body is checked here: nothing malformed is forwarded.
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(invalid(format!(
+            "the request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        )));
     }
     if nesting_exceeds(body, max_depth) {
         return Err(invalid(format!(
@@ -230,21 +355,24 @@ impl Inspected {
 
     /// The body for one attempt: `model` replaced by the deployment's model
     /// name and, when `inject_usage`, `stream_options.include_usage` set.
+    /// Made of slices of the client's body around the replaced values, so a
+    /// large body is never copied for an attempt.
     pub fn body_for(
         &self,
         body: &Bytes,
         upstream_model: &str,
         inject_usage: bool,
-    ) -> Result<Bytes, GatewayError> {
+    ) -> Result<AttemptBody, GatewayError> {
         let same_model = body
             .get(self.model_span.clone())
             .is_some_and(|v| serde_json::from_slice::<&str>(v).is_ok_and(|m| m == upstream_model));
         if same_model && !inject_usage {
-            return Ok(body.clone());
+            return Ok(AttemptBody::whole(body.clone()));
         }
         let model_json = serde_json::to_string(upstream_model)
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        let mut edits: Vec<(Range<usize>, String)> = vec![(self.model_span.clone(), model_json)];
+        let mut edits: SmallVec<[(Range<usize>, String); 2]> =
+            SmallVec::from_elem((self.model_span.clone(), model_json), 1);
         if inject_usage {
             match &self.stream_options_span {
                 Some(span) => {
@@ -260,24 +388,65 @@ impl Inspected {
                         .iter()
                         .position(|&b| b == b'{')
                         .ok_or_else(|| GatewayError::Internal("body is not an object".into()))?;
+                    let at = open.saturating_add(1);
                     edits.push((
-                        open + 1..open + 1,
+                        at..at,
                         "\"stream_options\":{\"include_usage\":true},".into(),
                     ));
                 }
             }
         }
         edits.sort_by_key(|(r, _)| r.start);
-        let extra: usize = edits.iter().map(|(_, t)| t.len()).sum();
-        let mut out = BytesMut::with_capacity(body.len() + extra);
+        let mut out = AttemptBody::default();
         let mut at = 0;
         for (range, text) in edits {
-            out.extend_from_slice(&body[at..range.start]);
-            out.extend_from_slice(text.as_bytes());
+            out.push(body.slice(at..range.start));
+            out.push(Bytes::from(text));
             at = range.end;
         }
-        out.extend_from_slice(&body[at..]);
-        Ok(out.freeze())
+        out.push(body.slice(at..));
+        Ok(out)
+    }
+}
+
+/// A request body as sent on one attempt: pieces written one after the
+/// other. Cloning it clones handles, not bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptBody {
+    pieces: SmallVec<[Bytes; 3]>,
+    len: usize,
+}
+
+impl AttemptBody {
+    fn whole(body: Bytes) -> AttemptBody {
+        let mut b = AttemptBody::default();
+        b.push(body);
+        b
+    }
+
+    fn push(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.len = self.len.saturating_add(piece.len());
+            self.pieces.push(piece);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// The bytes in one buffer (tests and fuzzing; the exchange writes the
+    /// pieces as they are).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces.iter().flat_map(|p| p.iter().copied()).collect()
     }
 }
 

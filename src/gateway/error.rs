@@ -13,6 +13,17 @@ pub enum GatewayError {
     MissingTenant,
     #[error("missing API key: send `Authorization: Bearer <key>` or `api-key: <key>`")]
     MissingKey,
+    /// Two headers that each name a tenant or present a key.
+    #[error("the request carries more than one `{0}` header; send exactly one identity")]
+    AmbiguousIdentity(&'static str),
+    #[error("the request head is larger than the gateway accepts")]
+    HeaderTooLarge,
+    /// Request bodies in flight hold all the memory set aside for them.
+    #[error("the gateway is holding as many request bodies as it may; retry in {retry_after_s}s")]
+    Overloaded { retry_after_s: u64 },
+    /// A graceful stop cut the request off before an upstream answered.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
     #[error("unknown tenant or invalid API key")]
     BadCredentials,
     #[error("this API key does not belong to the tenant named in X-Tenant-ID")]
@@ -98,6 +109,10 @@ impl GatewayError {
     fn parts(&self) -> (u16, &'static str, &'static str) {
         use GatewayError::*;
         match self {
+            AmbiguousIdentity(_) => (400, "invalid_request_error", "ambiguous_identity"),
+            HeaderTooLarge => (431, "invalid_request_error", "header_too_large"),
+            Overloaded { .. } => (503, "server_error", "overloaded"),
+            ShuttingDown => (503, "server_error", "shutting_down"),
             MissingTenant => (401, "authentication_error", "missing_tenant"),
             MissingKey => (401, "authentication_error", "missing_api_key"),
             BadCredentials => (401, "authentication_error", "invalid_api_key"),
@@ -158,7 +173,9 @@ impl GatewayError {
             | GatewayError::NoHealthyUpstream { retry_after_s } => Some(*retry_after_s),
             GatewayError::UpstreamsFailed { retry_after_s, .. } => *retry_after_s,
             GatewayError::Quota { retry_after_s, .. }
-            | GatewayError::QueueTimeout { retry_after_s } => Some(*retry_after_s),
+            | GatewayError::QueueTimeout { retry_after_s }
+            | GatewayError::Overloaded { retry_after_s } => Some(*retry_after_s),
+            GatewayError::ShuttingDown => Some(1),
             _ => None,
         };
         ErrorResponse {
@@ -170,12 +187,12 @@ impl GatewayError {
     }
 }
 
-/// The SSE event that ends a stream the upstream broke off.
-pub fn stream_error_event(detail: &str) -> Bytes {
-    let message = format!("upstream stream interrupted: {detail}");
+/// The SSE event that ends a stream cut short, by the upstream or by Collie
+/// itself (the message says which).
+pub fn stream_error_event(message: &str) -> Bytes {
     let body = serde_json::to_string(&Envelope {
         error: Body {
-            message: &message,
+            message,
             kind: "upstream_error",
             param: None,
             code: "stream_interrupted",
@@ -213,7 +230,7 @@ mod tests {
 
     #[test]
     fn stream_error_event_is_one_sse_event() {
-        let e = stream_error_event("reset");
+        let e = stream_error_event("upstream stream interrupted: reset");
         let text = std::str::from_utf8(&e).unwrap();
         assert!(text.starts_with("data: {\"error\":"));
         assert!(text.ends_with("\n\n"));

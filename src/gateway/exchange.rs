@@ -9,9 +9,9 @@
 //! because Pingora can only re-send a body it buffered for retries (64 KiB at
 //! most), and the OpenAI SDK writes `model` after `messages`.
 
-use super::body::Inspected;
+use super::body::{AttemptBody, Inspected};
 use super::error::stream_error_event;
-use super::redact::Redactor;
+use super::redact::{KeyMask, Redactor};
 use super::{Endpoint, Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
 use crate::quota::admission::{Pressure, provider_pressure};
@@ -33,6 +33,7 @@ use pingora::{Error, ErrorType};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Longest `Retry-After` honoured; a larger value is capped, not ignored.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -52,6 +53,8 @@ pub enum Failure {
     Abandoned,
     /// The request's deadline passed while the attempt waited.
     Deadline,
+    /// A graceful stop cut the attempt off.
+    Shutdown,
 }
 
 impl std::fmt::Display for Failure {
@@ -63,6 +66,7 @@ impl std::fmt::Display for Failure {
             Failure::Status(s) => write!(f, "HTTP {s}"),
             Failure::Abandoned => f.write_str("the client left before the response"),
             Failure::Deadline => f.write_str("cut off by the request deadline"),
+            Failure::Shutdown => f.write_str("cut off by the gateway's shutdown"),
         }
     }
 }
@@ -78,6 +82,7 @@ impl Failure {
             Failure::Status(_) => "status_5xx",
             Failure::Abandoned => "client_gone",
             Failure::Deadline => "deadline",
+            Failure::Shutdown => "shutdown",
         }
     }
 }
@@ -202,17 +207,22 @@ async fn attempts(
                 // A client that hangs up while queued leaves the queue at
                 // once (dropping the wait gives its place, or a slot just
                 // handed to it, back) and nothing is sent upstream.
-                let acquired =
-                    until_client_leaves(session, pool_rt.gate.acquire(ctx.priority, wait)).await;
+                let acquired = until_interrupted(
+                    session,
+                    &gw.lifecycle.cut,
+                    pool_rt.gate.acquire(ctx.priority, wait),
+                )
+                .await;
                 ctx.queued = Some(waited.elapsed());
                 match acquired {
-                    Some(Ok(p)) => p,
-                    Some(Err(t)) => {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(t)) => {
                         return Err(GatewayError::QueueTimeout {
                             retry_after_s: t.retry_after.as_secs().max(1),
                         });
                     }
-                    None => {
+                    Err(Interrupt::Cut) => return Err(GatewayError::ShuttingDown),
+                    Err(Interrupt::ClientGone) => {
                         // Not a refusal: admitted, then abandoned by the
                         // client (the audit record says `client_gone`).
                         ctx.client_gone = true;
@@ -236,9 +246,13 @@ async fn attempts(
                     break;
                 }
                 let slept = backoff(&snap.config.retry, try_in_pool - 1, deadline);
-                if until_client_leaves(session, slept).await.is_none() {
-                    ctx.client_gone = true;
-                    return Err(GatewayError::ClientClosed);
+                match until_interrupted(session, &gw.lifecycle.cut, slept).await {
+                    Ok(()) => {}
+                    Err(Interrupt::Cut) => return Err(GatewayError::ShuttingDown),
+                    Err(Interrupt::ClientGone) => {
+                        ctx.client_gone = true;
+                        return Err(GatewayError::ClientClosed);
+                    }
                 }
             }
             if Instant::now() >= deadline {
@@ -275,21 +289,30 @@ async fn attempts(
             // A client that leaves before the response head cancels the
             // attempt: dropping it closes the provider connection, which is
             // what stops the provider generating (and billing) the answer.
-            let Some(result) = until_client_leaves(
+            let interrupted = until_interrupted(
                 session,
+                &gw.lifecycle.cut,
                 tokio::time::timeout_at(
                     deadline.into(),
                     attempt(gw, &upstream, header, attempt_body),
                 ),
             )
-            .await
-            else {
+            .await;
+            let result = match interrupted {
+                Ok(result) => result,
                 // Not the deployment's failure: no health outcome; the lease
                 // frees a trial slot.
-                record(ctx, Err(Failure::Abandoned));
-                lease.recorded();
-                ctx.client_gone = true;
-                return Err(GatewayError::ClientClosed);
+                Err(Interrupt::ClientGone) => {
+                    record(ctx, Err(Failure::Abandoned));
+                    lease.recorded();
+                    ctx.client_gone = true;
+                    return Err(GatewayError::ClientClosed);
+                }
+                Err(Interrupt::Cut) => {
+                    record(ctx, Err(Failure::Shutdown));
+                    lease.recorded();
+                    return Err(GatewayError::ShuttingDown);
+                }
             };
             match result {
                 Err(_deadline) => {
@@ -358,18 +381,31 @@ async fn attempts(
     Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
 }
 
-/// Run `work` unless the client leaves first (`None`). The request body has
-/// been read whole, so the downstream connection has nothing more to say
-/// until the answer is done: anything it reports — a close, a reset, stray
-/// bytes — means the client is gone. `work` must be safe to drop midway.
-async fn until_client_leaves<T>(
+/// What stopped a piece of work before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    /// The client closed or reset its connection.
+    ClientGone,
+    /// A graceful stop's drain timeout passed.
+    Cut,
+}
+
+/// Run `work` unless the client leaves or the gateway's stop cuts it off
+/// first. The request body has been read whole, so the downstream
+/// connection has nothing more to say until the answer is done: a close or
+/// a reset means the client is gone (a request it pipelined behind this one
+/// is kept for later by the HTTP layer and does not count). `work` must be
+/// safe to drop midway.
+async fn until_interrupted<T>(
     session: &mut Session,
+    cut: &CancellationToken,
     work: impl std::future::Future<Output = T>,
-) -> Option<T> {
+) -> Result<T, Interrupt> {
     tokio::select! {
         biased;
-        r = work => Some(r),
-        _ = session.downstream_session.read_body_or_idle(true) => None,
+        r = work => Ok(r),
+        _ = session.downstream_session.read_body_or_idle(true) => Err(Interrupt::ClientGone),
+        () = cut.cancelled() => Err(Interrupt::Cut),
     }
 }
 
@@ -528,7 +564,7 @@ async fn attempt(
     gw: &Gateway,
     up: &Upstream,
     mut header: RequestHeader,
-    body: Bytes,
+    body: AttemptBody,
 ) -> Result<HttpSession, AttemptError> {
     header
         .insert_header(header::CONTENT_LENGTH, body.len())
@@ -557,7 +593,7 @@ async fn attempt(
                 .take()
                 .ok_or_else(|| (Failure::Broken("request head already sent".into()), None))?,
         };
-        match send_request(&mut http, this_try, body.clone()).await {
+        match send_request(&mut http, this_try, &body).await {
             Ok(()) => {}
             Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
                 stale_retries -= 1;
@@ -587,10 +623,14 @@ async fn attempt(
 async fn send_request(
     http: &mut HttpSession,
     header: RequestHeader,
-    body: Bytes,
+    body: &AttemptBody,
 ) -> pingora::Result<()> {
     http.write_request_header(Box::new(header)).await?;
-    http.write_request_body(body, true).await?;
+    let pieces = body.pieces();
+    for (i, piece) in pieces.iter().enumerate() {
+        http.write_request_body(piece.clone(), i + 1 == pieces.len())
+            .await?;
+    }
     http.finish_request_body().await
 }
 
@@ -681,20 +721,65 @@ async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
         .await;
 }
 
-/// What watches (or, for the provider key, masks) the response body.
+/// What watches the response body for usage on its way to the client.
 enum Observer {
     Sse(SseObserver),
     Json(JsonUsage),
-    /// A refusal passed through: masked in case it quotes the provider key.
-    Redact(Redactor),
+    /// A refusal passed through: no usage to read.
     Off,
 }
 
-/// The provider key as the deployment sends it, without the scheme.
-fn provider_key(up: &Upstream) -> Option<&[u8]> {
-    let (_, value) = up.auth.as_ref()?;
-    let v = value.as_bytes();
-    Some(v.strip_prefix(b"Bearer ").unwrap_or(v))
+/// What happens to each chunk of the response on its way to the client:
+/// usage is read from it, then the deployment's key is masked out of it.
+struct Passage {
+    observer: Observer,
+    mask: Option<Redactor>,
+}
+
+impl Passage {
+    /// What the client gets of one upstream chunk (may be empty).
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
+        let out = match &mut self.observer {
+            Observer::Sse(o) => o.feed(chunk),
+            Observer::Json(j) => {
+                j.feed(&chunk);
+                chunk
+            }
+            Observer::Off => chunk,
+        };
+        match &mut self.mask {
+            Some(m) if !out.is_empty() => m.feed(out),
+            _ => out,
+        }
+    }
+
+    /// What is still held back when the upstream body ends.
+    fn finish(&mut self) -> Vec<Bytes> {
+        let tail = match &mut self.observer {
+            Observer::Sse(o) => o.finish(),
+            _ => Bytes::new(),
+        };
+        let mut out = vec![self.pass_tail(tail)];
+        if let Some(m) = &mut self.mask {
+            out.push(m.finish());
+        }
+        out.retain(|b| !b.is_empty());
+        out
+    }
+
+    fn pass_tail(&mut self, tail: Bytes) -> Bytes {
+        match &mut self.mask {
+            Some(m) if !tail.is_empty() => m.feed(tail),
+            _ => tail,
+        }
+    }
+}
+
+/// How the relay loop's wait for the next chunk ended.
+enum Next {
+    Upstream(pingora::Result<Option<Bytes>>),
+    ClientGone,
+    Cut,
 }
 
 /// Pass the committed response to the client, observing usage on the side.
@@ -715,12 +800,13 @@ async fn relay(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let strip_usage = strip_usage && is_sse;
-    let mut observer = match (status, is_sse) {
-        (200..=299, true) => Observer::Sse(SseObserver::new(strip_usage)),
-        (200..=299, false) => Observer::Json(JsonUsage::default()),
-        _ => provider_key(up)
-            .and_then(Redactor::new)
-            .map_or(Observer::Off, Observer::Redact),
+    let mut passage = Passage {
+        observer: match (status, is_sse) {
+            (200..=299, true) => Observer::Sse(SseObserver::new(strip_usage)),
+            (200..=299, false) => Observer::Json(JsonUsage::default()),
+            _ => Observer::Off,
+        },
+        mask: up.key_mask.as_ref().map(KeyMask::redactor),
     };
     let downstream_h2 = session.as_downstream().is_http2();
     let resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
@@ -749,9 +835,14 @@ async fn relay(
     loop {
         let next = match pending.take() {
             Some(r) => Next::Upstream(r),
-            None => until_client_leaves(session, http.read_response_body())
-                .await
-                .map_or(Next::ClientGone, Next::Upstream),
+            None => {
+                match until_interrupted(session, &gw.lifecycle.cut, http.read_response_body()).await
+                {
+                    Ok(r) => Next::Upstream(r),
+                    Err(Interrupt::ClientGone) => Next::ClientGone,
+                    Err(Interrupt::Cut) => Next::Cut,
+                }
+            }
         };
         match next {
             Next::Upstream(Ok(Some(chunk))) => {
@@ -760,12 +851,12 @@ async fn relay(
                 // not one each. Nothing waits for more than is already here,
                 // so no latency is added. (Pingora's body reader keeps its
                 // state across a dropped read, so polling once is safe.)
-                let mut batch = vec![observe(&mut observer, chunk)];
+                let mut batch = vec![passage.pass(chunk)];
                 let mut size = batch[0].len();
                 while size < BURST_BYTES {
                     match tokio::task::unconstrained(http.read_response_body()).now_or_never() {
                         Some(Ok(Some(more))) => {
-                            let out = observe(&mut observer, more);
+                            let out = passage.pass(more);
                             size += out.len();
                             batch.push(out);
                         }
@@ -791,21 +882,23 @@ async fn relay(
                         p.extend_from_slice(&out[..room.min(out.len())]);
                     }
                 }
-                if write_burst(session, batch).await.is_err() {
-                    ctx.client_gone = true;
+                if let Err(e) = write_burst(session, batch).await {
                     http.shutdown().await;
+                    client_write_failed(session, ctx, &e).await;
                     break;
                 }
             }
             Next::Upstream(Ok(None)) => {
-                let tail = match &mut observer {
-                    Observer::Sse(o) => o.finish(),
-                    Observer::Redact(r) => r.finish(),
-                    _ => Bytes::new(),
+                let mut tail = passage.finish();
+                let last = tail.pop();
+                let written = match write_burst(session, tail).await {
+                    Ok(()) => session.write_response_body(last, true).await,
+                    Err(e) => Err(e),
                 };
-                let tail = (!tail.is_empty()).then_some(tail);
-                if session.write_response_body(tail, true).await.is_err() {
-                    ctx.client_gone = true;
+                if let Err(e) = written {
+                    client_write_failed(session, ctx, &e).await;
+                    http.shutdown().await;
+                    break;
                 }
                 release(gw, up, http).await;
                 break;
@@ -823,18 +916,29 @@ async fn relay(
                     up.id
                 );
                 http.shutdown().await;
-                end_broken_response(session, ctx, &mut observer, detail).await;
+                let message = format!("upstream stream interrupted: {detail}");
+                end_cut_response(session, ctx, &mut passage, &message).await;
                 break;
             }
             Next::ClientGone => {
                 ctx.client_gone = true;
                 // Dropping the connection is what tells the provider to stop generating.
                 http.shutdown().await;
+                session.set_keepalive(None);
+                break;
+            }
+            Next::Cut => {
+                ctx.truncated = true;
+                ctx.broken = Some(CUT_BY_SHUTDOWN);
+                log::info!("request {}: cut off by the graceful stop", ctx.id);
+                http.shutdown().await;
+                let message = format!("stream cut off by the gateway: {CUT_BY_SHUTDOWN}");
+                end_cut_response(session, ctx, &mut passage, &message).await;
                 break;
             }
         }
     }
-    ctx.usage = match observer {
+    ctx.usage = match passage.observer {
         Observer::Sse(o) => {
             ctx.delivered_estimate = o.delivered_tokens();
             o.usage()
@@ -843,70 +947,81 @@ async fn relay(
         // the body broke after it: what was read is what was reported (a
         // body cut short before its usage parses to none).
         Observer::Json(j) => j.finish(),
-        Observer::Redact(_) | Observer::Off => None,
+        Observer::Off => None,
     };
 }
 
-enum Next {
-    Upstream(pingora::Result<Option<Bytes>>),
-    ClientGone,
+/// Why a response was cut off by a graceful stop, as recorded.
+const CUT_BY_SHUTDOWN: &str = "the gateway shut down";
+/// Why a response was cut off because the client stopped reading.
+const CUT_SLOW_CLIENT: &str = "the client did not read in time";
+
+/// A write to the client failed. A client that is gone is recorded as such;
+/// one that stopped reading for longer than `client_timeout` had its
+/// response cut off by Collie, which is recorded as truncated. Either way
+/// the connection is closed without the end-of-body marker (a chunk half
+/// written leaves nothing that can follow it), so the client's HTTP library
+/// sees a response cut short, never a complete one.
+async fn client_write_failed(session: &mut Session, ctx: &mut RequestCtx, e: &Error) {
+    if e.etype() == &ErrorType::WriteTimedout {
+        ctx.truncated = true;
+        ctx.broken = Some(CUT_SLOW_CLIENT);
+        log::info!("request {}: cut off: {CUT_SLOW_CLIENT}", ctx.id);
+    } else {
+        ctx.client_gone = true;
+    }
+    session.set_keepalive(None);
+    session.downstream_session.shutdown().await;
 }
 
 /// A burst of response bytes already received is written at once up to this
 /// size; beyond it the rest waits for the next round.
 const BURST_BYTES: usize = 64 << 10;
 
-/// Pass one upstream chunk through its observer; what the client gets.
-fn observe(observer: &mut Observer, chunk: Bytes) -> Bytes {
-    match observer {
-        Observer::Sse(o) => o.feed(chunk),
-        Observer::Json(j) => {
-            j.feed(&chunk);
-            chunk
-        }
-        Observer::Redact(r) => r.feed(&chunk),
-        Observer::Off => chunk,
-    }
-}
-
 /// Write response pieces to the client in one write when there are several.
 async fn write_burst(session: &mut Session, mut batch: Vec<Bytes>) -> pingora::Result<()> {
-    if batch.len() == 1 {
-        return session.write_response_body(batch.pop(), false).await;
+    match batch.len() {
+        0 => Ok(()),
+        1 => session.write_response_body(batch.pop(), false).await,
+        _ => {
+            let tasks = batch
+                .into_iter()
+                .map(|b| HttpTask::Body(Some(b), false))
+                .collect();
+            session.write_response_tasks(tasks).await.map(|_| ())
+        }
     }
-    let tasks = batch
-        .into_iter()
-        .map(|b| HttpTask::Body(Some(b), false))
-        .collect();
-    session.write_response_tasks(tasks).await.map(|_| ())
 }
 
-/// A stream ends with an SSE error event the client can read; any other body
-/// is cut off so the client sees a truncated response, not a complete one.
-async fn end_broken_response(
+/// A response cut short after its head went out. A stream ends with an SSE
+/// error event the client can read (what was held back is released first,
+/// and a half-sent event closed); any other body is cut off so the client
+/// sees a truncated response, not a complete one.
+async fn end_cut_response(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    observer: &mut Observer,
-    detail: &str,
+    passage: &mut Passage,
+    message: &str,
 ) {
-    if let Observer::Sse(o) = observer {
+    if let Observer::Sse(o) = &mut passage.observer {
         o.abandon();
-        let event = stream_error_event(detail);
-        let bytes = if o.client_mid_event() {
+        let mid_event = o.client_mid_event();
+        let mut bytes = Vec::new();
+        if let Some(m) = &mut passage.mask {
+            bytes.extend_from_slice(&m.finish());
+        }
+        if mid_event || !bytes.is_empty() {
             // Close the half-sent event so the error event parses on its own.
-            let mut b = Vec::with_capacity(event.len() + 2);
-            b.extend_from_slice(b"\n\n");
-            b.extend_from_slice(&event);
-            Bytes::from(b)
-        } else {
-            event
-        };
+            bytes.extend_from_slice(b"\n\n");
+        }
+        bytes.extend_from_slice(&stream_error_event(message));
         if session
-            .write_response_body(Some(bytes), true)
+            .write_response_body(Some(Bytes::from(bytes)), true)
             .await
             .is_err()
         {
             ctx.client_gone = true;
+            session.set_keepalive(None);
         }
         return;
     }
@@ -932,6 +1047,18 @@ fn client_response_head(
             || name.as_str().starts_with("x-ratelimit-")
             || nominated.iter().any(|n| n == name.as_str())
         {
+            continue;
+        }
+        if up
+            .key_mask
+            .as_ref()
+            .is_some_and(|m| m.found_in(value.as_bytes()))
+        {
+            log::warn!(
+                "request {}: dropped response header `{name}` from {}: it carried the deployment's key",
+                ctx.id,
+                up.id
+            );
             continue;
         }
         if name == header::CONTENT_LENGTH {

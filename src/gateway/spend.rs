@@ -1,6 +1,7 @@
 //! The request path's side of the quota ledger: what a request reserves
 //! before it is sent, what it settles to when it is done, and the
 //! `x-ratelimit-*` headers a tenant sees on every response.
+#![deny(clippy::arithmetic_side_effects)]
 
 use super::body::Inspected;
 use super::{Endpoint, GatewayError, RequestCtx};
@@ -34,11 +35,14 @@ pub fn reserve(
             .map_or(wanted, |cap| wanted.min(cap))
     };
     ctx.prompt_estimate = prompt;
-    ctx.tokens_estimate = prompt + output;
+    // Saturating: a `max_tokens` near the integer limit must reserve the
+    // most there is, never wrap to a small number that a budget admits.
+    let tokens = prompt.saturating_add(output);
+    ctx.tokens_estimate = tokens;
     let usd_nano = worst_price_cost(snap, model, prompt, output);
     let amount = Amount {
         requests: 1,
-        tokens: prompt + output,
+        tokens,
         usd_nano,
     };
     let ledger = snap
@@ -67,7 +71,7 @@ fn worst_price_cost(snap: &Snapshot, model: &Model, prompt: u64, output: u64) ->
     let usage = Usage {
         prompt_tokens: Some(prompt),
         completion_tokens: Some(output),
-        total_tokens: Some(prompt + output),
+        total_tokens: Some(prompt.saturating_add(output)),
     };
     model
         .chain
@@ -110,7 +114,7 @@ pub fn settle(ctx: &mut RequestCtx) {
             let u = Usage {
                 prompt_tokens: Some(ctx.prompt_estimate),
                 completion_tokens: Some(completion),
-                total_tokens: Some(ctx.prompt_estimate + completion),
+                total_tokens: Some(ctx.prompt_estimate.saturating_add(completion)),
             };
             ctx.usage = Some(u);
             Some(u)

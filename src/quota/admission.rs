@@ -109,7 +109,7 @@ impl Drop for Ticket {
 }
 
 fn class(priority: u8) -> usize {
-    usize::from(priority.clamp(1, 5) - 1)
+    usize::from(priority.clamp(1, 5).saturating_sub(1))
 }
 
 /// The budget a gate starts with, or is set to by a reload.
@@ -170,7 +170,7 @@ impl PoolGate {
     }
 
     fn grant(self: &Arc<Self>, s: &mut GateState) -> Permit {
-        s.inflight += 1;
+        s.inflight = s.inflight.saturating_add(1);
         s.peak = s.peak.max(s.inflight);
         Permit {
             gate: Arc::clone(self),
@@ -201,7 +201,7 @@ impl PoolGate {
             }
             let (tx, rx) = oneshot::channel();
             let id = s.next_id;
-            s.next_id += 1;
+            s.next_id = s.next_id.wrapping_add(1);
             if s.queues[c].is_empty() {
                 // A class that starts waiting earns its first slot like any
                 // other, and gets no credit for the time it had nobody waiting.
@@ -243,7 +243,10 @@ impl PoolGate {
     /// held is [`INITIAL_SERVICE_TIME`], so the answer follows from the
     /// configuration and the queue alone.
     fn wait_estimate(s: &GateState, c: usize, pos: usize) -> Duration {
-        let ahead = pos + 1 + s.queues[..c].iter().map(VecDeque::len).sum::<usize>();
+        let ahead = s.queues[..c]
+            .iter()
+            .map(VecDeque::len)
+            .fold(pos.saturating_add(1), usize::saturating_add);
         let slots = s.limit.unwrap_or(1.0).max(1.0);
         let secs = (ahead as f64 * s.service_s / slots).ceil().max(1.0);
         Duration::from_secs_f64(secs)
@@ -272,7 +275,7 @@ impl PoolGate {
                 // The waiter is gone: take the slot back here (dropping an
                 // armed permit would lock the gate again).
                 unsent.armed = false;
-                s.inflight -= 1;
+                s.inflight = s.inflight.saturating_sub(1);
             }
         }
     }

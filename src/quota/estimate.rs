@@ -113,7 +113,7 @@ impl Counts {
                 self.words += 1.0;
                 // Words longer than a common merge split into pieces.
                 if len > 8 {
-                    self.long_word_extra += (len - 8) as f64;
+                    self.long_word_extra += len.saturating_sub(8) as f64;
                 }
             }
             Run::Foreign => self.foreign_words += 1.0 + len.saturating_sub(6) as f64 / 4.0,
@@ -126,6 +126,10 @@ impl Counts {
 
 /// A single pass over the JSON text: structure and numbers outside strings
 /// are skipped, keys count one token each, string values are classified.
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the body: each stays within its length plus a few bytes"
+)]
 fn classify(body: &[u8]) -> Counts {
     let mut c = Counts::default();
     // Container kinds by depth (true = object), bounded; deeper levels are
@@ -168,6 +172,10 @@ fn classify(body: &[u8]) -> Counts {
 }
 
 /// Index of the closing quote of a string starting at `from`.
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the body: each stays within its length plus a few bytes"
+)]
 fn string_end(body: &[u8], from: usize) -> usize {
     let mut i = from;
     while i < body.len() {
@@ -184,6 +192,10 @@ fn string_end(body: &[u8], from: usize) -> usize {
 /// scaled to its length: a long prompt is read once, not three times.
 const SAMPLE: usize = 4 << 10;
 
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the body: each stays within its length plus a few bytes"
+)]
 fn classify_long_text(text: &[u8], c: &mut Counts) {
     if text.len() <= 2 * SAMPLE {
         return classify_text(text, c);
@@ -214,6 +226,10 @@ impl Counts {
     }
 }
 
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the body: each stays within its length plus a few bytes"
+)]
 fn classify_text(text: &[u8], c: &mut Counts) {
     let mut run = Run::None;
     let mut run_len = 0usize;

@@ -151,7 +151,7 @@ impl Rebalancer {
 /// The lent total is split among borrowers by priority weight, each borrowing
 /// at most its own limit again.
 fn plan(tenants: &[TenantView], seen: &[(f64, f64, bool)], next: &mut [Loan]) {
-    let weight = |p: u8| [16.0, 8.0, 4.0, 2.0, 1.0][usize::from(p.clamp(1, 5) - 1)];
+    let weight = |p: u8| [16.0, 8.0, 4.0, 2.0, 1.0][usize::from(p.clamp(1, 5).saturating_sub(1))];
     for dim in [Dim::Requests, Dim::Tokens] {
         let mut spare = Vec::new();
         let mut demand = Vec::new();

@@ -291,8 +291,13 @@ impl Calendar {
             .ok()
             .and_then(|d| d.to_zoned(self.tz.clone()).ok())
             .map_or(now, |d| d.timestamp());
-        let day = i64::from(date.year()) * 1000 + i64::from(date.day_of_year());
-        let month = i64::from(date.year()) * 12 + i64::from(date.month());
+        // Years are small (jiff: -9999..=9999): these cannot overflow.
+        let day = i64::from(date.year())
+            .saturating_mul(1000)
+            .saturating_add(i64::from(date.day_of_year()));
+        let month = i64::from(date.year())
+            .saturating_mul(12)
+            .saturating_add(i64::from(date.month()));
         Windows {
             day,
             day_start,

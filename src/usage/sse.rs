@@ -94,7 +94,7 @@ impl SseObserver {
         self.oversized = true;
         self.scanned = 0;
         let held = self.pending.split();
-        let mut joined = BytesMut::with_capacity(out.len() + held.len());
+        let mut joined = BytesMut::with_capacity(out.len().saturating_add(held.len()));
         joined.extend_from_slice(&out);
         joined.extend_from_slice(&held);
         joined.freeze()
@@ -112,7 +112,7 @@ impl SseObserver {
         if !self.strip_usage_chunk {
             return chunk;
         }
-        let mut out = BytesMut::with_capacity(end + tail.len());
+        let mut out = BytesMut::with_capacity(end.saturating_add(tail.len()));
         out.extend_from_slice(&chunk[..end]);
         out.extend_from_slice(&tail);
         out.freeze()
@@ -120,7 +120,7 @@ impl SseObserver {
 
     /// Look at one complete event; `true` when it must not reach the client.
     fn observe(&mut self, event: &[u8]) -> bool {
-        self.events += 1;
+        self.events = self.events.saturating_add(1);
         let data = event_data(event);
         if data.as_ref() == b"[DONE]" {
             self.done = true;
@@ -128,14 +128,16 @@ impl SseObserver {
         }
         let text = generated_text_len(&data);
         if text > 0 {
-            self.content_events += 1;
-            self.content_bytes += text as u64;
+            self.content_events = self.content_events.saturating_add(1);
+            self.content_bytes = self
+                .content_bytes
+                .saturating_add(u64::try_from(text).unwrap_or(u64::MAX));
         }
         // Most chunks carry no usage (or `"usage":null`); skip parsing those.
         let Some(at) = memchr::memmem::find(&data, b"\"usage\"") else {
             return false;
         };
-        if data[at + 7..]
+        if data[at.saturating_add(7)..]
             .trim_ascii_start()
             .strip_prefix(b":")
             .is_some_and(|v| v.trim_ascii_start().starts_with(b"null"))
@@ -196,34 +198,114 @@ impl SseObserver {
     }
 }
 
-/// Length of the generated text in an event (chat `content`, completions
-/// `text`, Responses `delta`, a streamed tool call's `arguments`), in JSON
-/// source bytes; 0 when there is none.
-fn generated_text_len(data: &[u8]) -> usize {
-    for key in [
-        &b"\"content\":\""[..],
-        b"\"delta\":\"",
-        b"\"text\":\"",
-        b"\"arguments\":\"",
-    ] {
-        if let Some(at) = memchr::memmem::find(data, key) {
-            let rest = &data[at + key.len()..];
-            let mut i = 0;
-            while i < rest.len() {
-                match rest[i] {
-                    b'\\' => i += 2,
-                    b'"' => return i,
-                    _ => i += 1,
-                }
-            }
-            return rest.len();
+/// The field whose value a string follows, as far as counting text goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// Generated text in a chat or completions chunk: `content`, `text`,
+    /// `refusal`, a tool call's `arguments`, reasoning.
+    Text,
+    /// A Responses API delta event's `delta`.
+    Delta,
+    /// `type`, which names a Responses API event.
+    Type,
+    Other,
+}
+
+impl Field {
+    fn of(key: &[u8]) -> Field {
+        match key {
+            b"content" | b"text" | b"refusal" | b"arguments" | b"reasoning_content"
+            | b"reasoning" => Field::Text,
+            b"delta" => Field::Delta,
+            b"type" => Field::Type,
+            _ => Field::Other,
         }
     }
-    0
+}
+
+/// Bytes of generated text in an event, in JSON source bytes (escapes as
+/// written): the string values of the text fields, whatever their order,
+/// spacing or nesting. A Responses API event (it has a top-level `type`)
+/// counts only when it is a `*.delta` event, and only its `delta`: its
+/// `*.done` and `response.completed` events repeat the whole text. A
+/// tokenizer-level walk, not a parse: strings are skipped whole (so text
+/// that looks like a key inside a value is not taken for one), nothing is
+/// allocated, and the event is read once.
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the event: each stays within its length plus one"
+)]
+fn generated_text_len(data: &[u8]) -> usize {
+    let (mut text, mut delta) = (0usize, 0usize);
+    let mut event_type: Option<&[u8]> = None;
+    let mut depth = 0usize;
+    // The field named by the last key, while its value may still follow.
+    let mut field: Option<Field> = None;
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'"' => {
+                let end = string_end(data, i + 1);
+                let string = &data[i + 1..end];
+                i = end + 1;
+                let rest = data.get(i..).unwrap_or_default().trim_ascii_start();
+                if rest.first() == Some(&b':') {
+                    field = Some(Field::of(string));
+                    i = data.len() - rest.len() + 1;
+                    continue;
+                }
+                match field.take() {
+                    Some(Field::Text) => text = text.saturating_add(string.len()),
+                    Some(Field::Delta) => delta = delta.saturating_add(string.len()),
+                    Some(Field::Type) if depth == 1 => event_type = Some(string),
+                    _ => {}
+                }
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                field = None;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                field = None;
+            }
+            b',' => field = None,
+            _ => {}
+        }
+        i += 1;
+    }
+    match event_type {
+        Some(t) if t.ends_with(b".delta") => delta,
+        Some(_) => 0,
+        None => text,
+    }
+}
+
+/// Index of the quote that closes a JSON string starting at `from` (the
+/// data's length when it does not close).
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the data: each stays within its length plus two"
+)]
+fn string_end(data: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < data.len() {
+        match memchr::memchr2(b'"', b'\\', &data[i..]) {
+            None => break,
+            Some(off) if data[i + off] == b'\\' => i += off + 2,
+            Some(off) => return i + off,
+        }
+    }
+    data.len()
 }
 
 /// Index just past the blank line that ends the first event at or after `from`.
 /// Lines end in `\n` or `\r\n`.
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the buffer: each stays within its length plus three"
+)]
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while let Some(off) = memchr::memchr(b'\n', buf.get(i..)?) {
@@ -261,6 +343,56 @@ fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_counted_whatever_the_spacing_and_key_order() {
+        let compact = br#"{"choices":[{"delta":{"content":"Hello"}}]}"#;
+        let spaced = b"{ \"choices\" : [ { \"delta\" : { \"role\" : \"assistant\" ,\n \"content\" :  \"Hello\" } } ] }";
+        let reordered = br#"{"choices":[{"index":0,"delta":{"content":"Hello","role":"assistant"},"finish_reason":null}],"id":"x","object":"chat.completion.chunk"}"#;
+        for e in [&compact[..], spaced, reordered] {
+            assert_eq!(generated_text_len(e), 5, "{}", String::from_utf8_lossy(e));
+        }
+        // Escapes count as written; a key-like string inside a value is text.
+        assert_eq!(
+            generated_text_len(br#"{"choices":[{"delta":{"content":"say \"content\": \"x\""}}]}"#),
+            22
+        );
+        assert_eq!(
+            generated_text_len(br#"{"choices":[{"delta":{"content":null}}]}"#),
+            0
+        );
+        assert_eq!(
+            generated_text_len(br#"{"choices":[{"text":"abc","index":0}]}"#),
+            3
+        );
+        assert_eq!(
+            generated_text_len(
+                br#"{"choices":[{"delta":{"reasoning_content":"think","content":"ok"}}]}"#
+            ),
+            7
+        );
+    }
+
+    #[test]
+    fn responses_events_count_their_deltas_only() {
+        let delta = br#"{"type":"response.output_text.delta","item_id":"m","delta":"Hi there"}"#;
+        assert_eq!(generated_text_len(delta), 8);
+        let done = br#"{"type":"response.output_text.done","text":"Hi there"}"#;
+        assert_eq!(generated_text_len(done), 0);
+        let completed = br#"{"type":"response.completed","response":{"output":[{"type":"message","content":[{"type":"output_text","text":"Hi there"}]}]}}"#;
+        assert_eq!(generated_text_len(completed), 0);
+    }
+
+    #[test]
+    fn cut_streams_are_estimated_from_spaced_json_too() {
+        let mut o = SseObserver::new(false);
+        for _ in 0..3 {
+            o.feed(Bytes::from_static(
+                b"data: {\"choices\": [{\"delta\": {\"content\": \"word\"}}]}\n\n",
+            ));
+        }
+        assert_eq!(o.delivered_tokens(), 3);
+    }
 
     #[test]
     fn tool_call_arguments_count_as_delivered() {
