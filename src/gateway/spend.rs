@@ -5,7 +5,7 @@
 
 use super::body::Inspected;
 use super::{Endpoint, GatewayError, RequestCtx};
-use crate::config::Model;
+use crate::config::{Model, Price};
 use crate::quota::estimate;
 use crate::quota::{Amount, RateInfo, WindowInfo};
 use crate::state::Snapshot;
@@ -35,16 +35,15 @@ pub fn reserve(
             .map_or(wanted, |cap| wanted.min(cap))
     };
     ctx.prompt_estimate = prompt;
-    // Saturating: a `max_tokens` near the integer limit must reserve the
-    // most there is, never wrap to a small number that a budget admits.
-    let tokens = prompt.saturating_add(output);
-    ctx.tokens_estimate = tokens;
-    let usd_nano = worst_price_cost(snap, model, prompt, output);
-    let amount = Amount {
-        requests: 1,
-        tokens,
-        usd_nano,
-    };
+    let prices = model
+        .chain
+        .iter()
+        .filter_map(|&p| snap.config.pools.get(p))
+        .flat_map(|p| p.members.iter())
+        .filter_map(|m| snap.router.upstreams.get(m.deployment))
+        .map(|u| u.price);
+    let amount = reservation(prompt, output, prices);
+    ctx.tokens_estimate = amount.tokens;
     let ledger = snap
         .ledgers
         .get(tenant)
@@ -65,23 +64,26 @@ pub fn reserve(
     }
 }
 
-/// The cost at the most expensive deployment that may serve the model: the
-/// reservation must cover whichever one answers.
-fn worst_price_cost(snap: &Snapshot, model: &Model, prompt: u64, output: u64) -> u64 {
+/// What a request reserves: one request, its prompt and output allowance,
+/// and their cost at the most expensive of `prices` (the deployments that
+/// may serve it: the reservation must cover whichever one answers).
+/// Monotone in every input and saturating: a `max_tokens` near the integer
+/// limit reserves the most there is, never a wrapped small number that a
+/// budget admits (the `reservation_is_monotone` property test).
+fn reservation(prompt: u64, output: u64, prices: impl Iterator<Item = Option<Price>>) -> Amount {
     let usage = Usage {
         prompt_tokens: Some(prompt),
         completion_tokens: Some(output),
         total_tokens: Some(prompt.saturating_add(output)),
     };
-    model
-        .chain
-        .iter()
-        .filter_map(|&p| snap.config.pools.get(p))
-        .flat_map(|p| p.members.iter())
-        .filter_map(|m| snap.router.upstreams.get(m.deployment))
-        .filter_map(|u| usage.cost_nano_usd(u.price))
-        .max()
-        .unwrap_or(0)
+    Amount {
+        requests: 1,
+        tokens: prompt.saturating_add(output),
+        usd_nano: prices
+            .filter_map(|p| usage.cost_nano_usd(p))
+            .max()
+            .unwrap_or(0),
+    }
 }
 
 /// Replace the reservation by what the request really used:
@@ -269,6 +271,58 @@ fn reset_text(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::{Budget, Calendar, Limits, TenantLedger, TenantLimits};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    /// Counts from every part of the range, the ends most of all.
+    fn extreme() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(u64::MAX),
+            Just(u64::MAX - 1),
+            Just(1 << 63),
+            (u64::MAX - 4096)..=u64::MAX,
+            0u64..4096,
+            any::<u64>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// A larger output allowance never reserves less, in tokens or in
+        /// USD, so a budget that refuses a request refuses every larger one.
+        #[test]
+        fn reservation_is_monotone(
+            prompt in extreme(),
+            a in extreme(),
+            b in extreme(),
+            input in extreme(),
+            output in extreme(),
+            tokens_budget in extreme(),
+            usd_budget in extreme(),
+        ) {
+            let (small, large) = (a.min(b), a.max(b));
+            let price = Some(Price { input_pico_per_token: input, output_pico_per_token: output });
+            let x = reservation(prompt, small, [price, None].into_iter());
+            let y = reservation(prompt, large, [price, None].into_iter());
+            prop_assert!(x.tokens <= y.tokens && x.usd_nano <= y.usd_nano);
+            prop_assert!(y.tokens >= large && y.tokens >= prompt);
+            let limits = TenantLimits {
+                priority: 3,
+                limits: Limits {
+                    day: Budget { requests: None, tokens: Some(tokens_budget), usd_nano: Some(usd_budget) },
+                    ..Limits::default()
+                },
+                models: Default::default(),
+            };
+            let calendar = Arc::new(Calendar::new(jiff::tz::TimeZone::UTC));
+            let ledger = Arc::new(TenantLedger::new("t", &limits));
+            let small_fits = ledger.reserve("m", x, &calendar).map(|r| r.refund()).is_ok();
+            let large_fits = ledger.reserve("m", y, &calendar).map(|r| r.refund()).is_ok();
+            prop_assert!(small_fits || !large_fits, "admitted {y:?} after refusing {x:?}");
+        }
+    }
 
     #[test]
     fn reset_formats() {
