@@ -14,8 +14,11 @@ need curl curl
 if [ "${1:-}" = "--test" ]; then
   # The status page is tested in a real headless browser.
   need chromium chromium
-  # The audit trail's PostgreSQL sink is tested against a real server.
+  # The audit trail's PostgreSQL sink is tested against a real server
+  # (deploy/services.sh installs and starts one when none answers).
   need pg_isready postgresql-client
+  # The fuzz targets' runtime (libFuzzer) is C++.
+  need c++ g++
   # The demo is tested with the official OpenAI Python SDK, in a virtualenv.
   need python3 python3
   if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then need_pkgs+=(python3-venv); fi

@@ -10,20 +10,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
-# The PostgreSQL audit tests need a server at 127.0.0.1:5432 (database `test`,
-# trust auth for user postgres). Start the local one if it is installed.
-if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
-  if command -v pg_ctlcluster >/dev/null 2>&1 && ls /etc/postgresql >/dev/null 2>&1; then
-    echo "test: starting the local PostgreSQL"
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
-    for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
-  fi
-fi
-if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
-  echo "test: PostgreSQL is not running at 127.0.0.1:5432; the audit trail's PostgreSQL tests need it" >&2
-  echo "      (install postgresql and create database test with trust auth for user postgres)" >&2
-  exit 1
-fi
+# The PostgreSQL audit tests and the Redis fleet tests need their servers:
+# local ones are installed and started when none answers.
+./deploy/services.sh
 
 # The OpenAI Python SDK, for the test that drives the demo with it.
 if ! target/sdk-venv/bin/python -c 'import openai' >/dev/null 2>&1; then
@@ -44,3 +33,9 @@ OPENAI_API_KEY=x AZURE_OPENAI_KEY=x DEEPSEEK_API_KEY=x COLLIE_DEMO_PROVIDER_KEY=
   ./target/debug/collie check-config conf/*.yaml
 echo "== cargo nextest run"
 cargo nextest run --locked --no-fail-fast "$@"
+# Every fuzz target for a short, bounded time (the corpora in tests/fuzz/
+# were already replayed by the tests above); FUZZ_SECONDS=0 skips it.
+if [ "${FUZZ_SECONDS:-10}" != 0 ]; then
+  echo "== fuzz targets, ${FUZZ_SECONDS:-10}s each"
+  FUZZ_CMIN=0 ./deploy/fuzz.sh "${FUZZ_SECONDS:-10}"
+fi

@@ -2,7 +2,7 @@
 //! answered from `request_filter` — admit, read, inspect, then the exchange
 //! loop in [`exchange`] — and `logging` settles it (metrics) whatever happened.
 
-mod admission;
+pub(crate) mod admission;
 pub mod body;
 mod error;
 pub mod exchange;

@@ -6,6 +6,8 @@
 pub mod audit;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;

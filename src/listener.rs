@@ -146,12 +146,11 @@ impl<A: ServerApp + Send + Sync + 'static, P: ListenerPolicy> ServerApp for List
         let deadline = Instant::now() + limits.head_timeout;
         // The HTTP stack first peeks for the HTTP/2 preface, waiting for all
         // of its 24 bytes without a deadline; peek here, bounded.
+        // A new connection is served during a graceful stop too (its answer
+        // says `Connection: close`): in a pod it is the application's last
+        // requests. Only connections idle between requests are closed.
         let mut preface = [0u8; 24];
-        let peeked = tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.try_peek(&mut preface)) => r,
-            () = self.draining.cancelled() => return None,
-        };
-        match peeked {
+        match tokio::time::timeout_at(deadline, stream.try_peek(&mut preface)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return None,
             Err(_elapsed) => {
@@ -204,7 +203,7 @@ async fn refuse(stream: &mut Stream, why: Refusal) {
 /// Counts a head as it arrives: bytes and lines up to its end (the first
 /// empty line after the request line).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct HeadScan {
+pub(crate) struct HeadScan {
     bytes: usize,
     /// Complete non-empty lines: the request line and the header fields.
     lines: usize,
@@ -217,7 +216,7 @@ struct HeadScan {
 
 impl HeadScan {
     /// Take the next bytes read. Bytes after the head's end are not looked at.
-    fn feed(&mut self, data: &[u8], limits: &HeadLimits) -> Result<(), Refusal> {
+    pub(crate) fn feed(&mut self, data: &[u8], limits: &HeadLimits) -> Result<(), Refusal> {
         if self.complete {
             return Ok(());
         }
@@ -251,6 +250,18 @@ impl HeadScan {
         }
         self.bytes = self.bytes.saturating_add(data.len());
         self.check(limits)
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn lines(&self) -> usize {
+        self.lines
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.complete
     }
 
     fn check(&self, limits: &HeadLimits) -> Result<(), Refusal> {

@@ -174,6 +174,25 @@ impl JsonUsage {
     }
 }
 
+/// Index of the quote that closes a JSON string whose text starts at `from`
+/// (the data's length when it does not close): the scanners of raw JSON
+/// (the prompt estimate, the SSE text count) skip strings with it.
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "positions in the data: each stays within its length plus two"
+)]
+pub(crate) fn json_string_end(data: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < data.len() {
+        match memchr::memchr2(b'"', b'\\', &data[i..]) {
+            None => break,
+            Some(off) if data[i + off] == b'\\' => i += off + 2,
+            Some(off) => return i + off,
+        }
+    }
+    data.len()
+}
+
 /// Find the last `"usage"` key in a fragment of JSON and parse the object after it.
 fn usage_from_tail(buf: &[u8]) -> Option<Usage> {
     let at = memchr::memmem::rfind(buf, b"\"usage\"")?;

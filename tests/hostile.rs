@@ -48,6 +48,57 @@ async fn standard(settings: &str) -> (Gw, MockServer, MockServer) {
     (gw, a, b)
 }
 
+/// A gateway with a SQLite audit trail, and the trail's path (in `dir`).
+async fn with_trail(
+    dir: &tempfile::TempDir,
+    settings: &str,
+) -> (Gw, MockServer, MockServer, std::path::PathBuf) {
+    let a = mock().await;
+    let b = mock().await;
+    let db = dir.path().join("audit.db");
+    let settings = format!(
+        "{settings}\naudit: {{sink: sqlite, sqlite_path: {}, flush_interval: 10ms}}",
+        db.display()
+    );
+    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
+    let gw = gateway(&layout(&a, &b, &tenants, &settings)).await;
+    (gw, a, b, db)
+}
+
+/// Stop the gateway gracefully (every record written) and open its trail.
+async fn stopped_trail(gw: Gw, db: &std::path::Path) -> rusqlite::Connection {
+    let Gw { running, .. } = gw;
+    tokio::task::spawn_blocking(move || running.stop(true))
+        .await
+        .unwrap();
+    rusqlite::Connection::open(db).unwrap()
+}
+
+/// Write `head` at once and `trickle` a byte at a time, every `every`,
+/// while reading what comes back until the gateway closes the connection.
+async fn trickle(gw: &Gw, head: &[u8], trickle: Vec<u8>, every: Duration) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
+        .await
+        .unwrap();
+    s.write_all(head).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for b in trickle {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    let mut data = Vec::new();
+    let closed = tokio::time::timeout(NEVER, rd.read_to_end(&mut data))
+        .await
+        .is_ok();
+    writer.abort();
+    assert!(closed, "a slow client held its connection");
+    data
+}
+
 async fn one_response(gw: &Gw, request: &[u8]) -> RawResponse {
     let (data, closed) = raw_exchange(gw.running.listen, request, NEVER).await;
     assert!(closed, "the gateway never closed the connection");
@@ -170,27 +221,15 @@ async fn a_provider_key_never_reaches_the_client_in_a_header_or_a_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_key_sent_as_the_model_is_not_recorded() {
-    let a = mock().await;
-    let b = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("audit.db");
-    let settings = format!(
-        "audit: {{sink: sqlite, sqlite_path: {}, flush_interval: 10ms}}",
-        db.display()
-    );
-    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
-    let gw = gateway(&layout(&a, &b, &tenants, &settings)).await;
+    let (gw, _a, _b, db) = with_trail(&dir, "").await;
     let resp = gw
         .chat(json!({"model": ALPHA_KEY, "messages": []}))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    let Gw { running, .. } = gw;
-    tokio::task::spawn_blocking(move || running.stop(true))
-        .await
-        .unwrap();
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let conn = stopped_trail(gw, &db).await;
     let models: Vec<String> = conn
         .prepare("SELECT requested_model FROM audit_records")
         .unwrap()
@@ -206,30 +245,16 @@ async fn a_tenant_key_sent_as_the_model_is_not_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_sent_a_byte_at_a_time_is_cut_off_with_408() {
     let (gw, a, _b) = standard("head_timeout: 1s").await;
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = s.into_split();
     // A header byte every 100 ms: each read succeeds, the head never ends.
     let mut slow = b"X-Slow: ".to_vec();
     slow.extend_from_slice(&[b'x'; 400]);
-    let trickle = tokio::spawn(async move {
-        for b in slow {
-            if wr.write_all(&[b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let mut data = Vec::new();
-    let closed = tokio::time::timeout(NEVER, rd.read_to_end(&mut data))
-        .await
-        .is_ok();
-    trickle.abort();
-    assert!(closed, "a slow head held its connection");
+    let data = trickle(
+        &gw,
+        b"POST /v1/chat/completions HTTP/1.1\r\n",
+        slow,
+        Duration::from_millis(100),
+    )
+    .await;
     let r = &parse_responses(&data)[0];
     assert_eq!(r.status, 408);
     assert_eq!(r.error_code(), "head_timeout");
@@ -271,28 +296,13 @@ async fn a_body_trickled_a_byte_at_a_time_times_out_as_a_whole() {
     let body = format!("{:<400}", HELLO);
     let request = raw_chat(&body, "");
     let (head, body) = request.split_once("\r\n\r\n").unwrap();
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    s.write_all(format!("{head}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    let body = body.as_bytes().to_vec();
-    let trickle = tokio::spawn(async move {
-        for b in body {
-            if wr.write_all(&[b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    let mut data = Vec::new();
-    let closed = tokio::time::timeout(NEVER, rd.read_to_end(&mut data))
-        .await
-        .is_ok();
-    trickle.abort();
-    assert!(closed, "a trickled body held its connection");
+    let data = trickle(
+        &gw,
+        format!("{head}\r\n\r\n").as_bytes(),
+        body.as_bytes().to_vec(),
+        Duration::from_millis(50),
+    )
+    .await;
     let r = &parse_responses(&data)[0];
     assert_eq!(r.status, 408);
     assert_eq!(r.error_code(), "client_timeout");
@@ -443,17 +453,8 @@ async fn bodies_in_flight_are_held_to_their_budget() {
         .await
         .unwrap();
     first.write_all(&request.as_bytes()[..split]).await.unwrap();
-    let admin = gw.admin.clone();
-    let client = gw.client.clone();
     for _ in 0..500 {
-        let m = client
-            .get(format!("{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = gw.metrics().await;
         if metric_sum(&m, "collie_inflight_body_bytes", &[]) >= body.len() as f64 {
             break;
         }
@@ -530,16 +531,8 @@ async fn a_stream_without_usage_is_estimated_however_its_json_is_spaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_gets_a_cut_stream_never_a_clean_end() {
-    let a = mock().await;
-    let b = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("audit.db");
-    let settings = format!(
-        "client_timeout: 1s\naudit: {{sink: sqlite, sqlite_path: {}, flush_interval: 10ms}}",
-        db.display()
-    );
-    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
-    let gw = gateway(&layout(&a, &b, &tenants, &settings)).await;
+    let (gw, a, _b, db) = with_trail(&dir, "client_timeout: 1s").await;
     // 32 MiB of events: more than the sockets between them can buffer.
     let event = format!(
         "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
@@ -565,11 +558,7 @@ async fn a_client_that_stops_reading_gets_a_cut_stream_never_a_clean_end() {
     assert!(!r.complete, "the response ended as if it were whole");
     assert!(!data.ends_with(b"0\r\n\r\n"));
     assert!(!String::from_utf8_lossy(&r.body).contains("[DONE]"));
-    let Gw { running, .. } = gw;
-    tokio::task::spawn_blocking(move || running.stop(true))
-        .await
-        .unwrap();
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let conn = stopped_trail(gw, &db).await;
     let (truncated, error): (i64, String) = conn
         .query_row(
             "SELECT truncated, error FROM audit_records WHERE status = 200",
@@ -620,6 +609,12 @@ async fn a_graceful_stop_fails_readiness_at_once_and_lets_streams_finish() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "/readyz kept answering 200 while stopping");
+    // Liveness and scrapes go on answering on new connections meanwhile.
+    for page in ["/healthz", "/metrics"] {
+        let fresh = reqwest::Client::new();
+        let r = fresh.get(format!("{admin}{page}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{page} while stopping");
+    }
     // A request that arrives now is served, and told the connection closes.
     a.set_default(Behavior::ok());
     let fresh = reqwest::Client::new();
@@ -643,16 +638,8 @@ async fn a_graceful_stop_fails_readiness_at_once_and_lets_streams_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_drain_timeout_a_stream_ends_with_an_error_event_and_is_recorded() {
-    let a = mock().await;
-    let b = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("audit.db");
-    let settings = format!(
-        "drain_timeout: 1s\naudit: {{sink: sqlite, sqlite_path: {}, flush_interval: 10ms}}",
-        db.display()
-    );
-    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
-    let gw = gateway(&layout(&a, &b, &tenants, &settings)).await;
+    let (gw, a, _b, db) = with_trail(&dir, "drain_timeout: 1s").await;
     a.set_default(
         Behavior::ok()
             .chunks(200)

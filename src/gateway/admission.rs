@@ -107,7 +107,7 @@ fn api_key(req: &RequestHeader) -> Option<&[u8]> {
 
 /// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
 /// style; an `Authorization` of another scheme does not hide it).
-fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
+pub(crate) fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
     bearer_key(req)
         .or_else(|| api_key(req))
         .filter(|k| !k.is_empty())

@@ -223,7 +223,10 @@ struct Probe<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(borrow, default)]
+    /// `null` is kept as a value (not read as absent): a rewrite that adds
+    /// `include_usage` must replace it, or the client's `null` — later in
+    /// the body than an added field — would win.
+    #[serde(borrow, default, deserialize_with = "present_even_if_null")]
     stream_options: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u64>,
@@ -231,6 +234,12 @@ struct Probe<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+}
+
+fn present_even_if_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -245,6 +254,11 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError>
         return Err(invalid(
             "the request body is empty; send a JSON object".into(),
         ));
+    }
+    // A request is a JSON object: the derive below would also take an
+    // array for the fields, and the rewrite splices into an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(invalid("the request body must be a JSON object".into()));
     }
     // JSON text is UTF-8 (RFC 8259 §8.1). The parser below skips the fields
     // Collie does not read without looking inside their strings, so the
@@ -500,6 +514,19 @@ mod tests {
     }
 
     #[test]
+    fn a_null_stream_options_is_replaced_not_shadowed() {
+        let out = rewrite(
+            r#"{"model":"m","stream":true,"stream_options":null}"#,
+            "u",
+            true,
+        );
+        assert_eq!(
+            out,
+            r#"{"model":"u","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+    }
+
+    #[test]
     fn reads_stream_flags() {
         let i = inspect(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":9}"#, 64).unwrap();
         assert!(i.stream && i.include_usage);
@@ -518,7 +545,9 @@ mod tests {
         };
         assert!(msg("").contains("empty"));
         assert!(msg("{\"model\":").contains("not valid JSON"));
-        assert!(msg("[1,2]").contains("not valid JSON"));
+        assert!(msg("[1,2]").contains("must be a JSON object"));
+        // The fields as an array: also taken by the derive, refused here.
+        assert!(msg(r#"["m", true]"#).contains("must be a JSON object"));
         assert!(msg(r#"{"messages":[]}"#).contains("missing required field `model`"));
         assert!(msg(r#"{"model":42}"#).contains("must be a string"));
         assert!(msg(r#"{"model":"a","model":"b"}"#).contains("duplicate field `model`"));

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Longest `Retry-After` honoured; a larger value is capped, not ignored.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A failed attempt's body is read (to keep the connection) only this far.
 const DISCARD_LIMIT: usize = 64 << 10;
 /// … or takes longer than this in all.
@@ -664,7 +664,7 @@ fn is_stale_connection(e: &Error) -> bool {
 
 /// `retry-after-ms` (OpenAI, Azure) wins over `retry-after`, which is either
 /// seconds or an HTTP date.
-fn retry_after(head: &ResponseHeader) -> Option<Duration> {
+pub(crate) fn retry_after(head: &ResponseHeader) -> Option<Duration> {
     let text = |name: &str| {
         head.headers
             .get(name)

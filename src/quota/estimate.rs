@@ -155,7 +155,7 @@ fn classify(body: &[u8]) -> Counts {
             b',' => expect_key = objects[depth.min(63)],
             b':' => expect_key = false,
             b'"' => {
-                let end = string_end(body, i + 1);
+                let end = crate::usage::json_string_end(body, i + 1);
                 if expect_key {
                     c.keys += 1.0;
                 } else {
@@ -169,23 +169,6 @@ fn classify(body: &[u8]) -> Counts {
         i += 1;
     }
     c
-}
-
-/// Index of the closing quote of a string starting at `from`.
-#[expect(
-    clippy::arithmetic_side_effects,
-    reason = "positions in the body: each stays within its length plus a few bytes"
-)]
-fn string_end(body: &[u8], from: usize) -> usize {
-    let mut i = from;
-    while i < body.len() {
-        match memchr::memchr2(b'"', b'\\', &body[i..]) {
-            None => break,
-            Some(off) if body[i + off] == b'\\' => i += off + 2,
-            Some(off) => return i + off,
-        }
-    }
-    body.len()
 }
 
 /// Text longer than this is estimated from its first and last parts,

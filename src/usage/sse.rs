@@ -245,7 +245,7 @@ fn generated_text_len(data: &[u8]) -> usize {
     while i < data.len() {
         match data[i] {
             b'"' => {
-                let end = string_end(data, i + 1);
+                let end = super::json_string_end(data, i + 1);
                 let string = &data[i + 1..end];
                 i = end + 1;
                 let rest = data.get(i..).unwrap_or_default().trim_ascii_start();
@@ -280,24 +280,6 @@ fn generated_text_len(data: &[u8]) -> usize {
         Some(_) => 0,
         None => text,
     }
-}
-
-/// Index of the quote that closes a JSON string starting at `from` (the
-/// data's length when it does not close).
-#[expect(
-    clippy::arithmetic_side_effects,
-    reason = "positions in the data: each stays within its length plus two"
-)]
-fn string_end(data: &[u8], from: usize) -> usize {
-    let mut i = from;
-    while i < data.len() {
-        match memchr::memchr2(b'"', b'\\', &data[i..]) {
-            None => break,
-            Some(off) if data[i + off] == b'\\' => i += off + 2,
-            Some(off) => return i + off,
-        }
-    }
-    data.len()
 }
 
 /// Index just past the blank line that ends the first event at or after `from`.
