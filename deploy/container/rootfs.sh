@@ -22,7 +22,7 @@ ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
     mkdir -p "$dest$(dirname "$lib")"
     cp -L "$lib" "$dest$lib"
   done
-if ldd "$bin" | grep -q "not found"; then
+if ldd "$bin" | grep "not found" >/dev/null; then
   echo "rootfs: a library of $bin is missing:" >&2
   ldd "$bin" >&2
   exit 1

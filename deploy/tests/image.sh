@@ -101,7 +101,10 @@ pid=$("${podman[@]}" inspect --format '{{.State.Pid}}' "$name")
 grep -q "^Uid:[[:space:]]*10001[[:space:]]" "/proc/$pid/status" || fail "not running as uid 10001: $(grep Uid "/proc/$pid/status")"
 grep -q "^CapEff:[[:space:]]*0*$" "/proc/$pid/status" || fail "has capabilities: $(grep CapEff "/proc/$pid/status")"
 grep -q "^NoNewPrivs:[[:space:]]*1" "/proc/$pid/status" || fail "no_new_privs is not set"
-awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo" | grep -q '^ro\b' || fail "root filesystem is writable"
+# (Output captured before grep: `grep -q` leaving early would fail the
+# pipeline under pipefail.)
+root_opts=$(awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")
+grep -q '^ro\b' <<<"$root_opts" || fail "root filesystem is writable"
 echo "image: running as uid 10001, no capabilities, no_new_privs, read-only root"
 
 chat() { # $1: tenant, $2: key, $3: extra JSON, rest: curl options
@@ -112,8 +115,10 @@ chat() { # $1: tenant, $2: key, $3: extra JSON, rest: curl options
     -d "{\"model\":\"gpt-4o-mini\"$extra,\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}"
 }
 [ "$(chat team-a sk-image-test '' -o /dev/null -w '%{http_code}')" = 200 ] || fail "chat request through the container failed"
-chat team-a sk-image-test ',"stream":true' | grep -q '^data: \[DONE\]' || fail "streamed request through the container failed"
-curl -sf "http://127.0.0.1:$admin/metrics" | grep -q '^collie_requests_total{.*status_class="2xx",tenant="team-a"} 2$' ||
+streamed=$(chat team-a sk-image-test ',"stream":true')
+grep -q '^data: \[DONE\]' <<<"$streamed" || fail "streamed request through the container failed"
+metrics=$(curl -sf "http://127.0.0.1:$admin/metrics")
+grep -q '^collie_requests_total{.*status_class="2xx",tenant="team-a"} 2$' <<<"$metrics" ||
   fail "metrics do not count the two requests"
 for _ in $(seq 1 50); do [ -s "$tmp/data/audit.db" ] && break; sleep 0.1; done
 [ "$(stat -c %u "$tmp/data/audit.db")" = 10001 ] || fail "no audit trail written as 10001 in /var/lib/collie"
@@ -127,7 +132,8 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 [ "$(chat team-b sk-team-b '' -o /dev/null -w '%{http_code}')" = 200 ] || fail "SIGHUP did not load the edited config"
-"${podman[@]}" logs "$name" 2>&1 | grep -q "reloaded /etc/collie/collie.yaml" || fail "no reload in the log"
+"${podman[@]}" logs "$name" >"$tmp/collie.log" 2>&1
+grep -q "reloaded /etc/collie/collie.yaml" "$tmp/collie.log" || fail "no reload in the log"
 echo "image: SIGHUP reloaded the edited config"
 
 # podman stop sends the image's STOPSIGNAL; a stream in flight (20 events,
@@ -142,7 +148,8 @@ wait "$stream" || fail "the stream in flight was cut off"
 grep -q '^data: \[DONE\]' "$tmp/stream.out" || fail "the stream in flight did not finish: $(tail -c 300 "$tmp/stream.out")"
 code=$("${podman[@]}" inspect --format '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || fail "exit code $code after SIGTERM"
-"${podman[@]}" logs "$name" 2>&1 | grep -q "graceful stop: waiting for 1 requests in flight" || fail "no graceful drain in the log"
+"${podman[@]}" logs "$name" >"$tmp/collie.log" 2>&1
+grep -q "graceful stop: waiting for 1 requests in flight" "$tmp/collie.log" || fail "no graceful drain in the log: $(tail -5 "$tmp/collie.log")"
 [ "$took" -lt 30 ] || fail "stop took ${took}s"
 echo "image: SIGTERM drained the stream in flight, exit code 0 after ${took}s"
 echo "image: ok"
