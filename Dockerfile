@@ -6,8 +6,11 @@
 # manager. Build and run:
 #
 #   docker build -t collie:0.1.0 .
-#   docker run --read-only -v "$PWD/conf/collie.yaml:/etc/collie/collie.yaml:ro" \
-#     -v collie-data:/var/lib/collie -e OPENAI_API_KEY collie:0.1.0
+#   docker run --read-only --network host -v "$PWD/conf:/etc/collie:ro" \
+#     -v collie-data:/var/lib/collie -e OPENAI_API_KEY -e AZURE_OPENAI_KEY collie:0.1.0
+#
+# (conf/collie.yaml listens on 127.0.0.1: with the host's network, as here,
+# or in a pod, that is the application's loopback.)
 #
 # The root filesystem can be read-only: Collie writes only its SQLite audit
 # trail (and SQLite's temporary files) under /var/lib/collie.

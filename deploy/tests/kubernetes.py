@@ -2,7 +2,8 @@
 """Offline checks of deploy/kubernetes: builds the base and the example
 overlay with kustomize, validates every object against the Kubernetes API
 schemas (kubernetes-validate, strict: unknown fields are errors) and the
-PodMonitor against the Prometheus Operator's CRD schema (from the
+PodMonitor and the alerting rules (as a PrometheusRule) against the
+Prometheus Operator's CRD schemas (from the
 cloudcoil-models-prometheus-operator models, made strict the same way), then
 checks what the sidecar relies on: start order, probes, drain time,
 hardening, secrets and the scrape settings. With --collie BIN, the
@@ -72,7 +73,7 @@ def operator_schemas():
     from cloudcoil.models.prometheus_operator import v1
 
     out = {}
-    for kind in ("PodMonitor", "ServiceMonitor"):
+    for kind in ("PodMonitor", "ServiceMonitor", "PrometheusRule"):
         schema = getattr(v1, kind).model_json_schema(by_alias=True, mode="validation")
         out[kind] = strict(schema)
     return out
@@ -86,7 +87,12 @@ def validate(doc, where, op_schemas):
             fail(where, f"no schema for {kind}")
             return
         for e in jsonschema.Draft202012Validator(schema).iter_errors(doc):
-            fail(where, f"{kind} schema: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+            # Optional fields are anyOf [type, null]: report the deepest
+            # error of the branches, not the whole subtree.
+            while e.context:
+                e = max(e.context, key=lambda c: len(c.absolute_path))
+            msg = e.message if len(e.message) < 300 else e.message[:300] + "…"
+            fail(where, f"{kind} schema: {'/'.join(map(str, e.absolute_path))}: {msg}")
         return
     for version in K8S_VERSIONS:
         try:
@@ -273,6 +279,13 @@ def main():
             with open(path) as fh:
                 for i, d in enumerate(x for x in yaml.safe_load_all(fh) if x):
                     validate(d, f"{os.path.relpath(path, K8S)}[{i}]", op_schemas)
+    # The alerting rules as the Operator takes them: the README wraps
+    # collie-rules.yaml's groups in a PrometheusRule.
+    with open(os.path.join(K8S, "..", "prometheus", "collie-rules.yaml")) as fh:
+        groups = yaml.safe_load(fh)["groups"]
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "collie"}, "spec": {"groups": groups}}
+    validate(rule, "PrometheusRule/collie (deploy/prometheus/collie-rules.yaml)", op_schemas)
     if failures:
         for f in failures:
             print(f"FAIL {f}", file=sys.stderr)
