@@ -57,8 +57,8 @@ cargo build --locked --quiet
 # Shipped configs name provider keys by environment variable; any value will do for validation.
 OPENAI_API_KEY=x AZURE_OPENAI_KEY=x DEEPSEEK_API_KEY=x COLLIE_DEMO_PROVIDER_KEY=x \
   ./target/debug/collie check-config conf/*.yaml
-echo "== cargo nextest run"
-cargo nextest run --locked --no-fail-fast "$@"
 echo "== deploy kit checks (release binary, image, Kubernetes, systemd, Prometheus, Grafana)"
 cargo build --release --locked --quiet --bin collie
 ./deploy/tests/check.sh "${CARGO_TARGET_DIR:-target}/release/collie"
+echo "== cargo nextest run"
+cargo nextest run --locked --no-fail-fast "$@"
