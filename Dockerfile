@@ -40,6 +40,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM scratch AS runtime
 COPY --from=build /rootfs/ /
+# /var/lib/collie belongs to the runtime user whatever a builder does with
+# ownership across stages (--chown applies to what is copied: the entries of
+# /var/lib). A new named volume mounted there takes its owner.
+COPY --from=build --chown=10001:10001 /rootfs/var/lib/ /var/lib/
 # 10001 is `collie` in the image's /etc/passwd; numeric, so that Kubernetes'
 # runAsNonRoot can check it without reading the image.
 USER 10001:10001

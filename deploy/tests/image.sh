@@ -2,7 +2,8 @@
 # Builds the Dockerfile's runtime stage with podman and runs it the way the
 # Kubernetes manifests do: as uid 10001, read-only root, no capabilities, no
 # new privileges, the config directory mounted read-only and only
-# /var/lib/collie writable. Checks the image's metadata, requests through it
+# /var/lib/collie writable (a new named volume, which takes the image
+# directory's owner). Checks the image's metadata, requests through it
 # (plain and streamed) to a mock provider, the audit trail it writes, a
 # SIGHUP reload of an edited config, and that `podman stop` (STOPSIGNAL
 # SIGTERM) lets a stream in flight finish before the container exits 0.
@@ -40,9 +41,9 @@ deploy/container/rootfs.sh "$bin" "$tmp/ctx/rootfs"
 # The runtime stage as written in the Dockerfile; only its COPY --from=build
 # source changes to the directory just assembled.
 awk '/^FROM scratch AS runtime/ { on = 1 } on' Dockerfile |
-  sed 's|^COPY --from=build /rootfs/ /$|COPY rootfs/ /|' > "$tmp/ctx/Containerfile"
+  sed 's|^COPY --from=build \(--chown=[0-9:]* \)\{0,1\}/rootfs/|COPY \1rootfs/|' > "$tmp/ctx/Containerfile"
 grep -q '^COPY rootfs/ /$' "$tmp/ctx/Containerfile" || fail "the Dockerfile's runtime stage no longer copies /rootfs/ from the build stage"
-grep -q -- '--from' "$tmp/ctx/Containerfile" && fail "the runtime stage copies from another stage too"
+if grep -q -- '--from' "$tmp/ctx/Containerfile"; then fail "the runtime stage copies from another stage too"; fi
 
 echo "image: podman build (runtime stage)"
 "${podman[@]}" build -q --format docker -t "$tag" -f "$tmp/ctx/Containerfile" "$tmp/ctx" >/dev/null
@@ -58,8 +59,7 @@ inspect() { "${podman[@]}" image inspect --format "$1" "$tag"; }
 mock=$(free_port); gateway=$(free_port); admin=$(free_port)
 "$bin" mock --listen "127.0.0.1:$mock" >"$tmp/mock.log" 2>&1 &
 pids+=($!)
-mkdir -p "$tmp/etc" "$tmp/data"
-chown 10001:10001 "$tmp/data"
+mkdir -p "$tmp/etc"
 key_digest=$("$bin" hash-key sk-image-test)
 write_config() { # $1: extra tenant id or empty; written whole, then renamed in
   local extra=""
@@ -89,7 +89,7 @@ echo "image: podman run --read-only --user 10001 --cap-drop ALL"
 "${podman[@]}" run -d --name "$name" --network host \
   --read-only --read-only-tmpfs=false --cap-drop ALL --security-opt no-new-privileges \
   --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 \
-  -v "$tmp/etc:/etc/collie:ro" -v "$tmp/data:/var/lib/collie" \
+  -v "$tmp/etc:/etc/collie:ro" -v "$name:/var/lib/collie" \
   -e COLLIE_TEST_PROVIDER_KEY=x "$tag" >/dev/null
 for _ in $(seq 1 100); do
   curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break
@@ -120,8 +120,11 @@ grep -q '^data: \[DONE\]' <<<"$streamed" || fail "streamed request through the c
 metrics=$(curl -sf "http://127.0.0.1:$admin/metrics")
 grep -q '^collie_requests_total{.*status_class="2xx",tenant="team-a"} 2$' <<<"$metrics" ||
   fail "metrics do not count the two requests"
-for _ in $(seq 1 50); do [ -s "$tmp/data/audit.db" ] && break; sleep 0.1; done
-[ "$(stat -c %u "$tmp/data/audit.db")" = 10001 ] || fail "no audit trail written as 10001 in /var/lib/collie"
+# /var/lib/collie is a new named volume, as in the Dockerfile's `docker run`
+# line: it takes the image directory's owner, so Collie can write there.
+data=$("${podman[@]}" volume inspect --format '{{.Mountpoint}}' "$name")
+for _ in $(seq 1 50); do [ -s "$data/audit.db" ] && break; sleep 0.1; done
+[ "$(stat -c %u "$data/audit.db" 2>/dev/null)" = 10001 ] || fail "no audit trail written as 10001 in /var/lib/collie"
 echo "image: requests served (plain and streamed), audit trail written under /var/lib/collie"
 
 # SIGHUP: an edited config (a new tenant) is loaded without a restart.
