@@ -57,9 +57,11 @@ EXPOSE 8080 9090
 # The audit trail; a named volume or an emptyDir keeps it writable when the
 # root is read-only.
 VOLUME ["/var/lib/collie"]
-# SIGTERM drains: requests in flight (streams included) get up to 30 s, then
-# queued audit records are written. Give the container at least 45 s to stop
-# (`docker stop -t 45`, terminationGracePeriodSeconds: 45).
+# SIGTERM drains: requests in flight (streams included) get up to the
+# config's drain_timeout (30 s by default), those still running are cut off
+# and get up to 5 s to be recorded, then about 2 s of server grace and the
+# queued audit records are written. Give the container 50 s to stop
+# (`docker stop -t 50`, terminationGracePeriodSeconds: 50).
 STOPSIGNAL SIGTERM
 # No HEALTHCHECK: the image has no shell or HTTP client to run one, and
 # Kubernetes ignores it in favour of the probes in deploy/kubernetes. Probe

@@ -31,9 +31,11 @@ K8S = os.path.normpath(os.path.join(HERE, "..", "kubernetes"))
 # The oldest release with native sidecars on by default, and the newest the
 # schemas cover.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
-# Collie's graceful drain (DRAIN_TIMEOUT in src/server.rs) plus Pingora's
-# grace period and shutdown timeout.
-DRAIN_SECONDS = 30 + 2
+# Collie's graceful stop beyond its drain_timeout: up to 5 s for requests
+# cut off to be recorded, about 2 s of server grace; and a margin for the
+# audit queue's flush.
+STOP_AFTER_DRAIN_SECONDS = 5 + 2
+FLUSH_MARGIN_SECONDS = 8
 
 failures = []
 
@@ -103,6 +105,15 @@ def validate(doc, where, op_schemas):
             fail(where, f"Kubernetes {version}: no schema: {e}")
 
 
+def seconds(text):
+    """A humantime duration as Collie's config writes them: 30s, 2m, 1m30s."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+)\s*(ms|s|m|h)", str(text))
+    if not parts or "".join(n + u for n, u in parts) != str(text).replace(" ", ""):
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(int(n) * units[u] for n, u in parts)
+
+
 def by_kind(docs, kind):
     return [d for d in docs if d.get("kind") == kind]
 
@@ -137,10 +148,6 @@ def check_sidecar(docs, where, collie_bin):
     rp = c.get("readinessProbe", {})
     if rp.get("periodSeconds", 10) * rp.get("failureThreshold", 3) > 5:
         fail(where, "readinessProbe takes more than 5 s to notice a failing /readyz")
-
-    grace = spec.get("terminationGracePeriodSeconds", 30)
-    if grace < DRAIN_SECONDS + 10:
-        fail(where, f"terminationGracePeriodSeconds {grace} leaves under 10 s beyond Collie's {DRAIN_SECONDS} s drain")
 
     # Hardening.
     psc = spec.get("securityContext", {})
@@ -179,6 +186,10 @@ def check_sidecar(docs, where, collie_bin):
         fail(where, "no ConfigMap provides /etc/collie/collie.yaml")
         return
     config = yaml.safe_load(config_file)
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    stop = seconds(config.get("drain_timeout", "30s")) + STOP_AFTER_DRAIN_SECONDS
+    if grace < stop + FLUSH_MARGIN_SECONDS:
+        fail(where, f"terminationGracePeriodSeconds {grace} leaves under {FLUSH_MARGIN_SECONDS} s beyond Collie's {stop} s stop")
     if "--config" in c.get("args", []) and c["args"][c["args"].index("--config") + 1] != "/etc/collie/collie.yaml":
         fail(where, "collie runs with another config than the mounted one")
     listen = config.get("listen", "127.0.0.1:8080")
