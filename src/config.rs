@@ -9,22 +9,20 @@ mod audit;
 mod health;
 mod quota;
 mod raw;
+mod tls;
 
-use crate::quota::TenantLimits;
-use crate::quota::estimate::Family;
-use crate::routing::Policy;
-use crate::routing::health::HealthSettings;
-pub use audit::{AnomalySettings, AuditSettings, Webhook};
-pub use health::{RetrySettings, Route};
-pub use quota::QuotaSettings;
+pub use audit::{AnomalySettings, AuditSettings, SinkSpec, Webhook};
+pub use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
+pub use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+pub use tls::{CaBundle, CaError};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -66,7 +64,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub upstream_keepalive_pool: usize,
     /// Replaces the system roots for every `https` deployment without its own `ca_file`.
-    pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_ca: Option<CaBundle>,
     pub tenants: Vec<Tenant>,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
@@ -134,6 +132,51 @@ impl Model {
     }
 }
 
+/// The tokenizer family a model's counts follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5, the o-series.
+    O200k,
+    /// `cl100k_base`: GPT-4, GPT-3.5, the text-embedding-3 models.
+    Cl100k,
+    /// Anything else: a cautious middle with a safety margin.
+    Generic,
+}
+
+impl Family {
+    /// Guess from a model name; config can say otherwise.
+    pub fn for_model(name: &str) -> Family {
+        let n = name.to_ascii_lowercase();
+        let o200k = [
+            "gpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "o1",
+            "o3",
+            "o4",
+            "chatgpt-4o",
+        ];
+        let cl100k = ["gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada"];
+        if o200k.iter().any(|p| n.starts_with(p)) {
+            Family::O200k
+        } else if cl100k.iter().any(|p| n.starts_with(p)) {
+            Family::Cl100k
+        } else {
+            Family::Generic
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Family> {
+        match text {
+            "o200k" => Some(Family::O200k),
+            "cl100k" => Some(Family::Cl100k),
+            "generic" => Some(Family::Generic),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Pool {
     pub id: String,
@@ -158,7 +201,8 @@ pub struct Deployment {
     pub api_key: Option<Secret>,
     pub auth: AuthStyle,
     pub model: String,
-    pub ca_file: Option<PathBuf>,
+    /// The deployment's own trust roots (`ca_file`), loaded.
+    pub ca: Option<CaBundle>,
     /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
     pub http2: bool,
     pub timeouts: Timeouts,
@@ -534,11 +578,11 @@ impl Validator<'_> {
             self.error("admin_listen", "must differ from `listen`");
         }
 
-        let upstream_ca_file = raw
+        let upstream_ca = raw
             .upstream_tls
             .and_then(|v| self.item::<RawUpstreamTls>("upstream_tls", v))
             .and_then(|t| t.ca_file)
-            .map(|f| self.ca_file("upstream_tls.ca_file", &f));
+            .and_then(|f| self.ca_file("upstream_tls.ca_file", &f));
 
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());
@@ -576,7 +620,7 @@ impl Validator<'_> {
             max_inflight_body_bytes,
             drain_timeout,
             upstream_keepalive_pool,
-            upstream_ca_file,
+            upstream_ca,
             tenants,
             models,
             pools: pools.items,
@@ -595,12 +639,10 @@ impl Validator<'_> {
         }
     }
 
-    fn ca_file(&mut self, path: &str, file: &str) -> PathBuf {
-        let p = PathBuf::from(file);
-        if let Err(m) = crate::routing::tls::load_ca_file(&p) {
-            self.error(path, m);
-        }
-        p
+    fn ca_file(&mut self, path: &str, file: &str) -> Option<CaBundle> {
+        CaBundle::load(Path::new(file))
+            .map_err(|e| self.error(path, e.to_string()))
+            .ok()
     }
 
     fn deployments(&mut self, raw: Vec<serde_yaml_ng::Value>) -> Named<Deployment> {
@@ -697,11 +739,11 @@ impl Validator<'_> {
                 "needs `api_key_env` to name the provider key",
             );
         }
-        let ca_file = d
+        let ca = d
             .ca_file
             .as_ref()
-            .map(|f| self.ca_file(&format!("{path}.ca_file"), f));
-        if ca_file.is_some() && base_url.as_ref().is_some_and(|u| !u.tls) {
+            .and_then(|f| self.ca_file(&format!("{path}.ca_file"), f));
+        if d.ca_file.is_some() && base_url.as_ref().is_some_and(|u| !u.tls) {
             self.error(format!("{path}.ca_file"), "only applies to https base URLs");
         }
         let defaults = Timeouts::default();
@@ -735,7 +777,7 @@ impl Validator<'_> {
             api_key,
             auth,
             model: d.model,
-            ca_file,
+            ca,
             timeouts,
             rpm,
             tpm,

@@ -6,8 +6,8 @@
 
 pub mod health;
 pub mod probe;
-pub mod tls;
 
+pub use crate::config::Policy;
 use crate::config::{AuthStyle, Config, Price, Timeouts};
 use crate::quota::ProviderLimiter;
 use crate::quota::admission::PoolGate;
@@ -31,28 +31,6 @@ pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
-}
-
-/// How a pool chooses among its healthy members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// By weight, round robin (`pingora-load-balancing`).
-    Weighted,
-    /// The lowest time-to-first-byte EWMA; one request in twenty goes by
-    /// weight so that the others' figures stay fresh.
-    LeastLatency,
-    /// The cheapest by price (input + output per token); ties by weight.
-    Cost,
-}
-
-impl Policy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::Weighted => "weighted",
-            Policy::LeastLatency => "least_latency",
-            Policy::Cost => "cost",
-        }
-    }
 }
 
 /// One deployment ready to be called: a provider endpoint, its key and the
@@ -650,9 +628,9 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
     o.alpn = if d.http2 { ALPN::H2H1 } else { ALPN::H1 };
     o.verify_cert = true;
     o.verify_hostname = true;
-    let ca = d.ca_file.as_ref().or(config.upstream_ca_file.as_ref());
-    if let (true, Some(file)) = (url.tls, ca) {
-        o.ca = Some(Arc::from(tls::load_ca_file(file)?));
+    let ca = d.ca.as_ref().or(config.upstream_ca.as_ref());
+    if let (true, Some(ca)) = (url.tls, ca) {
+        o.ca = Some(Arc::clone(&ca.certs));
     }
     let auth = match (&d.auth, &d.api_key) {
         (AuthStyle::None, _) | (_, None) => None,

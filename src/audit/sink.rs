@@ -9,33 +9,9 @@ pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 
 use super::record::Record;
-use std::path::PathBuf;
-
-/// How to reach a sink (parsed from config or `--sink`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkSpec {
-    Sqlite(PathBuf),
-    Postgres { url: String, schema: Option<String> },
-}
+pub use crate::config::SinkSpec;
 
 impl SinkSpec {
-    /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
-    pub fn parse(text: &str) -> Result<SinkSpec, String> {
-        if let Some(path) = text.strip_prefix("sqlite:") {
-            return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
-        }
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            let (url, schema) = match text.split_once('#') {
-                Some((u, s)) => (u.to_string(), Some(s.to_string())),
-                None => (text.to_string(), None),
-            };
-            return Ok(SinkSpec::Postgres { url, schema });
-        }
-        Err(format!(
-            "`{text}` is not a sink: use sqlite:PATH or postgres://…"
-        ))
-    }
-
     /// Open the sink, its schema migrated to [`SCHEMA_VERSION`].
     pub fn open(&self) -> Result<Box<dyn Sink>, String> {
         match self {

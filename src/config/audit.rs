@@ -3,15 +3,41 @@
 
 use super::Validator;
 use super::raw::{RawAnomalies, RawAudit};
-use crate::audit::sink::SinkSpec;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// How to reach a sink (parsed from config or `--sink`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: Option<String> },
+}
+
+impl SinkSpec {
+    /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
+    pub fn parse(text: &str) -> Result<SinkSpec, String> {
+        if let Some(path) = text.strip_prefix("sqlite:") {
+            return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            let (url, schema) = match text.split_once('#') {
+                Some((u, s)) => (u.to_string(), Some(s.to_string())),
+                None => (text.to_string(), None),
+            };
+            return Ok(SinkSpec::Postgres { url, schema });
+        }
+        Err(format!(
+            "`{text}` is not a sink: use sqlite:PATH or postgres://…"
+        ))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     /// `None`: auditing is off.
     pub sink: Option<SinkSpec>,
     /// The name of this sidecar's hash chain. `None`: the host name and a
-    /// random suffix, new on every start (see [`crate::audit::sidecar_id`]).
+    /// random suffix, new on every start (see `audit::sidecar_id`).
     pub sidecar_id: Option<String>,
     pub queue: usize,
     /// Request bodies waiting to be hashed, at most.
