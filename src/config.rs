@@ -20,12 +20,14 @@ use raw::{
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 pub use tls::{CaBundle, CaError};
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub const DEFAULT_PRIORITY: u8 = 3;
@@ -39,8 +41,8 @@ const MAX_HEADERS_CEILING: usize = 250;
 /// this struct; names were resolved during validation.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: String,
-    pub admin_listen: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
     pub threads: usize,
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
@@ -568,14 +570,16 @@ impl Validator<'_> {
             self.duration("drain_timeout", &raw.drain_timeout, Duration::from_secs(30));
         let upstream_keepalive_pool =
             self.positive("upstream_keepalive_pool", raw.upstream_keepalive_pool, 1024);
-        let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let admin_listen = raw
-            .admin_listen
-            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
-        self.check_listen("listen", &listen);
-        self.check_listen("admin_listen", &admin_listen);
-        if listen == admin_listen {
-            self.error("admin_listen", "must differ from `listen`");
+        let listen = self.listen("listen", raw.listen.as_deref(), DEFAULT_LISTEN);
+        let admin_listen = self.listen(
+            "admin_listen",
+            raw.admin_listen.as_deref(),
+            DEFAULT_ADMIN_LISTEN,
+        );
+        if let (Some(l), Some(a)) = (listen, admin_listen) {
+            if l == a {
+                self.error("admin_listen", "must differ from `listen`");
+            }
         }
 
         let upstream_ca = raw
@@ -607,8 +611,8 @@ impl Validator<'_> {
         );
 
         Config {
-            listen,
-            admin_listen,
+            listen: listen.unwrap_or(DEFAULT_LISTEN),
+            admin_listen: admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
             threads,
             max_body_bytes,
             max_json_depth,
@@ -633,9 +637,22 @@ impl Validator<'_> {
         }
     }
 
-    fn check_listen(&mut self, path: &str, addr: &str) {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
-            self.error(path, format!("`{addr}` is not an IP:port address"));
+    /// An `IP:port` to listen on; `None` when it is not one (reported).
+    fn listen(
+        &mut self,
+        path: &str,
+        text: Option<&str>,
+        default: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let Some(text) = text else {
+            return Some(default);
+        };
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(path, format!("`{text}` is not an IP:port address"));
+                None
+            }
         }
     }
 

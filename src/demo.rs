@@ -45,10 +45,10 @@ pub fn run(options: DemoOptions) -> Result<(), String> {
     };
     let mut config = Config::from_yaml(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
     if let Some(l) = &options.listen {
-        config.listen = l.clone();
+        config.listen = l.parse().map_err(|e| format!("--listen {l}: {e}"))?;
     }
     if let Some(l) = &options.admin_listen {
-        config.admin_listen = l.clone();
+        config.admin_listen = l.parse().map_err(|e| format!("--admin-listen {l}: {e}"))?;
     }
     for d in &mut config.deployments {
         if let Some(i) = MOCK_PORTS.iter().position(|p| *p == d.base_url.port) {

@@ -82,11 +82,7 @@ impl Collie {
     /// Build every service from a validated config. `config_path` enables
     /// reloading that file on SIGHUP.
     pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Collie, String> {
-        let listen: SocketAddr = config.listen.parse().map_err(|e| format!("listen: {e}"))?;
-        let admin_listen: SocketAddr = config
-            .admin_listen
-            .parse()
-            .map_err(|e| format!("admin_listen: {e}"))?;
+        let (listen, admin_listen) = (config.listen, config.admin_listen);
         let conf = ServerConf {
             threads: config.threads,
             // A graceful stop first waits for the requests in flight (see
