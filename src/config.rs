@@ -13,6 +13,7 @@ mod tls;
 
 pub use audit::{AnomalySettings, AuditSettings, SinkSpec, Webhook};
 pub use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
+use http::{HeaderName, HeaderValue};
 pub use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
@@ -36,6 +37,9 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
 /// The HTTP/1 parser below Collie stops at 256 header fields.
 const MAX_HEADERS_CEILING: usize = 250;
+/// Routing gives each deployment a synthetic 16-bit identity (see
+/// `routing::identity_backend`).
+const MAX_DEPLOYMENTS: usize = u16::MAX as usize;
 
 /// The validated configuration. Indices (`usize`) refer into the vectors of
 /// this struct; names were resolved during validation.
@@ -203,6 +207,12 @@ pub struct Deployment {
     pub api_key: Option<Secret>,
     pub auth: AuthStyle,
     pub model: String,
+    /// `model`, ready for the `x-collie-model` response header.
+    pub model_header: HeaderValue,
+    /// The header carrying the provider key, marked sensitive so HPACK never
+    /// indexes it (and its `Debug` says only "Sensitive"). `None` when no
+    /// key is sent.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
     /// The deployment's own trust roots (`ca_file`), loaded.
     pub ca: Option<CaBundle>,
     /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
@@ -253,22 +263,39 @@ pub struct BaseUrl {
     pub port: u16,
     /// Without a trailing slash; empty when the URL has no path.
     pub path_prefix: String,
+    /// [`BaseUrl::authority`], ready for the `Host` header.
+    pub host_header: HeaderValue,
 }
 
 impl BaseUrl {
     /// The `Host` header value: the port is left out when it is the scheme's default.
     pub fn authority(&self) -> String {
-        let default_port = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", self.port)
+        authority_of(self.tls, &self.host, self.port)
+    }
+
+    /// Point at another port (the demo moves its mock providers), keeping
+    /// the `Host` header in step.
+    pub fn set_port(&mut self, port: u16) {
+        self.port = port;
+        // The host was a valid header value already and a port adds only
+        // digits, so this cannot fail.
+        if let Ok(v) = HeaderValue::from_str(&self.authority()) {
+            self.host_header = v;
         }
+    }
+}
+
+fn authority_of(tls: bool, host: &str, port: u16) -> String {
+    let default_port = if tls { 443 } else { 80 };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -503,8 +530,8 @@ impl Validator<'_> {
                 self.error(path, "must be > 0");
                 default
             }
-            Some(Err(m)) => {
-                self.error(path, m);
+            Some(Err(e)) => {
+                self.error(path, e.to_string());
                 default
             }
         }
@@ -664,6 +691,12 @@ impl Validator<'_> {
 
     fn deployments(&mut self, raw: Vec<serde_yaml_ng::Value>) -> Named<Deployment> {
         let mut out = Named::default();
+        if raw.len() > MAX_DEPLOYMENTS {
+            self.error(
+                "deployments",
+                format!("at most {MAX_DEPLOYMENTS} deployments"),
+            );
+        }
         for (i, value) in raw.into_iter().enumerate() {
             let path = format!("deployments[{i}]");
             let id_hint = id_of(&value, "id");
@@ -700,8 +733,8 @@ impl Validator<'_> {
         }
         let base_url = match parse_base_url(&d.base_url) {
             Ok(u) => Some(u),
-            Err(m) => {
-                self.error(format!("{path}.base_url"), m);
+            Err(e) => {
+                self.error(format!("{path}.base_url"), e.to_string());
                 None
             }
         };
@@ -756,6 +789,28 @@ impl Validator<'_> {
                 "needs `api_key_env` to name the provider key",
             );
         }
+        let auth_header = match (&api_key, &d.api_key_env) {
+            (Some(key), Some(name)) => auth_header(auth, key).unwrap_or_else(|_| {
+                // The message names the variable, never the value.
+                self.error(
+                    format!("{path}.api_key_env"),
+                    format!("environment variable `{name}` holds characters a header cannot carry"),
+                );
+                None
+            }),
+            _ => None,
+        };
+        let model_header = HeaderValue::from_str(&d.model)
+            .map_err(|_| {
+                self.error(
+                    format!("{path}.model"),
+                    format!(
+                        "`{}` cannot be sent as a header value (it is echoed in `x-collie-model`): no control characters",
+                        d.model.escape_debug()
+                    ),
+                )
+            })
+            .ok();
         let ca = d
             .ca_file
             .as_ref()
@@ -784,6 +839,7 @@ impl Validator<'_> {
         let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
         let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
         let base_url = base_url?;
+        let model_header = model_header?;
         if self.errors.len() > before {
             return None;
         }
@@ -794,6 +850,8 @@ impl Validator<'_> {
             api_key,
             auth,
             model: d.model,
+            model_header,
+            auth_header,
             ca,
             timeouts,
             rpm,
@@ -1135,6 +1193,24 @@ fn id_of(value: &serde_yaml_ng::Value, key: &str) -> Option<String> {
     value.get(key).and_then(|v| v.as_str()).map(str::to_string)
 }
 
+/// The header that carries a provider key in `style`; `None` for no key.
+fn auth_header(
+    style: AuthStyle,
+    key: &Secret,
+) -> Result<Option<(HeaderName, HeaderValue)>, http::header::InvalidHeaderValue> {
+    let (name, text) = match style {
+        AuthStyle::None => return Ok(None),
+        AuthStyle::Bearer => (
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", key.expose()),
+        ),
+        AuthStyle::ApiKey => (HeaderName::from_static("api-key"), key.expose().to_string()),
+    };
+    let mut value = HeaderValue::from_str(&text)?;
+    value.set_sensitive(true);
+    Ok(Some((name, value)))
+}
+
 /// `64 hex chars` → digest.
 pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -1142,55 +1218,82 @@ pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn parse_size(size: &RawSize) -> Result<usize, String> {
+/// Why a size is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("must be > 0")]
+    Negative,
+    #[error("too large")]
+    TooLarge,
+    #[error("`{0}` is not a size; write bytes or e.g. `32MiB`")]
+    NotASize(String),
+    #[error("unknown size unit `{0}`; use B, KiB, MiB or GiB")]
+    UnknownUnit(String),
+}
+
+fn parse_size(size: &RawSize) -> Result<usize, SizeError> {
     match size {
-        RawSize::Bytes(n) if *n >= 0 => usize::try_from(*n).map_err(|_| "too large".to_string()),
-        RawSize::Bytes(_) => Err("must be > 0".to_string()),
+        RawSize::Bytes(n) if *n >= 0 => usize::try_from(*n).map_err(|_| SizeError::TooLarge),
+        RawSize::Bytes(_) => Err(SizeError::Negative),
         RawSize::Text(t) => {
             let t = t.trim();
             let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
             let (num, unit) = t.split_at(split);
             let n: usize = num
                 .parse()
-                .map_err(|_| format!("`{t}` is not a size; write bytes or e.g. `32MiB`"))?;
+                .map_err(|_| SizeError::NotASize(t.to_string()))?;
             let mult: usize = match unit.trim() {
                 "" | "B" => 1,
                 "KiB" | "K" | "KB" => 1 << 10,
                 "MiB" | "M" | "MB" => 1 << 20,
                 "GiB" | "G" | "GB" => 1 << 30,
-                other => {
-                    return Err(format!(
-                        "unknown size unit `{other}`; use B, KiB, MiB or GiB"
-                    ));
-                }
+                other => return Err(SizeError::UnknownUnit(other.to_string())),
             };
-            n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+            n.checked_mul(mult).ok_or(SizeError::TooLarge)
         }
     }
 }
 
-fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
+/// Why a `base_url` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("`{text}` is not a URL: {reason}")]
+    NotAUrl { text: String, reason: String },
+    #[error("scheme `{0}` is not supported; use http or https")]
+    Scheme(String),
+    #[error("`{0}` needs a scheme (http:// or https://)")]
+    NoScheme(String),
+    #[error("`{0}` has no host")]
+    NoHost(String),
+    #[error("credentials in the URL are not allowed; use api_key_env")]
+    Credentials,
+    #[error("a query string is not allowed in base_url")]
+    Query,
+    #[error("`{0}`: the host cannot be sent as a `Host` header")]
+    HostHeader(String),
+}
+
+fn parse_base_url(text: &str) -> Result<BaseUrl, UrlError> {
     let uri: http::Uri = text
         .parse()
-        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        .map_err(|e: http::uri::InvalidUri| UrlError::NotAUrl {
+            text: text.to_string(),
+            reason: e.to_string(),
+        })?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        Some(other) => {
-            return Err(format!(
-                "scheme `{other}` is not supported; use http or https"
-            ));
-        }
-        None => return Err(format!("`{text}` needs a scheme (http:// or https://)")),
+        Some(other) => return Err(UrlError::Scheme(other.to_string())),
+        None => return Err(UrlError::NoScheme(text.to_string())),
     };
     let authority = uri
         .authority()
-        .ok_or_else(|| format!("`{text}` has no host"))?;
+        .ok_or_else(|| UrlError::NoHost(text.to_string()))?;
     if authority.as_str().contains('@') {
-        return Err("credentials in the URL are not allowed; use api_key_env".to_string());
+        return Err(UrlError::Credentials);
     }
     if uri.query().is_some() {
-        return Err("a query string is not allowed in base_url".to_string());
+        return Err(UrlError::Query);
     }
     let host = authority
         .host()
@@ -1198,15 +1301,18 @@ fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
         .trim_end_matches(']')
         .to_string();
     if host.is_empty() {
-        return Err(format!("`{text}` has no host"));
+        return Err(UrlError::NoHost(text.to_string()));
     }
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let path_prefix = uri.path().trim_end_matches('/').to_string();
+    let host_header = HeaderValue::from_str(&authority_of(tls, &host, port))
+        .map_err(|_| UrlError::HostHeader(text.to_string()))?;
     Ok(BaseUrl {
         tls,
         host,
         port,
         path_prefix,
+        host_header,
     })
 }
 
@@ -1259,6 +1365,8 @@ pricing:
     #[test]
     fn accepts_a_good_file() {
         let c = Config::from_yaml(&good(), &env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.tenants[0].priority, 1);
         assert_eq!(c.models[0].chain, vec![0]);
@@ -1269,6 +1377,14 @@ pricing:
         assert_eq!(d.base_url.authority(), "api.example.com");
         assert_eq!(d.auth, AuthStyle::Bearer);
         assert_eq!(d.api_key.as_ref().unwrap().expose(), "sk-a");
+        let (name, value) = d.auth_header.as_ref().unwrap();
+        assert_eq!(
+            (name.as_str(), value.as_bytes()),
+            ("authorization", &b"Bearer sk-a"[..])
+        );
+        assert!(value.is_sensitive());
+        assert_eq!(d.model_header, "gpt-x");
+        assert_eq!(d.base_url.host_header, "api.example.com");
         assert_eq!(d.timeouts.first_byte, Duration::from_secs(10));
         assert_eq!(c.pricing["gpt-x"].input_pico_per_token, 37_500);
         assert_eq!(c.pricing["gpt-x"].output_pico_per_token, 600_000);
@@ -1314,6 +1430,10 @@ deployments:
     base_url: http://127.0.0.1:9/v1
     api_key_env: BADKEY
     model: m
+  - id: e
+    base_url: http://127.0.0.1:9/v1
+    model: "gpt\x01x"
+    ca_file: /nonexistent/ca.pem
 "#
         );
         let errs = Config::from_yaml(&text, &env).unwrap_err();
@@ -1324,6 +1444,8 @@ deployments:
             "deployments[1].colour: unknown field `colour`",
             "deployments[2].id: duplicate deployment id `a`",
             "deployments[3].api_key_env: environment variable `BADKEY` holds characters",
+            "deployments[4].model: `gpt\\u{1}x` cannot be sent as a header value",
+            "deployments[4].ca_file: cannot read /nonexistent/ca.pem",
             "pools[0].deployments[0].weight: must be > 0",
             "pools[0].deployments[1].weight: must be > 0",
             "pools[0].deployments[2].deployment: unknown deployment `missing`",
@@ -1390,9 +1512,11 @@ deployments:
         assert_eq!(parse_size(&RawSize::Text("32MiB".into())), Ok(32 << 20));
         assert_eq!(parse_size(&RawSize::Bytes(10)), Ok(10));
         assert!(parse_size(&RawSize::Text("3 parsecs".into())).is_err());
-        let u = parse_base_url("http://127.0.0.1:9101").unwrap();
+        let mut u = parse_base_url("http://127.0.0.1:9101").unwrap();
         assert_eq!((u.tls, u.port, u.path_prefix.as_str()), (false, 9101, ""));
         assert_eq!(u.authority(), "127.0.0.1:9101");
+        u.set_port(80);
+        assert_eq!(u.host_header, "127.0.0.1");
         assert!(parse_base_url("https://user:pw@host/v1").is_err());
     }
 
@@ -1400,5 +1524,8 @@ deployments:
     fn secrets_do_not_print() {
         let s = Secret::new("sk-live-canary".into());
         assert!(!format!("{s:?}").contains("canary"));
+        // Nor through the header built from it.
+        let c = Config::from_yaml(&good(), &|_| Some("sk-live-canary".into())).unwrap();
+        assert!(!format!("{c:?}").contains("canary"));
     }
 }

@@ -52,7 +52,7 @@ pub fn run(options: DemoOptions) -> Result<(), String> {
     }
     for d in &mut config.deployments {
         if let Some(i) = MOCK_PORTS.iter().position(|p| *p == d.base_url.port) {
-            d.base_url.port = options.mock_ports[i];
+            d.base_url.set_port(options.mock_ports[i]);
         }
     }
     let latency = options.latency;

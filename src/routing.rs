@@ -8,7 +8,7 @@ pub mod health;
 pub mod probe;
 
 pub use crate::config::Policy;
-use crate::config::{AuthStyle, Config, Price, Timeouts};
+use crate::config::{Config, Price, Timeouts};
 use crate::quota::ProviderLimiter;
 use crate::quota::admission::PoolGate;
 use arc_swap::ArcSwap;
@@ -458,6 +458,25 @@ impl Drop for Lease {
     }
 }
 
+/// Why a router could not be built from a validated config. Validation
+/// refuses everything a config can get wrong here, so each of these is a
+/// fault of Collie's own, not of the file.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("more deployments than routing can number")]
+    TooManyDeployments,
+    #[error("deployment {deployment}: no load-balancing backend: {source}")]
+    Backend {
+        deployment: String,
+        source: pingora::BError,
+    },
+    #[error("pool {pool}: load balancer not updated: {source}")]
+    Pool {
+        pool: String,
+        source: pingora::BError,
+    },
+}
+
 /// Everything routing needs for one snapshot of the config.
 pub struct Router {
     pub pools: Vec<PoolRuntime>,
@@ -472,38 +491,30 @@ impl Router {
         config: &Config,
         previous: Option<&Router>,
         book: &HealthBook,
-    ) -> Result<Router, String> {
+    ) -> Result<Router, BuildError> {
         let mut upstreams = Vec::with_capacity(config.deployments.len());
-        let mut errors = Vec::new();
         // Applied only if the whole router builds: a rejected reload changes
         // nothing.
         let mut limiter_changes = Vec::new();
         let mut gate_changes = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
-            match build_upstream(config, index, book) {
-                Ok(mut u) => {
-                    if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
-                        u.blocked_until_ms.store(
-                            old.blocked_until_ms.load(Ordering::Relaxed),
-                            Ordering::Relaxed,
-                        );
-                        // The key's limiter lives on, its limits changed in
-                        // place (once the whole router is built): what it
-                        // counted this minute stays counted.
-                        if let (Some(l), true) = (&old.limiter, u.limiter.is_some()) {
-                            u.limiter = Some(Arc::clone(l));
-                            if old.limits != u.limits {
-                                limiter_changes.push((Arc::clone(l), u.limits));
-                            }
-                        }
+            let mut u = build_upstream(config, index, book);
+            if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
+                u.blocked_until_ms.store(
+                    old.blocked_until_ms.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                // The key's limiter lives on, its limits changed in
+                // place (once the whole router is built): what it
+                // counted this minute stays counted.
+                if let (Some(l), true) = (&old.limiter, u.limiter.is_some()) {
+                    u.limiter = Some(Arc::clone(l));
+                    if old.limits != u.limits {
+                        limiter_changes.push((Arc::clone(l), u.limits));
                     }
-                    upstreams.push(Arc::new(u));
                 }
-                Err(e) => errors.push(format!("deployments[{index}] ({}): {e}", d.id)),
             }
-        }
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
+            upstreams.push(Arc::new(u));
         }
         let mut pools = Vec::with_capacity(config.pools.len());
         for p in &config.pools {
@@ -519,7 +530,10 @@ impl Router {
                 Backends::new_with_health_registry(Static::new(set), Arc::clone(&book.registry));
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             // A static discovery never blocks, so this completes at once.
-            futures::executor::block_on(lb.update()).map_err(|e| format!("pool {}: {e}", p.id))?;
+            futures::executor::block_on(lb.update()).map_err(|source| BuildError::Pool {
+                pool: p.id.clone(),
+                source,
+            })?;
             // The gate (with the requests in flight and queued at it)
             // survives a reload; a changed budget is changed in place.
             let gate = match previous.and_then(|r| r.pools.iter().find(|o| o.id == p.id)) {
@@ -567,10 +581,15 @@ impl Router {
 /// deployments on one endpoint (two keys for the same provider) would collapse
 /// into one. Each deployment therefore gets a synthetic identity address; the
 /// real peer lives in [`Upstream`], found through `ext`.
-fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, String> {
-    let port = u16::try_from(index + 1).map_err(|_| "too many deployments".to_string())?;
-    let mut b = Backend::new_with_weight(&format!("0.0.0.0:{port}"), weight as usize)
-        .map_err(|e| e.to_string())?;
+fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, BuildError> {
+    // Validation allows at most `u16::MAX` deployments.
+    let port = u16::try_from(index + 1).map_err(|_| BuildError::TooManyDeployments)?;
+    let mut b = Backend::new_with_weight(&format!("0.0.0.0:{port}"), weight as usize).map_err(
+        |source| BuildError::Backend {
+            deployment: id.to_string(),
+            source,
+        },
+    )?;
     b.ext.insert(index);
     // Probes find the deployment by id, which survives reloads.
     b.ext.insert(DeploymentKey(Arc::from(id)));
@@ -596,7 +615,9 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{host} resolved to no address"))
 }
 
-fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Upstream, String> {
+/// A deployment ready to be called. Nothing here can fail on a validated
+/// config: a host that does not resolve is retried in the background.
+fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream {
     let d = &config.deployments[index];
     let url = &d.base_url;
     let dns_name = url
@@ -632,34 +653,17 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
     if let (true, Some(ca)) = (url.tls, ca) {
         o.ca = Some(Arc::clone(&ca.certs));
     }
-    let auth = match (&d.auth, &d.api_key) {
-        (AuthStyle::None, _) | (_, None) => None,
-        (style, Some(key)) => {
-            let (name, text) = match style {
-                AuthStyle::Bearer => (
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", key.expose()),
-                ),
-                _ => (HeaderName::from_static("api-key"), key.expose().to_string()),
-            };
-            let mut value = HeaderValue::from_str(&text)
-                .map_err(|_| format!("the key in {} is not a valid header value", d.id))?;
-            value.set_sensitive(true);
-            Some((name, value))
-        }
-    };
-    Ok(Upstream {
+    Upstream {
         index,
         id: d.id.clone(),
         peer: ArcSwap::from_pointee(peer),
         dns_name,
         unresolved: AtomicBool::new(unresolved),
         model: d.model.clone(),
-        model_header: HeaderValue::from_str(&d.model)
-            .map_err(|_| "the model name is not a valid header value".to_string())?,
-        host: HeaderValue::from_str(&url.authority()).map_err(|e| e.to_string())?,
+        model_header: d.model_header.clone(),
+        host: url.host_header.clone(),
         path_prefix: url.path_prefix.clone(),
-        auth,
+        auth: d.auth_header.clone(),
         key_mask: d
             .api_key
             .as_ref()
@@ -670,7 +674,7 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
         limits: (d.rpm, d.tpm),
         limiter: ProviderLimiter::new(d.rpm, d.tpm).map(Arc::new),
         health: book.health(&d.id, d.health),
-    })
+    }
 }
 
 #[cfg(test)]

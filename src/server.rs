@@ -101,7 +101,7 @@ impl Collie {
 
         let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
         let book = HealthBook::new(metrics.health.clone(), 64);
-        let state = Arc::new(State::new(config, Arc::clone(&book))?);
+        let state = Arc::new(State::new(config, Arc::clone(&book)).map_err(|e| e.to_string())?);
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
             .map_err(|e| format!("metrics: {e}"))?;
         let (auditor, audit) = match crate::audit::start(&state.load().config.audit, audit_metrics)?
@@ -569,7 +569,7 @@ impl BackgroundService for Reloader {
             }
             let loaded = Config::load(&self.path)
                 .map_err(|e| e.to_string())
-                .and_then(|c| self.state.reload(c));
+                .and_then(|c| self.state.reload(c).map_err(|e| e.to_string()));
             match loaded {
                 Ok(()) => log::info!("reloaded {}", self.path.display()),
                 Err(e) => log::error!(

@@ -5,8 +5,8 @@
 
 use crate::config::{Config, Model};
 use crate::quota::{Calendar, Ledger, TenantLedger};
-use crate::routing::Router;
 use crate::routing::probe::HealthBook;
+use crate::routing::{BuildError, Router};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         ledger: &Ledger,
         book: &HealthBook,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, BuildError> {
         let router = Router::build(&config, previous.map(|p| &p.router), book)?;
         let model_index = config
             .models
@@ -97,7 +97,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, String> {
+    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, BuildError> {
         let ledger = Ledger::default();
         let snapshot = Snapshot::build(config, None, &ledger, &health)?;
         Ok(State {
@@ -112,7 +112,7 @@ impl State {
     }
 
     /// Replace the whole snapshot; requests already running keep the old one.
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let old = self.current.load_full();
         let next = Snapshot::build(config, Some(&old), &self.ledger, &self.health)?;
         self.current.store(Arc::new(next));

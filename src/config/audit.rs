@@ -163,8 +163,8 @@ impl Validator<'_> {
         };
         let queue_bytes = match &a.queue_bytes {
             None => 64 << 20,
-            Some(size) => super::parse_size(size).unwrap_or_else(|m| {
-                self.error("audit.queue_bytes", m);
+            Some(size) => super::parse_size(size).unwrap_or_else(|e| {
+                self.error("audit.queue_bytes", e.to_string());
                 64 << 20
             }),
         };
@@ -188,8 +188,8 @@ impl Validator<'_> {
                             self.error("audit.retention.max_bytes", "must be > 0");
                             None
                         }
-                        Err(m) => {
-                            self.error("audit.retention.max_bytes", m);
+                        Err(e) => {
+                            self.error("audit.retention.max_bytes", e.to_string());
                             None
                         }
                     }),
