@@ -11,7 +11,7 @@ mod quota;
 mod raw;
 mod tls;
 
-pub use audit::{AnomalySettings, AuditSettings, SinkSpec, Webhook};
+pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
 pub use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
 pub use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};

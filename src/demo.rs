@@ -82,7 +82,7 @@ pub fn run(options: DemoOptions) -> Result<(), String> {
         }
         Ok::<_, String>(mocks)
     })?;
-    let collie = Collie::build(config, None)?;
+    let collie = Collie::build(config, None).map_err(|e| e.to_string())?;
     log::info!(
         "demo ready: mock providers on 127.0.0.1:{} and :{}; try\n  curl -s http://{}/v1/chat/completions -H 'X-Tenant-ID: team-a' -H 'Authorization: Bearer sk-demo-team-a' -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\nmetrics: http://{}/metrics",
         options.mock_ports[0],

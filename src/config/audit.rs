@@ -13,9 +13,18 @@ pub enum SinkSpec {
     Postgres { url: String, schema: Option<String> },
 }
 
+/// Why `--sink` names no sink.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkSpecError {
+    #[error("`{0}` is not a sink: use sqlite:PATH or postgres://…")]
+    NotASink(String),
+    #[error("postgres: schema `{0}` must be letters, digits and _")]
+    SchemaName(String),
+}
+
 impl SinkSpec {
     /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
-    pub fn parse(text: &str) -> Result<SinkSpec, String> {
+    pub fn parse(text: &str) -> Result<SinkSpec, SinkSpecError> {
         if let Some(path) = text.strip_prefix("sqlite:") {
             return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
         }
@@ -24,12 +33,19 @@ impl SinkSpec {
                 Some((u, s)) => (u.to_string(), Some(s.to_string())),
                 None => (text.to_string(), None),
             };
+            if let Some(s) = schema.as_deref().filter(|s| !is_schema_name(s)) {
+                return Err(SinkSpecError::SchemaName(s.to_string()));
+            }
             return Ok(SinkSpec::Postgres { url, schema });
         }
-        Err(format!(
-            "`{text}` is not a sink: use sqlite:PATH or postgres://…"
-        ))
+        Err(SinkSpecError::NotASink(text.to_string()))
     }
+}
+
+/// A PostgreSQL schema name Collie accepts: it is written into SQL, so
+/// letters, digits and `_` only.
+pub fn is_schema_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +162,7 @@ impl Validator<'_> {
             }
         };
         if let Some(s) = &a.postgres_schema {
-            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if !is_schema_name(s) {
                 self.error("audit.postgres_schema", "letters, digits and _ only");
             }
         }
