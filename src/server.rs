@@ -647,15 +647,14 @@ impl BackgroundService for Reloader {
                 _ = hup.recv() => {}
                 _ = shutdown.changed() => return,
             }
-            let loaded = Config::load(&self.path)
-                .map_err(|e| e.to_string())
-                .and_then(|c| self.state.reload(c).map_err(|e| e.to_string()));
-            match loaded {
-                Ok(()) => log::info!("reloaded {}", self.path.display()),
-                Err(e) => log::error!(
-                    "kept the running config; {} is invalid:\n{e}",
-                    self.path.display()
-                ),
+            // Reading the file and resolving deployments' host names
+            // block: off the async workers, so a slow DNS server cannot
+            // stall the requests they serve.
+            let (state, path) = (Arc::clone(&self.state), self.path.clone());
+            match tokio::task::spawn_blocking(move || state.reload_file(&path)).await {
+                Ok(Ok(())) => log::info!("reloaded {}", self.path.display()),
+                Ok(Err(e)) => log::error!("kept the running config; {e}"),
+                Err(e) => log::error!("kept the running config; the reload did not finish: {e}"),
             }
         }
     }
