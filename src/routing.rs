@@ -80,16 +80,19 @@ impl Upstream {
     /// addresses; pinning the first answer forever would fail every connect
     /// after such a change). Connections pooled to the old address are left
     /// to their idle timeout. Returns the new address when it changed.
-    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, String> {
+    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, DnsError> {
         let Some((host, port)) = &self.dns_name else {
             return Ok(None);
         };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|source| DnsError::Lookup {
+                host: host.clone(),
+                source,
+            })?
             .collect();
         if addrs.is_empty() {
-            return Err(format!("{host} resolved to no address"));
+            return Err(DnsError::NoAddress { host: host.clone() });
         }
         let current = self.peer.load();
         let unresolved = self.unresolved.load(Ordering::Acquire);
@@ -607,12 +610,30 @@ fn moved_address(current: Option<&SocketAddr>, answers: &[SocketAddr]) -> Option
 /// How often deployments' host names are resolved again.
 pub const DNS_REFRESH: Duration = Duration::from_secs(30);
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+/// Why a deployment's host name gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
+}
+
+/// Blocking: the caller is at start, or a reload off the async workers.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, DnsError> {
     (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map_err(|source| DnsError::Lookup {
+            host: host.to_string(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("{host} resolved to no address"))
+        .ok_or_else(|| DnsError::NoAddress {
+            host: host.to_string(),
+        })
 }
 
 /// A deployment ready to be called. Nothing here can fail on a validated
