@@ -22,9 +22,12 @@ pub enum SinkError {
     },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: cannot connect ({0}); is the server running and the URL right?")]
+    #[error(
+        "postgres: cannot connect ({}); is the server running and the URL right?",
+        with_causes(.0)
+    )]
     Connect(#[source] ::postgres::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", with_causes(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error("postgres: schema `{0}` must be letters, digits and _")]
     SchemaName(String),
@@ -32,6 +35,20 @@ pub enum SinkError {
         "the audit trail's schema is version {found}, newer than this collie knows ({known}); run a newer collie"
     )]
     NewerSchema { found: i64, known: i64 },
+}
+
+/// An error and its causes, `: `-separated. The PostgreSQL client's own
+/// text is only the kind ("db error", "error connecting to server"); what
+/// happened (the server's message, "connection refused") is in its causes.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 // Opening is the audit module's work; the spec itself is config.
