@@ -614,6 +614,18 @@ impl Validator<'_> {
             .and_then(|v| self.item::<RawUpstreamTls>("upstream_tls", v))
             .and_then(|t| t.ca_file)
             .and_then(|f| self.ca_file("upstream_tls.ca_file", &f));
+        // The gateway's connector reads this file again, itself, and
+        // refuses (at start, with a panic) a bundle that holds anything
+        // but certificates.
+        if let Some(ca) = upstream_ca.as_ref().filter(|ca| ca.other_items > 0) {
+            self.error(
+                "upstream_tls.ca_file",
+                format!(
+                    "{} holds something other than certificates (a private key?); keep only the CA certificates in it",
+                    ca.path.display()
+                ),
+            );
+        }
 
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());

@@ -732,6 +732,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn peers_take_the_ca_certificates_validation_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, params.self_signed(&key).unwrap().pem()).unwrap();
+        let text = format!(
+            "upstream_tls: {{ca_file: \"{}\"}}\nmodels:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: d}}]}}\ndeployments:\n  - {{id: d, base_url: \"https://127.0.0.1:9/v1\", model: m}}\n",
+            file.display()
+        );
+        let c = Config::from_yaml(&text, &|_| None).unwrap();
+        // Nothing reads the file after validation.
+        std::fs::remove_file(&file).unwrap();
+        let r = Router::build(&c, None, &book()).unwrap();
+        let ca = r.upstreams[0].peer().options.ca.clone().unwrap();
+        assert_eq!(ca.len(), 1);
+    }
+
     fn book() -> Arc<HealthBook> {
         HealthBook::new(
             probe::HealthMetrics::new(&prometheus::Registry::new()).unwrap(),

@@ -16,6 +16,9 @@ pub struct CaBundle {
     /// Where it was read from (for messages, and for connectors that take a path).
     pub path: PathBuf,
     pub certs: Arc<[WrappedX509]>,
+    /// PEM items that are not certificates (a key kept in the same file):
+    /// skipped here, refused by Pingora's connector when it reads the file.
+    pub(super) other_items: usize,
 }
 
 impl fmt::Debug for CaBundle {
@@ -23,6 +26,7 @@ impl fmt::Debug for CaBundle {
         f.debug_struct("CaBundle")
             .field("path", &self.path)
             .field("certs", &self.certs.len())
+            .field("other_items", &self.other_items)
             .finish()
     }
 }
@@ -45,6 +49,11 @@ pub enum CaError {
         path: PathBuf,
         source: x509_parser::nom::Err<x509_parser::error::X509Error>,
     },
+    #[error("{}: not usable as a trust root: {source}", path.display())]
+    NotAnAnchor {
+        path: PathBuf,
+        source: pingora::tls::RusTlsError,
+    },
     #[error("{}: no certificates found", path.display())]
     Empty { path: PathBuf },
 }
@@ -58,11 +67,25 @@ impl CaBundle {
         })?;
         let mut reader = std::io::BufReader::new(pem.as_slice());
         let mut certs = Vec::new();
-        for item in rustls_pemfile::certs(&mut reader) {
-            let der = item.map_err(|source| CaError::NotPem {
+        let mut other_items = 0;
+        // What the TLS connector does with each certificate, so that a
+        // bundle accepted here is one a handshake can use.
+        let mut roots = pingora::tls::RootCertStore::empty();
+        for item in rustls_pemfile::read_all(&mut reader) {
+            let item = item.map_err(|source| CaError::NotPem {
                 path: path.to_path_buf(),
                 source,
             })?;
+            let rustls_pemfile::Item::X509Certificate(der) = item else {
+                other_items += 1;
+                continue;
+            };
+            roots
+                .add(der.clone())
+                .map_err(|source| CaError::NotAnAnchor {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             let cert = WrappedX509::try_new(der.as_ref().to_vec(), |raw| {
                 x509_parser::parse_x509_certificate(raw).map(|(_, cert)| cert)
             })
@@ -80,6 +103,56 @@ impl CaBundle {
         Ok(CaBundle {
             path: path.to_path_buf(),
             certs: Arc::from(certs),
+            other_items,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn yaml(file: &std::path::Path) -> String {
+        let f = file.display();
+        format!(
+            "upstream_tls: {{ca_file: \"{f}\"}}\nmodels:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: d}}]}}\ndeployments:\n  - {{id: d, base_url: \"https://x.test/v1\", model: m, ca_file: \"{f}\"}}\n"
+        )
+    }
+
+    #[test]
+    fn bundles_are_loaded_and_checked_like_the_connector_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        let c = Config::from_yaml(&yaml(&good), &|_| None).unwrap();
+        assert_eq!(c.upstream_ca.as_ref().unwrap().certs.len(), 1);
+        assert_eq!(c.deployments[0].ca.as_ref().unwrap().certs.len(), 1);
+        // A key in the same file: the connector that reads
+        // `upstream_tls.ca_file` itself refuses it, so validation does.
+        let with_key = dir.path().join("ca-and-key.pem");
+        std::fs::write(&with_key, ca.pem() + &key.serialize_pem()).unwrap();
+        let errs = Config::from_yaml(&yaml(&with_key), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("upstream_tls.ca_file: ") && errs.contains("other than certificates"),
+            "{errs}"
+        );
+        assert!(!errs.contains("deployments[0]"), "{errs}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not pem at all\n").unwrap();
+        let errs = Config::from_yaml(&yaml(&empty), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("deployments[0].ca_file: ") && errs.contains("no certificates found"),
+            "{errs}"
+        );
     }
 }
