@@ -12,8 +12,9 @@
 use super::body::{AttemptBody, Inspected};
 use super::error::stream_error_event;
 use super::redact::{KeyMask, Redactor};
-use super::{Endpoint, Gateway, GatewayError, RequestCtx};
+use super::{Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
+use crate::outcome::{Attempt, Cut, Endpoint, Failure};
 use crate::quota::admission::{Pressure, provider_pressure};
 use crate::routing::health::Outcome;
 use crate::routing::{Lease, Pick, Router, Upstream, now_ms};
@@ -41,62 +42,6 @@ pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const DISCARD_LIMIT: usize = 64 << 10;
 /// … or takes longer than this in all.
 const DISCARD_TIME: Duration = Duration::from_secs(2);
-
-/// How one attempt ended without being passed to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    Connect(String),
-    Timeout,
-    Broken(String),
-    Status(u16),
-    /// The client left before the response head arrived.
-    Abandoned,
-    /// The request's deadline passed while the attempt waited.
-    Deadline,
-    /// A graceful stop cut the attempt off.
-    Shutdown,
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Connect(e) => write!(f, "connect failed ({e})"),
-            Failure::Timeout => f.write_str("no response head before the first-byte timeout"),
-            Failure::Broken(e) => write!(f, "connection failed ({e})"),
-            Failure::Status(s) => write!(f, "HTTP {s}"),
-            Failure::Abandoned => f.write_str("the client left before the response"),
-            Failure::Deadline => f.write_str("cut off by the request deadline"),
-            Failure::Shutdown => f.write_str("cut off by the gateway's shutdown"),
-        }
-    }
-}
-
-impl Failure {
-    /// Label for the attempts metric.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Failure::Connect(_) => "connect_error",
-            Failure::Timeout => "timeout",
-            Failure::Broken(_) => "broken",
-            Failure::Status(429) => "status_429",
-            Failure::Status(_) => "status_5xx",
-            Failure::Abandoned => "client_gone",
-            Failure::Deadline => "deadline",
-            Failure::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// One attempt as recorded on the request.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    pub upstream: usize,
-    pub outcome: Result<u16, Failure>,
-    /// Tokens taken from the deployment's own per-minute limit.
-    pub tokens_taken: u64,
-    /// Position in the fallback chain of the pool it was made in.
-    pub position: usize,
-}
 
 /// Why no attempt was made in a pool, kept for the final answer.
 #[derive(Default)]
@@ -127,7 +72,12 @@ pub async fn run(
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
-    ctx.fallback = fallback(&ctx.attempts, ctx.served, chain, &snap.router);
+    ctx.exchange.fallback = fallback(
+        &ctx.exchange.attempts,
+        ctx.exchange.served,
+        chain,
+        &snap.router,
+    );
     result
 }
 
@@ -174,12 +124,13 @@ async fn attempts(
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
-    let inject_usage = inspected.needs_usage_injection(ctx.endpoint.supports_stream_options());
+    let inject_usage =
+        inspected.needs_usage_injection(ctx.caller.endpoint.supports_stream_options());
     let mut tried: Vec<usize> = Vec::with_capacity(chain.len());
     let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;
-    let tokens = ctx.tokens_estimate;
+    let tokens = ctx.request.tokens_estimate;
     let deadline = ctx.started + snap.config.request_deadline;
     let mut out_of_time = false;
     'chain: for (position, &pool) in chain.iter().enumerate() {
@@ -203,17 +154,20 @@ async fn attempts(
             None if !is_last => continue,
             None => {
                 let waited = Instant::now();
-                let wait = ctx.max_wait.min(deadline.saturating_duration_since(waited));
+                let wait = ctx
+                    .caller
+                    .max_wait
+                    .min(deadline.saturating_duration_since(waited));
                 // A client that hangs up while queued leaves the queue at
                 // once (dropping the wait gives its place, or a slot just
                 // handed to it, back) and nothing is sent upstream.
                 let acquired = until_interrupted(
                     session,
                     &gw.lifecycle.cut,
-                    pool_rt.gate.acquire(ctx.priority, wait),
+                    pool_rt.gate.acquire(ctx.caller.priority, wait),
                 )
                 .await;
-                ctx.queued = Some(waited.elapsed());
+                ctx.exchange.queued = Some(waited.elapsed());
                 match acquired {
                     Ok(Ok(p)) => p,
                     Ok(Err(t)) => {
@@ -225,7 +179,7 @@ async fn attempts(
                     Err(Interrupt::ClientGone) => {
                         // Not a refusal: admitted, then abandoned by the
                         // client (the audit record says `client_gone`).
-                        ctx.client_gone = true;
+                        ctx.response.client_gone = true;
                         // Nobody to answer; the connection is not reused.
                         session.set_keepalive(None);
                         return Ok(());
@@ -250,7 +204,7 @@ async fn attempts(
                     Ok(()) => {}
                     Err(Interrupt::Cut) => return Err(GatewayError::ShuttingDown),
                     Err(Interrupt::ClientGone) => {
-                        ctx.client_gone = true;
+                        ctx.response.client_gone = true;
                         return Err(GatewayError::ClientClosed);
                     }
                 }
@@ -274,12 +228,12 @@ async fn attempts(
             let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-            let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
+            let header = upstream_request(session.req_header(), &upstream, ctx.caller.endpoint)?;
             let sent = Instant::now();
             // The deployment's connect and first-byte timeouts apply inside;
             // the deadline caps the attempt as a whole.
             let record = |ctx: &mut RequestCtx, outcome| {
-                ctx.attempts.push(Attempt {
+                ctx.exchange.attempts.push(Attempt {
                     upstream: upstream.index,
                     outcome,
                     tokens_taken: tokens,
@@ -305,7 +259,7 @@ async fn attempts(
                 Err(Interrupt::ClientGone) => {
                     record(ctx, Err(Failure::Abandoned));
                     lease.recorded();
-                    ctx.client_gone = true;
+                    ctx.response.client_gone = true;
                     return Err(GatewayError::ClientClosed);
                 }
                 Err(Interrupt::Cut) => {
@@ -378,7 +332,12 @@ async fn attempts(
     if out_of_time {
         return Err(GatewayError::DeadlineExceeded);
     }
-    Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
+    Err(all_failed(
+        snap,
+        &ctx.exchange.attempts,
+        &skipped,
+        last_retry_after,
+    ))
 }
 
 /// What stopped a piece of work before it finished.
@@ -817,15 +776,15 @@ async fn relay(
             return;
         }
     };
-    ctx.status = status;
-    ctx.served = Some(up.index);
-    ctx.streamed = is_sse;
+    ctx.response.status = status;
+    ctx.exchange.served = Some(up.index);
+    ctx.response.streamed = is_sse;
     if session
         .write_response_header(Box::new(resp), false)
         .await
         .is_err()
     {
-        ctx.client_gone = true;
+        ctx.response.client_gone = true;
         http.shutdown().await;
         return;
     }
@@ -871,12 +830,12 @@ async fn relay(
                 if batch.is_empty() {
                     continue;
                 }
-                if ctx.first_byte.is_none() {
-                    ctx.first_byte = Some(Instant::now());
+                if ctx.response.first_byte.is_none() {
+                    ctx.response.first_byte = Some(Instant::now());
                 }
                 let keep = ctx.snapshot.config.audit.preview_bytes;
                 if keep > 0 && (200..300).contains(&status) {
-                    let p = ctx.preview.get_or_insert_with(Vec::new);
+                    let p = ctx.response.preview.get_or_insert_with(Vec::new);
                     for out in &batch {
                         let room = keep.saturating_sub(p.len());
                         p.extend_from_slice(&out[..room.min(out.len())]);
@@ -904,12 +863,11 @@ async fn relay(
                 break;
             }
             Next::Upstream(Err(e)) => {
-                ctx.truncated = true;
                 let detail = match e.etype() {
                     ErrorType::ReadTimedout => "no data within the idle timeout",
                     other => other.as_str(),
                 };
-                ctx.broken = Some(detail);
+                ctx.response.cut = Some(Cut::Upstream(detail));
                 log::info!(
                     "request {}: upstream {} broke mid-response: {detail}",
                     ctx.id,
@@ -921,26 +879,25 @@ async fn relay(
                 break;
             }
             Next::ClientGone => {
-                ctx.client_gone = true;
+                ctx.response.client_gone = true;
                 // Dropping the connection is what tells the provider to stop generating.
                 http.shutdown().await;
                 session.set_keepalive(None);
                 break;
             }
             Next::Cut => {
-                ctx.truncated = true;
-                ctx.broken = Some(CUT_BY_SHUTDOWN);
+                ctx.response.cut = Some(Cut::Shutdown);
                 log::info!("request {}: cut off by the graceful stop", ctx.id);
                 http.shutdown().await;
-                let message = format!("stream cut off by the gateway: {CUT_BY_SHUTDOWN}");
+                let message = format!("stream cut off by the gateway: {}", Cut::Shutdown.reason());
                 end_cut_response(session, ctx, &mut passage, &message).await;
                 break;
             }
         }
     }
-    ctx.usage = match passage.observer {
+    ctx.response.usage = match passage.observer {
         Observer::Sse(o) => {
-            ctx.delivered_estimate = o.delivered_tokens();
+            ctx.response.delivered_estimate = o.delivered_tokens();
             o.usage()
         }
         // Usage the provider reported counts even when the client left or
@@ -951,11 +908,6 @@ async fn relay(
     };
 }
 
-/// Why a response was cut off by a graceful stop, as recorded.
-const CUT_BY_SHUTDOWN: &str = "the gateway shut down";
-/// Why a response was cut off because the client stopped reading.
-const CUT_SLOW_CLIENT: &str = "the client did not read in time";
-
 /// A write to the client failed. A client that is gone is recorded as such;
 /// one that stopped reading for longer than `client_timeout` had its
 /// response cut off by Collie, which is recorded as truncated. Either way
@@ -964,11 +916,10 @@ const CUT_SLOW_CLIENT: &str = "the client did not read in time";
 /// sees a response cut short, never a complete one.
 async fn client_write_failed(session: &mut Session, ctx: &mut RequestCtx, e: &Error) {
     if e.etype() == &ErrorType::WriteTimedout {
-        ctx.truncated = true;
-        ctx.broken = Some(CUT_SLOW_CLIENT);
-        log::info!("request {}: cut off: {CUT_SLOW_CLIENT}", ctx.id);
+        ctx.response.cut = Some(Cut::SlowClient);
+        log::info!("request {}: cut off: {}", ctx.id, Cut::SlowClient.reason());
     } else {
-        ctx.client_gone = true;
+        ctx.response.client_gone = true;
     }
     session.set_keepalive(None);
     session.downstream_session.shutdown().await;
@@ -1020,7 +971,7 @@ async fn end_cut_response(
             .await
             .is_err()
         {
-            ctx.client_gone = true;
+            ctx.response.client_gone = true;
             session.set_keepalive(None);
         }
         return;
@@ -1075,7 +1026,7 @@ fn client_response_head(
         resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     resp.insert_header(super::X_COLLIE_MODEL, up.model_header.clone())?;
-    resp.insert_header(super::X_COLLIE_ATTEMPTS, ctx.attempts.len())?;
+    resp.insert_header(super::X_COLLIE_ATTEMPTS, ctx.exchange.attempts.len())?;
     resp.insert_header(super::X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
     super::spend::rate_headers(ctx, &mut resp);
     Ok(resp)
