@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod listener;
 pub mod metrics;
 pub mod mock;
+pub mod outcome;
 pub mod quota;
 pub mod routing;
 pub mod server;
