@@ -70,6 +70,108 @@ fn run_refuses_a_bad_config_with_64() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// `collie run` with `config`, the environment variable `COLLIE_TEST_PG`
+/// set to `pg_url`; its exit code and standard error. Every case here
+/// fails at start, so the process never stays up.
+fn run_with(config: &str, pg_url: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("collie.yaml");
+    std::fs::write(&file, config).unwrap();
+    let out = collie()
+        .args(["run", "--config"])
+        .arg(&file)
+        .current_dir(dir.path())
+        .env("COLLIE_TEST_PG", pg_url)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn listen_on(port: u16, admin: u16) -> String {
+    format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n")
+}
+
+#[test]
+fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
+    // PostgreSQL where nothing listens: unavailable (69), not a bad config.
+    let nowhere = format!("postgres://collie@127.0.0.1:{}/collie", free_port());
+    let pg = format!(
+        "{}audit: {{sink: postgres, postgres_url_env: COLLIE_TEST_PG}}\n",
+        listen_on(free_port(), free_port())
+    );
+    let (code, err) = run_with(&pg, &nowhere);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(
+        err.contains("the audit trail is unavailable: postgres: cannot connect"),
+        "{err}"
+    );
+
+    // A listen port another process holds: unavailable too.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, err) = run_with(
+        &format!("{}audit: {{sink: off}}\n", listen_on(port, free_port())),
+        "",
+    );
+    assert_eq!(code, Some(69), "{err}");
+    assert!(
+        err.contains(&format!("listen address 127.0.0.1:{port} is unavailable")),
+        "{err}"
+    );
+    drop(taken);
+
+    // The same files with a mistake are still a bad config (64), reported
+    // with its path, whatever the dependencies would have said.
+    let (code, err) = run_with(&format!("{pg}threads: 0\n"), &nowhere);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("threads: must be > 0"), "{err}");
+}
+
+/// A model name that cannot be a header value was accepted by
+/// `check-config` and refused only by `run`, without its path.
+#[test]
+fn check_config_refuses_what_run_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("collie.yaml");
+    std::fs::write(
+        &file,
+        "models:\n  - {name: m, fallback: [p]}\npools:\n  - {id: p, deployments: [{deployment: d}]}\ndeployments:\n  - {id: d, base_url: \"http://127.0.0.1:9/v1\", model: \"m\\x01\"}\naudit: {sink: off}\n",
+    )
+    .unwrap();
+    for command in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = collie().args(command).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{command:?}: {err}");
+        assert!(
+            err.contains("deployments[0].model: `m\\u{1}` cannot be sent as a header value"),
+            "{command:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn audit_commands_exit_69_when_the_trail_does_not_answer() {
+    let nowhere = format!("postgres://collie@127.0.0.1:{}/collie", free_port());
+    for command in ["verify", "report"] {
+        let out = collie()
+            .args(["audit", command, "--sink", &nowhere])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{command}: {err}");
+        assert!(err.contains("postgres: cannot connect"), "{command}: {err}");
+    }
+    // A sink that is not one is still a usage error.
+    let out = collie()
+        .args(["audit", "verify", "--sink", "mysql://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
 #[test]
 fn hash_key_prints_the_digest() {
     let out = collie()
