@@ -3,6 +3,7 @@
 //! The map of the parts is in the README; each module's first line says what
 //! it owns.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod demo;
@@ -17,5 +18,4 @@ pub mod quota;
 pub mod routing;
 pub mod server;
 pub mod state;
-pub mod status;
 pub mod usage;

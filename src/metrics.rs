@@ -1,18 +1,13 @@
-//! Prometheus metrics and the admin listener (`/metrics`, `/healthz`,
-//! `/readyz`). Label values come only from configuration (tenant ids, model
+//! Prometheus metrics (served by the admin listener, [`crate::admin`]).
+//! Label values come only from configuration (tenant ids, model
 //! names, deployment ids) or small fixed sets; anything else is `other`, so a
 //! client cannot grow the series count.
 
 use crate::outcome::{ErrorCode, Finished};
-use crate::state::{Snapshot, State};
-use async_trait::async_trait;
-use http::Response;
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
+use crate::state::Snapshot;
 use prometheus::{
     CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
-use std::sync::Arc;
 
 pub const OTHER: &str = "other";
 const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
@@ -37,7 +32,7 @@ pub struct Metrics {
     inflight_body_bytes: prometheus::IntGauge,
     pub quota: QuotaMetrics,
     /// Probes, breakers and the health gauges (set when scraped).
-    pub health: crate::routing::probe::HealthMetrics,
+    pub health: crate::routing::health::HealthMetrics,
 }
 
 /// The quota ledger, queues and rebalancing as seen from outside.
@@ -87,6 +82,32 @@ fn int_gauge(
 }
 
 impl QuotaMetrics {
+    /// A pool's concurrency as the rebalancer saw it.
+    pub fn publish_pool(&self, pool: &str, load: &crate::routing::gate::GateLoad) {
+        self.pool_inflight
+            .with_label_values(&[pool])
+            .set(i64::from(load.inflight));
+        self.pool_waiting
+            .with_label_values(&[pool])
+            .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+        if let Some(l) = load.limit {
+            self.pool_limit.with_label_values(&[pool]).set(l);
+        }
+    }
+
+    /// A loan that started, changed or ended.
+    pub fn publish_loan(&self, c: &crate::quota::rebalance::LoanChange) {
+        self.loan_events
+            .with_label_values(&[&c.tenant, c.event()])
+            .inc();
+        self.loan_rpm
+            .with_label_values(&[&c.tenant])
+            .set(c.after.rpm);
+        self.loan_tpm
+            .with_label_values(&[&c.tenant])
+            .set(c.after.tpm);
+    }
+
     /// Set the window gauges from every tenant's ledger. Runs when metrics
     /// are scraped, not per request. Tenants and models come from the
     /// config; those removed by a reload disappear.
@@ -322,7 +343,7 @@ impl Metrics {
                 g
             },
             quota: QuotaMetrics::new(r)?,
-            health: crate::routing::probe::HealthMetrics::new(r)?,
+            health: crate::routing::health::HealthMetrics::new(r)?,
             registry,
             scrape: std::sync::Mutex::new(()),
         })
@@ -458,107 +479,30 @@ impl Metrics {
         }
     }
 
+    /// A scrape: the gauges read from the live state (quota windows,
+    /// deployment health, body memory) are set for this config, then every
+    /// series is rendered. One scrape at a time.
+    pub fn scrape(
+        &self,
+        snap: &Snapshot,
+        health: &crate::routing::health::HealthBook,
+        body_bytes: usize,
+    ) -> Vec<u8> {
+        let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.quota.refresh_windows(snap);
+        // Health gauges are read from the deployments now, for the
+        // deployments of the config now.
+        health.publish(&snap.router.upstreams);
+        self.inflight_body_bytes
+            .set(i64::try_from(body_bytes).unwrap_or(i64::MAX));
+        self.render()
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 << 10);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             log::warn!("cannot encode metrics: {e}");
         }
         buf
-    }
-}
-
-impl AdminApp {
-    /// Every tenant's quota (loans included) and every pool's queue.
-    fn quota_status(&self) -> Vec<u8> {
-        let snap = self.state.load();
-        let tenants: Vec<_> = snap
-            .ledgers
-            .iter()
-            .map(|l| l.report(&snap.calendar))
-            .collect();
-        let pools: Vec<_> = snap
-            .router
-            .pools
-            .iter()
-            .map(|p| {
-                let load = p.gate.load_now();
-                serde_json::json!({"pool": p.id, "inflight": load.inflight, "limit": load.limit, "waiting": load.waiting})
-            })
-            .collect();
-        serde_json::to_vec_pretty(&serde_json::json!({"tenants": tenants, "pools": pools}))
-            .unwrap_or_default()
-    }
-}
-
-/// The admin listener's routes.
-pub struct AdminApp {
-    pub metrics: Arc<Metrics>,
-    pub state: Arc<State>,
-    /// Cancelled when a graceful stop begins: `/readyz` fails from then on.
-    pub draining: tokio_util::sync::CancellationToken,
-    pub bodies: Arc<crate::gateway::BodyBudget>,
-}
-
-#[async_trait]
-impl ServeHttp for AdminApp {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // The connection waits for its next head once this answer is out.
-        crate::listener::request_finished();
-        let path = session.req_header().uri.path().to_string();
-        let (status, content_type, body) = match path.as_str() {
-            "/metrics" => {
-                let _one = self
-                    .metrics
-                    .scrape
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                self.metrics.quota.refresh_windows(&self.state.load());
-                // Health gauges are read from the deployments now, for the
-                // deployments of the config now.
-                self.state
-                    .health
-                    .publish(&self.state.load().router.upstreams);
-                self.metrics
-                    .inflight_body_bytes
-                    .set(i64::try_from(self.bodies.held()).unwrap_or(i64::MAX));
-                (200, "text/plain; version=0.0.4", self.metrics.render())
-            }
-            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            "/quota" => (200, "application/json", self.quota_status()),
-            "/status" => (
-                200,
-                "application/json",
-                crate::status::json(&self.state.load()),
-            ),
-            "/" => (
-                200,
-                "text/html; charset=utf-8",
-                crate::status::PAGE.as_bytes().to_vec(),
-            ),
-            "/readyz" => {
-                // Ready once a config with at least one routable model is
-                // loaded, until a graceful stop begins.
-                let snap = self.state.load();
-                if self.draining.is_cancelled() {
-                    (503, "text/plain", b"draining\n".to_vec())
-                } else if snap.config.models.is_empty() {
-                    (503, "text/plain", b"no models configured\n".to_vec())
-                } else {
-                    (200, "text/plain", b"ready\n".to_vec())
-                }
-            }
-            _ => (404, "text/plain", b"not found\n".to_vec()),
-        };
-        let length = body.len();
-        let mut resp = Response::new(body);
-        resp.headers_mut().insert(
-            http::header::CONTENT_LENGTH,
-            http::HeaderValue::from(length),
-        );
-        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-        if let Ok(v) = http::HeaderValue::from_str(content_type) {
-            resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
-        }
-        resp
     }
 }

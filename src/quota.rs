@@ -21,11 +21,10 @@
 //!   reload lowered the limit below what was already used; the debt is
 //!   repaid by refill before anything more is admitted.
 //!
-//! Priority admission to saturated pools is in [`admission`]; lending of
+//! Priority admission to saturated pools is routing's (`routing::gate`); lending of
 //! spare rate capacity in [`rebalance`].
 #![deny(clippy::arithmetic_side_effects)]
 
-pub mod admission;
 pub mod estimate;
 pub mod rebalance;
 pub mod window;
@@ -289,7 +288,7 @@ impl Scope {
 /// What a request of `tokens` must find in a token bucket. A request larger
 /// than the whole burst is admitted from a full bucket (and leaves it in
 /// debt) rather than never.
-fn tokens_needed(tokens: u64, r: Rate, extra: f64) -> u64 {
+pub(crate) fn tokens_needed(tokens: u64, r: Rate, extra: f64) -> u64 {
     let ceiling = (r.burst as f64 + extra).max(1.0);
     (tokens as f64).min(ceiling).ceil() as u64
 }
@@ -805,133 +804,6 @@ impl Drop for Reservation {
     }
 }
 
-/// A provider key's own per-minute limits: selection skips a deployment
-/// whose bucket cannot take the request, so Collie does not drive a key into
-/// the provider's 429s. Shared across reloads; a reload that changes the
-/// limits changes them in place and keeps what was counted.
-#[derive(Debug)]
-pub struct ProviderLimiter {
-    state: Mutex<ProviderBuckets>,
-}
-
-#[derive(Debug)]
-struct ProviderBuckets {
-    rpm: Option<(Rate, Bucket)>,
-    tpm: Option<(Rate, Bucket)>,
-}
-
-/// A provider's limit is a plain per-minute window: its burst is its rate.
-fn provider_rate(n: u64) -> Rate {
-    Rate {
-        per_minute: n,
-        burst: n,
-    }
-}
-
-impl ProviderLimiter {
-    /// `None` when the deployment has no limits.
-    pub fn new(rpm: Option<u64>, tpm: Option<u64>) -> Option<ProviderLimiter> {
-        let now = Instant::now();
-        let bucket = |n: u64| (provider_rate(n), Bucket::full(provider_rate(n), now));
-        (rpm.is_some() || tpm.is_some()).then(|| ProviderLimiter {
-            state: Mutex::new(ProviderBuckets {
-                rpm: rpm.map(bucket),
-                tpm: tpm.map(bucket),
-            }),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ProviderBuckets> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// New limits from a reload. What was taken this minute stays taken (see
-    /// [`Bucket::rebase`]); a limit that is new starts full.
-    pub fn reconfigure(&self, rpm: Option<u64>, tpm: Option<u64>) {
-        let now = Instant::now();
-        let mut s = self.lock();
-        let change = |slot: &mut Option<(Rate, Bucket)>, n: Option<u64>| {
-            *slot = match (slot.take(), n) {
-                (_, None) => None,
-                (None, Some(n)) => Some((provider_rate(n), Bucket::full(provider_rate(n), now))),
-                (Some((old, mut b)), Some(n)) => {
-                    let new = provider_rate(n);
-                    b.refill(old, 0.0, now);
-                    b.rebase(old, new);
-                    Some((new, b))
-                }
-            };
-        };
-        change(&mut s.rpm, rpm);
-        change(&mut s.tpm, tpm);
-    }
-
-    /// Take one request and `tokens` if both fit; else how long until they do.
-    pub fn try_take(&self, tokens: u64) -> Result<(), Duration> {
-        self.admit(tokens, true)
-    }
-
-    /// What [`Self::try_take`] would answer, taking nothing (routing's
-    /// look-ahead and the status view).
-    pub fn check(&self, tokens: u64) -> Result<(), Duration> {
-        self.admit(tokens, false)
-    }
-
-    fn admit(&self, tokens: u64, take: bool) -> Result<(), Duration> {
-        let now = Instant::now();
-        let mut s = self.lock();
-        let mut wait = Duration::ZERO;
-        if let Some((r, b)) = &mut s.rpm {
-            b.refill(*r, 0.0, now);
-            if !b.can_take(1) {
-                wait = wait.max(b.wait_for(1, *r, 0.0));
-            }
-        }
-        // As for tenants: a request bigger than the burst goes from a full bucket.
-        if let Some((r, b)) = &mut s.tpm {
-            b.refill(*r, 0.0, now);
-            let need = tokens_needed(tokens, *r, 0.0);
-            if !b.can_take(need) {
-                wait = wait.max(b.wait_for(need, *r, 0.0));
-            }
-        }
-        if !wait.is_zero() {
-            return Err(wait);
-        }
-        if !take {
-            return Ok(());
-        }
-        if let Some((_, b)) = &mut s.rpm {
-            b.take(1);
-        }
-        if let Some((_, b)) = &mut s.tpm {
-            b.take(tokens);
-        }
-        Ok(())
-    }
-
-    /// Correct a take of `taken` tokens to what was used.
-    pub fn settle_tokens(&self, taken: u64, used: u64) {
-        if let Some((r, b)) = &mut self.lock().tpm {
-            b.adjust(taken as f64 - used as f64, r.burst as f64);
-        }
-    }
-
-    /// (requests, tokens) left in the buckets now, for status and tests.
-    pub fn remaining(&self) -> (Option<f64>, Option<f64>) {
-        let now = Instant::now();
-        let mut s = self.lock();
-        let level = |slot: &mut Option<(Rate, Bucket)>| {
-            slot.as_mut().map(|(r, b)| {
-                b.refill(*r, 0.0, now);
-                b.level()
-            })
-        };
-        let rpm = level(&mut s.rpm);
-        (rpm, level(&mut s.tpm))
-    }
-}
-
 /// Every tenant's ledger, kept across reloads, and the clock its calendar
 /// windows follow.
 #[derive(Default)]
@@ -1359,20 +1231,6 @@ mod tests {
             .reserve_at("m", amt(0), &cal, now, at)
             .unwrap()
             .settle_at(amt(0), now, at);
-    }
-
-    #[test]
-    fn provider_limits_change_in_place_and_keep_their_count() {
-        let l = ProviderLimiter::new(Some(3), Some(1000)).unwrap();
-        for _ in 0..2 {
-            l.try_take(100).unwrap();
-        }
-        l.reconfigure(Some(4), Some(500));
-        let (rpm, tpm) = l.remaining();
-        assert!((2.0..2.1).contains(&rpm.unwrap()), "{rpm:?}");
-        assert!((300.0..301.0).contains(&tpm.unwrap()), "{tpm:?}");
-        l.reconfigure(None, Some(500));
-        assert_eq!(l.remaining().0, None);
     }
 
     /// The reference the property test holds the ledger to: counters per

@@ -4,22 +4,23 @@
 //! those whose own provider limits are spent. Health and probes are in
 //! [`health`] and [`probe`].
 
+pub mod gate;
 pub mod health;
-pub mod probe;
+pub mod limits;
 
 pub use crate::config::Policy;
 use crate::config::{Config, Price, Timeouts};
-use crate::quota::ProviderLimiter;
-use crate::quota::admission::PoolGate;
 use arc_swap::ArcSwap;
-use health::{DeploymentHealth, State};
+use gate::PoolGate;
+use health::probes::{DeploymentKey, HealthBook};
+use health::{DeploymentHealth, HealthState};
 use http::{HeaderName, HeaderValue};
+use limits::ProviderLimiter;
 use pingora::lb::discovery::Static;
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
-use probe::{DeploymentKey, HealthBook};
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -239,7 +240,7 @@ impl PoolRuntime {
             }
         };
         // On the stack for pools of up to eight members.
-        let states: smallvec::SmallVec<[(usize, Option<State>); 8]> = self
+        let states: smallvec::SmallVec<[(usize, Option<HealthState>); 8]> = self
             .members
             .iter()
             .map(|&i| {
@@ -270,7 +271,7 @@ impl PoolRuntime {
         }
         // Nothing healthy enough: a half-open breaker's one trial, if free.
         for &(i, s) in &states {
-            if s != Some(State::Unhealthy) {
+            if s != Some(HealthState::Unhealthy) {
                 continue;
             }
             let Some(u) = get(i) else { continue };
@@ -754,7 +755,7 @@ mod tests {
 
     fn book() -> Arc<HealthBook> {
         HealthBook::new(
-            probe::HealthMetrics::new(&prometheus::Registry::new()).unwrap(),
+            health::HealthMetrics::new(&prometheus::Registry::new()).unwrap(),
             8,
         )
     }

@@ -2,15 +2,16 @@
 //! listener and the background work, run until a signal — or, in tests and
 //! the demo, a handle — stops it.
 
+use crate::admin::AdminApp;
 use crate::audit::{AuditError, AuditHandle};
 use crate::config::{Config, ConfigErrors};
 use crate::gateway::{Gateway, InFlight};
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
-use crate::metrics::{AdminApp, Metrics};
-use crate::quota::rebalance::{Rebalancer, TenantView};
+use crate::metrics::Metrics;
+use crate::quota::rebalance::Rebalancer;
 use crate::routing::DNS_REFRESH;
-use crate::routing::probe::HealthBook;
-use crate::state::{Snapshot, State};
+use crate::routing::health::HealthBook;
+use crate::state::State;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
@@ -501,70 +502,34 @@ impl BackgroundService for RebalanceService {
                 _ = shutdown.changed() => return,
             }
             let snap = self.state.load();
-            rebalance_once(&snap, &self.rebalancer, &self.metrics, last.elapsed());
+            let threshold = snap.config.quota.rebalance.threshold;
+            let busy: Vec<bool> = snap
+                .router
+                .pools
+                .iter()
+                .map(|p| {
+                    let load = p.gate.load();
+                    self.metrics.quota.publish_pool(&p.id, &load);
+                    load.utilisation().is_some_and(|u| u >= threshold)
+                })
+                .collect();
+            let changes = self
+                .rebalancer
+                .step(&snap.config, &snap.ledgers, &busy, last.elapsed());
+            for c in changes {
+                log::info!(
+                    "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",
+                    c.tenant,
+                    c.event(),
+                    c.before.rpm,
+                    c.after.rpm,
+                    c.before.tpm,
+                    c.after.tpm
+                );
+                self.metrics.quota.publish_loan(&c);
+            }
             last = Instant::now();
         }
-    }
-}
-
-/// One upkeep step over the current snapshot: pool gauges and rebalancing.
-pub fn rebalance_once(
-    snap: &Snapshot,
-    rebalancer: &Rebalancer,
-    metrics: &Metrics,
-    elapsed: Duration,
-) {
-    let settings = &snap.config.quota.rebalance;
-    let q = &metrics.quota;
-    let busy: Vec<bool> = snap
-        .router
-        .pools
-        .iter()
-        .map(|p| {
-            let load = p.gate.load();
-            q.pool_inflight
-                .with_label_values(&[&p.id])
-                .set(i64::from(load.inflight));
-            q.pool_waiting
-                .with_label_values(&[&p.id])
-                .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
-            if let Some(l) = load.limit {
-                q.pool_limit.with_label_values(&[&p.id]).set(l);
-            }
-            load.utilisation().is_some_and(|u| u >= settings.threshold)
-        })
-        .collect();
-    let views: Vec<TenantView> = snap
-        .config
-        .tenants
-        .iter()
-        .zip(&snap.ledgers)
-        .map(|(t, ledger)| TenantView {
-            ledger: Arc::clone(ledger),
-            pool_busy: snap
-                .config
-                .models
-                .iter()
-                .filter(|m| t.models.allows(&m.name))
-                .flat_map(|m| m.chain.iter())
-                .any(|&p| busy.get(p).copied().unwrap_or(false)),
-        })
-        .collect();
-    for c in rebalancer.tick(settings, &views, elapsed) {
-        log::info!(
-            "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",
-            c.tenant,
-            c.event(),
-            c.before.rpm,
-            c.after.rpm,
-            c.before.tpm,
-            c.after.tpm
-        );
-        q.loan_events
-            .with_label_values(&[&c.tenant, c.event()])
-            .inc();
-        q.loan_rpm.with_label_values(&[&c.tenant]).set(c.after.rpm);
-        q.loan_tpm.with_label_values(&[&c.tenant]).set(c.after.tpm);
     }
 }
 

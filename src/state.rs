@@ -5,7 +5,7 @@
 
 use crate::config::{Config, ConfigErrors, Model};
 use crate::quota::{Calendar, Ledger, TenantLedger};
-use crate::routing::probe::HealthBook;
+use crate::routing::health::HealthBook;
 use crate::routing::{BuildError, Router};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;

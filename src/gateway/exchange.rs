@@ -18,7 +18,7 @@ use super::body::Inspected;
 use super::{Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
 use crate::outcome::{Attempt, Failure};
-use crate::quota::admission::{Pressure, provider_pressure};
+use crate::routing::gate::{Pressure, provider_pressure};
 use crate::routing::health::Outcome;
 use crate::routing::{Lease, Pick, now_ms};
 use crate::state::Snapshot;

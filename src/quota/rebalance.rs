@@ -13,6 +13,7 @@
 //! pool has a budget).
 
 use super::{Loan, TenantLedger};
+use crate::config::Config;
 pub use crate::config::RebalanceSettings;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,33 @@ struct Usage {
 
 impl Rebalancer {
     /// Look at the last interval and set every tenant's loan.
+    /// One lending step over the tenants of `config`: a tenant presses on
+    /// capacity when any pool its models may use is busy (`pool_busy`, by
+    /// pool index: above the rebalance threshold of its concurrency).
+    pub fn step(
+        &self,
+        config: &Config,
+        ledgers: &[Arc<TenantLedger>],
+        pool_busy: &[bool],
+        elapsed: Duration,
+    ) -> Vec<LoanChange> {
+        let views: Vec<TenantView> = config
+            .tenants
+            .iter()
+            .zip(ledgers)
+            .map(|(t, ledger)| TenantView {
+                ledger: Arc::clone(ledger),
+                pool_busy: config
+                    .models
+                    .iter()
+                    .filter(|m| t.models.allows(&m.name))
+                    .flat_map(|m| m.chain.iter())
+                    .any(|&p| pool_busy.get(p).copied().unwrap_or(false)),
+            })
+            .collect();
+        self.tick(&config.quota.rebalance, &views, elapsed)
+    }
+
     pub fn tick(
         &self,
         settings: &RebalanceSettings,

@@ -23,6 +23,10 @@
 //! read), is reported once to the deployment's [`OnTransition`] hook, which
 //! logs and counts it.
 
+pub mod probes;
+
+pub use probes::{HealthBook, HealthMetrics};
+
 pub use crate::config::{HealthSettings, ProbeKind};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -32,30 +36,30 @@ use std::time::{Duration, Instant};
 pub type OnTransition = Arc<dyn Fn(&str, Transition) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub enum HealthState {
     Unknown,
     Healthy,
     Degraded,
     Unhealthy,
 }
 
-impl State {
+impl HealthState {
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Unknown => "unknown",
-            State::Healthy => "healthy",
-            State::Degraded => "degraded",
-            State::Unhealthy => "unhealthy",
+            HealthState::Unknown => "unknown",
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "degraded",
+            HealthState::Unhealthy => "unhealthy",
         }
     }
 
     /// Selection preference: lower is tried first.
     pub fn tier(self) -> u8 {
         match self {
-            State::Healthy => 0,
-            State::Degraded => 1,
-            State::Unknown => 2,
-            State::Unhealthy => 3,
+            HealthState::Healthy => 0,
+            HealthState::Degraded => 1,
+            HealthState::Unknown => 2,
+            HealthState::Unhealthy => 3,
         }
     }
 }
@@ -186,8 +190,8 @@ impl std::fmt::Debug for DeploymentHealth {
 
 /// A point-in-time view for status pages and metrics.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    pub state: State,
+pub struct HealthSnapshot {
+    pub state: HealthState,
     pub breaker: BreakerState,
     pub ttfb_ewma_ms: Option<f64>,
     pub ttfb_p95_ms: Option<f64>,
@@ -254,7 +258,7 @@ impl DeploymentHealth {
     }
 
     /// The state now, moving an expired open breaker to half-open.
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> HealthState {
         let s = self.settings();
         let now = Instant::now();
         let (state, t) = {
@@ -291,38 +295,38 @@ impl DeploymentHealth {
         )
     }
 
-    fn derive(i: &Inner, s: &HealthSettings, now: Instant) -> State {
+    fn derive(i: &Inner, s: &HealthSettings, now: Instant) -> HealthState {
         if i.breaker != BreakerState::Closed {
-            return State::Unhealthy;
+            return HealthState::Unhealthy;
         }
         // Only a probe verdict makes a probed deployment known. Without
         // probes only live traffic can prove a deployment; holding it back
         // as unknown would starve it of the traffic that could.
         if i.probe_up.is_none() && s.probe != ProbeKind::Off {
-            return State::Unknown;
+            return HealthState::Unknown;
         }
         let (n, ratio) = Self::error_ratio(i, s, now);
         let slow = i
             .ttfb_ewma_ms
             .is_some_and(|ms| ms > s.slow_after.as_secs_f64() * 1e3);
         if i.probe_up == Some(false) || slow || (n >= 5 && ratio > s.degraded_error_ratio) {
-            return State::Degraded;
+            return HealthState::Degraded;
         }
-        State::Healthy
+        HealthState::Healthy
     }
 
     /// May a request go to this deployment now? For a half-open breaker this
     /// takes its single trial slot. Returns the state it was admitted in.
-    pub fn admit(&self) -> Result<State, Option<Duration>> {
+    pub fn admit(&self) -> Result<HealthState, Option<Duration>> {
         self.admission(true)
     }
 
     /// What [`Self::admit`] would answer, without taking the trial slot.
-    pub fn would_admit(&self) -> Result<State, Option<Duration>> {
+    pub fn would_admit(&self) -> Result<HealthState, Option<Duration>> {
         self.admission(false)
     }
 
-    fn admission(&self, take_trial: bool) -> Result<State, Option<Duration>> {
+    fn admission(&self, take_trial: bool) -> Result<HealthState, Option<Duration>> {
         let s = self.settings();
         let now = Instant::now();
         let (answer, t) = {
@@ -332,7 +336,7 @@ impl DeploymentHealth {
                 BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
                 BreakerState::HalfOpen if !i.trial_in_flight => {
                     i.trial_in_flight = take_trial;
-                    Ok(State::Unhealthy)
+                    Ok(HealthState::Unhealthy)
                 }
                 BreakerState::HalfOpen => Err(Some(s.cooldown)),
                 BreakerState::Open => Err(i.open_until.map(|u| u.saturating_duration_since(now))),
@@ -515,7 +519,7 @@ impl DeploymentHealth {
         self.lock().probe_up
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> HealthSnapshot {
         let s = self.settings();
         let now = Instant::now();
         let (snap, t) = {
@@ -527,14 +531,14 @@ impl DeploymentHealth {
         snap
     }
 
-    fn view(i: &Inner, s: &HealthSettings, now: Instant) -> Snapshot {
+    fn view(i: &Inner, s: &HealthSettings, now: Instant) -> HealthSnapshot {
         let (n, ratio) = Self::error_ratio(i, s, now);
         let p95 = {
             let mut v: Vec<f64> = i.ttfb_recent_ms.iter().copied().collect();
             v.sort_by(f64::total_cmp);
             (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.95).round() as usize])
         };
-        Snapshot {
+        HealthSnapshot {
             state: Self::derive(i, s, now),
             breaker: i.breaker,
             ttfb_ewma_ms: i.ttfb_ewma_ms,
@@ -610,17 +614,20 @@ mod tests {
             ..quick()
         };
         let h = DeploymentHealth::new("d", probed);
-        assert_eq!(h.state(), State::Unknown);
+        assert_eq!(h.state(), HealthState::Unknown);
         // A live success is recorded, but only a probe proves the deployment.
         h.record(Outcome::Success {
             ttfb: Duration::from_millis(5),
         });
-        assert_eq!(h.state(), State::Unknown);
+        assert_eq!(h.state(), HealthState::Unknown);
         assert_eq!(h.snapshot().served, 1);
         h.record_probe(probe(true));
-        assert_eq!(h.state(), State::Healthy);
+        assert_eq!(h.state(), HealthState::Healthy);
         // Without probes, live traffic is all there is: known from the start.
-        assert_eq!(DeploymentHealth::new("d", quick()).state(), State::Healthy);
+        assert_eq!(
+            DeploymentHealth::new("d", quick()).state(),
+            HealthState::Healthy
+        );
     }
 
     /// Every breaker change reaches the hook exactly once, including the
@@ -642,7 +649,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         // Several readers notice the expired cooldown; one report.
         assert_eq!(h.snapshot().breaker, BreakerState::HalfOpen);
-        assert_eq!(h.state(), State::Unhealthy);
+        assert_eq!(h.state(), HealthState::Unhealthy);
         assert!(h.admit().is_ok());
         h.record(Outcome::Success {
             ttfb: Duration::from_millis(5),
@@ -666,9 +673,9 @@ mod tests {
             h.record(Outcome::Failure);
         }
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(h.would_admit(), Ok(State::Unhealthy));
-        assert_eq!(h.would_admit(), Ok(State::Unhealthy));
-        assert_eq!(h.admit(), Ok(State::Unhealthy));
+        assert_eq!(h.would_admit(), Ok(HealthState::Unhealthy));
+        assert_eq!(h.would_admit(), Ok(HealthState::Unhealthy));
+        assert_eq!(h.admit(), Ok(HealthState::Unhealthy));
         assert!(h.would_admit().is_err(), "taken now");
         h.release_trial();
         assert!(h.would_admit().is_ok());
@@ -691,13 +698,13 @@ mod tests {
             h.record(ok);
         }
         h.record(Outcome::Failure);
-        assert_eq!(h.state(), State::Healthy, "1 in 10 is under 0.2");
+        assert_eq!(h.state(), HealthState::Healthy, "1 in 10 is under 0.2");
         for _ in 0..3 {
             h.record(Outcome::Failure);
             h.record(ok);
         }
         // 4 failures in 16: 0.25.
-        assert_eq!(h.state(), State::Degraded);
+        assert_eq!(h.state(), HealthState::Degraded);
         assert_eq!(h.snapshot().breaker, BreakerState::Closed);
     }
 
@@ -724,7 +731,7 @@ mod tests {
         // 10 samples, 5 failed: the ratio reaches 0.5.
         let t = h.record(Outcome::Failure).unwrap();
         assert_eq!(t.to, BreakerState::Open);
-        assert_eq!(h.state(), State::Unhealthy);
+        assert_eq!(h.state(), HealthState::Unhealthy);
     }
 
     #[test]
@@ -760,7 +767,7 @@ mod tests {
         assert_eq!(t.to, BreakerState::Open);
         assert!(h.admit().is_err());
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(h.admit(), Ok(State::Unhealthy), "the one trial");
+        assert_eq!(h.admit(), Ok(HealthState::Unhealthy), "the one trial");
         assert!(h.admit().is_err(), "exactly one");
         assert_eq!(
             h.record(Outcome::Success {
@@ -771,7 +778,7 @@ mod tests {
             BreakerState::Closed
         );
         // Closed again, but the recent failures still weigh until they age out.
-        assert_eq!(h.state(), State::Degraded);
+        assert_eq!(h.state(), HealthState::Degraded);
     }
 
     #[test]
@@ -805,16 +812,16 @@ mod tests {
         h.record_probe(probe(false));
         assert_eq!(
             h.state(),
-            State::Healthy,
+            HealthState::Healthy,
             "one failure is below the threshold"
         );
         assert_eq!(h.record_probe(probe(false)).unwrap().to, BreakerState::Open);
-        assert_eq!(h.state(), State::Unhealthy);
+        assert_eq!(h.state(), HealthState::Unhealthy);
         assert_eq!(
             h.record_probe(probe(true)).unwrap().to,
             BreakerState::Closed
         );
-        assert_eq!(h.state(), State::Healthy);
+        assert_eq!(h.state(), HealthState::Healthy);
     }
 
     #[test]
@@ -829,6 +836,6 @@ mod tests {
         h.record(Outcome::Success {
             ttfb: Duration::from_millis(500),
         });
-        assert_eq!(h.state(), State::Degraded);
+        assert_eq!(h.state(), HealthState::Degraded);
     }
 }

@@ -1,4 +1,5 @@
-//! Priority admission to a pool whose concurrency is short.
+//! A pool's concurrency gate: priority admission to a pool whose
+//! concurrency is short.
 //!
 //! Each pool has a concurrency budget: configured (`max_concurrency`), or
 //! learned from the provider (a 429, no requests left, or fewer tokens left

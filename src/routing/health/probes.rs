@@ -7,10 +7,10 @@
 //! returns at once. Thresholds and breaker effects are per deployment, in
 //! [`DeploymentHealth`].
 
-use super::Upstream;
-use super::health::{
-    BreakerState, DeploymentHealth, HealthSettings, OnTransition, ProbeKind, ProbeResult, State,
-    Transition,
+use super::super::Upstream;
+use super::{
+    BreakerState, DeploymentHealth, HealthSettings, HealthState, OnTransition, ProbeKind,
+    ProbeResult, Transition,
 };
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -237,10 +237,10 @@ impl HealthBook {
         for u in upstreams {
             let h = u.health.snapshot();
             let state = match h.state {
-                State::Unknown => 0,
-                State::Healthy => 1,
-                State::Degraded => 2,
-                State::Unhealthy => 3,
+                HealthState::Unknown => 0,
+                HealthState::Healthy => 1,
+                HealthState::Degraded => 2,
+                HealthState::Unhealthy => 3,
             };
             self.metrics
                 .deployment_state
