@@ -5,13 +5,11 @@
 
 pub mod audit;
 pub mod config;
-pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
-pub mod mock;
 pub mod quota;
 pub mod routing;
 pub mod server;

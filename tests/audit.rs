@@ -15,7 +15,7 @@ mod common;
 use collie::audit::record::Record;
 use collie::audit::sink::{SinkSpec, Stored};
 use collie::gateway::key_digest_hex;
-use collie::mock::{Behavior, MockServer};
+use collie_mock::{Behavior, MockServer};
 use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};

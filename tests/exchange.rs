@@ -10,7 +10,7 @@
 
 mod common;
 
-use collie::mock::Behavior;
+use collie_mock::Behavior;
 use common::*;
 use serde_json::json;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 
 mod common;
 
-use collie::mock::{Behavior, MockConfig, MockServer};
+use collie_mock::{Behavior, MockConfig, MockServer};
 use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;

@@ -14,7 +14,7 @@
 mod common;
 
 use collie::gateway::key_digest_hex;
-use collie::mock::{Behavior, MockServer};
+use collie_mock::{Behavior, MockServer};
 use common::*;
 use serde_json::json;
 use std::time::Duration;

@@ -11,7 +11,7 @@
 mod common;
 
 use collie::gateway::key_digest_hex;
-use collie::mock::{Behavior, MockServer};
+use collie_mock::{Behavior, MockServer};
 use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};

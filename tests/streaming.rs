@@ -10,14 +10,14 @@
 
 mod common;
 
-use collie::mock::Behavior;
+use collie_mock::Behavior;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
 
 /// What the mock sends for a request body when asked directly.
-async fn direct(mock: &collie::mock::MockServer, body: &[u8]) -> Vec<u8> {
+async fn direct(mock: &collie_mock::MockServer, body: &[u8]) -> Vec<u8> {
     reqwest::Client::new()
         .post(format!("{}/chat/completions", mock.base_url()))
         .header("content-type", "application/json")

@@ -10,7 +10,7 @@
 
 mod common;
 
-use collie::mock::{Behavior, MockConfig, MockServer, MockTls};
+use collie_mock::{Behavior, MockConfig, MockServer, MockTls};
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;

@@ -11,7 +11,7 @@
 
 use collie::config::Config;
 use collie::gateway::key_digest_hex;
-use collie::mock::{Behavior, MockConfig, MockServer};
+use collie_mock::{Behavior, MockConfig, MockServer};
 use collie::server::{Collie, Running};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -235,7 +235,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// What a mock received, without the health probes' `GET /models`.
-pub fn posts(mock: &MockServer) -> Vec<collie::mock::Recorded> {
+pub fn posts(mock: &MockServer) -> Vec<collie_mock::Recorded> {
     mock.requests()
         .into_iter()
         .filter(|r| r.method == "POST")
@@ -243,7 +243,7 @@ pub fn posts(mock: &MockServer) -> Vec<collie::mock::Recorded> {
 }
 
 /// The value of one header recorded by a mock, if present.
-pub fn recorded_header(req: &collie::mock::Recorded, name: &str) -> Option<String> {
+pub fn recorded_header(req: &collie_mock::Recorded, name: &str) -> Option<String> {
     req.headers
         .iter()
         .find(|(k, _)| k == name)
