@@ -14,55 +14,53 @@ mod common;
 
 use collie::audit::record::Record;
 use collie::audit::sink::{Sink, SinkSpec, Stored};
-use collie::gateway::key_digest_hex;
 use collie_mock::{Behavior, MockServer};
 use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-fn config(a: &MockServer, b: &MockServer, audit: &str) -> String {
-    format!(
-        "audit: {audit}
-tenants:
-  - id: alpha
-    api_keys: [\"{ka}\"]
-    models: [\"*\"]
-    priority: 1
-  - id: capped
-    api_keys: [\"{kb}\"]
-    models: [\"*\"]
-    quota: {{requests_per_day: 1}}
-models:
-  - {{name: gpt, fallback: [pa, pb]}}
-  - {{name: flaky, fallback: [pb]}}
-pools:
-  - {{id: pa, deployments: [{{deployment: a}}]}}
-  - {{id: pb, deployments: [{{deployment: b}}]}}
-deployments:
-  - {{id: a, base_url: \"{}\", api_key_env: KEY_A, model: gpt-a, health: {{probe: off}}}}
-  - {{id: b, base_url: \"{}\", api_key_env: KEY_B, model: gpt-b, health: {{probe: off}}}}
-pricing:
-  gpt-a: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-  gpt-b: {{input_per_mtok: 10.0, output_per_mtok: 20.0}}
-",
-        a.base_url(),
-        b.base_url(),
-        ka = key_digest_hex(ALPHA_KEY),
-        kb = key_digest_hex(BETA_KEY),
-    )
+/// Tenants `alpha` (priority 1) and `capped` (one request a day, with
+/// beta's key); model `gpt` falls back from `a` to `b`, `flaky` is `b`
+/// only; no probes; auditing as `audit` says.
+fn config(a: &MockServer, b: &MockServer, audit: Value) -> Conf {
+    Conf::new()
+        .set("audit", audit)
+        .tenant(Tenant::alpha())
+        .tenant(Tenant::new("capped", BETA_KEY).quota(json!({"requests_per_day": 1})))
+        .model(Model::new("gpt", &["pa", "pb"]))
+        .model(Model::new("flaky", &["pb"]))
+        .pool(Pool::new("pa", &["a"]))
+        .pool(Pool::new("pb", &["b"]))
+        .deployment(provider("a", a, "gpt-a", "KEY_A"))
+        .deployment(provider("b", b, "gpt-b", "KEY_B"))
+        .price("gpt-a", 1.0, 2.0)
+        .price("gpt-b", 10.0, 20.0)
 }
 
-fn sqlite_audit(path: &Path, extra: &str) -> String {
-    format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, sidecar_id: test{extra}}}",
-        path.display()
-    )
+/// A deployment on a mock provider, with no probes.
+fn provider(id: &str, mock: &MockServer, model: &str, key: &str) -> Deployment {
+    Deployment::on(id, mock, model)
+        .key(key)
+        .health(json!({"probe": "off"}))
+}
+
+/// `more` settings added to an audit section.
+fn with(mut audit: Value, more: Value) -> Value {
+    for (k, v) in more.as_object().unwrap() {
+        audit[k] = v.clone();
+    }
+    audit
+}
+
+/// A SQLite trail at `path` flushed every 20 ms, sidecar `test`, and `more`.
+fn sqlite_audit(path: &Path, more: Value) -> Value {
+    let audit = json!({"sink": "sqlite", "sqlite_path": path, "flush_interval": "20ms", "sidecar_id": "test"});
+    with(audit, more)
 }
 
 /// Sink clients block (the PostgreSQL one runs its own runtime): keep them
@@ -133,7 +131,7 @@ async fn every_kind_of_request_gets_exactly_one_record() {
     )
     .await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ""))).await;
+    let gw = gateway(&config(&a, &b, sqlite_audit(&db, json!({})))).await;
     let mut ids = Vec::new();
 
     // Admitted.
@@ -146,23 +144,14 @@ async fn every_kind_of_request_gets_exactly_one_record() {
     r.bytes().await.unwrap();
     // Refused by auth.
     let r = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth("sk-wrong")
+        .post_as(CHAT, "alpha", "sk-wrong")
         .json(&body())
         .send()
         .await
         .unwrap();
     ids.push(("auth", id(&r)));
     // Refused by quota: the second request of a tenant with one a day.
-    let capped = |gw: &Gw| {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", "capped")
-            .bearer_auth(BETA_KEY)
-            .json(&body())
-    };
+    let capped = |gw: &Gw| gw.post_as(CHAT, "capped", BETA_KEY).json(&body());
     capped(&gw).send().await.unwrap().bytes().await.unwrap();
     let r = capped(&gw).send().await.unwrap();
     ids.push(("quota", id(&r)));
@@ -194,10 +183,7 @@ async fn every_kind_of_request_gets_exactly_one_record() {
     r.bytes().await.unwrap();
     // Answered by Collie itself.
     let r = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .get_as("/v1/models", "alpha", ALPHA_KEY)
         .send()
         .await
         .unwrap();
@@ -290,11 +276,9 @@ async fn graceful_shutdown_under_load_writes_every_record() {
     let a = mock_with(Behavior::default().delay(Duration::from_millis(20))).await;
     let b = mock().await;
     // A slow flush, so records are still queued when the stop comes.
-    let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 2s, batch: 10000}}",
-        db.display()
-    );
-    let gw = gateway(&config(&a, &b, &audit)).await;
+    let audit =
+        json!({"sink": "sqlite", "sqlite_path": db, "flush_interval": "2s", "batch": 10000});
+    let gw = gateway(&config(&a, &b, audit)).await;
     let client = gw.client.clone();
     let url = gw.url("/v1/chat/completions");
     let load = tokio::spawn(async move {
@@ -313,10 +297,7 @@ async fn graceful_shutdown_under_load_writes_every_record() {
         results.into_iter().flatten().count()
     });
     eventually("load is under way", || a.completion_calls() > 100).await;
-    let running = gw.running;
-    tokio::task::spawn_blocking(move || running.stop(true))
-        .await
-        .unwrap();
+    gw.stop().await;
     let answered = load.await.unwrap();
     let written = rows(&SinkSpec::Sqlite(db)).len();
     assert!(answered > 50, "answered {answered}");
@@ -324,48 +305,6 @@ async fn graceful_shutdown_under_load_writes_every_record() {
         written, answered,
         "every answered request has its record after a graceful stop"
     );
-}
-
-fn collie_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collie"))
-}
-
-/// Start `collie run` as a real process with this config; returns it and its ports.
-fn run_process(
-    dir: &Path,
-    yaml: &str,
-    log: &Path,
-    rust_log: &str,
-) -> (std::process::Child, String, String) {
-    let listen = free_port();
-    let admin = free_port();
-    let path = dir.join("collie.yaml");
-    std::fs::write(
-        &path,
-        format!("listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n{yaml}"),
-    )
-    .unwrap();
-    let child = collie_bin()
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KEY_A", PROVIDER_KEY_A)
-        .env("KEY_B", PROVIDER_KEY_B)
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (
-        child,
-        format!("http://127.0.0.1:{listen}"),
-        format!("http://127.0.0.1:{admin}"),
-    )
 }
 
 /// Requests sent without pause by `concurrency` clients, counting the
@@ -437,15 +376,18 @@ async fn kill_9_under_load_loses_at_most_the_bound_and_the_file_is_sound() {
     let a = mock_with(Behavior::default().delay(Duration::from_millis(5))).await;
     let b = mock().await;
     let (queue, batch, flush_ms, concurrency) = (200usize, 50usize, 50u64, 16usize);
-    let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", queue: {queue}, batch: {batch}, flush_interval: {flush_ms}ms}}",
-        db.display()
-    );
-    let (mut child, base, _) = run_process(
+    let audit = json!({"sink": "sqlite", "sqlite_path": db, "queue": queue, "batch": batch,
+                       "flush_interval": format!("{flush_ms}ms")});
+    let log = dir.path().join("log");
+    let Process {
+        mut child, base, ..
+    } = run_collie(
         dir.path(),
-        &config(&a, &b, &audit),
-        &dir.path().join("log"),
-        "debug",
+        &config(&a, &b, audit),
+        Some(Log {
+            file: &log,
+            rust_log: "debug",
+        }),
     );
     let (answered, task) = load(&base, concurrency);
     eventually("load is under way", || {
@@ -476,15 +418,21 @@ async fn kill_9_with_a_stalled_writer_loses_at_most_the_bound() {
     let a = mock().await;
     let b = mock().await;
     let (queue, batch, concurrency) = (200usize, 50usize, 16usize);
-    let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", queue: {queue}, batch: {batch}, flush_interval: 50ms, when_full: block}}",
-        db.display()
-    );
-    let (mut child, base, admin) = run_process(
+    let audit = json!({"sink": "sqlite", "sqlite_path": db, "queue": queue, "batch": batch,
+                       "flush_interval": "50ms", "when_full": "block"});
+    let log = dir.path().join("log");
+    let Process {
+        mut child,
+        base,
+        admin,
+        ..
+    } = run_collie(
         dir.path(),
-        &config(&a, &b, &audit),
-        &dir.path().join("log"),
-        "info",
+        &config(&a, &b, audit),
+        Some(Log {
+            file: &log,
+            rust_log: "info",
+        }),
     );
     let (answered, task) = load(&base, concurrency);
     let count = || answered.load(std::sync::atomic::Ordering::SeqCst);
@@ -569,18 +517,21 @@ async fn no_key_appears_in_the_trail_logs_metrics_alerts_or_reports() {
     let a = mock().await;
     let b = mock().await;
     let (hook, alerts) = receiver(1).await;
-    let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, preview_bytes: 4096, \
-         anomalies: {{tenant_requests: 3, failure_ratio: 0.2, failure_min_requests: 3, repeats: 2, \
-         tokens_per_request: 10, webhook: {{url: \"{hook}\", backoff: 10ms}}}}}}",
-        db.display()
-    );
+    let audit = json!({"sink": "sqlite", "sqlite_path": db, "flush_interval": "20ms", "preview_bytes": 4096,
+        "anomalies": {"tenant_requests": 3, "failure_ratio": 0.2, "failure_min_requests": 3, "repeats": 2,
+                      "tokens_per_request": 10, "webhook": {"url": hook, "backoff": "10ms"}}});
     // At trace level: the most the logs can ever say.
-    let (mut child, base, admin) = run_process(dir.path(), &config(&a, &b, &audit), &log, "trace");
-    let t = Target {
-        base: base.clone(),
-        client: reqwest::Client::new(),
+    let trace = Log {
+        file: &log,
+        rust_log: "trace",
     };
+    let Process {
+        mut child,
+        base,
+        admin,
+        ..
+    } = run_collie(dir.path(), &config(&a, &b, audit), Some(trace));
+    let t = Remote::new(&base);
     every_kind(&t, &a).await;
     // A provider refusing its key, echoing it: the fallback goes on to b.
     a.push(Behavior::default().status(401).body(format!(
@@ -623,7 +574,7 @@ async fn no_key_appears_in_the_trail_logs_metrics_alerts_or_reports() {
         alerts.lock().unwrap().len() >= 4
     })
     .await;
-    unsafe_terminate(&mut child);
+    terminate(&mut child);
     let spec = SinkSpec::Sqlite(db.clone());
     let all = rows(&spec);
     assert_eq!(all.len(), 25, "one record per request");
@@ -679,21 +630,6 @@ async fn no_key_appears_in_the_trail_logs_metrics_alerts_or_reports() {
     assert!(memchr::memmem::find(&haystack, b"invalid_api_key").is_some());
 }
 
-/// SIGTERM and wait, so the trail is flushed.
-fn unsafe_terminate(child: &mut std::process::Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    for _ in 0..500 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-}
-
 fn pg_schema() -> String {
     let schema = format!("collie_test_{:016x}", rand::random::<u64>());
     blocking(|| {
@@ -744,7 +680,7 @@ fn comparable(s: &Stored) -> (String, Value) {
 
 /// Every kind of request: [`report_traffic`], a stream the client cuts,
 /// and a models listing.
-async fn every_kind(gw: &Target, a: &MockServer) {
+async fn every_kind(gw: &impl Calls, a: &MockServer) {
     report_traffic(gw, a).await;
     a.push(
         Behavior::default()
@@ -760,10 +696,7 @@ async fn every_kind(gw: &Target, a: &MockServer) {
     s.next().await.unwrap().unwrap();
     drop(s);
     eventually("the stream is cancelled", || a.stream_cancellations() == 1).await;
-    gw.client
-        .get(gw.url("/v1/models"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+    gw.get_as("/v1/models", "alpha", ALPHA_KEY)
         .send()
         .await
         .unwrap()
@@ -780,19 +713,20 @@ async fn postgres_holds_the_same_rows_as_sqlite() {
     let pg = pg_spec(&schema);
     let sqlite = SinkSpec::Sqlite(db.clone());
     // The same sidecar id (they are different databases).
-    let same = ", sidecar_id: same, preview_bytes: 64, anomalies: {tenant_requests: 5}";
+    let same =
+        json!({"sidecar_id": "same", "preview_bytes": 64, "anomalies": {"tenant_requests": 5}});
     for spec in [&pg, &sqlite] {
         let a = mock().await;
         let b = mock().await;
         let audit = match spec {
-            SinkSpec::Postgres { .. } => pg_audit(&schema, same),
-            SinkSpec::Sqlite(_) => format!(
-                "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms{same}}}",
-                db.display()
+            SinkSpec::Postgres { .. } => pg_audit(&schema, same.clone()),
+            SinkSpec::Sqlite(_) => with(
+                json!({"sink": "sqlite", "sqlite_path": db, "flush_interval": "20ms"}),
+                same.clone(),
             ),
         };
-        let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
-        every_kind(&Target::of(&gw), &a).await;
+        let gw = gateway_with_env(&config(&a, &b, audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
+        every_kind(&gw, &a).await;
         until_rows(spec, 18).await;
     }
     let mut pg_rows: Vec<(String, Value)> = rows(&pg).iter().map(comparable).collect();
@@ -933,10 +867,8 @@ async fn postgres_sink_connects_again_after_the_server_drops_it() {
     let b = mock().await;
     let app = format!("collie_reconnect_{:08x}", rand::random::<u32>());
     let url = format!("{PG_URL}?application_name={app}");
-    let audit = format!(
-        "{{sink: postgres, postgres_url_env: COLLIE_TEST_PG, postgres_schema: {schema}, flush_interval: 20ms}}"
-    );
-    let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", &url)]).await;
+    let audit = pg_audit(&schema, json!({}));
+    let gw = gateway_with_env(&config(&a, &b, audit), &[("COLLIE_TEST_PG", &url)]).await;
     let spec = SinkSpec::Postgres {
         url: PG_URL.into(),
         schema: Some(schema.clone()),
@@ -966,62 +898,21 @@ async fn postgres_sink_connects_again_after_the_server_drops_it() {
     drop_schema(&schema);
 }
 
-async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> Gw {
-    let listen = free_port();
-    let admin = free_port();
-    let text =
-        format!("listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\n{yaml}");
-    let mut vars = provider_env();
-    for (k, v) in env {
-        vars.insert(k.to_string(), v.to_string());
-    }
-    let config = collie::config::Config::from_yaml(&text, &|n| vars.get(n).cloned()).unwrap();
-    let running = tokio::task::spawn_blocking(move || {
-        collie::server::Collie::build(config, None)
-            .unwrap()
-            .spawn()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Gw {
-        base: format!("http://{}", running.listen),
-        admin: format!("http://{}", running.admin_listen),
-        running,
-        client: reqwest::Client::new(),
-    }
-}
-
 /// Tenants alpha and beta (any model, no quota); `gpt` served by mock `a`
 /// (falling back to `b`), `flaky` by mock `b` only.
-fn rules_config(a: &MockServer, b: &MockServer, audit: &str) -> String {
-    format!(
-        "audit: {audit}
-tenants:
-  - id: alpha
-    api_keys: [\"{ka}\"]
-    models: [\"*\"]
-  - id: beta
-    api_keys: [\"{kb}\"]
-    models: [\"*\"]
-models:
-  - {{name: gpt, fallback: [pa, pb]}}
-  - {{name: flaky, fallback: [pb]}}
-pools:
-  - {{id: pa, deployments: [{{deployment: a}}]}}
-  - {{id: pb, deployments: [{{deployment: b}}]}}
-deployments:
-  - {{id: a, base_url: \"{}\", api_key_env: KEY_A, model: gpt-a, health: {{probe: off}}}}
-  - {{id: b, base_url: \"{}\", api_key_env: KEY_B, model: gpt-b, health: {{probe: off}}}}
-pricing:
-  gpt-a: {{input_per_mtok: 1.0, output_per_mtok: 1.0}}
-  gpt-b: {{input_per_mtok: 1.0, output_per_mtok: 1.0}}
-",
-        a.base_url(),
-        b.base_url(),
-        ka = key_digest_hex(ALPHA_KEY),
-        kb = key_digest_hex(BETA_KEY),
-    )
+fn rules_config(a: &MockServer, b: &MockServer, audit: Value) -> Conf {
+    Conf::new()
+        .set("audit", audit)
+        .tenant(Tenant::new("alpha", ALPHA_KEY))
+        .tenant(Tenant::new("beta", BETA_KEY))
+        .model(Model::new("gpt", &["pa", "pb"]))
+        .model(Model::new("flaky", &["pb"]))
+        .pool(Pool::new("pa", &["a"]))
+        .pool(Pool::new("pb", &["b"]))
+        .deployment(provider("a", a, "gpt-a", "KEY_A"))
+        .deployment(provider("b", b, "gpt-b", "KEY_B"))
+        .price("gpt-a", 1.0, 1.0)
+        .price("gpt-b", 1.0, 1.0)
 }
 
 /// A chat completion reporting exactly this usage (at $1 per million
@@ -1053,13 +944,13 @@ struct RulesTrail {
     _dir: tempfile::TempDir,
 }
 
-async fn rules_trail(rules: &str) -> RulesTrail {
+async fn rules_trail(rules: Value) -> RulesTrail {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
     let a = mock_with(Behavior::default().body(usage_body(1000, 0))).await;
     let b = mock_with(Behavior::default().status(500)).await;
-    let audit = sqlite_audit(&db, &format!(", anomalies: {{{rules}}}"));
-    let gw = gateway(&rules_config(&a, &b, &audit)).await;
+    let audit = sqlite_audit(&db, json!({"anomalies": rules}));
+    let gw = gateway(&rules_config(&a, &b, audit)).await;
     RulesTrail {
         gw,
         spec: SinkSpec::Sqlite(db),
@@ -1131,7 +1022,7 @@ fn question(i: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_rate_fires_per_tenant_and_globally_just_over_its_limits() {
-    let t = rules_trail("window: 1m, tenant_requests: 5, global_requests: 8").await;
+    let t = rules_trail(json!({"window": "1m", "tenant_requests": 5, "global_requests": 8})).await;
     // At the limits, not over them: alpha 5 (its limit), 8 in all.
     for i in 0..5 {
         t.send(Who::Alpha, question(i)).await;
@@ -1156,7 +1047,8 @@ async fn request_rate_fires_per_tenant_and_globally_just_over_its_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_ratio_fires_per_tenant_and_globally_and_counts_broken_streams() {
-    let t = rules_trail("window: 1m, failure_ratio: 0.5, failure_min_requests: 4").await;
+    let t =
+        rules_trail(json!({"window": "1m", "failure_ratio": 0.5, "failure_min_requests": 4})).await;
     t.send_n(5, Who::Alpha, question(0)).await;
     // Refused by authentication: no tenant is proven, so they count for
     // all tenants only. 4 of 9 failed: under half.
@@ -1192,7 +1084,9 @@ async fn failure_ratio_fires_per_tenant_and_globally_and_counts_broken_streams()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hourly_cost_fires_per_tenant_and_globally_just_over_its_limits() {
     // Each request costs $0.001 (1000 prompt tokens at $1 per million).
-    let t = rules_trail("tenant_cost_per_hour_usd: 0.003, global_cost_per_hour_usd: 0.005").await;
+    let t =
+        rules_trail(json!({"tenant_cost_per_hour_usd": 0.003, "global_cost_per_hour_usd": 0.005}))
+            .await;
     t.send_n(3, Who::Alpha, question(0)).await;
     t.send_n(2, Who::Beta, question(0)).await;
     let all = until_rows(&t.spec, 5).await;
@@ -1213,7 +1107,7 @@ async fn hourly_cost_fires_per_tenant_and_globally_just_over_its_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_requests_fire_per_tenant_and_globally_just_over_their_limits() {
-    let t = rules_trail("window: 1m, repeats: 3, global_repeats: 4").await;
+    let t = rules_trail(json!({"window": "1m", "repeats": 3, "global_repeats": 4})).await;
     // The same request, however it is laid out (the hash is of canonical JSON).
     let same = json!({"model": "gpt", "messages": [{"role": "user", "content": "again"}]});
     let same_reordered =
@@ -1247,7 +1141,7 @@ async fn repeated_requests_fire_per_tenant_and_globally_just_over_their_limits()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_request_fires_for_one_request_over_the_token_limit() {
-    let t = rules_trail("tokens_per_request: 1500").await;
+    let t = rules_trail(json!({"tokens_per_request": 1500})).await;
     t.a.push(Behavior::default().body(usage_body(1000, 500)));
     t.send(Who::Alpha, question(0)).await;
     assert_eq!(t.fired_after(1).await, vec![]);
@@ -1277,7 +1171,9 @@ async fn baseline_flags_a_spike_after_steady_usage_even_when_silence_follows() {
     // steady tenant has no deviation: its floor (a quarter of the mean)
     // lets a period at twice the usual pass (z = 4) and flags 20 times it.
     const PERIOD: i64 = 400;
-    let t = rules_trail("zscore: 5, baseline_interval: 400ms, baseline_min_history: 5").await;
+    let t =
+        rules_trail(json!({"zscore": 5, "baseline_interval": "400ms", "baseline_min_history": 5}))
+            .await;
     // One request a quarter into each period (the record's time is when
     // the gateway got it). A stall that pushes one into the next period
     // gives a period of 0 and one of 2: still under the limit.
@@ -1408,9 +1304,8 @@ async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_sends_the_same_alert_again_with_backoff_until_accepted() {
     let (hook, deliveries) = receiver(2).await;
-    let t = rules_trail(&format!(
-        "tenant_requests: 2, webhook: {{url: \"{hook}\", timeout: 2s, retries: 3, backoff: 50ms}}"
-    ))
+    let t = rules_trail(json!({"tenant_requests": 2,
+        "webhook": {"url": hook, "timeout": "2s", "retries": 3, "backoff": "50ms"}}))
     .await;
     t.send_n(3, Who::Alpha, question(0)).await;
     assert_eq!(
@@ -1460,9 +1355,8 @@ async fn the_webhook_sends_the_same_alert_again_with_backoff_until_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_gives_up_after_its_retries_and_counts_the_failure() {
     let (hook, deliveries) = receiver(usize::MAX).await;
-    let t = rules_trail(&format!(
-        "tenant_requests: 2, webhook: {{url: \"{hook}\", timeout: 2s, retries: 2, backoff: 20ms}}"
-    ))
+    let t = rules_trail(json!({"tenant_requests": 2,
+        "webhook": {"url": hook, "timeout": "2s", "retries": 2, "backoff": "20ms"}}))
     .await;
     t.send_n(3, Who::Alpha, question(0)).await;
     t.fired_after(3).await;
@@ -1490,14 +1384,14 @@ async fn verify_catches_an_edited_row_and_a_deleted_one() {
     let db = dir.path().join("audit.db");
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ""))).await;
+    let gw = gateway(&config(&a, &b, sqlite_audit(&db, json!({})))).await;
     for _ in 0..6 {
         gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
     }
     until_rows(&SinkSpec::Sqlite(db.clone()), 6).await;
     drop(gw);
     let verify = |db: &PathBuf| {
-        Command::new(env!("CARGO_BIN_EXE_collie"))
+        collie_bin()
             .args(["audit", "verify", "--sink"])
             .arg(format!("sqlite:{}", db.display()))
             .output()
@@ -1635,38 +1529,10 @@ fn csv_fields(line: &str) -> Vec<String> {
     out
 }
 
-/// Where traffic goes: a gateway in this process or a `collie run` process.
-struct Target {
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Target {
-    fn of(gw: &Gw) -> Target {
-        Target {
-            base: gw.base.clone(),
-            client: gw.client.clone(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A chat request as tenant alpha.
-    fn chat(&self, body: Value) -> reqwest::RequestBuilder {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .header("x-tenant-id", "alpha")
-            .bearer_auth(ALPHA_KEY)
-            .json(&body)
-    }
-}
-
 /// Traffic of every kind for the report: successes of different sizes,
 /// a fallback, a broken stream, an unknown model, refusals by
 /// authentication (naming alpha, and naming nobody) and by quota.
-async fn report_traffic(gw: &Target, a: &MockServer) {
+async fn report_traffic(gw: &impl Calls, a: &MockServer) {
     for i in 0..8 {
         a.push(Behavior::default().chunks(1 + i * 3));
         gw.chat(
@@ -1694,20 +1560,14 @@ async fn report_traffic(gw: &Target, a: &MockServer) {
         .await
         .unwrap();
     for (tenant, key) in [("alpha", "bad-1"), ("alpha", "bad-2"), ("mallory", "bad-3")] {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", tenant)
-            .bearer_auth(key)
+        gw.post_as(CHAT, tenant, key)
             .json(&body())
             .send()
             .await
             .unwrap();
     }
     for _ in 0..2 {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", "capped")
-            .bearer_auth(BETA_KEY)
+        gw.post_as(CHAT, "capped", BETA_KEY)
             .json(&body())
             .send()
             .await
@@ -1727,10 +1587,10 @@ async fn report_matches_the_records_by_every_measure() {
     let gw = gateway(&config(
         &a,
         &b,
-        &sqlite_audit(&db, ", anomalies: {tenant_requests: 5}"),
+        sqlite_audit(&db, json!({"anomalies": {"tenant_requests": 5}})),
     ))
     .await;
-    report_traffic(&Target::of(&gw), &a).await;
+    report_traffic(&gw, &a).await;
     let n = 16;
     let all = until_rows(&SinkSpec::Sqlite(db.clone()), n).await;
     drop(gw);
@@ -1930,12 +1790,12 @@ struct SqliteTrail {
     _dir: tempfile::TempDir,
 }
 
-async fn sqlite_trail(extra: &str) -> SqliteTrail {
+async fn sqlite_trail(more: Value) -> SqliteTrail {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("audit.db");
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, extra))).await;
+    let gw = gateway(&config(&a, &b, sqlite_audit(&db, more))).await;
     SqliteTrail {
         gw,
         spec: SinkSpec::Sqlite(db.clone()),
@@ -1996,7 +1856,7 @@ async fn keeps_exactly_the_newest_five(gw: &Gw, spec: &SinkSpec) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_exactly_max_rows_and_the_chain_still_verifies() {
-    let t = sqlite_trail(", retention: {max_rows: 5, every: 100ms}").await;
+    let t = sqlite_trail(json!({"retention": {"max_rows": 5, "every": "100ms"}})).await;
     keeps_exactly_the_newest_five(&t.gw, &t.spec).await;
 }
 
@@ -2005,8 +1865,11 @@ async fn postgres_retention_keeps_exactly_max_rows_and_the_chain_still_verifies(
     let schema = pg_schema();
     let a = mock().await;
     let b = mock().await;
-    let audit = pg_audit(&schema, ", retention: {max_rows: 5, every: 100ms}");
-    let gw = gateway_with_env(&config(&a, &b, &audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
+    let audit = pg_audit(
+        &schema,
+        json!({"retention": {"max_rows": 5, "every": "100ms"}}),
+    );
+    let gw = gateway_with_env(&config(&a, &b, audit), &[("COLLIE_TEST_PG", PG_URL)]).await;
     keeps_exactly_the_newest_five(&gw, &pg_spec(&schema)).await;
     drop_schema(&schema);
 }
@@ -2019,13 +1882,12 @@ async fn retention_by_size_shrinks_the_sqlite_file() {
     // Large rows: a 2000-byte preview of a long answer.
     let a = mock_with(Behavior::default().chunks(600)).await;
     let b = mock().await;
-    let audit = |retention: &str| {
-        format!(
-            "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, sidecar_id: s, preview_bytes: 2000{retention}}}",
-            db.display()
-        )
+    let audit = |more: Value| {
+        let audit = json!({"sink": "sqlite", "sqlite_path": db, "flush_interval": "20ms",
+                           "sidecar_id": "s", "preview_bytes": 2000});
+        with(audit, more)
     };
-    let gw = gateway(&config(&a, &b, &audit(""))).await;
+    let gw = gateway(&config(&a, &b, audit(json!({})))).await;
     for i in 0..150 {
         gw.chat(
             json!({"model": "gpt", "messages": [{"role": "user", "content": format!("s{i}")}]}),
@@ -2037,10 +1899,7 @@ async fn retention_by_size_shrinks_the_sqlite_file() {
         .await
         .unwrap();
     }
-    let running = gw.running;
-    tokio::task::spawn_blocking(move || running.stop(true))
-        .await
-        .unwrap();
+    gw.stop().await;
     let before = std::fs::metadata(&db).unwrap().len();
     let limit: u64 = 128 << 10;
     assert!(before > 2 * limit, "the trail is {before} bytes");
@@ -2049,7 +1908,7 @@ async fn retention_by_size_shrinks_the_sqlite_file() {
     let gw = gateway(&config(
         &a,
         &b,
-        &audit(", retention: {max_bytes: 128KiB, every: 100ms}"),
+        audit(json!({"retention": {"max_bytes": "128KiB", "every": "100ms"}})),
     ))
     .await;
     let mut size = before;
@@ -2083,7 +1942,7 @@ async fn retention_by_size_shrinks_the_sqlite_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_age_prunes_and_the_chain_continues() {
-    let t = sqlite_trail(", retention: {max_age: 1s, every: 100ms}").await;
+    let t = sqlite_trail(json!({"retention": {"max_age": "1s", "every": "100ms"}})).await;
     let (gw, spec) = (&t.gw, &t.spec);
     for _ in 0..3 {
         gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
@@ -2125,7 +1984,7 @@ async fn stall_writer(gw: &Gw, db: &Path) -> rusqlite::Connection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_drops_and_counts_by_default() {
-    let t = sqlite_trail(", queue: 2").await;
+    let t = sqlite_trail(json!({"queue": 2})).await;
     let (gw, db, spec) = (&t.gw, &t.db, &t.spec);
     let lock = stall_writer(gw, db).await;
     // The queue holds two records; the rest are dropped, and no request waits.
@@ -2157,7 +2016,7 @@ async fn a_full_queue_drops_and_counts_by_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_holds_requests_back_with_block() {
-    let t = sqlite_trail(", queue: 2, when_full: block").await;
+    let t = sqlite_trail(json!({"queue": 2, "when_full": "block"})).await;
     let (gw, db, spec, a) = (&t.gw, &t.db, &t.spec, &t.a);
     let lock = stall_writer(gw, db).await;
     // A connection whose request is waiting for room in the queue is not
@@ -2197,8 +2056,17 @@ async fn logs_follow_rust_log() {
     let log = dir.path().join("log");
     let a = mock().await;
     let b = mock().await;
-    let (mut child, base, _) =
-        run_process(dir.path(), &config(&a, &b, "{sink: off}"), &log, "warn");
+    let warn = Log {
+        file: &log,
+        rust_log: "warn",
+    };
+    let Process {
+        mut child, base, ..
+    } = run_collie(
+        dir.path(),
+        &config(&a, &b, json!({"sink": "off"})),
+        Some(warn),
+    );
     let client = reqwest::Client::new();
     for _ in 0..3 {
         let r = client
@@ -2212,7 +2080,7 @@ async fn logs_follow_rust_log() {
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }
-    unsafe_terminate(&mut child);
+    terminate(&mut child);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         !text.contains(" DEBUG ") && !text.contains(" TRACE ") && !text.contains(" INFO "),
@@ -2220,10 +2088,12 @@ async fn logs_follow_rust_log() {
     );
 }
 
-fn pg_audit(schema: &str, extra: &str) -> String {
-    format!(
-        "{{sink: postgres, postgres_url_env: COLLIE_TEST_PG, postgres_schema: {schema}, flush_interval: 20ms{extra}}}"
-    )
+/// A PostgreSQL trail in `schema` (its URL in `COLLIE_TEST_PG`) flushed
+/// every 20 ms, and `more`.
+fn pg_audit(schema: &str, more: Value) -> Value {
+    let audit = json!({"sink": "postgres", "postgres_url_env": "COLLIE_TEST_PG",
+                       "postgres_schema": schema, "flush_interval": "20ms"});
+    with(audit, more)
 }
 
 fn pg_spec(schema: &str) -> SinkSpec {
@@ -2241,11 +2111,11 @@ async fn two_sidecars_with_one_id_lose_nothing_and_keep_one_chain() {
     let schema = pg_schema();
     let a = mock().await;
     let b = mock().await;
-    let yaml = config(&a, &b, &pg_audit(&schema, ", sidecar_id: twin"));
+    let conf = config(&a, &b, pg_audit(&schema, json!({"sidecar_id": "twin"})));
     let env = [("COLLIE_TEST_PG", PG_URL)];
     // Both start before either writes: both read an empty chain.
-    let one = gateway_with_env(&yaml, &env).await;
-    let two = gateway_with_env(&yaml, &env).await;
+    let one = gateway_with_env(&conf, &env).await;
+    let two = gateway_with_env(&conf, &env).await;
     let spec = pg_spec(&schema);
     let mut sent = 0;
     for round in 0..3 {
@@ -2278,10 +2148,10 @@ async fn the_default_sidecar_id_is_unique_per_process() {
     let schema = pg_schema();
     let a = mock().await;
     let b = mock().await;
-    let yaml = config(&a, &b, &pg_audit(&schema, ""));
+    let conf = config(&a, &b, pg_audit(&schema, json!({})));
     let env = [("COLLIE_TEST_PG", PG_URL)];
-    let one = gateway_with_env(&yaml, &env).await;
-    let two = gateway_with_env(&yaml, &env).await;
+    let one = gateway_with_env(&conf, &env).await;
+    let two = gateway_with_env(&conf, &env).await;
     for gw in [&one, &two, &one, &two] {
         gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
     }
@@ -2408,15 +2278,9 @@ async fn an_older_sqlite_trail_is_migrated_and_its_chain_continues() {
     // The sidecar that wrote it goes on where it left off.
     let a = mock().await;
     let b = mock().await;
-    let audit = format!(
-        "{{sink: sqlite, sqlite_path: \"{}\", flush_interval: 20ms, sidecar_id: old}}",
-        db.display()
-    );
-    let gw = gateway(&config(&a, &b, &audit)).await;
-    gw.client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth("guessed")
+    let audit = sqlite_audit(&db, json!({"sidecar_id": "old"}));
+    let gw = gateway(&config(&a, &b, audit)).await;
+    gw.post_as(CHAT, "alpha", "guessed")
         .json(&body())
         .send()
         .await
@@ -2485,7 +2349,7 @@ async fn an_older_postgres_trail_is_migrated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_preview_is_off_by_default_and_bounded_when_on() {
-    let t = sqlite_trail("").await;
+    let t = sqlite_trail(json!({})).await;
     t.gw.chat(body())
         .send()
         .await
@@ -2507,7 +2371,12 @@ async fn response_preview_is_off_by_default_and_bounded_when_on() {
         "{{\"error\":{{\"message\":\"Incorrect API key provided: {PROVIDER_KEY_B}\"}}}}"
     )))
     .await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ", preview_bytes: 40"))).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        sqlite_audit(&db, json!({"preview_bytes": 40})),
+    ))
+    .await;
     let json_body = gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
     let stream_body = gw
         .chat(json!({"model": "gpt", "stream": true, "messages": []}))
@@ -2552,7 +2421,7 @@ async fn time_to_first_byte_is_recorded() {
     )
     .await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, &sqlite_audit(&db, ""))).await;
+    let gw = gateway(&config(&a, &b, sqlite_audit(&db, json!({})))).await;
     gw.chat(json!({"model": "gpt", "stream": true, "messages": []}))
         .send()
         .await
@@ -2561,10 +2430,7 @@ async fn time_to_first_byte_is_recorded() {
         .await
         .unwrap();
     gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
-    gw.client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth("wrong")
+    gw.post_as(CHAT, "alpha", "wrong")
         .json(&body())
         .send()
         .await

@@ -11,11 +11,6 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::process::Command;
-
-fn collie() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collie"))
-}
 
 #[test]
 fn check_config_reports_every_error_and_exits_64() {
@@ -26,7 +21,7 @@ fn check_config_reports_every_error_and_exits_64() {
         "tenants:\n  - {id: t, api_keys: [zz], models: [ghost]}\npools:\n  - {id: p, deployments: [{deployment: d, weight: 0}]}\ndeployments:\n  - {id: d, base_url: \"http://127.0.0.1:1/v1\", model: m, api_key_env: COLLIE_TEST_UNSET_VAR}\n",
     )
     .unwrap();
-    let out = collie()
+    let out = collie_bin()
         .arg("check-config")
         .arg(&bad)
         .env_remove("COLLIE_TEST_UNSET_VAR")
@@ -44,7 +39,7 @@ fn check_config_reports_every_error_and_exits_64() {
     }
 
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/collie.yaml");
-    let out = collie()
+    let out = collie_bin()
         .args(["check-config", shipped])
         .env("OPENAI_API_KEY", "x")
         .env("AZURE_OPENAI_KEY", "x")
@@ -62,7 +57,7 @@ fn run_refuses_a_bad_config_with_64() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "listen: nowhere\n").unwrap();
-    let out = collie()
+    let out = collie_bin()
         .args(["run", "--config"])
         .arg(&bad)
         .output()
@@ -72,7 +67,7 @@ fn run_refuses_a_bad_config_with_64() {
 
 #[test]
 fn hash_key_prints_the_digest() {
-    let out = collie()
+    let out = collie_bin()
         .args(["hash-key", "sk-demo-team-a"])
         .output()
         .unwrap();
@@ -94,10 +89,7 @@ async fn metrics_parse_as_prometheus_text_and_health_answers() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     let refused = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "evil\"}tenant")
-        .bearer_auth("nope")
+        .post_as(CHAT, "evil\"}tenant", "nope")
         .json(&json!({"model": "made-up-model"}))
         .send()
         .await

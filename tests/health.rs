@@ -21,40 +21,32 @@ fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
 }
 
-/// One pool `p` with the given deployments (id, mock, extra fields) and
-/// policy; model `m` → p, model `fb` → p then pool `q` (deployment `z`).
-fn pool_config(
-    members: &[(&str, &MockServer, &str)],
-    pool_extra: &str,
-    fallback: &MockServer,
-) -> String {
-    let mut deployments = String::new();
-    let mut refs = Vec::new();
-    for (id, mock, extra) in members {
-        deployments.push_str(&format!(
-            "  - {{id: {id}, base_url: \"{}\", model: \"model-{id}\", timeouts: {{connect: 500ms, first_byte: 2s}}{extra}}}\n",
-            mock.base_url()
-        ));
-        refs.push(format!("{{deployment: {id}}}"));
-    }
-    format!(
-        "{tenants}models:\n  - {{name: m, fallback: [p]}}\n  - {{name: fb, fallback: [p, q]}}\npools:\n  - {{id: p, deployments: [{refs}]{pool_extra}}}\n  - {{id: q, deployments: [{{deployment: z}}]}}\ndeployments:\n{deployments}  - {{id: z, base_url: \"{}\", model: model-z, health: {{probe: off}}}}\npricing:\n  model-a: {{input_per_mtok: 5.0, output_per_mtok: 15.0}}\n  model-b: {{input_per_mtok: 0.5, output_per_mtok: 1.5}}\n",
-        fallback.base_url(),
-        tenants = tenants(),
-        refs = refs.join(", "),
-    )
+/// Deployment `id` on `mock`, serving `model-{id}` with short timeouts.
+fn member(id: &str, mock: &MockServer) -> Deployment {
+    Deployment::on(id, mock, &format!("model-{id}"))
+        .timeouts(json!({"connect": "500ms", "first_byte": "2s"}))
 }
 
-/// Swap the running gateway's config for this one (same listeners).
-fn reload(gw: &Gw, yaml: &str) {
-    let text = format!(
-        "listen: {}\nadmin_listen: {}\nthreads: 2\naudit: {{sink: off}}\n{yaml}",
-        gw.running.listen, gw.running.admin_listen
-    );
-    let env = provider_env();
-    let config = collie::config::Config::from_yaml(&text, &|n| env.get(n).cloned())
-        .unwrap_or_else(|e| panic!("reloaded config is invalid:\n{e}\n---\n{text}"));
-    gw.running.state.reload(config).unwrap();
+/// One pool `p` of these deployments, set up further by `pool`; model `m`
+/// → p, model `fb` → p then pool `q` (deployment `z`, on `fallback`).
+fn pool_config(
+    members: &[Deployment],
+    pool: impl FnOnce(Pool) -> Pool,
+    fallback: &MockServer,
+) -> Conf {
+    let ids: Vec<&str> = members.iter().map(Part::name).collect();
+    let conf = Conf::two_tenants(&[])
+        .model(Model::new("m", &["p"]))
+        .model(Model::new("fb", &["p", "q"]))
+        .pool(pool(Pool::new("p", &ids)))
+        .pool(Pool::new("q", &["z"]));
+    members
+        .iter()
+        .cloned()
+        .fold(conf, Conf::deployment)
+        .deployment(Deployment::on("z", fallback, "model-z").health(json!({"probe": "off"})))
+        .price("model-a", 5.0, 15.0)
+        .price("model-b", 0.5, 1.5)
 }
 
 /// What the status view recommends for `model` now.
@@ -117,10 +109,13 @@ async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
     let b = mock().await;
     let z = mock().await;
     let addr = a.addr();
-    let probes = ", health: {interval: 150ms, timeout: 300ms, healthy_after: 1, unhealthy_after: 3, cooldown: 60s}";
+    let probes = json!({"interval": "150ms", "timeout": "300ms", "healthy_after": 1, "unhealthy_after": 3, "cooldown": "60s"});
     let gw = gateway(&pool_config(
-        &[("a", &a, probes), ("b", &b, probes)],
-        "",
+        &[
+            member("a", &a).health(probes.clone()),
+            member("b", &b).health(probes.clone()),
+        ],
+        |p| p,
         &z,
     ))
     .await;
@@ -180,10 +175,10 @@ async fn a_hanging_probe_does_not_hold_up_other_probes() {
     let z = mock().await;
     let gw = gateway(&pool_config(
         &[
-            ("a", &hanging, ", health: {interval: 100ms, timeout: 60s}"),
-            ("b", &b, ", health: {interval: 100ms, timeout: 1s}"),
+            member("a", &hanging).health(json!({"interval": "100ms", "timeout": "60s"})),
+            member("b", &b).health(json!({"interval": "100ms", "timeout": "1s"})),
         ],
-        "",
+        |p| p,
         &z,
     ))
     .await;
@@ -200,17 +195,18 @@ async fn a_reloaded_probe_interval_takes_effect() {
     let a = mock().await;
     let z = mock().await;
     let gw = gateway(&pool_config(
-        &[("a", &a, ", health: {interval: 1h}")],
-        "",
+        &[member("a", &a).health(json!({"interval": "1h"}))],
+        |p| p,
         &z,
     ))
     .await;
     until(&gw, "a", "state", "healthy").await;
     assert_eq!(a.request_count(), 1, "one probe an hour");
-    reload(
-        &gw,
-        &pool_config(&[("a", &a, ", health: {interval: 50ms}")], "", &z),
-    );
+    gw.reload(&pool_config(
+        &[member("a", &a).health(json!({"interval": "50ms"}))],
+        |p| p,
+        &z,
+    ));
     eventually("a probed every 50 ms", || a.request_count() >= 20).await;
     assert_eq!(a.completion_calls(), 0);
 }
@@ -219,8 +215,13 @@ async fn a_reloaded_probe_interval_takes_effect() {
 async fn breaker_opens_half_opens_for_exactly_one_trial_and_closes() {
     let a = mock_with(Behavior::default().status(500)).await;
     let z = mock().await;
-    let live_only = ", health: {probe: off, failures_to_open: 3, cooldown: 400ms}";
-    let gw = gateway(&pool_config(&[("a", &a, live_only)], "", &z)).await;
+    let live_only = json!({"probe": "off", "failures_to_open": 3, "cooldown": "400ms"});
+    let gw = gateway(&pool_config(
+        &[member("a", &a).health(live_only.clone())],
+        |p| p,
+        &z,
+    ))
+    .await;
     for _ in 0..3 {
         let r = gw.chat(hello("fb")).send().await.unwrap();
         assert_eq!(r.headers()["x-collie-model"], "model-z");
@@ -283,7 +284,12 @@ async fn retry_after_seven_keeps_traffic_away_for_seven_seconds() {
     let a = mock().await;
     let z = mock().await;
     a.push(Behavior::default().status(429).retry_after("7"));
-    let gw = gateway(&pool_config(&[("a", &a, ", health: {probe: off}")], "", &z)).await;
+    let gw = gateway(&pool_config(
+        &[member("a", &a).health(json!({"probe": "off"}))],
+        |p| p,
+        &z,
+    ))
+    .await;
     let r = gw.chat(hello("fb")).send().await.unwrap();
     assert_eq!(r.headers()["x-collie-model"], "model-z");
     let d = deployment(&gw, "a").await;
@@ -305,10 +311,13 @@ async fn least_latency_prefers_the_faster_deployment() {
     let slow = mock_with(Behavior::default().delay(Duration::from_millis(80))).await;
     let fast = mock_with(Behavior::default().delay(Duration::from_millis(5))).await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
+    let off = json!({"probe": "off"});
     let gw = gateway(&pool_config(
-        &[("a", &slow, off), ("b", &fast, off)],
-        ", policy: least_latency",
+        &[
+            member("a", &slow).health(off.clone()),
+            member("b", &fast).health(off.clone()),
+        ],
+        |p| p.set("policy", "least_latency"),
         &z,
     ))
     .await;
@@ -326,10 +335,13 @@ async fn cost_aware_prefers_the_cheaper_healthy_deployment() {
     let pricey = mock().await;
     let cheap = mock().await;
     let z = mock().await;
-    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 30s}";
+    let live = json!({"probe": "off", "failures_to_open": 1, "cooldown": "30s"});
     let gw = gateway(&pool_config(
-        &[("a", &pricey, live), ("b", &cheap, live)],
-        ", policy: cost, retries: 1",
+        &[
+            member("a", &pricey).health(live.clone()),
+            member("b", &cheap).health(live.clone()),
+        ],
+        |p| p.set("policy", "cost").set("retries", 1),
         &z,
     ))
     .await;
@@ -352,16 +364,18 @@ async fn retries_inside_a_pool_before_the_next_pool() {
     let b = mock_with(Behavior::default().status(502)).await;
     let c = mock().await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
-    let yaml = format!(
-        "retry: {{backoff: 10ms, max_backoff: 50ms}}\n{}",
-        pool_config(
-            &[("a", &a, off), ("b", &b, off), ("c", &c, off)],
-            ", retries: 2",
-            &z
-        )
-    );
-    let gw = gateway(&yaml).await;
+    let off = json!({"probe": "off"});
+    let conf = pool_config(
+        &[
+            member("a", &a).health(off.clone()),
+            member("b", &b).health(off.clone()),
+            member("c", &c).health(off),
+        ],
+        |p| p.set("retries", 2),
+        &z,
+    )
+    .set("retry", json!({"backoff": "10ms", "max_backoff": "50ms"}));
+    let gw = gateway(&conf).await;
     let r = gw.chat(hello("fb")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-collie-model"], "model-c");
@@ -373,8 +387,13 @@ async fn retries_inside_a_pool_before_the_next_pool() {
 async fn all_unhealthy_answers_at_once_then_recovers() {
     let a = mock_with(Behavior::default().status(500)).await;
     let z = mock().await;
-    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 500ms}";
-    let gw = gateway(&pool_config(&[("a", &a, live)], "", &z)).await;
+    let live = json!({"probe": "off", "failures_to_open": 1, "cooldown": "500ms"});
+    let gw = gateway(&pool_config(
+        &[member("a", &a).health(live.clone())],
+        |p| p,
+        &z,
+    ))
+    .await;
     let r = gw.chat(hello("m")).send().await.unwrap();
     assert_eq!(r.status(), 500);
     until(&gw, "a", "breaker", "open").await;
@@ -403,10 +422,10 @@ async fn default_probes_spend_no_tokens_and_completion_probes_are_opt_in() {
     let z = mock().await;
     let gw = gateway(&pool_config(
         &[
-            ("a", &a, ", health: {interval: 100ms}"),
-            ("b", &b, ", health: {probe: completion, interval: 100ms}"),
+            member("a", &a).health(json!({"interval": "100ms"})),
+            member("b", &b).health(json!({"probe": "completion", "interval": "100ms"})),
         ],
-        "",
+        |p| p,
         &z,
     ))
     .await;
@@ -428,19 +447,25 @@ async fn route_aliases_follow_hints_and_priorities() {
     let a = mock().await;
     let b = mock().await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
-    let yaml = pool_config(&[("a", &a, off), ("b", &b, off)], "", &z).replace(
-        "models:\n",
-        "models:\n  - name: best\n    fallback: [q]\n    routes:\n      - {hint: code, fallback: [pa]}\n      - {priorities: [1, 2], fallback: [pb]}\n",
-    ).replace("pools:\n", "pools:\n  - {id: pa, deployments: [{deployment: a}]}\n  - {id: pb, deployments: [{deployment: b}]}\n");
-    let gw = gateway(&yaml).await;
+    let off = json!({"probe": "off"});
+    let routes = json!([
+        {"hint": "code", "fallback": ["pa"]},
+        {"priorities": [1, 2], "fallback": ["pb"]},
+    ]);
+    let conf = pool_config(
+        &[
+            member("a", &a).health(off.clone()),
+            member("b", &b).health(off),
+        ],
+        |p| p,
+        &z,
+    )
+    .model_first(Model::new("best", &["q"]).set("routes", routes))
+    .pool_first(Pool::new("pb", &["b"]))
+    .pool_first(Pool::new("pa", &["a"]));
+    let gw = gateway(&conf).await;
     let ask = |hint: Option<&str>, tenant: &str, key: &str| {
-        let mut r = gw
-            .client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", tenant)
-            .bearer_auth(key)
-            .json(&hello("best"));
+        let mut r = gw.post_as(CHAT, tenant, key).json(&hello("best"));
         if let Some(h) = hint {
             r = r.header("x-collie-route", h);
         }
@@ -591,8 +616,16 @@ async fn status_page_renders_in_headless_chromium() {
     let a = mock_with(Behavior::default().status(500)).await;
     let b = mock().await;
     let z = mock().await;
-    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 60s}";
-    let gw = gateway(&pool_config(&[("a", &a, live), ("b", &b, live)], "", &z)).await;
+    let live = json!({"probe": "off", "failures_to_open": 1, "cooldown": "60s"});
+    let gw = gateway(&pool_config(
+        &[
+            member("a", &a).health(live.clone()),
+            member("b", &b).health(live.clone()),
+        ],
+        |p| p,
+        &z,
+    ))
+    .await;
     let mut page = Browser::open(chromium, &format!("{}/", gw.admin)).await;
     let row = |id: &str| {
         format!(
@@ -645,11 +678,13 @@ async fn status_page_renders_in_headless_chromium() {
 async fn the_request_deadline_cuts_a_waiting_attempt() {
     let a = mock_with(Behavior::default().hang()).await;
     let z = mock().await;
-    let yaml = format!(
-        "request_deadline: 300ms\n{}",
-        pool_config(&[("a", &a, ", health: {probe: off}")], "", &z)
-    );
-    let gw = gateway(&yaml).await;
+    let conf = pool_config(
+        &[member("a", &a).health(json!({"probe": "off"}))],
+        |p| p,
+        &z,
+    )
+    .set("request_deadline", "300ms");
+    let gw = gateway(&conf).await;
     let r = gw.chat(hello("m")).send().await.unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["x-collie-error"], "deadline_exceeded");
@@ -679,25 +714,20 @@ async fn no_attempt_starts_after_the_deadline() {
     let a = mock_with(Behavior::default().status(500)).await;
     let b = mock().await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
+    let off = json!({"probe": "off"});
     // A backoff drawn from up to an hour: the deadline passes during it.
-    let yaml = format!(
-        "request_deadline: 200ms\nretry: {{backoff: 1h, max_backoff: 1h}}\n{}",
-        pool_config(
-            &[("a", &a, off), ("b", &b, off)],
-            ", policy: cost, retries: 1",
-            &z
-        )
+    let conf = pool_config(
+        &[
+            member("a", &a).health(off.clone()),
+            member("b", &b).health(off),
+        ],
+        |p| p.set("policy", "cost").set("retries", 1),
+        &z,
     )
-    .replace(
-        "pricing:\n",
-        "pricing:\n  model-a: {input_per_mtok: 0.1, output_per_mtok: 0.1}\n",
-    )
-    .replace(
-        "  model-a: {input_per_mtok: 5.0, output_per_mtok: 15.0}\n",
-        "",
-    );
-    let gw = gateway(&yaml).await;
+    .set("request_deadline", "200ms")
+    .set("retry", json!({"backoff": "1h", "max_backoff": "1h"}))
+    .price("model-a", 0.1, 0.1);
+    let gw = gateway(&conf).await;
     let r = gw.chat(hello("fb")).send().await.unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["x-collie-error"], "deadline_exceeded");
@@ -712,12 +742,10 @@ async fn no_attempt_starts_after_the_deadline() {
 async fn a_trial_cut_by_the_deadline_frees_the_trial_slot() {
     let a = mock_with(Behavior::default().status(500)).await;
     let z = mock().await;
-    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 200ms}";
-    let yaml = format!(
-        "request_deadline: 400ms\n{}",
-        pool_config(&[("a", &a, live)], "", &z)
-    );
-    let gw = gateway(&yaml).await;
+    let live = json!({"probe": "off", "failures_to_open": 1, "cooldown": "200ms"});
+    let conf =
+        pool_config(&[member("a", &a).health(live)], |p| p, &z).set("request_deadline", "400ms");
+    let gw = gateway(&conf).await;
     assert_eq!(gw.chat(hello("m")).send().await.unwrap().status(), 500);
     until(&gw, "a", "breaker", "open").await;
     a.set_default(Behavior::default().hang());
@@ -740,10 +768,16 @@ async fn a_trial_cut_by_the_deadline_frees_the_trial_slot() {
 async fn panic_mode_answers_without_queueing() {
     let a = mock().await;
     let z = mock().await;
-    let probes = ", health: {interval: 100ms, timeout: 1s, unhealthy_after: 1, cooldown: 30s}";
-    let yaml = pool_config(&[("a", &a, probes)], ", max_concurrency: 1", &z)
-        .replace("first_byte: 2s", "first_byte: 60s");
-    let gw = gateway(&yaml).await;
+    let probes =
+        json!({"interval": "100ms", "timeout": "1s", "unhealthy_after": 1, "cooldown": "30s"});
+    let conf = pool_config(
+        &[member("a", &a)
+            .health(probes)
+            .timeouts(json!({"connect": "500ms", "first_byte": "60s"}))],
+        |p| p.set("max_concurrency", 1),
+        &z,
+    );
+    let gw = gateway(&conf).await;
     until(&gw, "a", "state", "healthy").await;
     // One slow request holds the pool's only slot throughout.
     a.push(Behavior::default().delay(Duration::from_secs(30)));
@@ -778,11 +812,14 @@ async fn unknown_deployments_get_no_traffic_while_a_proven_sibling_serves() {
     let c = mock_with(Behavior::default().hang()).await;
     c.set_model_behavior("model-c", Behavior::default());
     let z = mock().await;
-    let fast = ", health: {interval: 100ms, timeout: 1s}";
-    let stuck = ", health: {interval: 1h, timeout: 60s}";
+    let fast = json!({"interval": "100ms", "timeout": "1s"});
+    let stuck = json!({"interval": "1h", "timeout": "60s"});
     let gw = gateway(&pool_config(
-        &[("a", &a, fast), ("c", &c, stuck)],
-        ", retries: 1",
+        &[
+            member("a", &a).health(fast.clone()),
+            member("c", &c).health(stuck.clone()),
+        ],
+        |p| p.set("retries", 1),
         &z,
     ))
     .await;
@@ -801,14 +838,15 @@ async fn unknown_deployments_get_no_traffic_while_a_proven_sibling_serves() {
     // Added on reload: unknown too, and left alone.
     let d2 = mock_with(Behavior::default().hang()).await;
     d2.set_model_behavior("model-d", Behavior::default());
-    reload(
-        &gw,
-        &pool_config(
-            &[("a", &a, fast), ("c", &c, stuck), ("d", &d2, stuck)],
-            ", retries: 1",
-            &z,
-        ),
-    );
+    gw.reload(&pool_config(
+        &[
+            member("a", &a).health(fast.clone()),
+            member("c", &c).health(stuck.clone()),
+            member("d", &d2).health(stuck),
+        ],
+        |p| p.set("retries", 1),
+        &z,
+    ));
     assert_eq!(deployment(&gw, "d").await["state"], "unknown");
     let models = served_by(&gw, "m", 20).await;
     assert!(models.iter().all(|m| m == "model-a"), "{models:?}");
@@ -823,10 +861,13 @@ async fn degraded_members_are_tried_after_healthy_ones() {
     let a = mock_with(Behavior::default().delay(Duration::from_millis(150))).await;
     let b = mock().await;
     let z = mock().await;
-    let live = ", health: {probe: off, slow_after: 50ms}";
+    let live = json!({"probe": "off", "slow_after": "50ms"});
     let gw = gateway(&pool_config(
-        &[("a", &a, live), ("b", &b, live)],
-        ", retries: 1",
+        &[
+            member("a", &a).health(live.clone()),
+            member("b", &b).health(live.clone()),
+        ],
+        |p| p.set("retries", 1),
         &z,
     ))
     .await;
@@ -855,11 +896,14 @@ async fn health_metrics_are_current_and_follow_the_config() {
     let a = mock().await;
     let b = mock_with(Behavior::default().status(500)).await;
     let z = mock().await;
-    let probed = ", health: {interval: 100ms}";
-    let live = ", health: {probe: off, failures_to_open: 1, cooldown: 60s}";
+    let probed = json!({"interval": "100ms"});
+    let live = json!({"probe": "off", "failures_to_open": 1, "cooldown": "60s"});
     let gw = gateway(&pool_config(
-        &[("a", &a, probed), ("b", &b, live)],
-        ", retries: 1",
+        &[
+            member("a", &a).health(probed.clone()),
+            member("b", &b).health(live.clone()),
+        ],
+        |p| p.set("retries", 1),
         &z,
     ))
     .await;
@@ -909,7 +953,11 @@ async fn health_metrics_are_current_and_follow_the_config() {
         );
     }
     // `b` leaves the config: its health series go with it.
-    reload(&gw, &pool_config(&[("a", &a, probed)], ", retries: 1", &z));
+    gw.reload(&pool_config(
+        &[member("a", &a).health(probed)],
+        |p| p.set("retries", 1),
+        &z,
+    ));
     let m = gw.metrics().await;
     for name in [
         "collie_deployment_health",
@@ -934,21 +982,18 @@ async fn status_recommends_what_routing_would_choose() {
     let b = mock().await;
     let c = mock().await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
-    let yaml = pool_config(
+    let off = json!({"probe": "off"});
+    let conf = pool_config(
         &[
-            ("a", &a, off),
-            ("b", &b, ", rpm: 2, health: {probe: off}"),
-            ("c", &c, off),
+            member("a", &a).health(off.clone()),
+            member("b", &b).set("rpm", 2).health(off.clone()),
+            member("c", &c).health(off),
         ],
-        ", policy: cost, retries: 2",
+        |p| p.set("policy", "cost").set("retries", 2),
         &z,
     )
-    .replace(
-        "pricing:\n",
-        "pricing:\n  model-c: {input_per_mtok: 1.0, output_per_mtok: 3.0}\n",
-    );
-    let gw = gateway(&yaml).await;
+    .price("model-c", 1.0, 3.0);
+    let gw = gateway(&conf).await;
     // Cheapest first, though `a` is listed first.
     assert_eq!(recommended(&gw, "m").await, "model-b");
     // `b`'s own per-minute limit is spent: the next cheapest.
@@ -966,10 +1011,13 @@ async fn least_latency_does_not_prefer_a_failing_deployment() {
     let failing = mock_with(Behavior::default().status(500)).await;
     let ok = mock_with(Behavior::default().delay(Duration::from_millis(20))).await;
     let z = mock().await;
-    let live = ", health: {probe: off, failures_to_open: 1000, degraded_error_ratio: 1.0}";
+    let live = json!({"probe": "off", "failures_to_open": 1000, "degraded_error_ratio": 1.0});
     let gw = gateway(&pool_config(
-        &[("a", &failing, live), ("b", &ok, live)],
-        ", policy: least_latency, retries: 1",
+        &[
+            member("a", &failing).health(live.clone()),
+            member("b", &ok).health(live.clone()),
+        ],
+        |p| p.set("policy", "least_latency").set("retries", 1),
         &z,
     ))
     .await;
@@ -991,8 +1039,10 @@ async fn probes_send_the_provider_key_and_never_log_it() {
     let a = mock().await;
     let z = mock().await;
     let gw = gateway(&pool_config(
-        &[("a", &a, ", api_key_env: KEY_A, health: {interval: 100ms}")],
-        "",
+        &[member("a", &a)
+            .key("KEY_A")
+            .health(json!({"interval": "100ms"}))],
+        |p| p,
         &z,
     ))
     .await;
@@ -1017,15 +1067,24 @@ async fn probes_send_the_provider_key_and_never_log_it() {
     let down = format!("http://127.0.0.1:{}/v1", free_port());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("collie.log");
-    let fast = "health: {interval: 100ms, timeout: 500ms, unhealthy_after: 1}";
-    let yaml = format!(
-        "{tenants}models:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: r}}, {{deployment: f}}, {{deployment: d}}, {{deployment: ok}}]}}\ndeployments:\n  - {{id: r, base_url: \"{}\", model: m, api_key_env: KEY_A, {fast}}}\n  - {{id: f, base_url: \"{}\", model: m, api_key_env: KEY_B, {fast}}}\n  - {{id: d, base_url: \"{down}\", model: m, api_key_env: KEY_A, {fast}}}\n  - {{id: ok, base_url: \"{}\", model: m, api_key_env: KEY_B, {fast}}}\n",
-        refusing.base_url(),
-        failing.base_url(),
-        fine.base_url(),
-        tenants = tenants(),
-    );
-    let (mut child, admin) = run_collie(dir.path(), &yaml, &log);
+    let fast = json!({"interval": "100ms", "timeout": "500ms", "unhealthy_after": 1});
+    let deployment = |id: &str, url: &str, key: &str| {
+        Deployment::new(id, url, "m").key(key).health(fast.clone())
+    };
+    let conf = Conf::two_tenants(&[])
+        .model(Model::new("m", &["p"]))
+        .pool(Pool::new("p", &["r", "f", "d", "ok"]))
+        .deployment(deployment("r", &refusing.base_url(), "KEY_A"))
+        .deployment(deployment("f", &failing.base_url(), "KEY_B"))
+        .deployment(deployment("d", &down, "KEY_A"))
+        .deployment(deployment("ok", &fine.base_url(), "KEY_B"));
+    let trace = Log {
+        file: &log,
+        rust_log: "trace",
+    };
+    let Process {
+        mut child, admin, ..
+    } = run_collie(dir.path(), &conf, Some(trace));
     let client = reqwest::Client::new();
     let mut last = Value::Null;
     for _ in 0..500 {
@@ -1062,42 +1121,6 @@ async fn probes_send_the_provider_key_and_never_log_it() {
         !text.contains("canary"),
         "no part of a provider key in the log"
     );
-}
-
-/// `collie run` as a real process at trace level, its log in `log`; returns
-/// the child and the admin listener's URL once the gateway accepts.
-fn run_collie(
-    dir: &std::path::Path,
-    yaml: &str,
-    log: &std::path::Path,
-) -> (std::process::Child, String) {
-    let listen = free_port();
-    let admin = free_port();
-    let path = dir.join("collie.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\naudit: {{sink: off}}\n{yaml}"
-        ),
-    )
-    .unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KEY_A", PROVIDER_KEY_A)
-        .env("KEY_B", PROVIDER_KEY_B)
-        .env("RUST_LOG", "trace")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, format!("http://127.0.0.1:{admin}"))
 }
 
 /// A provider on raw sockets that answers `GET …/models` on kept-alive
@@ -1160,13 +1183,17 @@ async fn probes_retry_a_stale_connection_and_connect_afresh() {
     let (models_addr, models_conns) = closing_provider().await;
     let (connect_addr, connect_conns) = closing_provider().await;
     let z = mock().await;
-    let once = "interval: 1h, timeout: 2s, healthy_after: 1, unhealthy_after: 1";
-    let yaml = format!(
-        "{tenants}models:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: a}}, {{deployment: c}}]}}\n  - {{id: q, deployments: [{{deployment: z}}]}}\ndeployments:\n  - {{id: a, base_url: \"http://{models_addr}/v1\", model: m, health: {{{once}}}}}\n  - {{id: c, base_url: \"http://{connect_addr}/v1\", model: m, health: {{probe: connect, {once}}}}}\n  - {{id: z, base_url: \"{}\", model: m, health: {{probe: off}}}}\n",
-        z.base_url(),
-        tenants = tenants(),
-    );
-    let gw = gateway(&yaml).await;
+    let once = json!({"interval": "1h", "timeout": "2s", "healthy_after": 1, "unhealthy_after": 1});
+    let mut connect = once.clone();
+    connect["probe"] = json!("connect");
+    let conf = Conf::two_tenants(&[])
+        .model(Model::new("m", &["p"]))
+        .pool(Pool::new("p", &["a", "c"]))
+        .pool(Pool::new("q", &["z"]))
+        .deployment(Deployment::new("a", &format!("http://{models_addr}/v1"), "m").health(once))
+        .deployment(Deployment::new("c", &format!("http://{connect_addr}/v1"), "m").health(connect))
+        .deployment(Deployment::on("z", &z, "m").health(json!({"probe": "off"})));
+    let gw = gateway(&conf).await;
     until(&gw, "a", "state", "healthy").await;
     until(&gw, "c", "state", "healthy").await;
     let book = &gw.running.state.health;
@@ -1197,26 +1224,22 @@ async fn the_backoff_holds_nothing_of_the_next_member() {
     let a = mock_with(Behavior::default().status(500)).await;
     let b = mock().await;
     let z = mock().await;
-    let off = ", health: {probe: off}";
+    let off = json!({"probe": "off"});
     // `a` is cheaper, so tried first; the backoff lasts past the deadline.
-    let yaml = format!(
-        "request_deadline: 3s\nretry: {{backoff: 1000h, max_backoff: 1000h}}\n{}",
-        pool_config(
-            &[("a", &a, off), ("b", &b, ", rpm: 1, health: {probe: off}")],
-            ", policy: cost, retries: 1",
-            &z
-        )
+    let conf = pool_config(
+        &[
+            member("a", &a).health(off.clone()),
+            member("b", &b).set("rpm", 1).health(off),
+        ],
+        |p| p.set("policy", "cost").set("retries", 1),
+        &z,
     )
-    .replace(
-        "model-a: {input_per_mtok: 5.0, output_per_mtok: 15.0}",
-        "model-a: {input_per_mtok: 0.1, output_per_mtok: 0.1}",
-    )
-    .replace("models:\n", "models:\n  - {name: bonly, fallback: [pb]}\n")
-    .replace(
-        "pools:\n",
-        "pools:\n  - {id: pb, deployments: [{deployment: b}]}\n",
-    );
-    let gw = gateway(&yaml).await;
+    .set("request_deadline", "3s")
+    .set("retry", json!({"backoff": "1000h", "max_backoff": "1000h"}))
+    .price("model-a", 0.1, 0.1)
+    .model_first(Model::new("bonly", &["pb"]))
+    .pool_first(Pool::new("pb", &["b"]));
+    let gw = gateway(&conf).await;
     let first = tokio::spawn(gw.chat(hello("m")).send());
     eventually("the first request failed on a", || {
         a.completion_calls() == 1

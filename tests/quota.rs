@@ -10,7 +10,6 @@
 
 mod common;
 
-use collie::gateway::key_digest_hex;
 use collie_mock::{Behavior, MockServer};
 use common::*;
 use futures::StreamExt;
@@ -18,57 +17,30 @@ use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Tenants `alpha` (priority 1) and `beta` (priority 5) with the given quota
-/// blocks, one model `gpt` → pool `p` (→ mock `a`), and `gpt-fb` falling back
-/// from `a` to `b`.
-fn config(
-    a: &MockServer,
-    b: &MockServer,
-    alpha_quota: &str,
-    beta_quota: &str,
-    extra: &str,
-) -> String {
-    format!(
-        "{extra}
-tenants:
-  - id: alpha
-    api_keys: [\"{ka}\"]
-    models: [\"*\"]
-    priority: 1
-    quota: {alpha_quota}
-  - id: beta
-    api_keys: [\"{kb}\"]
-    models: [\"*\"]
-    priority: 5
-    quota: {beta_quota}
-models:
-  - {{name: gpt, fallback: [p]}}
-  - {{name: gpt-fb, fallback: [p, q]}}
-pools:
-  - id: p
-    deployments: [{{deployment: a}}]
-  - id: q
-    deployments: [{{deployment: b}}]
-deployments:
-  - {{id: a, base_url: \"{}\", model: gpt-a, timeouts: {{first_byte: 30s}}}}
-  - {{id: b, base_url: \"{}\", model: gpt-b}}
-pricing:
-  gpt-a: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-  gpt-b: {{input_per_mtok: 10.0, output_per_mtok: 20.0}}
-",
-        a.base_url(),
-        b.base_url(),
-        ka = key_digest_hex(ALPHA_KEY),
-        kb = key_digest_hex(BETA_KEY),
-    )
+/// Tenants `alpha` (priority 1) and `beta` (priority 5, every model) with
+/// these quotas; model `gpt` → pool `p` (→ mock `a`), and `gpt-fb` falling
+/// back from `a` to `b`.
+fn config(a: &MockServer, b: &MockServer, alpha_quota: Value, beta_quota: Value) -> Conf {
+    Conf::new()
+        .tenant(Tenant::alpha().quota(alpha_quota))
+        .tenant(Tenant::new("beta", BETA_KEY).priority(5).quota(beta_quota))
+        .model(Model::new("gpt", &["p"]))
+        .model(Model::new("gpt-fb", &["p", "q"]))
+        .pool(Pool::new("p", &["a"]))
+        .pool(Pool::new("q", &["b"]))
+        .deployment(Deployment::on("a", a, "gpt-a").timeouts(json!({"first_byte": "30s"})))
+        .deployment(Deployment::on("b", b, "gpt-b"))
+        .price("gpt-a", 1.0, 2.0)
+        .price("gpt-b", 10.0, 20.0)
+}
+
+/// Pool `p` (mock `a` alone) with one more setting.
+fn pool_p(conf: Conf, setting: &str, value: impl Into<Value>) -> Conf {
+    conf.edit_pool("p", |p| p.set(setting, value))
 }
 
 fn as_beta(gw: &Gw, body: Value) -> reqwest::RequestBuilder {
-    gw.client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "beta")
-        .bearer_auth(BETA_KEY)
-        .json(&body)
+    gw.post_as(CHAT, "beta", BETA_KEY).json(&body)
 }
 
 fn small(model: &str, max_tokens: u64, stream: bool) -> Value {
@@ -79,10 +51,7 @@ fn small(model: &str, max_tokens: u64, stream: bool) -> Value {
 /// The caller's quota report: (used, reserved) of one window of the tenant scope.
 async fn window(gw: &Gw, tenant: &str, key: &str, name: &str) -> (f64, f64) {
     let v: Value = gw
-        .client
-        .get(gw.url("/v1/collie/quota"))
-        .header("x-tenant-id", tenant)
-        .bearer_auth(key)
+        .get_as("/v1/collie/quota", tenant, key)
         .send()
         .await
         .unwrap()
@@ -115,7 +84,7 @@ async fn settled(gw: &Gw, tenant: &str, key: &str, name: &str) -> f64 {
 async fn exactly_the_daily_request_limit_is_admitted_under_concurrency() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{requests_per_day: 100}", "{}", "")).await;
+    let gw = gateway(&config(&a, &b, json!({"requests_per_day": 100}), json!({}))).await;
     let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let body = small("gpt", 10, false);
@@ -161,7 +130,7 @@ async fn token_budget_holds_with_mixed_traffic() {
         let a = mock_with(Behavior::default().chunks(10)).await;
         let b = mock().await;
         let budget = 3000.0;
-        let gw = gateway(&config(&a, &b, "{tokens_per_day: 3000}", "{}", "")).await;
+        let gw = gateway(&config(&a, &b, json!({"tokens_per_day": 3000}), json!({}))).await;
         let requests = futures::stream::iter(0..200).map(|i| {
             let req = gw.chat(small("gpt", 40, i % 2 == 0));
             async move {
@@ -202,7 +171,13 @@ async fn token_budget_holds_with_mixed_traffic() {
 async fn streamed_usage_is_settled_exactly_as_reported() {
     let a = mock_with(Behavior::default().chunks(9)).await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{tokens_per_day: 100000}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"tokens_per_day": 100000}),
+        json!({}),
+    ))
+    .await;
     let r = gw.chat(small("gpt", 500, true)).send().await.unwrap();
     let text = r.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
@@ -224,7 +199,13 @@ async fn client_disconnect_settles_what_was_delivered() {
     )
     .await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{tokens_per_day: 100000}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"tokens_per_day": 100000}),
+        json!({}),
+    ))
+    .await;
     let r = gw.chat(small("gpt", 1000, true)).send().await.unwrap();
     let mut stream = r.bytes_stream();
     let mut content_events = 0;
@@ -259,9 +240,8 @@ async fn failure_before_the_first_byte_refunds_everything() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{tokens_per_day: 100000, requests_per_day: 10, usd_per_day: 1.0}",
-        "{}",
-        "",
+        json!({"tokens_per_day": 100000, "requests_per_day": 10, "usd_per_day": 1.0}),
+        json!({}),
     ))
     .await;
     let r = gw.chat(small("gpt-fb", 100, false)).send().await.unwrap();
@@ -275,7 +255,7 @@ async fn failure_before_the_first_byte_refunds_everything() {
 async fn a_fallback_is_billed_at_the_served_models_price() {
     let a = mock_with(Behavior::default().status(429)).await;
     let b = mock_with(Behavior::default().chunks(7)).await;
-    let gw = gateway(&config(&a, &b, "{usd_per_day: 1.0}", "{}", "")).await;
+    let gw = gateway(&config(&a, &b, json!({"usd_per_day": 1.0}), json!({}))).await;
     let r = gw.chat(small("gpt-fb", 100, false)).send().await.unwrap();
     assert_eq!(r.headers()["x-collie-model"], "gpt-b");
     let v: Value = r.json().await.unwrap();
@@ -296,7 +276,13 @@ async fn a_fallback_is_billed_at_the_served_models_price() {
 async fn burst_then_refill_rate_with_rate_headers() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{rpm: 60, rpm_burst: 5}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"rpm": 60, "rpm_burst": 5}),
+        json!({}),
+    ))
+    .await;
     for i in 0..5 {
         let r = gw.chat(small("gpt", 10, false)).send().await.unwrap();
         assert_eq!(r.status(), 200, "burst request {i}");
@@ -347,12 +333,9 @@ async fn burst_then_refill_rate_with_rate_headers() {
 async fn priority_admission_orders_the_queue_without_starving() {
     let a = mock_with(Behavior::default().delay(Duration::from_millis(60))).await;
     let b = mock().await;
-    let extra = "quota: {max_wait: 60s, rebalance: {enabled: false}}";
-    let yaml = config(&a, &b, "{}", "{}", extra).replace(
-        "deployments: [{deployment: a}]",
-        "deployments: [{deployment: a}]\n    max_concurrency: 1",
-    );
-    let gw = Arc::new(gateway(&yaml).await);
+    let quota = json!({"max_wait": "60s", "rebalance": {"enabled": false}});
+    let conf = config(&a, &b, json!({}), json!({})).set("quota", quota);
+    let gw = Arc::new(gateway(&pool_p(conf, "max_concurrency", 1)).await);
     let order = Arc::new(Mutex::new(Vec::new()));
     // Hold the only slot.
     let blocker = {
@@ -450,28 +433,22 @@ async fn waiting(gw: &Gw, n: u64) {
 async fn rebalancing_lends_idle_capacity_and_reclaims_it() {
     let a = mock().await;
     let b = mock().await;
-    let extra = "quota: {max_wait: 30s, rebalance: {interval: 100ms, threshold: 0.8}}";
+    let quota = json!({"max_wait": "30s", "rebalance": {"interval": "100ms", "threshold": 0.8}});
     // alpha refills one request per ten seconds: nothing refills during the
     // test, so only a loan can admit more.
-    let yaml = pool_p(
-        config(
-            &a,
-            &b,
-            "{rpm: 6, rpm_burst: 2}",
-            "{rpm: 600, rpm_burst: 600}",
-            extra,
-        ),
-        "max_concurrency: 2",
-    );
-    let gw = Arc::new(gateway(&yaml).await);
+    let conf = config(
+        &a,
+        &b,
+        json!({"rpm": 6, "rpm_burst": 2}),
+        json!({"rpm": 600, "rpm_burst": 600}),
+    )
+    .set("quota", quota);
+    let gw = Arc::new(gateway(&pool_p(conf, "max_concurrency", 2)).await);
     let loan = |tenant: &'static str, key: &'static str| {
         let gw = Arc::clone(&gw);
         async move {
             let v: Value = gw
-                .client
-                .get(gw.url("/v1/collie/quota"))
-                .header("x-tenant-id", tenant)
-                .bearer_auth(key)
+                .get_as("/v1/collie/quota", tenant, key)
                 .send()
                 .await
                 .unwrap()
@@ -568,16 +545,10 @@ async fn rebalancing_lends_idle_capacity_and_reclaims_it() {
 async fn provider_key_limits_steer_traffic_away() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = config(&a, &b, "{}", "{}", "")
-        .replace(
-            "model: gpt-a, timeouts: {first_byte: 30s}",
-            "model: gpt-a, rpm: 3",
-        )
-        .replace(
-            "deployments: [{deployment: a}]",
-            "deployments: [{deployment: a}, {deployment: b}]",
-        );
-    let gw = gateway(&yaml).await;
+    let conf = config(&a, &b, json!({}), json!({}))
+        .edit_deployment("a", |d| d.unset("timeouts").set("rpm", 3))
+        .edit_pool("p", |_| Pool::new("p", &["a", "b"]));
+    let gw = gateway(&conf).await;
     for _ in 0..20 {
         assert_eq!(
             gw.chat(small("gpt", 10, false))
@@ -596,7 +567,7 @@ async fn provider_key_limits_steer_traffic_away() {
 async fn reload_keeps_what_was_counted() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{requests_per_day: 5}", "{}", "")).await;
+    let gw = gateway(&config(&a, &b, json!({"requests_per_day": 5}), json!({}))).await;
     for _ in 0..3 {
         assert_eq!(
             gw.chat(small("gpt", 10, false))
@@ -609,15 +580,7 @@ async fn reload_keeps_what_was_counted() {
     }
     settled(&gw, "alpha", ALPHA_KEY, "day.requests").await;
     // Same tenants, lower limit: the three already count.
-    let text = format!(
-        "listen: {}\nadmin_listen: {}\n{}",
-        gw.running.listen,
-        gw.running.admin_listen,
-        config(&a, &b, "{requests_per_day: 4}", "{}", "")
-    );
-    let env = provider_env();
-    let c = collie::config::Config::from_yaml(&text, &|n| env.get(n).cloned()).unwrap();
-    gw.running.state.reload(c).unwrap();
+    gw.reload(&config(&a, &b, json!({"requests_per_day": 4}), json!({})));
     assert_eq!(
         gw.chat(small("gpt", 10, false))
             .send()
@@ -649,14 +612,6 @@ async fn until_used(gw: &Gw, tenant: &str, key: &str, name: &str, ok: impl Fn(f6
         "{name} never got there: {:?}",
         window(gw, tenant, key, name).await
     );
-}
-
-/// Pool `p` with extra settings (`max_concurrency: 1`, …).
-fn pool_p(yaml: String, settings: &str) -> String {
-    yaml.replace(
-        "deployments: [{deployment: a}]\n",
-        &format!("deployments: [{{deployment: a}}]\n    {settings}\n"),
-    )
 }
 
 /// The admin listener's `/quota`: every tenant's report and every pool.
@@ -699,44 +654,14 @@ fn retry_after(r: &reqwest::Response) -> u64 {
     header(r, "retry-after").parse().unwrap()
 }
 
-/// Replace the running gateway's config (as SIGHUP does).
-fn reload(gw: &Gw, yaml: &str) {
-    let text = format!(
-        "listen: {}\nadmin_listen: {}\naudit: {{sink: off}}\n{yaml}",
-        gw.running.listen, gw.running.admin_listen,
-    );
-    let env = provider_env();
-    let c = collie::config::Config::from_yaml(&text, &|n| env.get(n).cloned()).unwrap();
-    gw.running.state.reload(c).unwrap();
-}
-
-/// A raw HTTP/1.1 chat request as alpha, for tests that hang up mid-way.
-async fn raw_chat(gw: &Gw, body: &Value) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let body = serde_json::to_vec(body).unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: collie\r\nx-tenant-id: alpha\r\nauthorization: Bearer {ALPHA_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    tcp.write_all(&body).await.unwrap();
-    tcp
-}
-
 /// A client that hangs up while queued for a saturated pool leaves the
 /// queue at once, gets its reservation back, and is never sent upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_in_the_queue_leaves_it() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = pool_p(
-        config(&a, &b, "{requests_per_day: 10}", "{}", ""),
-        "max_concurrency: 1",
-    );
-    let gw = Arc::new(gateway(&yaml).await);
+    let conf = config(&a, &b, json!({"requests_per_day": 10}), json!({}));
+    let gw = Arc::new(gateway(&pool_p(conf, "max_concurrency", 1)).await);
     let holder = {
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {
@@ -749,7 +674,8 @@ async fn a_client_that_hangs_up_in_the_queue_leaves_it() {
         })
     };
     eventually("the slot is taken", || a.completion_calls() == 1).await;
-    let tcp = raw_chat(&gw, &small("gpt", 10, false)).await;
+    let body = serde_json::to_string(&small("gpt", 10, false)).unwrap();
+    let tcp = send_raw(gw.running.listen, raw_chat(&body, "").as_bytes()).await;
     waiting(&gw, 1).await;
     assert_eq!(
         window(&gw, "alpha", ALPHA_KEY, "day.requests").await,
@@ -786,7 +712,13 @@ async fn usage_read_before_the_client_left_is_settled() {
     )
     .await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{tokens_per_day: 100000}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"tokens_per_day": 100000}),
+        json!({}),
+    ))
+    .await;
     let r = gw.chat(small("gpt", 1000, false)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
@@ -823,7 +755,13 @@ async fn usage_read_before_the_client_left_is_settled() {
 async fn unreported_usage_is_estimated_and_marked() {
     let a = mock_with(Behavior::default().chunks(9).no_usage()).await;
     let b = mock().await;
-    let gw = gateway(&config(&a, &b, "{tokens_per_day: 100000}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"tokens_per_day": 100000}),
+        json!({}),
+    ))
+    .await;
     let streamed = small("gpt", 1000, true);
     let text = gw
         .chat(streamed.clone())
@@ -898,9 +836,8 @@ async fn a_spent_budget_is_reported_before_an_empty_rate() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{rpm: 60, rpm_burst: 1, requests_per_day: 1}",
-        "{}",
-        "",
+        json!({"rpm": 60, "rpm_burst": 1, "requests_per_day": 1}),
+        json!({}),
     ))
     .await;
     pin(&gw, "2026-05-04T12:00:00Z");
@@ -935,9 +872,8 @@ async fn rate_headers_on_every_response_from_the_tightest_window() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{tpm: 1, tpm_burst: 1000, requests_per_day: 50}",
-        "{models: {gpt: {requests_per_day: 3}}}",
-        "",
+        json!({"tpm": 1, "tpm_burst": 1000, "requests_per_day": 50}),
+        json!({"models": {"gpt": {"requests_per_day": 3}}}),
     ))
     .await;
     pin(&gw, "2026-05-04T12:00:00Z");
@@ -1001,9 +937,9 @@ async fn rate_headers_on_every_response_from_the_tightest_window() {
 async fn queue_timeout_retry_after_follows_the_position() {
     let a = mock().await;
     let b = mock().await;
-    let extra = "quota: {max_wait: 30s, rebalance: {enabled: false}}";
-    let yaml = pool_p(config(&a, &b, "{}", "{}", extra), "max_concurrency: 1");
-    let gw = Arc::new(gateway(&yaml).await);
+    let quota = json!({"max_wait": "30s", "rebalance": {"enabled": false}});
+    let conf = config(&a, &b, json!({}), json!({})).set("quota", quota);
+    let gw = Arc::new(gateway(&pool_p(conf, "max_concurrency", 1)).await);
     let send = |tenant: &'static str, wait: &'static str| {
         let gw = Arc::clone(&gw);
         async move {
@@ -1067,11 +1003,11 @@ async fn queue_timeout_retry_after_follows_the_position() {
 async fn adaptive_budget_learns_from_provider_rate_headers() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = pool_p(
-        config(&a, &b, "{}", "{}", ""),
-        "max_concurrency: 4\n    adaptive_concurrency: true",
-    );
-    let gw = gateway(&yaml).await;
+    let conf = config(&a, &b, json!({}), json!({})).edit_pool("p", |p| {
+        p.set("max_concurrency", 4)
+            .set("adaptive_concurrency", true)
+    });
+    let gw = gateway(&conf).await;
     let limit = || async { pool(&gw, "p").await["limit"].as_f64().unwrap() };
     assert_eq!(limit().await, 4.0);
     a.push(
@@ -1121,9 +1057,8 @@ async fn per_tenant_per_model_limits() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{models: {gpt: {requests_per_day: 1}, gpt-fb: {rpm: 60, rpm_burst: 1}}}",
-        "{}",
-        "",
+        json!({"models": {"gpt": {"requests_per_day": 1}, "gpt-fb": {"rpm": 60, "rpm_burst": 1}}}),
+        json!({}),
     ))
     .await;
     let status = |model: &'static str| {
@@ -1184,7 +1119,13 @@ async fn monthly_usd_budget() {
     let b = mock().await;
     // gpt-a costs $1/M in, $2/M out: a request reserving ~15 + 20 tokens
     // holds about $0.000055 and costs about $0.000035.
-    let gw = gateway(&config(&a, &b, "{usd_per_month: 0.00008}", "{}", "")).await;
+    let gw = gateway(&config(
+        &a,
+        &b,
+        json!({"usd_per_month": 0.00008}),
+        json!({}),
+    ))
+    .await;
     pin(&gw, "2026-01-31T23:00:00Z");
     assert_eq!(
         gw.chat(small("gpt", 20, false))
@@ -1224,13 +1165,10 @@ async fn monthly_usd_budget() {
 async fn the_day_ends_at_midnight_in_the_configured_zone() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&config(
-        &a,
-        &b,
-        "{requests_per_day: 1}",
-        "{}",
-        "quota: {timezone: Asia/Tokyo}",
-    ))
+    let gw = gateway(
+        &config(&a, &b, json!({"requests_per_day": 1}), json!({}))
+            .set("quota", json!({"timezone": "Asia/Tokyo"})),
+    )
     .await;
     pin(&gw, "2026-03-01T14:30:00Z");
     assert_eq!(
@@ -1263,18 +1201,14 @@ async fn the_day_ends_at_midnight_in_the_configured_zone() {
 async fn output_reservation_defaults_and_caps() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = config(
+    let conf = config(
         &a,
         &b,
-        "{default_max_tokens: 50, tokens_per_day: 100000}",
-        "{}",
-        "",
+        json!({"default_max_tokens": 50, "tokens_per_day": 100000}),
+        json!({}),
     )
-    .replace(
-        "  - {name: gpt-fb, fallback: [p, q]}\n",
-        "  - {name: gpt-fb, fallback: [p, q]}\n  - {name: capped, fallback: [p], max_output_tokens: 30}\n",
-    );
-    let gw = Arc::new(gateway(&yaml).await);
+    .model(Model::new("capped", &["p"]).set("max_output_tokens", 30));
+    let gw = Arc::new(gateway(&conf).await);
     let reserved_while_in_flight = |body: Value| {
         let gw = Arc::clone(&gw);
         async move {
@@ -1312,7 +1246,15 @@ async fn output_reservation_defaults_and_caps() {
 async fn token_bucket_with_burst() {
     let a = mock().await;
     let b = mock().await;
-    let gw = Arc::new(gateway(&config(&a, &b, "{tpm: 60, tpm_burst: 100}", "{}", "")).await);
+    let gw = Arc::new(
+        gateway(&config(
+            &a,
+            &b,
+            json!({"tpm": 60, "tpm_burst": 100}),
+            json!({}),
+        ))
+        .await,
+    );
     // Leave two tokens in the bucket.
     let probe = small("gpt", 0, false);
     let big = small("gpt", 98 - estimate(&probe, "gpt"), false);
@@ -1362,16 +1304,10 @@ async fn token_bucket_with_burst() {
 async fn provider_token_limit_steers_traffic_away() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = config(&a, &b, "{}", "{}", "")
-        .replace(
-            "model: gpt-a, timeouts: {first_byte: 30s}",
-            "model: gpt-a, tpm: 100",
-        )
-        .replace(
-            "deployments: [{deployment: a}]",
-            "deployments: [{deployment: a}, {deployment: b}]",
-        );
-    let gw = gateway(&yaml).await;
+    let conf = config(&a, &b, json!({}), json!({}))
+        .edit_deployment("a", |d| d.unset("timeouts").set("tpm", 100))
+        .edit_pool("p", |_| Pool::new("p", &["a", "b"]));
+    let gw = gateway(&conf).await;
     for _ in 0..10 {
         let r = gw.chat(small("gpt", 200, false)).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -1396,9 +1332,8 @@ async fn usage_above_the_reservation_is_charged() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{tokens_per_day: 6000}",
-        "{tpm: 60, tpm_burst: 100}",
-        "",
+        json!({"tokens_per_day": 6000}),
+        json!({"tpm": 60, "tpm_burst": 100}),
     ))
     .await;
     assert_eq!(
@@ -1451,9 +1386,9 @@ async fn usage_above_the_reservation_is_charged() {
 async fn low_priority_progresses_under_sustained_high_priority_load() {
     let a = mock_with(Behavior::default().delay(Duration::from_millis(5))).await;
     let b = mock().await;
-    let extra = "quota: {max_wait: 60s, rebalance: {enabled: false}}";
-    let yaml = pool_p(config(&a, &b, "{}", "{}", extra), "max_concurrency: 1");
-    let gw = Arc::new(gateway(&yaml).await);
+    let quota = json!({"max_wait": "60s", "rebalance": {"enabled": false}});
+    let conf = config(&a, &b, json!({}), json!({})).set("quota", quota);
+    let gw = Arc::new(gateway(&pool_p(conf, "max_concurrency", 1)).await);
     let order = Arc::new(Mutex::new(Vec::<&'static str>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
@@ -1531,14 +1466,12 @@ async fn low_priority_progresses_under_sustained_high_priority_load() {
 async fn reload_keeps_requests_in_flight_at_the_pool() {
     let a = mock().await;
     let b = mock().await;
-    let extra = "quota: {rebalance: {enabled: false}}";
-    let yaml = |n: u32| {
-        pool_p(
-            config(&a, &b, "{}", "{}", extra),
-            &format!("max_concurrency: {n}"),
-        )
+    let quota = json!({"rebalance": {"enabled": false}});
+    let conf = |n: u32| {
+        let conf = config(&a, &b, json!({}), json!({})).set("quota", quota.clone());
+        pool_p(conf, "max_concurrency", n)
     };
-    let gw = Arc::new(gateway(&yaml(2)).await);
+    let gw = Arc::new(gateway(&conf(2)).await);
     let slow = |gw: &Arc<Gw>| {
         let req = gw
             .chat(small("gpt", 10, false))
@@ -1547,7 +1480,7 @@ async fn reload_keeps_requests_in_flight_at_the_pool() {
     };
     let mut tasks = vec![slow(&gw), slow(&gw)];
     eventually("two in flight", || a.completion_calls() == 2).await;
-    reload(&gw, &yaml(3));
+    gw.reload(&conf(3));
     assert_eq!(pool(&gw, "p").await["inflight"], 2, "still counted");
     tasks.push(slow(&gw));
     tasks.push(slow(&gw));
@@ -1567,13 +1500,11 @@ async fn reload_keeps_requests_in_flight_at_the_pool() {
 async fn reload_keeps_what_a_provider_key_used() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = |rpm: u32| {
-        config(&a, &b, "{}", "{}", "").replace(
-            "model: gpt-a, timeouts: {first_byte: 30s}",
-            &format!("model: gpt-a, rpm: {rpm}"),
-        )
+    let conf = |rpm: u32| {
+        config(&a, &b, json!({}), json!({}))
+            .edit_deployment("a", |d| d.unset("timeouts").set("rpm", rpm))
     };
-    let gw = gateway(&yaml(2)).await;
+    let gw = gateway(&conf(2)).await;
     let status = || async { gw.chat(small("gpt", 10, false)).send().await.unwrap() };
     for _ in 0..2 {
         assert_eq!(status().await.status(), 200);
@@ -1581,7 +1512,7 @@ async fn reload_keeps_what_a_provider_key_used() {
     let r = status().await;
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "x-collie-error"), "upstream_rate_limited");
-    reload(&gw, &yaml(3));
+    gw.reload(&conf(3));
     assert_eq!(status().await.status(), 200, "one more: 3 in the minute");
     assert_eq!(status().await.status(), 429, "not 3 more");
     assert_eq!(a.completion_calls(), 3);
@@ -1597,9 +1528,8 @@ async fn quota_metrics_appear_and_move() {
     let gw = gateway(&config(
         &a,
         &b,
-        "{rpm: 1, rpm_burst: 10, requests_per_day: 3, usd_per_day: 1.0}",
-        "{models: {gpt: {tokens_per_day: 1000}}}",
-        "",
+        json!({"rpm": 1, "rpm_burst": 10, "requests_per_day": 3, "usd_per_day": 1.0}),
+        json!({"models": {"gpt": {"tokens_per_day": 1000}}}),
     ))
     .await;
     let gauge = |m: &str, name: &str, tenant: &str, model: &str, window: &str| {
