@@ -109,7 +109,8 @@ async fn a_refusing_deployment_is_taken_out_by_probes_and_comes_back() {
     let b = mock().await;
     let z = mock().await;
     let addr = a.addr();
-    let probes = json!({"interval": "150ms", "timeout": "300ms", "healthy_after": 1, "unhealthy_after": 3, "cooldown": "60s"});
+    let probes = json!({"interval": "150ms", "timeout": "300ms", "healthy_after": 1,
+                        "unhealthy_after": 3, "cooldown": "60s"});
     let gw = gateway(&pool_config(
         &[
             member("a", &a).health(probes.clone()),
