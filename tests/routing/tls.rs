@@ -1,17 +1,8 @@
 //! `https` deployments: certificate verification against a configured CA,
 //! SNI and hostname checks, HTTP/2 via ALPN, and a wrong certificate refused.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
+use crate::common::*;
 use collie_mock::{Behavior, MockConfig, MockServer, MockTls};
-use common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 
