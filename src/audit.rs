@@ -27,7 +27,7 @@ mod webhook;
 mod writer;
 
 use crate::config::AuditSettings;
-use crate::gateway::RequestCtx;
+use crate::outcome::Finished;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use record::Pending;
 use std::sync::Arc;
@@ -107,19 +107,22 @@ pub struct Auditor {
 impl Auditor {
     /// Queue the record of a finished request. Never waits unless the
     /// configured policy is `block`.
-    pub async fn submit(&self, ctx: &mut RequestCtx) {
-        let mut pending = Pending::take(ctx);
-        if let Some(b) = &pending.body {
+    pub async fn submit(&self, finished: Finished) {
+        let mut pending = Pending {
+            finished,
+            request_hash: None,
+        };
+        if let Some(b) = &pending.finished.body {
             // Bodies waiting to be hashed are bounded; past the bound the
             // hash is taken here instead.
             let queued = self.queued_bytes.fetch_add(b.len(), Ordering::Relaxed);
             if queued + b.len() > self.max_bytes {
                 self.queued_bytes.fetch_sub(b.len(), Ordering::Relaxed);
                 pending.request_hash = Some(record::request_hash(b));
-                pending.body = None;
+                pending.finished.body = None;
             }
         }
-        let body_len = pending.body.as_ref().map_or(0, |b| b.len());
+        let body_len = pending.finished.body.as_ref().map_or(0, |b| b.len());
         let msg = writer::Msg::Record(Box::new(pending));
         let sent = if self.block {
             self.metrics.waiting.inc();

@@ -9,28 +9,29 @@ pub mod exchange;
 mod redact;
 mod spend;
 
-pub use admission::{Claimed, key_digest_hex};
+pub use admission::key_digest_hex;
 pub use body::BodyBudget;
 pub use error::GatewayError;
 pub use redact::KeyMask;
-pub use spend::Settlement;
 
 use crate::metrics::Metrics;
+use crate::outcome::{Attempt, Claimed, Cut, End, Endpoint, Finished};
+use crate::quota::Reservation;
 use crate::server::Lifecycle;
 use crate::state::{Snapshot, State};
 use crate::usage::Usage;
 use async_trait::async_trait;
 use bytes::Bytes;
-use exchange::Attempt;
 use http::header;
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 pub(crate) const X_COLLIE_MODEL: http::HeaderName = http::HeaderName::from_static("x-collie-model");
 pub(crate) const X_COLLIE_ATTEMPTS: http::HeaderName =
@@ -39,134 +40,187 @@ pub(crate) const X_COLLIE_REQUEST_ID: http::HeaderName =
     http::HeaderName::from_static("x-collie-request-id");
 pub(crate) const X_COLLIE_ERROR: http::HeaderName = http::HeaderName::from_static("x-collie-error");
 
-/// The OpenAI endpoints Collie serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    Responses,
-    Models,
-    /// `GET /v1/collie/quota`: the tenant's own quota.
-    Quota,
+/// The endpoint a request line names, or why it names none.
+fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {
+    let endpoint = match path.trim_end_matches('/') {
+        "/v1/chat/completions" => Endpoint::ChatCompletions,
+        "/v1/completions" => Endpoint::Completions,
+        "/v1/embeddings" => Endpoint::Embeddings,
+        "/v1/responses" => Endpoint::Responses,
+        "/v1/models" => Endpoint::Models,
+        "/v1/collie/quota" => Endpoint::Quota,
+        _ => return Err(GatewayError::UnknownEndpoint(path.to_string())),
+    };
+    let expected = if matches!(endpoint, Endpoint::Models | Endpoint::Quota) {
+        http::Method::GET
+    } else {
+        http::Method::POST
+    };
+    if method != expected {
+        return Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_string(),
+        });
+    }
+    Ok(endpoint)
 }
 
-impl Endpoint {
-    fn from_request(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {
-        let endpoint = match path.trim_end_matches('/') {
-            "/v1/chat/completions" => Endpoint::ChatCompletions,
-            "/v1/completions" => Endpoint::Completions,
-            "/v1/embeddings" => Endpoint::Embeddings,
-            "/v1/responses" => Endpoint::Responses,
-            "/v1/models" => Endpoint::Models,
-            "/v1/collie/quota" => Endpoint::Quota,
-            _ => return Err(GatewayError::UnknownEndpoint(path.to_string())),
-        };
-        let expected = if matches!(endpoint, Endpoint::Models | Endpoint::Quota) {
-            http::Method::GET
-        } else {
-            http::Method::POST
-        };
-        if method != expected {
-            return Err(GatewayError::MethodNotAllowed {
-                method: method.to_string(),
-                path: path.to_string(),
-            });
-        }
-        Ok(endpoint)
-    }
-
-    /// The path after the deployment's base URL.
-    pub fn upstream_suffix(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-            Endpoint::Responses => "/responses",
-            Endpoint::Models => "/models",
-            Endpoint::Quota => "/collie/quota",
-        }
-    }
-
-    /// Whether `stream_options.include_usage` exists for this endpoint (the
-    /// Responses API always reports usage in its final event).
-    pub fn supports_stream_options(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-            Endpoint::Models => "models",
-            Endpoint::Quota => "quota",
-        }
-    }
-}
-
-/// Everything known about one request, filled in as it goes and read by
-/// `logging` at the end.
+/// One request while it runs, grouped by the phase that fills each part in;
+/// [`RequestCtx::finish`] turns it into the [`Finished`] story once.
 pub struct RequestCtx {
-    pub id: String,
-    pub started: Instant,
-    /// Wall-clock start, for records.
-    pub started_at: std::time::SystemTime,
-    pub client_ip: Option<std::net::IpAddr>,
-    /// The request body as the client sent it (shared, not copied), kept for
-    /// the audit record's request hash.
-    pub body: Option<Bytes>,
-    pub snapshot: Arc<Snapshot>,
-    pub endpoint: Endpoint,
-    /// Index of the proven tenant.
-    pub tenant: Option<usize>,
-    /// Refused by authentication: the tenant `X-Tenant-ID` named (for the
-    /// audit's security view; never billed).
-    pub claimed_tenant: Option<Claimed>,
-    pub requested_model: Option<String>,
-    /// Index of the deployment whose response the client got.
-    pub served: Option<usize>,
-    pub attempts: Vec<Attempt>,
-    /// (from, to) deployments when the request fell back along its chain.
-    pub fallback: Option<(usize, usize)>,
-    pub status: u16,
-    /// Why Collie refused or failed the request itself.
-    pub error: Option<&'static str>,
-    pub usage: Option<Usage>,
-    /// The usage was counted by Collie (e.g. from stream deltas), not reported.
-    pub usage_estimated: bool,
-    /// The quota window that refused the request (`day.tokens`, `minute.requests`…).
-    pub refused_by: Option<String>,
-    pub first_byte: Option<Instant>,
-    pub streamed: bool,
-    pub truncated: bool,
-    /// Why the provider broke the response off mid-way (a short, fixed
-    /// reason; never the provider's words).
-    pub broken: Option<&'static str>,
-    pub client_gone: bool,
-    /// The tenant's priority (1 highest … 5), for queueing.
-    pub priority: u8,
-    /// Longest wait for a saturated pool.
-    pub max_wait: std::time::Duration,
-    /// Time spent waiting for a pool slot, if any.
-    pub queued: Option<std::time::Duration>,
-    /// Estimated prompt tokens and prompt + output reservation.
-    pub prompt_estimate: u64,
-    pub tokens_estimate: u64,
-    /// Completion tokens delivered to the client, counted from the stream
-    /// (used only when the upstream reported no usage).
-    pub delivered_estimate: u64,
-    /// The quota held by this request until `logging` settles it.
-    pub reservation: Option<crate::quota::Reservation>,
-    /// How the reservation was settled, once it was.
-    pub settlement: Option<Settlement>,
-    /// The first bytes of the response, when the audit keeps a preview.
-    pub preview: Option<Vec<u8>>,
-    /// The request body's share of the in-flight body budget.
-    pub body_hold: Option<body::BodyHold>,
+    pub(crate) id: String,
+    /// The config the request runs under, start to end.
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) started: Instant,
+    pub(crate) started_at: SystemTime,
+    /// Who is calling (admission).
+    pub(crate) caller: Caller,
+    /// What was asked (the body and its inspection).
+    pub(crate) request: Asked,
+    /// The quota held by this request until it ends.
+    pub(crate) reservation: Option<Reservation>,
+    /// The attempts made (the exchange).
+    pub(crate) exchange: Exchanged,
+    /// What the client got.
+    pub(crate) response: Answer,
+    /// Set when Collie answers or refuses the request itself.
+    pub(crate) end: Option<End>,
     /// Counts this request as in flight until the context is dropped.
     _in_flight: InFlightGuard,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) endpoint: Endpoint,
+    /// Index of the proven tenant.
+    pub(crate) tenant: Option<usize>,
+    /// Refused by authentication: the tenant `X-Tenant-ID` named.
+    pub(crate) claimed: Option<Claimed>,
+    /// The tenant's priority (1 highest … 5), for queueing.
+    pub(crate) priority: u8,
+    /// Longest wait for a saturated pool.
+    pub(crate) max_wait: Duration,
+}
+
+/// What was asked.
+#[derive(Debug, Default)]
+pub(crate) struct Asked {
+    /// The request body as the client sent it (shared, not copied).
+    pub(crate) body: Option<Bytes>,
+    /// The body's share of the in-flight body budget.
+    pub(crate) body_hold: Option<body::BodyHold>,
+    /// A configured model, or the fingerprint of one that does not exist.
+    pub(crate) model: Option<String>,
+    /// Estimated prompt tokens, and prompt + output allowance.
+    pub(crate) prompt_estimate: u64,
+    pub(crate) tokens_estimate: u64,
+}
+
+/// The attempts made.
+#[derive(Debug, Default)]
+pub(crate) struct Exchanged {
+    pub(crate) attempts: Vec<Attempt>,
+    /// Index of the deployment whose response the client got.
+    pub(crate) served: Option<usize>,
+    /// (from, to) deployments when the request fell back along its chain.
+    pub(crate) fallback: Option<(usize, usize)>,
+    /// Time spent waiting for a pool slot, if any.
+    pub(crate) queued: Option<Duration>,
+}
+
+/// What the client got.
+#[derive(Debug, Default)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) streamed: bool,
+    pub(crate) first_byte: Option<Instant>,
+    /// As the provider reported it.
+    pub(crate) usage: Option<Usage>,
+    /// Completion tokens delivered, counted from the stream (used only when
+    /// the provider reported no usage).
+    pub(crate) delivered_estimate: u64,
+    /// The first bytes of the response, when the audit keeps a preview.
+    pub(crate) preview: Option<Vec<u8>>,
+    /// Why the relayed response was cut short, if it was.
+    pub(crate) cut: Option<Cut>,
+    pub(crate) client_gone: bool,
+}
+
+impl RequestCtx {
+    /// Record that Collie refused or failed the request itself.
+    pub(crate) fn fail(&mut self, e: &GatewayError) {
+        self.end = Some(End::Failed {
+            code: e.code(),
+            window: match e {
+                GatewayError::Quota { window, .. } => Some(window.clone()),
+                _ => None,
+            },
+        });
+    }
+
+    /// Close the story: how the request ended and what it used, decided
+    /// once. A served 2xx without reported usage is estimated here (a
+    /// stream: the prompt estimate and the text delivered; anything else:
+    /// the reservation stands). The reservation is handed back to be
+    /// settled against it.
+    fn finish(&mut self) -> (Finished, Option<Reservation>) {
+        let exchange = std::mem::take(&mut self.exchange);
+        let response = std::mem::take(&mut self.response);
+        let request = std::mem::take(&mut self.request);
+        let reservation = self.reservation.take();
+        let end = self.end.take().unwrap_or(match exchange.served {
+            Some(_) => End::Relayed { cut: response.cut },
+            None => End::Unanswered,
+        });
+        let reported = response.usage.filter(|u| u.total().is_some());
+        let estimate = match (reported, exchange.served, reservation.as_ref()) {
+            (None, Some(_), Some(r)) if (200..300).contains(&response.status) => {
+                let completion = if response.streamed {
+                    response.delivered_estimate
+                } else {
+                    r.amount().tokens.saturating_sub(request.prompt_estimate)
+                };
+                Some(Usage {
+                    prompt_tokens: Some(request.prompt_estimate),
+                    completion_tokens: Some(completion),
+                    total_tokens: Some(request.prompt_estimate.saturating_add(completion)),
+                })
+            }
+            _ => None,
+        };
+        let finished = Finished {
+            id: std::mem::take(&mut self.id),
+            snapshot: Arc::clone(&self.snapshot),
+            started: self.started,
+            started_at: self.started_at,
+            latency: self.started.elapsed(),
+            ttft: response
+                .first_byte
+                .map(|t| t.saturating_duration_since(self.started)),
+            queued: exchange.queued,
+            client_ip: self.caller.client_ip,
+            endpoint: self.caller.endpoint,
+            tenant: self.caller.tenant,
+            claimed: self.caller.claimed,
+            priority: self.caller.priority,
+            requested_model: request.model,
+            attempts: exchange.attempts,
+            served: exchange.served,
+            fallback: exchange.fallback,
+            status: response.status,
+            end,
+            client_gone: response.client_gone,
+            streamed: response.streamed,
+            usage_estimated: estimate.is_some(),
+            usage: estimate.or(response.usage),
+            settlement: None,
+            preview: response.preview,
+            body: request.body,
+        };
+        (finished, reservation)
+    }
 }
 
 /// Requests the gateway is working on, so a graceful stop can wait for them.
@@ -240,21 +294,21 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         let snap = Arc::clone(&ctx.snapshot);
-        ctx.client_ip = session
+        ctx.caller.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let req = session.req_header();
         admission::single_identity(req)?;
         check_head_size(req, &snap.config)?;
-        ctx.endpoint = Endpoint::from_request(&req.method, req.uri.path())?;
+        ctx.caller.endpoint = endpoint_of(&req.method, req.uri.path())?;
         let tenant = admission::admit(req, &snap).inspect_err(|_| {
-            ctx.claimed_tenant = admission::claimed(req, &snap);
+            ctx.caller.claimed = admission::claimed(req, &snap);
         })?;
-        ctx.tenant = Some(tenant);
-        ctx.priority = snap.config.tenants[tenant].priority;
-        ctx.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
-        match ctx.endpoint {
+        ctx.caller.tenant = Some(tenant);
+        ctx.caller.priority = snap.config.tenants[tenant].priority;
+        ctx.caller.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
+        match ctx.caller.endpoint {
             Endpoint::Models => return respond_models(session, ctx, &snap, tenant).await,
             Endpoint::Quota => return respond_quota(session, ctx, &snap, tenant).await,
             _ => {}
@@ -267,24 +321,24 @@ impl Gateway {
             config.max_body_bytes,
             config.client_timeout,
             &self.bodies,
-            &mut ctx.body_hold,
+            &mut ctx.request.body_hold,
         )
         .await?;
-        ctx.body = Some(body.clone());
+        ctx.request.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
         let Some(model) = snap.model(&inspected.model) else {
             // The text is the client's, and may be anything — a key sent by
             // mistake: only a fingerprint of it is recorded.
-            ctx.requested_model = Some(unknown_model_label(&inspected.model));
+            ctx.request.model = Some(unknown_model_label(&inspected.model));
             return Err(GatewayError::ModelNotFound(inspected.model.clone()));
         };
-        ctx.requested_model = Some(inspected.model.clone());
+        ctx.request.model = Some(inspected.model.clone());
         let hint = session
             .req_header()
             .headers
             .get("x-collie-route")
             .and_then(|v| v.to_str().ok());
-        let chain = model.chain_for(ctx.priority, hint);
+        let chain = model.chain_for(ctx.caller.priority, hint);
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }
@@ -300,38 +354,22 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             id: self.ids.next(),
-            started: Instant::now(),
-            started_at: std::time::SystemTime::now(),
-            client_ip: None,
-            body: None,
             snapshot: self.state.load(),
-            endpoint: Endpoint::ChatCompletions,
-            tenant: None,
-            claimed_tenant: None,
-            requested_model: None,
-            served: None,
-            attempts: Vec::new(),
-            fallback: None,
-            status: 0,
-            error: None,
-            usage: None,
-            usage_estimated: false,
-            refused_by: None,
-            first_byte: None,
-            streamed: false,
-            truncated: false,
-            broken: None,
-            client_gone: false,
-            priority: crate::config::DEFAULT_PRIORITY,
-            max_wait: std::time::Duration::ZERO,
-            queued: None,
-            prompt_estimate: 0,
-            tokens_estimate: 0,
-            delivered_estimate: 0,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            caller: Caller {
+                client_ip: None,
+                endpoint: Endpoint::ChatCompletions,
+                tenant: None,
+                claimed: None,
+                priority: crate::config::DEFAULT_PRIORITY,
+                max_wait: Duration::ZERO,
+            },
+            request: Asked::default(),
             reservation: None,
-            settlement: None,
-            preview: None,
-            body_hold: None,
+            exchange: Exchanged::default(),
+            response: Answer::default(),
+            end: None,
             _in_flight: self.in_flight.enter(),
         }
     }
@@ -376,12 +414,14 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
+    /// The request's story is closed once, then settled, counted and
+    /// recorded from that one value.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        spend::settle(ctx);
-        self.metrics.record(ctx);
-        // Last: the record takes what it needs out of the context.
+        let (mut finished, reservation) = ctx.finish();
+        finished.settlement = spend::settle(&finished, reservation);
+        self.metrics.record(&finished);
         if let Some(a) = &self.auditor {
-            a.submit(ctx).await;
+            a.submit(finished).await;
         }
         crate::listener::request_finished();
     }
@@ -390,8 +430,8 @@ impl ProxyHttp for Gateway {
 /// Write an error Collie generated, marked as Collie's own.
 async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
     let r = e.response();
-    ctx.status = r.status;
-    ctx.error = Some(r.reason);
+    ctx.response.status = r.status;
+    ctx.fail(e);
     if *e == GatewayError::ClientClosed {
         // Nobody is there to read an answer.
         session.set_keepalive(None);
@@ -410,14 +450,14 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
         if let Some(s) = r.retry_after_s {
             h.insert_header(header::RETRY_AFTER, s)?;
         }
-        if !ctx.attempts.is_empty() {
-            h.insert_header(X_COLLIE_ATTEMPTS, ctx.attempts.len())?;
+        if !ctx.exchange.attempts.is_empty() {
+            h.insert_header(X_COLLIE_ATTEMPTS, ctx.exchange.attempts.len())?;
         }
         spend::rate_headers(ctx, &mut h);
         Ok(h)
     })();
     let Ok(head) = head else {
-        ctx.client_gone = true;
+        ctx.response.client_gone = true;
         return;
     };
     write_whole(session, ctx, head, r.body).await;
@@ -435,7 +475,7 @@ async fn write_whole(
         .is_err()
         || session.write_response_body(Some(body), true).await.is_err()
     {
-        ctx.client_gone = true;
+        ctx.response.client_gone = true;
     }
 }
 
@@ -492,7 +532,8 @@ async fn respond_json(
     head.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())
         .map_err(internal)?;
     spend::rate_headers(ctx, &mut head);
-    ctx.status = 200;
+    ctx.response.status = 200;
+    ctx.end = Some(End::Answered);
     write_whole(session, ctx, head, Bytes::from(body)).await;
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
+pub mod outcome;
 pub mod quota;
 pub mod routing;
 pub mod server;

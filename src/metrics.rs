@@ -3,7 +3,7 @@
 //! names, deployment ids) or small fixed sets; anything else is `other`, so a
 //! client cannot grow the series count.
 
-use crate::gateway::RequestCtx;
+use crate::outcome::{ErrorCode, Finished};
 use crate::state::{Snapshot, State};
 use async_trait::async_trait;
 use http::Response;
@@ -329,7 +329,7 @@ impl Metrics {
     }
 
     /// Account one finished request. Runs in the logging phase for every request.
-    pub fn record(&self, ctx: &RequestCtx) {
+    pub fn record(&self, ctx: &Finished) {
         let snap = &ctx.snapshot;
         let tenant = ctx
             .tenant
@@ -355,9 +355,9 @@ impl Metrics {
             .inc();
     }
 
-    fn record_details(&self, ctx: &RequestCtx, tenant: &str, model: &str) {
+    fn record_details(&self, ctx: &Finished, tenant: &str, model: &str) {
         let snap = &ctx.snapshot;
-        if let Some(window) = &ctx.refused_by {
+        if let Some(window) = ctx.refused_by() {
             // Per-model windows carry the model's name; fold it away to keep
             // the label set to the fixed window names.
             let w = crate::quota::WINDOWS
@@ -366,7 +366,7 @@ impl Metrics {
                 .copied()
                 .unwrap_or(OTHER);
             self.quota.refusals.with_label_values(&[tenant, w]).inc();
-        } else if ctx.error == Some("queue_timeout") {
+        } else if ctx.error_code() == Some(ErrorCode::QueueTimeout) {
             self.quota
                 .refusals
                 .with_label_values(&[tenant, "queue"])
@@ -421,12 +421,12 @@ impl Metrics {
         let Some(served) = ctx.served.and_then(|i| snap.router.upstreams.get(i)) else {
             return;
         };
-        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let elapsed = ctx.latency.as_secs_f64();
         self.duration.with_label_values(&[model]).observe(elapsed);
-        if let Some(first) = ctx.first_byte {
+        if let Some(first) = ctx.ttft {
             self.ttft
                 .with_label_values(&[model])
-                .observe(first.duration_since(ctx.started).as_secs_f64());
+                .observe(first.as_secs_f64());
         }
         let source = if ctx.usage_estimated {
             "estimated"

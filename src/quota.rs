@@ -733,6 +733,30 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
     }
 }
 
+/// How a reservation ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Settled to the usage the provider reported.
+    Reported,
+    /// Settled to Collie's estimate: the provider reported none.
+    Estimated,
+    /// The provider answered with an error: one request, no tokens.
+    Failed,
+    /// Nothing reached a provider: everything given back.
+    Refunded,
+}
+
+impl Settlement {
+    pub fn label(self) -> &'static str {
+        match self {
+            Settlement::Reported => "reported",
+            Settlement::Estimated => "estimated",
+            Settlement::Failed => "failed",
+            Settlement::Refunded => "refunded",
+        }
+    }
+}
+
 /// A reservation held by one request. Settle it with what was used, refund
 /// it, or drop it (which refunds).
 #[derive(Debug)]

@@ -1,19 +1,12 @@
-//! One audit record per request, built from the request's context in the
-//! logging phase; its request hash and chain hash are computed later, off
-//! the hot path, by the writer.
+//! One audit record per request, built from the request's [`Finished`]
+//! story in the logging phase; its request hash and chain hash are computed
+//! later, off the hot path, by the writer.
 
-use crate::gateway::exchange::Attempt;
-use crate::gateway::{Endpoint, RequestCtx};
-use crate::state::Snapshot;
-use crate::usage::Usage;
+use crate::outcome::{Claimed, Finished};
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-pub use crate::gateway::Claimed;
+use std::time::UNIX_EPOCH;
 
 /// The claimed tenant of a refused request that named no configured tenant.
 /// The header's text is not kept: it is free text, and may hold a secret.
@@ -58,34 +51,10 @@ pub struct Record {
     pub error: Option<String>,
 }
 
-/// What the request path hands over: the request's facts, moved out of its
-/// context (no copies, no formatting), turned into a [`Record`] and hashed by
-/// the writer.
+/// A finished request on its way to the writer; its request hash is set
+/// here when it was taken on the request path (queue over its byte budget).
 pub struct Pending {
-    snapshot: Arc<Snapshot>,
-    started_at: SystemTime,
-    latency: Duration,
-    ttft: Option<Duration>,
-    request_id: String,
-    tenant: Option<usize>,
-    claimed_tenant: Option<Claimed>,
-    client_ip: Option<IpAddr>,
-    endpoint: Endpoint,
-    requested_model: Option<String>,
-    served: Option<usize>,
-    attempts: Vec<Attempt>,
-    status: u16,
-    refused_by: Option<String>,
-    error: Option<&'static str>,
-    broken: Option<&'static str>,
-    usage: Option<Usage>,
-    usage_estimated: bool,
-    streamed: bool,
-    truncated: bool,
-    client_gone: bool,
-    preview: Option<Vec<u8>>,
-    pub body: Option<Bytes>,
-    /// Set when the body was hashed on the request path (queue over its byte budget).
+    pub finished: Finished,
     pub request_hash: Option<String>,
 }
 
@@ -95,119 +64,87 @@ struct AttemptJson<'a> {
     outcome: String,
 }
 
-impl Pending {
-    /// Take the facts of a finished request (`logging` is its last phase).
-    pub fn take(ctx: &mut RequestCtx) -> Pending {
-        Pending {
-            snapshot: Arc::clone(&ctx.snapshot),
-            started_at: ctx.started_at,
-            latency: ctx.started.elapsed(),
-            ttft: ctx.first_byte.map(|t| t.duration_since(ctx.started)),
-            request_id: std::mem::take(&mut ctx.id),
-            tenant: ctx.tenant,
-            claimed_tenant: ctx.claimed_tenant,
-            client_ip: ctx.client_ip,
-            endpoint: ctx.endpoint,
-            requested_model: ctx.requested_model.take(),
-            served: ctx.served,
-            attempts: std::mem::take(&mut ctx.attempts),
-            status: ctx.status,
-            refused_by: ctx.refused_by.take(),
-            error: ctx.error,
-            broken: ctx.broken,
-            usage: ctx.usage,
-            usage_estimated: ctx.usage_estimated,
-            streamed: ctx.streamed,
-            truncated: ctx.truncated,
-            client_gone: ctx.client_gone,
-            preview: ctx.preview.take(),
-            body: ctx.body.take(),
-            request_hash: None,
-        }
-    }
-
-    /// The record (its request hash still to be set from `body`).
-    pub fn into_record(self) -> (Record, Option<Bytes>) {
-        let snap = &self.snapshot;
-        let upstream = |i: usize| snap.router.upstreams.get(i);
-        let served = self.served.and_then(upstream);
-        let attempts: Vec<AttemptJson<'_>> = self
-            .attempts
-            .iter()
-            .map(|a| AttemptJson {
-                deployment: upstream(a.upstream).map_or("?", |u| u.id.as_str()),
-                outcome: match &a.outcome {
-                    Ok(s) => format!("HTTP {s}"),
-                    Err(f) => f.to_string(),
-                },
-            })
-            .collect();
-        // Admitted: it reached a provider, or Collie answered it itself
-        // (`/v1/models`, `/v1/collie/quota`) without refusing it.
-        let admitted = !self.attempts.is_empty()
-            || (self.refused_by.is_none() && self.error.is_none() && self.status < 400);
-        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let usage = self.usage;
-        let record = Record {
-            ts_ms: self
-                .started_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            request_id: self.request_id,
-            tenant: self
-                .tenant
-                .and_then(|t| snap.config.tenants.get(t))
-                .map(|t| t.id.clone()),
-            claimed_tenant: self.claimed_tenant.map(|c| match c {
-                Claimed::Tenant(i) => snap
-                    .config
-                    .tenants
-                    .get(i)
-                    .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
-                Claimed::Unknown => UNKNOWN_TENANT.to_string(),
-            }),
-            client_ip: self.client_ip.map(|ip| ip.to_string()),
-            endpoint: self.endpoint.label().to_string(),
-            requested_model: self.requested_model,
-            served_model: served.map(|u| u.model.clone()),
-            deployment: served.map(|u| u.id.clone()),
-            attempts: serde_json::to_string(&attempts).unwrap_or_else(|_| "[]".into()),
-            status: i64::from(self.status),
-            decision: if admitted { "admitted" } else { "refused" }.to_string(),
-            rule: if admitted {
-                None
-            } else {
-                self.refused_by.or_else(|| self.error.map(str::to_string))
+/// The record of a finished request, and its body (for the request hash,
+/// set later by the writer unless `request_hash` is given).
+pub fn record_of(f: Finished, request_hash: Option<String>) -> (Record, Option<Bytes>) {
+    let snap = &f.snapshot;
+    let upstream = |i: usize| snap.router.upstreams.get(i);
+    let served = f.served.and_then(upstream);
+    let attempts: Vec<AttemptJson<'_>> = f
+        .attempts
+        .iter()
+        .map(|a| AttemptJson {
+            deployment: upstream(a.upstream).map_or("?", |u| u.id.as_str()),
+            outcome: match &a.outcome {
+                Ok(s) => format!("HTTP {s}"),
+                Err(e) => e.to_string(),
             },
-            prompt_tokens: usage.and_then(|u| u.prompt_tokens).map(as_i64),
-            completion_tokens: usage.and_then(|u| u.completion_tokens).map(as_i64),
-            total_tokens: usage.and_then(|u| u.total()).map(as_i64),
-            usage_estimated: self.usage_estimated,
-            cost_nano: usage
-                .zip(served)
-                .and_then(|(u, s)| u.cost_nano_usd(s.price))
-                .map(as_i64),
-            latency_ms: self.latency.as_secs_f64() * 1e3,
-            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1e3),
-            streamed: self.streamed,
-            truncated: self.truncated,
-            client_gone: self.client_gone,
-            request_hash: self.request_hash,
-            response_preview: self
-                .preview
-                .map(|p| String::from_utf8_lossy(&p).into_owned()),
-            // Only Collie's own short reasons: a provider's error body may
-            // echo a key, so it is never kept.
-            error: if let Some(why) = self.broken {
-                Some(format!("stream_interrupted: {why}"))
-            } else if admitted && (200..400).contains(&self.status) {
-                None
-            } else {
-                self.error.map(str::to_string)
-            },
-        };
-        (record, self.body)
-    }
+        })
+        .collect();
+    let admitted = f.admitted();
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let usage = f.usage;
+    let cut = f.cut();
+    let code = f.error_code();
+    let record = Record {
+        ts_ms: f
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        tenant: f
+            .tenant
+            .and_then(|t| snap.config.tenants.get(t))
+            .map(|t| t.id.clone()),
+        claimed_tenant: f.claimed.map(|c| match c {
+            Claimed::Tenant(i) => snap
+                .config
+                .tenants
+                .get(i)
+                .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
+            Claimed::Unknown => UNKNOWN_TENANT.to_string(),
+        }),
+        client_ip: f.client_ip.map(|ip| ip.to_string()),
+        endpoint: f.endpoint.label().to_string(),
+        served_model: served.map(|u| u.model.clone()),
+        deployment: served.map(|u| u.id.clone()),
+        attempts: serde_json::to_string(&attempts).unwrap_or_else(|_| "[]".into()),
+        status: i64::from(f.status),
+        decision: if admitted { "admitted" } else { "refused" }.to_string(),
+        rule: if admitted {
+            None
+        } else {
+            f.refused_by()
+                .map(str::to_string)
+                .or_else(|| code.map(|c| c.label().to_string()))
+        },
+        prompt_tokens: usage.and_then(|u| u.prompt_tokens).map(as_i64),
+        completion_tokens: usage.and_then(|u| u.completion_tokens).map(as_i64),
+        total_tokens: usage.and_then(|u| u.total()).map(as_i64),
+        usage_estimated: f.usage_estimated,
+        cost_nano: usage
+            .zip(served)
+            .and_then(|(u, s)| u.cost_nano_usd(s.price))
+            .map(as_i64),
+        latency_ms: f.latency.as_secs_f64() * 1e3,
+        ttft_ms: f.ttft.map(|t| t.as_secs_f64() * 1e3),
+        streamed: f.streamed,
+        truncated: cut.is_some(),
+        client_gone: f.client_gone,
+        request_hash,
+        response_preview: f.preview.map(|p| String::from_utf8_lossy(&p).into_owned()),
+        // Only Collie's own short reasons: a provider's error body may
+        // echo a key, so it is never kept.
+        error: if let Some(cut) = cut {
+            Some(format!("stream_interrupted: {}", cut.reason()))
+        } else if admitted && (200..400).contains(&f.status) {
+            None
+        } else {
+            code.map(|c| c.label().to_string())
+        },
+        request_id: f.id,
+        requested_model: f.requested_model,
+    };
+    (record, f.body)
 }
 
 impl Record {

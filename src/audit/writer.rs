@@ -3,7 +3,7 @@
 //! It ends when the queue is closed and empty.
 
 use super::anomaly::Detector;
-use super::record::{Pending, request_hash};
+use super::record::{Pending, record_of, request_hash};
 use super::sink::{AnomalyRow, Retention, Sink, Stored, WriteError};
 use super::{AuditMetrics, webhook};
 use crate::config::AuditSettings;
@@ -175,7 +175,7 @@ fn write_batch(
     let mut stored = Vec::with_capacity(batch.len());
     let mut anomalies = Vec::new();
     for p in batch.drain(..) {
-        let (mut record, body) = p.into_record();
+        let (mut record, body) = record_of(p.finished, p.request_hash);
         if let Some(body) = body {
             queued_bytes.fetch_sub(body.len(), Ordering::Relaxed);
             record.request_hash = Some(request_hash(&body));

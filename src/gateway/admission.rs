@@ -3,6 +3,7 @@
 //! digests are compared in constant time.
 
 use super::GatewayError;
+use crate::outcome::Claimed;
 use crate::state::Snapshot;
 use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
@@ -40,15 +41,6 @@ pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError
         Some(_) => Err(GatewayError::ForeignKey),
         None => Err(GatewayError::BadCredentials),
     }
-}
-
-/// The tenant a request named, as the audit records it for a refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claimed {
-    /// A configured tenant (its index).
-    Tenant(usize),
-    /// A name no tenant has (its text is not kept: it may hold a secret).
-    Unknown,
 }
 
 /// The tenant `X-Tenant-ID` names, if the header is there.

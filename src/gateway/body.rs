@@ -207,8 +207,8 @@ pub struct Inspected {
     /// Byte range of the `model` value (the JSON string, quotes included).
     model_span: Range<usize>,
     pub stream: bool,
-    /// Byte range of the `stream_options` value, when present.
-    stream_options_span: Option<Range<usize>>,
+    /// Where `stream_options` is, when present.
+    stream_options: Option<StreamOptionsAt>,
     /// The client asked for the usage chunk at the end of its stream.
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
@@ -243,9 +243,25 @@ fn present_even_if_null<'de, D: serde::Deserializer<'de>>(
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
+struct StreamOptions<'a> {
+    #[serde(borrow, default, deserialize_with = "present_even_if_null")]
+    include_usage: Option<&'a RawValue>,
+}
+
+/// Where `stream_options` is in the body, so `include_usage` can be set by
+/// splicing: the client's other options stay byte for byte as sent (a
+/// number re-serialised could change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StreamOptionsAt {
+    /// `null`: replaced whole.
+    Null(Range<usize>),
+    /// An object: its `include_usage` value is replaced, or the field is
+    /// added just after its `{`.
+    Object {
+        open: usize,
+        empty: bool,
+        include_usage: Option<Range<usize>>,
+    },
 }
 
 pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError> {
@@ -284,23 +300,44 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError>
     if model.is_empty() {
         return Err(invalid("`model` must not be empty".into()));
     }
-    let (stream_options_span, include_usage) = match probe.stream_options {
+    let (stream_options, include_usage) = match probe.stream_options {
         None => (None, false),
-        Some(raw) if raw.get() == "null" => (Some(span_of(body, raw)), false),
+        Some(raw) if raw.get() == "null" => {
+            (Some(StreamOptionsAt::Null(span_of(body, raw))), false)
+        }
         Some(raw) => {
-            let opts: StreamOptions = serde_json::from_str(raw.get())
-                .map_err(|_| invalid("`stream_options` must be an object".into()))?;
-            (
-                Some(span_of(body, raw)),
-                opts.include_usage.unwrap_or(false),
-            )
+            let not_an_object = || invalid("`stream_options` must be an object".into());
+            if !raw.get().starts_with('{') {
+                return Err(not_an_object());
+            }
+            let opts: StreamOptions<'_> =
+                serde_json::from_str(raw.get()).map_err(|_| not_an_object())?;
+            let include_usage = match opts.include_usage.map(RawValue::get) {
+                None | Some("null") | Some("false") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return Err(invalid(
+                        "`stream_options.include_usage` must be a boolean".into(),
+                    ));
+                }
+            };
+            let text = raw.get();
+            let inner = text
+                .get(1..text.len().saturating_sub(1))
+                .unwrap_or_default();
+            let at = StreamOptionsAt::Object {
+                open: span_of(body, raw).start,
+                empty: inner.trim().is_empty(),
+                include_usage: opts.include_usage.map(|v| span_of(body, v)),
+            };
+            (Some(at), include_usage)
         }
     };
     Ok(Inspected {
         model,
         model_span: span_of(body, raw_model),
         stream: probe.stream.unwrap_or(false),
-        stream_options_span,
+        stream_options,
         include_usage,
         max_tokens: probe
             .max_completion_tokens
@@ -388,14 +425,26 @@ impl Inspected {
         let mut edits: SmallVec<[(Range<usize>, String); 2]> =
             SmallVec::from_elem((self.model_span.clone(), model_json), 1);
         if inject_usage {
-            match &self.stream_options_span {
-                Some(span) => {
-                    let mut opts: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
-                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-                    let text = serde_json::to_string(&opts)
-                        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-                    edits.push((span.clone(), text));
+            match &self.stream_options {
+                Some(StreamOptionsAt::Null(span)) => {
+                    edits.push((span.clone(), "{\"include_usage\":true}".into()));
+                }
+                Some(StreamOptionsAt::Object {
+                    include_usage: Some(span),
+                    ..
+                }) => edits.push((span.clone(), "true".into())),
+                Some(StreamOptionsAt::Object {
+                    open,
+                    empty,
+                    include_usage: None,
+                }) => {
+                    let at = open.saturating_add(1);
+                    let field = if *empty {
+                        "\"include_usage\":true"
+                    } else {
+                        "\"include_usage\":true,"
+                    };
+                    edits.push((at..at, field.into()));
                 }
                 None => {
                     let open = body
@@ -510,6 +559,31 @@ mod tests {
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"include_usage": true, "x": 1})
+        );
+        // The client's other options stay as written, numbers included.
+        assert_eq!(
+            rewrite(
+                r#"{"model":"m","stream":true,"stream_options":{"x":18446744073709544677440736}}"#,
+                "u",
+                true
+            ),
+            r#"{"model":"u","stream":true,"stream_options":{"include_usage":true,"x":18446744073709544677440736}}"#
+        );
+        assert_eq!(
+            rewrite(
+                r#"{"model":"m","stream_options":{ },"stream":true}"#,
+                "u",
+                true
+            ),
+            r#"{"model":"u","stream_options":{"include_usage":true },"stream":true}"#
+        );
+        assert_eq!(
+            rewrite(
+                r#"{"model":"m","stream_options":{"include_usage" : null}}"#,
+                "u",
+                true
+            ),
+            r#"{"model":"u","stream_options":{"include_usage" : true}}"#
         );
     }
 

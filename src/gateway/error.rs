@@ -3,6 +3,7 @@
 //! metrics and logs. The mapping is exhaustive on purpose: a new variant
 //! must decide its status here.
 
+use crate::outcome::ErrorCode;
 use crate::quota::RefusalKind;
 use bytes::Bytes;
 use serde::Serialize;
@@ -106,49 +107,47 @@ struct Body<'a> {
 
 impl GatewayError {
     /// (status, OpenAI error type, code — also the reason label).
-    fn parts(&self) -> (u16, &'static str, &'static str) {
+    fn parts(&self) -> (u16, &'static str, ErrorCode) {
+        use ErrorCode as Code;
         use GatewayError::*;
         match self {
-            AmbiguousIdentity(_) => (400, "invalid_request_error", "ambiguous_identity"),
-            HeaderTooLarge => (431, "invalid_request_error", "header_too_large"),
-            Overloaded { .. } => (503, "server_error", "overloaded"),
-            ShuttingDown => (503, "server_error", "shutting_down"),
-            MissingTenant => (401, "authentication_error", "missing_tenant"),
-            MissingKey => (401, "authentication_error", "missing_api_key"),
-            BadCredentials => (401, "authentication_error", "invalid_api_key"),
-            ForeignKey => (403, "permission_error", "tenant_mismatch"),
-            ModelForbidden(_) => (403, "permission_error", "model_not_allowed"),
-            ModelNotFound(_) => (404, "invalid_request_error", "model_not_found"),
-            BodyTooLarge { .. } => (413, "invalid_request_error", "request_too_large"),
-            InvalidBody(_) => (400, "invalid_request_error", "invalid_body"),
-            ClientTimeout => (408, "invalid_request_error", "client_timeout"),
-            UnknownEndpoint(_) => (404, "invalid_request_error", "unknown_url"),
-            MethodNotAllowed { .. } => (405, "invalid_request_error", "method_not_allowed"),
-            UpstreamsBusy { .. } => (429, "rate_limit_error", "upstream_rate_limited"),
-            UpstreamsFailed { status, .. } => (*status, "upstream_error", "upstream_failed"),
-            NoUpstream => (503, "upstream_error", "no_upstream"),
-            NoHealthyUpstream { .. } => (503, "upstream_error", "no_healthy_upstream"),
-            DeadlineExceeded => (504, "upstream_error", "deadline_exceeded"),
+            AmbiguousIdentity(_) => (400, "invalid_request_error", Code::AmbiguousIdentity),
+            HeaderTooLarge => (431, "invalid_request_error", Code::HeaderTooLarge),
+            Overloaded { .. } => (503, "server_error", Code::Overloaded),
+            ShuttingDown => (503, "server_error", Code::ShuttingDown),
+            MissingTenant => (401, "authentication_error", Code::MissingTenant),
+            MissingKey => (401, "authentication_error", Code::MissingApiKey),
+            BadCredentials => (401, "authentication_error", Code::InvalidApiKey),
+            ForeignKey => (403, "permission_error", Code::TenantMismatch),
+            ModelForbidden(_) => (403, "permission_error", Code::ModelNotAllowed),
+            ModelNotFound(_) => (404, "invalid_request_error", Code::ModelNotFound),
+            BodyTooLarge { .. } => (413, "invalid_request_error", Code::RequestTooLarge),
+            InvalidBody(_) => (400, "invalid_request_error", Code::InvalidBody),
+            ClientTimeout => (408, "invalid_request_error", Code::ClientTimeout),
+            UnknownEndpoint(_) => (404, "invalid_request_error", Code::UnknownUrl),
+            MethodNotAllowed { .. } => (405, "invalid_request_error", Code::MethodNotAllowed),
+            UpstreamsBusy { .. } => (429, "rate_limit_error", Code::UpstreamRateLimited),
+            UpstreamsFailed { status, .. } => (*status, "upstream_error", Code::UpstreamFailed),
+            NoUpstream => (503, "upstream_error", Code::NoUpstream),
+            NoHealthyUpstream { .. } => (503, "upstream_error", Code::NoHealthyUpstream),
+            DeadlineExceeded => (504, "upstream_error", Code::DeadlineExceeded),
             Quota {
                 kind: RefusalKind::RateLimited,
                 ..
-            } => (429, "rate_limited", "rate_limited"),
+            } => (429, "rate_limited", Code::RateLimited),
             Quota {
                 kind: RefusalKind::QuotaExceeded,
                 ..
-            } => (429, "quota_exceeded", "quota_exceeded"),
-            QueueTimeout { .. } => (429, "rate_limited", "queue_timeout"),
+            } => (429, "quota_exceeded", Code::QuotaExceeded),
+            QueueTimeout { .. } => (429, "rate_limited", Code::QueueTimeout),
             // 499 as the HTTP servers that log it use it: client closed request.
-            ClientClosed => (499, "invalid_request_error", "client_closed"),
-            Internal(_) => (500, "server_error", "internal_error"),
+            ClientClosed => (499, "invalid_request_error", Code::ClientClosed),
+            Internal(_) => (500, "server_error", Code::InternalError),
         }
     }
 
-    pub fn status(&self) -> u16 {
-        self.parts().0
-    }
-
-    pub fn reason(&self) -> &'static str {
+    /// The reason, as metrics and the audit trail record it.
+    pub fn code(&self) -> ErrorCode {
         self.parts().2
     }
 
@@ -164,7 +163,7 @@ impl GatewayError {
                 message: &message,
                 kind,
                 param,
-                code,
+                code: code.label(),
             },
         })
         .unwrap_or_default();
@@ -181,7 +180,7 @@ impl GatewayError {
         ErrorResponse {
             status,
             retry_after_s,
-            reason: code,
+            reason: code.label(),
             body: Bytes::from(body),
         }
     }

@@ -8,95 +8,32 @@
 //! The gateway owns this exchange instead of using Pingora's proxy phases
 //! because Pingora can only re-send a body it buffered for retries (64 KiB at
 //! most), and the OpenAI SDK writes `model` after `messages`.
+//!
+//! Here: the chain loop (pools in order, retries inside a pool, queueing,
+//! the deadline, the answer when everything failed). One attempt is in
+//! [`attempt`], the relay of the committed response in [`relay`], the
+//! header rules in [`headers`].
 
-use super::body::{AttemptBody, Inspected};
-use super::error::stream_error_event;
-use super::redact::{KeyMask, Redactor};
-use super::{Endpoint, Gateway, GatewayError, RequestCtx};
+use super::body::Inspected;
+use super::{Gateway, GatewayError, RequestCtx};
 use crate::config::RetrySettings;
+use crate::outcome::{Attempt, Failure};
 use crate::quota::admission::{Pressure, provider_pressure};
 use crate::routing::health::Outcome;
-use crate::routing::{Lease, Pick, Router, Upstream, now_ms};
+use crate::routing::{Lease, Pick, now_ms};
 use crate::state::Snapshot;
-use crate::usage::JsonUsage;
-use crate::usage::sse::SseObserver;
 use bytes::Bytes;
-use futures::FutureExt;
-use http::header;
-use pingora::connectors::http::Connector;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::HttpTask;
-use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
-use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorType};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Longest `Retry-After` honoured; a larger value is capped, not ignored.
-pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-/// A failed attempt's body is read (to keep the connection) only this far.
-const DISCARD_LIMIT: usize = 64 << 10;
-/// … or takes longer than this in all.
-const DISCARD_TIME: Duration = Duration::from_secs(2);
+mod attempt;
+mod headers;
+mod relay;
 
-/// How one attempt ended without being passed to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    Connect(String),
-    Timeout,
-    Broken(String),
-    Status(u16),
-    /// The client left before the response head arrived.
-    Abandoned,
-    /// The request's deadline passed while the attempt waited.
-    Deadline,
-    /// A graceful stop cut the attempt off.
-    Shutdown,
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Connect(e) => write!(f, "connect failed ({e})"),
-            Failure::Timeout => f.write_str("no response head before the first-byte timeout"),
-            Failure::Broken(e) => write!(f, "connection failed ({e})"),
-            Failure::Status(s) => write!(f, "HTTP {s}"),
-            Failure::Abandoned => f.write_str("the client left before the response"),
-            Failure::Deadline => f.write_str("cut off by the request deadline"),
-            Failure::Shutdown => f.write_str("cut off by the gateway's shutdown"),
-        }
-    }
-}
-
-impl Failure {
-    /// Label for the attempts metric.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Failure::Connect(_) => "connect_error",
-            Failure::Timeout => "timeout",
-            Failure::Broken(_) => "broken",
-            Failure::Status(429) => "status_429",
-            Failure::Status(_) => "status_5xx",
-            Failure::Abandoned => "client_gone",
-            Failure::Deadline => "deadline",
-            Failure::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// One attempt as recorded on the request.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    pub upstream: usize,
-    pub outcome: Result<u16, Failure>,
-    /// Tokens taken from the deployment's own per-minute limit.
-    pub tokens_taken: u64,
-    /// Position in the fallback chain of the pool it was made in.
-    pub position: usize,
-}
+pub(crate) use headers::{MAX_RETRY_AFTER, retry_after};
 
 /// Why no attempt was made in a pool, kept for the final answer.
 #[derive(Default)]
@@ -127,7 +64,11 @@ pub async fn run(
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
-    ctx.fallback = fallback(&ctx.attempts, ctx.served, chain, &snap.router);
+    let first_member = chain
+        .first()
+        .and_then(|&p| snap.router.pools.get(p))
+        .and_then(|p| p.members.first().copied());
+    ctx.exchange.fallback = fallback(&ctx.exchange.attempts, ctx.exchange.served, first_member);
     result
 }
 
@@ -138,13 +79,12 @@ pub async fn run(
 fn fallback(
     attempts: &[Attempt],
     served: Option<usize>,
-    chain: &[usize],
-    router: &Router,
+    first_member: Option<usize>,
 ) -> Option<(usize, usize)> {
     let last = attempts.last().filter(|a| a.position > 0)?;
     let from = match attempts.first() {
         Some(a) if a.position == 0 => a.upstream,
-        _ => *router.pools.get(*chain.first()?)?.members.first()?,
+        _ => first_member?,
     };
     Some((from, served.unwrap_or(last.upstream)))
 }
@@ -174,12 +114,13 @@ async fn attempts(
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
-    let inject_usage = inspected.needs_usage_injection(ctx.endpoint.supports_stream_options());
+    let inject_usage =
+        inspected.needs_usage_injection(ctx.caller.endpoint.supports_stream_options());
     let mut tried: Vec<usize> = Vec::with_capacity(chain.len());
     let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;
-    let tokens = ctx.tokens_estimate;
+    let tokens = ctx.request.tokens_estimate;
     let deadline = ctx.started + snap.config.request_deadline;
     let mut out_of_time = false;
     'chain: for (position, &pool) in chain.iter().enumerate() {
@@ -203,17 +144,20 @@ async fn attempts(
             None if !is_last => continue,
             None => {
                 let waited = Instant::now();
-                let wait = ctx.max_wait.min(deadline.saturating_duration_since(waited));
+                let wait = ctx
+                    .caller
+                    .max_wait
+                    .min(deadline.saturating_duration_since(waited));
                 // A client that hangs up while queued leaves the queue at
                 // once (dropping the wait gives its place, or a slot just
                 // handed to it, back) and nothing is sent upstream.
                 let acquired = until_interrupted(
                     session,
                     &gw.lifecycle.cut,
-                    pool_rt.gate.acquire(ctx.priority, wait),
+                    pool_rt.gate.acquire(ctx.caller.priority, wait),
                 )
                 .await;
-                ctx.queued = Some(waited.elapsed());
+                ctx.exchange.queued = Some(waited.elapsed());
                 match acquired {
                     Ok(Ok(p)) => p,
                     Ok(Err(t)) => {
@@ -225,7 +169,7 @@ async fn attempts(
                     Err(Interrupt::ClientGone) => {
                         // Not a refusal: admitted, then abandoned by the
                         // client (the audit record says `client_gone`).
-                        ctx.client_gone = true;
+                        ctx.response.client_gone = true;
                         // Nobody to answer; the connection is not reused.
                         session.set_keepalive(None);
                         return Ok(());
@@ -250,7 +194,7 @@ async fn attempts(
                     Ok(()) => {}
                     Err(Interrupt::Cut) => return Err(GatewayError::ShuttingDown),
                     Err(Interrupt::ClientGone) => {
-                        ctx.client_gone = true;
+                        ctx.response.client_gone = true;
                         return Err(GatewayError::ClientClosed);
                     }
                 }
@@ -274,12 +218,13 @@ async fn attempts(
             let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-            let header = upstream_request(session.req_header(), &upstream, ctx.endpoint)?;
+            let header =
+                headers::upstream_request(session.req_header(), &upstream, ctx.caller.endpoint)?;
             let sent = Instant::now();
             // The deployment's connect and first-byte timeouts apply inside;
             // the deadline caps the attempt as a whole.
             let record = |ctx: &mut RequestCtx, outcome| {
-                ctx.attempts.push(Attempt {
+                ctx.exchange.attempts.push(Attempt {
                     upstream: upstream.index,
                     outcome,
                     tokens_taken: tokens,
@@ -294,7 +239,7 @@ async fn attempts(
                 &gw.lifecycle.cut,
                 tokio::time::timeout_at(
                     deadline.into(),
-                    attempt(gw, &upstream, header, attempt_body),
+                    attempt::attempt(gw, &upstream, header, attempt_body),
                 ),
             )
             .await;
@@ -305,7 +250,7 @@ async fn attempts(
                 Err(Interrupt::ClientGone) => {
                     record(ctx, Err(Failure::Abandoned));
                     lease.recorded();
-                    ctx.client_gone = true;
+                    ctx.response.client_gone = true;
                     return Err(GatewayError::ClientClosed);
                 }
                 Err(Interrupt::Cut) => {
@@ -340,7 +285,7 @@ async fn attempts(
                         .map_or(Pressure::Clear, |h| provider_pressure(&h.headers, tokens));
                     pool_rt.gate.observe(pressure, (200..300).contains(&status));
                     record(ctx, Ok(status));
-                    relay(gw, session, ctx, &upstream, http, inject_usage).await;
+                    relay::relay(gw, session, ctx, &upstream, http, inject_usage).await;
                     drop(permit);
                     return Ok(());
                 }
@@ -378,7 +323,13 @@ async fn attempts(
     if out_of_time {
         return Err(GatewayError::DeadlineExceeded);
     }
-    Err(all_failed(snap, &ctx.attempts, &skipped, last_retry_after))
+    let name = |i: usize| snap.router.upstreams.get(i).map_or("?", |u| u.id.as_str());
+    Err(all_failed(
+        name,
+        &ctx.exchange.attempts,
+        &skipped,
+        last_retry_after,
+    ))
 }
 
 /// What stopped a piece of work before it finished.
@@ -422,8 +373,12 @@ async fn backoff(retry: &RetrySettings, n: u32, deadline: Instant) {
     tokio::time::sleep(jittered.min(left)).await;
 }
 
-fn all_failed(
-    snap: &Snapshot,
+/// The answer when no attempt committed: what was tried (by deployment
+/// name) and why it failed, the status of the last failure (502/504 for a
+/// transport failure), or when nothing could be tried, why not and when to
+/// retry.
+fn all_failed<'a>(
+    name: impl Fn(usize) -> &'a str,
     attempts: &[Attempt],
     skipped: &Skipped,
     retry_after: Option<u64>,
@@ -449,11 +404,7 @@ fn all_failed(
     };
     let mut text = String::new();
     for (i, a) in attempts.iter().enumerate() {
-        let name = snap
-            .router
-            .upstreams
-            .get(a.upstream)
-            .map_or("?", |u| u.id.as_str());
+        let name = name(a.upstream);
         let outcome = match &a.outcome {
             Ok(s) => format!("HTTP {s}"),
             Err(f) => f.to_string(),
@@ -473,610 +424,115 @@ fn all_failed(
     }
 }
 
-/// Headers that describe one hop, never forwarded in either direction.
-fn hop_by_hop(name: &header::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Fields a peer named in its `Connection` header: hop-by-hop too (RFC 9110
-/// §7.6.1). Usually none, so usually no allocation.
-fn connection_nominated(headers: &http::HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-        .collect()
-}
-
-/// Client headers that must not reach a provider: credentials, routing
-/// headers meant for Collie, and framing that Collie sets itself.
-/// `accept-encoding` is dropped so the provider answers uncompressed and the
-/// usage in the response can be read.
-fn withheld_from_upstream(name: &header::HeaderName) -> bool {
-    hop_by_hop(name)
-        || matches!(
-            name.as_str(),
-            "host"
-                | "content-length"
-                | "authorization"
-                | "api-key"
-                | "x-tenant-id"
-                | "accept-encoding"
-                | "expect"
-                | "cookie"
-        )
-        || name.as_str().starts_with("x-collie-")
-}
-
-fn upstream_request(
-    client: &RequestHeader,
-    upstream: &Upstream,
-    endpoint: Endpoint,
-) -> Result<RequestHeader, GatewayError> {
-    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
-    let mut path = String::with_capacity(upstream.path_prefix.len() + 32);
-    path.push_str(&upstream.path_prefix);
-    path.push_str(endpoint.upstream_suffix());
-    if let Some(q) = client.uri.query() {
-        path.push('?');
-        path.push_str(q);
-    }
-    // Header names go out in lower case: no case map to keep per request.
-    let mut req =
-        RequestHeader::build_no_case("POST", path.as_bytes(), Some(client.headers.len() + 3))
-            .map_err(internal)?;
-    let nominated = connection_nominated(&client.headers);
-    for (name, value) in client.headers.iter() {
-        if withheld_from_upstream(name) || nominated.iter().any(|n| n == name.as_str()) {
-            continue;
+    fn attempt(upstream: usize, position: usize, outcome: Result<u16, Failure>) -> Attempt {
+        Attempt {
+            upstream,
+            outcome,
+            tokens_taken: 0,
+            position,
         }
-        req.append_header(name.clone(), value.clone())
-            .map_err(internal)?;
     }
-    req.insert_header(header::HOST, upstream.host.clone())
-        .map_err(internal)?;
-    if let Some((name, value)) = &upstream.auth {
-        req.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
+
+    fn names(i: usize) -> &'static str {
+        ["a", "b", "c"].get(i).copied().unwrap_or("?")
     }
-    Ok(req)
-}
 
-type AttemptError = (Failure, Option<Duration>);
+    #[test]
+    fn a_fallback_is_an_attempt_in_a_later_pool() {
+        // Retries inside the first pool are not fallbacks.
+        let inside = [attempt(0, 0, Err(Failure::Timeout)), attempt(1, 0, Ok(200))];
+        assert_eq!(fallback(&inside, Some(1), Some(0)), None);
+        // From the first attempt to the one that served.
+        let chain = [
+            attempt(0, 0, Err(Failure::Status(500))),
+            attempt(2, 1, Ok(200)),
+        ];
+        assert_eq!(fallback(&chain, Some(2), Some(0)), Some((0, 2)));
+        // Nothing served: to the last one tried.
+        let failed = [
+            attempt(0, 0, Err(Failure::Status(500))),
+            attempt(2, 1, Err(Failure::Timeout)),
+        ];
+        assert_eq!(fallback(&failed, None, Some(0)), Some((0, 2)));
+        // The first pool offered nothing: from its first member.
+        let skipped = [attempt(2, 1, Ok(200))];
+        assert_eq!(fallback(&skipped, Some(2), Some(1)), Some((1, 2)));
+        assert_eq!(fallback(&[], None, Some(0)), None);
+    }
 
-/// Send one request and read its response head. `Ok` holds a session whose
-/// response the client should get; `Err` says why the next attempt should run.
-async fn attempt(
-    gw: &Gateway,
-    up: &Upstream,
-    mut header: RequestHeader,
-    body: AttemptBody,
-) -> Result<HttpSession, AttemptError> {
-    header
-        .insert_header(header::CONTENT_LENGTH, body.len())
-        .map_err(|e| (Failure::Broken(e.etype().as_str().to_string()), None))?;
-    // A pooled connection the provider already closed fails while the
-    // request is written, before the provider can have acted on it; such a
-    // failure is retried on another connection and does not count as an
-    // attempt. A failure while reading the response head is not retried
-    // here: the provider may have received the request and be generating
-    // (and billing) it, so it is an attempt that failed.
-    up.resolved().map_err(|e| (Failure::Connect(e), None))?;
-    let mut stale_retries = 2;
-    let mut header = Some(header);
-    loop {
-        let (mut http, reused) = gw
-            .connector
-            .get_http_session(&*up.peer())
-            .await
-            .map_err(|e| (classify_connect(&e), None))?;
-        http.set_write_timeout(Some(up.timeouts.idle));
-        http.set_read_timeout(Some(up.timeouts.first_byte));
-        // Keep a copy only while a stale-connection retry may need it.
-        let this_try = match header.as_ref() {
-            Some(h) if reused && stale_retries > 0 => h.clone(),
-            _ => header
-                .take()
-                .ok_or_else(|| (Failure::Broken("request head already sent".into()), None))?,
+    #[test]
+    fn the_answer_when_everything_failed() {
+        let none = Skipped::default();
+        // The last status, the attempts named, a provider's Retry-After.
+        let e = all_failed(
+            names,
+            &[
+                attempt(0, 0, Err(Failure::Timeout)),
+                attempt(1, 1, Err(Failure::Status(503))),
+            ],
+            &none,
+            Some(7),
+        );
+        assert_eq!(
+            e,
+            GatewayError::UpstreamsFailed {
+                status: 503,
+                attempts: "a: no response head before the first-byte timeout; b: HTTP 503".into(),
+                retry_after_s: Some(7),
+            }
+        );
+        // Transport failures: 504 for time, 502 for the rest; no Retry-After.
+        for (f, status) in [
+            (Failure::Timeout, 504),
+            (Failure::Deadline, 504),
+            (Failure::Connect("refused".into()), 502),
+            (Failure::Broken("reset".into()), 502),
+        ] {
+            match all_failed(names, &[attempt(0, 0, Err(f))], &none, Some(3)) {
+                GatewayError::UpstreamsFailed {
+                    status: s,
+                    retry_after_s,
+                    ..
+                } => assert_eq!((s, retry_after_s), (status, None)),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A 429 without its own Retry-After takes the shortest rest seen.
+        let resting = Skipped {
+            rate_limited_ms: Some(1500),
+            unhealthy_ms: None,
         };
-        match send_request(&mut http, this_try, &body).await {
-            Ok(()) => {}
-            Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
-                stale_retries -= 1;
-                continue;
+        match all_failed(
+            names,
+            &[attempt(0, 0, Err(Failure::Status(429)))],
+            &resting,
+            None,
+        ) {
+            GatewayError::UpstreamsFailed { retry_after_s, .. } => {
+                assert_eq!(retry_after_s, Some(2))
             }
-            Err(e) => return Err((classify_exchange(&e), None)),
+            other => panic!("{other:?}"),
         }
-        if let Err(e) = http.read_response_header().await {
-            return Err((classify_exchange(&e), None));
-        }
-        let Some(head) = http.response_header() else {
-            return Err((Failure::Broken("no response head".into()), None));
+        // Nothing tried at all.
+        assert_eq!(
+            all_failed(names, &[], &resting, None),
+            GatewayError::UpstreamsBusy { retry_after_s: 2 }
+        );
+        let sick = Skipped {
+            rate_limited_ms: None,
+            unhealthy_ms: Some(10),
         };
-        let status = head.status.as_u16();
-        if status == 429 || status >= 500 {
-            let retry_after = (status == 429 || status == 503)
-                .then(|| retry_after(head))
-                .flatten();
-            // The next attempt does not wait for this one's error body.
-            tokio::spawn(discard(Arc::clone(&gw.connector), up.peer(), http));
-            return Err((Failure::Status(status), retry_after));
-        }
-        return Ok(http);
+        assert_eq!(
+            all_failed(names, &[], &sick, None),
+            GatewayError::NoHealthyUpstream { retry_after_s: 1 }
+        );
+        assert_eq!(
+            all_failed(names, &[], &none, None),
+            GatewayError::NoUpstream
+        );
     }
-}
-
-async fn send_request(
-    http: &mut HttpSession,
-    header: RequestHeader,
-    body: &AttemptBody,
-) -> pingora::Result<()> {
-    http.write_request_header(Box::new(header)).await?;
-    let pieces = body.pieces();
-    for (i, piece) in pieces.iter().enumerate() {
-        http.write_request_body(piece.clone(), i + 1 == pieces.len())
-            .await?;
-    }
-    http.finish_request_body().await
-}
-
-fn classify_connect(e: &Error) -> Failure {
-    match e.etype() {
-        ErrorType::ConnectTimedout => Failure::Connect("timed out".into()),
-        ErrorType::ConnectRefused => Failure::Connect("refused".into()),
-        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
-            Failure::Connect("TLS handshake failed".into())
-        }
-        other => Failure::Connect(other.as_str().to_string()),
-    }
-}
-
-fn classify_exchange(e: &Error) -> Failure {
-    match e.etype() {
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
-        other => Failure::Broken(other.as_str().to_string()),
-    }
-}
-
-fn is_stale_connection(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectionClosed
-            | ErrorType::ReadError
-            | ErrorType::WriteError
-            | ErrorType::H2Error
-    )
-}
-
-/// `retry-after-ms` (OpenAI, Azure) wins over `retry-after`, which is either
-/// seconds or an HTTP date.
-pub(crate) fn retry_after(head: &ResponseHeader) -> Option<Duration> {
-    let text = |name: &str| {
-        head.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    let wait = if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        Duration::try_from_secs_f64(ms / 1000.0).ok()?
-    } else {
-        let v = text("retry-after")?;
-        match v.parse::<f64>() {
-            Ok(s) => Duration::try_from_secs_f64(s).ok()?,
-            Err(_) => httpdate::parse_http_date(v)
-                .ok()?
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO),
-        }
-    };
-    (!wait.is_zero()).then_some(wait.min(MAX_RETRY_AFTER))
-}
-
-/// Read and drop a failed attempt's (small) body so its connection can be
-/// reused; a large or slow one is closed instead. Runs beside the request.
-async fn discard(connector: Arc<Connector>, peer: Arc<HttpPeer>, mut http: HttpSession) {
-    let started = Instant::now();
-    http.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut read = 0usize;
-    loop {
-        match http.read_response_body().await {
-            Ok(Some(chunk)) => {
-                read += chunk.len();
-                if read > DISCARD_LIMIT || started.elapsed() > DISCARD_TIME {
-                    http.shutdown().await;
-                    return;
-                }
-            }
-            Ok(None) => break,
-            Err(_) => {
-                http.shutdown().await;
-                return;
-            }
-        }
-    }
-    connector
-        .release_http_session(http, &*peer, peer.options.idle_timeout)
-        .await;
-}
-
-/// Return a connection whose exchange completed to the pool.
-async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
-    let peer = up.peer();
-    gw.connector
-        .release_http_session(http, &*peer, peer.options.idle_timeout)
-        .await;
-}
-
-/// What watches the response body for usage on its way to the client.
-enum Observer {
-    Sse(SseObserver),
-    Json(JsonUsage),
-    /// A refusal passed through: no usage to read.
-    Off,
-}
-
-/// What happens to each chunk of the response on its way to the client:
-/// usage is read from it, then the deployment's key is masked out of it.
-struct Passage {
-    observer: Observer,
-    mask: Option<Redactor>,
-}
-
-impl Passage {
-    /// What the client gets of one upstream chunk (may be empty).
-    fn pass(&mut self, chunk: Bytes) -> Bytes {
-        let out = match &mut self.observer {
-            Observer::Sse(o) => o.feed(chunk),
-            Observer::Json(j) => {
-                j.feed(&chunk);
-                chunk
-            }
-            Observer::Off => chunk,
-        };
-        match &mut self.mask {
-            Some(m) if !out.is_empty() => m.feed(out),
-            _ => out,
-        }
-    }
-
-    /// What is still held back when the upstream body ends.
-    fn finish(&mut self) -> Vec<Bytes> {
-        let tail = match &mut self.observer {
-            Observer::Sse(o) => o.finish(),
-            _ => Bytes::new(),
-        };
-        let mut out = vec![self.pass_tail(tail)];
-        if let Some(m) = &mut self.mask {
-            out.push(m.finish());
-        }
-        out.retain(|b| !b.is_empty());
-        out
-    }
-
-    fn pass_tail(&mut self, tail: Bytes) -> Bytes {
-        match &mut self.mask {
-            Some(m) if !tail.is_empty() => m.feed(tail),
-            _ => tail,
-        }
-    }
-}
-
-/// How the relay loop's wait for the next chunk ended.
-enum Next {
-    Upstream(pingora::Result<Option<Bytes>>),
-    ClientGone,
-    Cut,
-}
-
-/// Pass the committed response to the client, observing usage on the side.
-async fn relay(
-    gw: &Gateway,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    up: &Upstream,
-    mut http: HttpSession,
-    strip_usage: bool,
-) {
-    let Some(head) = http.response_header() else {
-        return;
-    };
-    let status = head.status.as_u16();
-    let is_sse = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let strip_usage = strip_usage && is_sse;
-    let mut passage = Passage {
-        observer: match (status, is_sse) {
-            (200..=299, true) => Observer::Sse(SseObserver::new(strip_usage)),
-            (200..=299, false) => Observer::Json(JsonUsage::default()),
-            _ => Observer::Off,
-        },
-        mask: up.key_mask.as_ref().map(KeyMask::redactor),
-    };
-    let downstream_h2 = session.as_downstream().is_http2();
-    let resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
-        Ok(r) => r,
-        Err(e) => {
-            log::warn!("request {}: cannot build response head: {e}", ctx.id);
-            http.shutdown().await;
-            return;
-        }
-    };
-    ctx.status = status;
-    ctx.served = Some(up.index);
-    ctx.streamed = is_sse;
-    if session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .is_err()
-    {
-        ctx.client_gone = true;
-        http.shutdown().await;
-        return;
-    }
-    http.set_read_timeout(Some(up.timeouts.idle));
-    // An outcome read while draining a burst, handled before reading again.
-    let mut pending: Option<pingora::Result<Option<Bytes>>> = None;
-    loop {
-        let next = match pending.take() {
-            Some(r) => Next::Upstream(r),
-            None => {
-                match until_interrupted(session, &gw.lifecycle.cut, http.read_response_body()).await
-                {
-                    Ok(r) => Next::Upstream(r),
-                    Err(Interrupt::ClientGone) => Next::ClientGone,
-                    Err(Interrupt::Cut) => Next::Cut,
-                }
-            }
-        };
-        match next {
-            Next::Upstream(Ok(Some(chunk))) => {
-                // What the provider has already sent besides this chunk goes
-                // out in the same write: one write for a burst of SSE events,
-                // not one each. Nothing waits for more than is already here,
-                // so no latency is added. (Pingora's body reader keeps its
-                // state across a dropped read, so polling once is safe.)
-                let mut batch = vec![passage.pass(chunk)];
-                let mut size = batch[0].len();
-                while size < BURST_BYTES {
-                    match tokio::task::unconstrained(http.read_response_body()).now_or_never() {
-                        Some(Ok(Some(more))) => {
-                            let out = passage.pass(more);
-                            size += out.len();
-                            batch.push(out);
-                        }
-                        Some(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                batch.retain(|b| !b.is_empty());
-                if batch.is_empty() {
-                    continue;
-                }
-                if ctx.first_byte.is_none() {
-                    ctx.first_byte = Some(Instant::now());
-                }
-                let keep = ctx.snapshot.config.audit.preview_bytes;
-                if keep > 0 && (200..300).contains(&status) {
-                    let p = ctx.preview.get_or_insert_with(Vec::new);
-                    for out in &batch {
-                        let room = keep.saturating_sub(p.len());
-                        p.extend_from_slice(&out[..room.min(out.len())]);
-                    }
-                }
-                if let Err(e) = write_burst(session, batch).await {
-                    http.shutdown().await;
-                    client_write_failed(session, ctx, &e).await;
-                    break;
-                }
-            }
-            Next::Upstream(Ok(None)) => {
-                let mut tail = passage.finish();
-                let last = tail.pop();
-                let written = match write_burst(session, tail).await {
-                    Ok(()) => session.write_response_body(last, true).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = written {
-                    client_write_failed(session, ctx, &e).await;
-                    http.shutdown().await;
-                    break;
-                }
-                release(gw, up, http).await;
-                break;
-            }
-            Next::Upstream(Err(e)) => {
-                ctx.truncated = true;
-                let detail = match e.etype() {
-                    ErrorType::ReadTimedout => "no data within the idle timeout",
-                    other => other.as_str(),
-                };
-                ctx.broken = Some(detail);
-                log::info!(
-                    "request {}: upstream {} broke mid-response: {detail}",
-                    ctx.id,
-                    up.id
-                );
-                http.shutdown().await;
-                let message = format!("upstream stream interrupted: {detail}");
-                end_cut_response(session, ctx, &mut passage, &message).await;
-                break;
-            }
-            Next::ClientGone => {
-                ctx.client_gone = true;
-                // Dropping the connection is what tells the provider to stop generating.
-                http.shutdown().await;
-                session.set_keepalive(None);
-                break;
-            }
-            Next::Cut => {
-                ctx.truncated = true;
-                ctx.broken = Some(CUT_BY_SHUTDOWN);
-                log::info!("request {}: cut off by the graceful stop", ctx.id);
-                http.shutdown().await;
-                let message = format!("stream cut off by the gateway: {CUT_BY_SHUTDOWN}");
-                end_cut_response(session, ctx, &mut passage, &message).await;
-                break;
-            }
-        }
-    }
-    ctx.usage = match passage.observer {
-        Observer::Sse(o) => {
-            ctx.delivered_estimate = o.delivered_tokens();
-            o.usage()
-        }
-        // Usage the provider reported counts even when the client left or
-        // the body broke after it: what was read is what was reported (a
-        // body cut short before its usage parses to none).
-        Observer::Json(j) => j.finish(),
-        Observer::Off => None,
-    };
-}
-
-/// Why a response was cut off by a graceful stop, as recorded.
-const CUT_BY_SHUTDOWN: &str = "the gateway shut down";
-/// Why a response was cut off because the client stopped reading.
-const CUT_SLOW_CLIENT: &str = "the client did not read in time";
-
-/// A write to the client failed. A client that is gone is recorded as such;
-/// one that stopped reading for longer than `client_timeout` had its
-/// response cut off by Collie, which is recorded as truncated. Either way
-/// the connection is closed without the end-of-body marker (a chunk half
-/// written leaves nothing that can follow it), so the client's HTTP library
-/// sees a response cut short, never a complete one.
-async fn client_write_failed(session: &mut Session, ctx: &mut RequestCtx, e: &Error) {
-    if e.etype() == &ErrorType::WriteTimedout {
-        ctx.truncated = true;
-        ctx.broken = Some(CUT_SLOW_CLIENT);
-        log::info!("request {}: cut off: {CUT_SLOW_CLIENT}", ctx.id);
-    } else {
-        ctx.client_gone = true;
-    }
-    session.set_keepalive(None);
-    session.downstream_session.shutdown().await;
-}
-
-/// A burst of response bytes already received is written at once up to this
-/// size; beyond it the rest waits for the next round.
-const BURST_BYTES: usize = 64 << 10;
-
-/// Write response pieces to the client in one write when there are several.
-async fn write_burst(session: &mut Session, mut batch: Vec<Bytes>) -> pingora::Result<()> {
-    match batch.len() {
-        0 => Ok(()),
-        1 => session.write_response_body(batch.pop(), false).await,
-        _ => {
-            let tasks = batch
-                .into_iter()
-                .map(|b| HttpTask::Body(Some(b), false))
-                .collect();
-            session.write_response_tasks(tasks).await.map(|_| ())
-        }
-    }
-}
-
-/// A response cut short after its head went out. A stream ends with an SSE
-/// error event the client can read (what was held back is released first,
-/// and a half-sent event closed); any other body is cut off so the client
-/// sees a truncated response, not a complete one.
-async fn end_cut_response(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    passage: &mut Passage,
-    message: &str,
-) {
-    if let Observer::Sse(o) = &mut passage.observer {
-        o.abandon();
-        let mid_event = o.client_mid_event();
-        let mut bytes = Vec::new();
-        if let Some(m) = &mut passage.mask {
-            bytes.extend_from_slice(&m.finish());
-        }
-        if mid_event || !bytes.is_empty() {
-            // Close the half-sent event so the error event parses on its own.
-            bytes.extend_from_slice(b"\n\n");
-        }
-        bytes.extend_from_slice(&stream_error_event(message));
-        if session
-            .write_response_body(Some(Bytes::from(bytes)), true)
-            .await
-            .is_err()
-        {
-            ctx.client_gone = true;
-            session.set_keepalive(None);
-        }
-        return;
-    }
-    session.set_keepalive(None);
-    session.downstream_session.shutdown().await;
-}
-
-fn client_response_head(
-    upstream: &ResponseHeader,
-    ctx: &RequestCtx,
-    up: &Upstream,
-    body_changes: bool,
-    downstream_h2: bool,
-) -> pingora::Result<ResponseHeader> {
-    let mut resp =
-        ResponseHeader::build_no_case(upstream.status, Some(upstream.headers.len() + 8))?;
-    let mut has_length = false;
-    let nominated = connection_nominated(&upstream.headers);
-    for (name, value) in upstream.headers.iter() {
-        // The provider's limits for its key are not the tenant's business;
-        // the tenant's own `x-ratelimit-*` are added below.
-        if hop_by_hop(name)
-            || name.as_str().starts_with("x-ratelimit-")
-            || nominated.iter().any(|n| n == name.as_str())
-        {
-            continue;
-        }
-        if up
-            .key_mask
-            .as_ref()
-            .is_some_and(|m| m.found_in(value.as_bytes()))
-        {
-            log::warn!(
-                "request {}: dropped response header `{name}` from {}: it carried the deployment's key",
-                ctx.id,
-                up.id
-            );
-            continue;
-        }
-        if name == header::CONTENT_LENGTH {
-            if body_changes {
-                continue;
-            }
-            has_length = true;
-        }
-        resp.append_header(name.clone(), value.clone())?;
-    }
-    // A response that has no body by definition gets no framing either.
-    let bodiless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
-    if !has_length && !downstream_h2 && !bodiless {
-        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-    }
-    resp.insert_header(super::X_COLLIE_MODEL, up.model_header.clone())?;
-    resp.insert_header(super::X_COLLIE_ATTEMPTS, ctx.attempts.len())?;
-    resp.insert_header(super::X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
-    super::spend::rate_headers(ctx, &mut resp);
-    Ok(resp)
 }

@@ -5,7 +5,8 @@
 //! request — and the tenant must never learn it.
 //!
 //! A response header whose value carries the key is dropped. In a body each
-//! occurrence is masked with `*` at the key's length, so a `Content-Length`
+//! occurrence is masked with `*` at the key's length (provider keys are
+//! letters, digits, `-` and `_`: a mask cannot rebuild one), so a `Content-Length`
 //! stays true and the framing is untouched; a key split across chunks is
 //! found too. Only bytes that could still become the key are held back
 //! between chunks — the longest tail that is a prefix of it — so a stream's

@@ -4,10 +4,12 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 use super::body::Inspected;
-use super::{Endpoint, GatewayError, RequestCtx};
+use super::{GatewayError, RequestCtx};
 use crate::config::{Model, Price};
+use crate::outcome::{Endpoint, Finished};
 use crate::quota::estimate;
 use crate::quota::{Amount, RateInfo, WindowInfo};
+use crate::quota::{Reservation, Settlement};
 use crate::state::Snapshot;
 use crate::usage::Usage;
 use http::HeaderName;
@@ -26,7 +28,7 @@ pub fn reserve(
 ) -> Result<(), GatewayError> {
     let t = &snap.config.tenants[tenant];
     let prompt = estimate::prompt_tokens(body, model.family);
-    let output = if ctx.endpoint == Endpoint::Embeddings {
+    let output = if ctx.caller.endpoint == Endpoint::Embeddings {
         0
     } else {
         let wanted = inspected.max_tokens.unwrap_or(t.default_max_tokens);
@@ -34,7 +36,7 @@ pub fn reserve(
             .max_output_tokens
             .map_or(wanted, |cap| wanted.min(cap))
     };
-    ctx.prompt_estimate = prompt;
+    ctx.request.prompt_estimate = prompt;
     let prices = model
         .chain
         .iter()
@@ -43,7 +45,7 @@ pub fn reserve(
         .filter_map(|m| snap.router.upstreams.get(m.deployment))
         .map(|u| u.price);
     let amount = reservation(prompt, output, prices);
-    ctx.tokens_estimate = amount.tokens;
+    ctx.request.tokens_estimate = amount.tokens;
     let ledger = snap
         .ledgers
         .get(tenant)
@@ -53,14 +55,11 @@ pub fn reserve(
             ctx.reservation = Some(r);
             Ok(())
         }
-        Err(refusal) => {
-            ctx.refused_by = Some(refusal.window.clone());
-            Err(GatewayError::Quota {
-                window: refusal.window,
-                kind: refusal.kind,
-                retry_after_s: refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64,
-            })
-        }
+        Err(refusal) => Err(GatewayError::Quota {
+            window: refusal.window,
+            kind: refusal.kind,
+            retry_after_s: refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        }),
     }
 }
 
@@ -86,7 +85,8 @@ fn reservation(prompt: u64, output: u64, prices: impl Iterator<Item = Option<Pri
     }
 }
 
-/// Replace the reservation by what the request really used:
+/// Replace the reservation by what the request really used, as its
+/// [`Finished`] story says:
 /// - no upstream answered (refused, every attempt failed, the client left
 ///   while queued): full refund;
 /// - an upstream answered with an error status: one request, no tokens;
@@ -99,31 +99,13 @@ fn reservation(prompt: u64, output: u64, prices: impl Iterator<Item = Option<Pri
 ///   estimated.
 ///
 /// Provider per-minute limits are corrected the same way.
-pub fn settle(ctx: &mut RequestCtx) {
-    let snap = std::sync::Arc::clone(&ctx.snapshot);
-    let served = ctx.served.and_then(|i| snap.router.upstreams.get(i));
-    let reported = ctx.usage.filter(|u| u.total().is_some());
-    // Settled first: the provider limits below correct to the same count.
-    let usage = match (reported, served, ctx.reservation.as_ref()) {
-        (Some(u), _, _) => Some(u),
-        (None, Some(_), Some(r)) if (200..300).contains(&ctx.status) => {
-            ctx.usage_estimated = true;
-            let completion = if ctx.streamed {
-                ctx.delivered_estimate
-            } else {
-                r.amount().tokens.saturating_sub(ctx.prompt_estimate)
-            };
-            let u = Usage {
-                prompt_tokens: Some(ctx.prompt_estimate),
-                completion_tokens: Some(completion),
-                total_tokens: Some(ctx.prompt_estimate.saturating_add(completion)),
-            };
-            ctx.usage = Some(u);
-            Some(u)
-        }
-        _ => None,
-    };
-    for a in &ctx.attempts {
+pub fn settle(finished: &Finished, reservation: Option<Reservation>) -> Option<Settlement> {
+    let snap = &finished.snapshot;
+    let served = finished.served.and_then(|i| snap.router.upstreams.get(i));
+    // What the reservation settles to: usage reported in full, or Collie's
+    // estimate (already made when the story was closed).
+    let usage = finished.usage.filter(|u| u.total().is_some());
+    for a in &finished.attempts {
         let Some(limiter) = snap
             .router
             .upstreams
@@ -132,64 +114,36 @@ pub fn settle(ctx: &mut RequestCtx) {
         else {
             continue;
         };
-        let used = match (&a.outcome, Some(a.upstream) == ctx.served) {
+        let used = match (&a.outcome, Some(a.upstream) == finished.served) {
             (Ok(_), true) => usage.and_then(|u| u.total()).unwrap_or(a.tokens_taken),
             _ => 0,
         };
         limiter.settle_tokens(a.tokens_taken, used);
     }
-    let Some(reservation) = ctx.reservation.take() else {
-        return;
-    };
+    let reservation = reservation?;
     let Some(up) = served else {
-        ctx.settlement = Some(Settlement::Refunded);
         reservation.refund();
-        return;
+        return Some(Settlement::Refunded);
     };
-    if !(200..300).contains(&ctx.status) {
-        ctx.settlement = Some(Settlement::Failed);
+    if !(200..300).contains(&finished.status) {
         reservation.settle(Amount {
             requests: 1,
             tokens: 0,
             usd_nano: 0,
         });
-        return;
+        return Some(Settlement::Failed);
     }
     let usage = usage.unwrap_or_default();
-    ctx.settlement = Some(if ctx.usage_estimated {
-        Settlement::Estimated
-    } else {
-        Settlement::Reported
-    });
     reservation.settle(Amount {
         requests: 1,
         tokens: usage.total().unwrap_or(0),
         usd_nano: usage.cost_nano_usd(up.price).unwrap_or(0),
     });
-}
-
-/// How a reservation ended, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    /// Settled to the usage the provider reported.
-    Reported,
-    /// Settled to Collie's estimate: the provider reported none.
-    Estimated,
-    /// The provider answered with an error: one request, no tokens.
-    Failed,
-    /// Nothing reached a provider: everything given back.
-    Refunded,
-}
-
-impl Settlement {
-    pub fn label(self) -> &'static str {
-        match self {
-            Settlement::Reported => "reported",
-            Settlement::Estimated => "estimated",
-            Settlement::Failed => "failed",
-            Settlement::Refunded => "refunded",
-        }
-    }
+    Some(if finished.usage_estimated {
+        Settlement::Estimated
+    } else {
+        Settlement::Reported
+    })
 }
 
 /// The longest a request may wait for a saturated pool: the configured
@@ -222,7 +176,7 @@ pub fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
 /// model's — with its configured limit, what is left, and when it is whole
 /// again. A kind no window limits gets no headers.
 pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
-    let Some(ledger) = ctx.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
+    let Some(ledger) = ctx.caller.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
         return;
     };
     const NAMES: [[HeaderName; 3]; 2] = [
@@ -238,7 +192,7 @@ pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
         ],
     ];
     let RateInfo { requests, tokens } =
-        ledger.rate_info(ctx.requested_model.as_deref(), &ctx.snapshot.calendar);
+        ledger.rate_info(ctx.request.model.as_deref(), &ctx.snapshot.calendar);
     for ([limit_name, remaining_name, reset_name], w) in NAMES.into_iter().zip([requests, tokens]) {
         let Some(WindowInfo {
             limit,

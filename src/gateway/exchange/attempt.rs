@@ -1,0 +1,164 @@
+//! One attempt: send the request to one deployment (on a pooled connection,
+//! retried once more on a fresh one when the pooled one turns out stale)
+//! and read the response head; a failed attempt's body is drained aside so
+//! its connection can be reused.
+
+use super::super::Gateway;
+use super::super::body::AttemptBody;
+use super::headers::retry_after;
+use crate::outcome::Failure;
+use crate::routing::Upstream;
+use http::header;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A failed attempt's body is read (to keep the connection) only this far.
+const DISCARD_LIMIT: usize = 64 << 10;
+/// … or takes longer than this in all.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
+
+pub(super) type AttemptError = (Failure, Option<Duration>);
+
+/// Send one request and read its response head. `Ok` holds a session whose
+/// response the client should get; `Err` says why the next attempt should run.
+pub(super) async fn attempt(
+    gw: &Gateway,
+    up: &Upstream,
+    mut header: RequestHeader,
+    body: AttemptBody,
+) -> Result<HttpSession, AttemptError> {
+    header
+        .insert_header(header::CONTENT_LENGTH, body.len())
+        .map_err(|e| (Failure::Broken(e.etype().as_str().to_string()), None))?;
+    // A pooled connection the provider already closed fails while the
+    // request is written, before the provider can have acted on it; such a
+    // failure is retried on another connection and does not count as an
+    // attempt. A failure while reading the response head is not retried
+    // here: the provider may have received the request and be generating
+    // (and billing) it, so it is an attempt that failed.
+    up.resolved().map_err(|e| (Failure::Connect(e), None))?;
+    let mut stale_retries = 2;
+    let mut header = Some(header);
+    loop {
+        let (mut http, reused) = gw
+            .connector
+            .get_http_session(&*up.peer())
+            .await
+            .map_err(|e| (classify_connect(&e), None))?;
+        http.set_write_timeout(Some(up.timeouts.idle));
+        http.set_read_timeout(Some(up.timeouts.first_byte));
+        // Keep a copy only while a stale-connection retry may need it.
+        let this_try = match header.as_ref() {
+            Some(h) if reused && stale_retries > 0 => h.clone(),
+            _ => header
+                .take()
+                .ok_or_else(|| (Failure::Broken("request head already sent".into()), None))?,
+        };
+        match send_request(&mut http, this_try, &body).await {
+            Ok(()) => {}
+            Err(e) if reused && stale_retries > 0 && is_stale_connection(&e) => {
+                stale_retries -= 1;
+                continue;
+            }
+            Err(e) => return Err((classify_exchange(&e), None)),
+        }
+        if let Err(e) = http.read_response_header().await {
+            return Err((classify_exchange(&e), None));
+        }
+        let Some(head) = http.response_header() else {
+            return Err((Failure::Broken("no response head".into()), None));
+        };
+        let status = head.status.as_u16();
+        if status == 429 || status >= 500 {
+            let retry_after = (status == 429 || status == 503)
+                .then(|| retry_after(head))
+                .flatten();
+            // The next attempt does not wait for this one's error body.
+            tokio::spawn(discard(Arc::clone(&gw.connector), up.peer(), http));
+            return Err((Failure::Status(status), retry_after));
+        }
+        return Ok(http);
+    }
+}
+
+async fn send_request(
+    http: &mut HttpSession,
+    header: RequestHeader,
+    body: &AttemptBody,
+) -> pingora::Result<()> {
+    http.write_request_header(Box::new(header)).await?;
+    let pieces = body.pieces();
+    for (i, piece) in pieces.iter().enumerate() {
+        http.write_request_body(piece.clone(), i + 1 == pieces.len())
+            .await?;
+    }
+    http.finish_request_body().await
+}
+
+fn classify_connect(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ConnectTimedout => Failure::Connect("timed out".into()),
+        ErrorType::ConnectRefused => Failure::Connect("refused".into()),
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            Failure::Connect("TLS handshake failed".into())
+        }
+        other => Failure::Connect(other.as_str().to_string()),
+    }
+}
+
+fn classify_exchange(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        other => Failure::Broken(other.as_str().to_string()),
+    }
+}
+
+fn is_stale_connection(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::H2Error
+    )
+}
+
+/// Read and drop a failed attempt's (small) body so its connection can be
+/// reused; a large or slow one is closed instead. Runs beside the request.
+async fn discard(connector: Arc<Connector>, peer: Arc<HttpPeer>, mut http: HttpSession) {
+    let started = Instant::now();
+    http.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut read = 0usize;
+    loop {
+        match http.read_response_body().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                if read > DISCARD_LIMIT || started.elapsed() > DISCARD_TIME {
+                    http.shutdown().await;
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                http.shutdown().await;
+                return;
+            }
+        }
+    }
+    connector
+        .release_http_session(http, &*peer, peer.options.idle_timeout)
+        .await;
+}
+
+/// Return a connection whose exchange completed to the pool.
+pub(super) async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
+    let peer = up.peer();
+    gw.connector
+        .release_http_session(http, &*peer, peer.options.idle_timeout)
+        .await;
+}
