@@ -20,8 +20,6 @@ pub struct Process {
     pub base: String,
     /// `http://127.0.0.1:PORT` of the admin listener.
     pub admin: String,
-    pub listen_port: u16,
-    pub admin_port: u16,
 }
 
 /// Where a process's log goes: its stderr to `file`, at the level
@@ -70,8 +68,6 @@ pub fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Process {
         child,
         base: format!("http://127.0.0.1:{listen_port}"),
         admin: format!("http://127.0.0.1:{admin_port}"),
-        listen_port,
-        admin_port,
     }
 }
 
