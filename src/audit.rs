@@ -156,11 +156,22 @@ impl AuditHandle {
     }
 }
 
+/// Why the audit trail could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The sink cannot be opened or read: a database that does not answer,
+    /// a file that cannot be created, a trail of a newer schema.
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+    #[error("cannot start the audit writer: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 /// Open the sink and start the writer. `None` when auditing is off.
 pub fn start(
     settings: &AuditSettings,
     metrics: AuditMetrics,
-) -> Result<Option<(Auditor, AuditHandle)>, String> {
+) -> Result<Option<(Auditor, AuditHandle)>, AuditError> {
     let Some(spec) = &settings.sink else {
         return Ok(None);
     };

@@ -9,25 +9,26 @@ mod audit;
 mod health;
 mod quota;
 mod raw;
+mod tls;
 
-use crate::quota::TenantLimits;
-use crate::quota::estimate::Family;
-use crate::routing::Policy;
-use crate::routing::health::HealthSettings;
-pub use audit::{AnomalySettings, AuditSettings, Webhook};
-pub use health::{RetrySettings, Route};
-pub use quota::QuotaSettings;
+pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
+pub use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
+use http::{HeaderName, HeaderValue};
+pub use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::time::Duration;
+pub use tls::{CaBundle, CaError};
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub const DEFAULT_PRIORITY: u8 = 3;
@@ -36,13 +37,16 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
 /// The HTTP/1 parser below Collie stops at 256 header fields.
 const MAX_HEADERS_CEILING: usize = 250;
+/// Routing gives each deployment a synthetic 16-bit identity (see
+/// `routing::identity_backend`).
+const MAX_DEPLOYMENTS: usize = u16::MAX as usize;
 
 /// The validated configuration. Indices (`usize`) refer into the vectors of
 /// this struct; names were resolved during validation.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: String,
-    pub admin_listen: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
     pub threads: usize,
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
@@ -66,7 +70,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub upstream_keepalive_pool: usize,
     /// Replaces the system roots for every `https` deployment without its own `ca_file`.
-    pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_ca: Option<CaBundle>,
     pub tenants: Vec<Tenant>,
     pub models: Vec<Model>,
     pub pools: Vec<Pool>,
@@ -134,6 +138,51 @@ impl Model {
     }
 }
 
+/// The tokenizer family a model's counts follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5, the o-series.
+    O200k,
+    /// `cl100k_base`: GPT-4, GPT-3.5, the text-embedding-3 models.
+    Cl100k,
+    /// Anything else: a cautious middle with a safety margin.
+    Generic,
+}
+
+impl Family {
+    /// Guess from a model name; config can say otherwise.
+    pub fn for_model(name: &str) -> Family {
+        let n = name.to_ascii_lowercase();
+        let o200k = [
+            "gpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "o1",
+            "o3",
+            "o4",
+            "chatgpt-4o",
+        ];
+        let cl100k = ["gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada"];
+        if o200k.iter().any(|p| n.starts_with(p)) {
+            Family::O200k
+        } else if cl100k.iter().any(|p| n.starts_with(p)) {
+            Family::Cl100k
+        } else {
+            Family::Generic
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Family> {
+        match text {
+            "o200k" => Some(Family::O200k),
+            "cl100k" => Some(Family::Cl100k),
+            "generic" => Some(Family::Generic),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Pool {
     pub id: String,
@@ -158,7 +207,14 @@ pub struct Deployment {
     pub api_key: Option<Secret>,
     pub auth: AuthStyle,
     pub model: String,
-    pub ca_file: Option<PathBuf>,
+    /// `model`, ready for the `x-collie-model` response header.
+    pub model_header: HeaderValue,
+    /// The header carrying the provider key, marked sensitive so HPACK never
+    /// indexes it (and its `Debug` says only "Sensitive"). `None` when no
+    /// key is sent.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
+    /// The deployment's own trust roots (`ca_file`), loaded.
+    pub ca: Option<CaBundle>,
     /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
     pub http2: bool,
     pub timeouts: Timeouts,
@@ -207,22 +263,39 @@ pub struct BaseUrl {
     pub port: u16,
     /// Without a trailing slash; empty when the URL has no path.
     pub path_prefix: String,
+    /// [`BaseUrl::authority`], ready for the `Host` header.
+    pub host_header: HeaderValue,
 }
 
 impl BaseUrl {
     /// The `Host` header value: the port is left out when it is the scheme's default.
     pub fn authority(&self) -> String {
-        let default_port = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", self.port)
+        authority_of(self.tls, &self.host, self.port)
+    }
+
+    /// Point at another port (the demo moves its mock providers), keeping
+    /// the `Host` header in step.
+    pub fn set_port(&mut self, port: u16) {
+        self.port = port;
+        // The host was a valid header value already and a port adds only
+        // digits, so this cannot fail.
+        if let Ok(v) = HeaderValue::from_str(&self.authority()) {
+            self.host_header = v;
         }
+    }
+}
+
+fn authority_of(tls: bool, host: &str, port: u16) -> String {
+    let default_port = if tls { 443 } else { 80 };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    if port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -457,8 +530,8 @@ impl Validator<'_> {
                 self.error(path, "must be > 0");
                 default
             }
-            Some(Err(m)) => {
-                self.error(path, m);
+            Some(Err(e)) => {
+                self.error(path, e.to_string());
                 default
             }
         }
@@ -524,21 +597,35 @@ impl Validator<'_> {
             self.duration("drain_timeout", &raw.drain_timeout, Duration::from_secs(30));
         let upstream_keepalive_pool =
             self.positive("upstream_keepalive_pool", raw.upstream_keepalive_pool, 1024);
-        let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let admin_listen = raw
-            .admin_listen
-            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
-        self.check_listen("listen", &listen);
-        self.check_listen("admin_listen", &admin_listen);
-        if listen == admin_listen {
-            self.error("admin_listen", "must differ from `listen`");
+        let listen = self.listen("listen", raw.listen.as_deref(), DEFAULT_LISTEN);
+        let admin_listen = self.listen(
+            "admin_listen",
+            raw.admin_listen.as_deref(),
+            DEFAULT_ADMIN_LISTEN,
+        );
+        if let (Some(l), Some(a)) = (listen, admin_listen) {
+            if l == a {
+                self.error("admin_listen", "must differ from `listen`");
+            }
         }
 
-        let upstream_ca_file = raw
+        let upstream_ca = raw
             .upstream_tls
             .and_then(|v| self.item::<RawUpstreamTls>("upstream_tls", v))
             .and_then(|t| t.ca_file)
-            .map(|f| self.ca_file("upstream_tls.ca_file", &f));
+            .and_then(|f| self.ca_file("upstream_tls.ca_file", &f));
+        // The gateway's connector reads this file again, itself, and
+        // refuses (at start, with a panic) a bundle that holds anything
+        // but certificates.
+        if let Some(ca) = upstream_ca.as_ref().filter(|ca| ca.other_items > 0) {
+            self.error(
+                "upstream_tls.ca_file",
+                format!(
+                    "{} holds something other than certificates (a private key?); keep only the CA certificates in it",
+                    ca.path.display()
+                ),
+            );
+        }
 
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());
@@ -563,8 +650,8 @@ impl Validator<'_> {
         );
 
         Config {
-            listen,
-            admin_listen,
+            listen: listen.unwrap_or(DEFAULT_LISTEN),
+            admin_listen: admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
             threads,
             max_body_bytes,
             max_json_depth,
@@ -576,7 +663,7 @@ impl Validator<'_> {
             max_inflight_body_bytes,
             drain_timeout,
             upstream_keepalive_pool,
-            upstream_ca_file,
+            upstream_ca,
             tenants,
             models,
             pools: pools.items,
@@ -589,22 +676,39 @@ impl Validator<'_> {
         }
     }
 
-    fn check_listen(&mut self, path: &str, addr: &str) {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
-            self.error(path, format!("`{addr}` is not an IP:port address"));
+    /// An `IP:port` to listen on; `None` when it is not one (reported).
+    fn listen(
+        &mut self,
+        path: &str,
+        text: Option<&str>,
+        default: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let Some(text) = text else {
+            return Some(default);
+        };
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(path, format!("`{text}` is not an IP:port address"));
+                None
+            }
         }
     }
 
-    fn ca_file(&mut self, path: &str, file: &str) -> PathBuf {
-        let p = PathBuf::from(file);
-        if let Err(m) = crate::routing::tls::load_ca_file(&p) {
-            self.error(path, m);
-        }
-        p
+    fn ca_file(&mut self, path: &str, file: &str) -> Option<CaBundle> {
+        CaBundle::load(Path::new(file))
+            .map_err(|e| self.error(path, e.to_string()))
+            .ok()
     }
 
     fn deployments(&mut self, raw: Vec<serde_yaml_ng::Value>) -> Named<Deployment> {
         let mut out = Named::default();
+        if raw.len() > MAX_DEPLOYMENTS {
+            self.error(
+                "deployments",
+                format!("at most {MAX_DEPLOYMENTS} deployments"),
+            );
+        }
         for (i, value) in raw.into_iter().enumerate() {
             let path = format!("deployments[{i}]");
             let id_hint = id_of(&value, "id");
@@ -641,8 +745,8 @@ impl Validator<'_> {
         }
         let base_url = match parse_base_url(&d.base_url) {
             Ok(u) => Some(u),
-            Err(m) => {
-                self.error(format!("{path}.base_url"), m);
+            Err(e) => {
+                self.error(format!("{path}.base_url"), e.to_string());
                 None
             }
         };
@@ -697,11 +801,33 @@ impl Validator<'_> {
                 "needs `api_key_env` to name the provider key",
             );
         }
-        let ca_file = d
+        let auth_header = match (&api_key, &d.api_key_env) {
+            (Some(key), Some(name)) => auth_header(auth, key).unwrap_or_else(|_| {
+                // The message names the variable, never the value.
+                self.error(
+                    format!("{path}.api_key_env"),
+                    format!("environment variable `{name}` holds characters a header cannot carry"),
+                );
+                None
+            }),
+            _ => None,
+        };
+        let model_header = HeaderValue::from_str(&d.model)
+            .map_err(|_| {
+                self.error(
+                    format!("{path}.model"),
+                    format!(
+                        "`{}` cannot be sent as a header value (it is echoed in `x-collie-model`): no control characters",
+                        d.model.escape_debug()
+                    ),
+                )
+            })
+            .ok();
+        let ca = d
             .ca_file
             .as_ref()
-            .map(|f| self.ca_file(&format!("{path}.ca_file"), f));
-        if ca_file.is_some() && base_url.as_ref().is_some_and(|u| !u.tls) {
+            .and_then(|f| self.ca_file(&format!("{path}.ca_file"), f));
+        if d.ca_file.is_some() && base_url.as_ref().is_some_and(|u| !u.tls) {
             self.error(format!("{path}.ca_file"), "only applies to https base URLs");
         }
         let defaults = Timeouts::default();
@@ -725,6 +851,7 @@ impl Validator<'_> {
         let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
         let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
         let base_url = base_url?;
+        let model_header = model_header?;
         if self.errors.len() > before {
             return None;
         }
@@ -735,7 +862,9 @@ impl Validator<'_> {
             api_key,
             auth,
             model: d.model,
-            ca_file,
+            model_header,
+            auth_header,
+            ca,
             timeouts,
             rpm,
             tpm,
@@ -1076,6 +1205,24 @@ fn id_of(value: &serde_yaml_ng::Value, key: &str) -> Option<String> {
     value.get(key).and_then(|v| v.as_str()).map(str::to_string)
 }
 
+/// The header that carries a provider key in `style`; `None` for no key.
+fn auth_header(
+    style: AuthStyle,
+    key: &Secret,
+) -> Result<Option<(HeaderName, HeaderValue)>, http::header::InvalidHeaderValue> {
+    let (name, text) = match style {
+        AuthStyle::None => return Ok(None),
+        AuthStyle::Bearer => (
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", key.expose()),
+        ),
+        AuthStyle::ApiKey => (HeaderName::from_static("api-key"), key.expose().to_string()),
+    };
+    let mut value = HeaderValue::from_str(&text)?;
+    value.set_sensitive(true);
+    Ok(Some((name, value)))
+}
+
 /// `64 hex chars` → digest.
 pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -1083,55 +1230,82 @@ pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn parse_size(size: &RawSize) -> Result<usize, String> {
+/// Why a size is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("must be > 0")]
+    Negative,
+    #[error("too large")]
+    TooLarge,
+    #[error("`{0}` is not a size; write bytes or e.g. `32MiB`")]
+    NotASize(String),
+    #[error("unknown size unit `{0}`; use B, KiB, MiB or GiB")]
+    UnknownUnit(String),
+}
+
+fn parse_size(size: &RawSize) -> Result<usize, SizeError> {
     match size {
-        RawSize::Bytes(n) if *n >= 0 => usize::try_from(*n).map_err(|_| "too large".to_string()),
-        RawSize::Bytes(_) => Err("must be > 0".to_string()),
+        RawSize::Bytes(n) if *n >= 0 => usize::try_from(*n).map_err(|_| SizeError::TooLarge),
+        RawSize::Bytes(_) => Err(SizeError::Negative),
         RawSize::Text(t) => {
             let t = t.trim();
             let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
             let (num, unit) = t.split_at(split);
             let n: usize = num
                 .parse()
-                .map_err(|_| format!("`{t}` is not a size; write bytes or e.g. `32MiB`"))?;
+                .map_err(|_| SizeError::NotASize(t.to_string()))?;
             let mult: usize = match unit.trim() {
                 "" | "B" => 1,
                 "KiB" | "K" | "KB" => 1 << 10,
                 "MiB" | "M" | "MB" => 1 << 20,
                 "GiB" | "G" | "GB" => 1 << 30,
-                other => {
-                    return Err(format!(
-                        "unknown size unit `{other}`; use B, KiB, MiB or GiB"
-                    ));
-                }
+                other => return Err(SizeError::UnknownUnit(other.to_string())),
             };
-            n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+            n.checked_mul(mult).ok_or(SizeError::TooLarge)
         }
     }
 }
 
-fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
+/// Why a `base_url` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("`{text}` is not a URL: {reason}")]
+    NotAUrl { text: String, reason: String },
+    #[error("scheme `{0}` is not supported; use http or https")]
+    Scheme(String),
+    #[error("`{0}` needs a scheme (http:// or https://)")]
+    NoScheme(String),
+    #[error("`{0}` has no host")]
+    NoHost(String),
+    #[error("credentials in the URL are not allowed; use api_key_env")]
+    Credentials,
+    #[error("a query string is not allowed in base_url")]
+    Query,
+    #[error("`{0}`: the host cannot be sent as a `Host` header")]
+    HostHeader(String),
+}
+
+fn parse_base_url(text: &str) -> Result<BaseUrl, UrlError> {
     let uri: http::Uri = text
         .parse()
-        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        .map_err(|e: http::uri::InvalidUri| UrlError::NotAUrl {
+            text: text.to_string(),
+            reason: e.to_string(),
+        })?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        Some(other) => {
-            return Err(format!(
-                "scheme `{other}` is not supported; use http or https"
-            ));
-        }
-        None => return Err(format!("`{text}` needs a scheme (http:// or https://)")),
+        Some(other) => return Err(UrlError::Scheme(other.to_string())),
+        None => return Err(UrlError::NoScheme(text.to_string())),
     };
     let authority = uri
         .authority()
-        .ok_or_else(|| format!("`{text}` has no host"))?;
+        .ok_or_else(|| UrlError::NoHost(text.to_string()))?;
     if authority.as_str().contains('@') {
-        return Err("credentials in the URL are not allowed; use api_key_env".to_string());
+        return Err(UrlError::Credentials);
     }
     if uri.query().is_some() {
-        return Err("a query string is not allowed in base_url".to_string());
+        return Err(UrlError::Query);
     }
     let host = authority
         .host()
@@ -1139,15 +1313,18 @@ fn parse_base_url(text: &str) -> Result<BaseUrl, String> {
         .trim_end_matches(']')
         .to_string();
     if host.is_empty() {
-        return Err(format!("`{text}` has no host"));
+        return Err(UrlError::NoHost(text.to_string()));
     }
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let path_prefix = uri.path().trim_end_matches('/').to_string();
+    let host_header = HeaderValue::from_str(&authority_of(tls, &host, port))
+        .map_err(|_| UrlError::HostHeader(text.to_string()))?;
     Ok(BaseUrl {
         tls,
         host,
         port,
         path_prefix,
+        host_header,
     })
 }
 
@@ -1200,6 +1377,8 @@ pricing:
     #[test]
     fn accepts_a_good_file() {
         let c = Config::from_yaml(&good(), &env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.tenants[0].priority, 1);
         assert_eq!(c.models[0].chain, vec![0]);
@@ -1210,6 +1389,14 @@ pricing:
         assert_eq!(d.base_url.authority(), "api.example.com");
         assert_eq!(d.auth, AuthStyle::Bearer);
         assert_eq!(d.api_key.as_ref().unwrap().expose(), "sk-a");
+        let (name, value) = d.auth_header.as_ref().unwrap();
+        assert_eq!(
+            (name.as_str(), value.as_bytes()),
+            ("authorization", &b"Bearer sk-a"[..])
+        );
+        assert!(value.is_sensitive());
+        assert_eq!(d.model_header, "gpt-x");
+        assert_eq!(d.base_url.host_header, "api.example.com");
         assert_eq!(d.timeouts.first_byte, Duration::from_secs(10));
         assert_eq!(c.pricing["gpt-x"].input_pico_per_token, 37_500);
         assert_eq!(c.pricing["gpt-x"].output_pico_per_token, 600_000);
@@ -1255,6 +1442,10 @@ deployments:
     base_url: http://127.0.0.1:9/v1
     api_key_env: BADKEY
     model: m
+  - id: e
+    base_url: http://127.0.0.1:9/v1
+    model: "gpt\x01x"
+    ca_file: /nonexistent/ca.pem
 "#
         );
         let errs = Config::from_yaml(&text, &env).unwrap_err();
@@ -1265,6 +1456,8 @@ deployments:
             "deployments[1].colour: unknown field `colour`",
             "deployments[2].id: duplicate deployment id `a`",
             "deployments[3].api_key_env: environment variable `BADKEY` holds characters",
+            "deployments[4].model: `gpt\\u{1}x` cannot be sent as a header value",
+            "deployments[4].ca_file: cannot read /nonexistent/ca.pem",
             "pools[0].deployments[0].weight: must be > 0",
             "pools[0].deployments[1].weight: must be > 0",
             "pools[0].deployments[2].deployment: unknown deployment `missing`",
@@ -1331,9 +1524,11 @@ deployments:
         assert_eq!(parse_size(&RawSize::Text("32MiB".into())), Ok(32 << 20));
         assert_eq!(parse_size(&RawSize::Bytes(10)), Ok(10));
         assert!(parse_size(&RawSize::Text("3 parsecs".into())).is_err());
-        let u = parse_base_url("http://127.0.0.1:9101").unwrap();
+        let mut u = parse_base_url("http://127.0.0.1:9101").unwrap();
         assert_eq!((u.tls, u.port, u.path_prefix.as_str()), (false, 9101, ""));
         assert_eq!(u.authority(), "127.0.0.1:9101");
+        u.set_port(80);
+        assert_eq!(u.host_header, "127.0.0.1");
         assert!(parse_base_url("https://user:pw@host/v1").is_err());
     }
 
@@ -1341,5 +1536,8 @@ deployments:
     fn secrets_do_not_print() {
         let s = Secret::new("sk-live-canary".into());
         assert!(!format!("{s:?}").contains("canary"));
+        // Nor through the header built from it.
+        let c = Config::from_yaml(&good(), &|_| Some("sk-live-canary".into())).unwrap();
+        assert!(!format!("{c:?}").contains("canary"));
     }
 }

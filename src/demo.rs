@@ -46,14 +46,14 @@ pub fn run(options: DemoOptions) -> Result<(), String> {
     };
     let mut config = Config::from_yaml(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
     if let Some(l) = &options.listen {
-        config.listen = l.clone();
+        config.listen = l.parse().map_err(|e| format!("--listen {l}: {e}"))?;
     }
     if let Some(l) = &options.admin_listen {
-        config.admin_listen = l.clone();
+        config.admin_listen = l.parse().map_err(|e| format!("--admin-listen {l}: {e}"))?;
     }
     for d in &mut config.deployments {
         if let Some(i) = MOCK_PORTS.iter().position(|p| *p == d.base_url.port) {
-            d.base_url.port = options.mock_ports[i];
+            d.base_url.set_port(options.mock_ports[i]);
         }
     }
     let latency = options.latency;
@@ -83,7 +83,7 @@ pub fn run(options: DemoOptions) -> Result<(), String> {
         }
         Ok::<_, String>(mocks)
     })?;
-    let collie = Collie::build(config, None)?;
+    let collie = Collie::build(config, None).map_err(|e| e.to_string())?;
     log::info!(
         "demo ready: mock providers on 127.0.0.1:{} and :{}; try\n  curl -s http://{}/v1/chat/completions -H 'X-Tenant-ID: team-a' -H 'Authorization: Bearer sk-demo-team-a' -H 'Content-Type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\nmetrics: http://{}/metrics",
         options.mock_ports[0],

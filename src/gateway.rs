@@ -273,9 +273,9 @@ impl Gateway {
             pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
         options.ca_file = snap
             .config
-            .upstream_ca_file
+            .upstream_ca
             .as_ref()
-            .map(|p| p.display().to_string());
+            .map(|ca| ca.path.display().to_string());
         Gateway {
             state,
             metrics,

@@ -1,8 +1,9 @@
 //! The `collie` command: parse arguments, validate config, run.
 
 use clap::{Parser, Subcommand};
+use collie::audit::report::TrailError;
 use collie::config::Config;
-use collie::server::Collie;
+use collie::server::{Collie, StartError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,6 +17,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `EX_USAGE` from sysexits.h: the configuration or the command line is wrong.
 const EX_USAGE: u8 = 64;
+/// `EX_UNAVAILABLE`: something the process needs is not there (the audit
+/// database, a listen port); a restart later may succeed.
+const EX_UNAVAILABLE: u8 = 69;
+/// `EX_SOFTWARE`: a fault of Collie's own.
+const EX_SOFTWARE: u8 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -145,7 +151,7 @@ fn main() -> ExitCode {
                     Some(&[a, b]) => [a, b],
                     Some(_) => {
                         log::error!("--mock-ports takes two ports, e.g. 9101,9102");
-                        return ExitCode::from(64);
+                        return ExitCode::from(EX_USAGE);
                     }
                 },
             };
@@ -163,21 +169,19 @@ fn main() -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("{} is invalid:\n{e}", path.display());
-            return ExitCode::from(EX_USAGE);
-        }
-    };
-    match Collie::build(config, Some(path)) {
+    match Collie::load(&path) {
         Ok(collie) => {
             collie.run_until_signalled();
             ExitCode::SUCCESS
         }
         Err(e) => {
+            let code = match &e {
+                StartError::Config { .. } => EX_USAGE,
+                StartError::Unavailable { .. } => EX_UNAVAILABLE,
+                StartError::Internal { .. } => EX_SOFTWARE,
+            };
             log::error!("cannot start: {e}");
-            ExitCode::from(EX_USAGE)
+            ExitCode::from(code)
         }
     }
 }
@@ -252,9 +256,9 @@ fn mock(args: collie_mock::MockArgs) -> ExitCode {
 fn audit(command: AuditCommand) -> ExitCode {
     use collie::audit::report;
     let open = |t: &TrailArgs| report::open_sink(t.sink.as_deref(), t.config.as_deref());
-    let result = match command {
+    let result: Result<ExitCode, TrailError> = match command {
         AuditCommand::Verify { trail } => open(&trail)
-            .and_then(|mut sink| report::verify(&mut *sink))
+            .and_then(|mut sink| Ok(report::verify(&mut *sink)?))
             .map(|problems| {
                 if problems.is_empty() {
                     println!("audit trail intact");
@@ -273,7 +277,8 @@ fn audit(command: AuditCommand) -> ExitCode {
             format,
         } => report::since_ms(&since)
             .and_then(|cut| {
-                open(&trail).and_then(|mut sink| report::build(&mut *sink, cut, tenant.as_deref()))
+                let mut sink = open(&trail)?;
+                Ok(report::build(&mut *sink, cut, tenant.as_deref())?)
             })
             .map(|r| {
                 let out = match format.as_str() {
@@ -286,7 +291,17 @@ fn audit(command: AuditCommand) -> ExitCode {
             }),
     };
     result.unwrap_or_else(|e| {
+        let code = match &e {
+            TrailError::Spec(_)
+            | TrailError::Config { .. }
+            | TrailError::AuditOff
+            | TrailError::Unnamed
+            | TrailError::NoTrail(_)
+            | TrailError::Since { .. } => EX_USAGE,
+            TrailError::Sink(_) => EX_UNAVAILABLE,
+            TrailError::Clock(_) => EX_SOFTWARE,
+        };
         eprintln!("audit: {e}");
-        ExitCode::from(EX_USAGE)
+        ExitCode::from(code)
     })
 }

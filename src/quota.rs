@@ -30,12 +30,13 @@ pub mod estimate;
 pub mod rebalance;
 pub mod window;
 
+pub use crate::config::{Budget, Limits, Rate, TenantLimits};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-pub use window::{Amount, Budget, Calendar, Clock, Limits, Rate, Windows};
+pub use window::{Amount, Calendar, Clock, Windows};
 use window::{Bucket, Counter};
 
 /// Every window name, as used in refusals and reports.
@@ -360,14 +361,6 @@ struct TenantState {
 pub struct TenantLedger {
     pub id: String,
     state: Mutex<TenantState>,
-}
-
-/// The limits of one tenant as configured.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TenantLimits {
-    pub priority: u8,
-    pub limits: Limits,
-    pub models: HashMap<String, Limits>,
 }
 
 fn signed(n: u64) -> i64 {

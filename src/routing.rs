@@ -6,9 +6,9 @@
 
 pub mod health;
 pub mod probe;
-pub mod tls;
 
-use crate::config::{AuthStyle, Config, Price, Timeouts};
+pub use crate::config::Policy;
+use crate::config::{Config, Price, Timeouts};
 use crate::quota::ProviderLimiter;
 use crate::quota::admission::PoolGate;
 use arc_swap::ArcSwap;
@@ -31,28 +31,6 @@ pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
-}
-
-/// How a pool chooses among its healthy members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// By weight, round robin (`pingora-load-balancing`).
-    Weighted,
-    /// The lowest time-to-first-byte EWMA; one request in twenty goes by
-    /// weight so that the others' figures stay fresh.
-    LeastLatency,
-    /// The cheapest by price (input + output per token); ties by weight.
-    Cost,
-}
-
-impl Policy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::Weighted => "weighted",
-            Policy::LeastLatency => "least_latency",
-            Policy::Cost => "cost",
-        }
-    }
 }
 
 /// One deployment ready to be called: a provider endpoint, its key and the
@@ -102,16 +80,19 @@ impl Upstream {
     /// addresses; pinning the first answer forever would fail every connect
     /// after such a change). Connections pooled to the old address are left
     /// to their idle timeout. Returns the new address when it changed.
-    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, String> {
+    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, DnsError> {
         let Some((host, port)) = &self.dns_name else {
             return Ok(None);
         };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .map_err(|source| DnsError::Lookup {
+                host: host.clone(),
+                source,
+            })?
             .collect();
         if addrs.is_empty() {
-            return Err(format!("{host} resolved to no address"));
+            return Err(DnsError::NoAddress { host: host.clone() });
         }
         let current = self.peer.load();
         let unresolved = self.unresolved.load(Ordering::Acquire);
@@ -480,6 +461,25 @@ impl Drop for Lease {
     }
 }
 
+/// Why a router could not be built from a validated config. Validation
+/// refuses everything a config can get wrong here, so each of these is a
+/// fault of Collie's own, not of the file.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("more deployments than routing can number")]
+    TooManyDeployments,
+    #[error("deployment {deployment}: no load-balancing backend: {source}")]
+    Backend {
+        deployment: String,
+        source: pingora::BError,
+    },
+    #[error("pool {pool}: load balancer not updated: {source}")]
+    Pool {
+        pool: String,
+        source: pingora::BError,
+    },
+}
+
 /// Everything routing needs for one snapshot of the config.
 pub struct Router {
     pub pools: Vec<PoolRuntime>,
@@ -494,38 +494,30 @@ impl Router {
         config: &Config,
         previous: Option<&Router>,
         book: &HealthBook,
-    ) -> Result<Router, String> {
+    ) -> Result<Router, BuildError> {
         let mut upstreams = Vec::with_capacity(config.deployments.len());
-        let mut errors = Vec::new();
         // Applied only if the whole router builds: a rejected reload changes
         // nothing.
         let mut limiter_changes = Vec::new();
         let mut gate_changes = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
-            match build_upstream(config, index, book) {
-                Ok(mut u) => {
-                    if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
-                        u.blocked_until_ms.store(
-                            old.blocked_until_ms.load(Ordering::Relaxed),
-                            Ordering::Relaxed,
-                        );
-                        // The key's limiter lives on, its limits changed in
-                        // place (once the whole router is built): what it
-                        // counted this minute stays counted.
-                        if let (Some(l), true) = (&old.limiter, u.limiter.is_some()) {
-                            u.limiter = Some(Arc::clone(l));
-                            if old.limits != u.limits {
-                                limiter_changes.push((Arc::clone(l), u.limits));
-                            }
-                        }
+            let mut u = build_upstream(config, index, book);
+            if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
+                u.blocked_until_ms.store(
+                    old.blocked_until_ms.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                // The key's limiter lives on, its limits changed in
+                // place (once the whole router is built): what it
+                // counted this minute stays counted.
+                if let (Some(l), true) = (&old.limiter, u.limiter.is_some()) {
+                    u.limiter = Some(Arc::clone(l));
+                    if old.limits != u.limits {
+                        limiter_changes.push((Arc::clone(l), u.limits));
                     }
-                    upstreams.push(Arc::new(u));
                 }
-                Err(e) => errors.push(format!("deployments[{index}] ({}): {e}", d.id)),
             }
-        }
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
+            upstreams.push(Arc::new(u));
         }
         let mut pools = Vec::with_capacity(config.pools.len());
         for p in &config.pools {
@@ -541,7 +533,10 @@ impl Router {
                 Backends::new_with_health_registry(Static::new(set), Arc::clone(&book.registry));
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             // A static discovery never blocks, so this completes at once.
-            futures::executor::block_on(lb.update()).map_err(|e| format!("pool {}: {e}", p.id))?;
+            futures::executor::block_on(lb.update()).map_err(|source| BuildError::Pool {
+                pool: p.id.clone(),
+                source,
+            })?;
             // The gate (with the requests in flight and queued at it)
             // survives a reload; a changed budget is changed in place.
             let gate = match previous.and_then(|r| r.pools.iter().find(|o| o.id == p.id)) {
@@ -589,10 +584,15 @@ impl Router {
 /// deployments on one endpoint (two keys for the same provider) would collapse
 /// into one. Each deployment therefore gets a synthetic identity address; the
 /// real peer lives in [`Upstream`], found through `ext`.
-fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, String> {
-    let port = u16::try_from(index + 1).map_err(|_| "too many deployments".to_string())?;
-    let mut b = Backend::new_with_weight(&format!("0.0.0.0:{port}"), weight as usize)
-        .map_err(|e| e.to_string())?;
+fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, BuildError> {
+    // Validation allows at most `u16::MAX` deployments.
+    let port = u16::try_from(index + 1).map_err(|_| BuildError::TooManyDeployments)?;
+    let mut b = Backend::new_with_weight(&format!("0.0.0.0:{port}"), weight as usize).map_err(
+        |source| BuildError::Backend {
+            deployment: id.to_string(),
+            source,
+        },
+    )?;
     b.ext.insert(index);
     // Probes find the deployment by id, which survives reloads.
     b.ext.insert(DeploymentKey(Arc::from(id)));
@@ -610,15 +610,35 @@ fn moved_address(current: Option<&SocketAddr>, answers: &[SocketAddr]) -> Option
 /// How often deployments' host names are resolved again.
 pub const DNS_REFRESH: Duration = Duration::from_secs(30);
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host} resolved to no address"))
+/// Why a deployment's host name gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
 }
 
-fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Upstream, String> {
+/// Blocking: the caller is at start, or a reload off the async workers.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, DnsError> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|source| DnsError::Lookup {
+            host: host.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| DnsError::NoAddress {
+            host: host.to_string(),
+        })
+}
+
+/// A deployment ready to be called. Nothing here can fail on a validated
+/// config: a host that does not resolve is retried in the background.
+fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream {
     let d = &config.deployments[index];
     let url = &d.base_url;
     let dns_name = url
@@ -650,38 +670,21 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
     o.alpn = if d.http2 { ALPN::H2H1 } else { ALPN::H1 };
     o.verify_cert = true;
     o.verify_hostname = true;
-    let ca = d.ca_file.as_ref().or(config.upstream_ca_file.as_ref());
-    if let (true, Some(file)) = (url.tls, ca) {
-        o.ca = Some(Arc::from(tls::load_ca_file(file)?));
+    let ca = d.ca.as_ref().or(config.upstream_ca.as_ref());
+    if let (true, Some(ca)) = (url.tls, ca) {
+        o.ca = Some(Arc::clone(&ca.certs));
     }
-    let auth = match (&d.auth, &d.api_key) {
-        (AuthStyle::None, _) | (_, None) => None,
-        (style, Some(key)) => {
-            let (name, text) = match style {
-                AuthStyle::Bearer => (
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", key.expose()),
-                ),
-                _ => (HeaderName::from_static("api-key"), key.expose().to_string()),
-            };
-            let mut value = HeaderValue::from_str(&text)
-                .map_err(|_| format!("the key in {} is not a valid header value", d.id))?;
-            value.set_sensitive(true);
-            Some((name, value))
-        }
-    };
-    Ok(Upstream {
+    Upstream {
         index,
         id: d.id.clone(),
         peer: ArcSwap::from_pointee(peer),
         dns_name,
         unresolved: AtomicBool::new(unresolved),
         model: d.model.clone(),
-        model_header: HeaderValue::from_str(&d.model)
-            .map_err(|_| "the model name is not a valid header value".to_string())?,
-        host: HeaderValue::from_str(&url.authority()).map_err(|e| e.to_string())?,
+        model_header: d.model_header.clone(),
+        host: url.host_header.clone(),
         path_prefix: url.path_prefix.clone(),
-        auth,
+        auth: d.auth_header.clone(),
         key_mask: d
             .api_key
             .as_ref()
@@ -692,7 +695,7 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Result<Up
         limits: (d.rpm, d.tpm),
         limiter: ProviderLimiter::new(d.rpm, d.tpm).map(Arc::new),
         health: book.health(&d.id, d.health),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -727,6 +730,26 @@ mod tests {
             None,
             "stable once moved"
         );
+    }
+
+    #[test]
+    fn peers_take_the_ca_certificates_validation_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, params.self_signed(&key).unwrap().pem()).unwrap();
+        let text = format!(
+            "upstream_tls: {{ca_file: \"{}\"}}\nmodels:\n  - {{name: m, fallback: [p]}}\npools:\n  - {{id: p, deployments: [{{deployment: d}}]}}\ndeployments:\n  - {{id: d, base_url: \"https://127.0.0.1:9/v1\", model: m}}\n",
+            file.display()
+        );
+        let c = Config::from_yaml(&text, &|_| None).unwrap();
+        // Nothing reads the file after validation.
+        std::fs::remove_file(&file).unwrap();
+        let r = Router::build(&c, None, &book()).unwrap();
+        let ca = r.upstreams[0].peer().options.ca.clone().unwrap();
+        assert_eq!(ca.len(), 1);
     }
 
     fn book() -> Arc<HealthBook> {

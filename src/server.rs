@@ -2,8 +2,8 @@
 //! listener and the background work, run until a signal — or, in tests and
 //! the demo, a handle — stops it.
 
-use crate::audit::AuditHandle;
-use crate::config::Config;
+use crate::audit::{AuditError, AuditHandle};
+use crate::config::{Config, ConfigErrors};
 use crate::gateway::{Gateway, InFlight};
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
 use crate::metrics::{AdminApp, Metrics};
@@ -18,10 +18,55 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Why the process could not start. Each kind asks for a different answer
+/// from whoever runs it: fix the file, wait for a dependency, report a bug.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is invalid (only from [`Collie::load`]: a validated
+    /// config is not refused by [`Collie::build`]).
+    #[error("{} is invalid:\n{errors}", path.display())]
+    Config { path: PathBuf, errors: ConfigErrors },
+    /// Something outside the process that a start needs is not there: the
+    /// audit database or file, a listen port.
+    #[error("{what} is unavailable: {source}")]
+    Unavailable {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A fault of Collie's own.
+    #[error("internal error: {what}: {source}")]
+    Internal {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StartError {
+    fn unavailable(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StartError {
+        StartError::Unavailable {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    fn internal(
+        what: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StartError {
+        StartError::Internal {
+            what,
+            source: source.into(),
+        }
+    }
+}
 
 /// A configured, not yet running process.
 pub struct Collie {
@@ -79,14 +124,25 @@ impl ListenerPolicy for ConnPolicy {
 }
 
 impl Collie {
+    /// Read and validate a config file and build from it; SIGHUP reloads
+    /// the file.
+    pub fn load(path: &Path) -> Result<Collie, StartError> {
+        let config = Config::load(path).map_err(|errors| StartError::Config {
+            path: path.to_path_buf(),
+            errors,
+        })?;
+        Collie::build(config, Some(path.to_path_buf()))
+    }
+
     /// Build every service from a validated config. `config_path` enables
-    /// reloading that file on SIGHUP.
-    pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Collie, String> {
-        let listen: SocketAddr = config.listen.parse().map_err(|e| format!("listen: {e}"))?;
-        let admin_listen: SocketAddr = config
-            .admin_listen
-            .parse()
-            .map_err(|e| format!("admin_listen: {e}"))?;
+    /// reloading that file on SIGHUP. What a validated config says is not
+    /// refused here; what can fail is the outside world (a port taken, the
+    /// audit sink down) or Collie itself.
+    pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Collie, StartError> {
+        let (listen, admin_listen) = (config.listen, config.admin_listen);
+        for addr in [listen, admin_listen] {
+            check_bindable(addr)?;
+        }
         let conf = ServerConf {
             threads: config.threads,
             // A graceful stop first waits for the requests in flight (see
@@ -103,15 +159,20 @@ impl Collie {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let metrics = Arc::new(Metrics::new().map_err(|e| format!("metrics: {e}"))?);
+        let metrics = Arc::new(Metrics::new().map_err(|e| StartError::internal("metrics", e))?);
         let book = HealthBook::new(metrics.health.clone(), 64);
-        let state = Arc::new(State::new(config, Arc::clone(&book))?);
+        let state = Arc::new(
+            State::new(config, Arc::clone(&book))
+                .map_err(|e| StartError::internal("routing", e))?,
+        );
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
-            .map_err(|e| format!("metrics: {e}"))?;
-        let (auditor, audit) = match crate::audit::start(&state.load().config.audit, audit_metrics)?
-        {
-            Some((a, h)) => (Some(a), Some(h)),
-            None => (None, None),
+            .map_err(|e| StartError::internal("metrics", e))?;
+        let started = crate::audit::start(&state.load().config.audit, audit_metrics);
+        let (auditor, audit) = match started {
+            Ok(Some((a, h))) => (Some(a), Some(h)),
+            Ok(None) => (None, None),
+            Err(AuditError::Sink(e)) => return Err(StartError::unavailable("the audit trail", e)),
+            Err(e @ AuditError::Thread(_)) => return Err(StartError::internal("audit", e)),
         };
         let lifecycle = Lifecycle::default();
         let gateway = Gateway::new(
@@ -223,7 +284,7 @@ impl Collie {
 
     /// Run on a thread of its own until the returned handle is dropped or
     /// stopped. Waits until the gateway accepts connections.
-    pub fn spawn(self) -> Result<Running, String> {
+    pub fn spawn(self) -> Result<Running, StartError> {
         let (tx, rx) = tokio::sync::watch::channel(None);
         let listen = self.listen;
         let admin_listen = self.admin_listen;
@@ -245,7 +306,7 @@ impl Collie {
                     a.join();
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StartError::internal("the server thread", e))?;
         let running = Running {
             listen,
             admin_listen,
@@ -255,20 +316,35 @@ impl Collie {
             thread: Some(thread),
         };
         for addr in [listen, admin_listen] {
-            wait_until_accepting(addr)?;
+            wait_until_accepting(addr)
+                .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))?;
         }
         Ok(running)
     }
 }
 
-fn wait_until_accepting(addr: SocketAddr) -> Result<(), String> {
+/// Pingora binds the listeners later, in a thread of their own, where a
+/// failure cannot reach the caller (it retries a port in use for half a
+/// minute, then that thread panics). Binding once here turns the common
+/// case (a port taken, an address not on this host) into an error at start;
+/// a port taken in the instant between is still caught only there.
+fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))
+}
+
+/// The last connect error when nothing accepts on `addr` within ~10 s.
+fn wait_until_accepting(addr: SocketAddr) -> std::io::Result<()> {
+    let mut last = None;
     for _ in 0..1000 {
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-            return Ok(());
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(format!("nothing accepts connections on {addr}"))
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::TimedOut.into()))
 }
 
 /// A gateway running on its own thread.
@@ -571,15 +647,14 @@ impl BackgroundService for Reloader {
                 _ = hup.recv() => {}
                 _ = shutdown.changed() => return,
             }
-            let loaded = Config::load(&self.path)
-                .map_err(|e| e.to_string())
-                .and_then(|c| self.state.reload(c));
-            match loaded {
-                Ok(()) => log::info!("reloaded {}", self.path.display()),
-                Err(e) => log::error!(
-                    "kept the running config; {} is invalid:\n{e}",
-                    self.path.display()
-                ),
+            // Reading the file and resolving deployments' host names
+            // block: off the async workers, so a slow DNS server cannot
+            // stall the requests they serve.
+            let (state, path) = (Arc::clone(&self.state), self.path.clone());
+            match tokio::task::spawn_blocking(move || state.reload_file(&path)).await {
+                Ok(Ok(())) => log::info!("reloaded {}", self.path.display()),
+                Ok(Err(e)) => log::error!("kept the running config; {e}"),
+                Err(e) => log::error!("kept the running config; the reload did not finish: {e}"),
             }
         }
     }

@@ -3,12 +3,13 @@
 //! and keeps that `Arc` to the end, so a reload never shows it half of one
 //! config and half of another.
 
-use crate::config::{Config, Model};
+use crate::config::{Config, ConfigErrors, Model};
 use crate::quota::{Calendar, Ledger, TenantLedger};
-use crate::routing::Router;
 use crate::routing::probe::HealthBook;
+use crate::routing::{BuildError, Router};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub struct Snapshot {
@@ -30,7 +31,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         ledger: &Ledger,
         book: &HealthBook,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, BuildError> {
         let router = Router::build(&config, previous.map(|p| &p.router), book)?;
         let model_index = config
             .models
@@ -87,6 +88,15 @@ impl Snapshot {
     }
 }
 
+/// Why a reload was refused; the running snapshot stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{} is invalid:\n{errors}", path.display())]
+    Config { path: PathBuf, errors: ConfigErrors },
+    #[error("internal error: {0}")]
+    Build(#[from] BuildError),
+}
+
 /// The swappable handle shared by every part of the process.
 pub struct State {
     current: ArcSwap<Snapshot>,
@@ -97,7 +107,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, String> {
+    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, BuildError> {
         let ledger = Ledger::default();
         let snapshot = Snapshot::build(config, None, &ledger, &health)?;
         Ok(State {
@@ -112,10 +122,22 @@ impl State {
     }
 
     /// Replace the whole snapshot; requests already running keep the old one.
-    pub fn reload(&self, config: Config) -> Result<(), String> {
+    /// It blocks while deployments' host names are resolved.
+    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let old = self.current.load_full();
         let next = Snapshot::build(config, Some(&old), &self.ledger, &self.health)?;
         self.current.store(Arc::new(next));
         Ok(())
+    }
+
+    /// Read, validate and swap in a config file. It blocks (it reads the
+    /// file and resolves deployments' host names): from async code, run it
+    /// on a blocking thread.
+    pub fn reload_file(&self, path: &Path) -> Result<(), ReloadError> {
+        let config = Config::load(path).map_err(|errors| ReloadError::Config {
+            path: path.to_path_buf(),
+            errors,
+        })?;
+        Ok(self.reload(config)?)
     }
 }

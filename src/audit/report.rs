@@ -2,44 +2,70 @@
 //! model, what failed, what looked wrong, who was refused) and `collie audit
 //! verify` (every chain intact: no edited row, no deleted one).
 
-use super::sink::{Cell, Sink};
+use super::sink::{Cell, Sink, SinkError, SinkSpec};
+use crate::config::{Config, ConfigErrors, SinkSpecError};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Why a trail could not be named, opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TrailError {
+    #[error(transparent)]
+    Spec(#[from] SinkSpecError),
+    #[error("{}:\n{errors}", path.display())]
+    Config { path: PathBuf, errors: ConfigErrors },
+    #[error("auditing is off in that config")]
+    AuditOff,
+    #[error("name the trail with --sink sqlite:PATH | postgres://… or --config FILE")]
+    Unnamed,
+    #[error("no audit trail at {}", .0.display())]
+    NoTrail(PathBuf),
+    #[error("--since {since}: {source}")]
+    Since {
+        since: String,
+        source: humantime::DurationError,
+    },
+    #[error("the system clock is before 1970: {0}")]
+    Clock(#[source] std::time::SystemTimeError),
+    /// The trail's database could not be reached or read.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
 
 /// The sink named on the command line (`--sink`), else the one a config
 /// file uses (`--config`).
-pub fn open_sink(
-    sink: Option<&str>,
-    config: Option<&std::path::Path>,
-) -> Result<Box<dyn Sink>, String> {
+pub fn open_sink(sink: Option<&str>, config: Option<&Path>) -> Result<Box<dyn Sink>, TrailError> {
     let spec = match (sink, config) {
-        (Some(s), _) => super::sink::SinkSpec::parse(s)?,
-        (None, Some(path)) => crate::config::Config::load(path)
-            .map_err(|e| format!("{}:\n{e}", path.display()))?
+        (Some(s), _) => SinkSpec::parse(s)?,
+        (None, Some(path)) => Config::load(path)
+            .map_err(|errors| TrailError::Config {
+                path: path.to_path_buf(),
+                errors,
+            })?
             .audit
             .sink
-            .ok_or("auditing is off in that config")?,
-        (None, None) => {
-            return Err(
-                "name the trail with --sink sqlite:PATH | postgres://… or --config FILE".into(),
-            );
-        }
+            .ok_or(TrailError::AuditOff)?,
+        (None, None) => return Err(TrailError::Unnamed),
     };
     // Reading must not create an empty trail where none was written.
-    if let super::sink::SinkSpec::Sqlite(path) = &spec {
+    if let SinkSpec::Sqlite(path) = &spec {
         if !path.is_file() {
-            return Err(format!("no audit trail at {}", path.display()));
+            return Err(TrailError::NoTrail(path.clone()));
         }
     }
-    spec.open()
+    Ok(spec.open()?)
 }
 
 /// `24h`, `7d`, `30m` → the cut-off in epoch milliseconds.
-pub fn since_ms(since: &str) -> Result<i64, String> {
-    let d = humantime::parse_duration(since).map_err(|e| format!("--since {since}: {e}"))?;
+pub fn since_ms(since: &str) -> Result<i64, TrailError> {
+    let d = humantime::parse_duration(since).map_err(|source| TrailError::Since {
+        since: since.to_string(),
+        source,
+    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
+        .map_err(TrailError::Clock)?;
     Ok(i64::try_from(now.saturating_sub(d).as_millis()).unwrap_or(i64::MAX))
 }
 
@@ -123,7 +149,7 @@ fn group_totals(
     key: &str,
     since_ms: i64,
     tenant: Option<&str>,
-) -> Result<BTreeMap<String, Totals>, String> {
+) -> Result<BTreeMap<String, Totals>, SinkError> {
     let sql = format!(
         "SELECT {key}, COUNT(*),
             CAST(SUM(CASE WHEN decision = 'refused' THEN 1 ELSE 0 END) AS BIGINT),
@@ -155,7 +181,6 @@ fn group_totals(
                 latency_p95_ms: None,
             },
         );
-        Ok(())
     })?;
     Ok(out)
 }
@@ -170,7 +195,7 @@ fn percentiles(
     totals: &mut Totals,
     by_model: &mut BTreeMap<String, Totals>,
     by_tenant: &mut BTreeMap<String, Totals>,
-) -> Result<(), String> {
+) -> Result<(), SinkError> {
     fn ranks(n: u64) -> [u64; 2] {
         let last = n.saturating_sub(1) as f64;
         [(last * 0.5).round() as u64, (last * 0.95).round() as u64]
@@ -201,7 +226,6 @@ fn percentiles(
                 take(t, seen.entry((is_model, key)).or_default(), v);
             }
         }
-        Ok(())
     })
 }
 
@@ -214,14 +238,13 @@ fn top(
     scope: &str,
     since_ms: i64,
     tenant: Option<&str>,
-) -> Result<Vec<(String, u64)>, String> {
+) -> Result<Vec<(String, u64)>, SinkError> {
     let sql = format!(
         "SELECT {what}, COUNT(*) FROM audit_records WHERE {scope} AND {filter} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {TOP}"
     );
     let mut out = Vec::new();
     sink.query(&sql, since_ms, tenant, &mut |row| {
         out.push((row[0].text(), u64::try_from(row[1].int()).unwrap_or(0)));
-        Ok(())
     })?;
     Ok(out)
 }
@@ -229,7 +252,11 @@ fn top(
 /// The report of records since `since_ms` (of `tenant`), aggregated by the
 /// database: memory grows with the number of models and tenants, never with
 /// the number of records.
-pub fn build(sink: &mut dyn Sink, since_ms: i64, tenant: Option<&str>) -> Result<Report, String> {
+pub fn build(
+    sink: &mut dyn Sink,
+    since_ms: i64,
+    tenant: Option<&str>,
+) -> Result<Report, SinkError> {
     let mut totals = group_totals(sink, "'all'", since_ms, tenant)?
         .into_values()
         .next()
@@ -297,7 +324,6 @@ pub fn build(sink: &mut dyn Sink, since_ms: i64, tenant: Option<&str>) -> Result
                 },
                 detail: row[3].text(),
             });
-            Ok(())
         },
     )?;
     anomalies.reverse();
@@ -480,7 +506,7 @@ pub fn csv(r: &Report) -> String {
 /// to the one before it, and no position is missing. Returns the problems.
 /// The records stream by in (sidecar, seq) order; only the previous one is
 /// kept.
-pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
+pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, SinkError> {
     let anchors: HashMap<String, (i64, String)> = sink
         .anchors()?
         .into_iter()
@@ -528,7 +554,6 @@ pub fn verify(sink: &mut dyn Sink) -> Result<Vec<String>, String> {
         }
         expect_seq = s.seq + 1;
         expect_prev = s.hash;
-        Ok(())
     })?;
     if more > 0 {
         problems.push(format!("… and {more} more problems"));

@@ -9,35 +9,52 @@ pub use postgres::Postgres;
 pub use sqlite::Sqlite;
 
 use super::record::Record;
+pub use crate::config::SinkSpec;
 use std::path::PathBuf;
 
-/// How to reach a sink (parsed from config or `--sink`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkSpec {
-    Sqlite(PathBuf),
-    Postgres { url: String, schema: Option<String> },
+/// Why a sink could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot create {}: {source}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "postgres: cannot connect ({}); is the server running and the URL right?",
+        with_causes(.0)
+    )]
+    Connect(#[source] ::postgres::Error),
+    #[error("postgres: {}", with_causes(.0))]
+    Postgres(#[from] ::postgres::Error),
+    #[error("postgres: schema `{0}` must be letters, digits and _")]
+    SchemaName(String),
+    #[error(
+        "the audit trail's schema is version {found}, newer than this collie knows ({known}); run a newer collie"
+    )]
+    NewerSchema { found: i64, known: i64 },
 }
 
-impl SinkSpec {
-    /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
-    pub fn parse(text: &str) -> Result<SinkSpec, String> {
-        if let Some(path) = text.strip_prefix("sqlite:") {
-            return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
-        }
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            let (url, schema) = match text.split_once('#') {
-                Some((u, s)) => (u.to_string(), Some(s.to_string())),
-                None => (text.to_string(), None),
-            };
-            return Ok(SinkSpec::Postgres { url, schema });
-        }
-        Err(format!(
-            "`{text}` is not a sink: use sqlite:PATH or postgres://…"
-        ))
+/// An error and its causes, `: `-separated. The PostgreSQL client's own
+/// text is only the kind ("db error", "error connecting to server"); what
+/// happened (the server's message, "connection refused") is in its causes.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
     }
+    text
+}
 
+// Opening is the audit module's work; the spec itself is config.
+impl SinkSpec {
     /// Open the sink, its schema migrated to [`SCHEMA_VERSION`].
-    pub fn open(&self) -> Result<Box<dyn Sink>, String> {
+    pub fn open(&self) -> Result<Box<dyn Sink>, SinkError> {
         match self {
             SinkSpec::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
             SinkSpec::Postgres { url, schema } => {
@@ -68,22 +85,15 @@ pub struct AnomalyRow {
 }
 
 /// Why a batch was not written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// Positions of this sidecar's chain are taken by rows that are not
     /// this batch's: another process writes under the same sidecar id.
-    Conflict(String),
+    #[error("chain conflict: {0}")]
+    Conflict(#[source] SinkError),
     /// Anything else (a lost connection, a locked file…): worth a retry.
-    Failed(String),
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WriteError::Conflict(m) => write!(f, "chain conflict: {m}"),
-            WriteError::Failed(m) => f.write_str(m),
-        }
-    }
+    #[error(transparent)]
+    Failed(#[from] SinkError),
 }
 
 /// What retention keeps.
@@ -139,25 +149,25 @@ pub trait Sink: Send {
     /// the answer was lost) is not written twice.
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError>;
     /// The (seq, hash) of a sidecar's last record in the trail.
-    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String>;
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, SinkError>;
     /// Records since `ts_ms` (of `tenant`), in (sidecar, seq) order, one at a
     /// time: never all of them in memory.
     fn each_record(
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(Stored) -> Result<(), String>,
-    ) -> Result<(), String>;
+        f: &mut dyn FnMut(Stored),
+    ) -> Result<(), SinkError>;
     fn anomalies_since(
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-    ) -> Result<Vec<AnomalyRow>, String>;
+    ) -> Result<Vec<AnomalyRow>, SinkError>;
     /// Where each sidecar's chain starts now (after pruning): (sidecar, seq, hash).
-    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String>;
+    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, SinkError>;
     /// Delete what retention no longer keeps, moving each sidecar's anchor to
     /// its last deleted record. Returns the number of records deleted.
-    fn prune(&mut self, keep: &Retention) -> Result<u64, String>;
+    fn prune(&mut self, keep: &Retention) -> Result<u64, SinkError>;
     /// Run a read-only query written for both databases (`$1` the cut-off in
     /// epoch ms, `$2` a tenant or NULL), one row at a time.
     fn query(
@@ -165,15 +175,15 @@ pub trait Sink: Send {
         sql: &str,
         since_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
-    ) -> Result<(), String>;
+        f: &mut dyn FnMut(&[Cell]),
+    ) -> Result<(), SinkError>;
     /// The schema version the trail is at.
-    fn schema_version(&mut self) -> Result<i64, String>;
+    fn schema_version(&mut self) -> Result<i64, SinkError>;
 
     /// The last (seq, hash) written by a sidecar, to continue its chain:
     /// its last record, or where retention left its anchor when every
     /// record was pruned.
-    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+    fn chain_head(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, SinkError> {
         if let Some(last) = self.last_record(sidecar)? {
             return Ok(Some(last));
         }
@@ -244,11 +254,12 @@ fn migrations(real: &str) -> Vec<Vec<String>> {
 const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS audit_schema (version BIGINT NOT NULL)";
 
 /// Check a trail's version against this build's, and say which steps to run.
-fn pending_steps(found: i64, real: &str) -> Result<Vec<(i64, Vec<String>)>, String> {
+fn pending_steps(found: i64, real: &str) -> Result<Vec<(i64, Vec<String>)>, SinkError> {
     if found > SCHEMA_VERSION {
-        return Err(format!(
-            "the audit trail's schema is version {found}, newer than this collie knows ({SCHEMA_VERSION}); run a newer collie"
-        ));
+        return Err(SinkError::NewerSchema {
+            found,
+            known: SCHEMA_VERSION,
+        });
     }
     Ok(migrations(real)
         .into_iter()

@@ -5,7 +5,7 @@
 use super::anomaly::Detector;
 use super::record::{Pending, record_of, request_hash};
 use super::sink::{AnomalyRow, Retention, Sink, Stored, WriteError};
-use super::{AuditMetrics, webhook};
+use super::{AuditError, AuditMetrics, webhook};
 use crate::config::AuditSettings;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,7 +37,7 @@ pub(super) fn spawn(
     sidecar: String,
     queued_bytes: Arc<AtomicUsize>,
     metrics: AuditMetrics,
-) -> Result<std::thread::JoinHandle<()>, String> {
+) -> Result<std::thread::JoinHandle<()>, AuditError> {
     // Continue this sidecar's chain where the sink has it.
     let (seq, head) = sink.chain_head(&sidecar)?.unwrap_or((0, String::new()));
     let mut chain = Chain { sidecar, seq, head };
@@ -58,7 +58,7 @@ pub(super) fn spawn(
                 }
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(AuditError::Thread)?;
     // No async runtime on this thread: the sinks' clients block, by design.
     std::thread::Builder::new()
         .name("collie-audit".into())
@@ -149,7 +149,7 @@ pub(super) fn spawn(
                 );
             }
         })
-        .map_err(|e| e.to_string())
+        .map_err(AuditError::Thread)
 }
 
 fn now_ms() -> i64 {

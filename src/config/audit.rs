@@ -3,15 +3,57 @@
 
 use super::Validator;
 use super::raw::{RawAnomalies, RawAudit};
-use crate::audit::sink::SinkSpec;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// How to reach a sink (parsed from config or `--sink`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: Option<String> },
+}
+
+/// Why `--sink` names no sink.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkSpecError {
+    #[error("`{0}` is not a sink: use sqlite:PATH or postgres://…")]
+    NotASink(String),
+    #[error("postgres: schema `{0}` must be letters, digits and _")]
+    SchemaName(String),
+}
+
+impl SinkSpec {
+    /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
+    pub fn parse(text: &str) -> Result<SinkSpec, SinkSpecError> {
+        if let Some(path) = text.strip_prefix("sqlite:") {
+            return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            let (url, schema) = match text.split_once('#') {
+                Some((u, s)) => (u.to_string(), Some(s.to_string())),
+                None => (text.to_string(), None),
+            };
+            if let Some(s) = schema.as_deref().filter(|s| !is_schema_name(s)) {
+                return Err(SinkSpecError::SchemaName(s.to_string()));
+            }
+            return Ok(SinkSpec::Postgres { url, schema });
+        }
+        Err(SinkSpecError::NotASink(text.to_string()))
+    }
+}
+
+/// A PostgreSQL schema name Collie accepts: it is written into SQL, so
+/// letters, digits and `_` only.
+pub fn is_schema_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     /// `None`: auditing is off.
     pub sink: Option<SinkSpec>,
     /// The name of this sidecar's hash chain. `None`: the host name and a
-    /// random suffix, new on every start (see [`crate::audit::sidecar_id`]).
+    /// random suffix, new on every start (see `audit::sidecar_id`).
     pub sidecar_id: Option<String>,
     pub queue: usize,
     /// Request bodies waiting to be hashed, at most.
@@ -120,7 +162,7 @@ impl Validator<'_> {
             }
         };
         if let Some(s) = &a.postgres_schema {
-            if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if !is_schema_name(s) {
                 self.error("audit.postgres_schema", "letters, digits and _ only");
             }
         }
@@ -137,8 +179,8 @@ impl Validator<'_> {
         };
         let queue_bytes = match &a.queue_bytes {
             None => 64 << 20,
-            Some(size) => super::parse_size(size).unwrap_or_else(|m| {
-                self.error("audit.queue_bytes", m);
+            Some(size) => super::parse_size(size).unwrap_or_else(|e| {
+                self.error("audit.queue_bytes", e.to_string());
                 64 << 20
             }),
         };
@@ -162,8 +204,8 @@ impl Validator<'_> {
                             self.error("audit.retention.max_bytes", "must be > 0");
                             None
                         }
-                        Err(m) => {
-                            self.error("audit.retention.max_bytes", m);
+                        Err(e) => {
+                            self.error("audit.retention.max_bytes", e.to_string());
                             None
                         }
                     }),

@@ -3,7 +3,6 @@
 
 use super::raw::{RawHealth, RawRetry, RawRoute};
 use super::{Named, Pool, Resolved, Validator};
-use crate::routing::health::{HealthSettings, ProbeKind};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,6 +17,86 @@ impl Default for RetrySettings {
         RetrySettings {
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Per-deployment tunables (config `health:` of a deployment).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthSettings {
+    pub probe: ProbeKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive probe results that flip the probe verdict.
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    /// Consecutive live failures that open the breaker.
+    pub failures_to_open: u32,
+    /// Error share of the sliding window that opens the breaker (with at
+    /// least `min_samples` in it).
+    pub error_ratio: f64,
+    pub min_samples: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    /// Time-to-first-byte EWMA above which the deployment is degraded.
+    pub slow_after: Duration,
+    /// Error share above which the deployment is degraded.
+    pub degraded_error_ratio: f64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            probe: ProbeKind::Models,
+            interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(5),
+            healthy_after: 1,
+            unhealthy_after: 2,
+            failures_to_open: 5,
+            error_ratio: 0.5,
+            min_samples: 20,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+            slow_after: Duration::from_secs(10),
+            degraded_error_ratio: 0.1,
+        }
+    }
+}
+
+/// What an active probe does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `GET …/models` with the deployment's key: free.
+    Models,
+    /// A TCP (and TLS) connect only.
+    Connect,
+    /// A one-token completion: for providers whose model list says nothing
+    /// about serving. Costs a token per probe.
+    Completion,
+    /// No active probes; live traffic only.
+    Off,
+}
+
+/// How a pool chooses among its healthy members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// By weight, round robin (`pingora-load-balancing`).
+    Weighted,
+    /// The lowest time-to-first-byte EWMA; one request in twenty goes by
+    /// weight so that the others' figures stay fresh.
+    LeastLatency,
+    /// The cheapest by price (input + output per token); ties by weight.
+    Cost,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Weighted => "weighted",
+            Policy::LeastLatency => "least_latency",
+            Policy::Cost => "cost",
         }
     }
 }

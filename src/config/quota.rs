@@ -3,8 +3,6 @@
 
 use super::raw::{RawLimits, RawQuota, RawRebalance};
 use super::{Deployment, Model, Pool, Price, Tenant, Validator};
-use crate::quota::rebalance::RebalanceSettings;
-use crate::quota::{Budget, Limits, Rate, TenantLimits};
 use jiff::tz::TimeZone;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,6 +25,73 @@ impl Default for QuotaSettings {
             max_wait: Duration::from_secs(30),
             rebalance: RebalanceSettings::default(),
             rebalance_requested: false,
+        }
+    }
+}
+
+/// A per-minute rate with a burst capacity: the bucket refills at
+/// `per_minute / 60` per second up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+/// Caps on one calendar window; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+    pub usd_nano: Option<u64>,
+}
+
+impl Budget {
+    pub fn is_unlimited(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none() && self.usd_nano.is_none()
+    }
+}
+
+/// Every limit of one scope (a tenant, or a tenant × model).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub rpm: Option<Rate>,
+    pub tpm: Option<Rate>,
+    pub day: Budget,
+    pub month: Budget,
+}
+
+impl Limits {
+    pub fn is_unlimited(&self) -> bool {
+        self.rpm.is_none()
+            && self.tpm.is_none()
+            && self.day.is_unlimited()
+            && self.month.is_unlimited()
+    }
+}
+
+/// The limits of one tenant as configured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantLimits {
+    pub priority: u8,
+    pub limits: Limits,
+    pub models: HashMap<String, Limits>,
+}
+
+/// Tunables (config `quota.rebalance`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebalanceSettings {
+    pub enabled: bool,
+    /// Pool utilisation at which lending starts.
+    pub threshold: f64,
+    pub interval: Duration,
+}
+
+impl Default for RebalanceSettings {
+    fn default() -> Self {
+        RebalanceSettings {
+            enabled: true,
+            threshold: 0.8,
+            interval: Duration::from_secs(1),
         }
     }
 }

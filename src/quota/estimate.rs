@@ -12,65 +12,22 @@
 //! slower per byte and several megabytes of tables, so it is only a
 //! development dependency used for that calibration.
 
-/// The tokenizer family a model's counts follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5, the o-series.
-    O200k,
-    /// `cl100k_base`: GPT-4, GPT-3.5, the text-embedding-3 models.
-    Cl100k,
-    /// Anything else: a cautious middle with a safety margin.
-    Generic,
-}
+pub use crate::config::Family;
 
-impl Family {
-    /// Guess from a model name; config can say otherwise.
-    pub fn for_model(name: &str) -> Family {
-        let n = name.to_ascii_lowercase();
-        let o200k = [
-            "gpt-4o",
-            "gpt-4.1",
-            "gpt-4.5",
-            "gpt-5",
-            "o1",
-            "o3",
-            "o4",
-            "chatgpt-4o",
-        ];
-        let cl100k = ["gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada"];
-        if o200k.iter().any(|p| n.starts_with(p)) {
-            Family::O200k
-        } else if cl100k.iter().any(|p| n.starts_with(p)) {
-            Family::Cl100k
-        } else {
-            Family::Generic
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Family> {
-        match text {
-            "o200k" => Some(Family::O200k),
-            "cl100k" => Some(Family::Cl100k),
-            "generic" => Some(Family::Generic),
-            _ => None,
-        }
-    }
-
-    /// (factor on ASCII text, on words with non-ASCII letters, tokens per
-    /// CJK character, tokens per other non-ASCII character).
-    fn factors(self) -> (f64, f64, f64, f64) {
-        match self {
-            Family::O200k => (1.0, 1.0, 0.72, 0.45),
-            Family::Cl100k => (1.0, 2.2, 1.05, 0.75),
-            Family::Generic => (1.1, 2.2, 1.1, 0.8),
-        }
+/// (factor on ASCII text, on words with non-ASCII letters, tokens per
+/// CJK character, tokens per other non-ASCII character).
+fn factors(family: Family) -> (f64, f64, f64, f64) {
+    match family {
+        Family::O200k => (1.0, 1.0, 0.72, 0.45),
+        Family::Cl100k => (1.0, 2.2, 1.05, 0.75),
+        Family::Generic => (1.1, 2.2, 1.1, 0.8),
     }
 }
 
 /// Estimated prompt tokens of a request body.
 pub fn prompt_tokens(body: &[u8], family: Family) -> u64 {
     let c = classify(body);
-    let (ascii_f, foreign_f, cjk, other) = family.factors();
+    let (ascii_f, foreign_f, cjk, other) = factors(family);
     let ascii = c.words + c.long_word_extra / 4.0 + c.digit_groups + c.punct_pairs + c.newline_runs;
     let est = ascii * ascii_f
         + c.foreign_words * foreign_f

@@ -13,28 +13,10 @@
 //! pool has a budget).
 
 use super::{Loan, TenantLedger};
+pub use crate::config::RebalanceSettings;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Tunables (config `quota.rebalance`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RebalanceSettings {
-    pub enabled: bool,
-    /// Pool utilisation at which lending starts.
-    pub threshold: f64,
-    pub interval: Duration,
-}
-
-impl Default for RebalanceSettings {
-    fn default() -> Self {
-        RebalanceSettings {
-            enabled: true,
-            threshold: 0.8,
-            interval: Duration::from_secs(1),
-        }
-    }
-}
 
 /// A lender uses less than this share of its own rate.
 const IDLE: f64 = 0.3;

@@ -1,6 +1,7 @@
 //! The windows a quota is counted in: token buckets for per-minute rates
 //! (with bursts) and calendar counters for days and months.
 
+pub use crate::config::{Budget, Limits, Rate};
 use arc_swap::ArcSwapOption;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
@@ -32,46 +33,6 @@ impl Amount {
             tokens: self.tokens.saturating_add(o.tokens),
             usd_nano: self.usd_nano.saturating_add(o.usd_nano),
         }
-    }
-}
-
-/// A per-minute rate with a burst capacity: the bucket refills at
-/// `per_minute / 60` per second up to `burst`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub per_minute: u64,
-    pub burst: u64,
-}
-
-/// Caps on one calendar window; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Budget {
-    pub requests: Option<u64>,
-    pub tokens: Option<u64>,
-    pub usd_nano: Option<u64>,
-}
-
-impl Budget {
-    pub fn is_unlimited(&self) -> bool {
-        self.requests.is_none() && self.tokens.is_none() && self.usd_nano.is_none()
-    }
-}
-
-/// Every limit of one scope (a tenant, or a tenant × model).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Limits {
-    pub rpm: Option<Rate>,
-    pub tpm: Option<Rate>,
-    pub day: Budget,
-    pub month: Budget,
-}
-
-impl Limits {
-    pub fn is_unlimited(&self) -> bool {
-        self.rpm.is_none()
-            && self.tpm.is_none()
-            && self.day.is_unlimited()
-            && self.month.is_unlimited()
     }
 }
 

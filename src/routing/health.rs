@@ -23,70 +23,13 @@
 //! read), is reported once to the deployment's [`OnTransition`] hook, which
 //! logs and counts it.
 
+pub use crate::config::{HealthSettings, ProbeKind};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Called once per breaker change, outside the deployment's lock.
 pub type OnTransition = Arc<dyn Fn(&str, Transition) + Send + Sync>;
-
-/// Per-deployment tunables (config `health:` of a deployment).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HealthSettings {
-    pub probe: ProbeKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive probe results that flip the probe verdict.
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
-    /// Consecutive live failures that open the breaker.
-    pub failures_to_open: u32,
-    /// Error share of the sliding window that opens the breaker (with at
-    /// least `min_samples` in it).
-    pub error_ratio: f64,
-    pub min_samples: u32,
-    pub window: Duration,
-    pub cooldown: Duration,
-    pub max_cooldown: Duration,
-    /// Time-to-first-byte EWMA above which the deployment is degraded.
-    pub slow_after: Duration,
-    /// Error share above which the deployment is degraded.
-    pub degraded_error_ratio: f64,
-}
-
-impl Default for HealthSettings {
-    fn default() -> Self {
-        HealthSettings {
-            probe: ProbeKind::Models,
-            interval: Duration::from_secs(15),
-            timeout: Duration::from_secs(5),
-            healthy_after: 1,
-            unhealthy_after: 2,
-            failures_to_open: 5,
-            error_ratio: 0.5,
-            min_samples: 20,
-            window: Duration::from_secs(60),
-            cooldown: Duration::from_secs(10),
-            max_cooldown: Duration::from_secs(300),
-            slow_after: Duration::from_secs(10),
-            degraded_error_ratio: 0.1,
-        }
-    }
-}
-
-/// What an active probe does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
-    /// `GET …/models` with the deployment's key: free.
-    Models,
-    /// A TCP (and TLS) connect only.
-    Connect,
-    /// A one-token completion: for providers whose model list says nothing
-    /// about serving. Costs a token per probe.
-    Completion,
-    /// No active probes; live traffic only.
-    Off,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

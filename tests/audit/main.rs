@@ -92,11 +92,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// reads them.
 fn all_records(sink: &mut dyn Sink) -> Vec<Stored> {
     let mut out = Vec::new();
-    sink.each_record(i64::MIN, None, &mut |s| {
-        out.push(s);
-        Ok(())
-    })
-    .unwrap();
+    sink.each_record(i64::MIN, None, &mut |s| out.push(s))
+        .unwrap();
     out
 }
 

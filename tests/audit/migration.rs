@@ -98,7 +98,7 @@ async fn an_older_sqlite_trail_is_migrated_and_its_chain_continues() {
     // A trail from a newer collie is refused, not written with missing columns.
     conn.execute("UPDATE audit_schema SET version = version + 1", [])
         .unwrap();
-    let err = spec.open().err().unwrap();
+    let err = spec.open().err().unwrap().to_string();
     assert!(err.contains("newer than this collie knows"), "{err}");
 }
 

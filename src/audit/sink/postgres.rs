@@ -2,10 +2,11 @@
 //! that every sidecar writes to, each on its own hash chain.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, Stored,
+    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, SinkError, Stored,
     WriteError, b, pending_steps,
 };
 use crate::audit::record::Record;
+use crate::config::is_schema_name;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 
@@ -15,15 +16,11 @@ pub struct Postgres {
     schema: Option<String>,
 }
 
-fn pg(e: postgres::Error) -> String {
-    format!("postgres: {e}")
-}
-
 /// Serialises schema migrations of every sidecar sharing the database.
 const MIGRATION_LOCK: i64 = 7_426_550_042;
 
 impl Postgres {
-    pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, String> {
+    pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, SinkError> {
         Ok(Postgres {
             client: Postgres::connect(url, schema_name)?,
             url: url.to_string(),
@@ -32,21 +29,17 @@ impl Postgres {
     }
 
     /// A connection with the schema migrated and selected.
-    fn connect(url: &str, schema_name: Option<&str>) -> Result<postgres::Client, String> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| {
-            format!("postgres: cannot connect ({e}); is the server running and the URL right?")
-        })?;
+    fn connect(url: &str, schema_name: Option<&str>) -> Result<postgres::Client, SinkError> {
+        let mut client =
+            postgres::Client::connect(url, postgres::NoTls).map_err(SinkError::Connect)?;
         if let Some(s) = schema_name {
-            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "postgres: schema `{s}` must be letters, digits and _"
-                ));
+            // Written into SQL below, so never more than a plain name.
+            if !is_schema_name(s) {
+                return Err(SinkError::SchemaName(s.to_string()));
             }
-            client
-                .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}"
-                ))
-                .map_err(pg)?;
+            client.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s}; SET search_path TO {s}"
+            ))?;
         }
         migrate(&mut client)?;
         Ok(client)
@@ -55,7 +48,7 @@ impl Postgres {
     /// The client, connected again if the server closed the connection (a
     /// restart, a failover, an idle timeout): the writer retries a failed
     /// batch, and the retry goes over the new connection.
-    fn client(&mut self) -> Result<&mut postgres::Client, String> {
+    fn client(&mut self) -> Result<&mut postgres::Client, SinkError> {
         if self.client.is_closed() {
             log::warn!("audit: the PostgreSQL connection was closed; connecting again");
             self.client = Postgres::connect(&self.url, self.schema.as_deref())?;
@@ -67,44 +60,40 @@ impl Postgres {
 /// Bring the schema to this build's version. Several sidecars may start at
 /// once: a transaction-scoped advisory lock makes them take turns, and each
 /// step commits with the version it reached.
-fn migrate(client: &mut postgres::Client) -> Result<(), String> {
-    let mut tx = client.transaction().map_err(pg)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .map_err(pg)?;
-    tx.batch_execute(SCHEMA_TABLE).map_err(pg)?;
+fn migrate(client: &mut postgres::Client) -> Result<(), SinkError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(SCHEMA_TABLE)?;
     let found: Option<i64> = tx
-        .query_one("SELECT MAX(version) FROM audit_schema", &[])
-        .map_err(pg)?
+        .query_one("SELECT MAX(version) FROM audit_schema", &[])?
         .get(0);
     let found = match found {
         Some(v) => v,
         None => {
             // `to_regclass` looks along the search path: this schema's table.
             let legacy: bool = tx
-                .query_one("SELECT to_regclass('audit_records') IS NOT NULL", &[])
-                .map_err(pg)?
+                .query_one("SELECT to_regclass('audit_records') IS NOT NULL", &[])?
                 .get(0);
             i64::from(legacy)
         }
     };
     for (version, step) in pending_steps(found, "DOUBLE PRECISION")? {
         for stmt in step {
-            tx.batch_execute(&stmt).map_err(pg)?;
+            tx.batch_execute(&stmt)?;
         }
-        tx.execute("DELETE FROM audit_schema", &[]).map_err(pg)?;
+        tx.execute("DELETE FROM audit_schema", &[])?;
         tx.execute(
             "INSERT INTO audit_schema (version) VALUES ($1)",
             &[&version],
-        )
-        .map_err(pg)?;
+        )?;
         if version > 1 {
             log::info!("audit: trail schema migrated to version {version}");
         }
     }
-    tx.commit().map_err(pg)
+    tx.commit().map_err(SinkError::from)
 }
 
-fn stored_from_row(row: &postgres::Row) -> Result<Stored, String> {
+fn stored_from_row(row: &postgres::Row) -> Result<Stored, SinkError> {
     let flag = |i: usize| row.try_get::<_, i64>(i).map(|v| v != 0);
     (|| -> Result<Stored, postgres::Error> {
         Ok(Stored {
@@ -142,7 +131,7 @@ fn stored_from_row(row: &postgres::Row) -> Result<Stored, String> {
             },
         })
     })()
-    .map_err(pg)
+    .map_err(SinkError::from)
 }
 
 fn is_unique_violation(e: &postgres::Error) -> bool {
@@ -227,7 +216,7 @@ fn insert_records(
 
 impl Sink for Postgres {
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError> {
-        let failed = |e: postgres::Error| WriteError::Failed(pg(e));
+        let failed = |e: postgres::Error| WriteError::Failed(e.into());
         let client = self.client().map_err(WriteError::Failed)?;
         let mut tx = client.transaction().map_err(failed)?;
         match insert_records(&mut tx, records) {
@@ -238,7 +227,7 @@ impl Sink for Postgres {
                 // its answer was lost (then it is done), or another
                 // process's rows under the same sidecar id.
                 let Some(last) = records.last() else {
-                    return Err(WriteError::Conflict(pg(e)));
+                    return Err(WriteError::Conflict(e.into()));
                 };
                 let hash: Option<String> = client
                     .query_opt(
@@ -250,7 +239,7 @@ impl Sink for Postgres {
                 return if hash.as_deref() == Some(last.hash.as_str()) {
                     Ok(())
                 } else {
-                    Err(WriteError::Conflict(pg(e)))
+                    Err(WriteError::Conflict(e.into()))
                 };
             }
             Err(e) => return Err(failed(e)),
@@ -265,14 +254,11 @@ impl Sink for Postgres {
         tx.commit().map_err(failed)
     }
 
-    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
-        let row = self
-            .client()?
-            .query_opt(
-                "SELECT seq, hash FROM audit_records WHERE sidecar = $1 ORDER BY seq DESC LIMIT 1",
-                &[&sidecar],
-            )
-            .map_err(pg)?;
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, SinkError> {
+        let row = self.client()?.query_opt(
+            "SELECT seq, hash FROM audit_records WHERE sidecar = $1 ORDER BY seq DESC LIMIT 1",
+            &[&sidecar],
+        )?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
@@ -280,15 +266,15 @@ impl Sink for Postgres {
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(Stored) -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: &mut dyn FnMut(Stored),
+    ) -> Result<(), SinkError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY sidecar, seq"
         );
         let params: [&(dyn ToSql + Sync); 2] = [&ts_ms, &tenant];
-        let mut rows = self.client()?.query_raw(sql.as_str(), params).map_err(pg)?;
-        while let Some(row) = rows.next().map_err(pg)? {
-            f(stored_from_row(&row)?)?;
+        let mut rows = self.client()?.query_raw(sql.as_str(), params)?;
+        while let Some(row) = rows.next()? {
+            f(stored_from_row(&row)?);
         }
         Ok(())
     }
@@ -297,14 +283,13 @@ impl Sink for Postgres {
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-    ) -> Result<Vec<AnomalyRow>, String> {
+    ) -> Result<Vec<AnomalyRow>, SinkError> {
         let rows = self
             .client()?
             .query(
                 "SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms",
                 &[&ts_ms, &tenant],
-            )
-            .map_err(pg)?;
+            )?;
         Ok(rows
             .iter()
             .map(|r| AnomalyRow {
@@ -317,27 +302,24 @@ impl Sink for Postgres {
             .collect())
     }
 
-    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
+    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, SinkError> {
         let rows = self
             .client()?
-            .query("SELECT sidecar, seq, hash FROM audit_chain_anchor", &[])
-            .map_err(pg)?;
+            .query("SELECT sidecar, seq, hash FROM audit_chain_anchor", &[])?;
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
     }
 
-    fn prune(&mut self, keep: &Retention) -> Result<u64, String> {
-        let mut tx = self.client()?.transaction().map_err(pg)?;
+    fn prune(&mut self, keep: &Retention) -> Result<u64, SinkError> {
+        let mut tx = self.client()?.transaction()?;
         let mut cut_ts = keep.before_ms.unwrap_or(i64::MIN);
         if let Some(max) = keep.max_rows {
-            let row = tx
-                .query_opt(
-                    "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET $1",
-                    &[&max],
-                )
-                .map_err(pg)?;
+            let row = tx.query_opt(
+                "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET $1",
+                &[&max],
+            )?;
             if let Some(r) = row {
                 cut_ts = cut_ts.max(r.get::<_, i64>(0) + 1);
             }
@@ -345,26 +327,21 @@ impl Sink for Postgres {
         if cut_ts == i64::MIN {
             return Ok(0);
         }
-        let cuts = tx
-            .query(
-                "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < $1 GROUP BY sidecar",
-                &[&cut_ts],
-            )
-            .map_err(pg)?;
+        let cuts = tx.query(
+            "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < $1 GROUP BY sidecar",
+            &[&cut_ts],
+        )?;
         let mut n = 0;
         for row in cuts {
             let (sidecar, seq): (String, i64) = (row.get(0), row.get(1));
-            tx.execute(ANCHOR, &[&sidecar, &seq]).map_err(pg)?;
-            n += tx
-                .execute(
-                    "DELETE FROM audit_records WHERE sidecar = $1 AND seq <= $2",
-                    &[&sidecar, &seq],
-                )
-                .map_err(pg)?;
+            tx.execute(ANCHOR, &[&sidecar, &seq])?;
+            n += tx.execute(
+                "DELETE FROM audit_records WHERE sidecar = $1 AND seq <= $2",
+                &[&sidecar, &seq],
+            )?;
         }
-        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < $1", &[&cut_ts])
-            .map_err(pg)?;
-        tx.commit().map_err(pg)?;
+        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < $1", &[&cut_ts])?;
+        tx.commit()?;
         Ok(n)
     }
 
@@ -373,12 +350,12 @@ impl Sink for Postgres {
         sql: &str,
         since_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: &mut dyn FnMut(&[Cell]),
+    ) -> Result<(), SinkError> {
         let params: [&(dyn ToSql + Sync); 2] = [&since_ms, &tenant];
-        let mut rows = self.client()?.query_raw(sql, params).map_err(pg)?;
+        let mut rows = self.client()?.query_raw(sql, params)?;
         let mut cells = Vec::new();
-        while let Some(row) = rows.next().map_err(pg)? {
+        while let Some(row) = rows.next()? {
             cells.clear();
             for (i, col) in row.columns().iter().enumerate() {
                 let t = col.type_();
@@ -396,19 +373,18 @@ impl Sink for Postgres {
                     row.try_get::<_, Option<String>>(i)
                         .map(|v| v.map(Cell::Text))
                 };
-                cells.push(cell.map_err(pg)?.unwrap_or(Cell::Null));
+                cells.push(cell?.unwrap_or(Cell::Null));
             }
-            f(&cells)?;
+            f(&cells);
         }
         Ok(())
     }
 
-    fn schema_version(&mut self) -> Result<i64, String> {
+    fn schema_version(&mut self) -> Result<i64, SinkError> {
         self.client()?
-            .query_one("SELECT MAX(version) FROM audit_schema", &[])
-            .map_err(pg)?
+            .query_one("SELECT MAX(version) FROM audit_schema", &[])?
             .try_get::<_, Option<i64>>(0)
             .map(|v| v.unwrap_or(0))
-            .map_err(pg)
+            .map_err(SinkError::from)
     }
 }

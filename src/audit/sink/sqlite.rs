@@ -2,7 +2,7 @@
 //! so retention by size gives the space back to the file system.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, Stored,
+    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, SinkError, Stored,
     WriteError, b, pending_steps,
 };
 use crate::audit::record::Record;
@@ -12,24 +12,21 @@ pub struct Sqlite {
     conn: Connection,
 }
 
-fn sq(e: rusqlite::Error) -> String {
-    format!("sqlite: {e}")
-}
-
 /// `PRAGMA auto_vacuum` value of incremental vacuum.
 const INCREMENTAL: i64 = 2;
 
 impl Sqlite {
-    pub fn open(path: &std::path::Path) -> Result<Sqlite, String> {
+    pub fn open(path: &std::path::Path) -> Result<Sqlite, SinkError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| SinkError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let mut conn = Connection::open(path).map_err(sq)?;
+        let mut conn = Connection::open(path)?;
         // Before anything is created in a new file: freed pages can then be
         // given back to the file system (`retention.max_bytes`).
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(sq)?;
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
         // WAL: readers (reports) do not block the writer; NORMAL: a commit
         // survives the process being killed (only an OS crash may lose the
         // last transactions). mmap: pages are read from the file mapping,
@@ -40,12 +37,9 @@ impl Sqlite {
         // kernel's page cache, shared, not memory of the process's own.
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA mmap_size=268435456;",
-        )
-        .map_err(sq)?;
+        )?;
         migrate(&mut conn)?;
-        let mode: i64 = conn
-            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
-            .map_err(sq)?;
+        let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         if mode != INCREMENTAL {
             // A file made before incremental vacuum was asked for: the mode
             // only takes effect once the file is rebuilt (once, here).
@@ -53,18 +47,17 @@ impl Sqlite {
                 "audit: rebuilding {} for incremental vacuum",
                 path.display()
             );
-            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
-                .map_err(sq)?;
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
         }
         Ok(Sqlite { conn })
     }
 
     /// Bytes of the pages in use (what `max_bytes` bounds).
-    fn used_bytes(&self) -> Result<u64, String> {
-        let pragma = |name: &str| -> Result<i64, String> {
+    fn used_bytes(&self) -> Result<u64, SinkError> {
+        let pragma = |name: &str| -> Result<i64, SinkError> {
             self.conn
                 .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
-                .map_err(sq)
+                .map_err(SinkError::from)
         };
         let used = (pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?;
         Ok(u64::try_from(used).unwrap_or(0))
@@ -72,41 +65,34 @@ impl Sqlite {
 
     /// Delete records older than `cut_ts`, each sidecar's chain cut at its
     /// last deleted record.
-    fn prune_before(&mut self, cut_ts: i64) -> Result<u64, String> {
-        let tx = self.conn.transaction().map_err(sq)?;
+    fn prune_before(&mut self, cut_ts: i64) -> Result<u64, SinkError> {
+        let tx = self.conn.transaction()?;
         // Per sidecar, the last record that goes (the time index finds them);
         // each chain is cut there, so what stays is always a suffix of it (a
         // long request may end after a newer one started).
         let cuts: Vec<(String, i64)> = {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < ?1 GROUP BY sidecar",
-                )
-                .map_err(sq)?;
-            let rows = stmt
-                .query_map([cut_ts], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(sq)?;
-            rows.collect::<Result<_, _>>().map_err(sq)?
+            let mut stmt = tx.prepare(
+                "SELECT sidecar, MAX(seq) FROM audit_records WHERE ts_ms < ?1 GROUP BY sidecar",
+            )?;
+            let rows = stmt.query_map([cut_ts], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
         };
         let mut n = 0;
         for (sidecar, seq) in cuts {
-            tx.execute(ANCHOR, params![sidecar, seq]).map_err(sq)?;
-            n += tx
-                .execute(
-                    "DELETE FROM audit_records WHERE sidecar = ?1 AND seq <= ?2",
-                    params![sidecar, seq],
-                )
-                .map_err(sq)?;
+            tx.execute(ANCHOR, params![sidecar, seq])?;
+            n += tx.execute(
+                "DELETE FROM audit_records WHERE sidecar = ?1 AND seq <= ?2",
+                params![sidecar, seq],
+            )?;
         }
-        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < ?1", [cut_ts])
-            .map_err(sq)?;
-        tx.commit().map_err(sq)?;
+        tx.execute("DELETE FROM audit_anomalies WHERE ts_ms < ?1", [cut_ts])?;
+        tx.commit()?;
         Ok(n as u64)
     }
 
     /// The start time of the newest `keep` records' oldest, plus one: the
     /// cut that leaves `keep` records (fewer where start times tie).
-    fn cut_keeping(&self, keep: i64) -> Result<Option<i64>, String> {
+    fn cut_keeping(&self, keep: i64) -> Result<Option<i64>, SinkError> {
         self.conn
             .query_row(
                 "SELECT ts_ms FROM audit_records ORDER BY ts_ms DESC LIMIT 1 OFFSET ?1",
@@ -115,21 +101,18 @@ impl Sqlite {
             )
             .optional()
             .map(|ts| ts.map(|t| t + 1))
-            .map_err(sq)
+            .map_err(SinkError::from)
     }
 }
 
 /// Bring the file's schema to this build's version, one step per
 /// transaction; the write lock is taken first so two processes opening one
 /// file cannot both migrate it.
-fn migrate(conn: &mut Connection) -> Result<(), String> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sq)?;
-    tx.execute(SCHEMA_TABLE, []).map_err(sq)?;
-    let found: Option<i64> = tx
-        .query_row("SELECT MAX(version) FROM audit_schema", [], |r| r.get(0))
-        .map_err(sq)?;
+fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(SCHEMA_TABLE, [])?;
+    let found: Option<i64> =
+        tx.query_row("SELECT MAX(version) FROM audit_schema", [], |r| r.get(0))?;
     let found = match found {
         Some(v) => v,
         None => {
@@ -138,23 +121,21 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
                     "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'",
                     [],
                     |r| r.get(0),
-                )
-                .map_err(sq)?;
+                )?;
             i64::from(legacy)
         }
     };
     for (version, step) in pending_steps(found, "REAL")? {
         for stmt in step {
-            tx.execute(&stmt, []).map_err(sq)?;
+            tx.execute(&stmt, [])?;
         }
-        tx.execute("DELETE FROM audit_schema", []).map_err(sq)?;
-        tx.execute("INSERT INTO audit_schema (version) VALUES (?1)", [version])
-            .map_err(sq)?;
+        tx.execute("DELETE FROM audit_schema", [])?;
+        tx.execute("INSERT INTO audit_schema (version) VALUES (?1)", [version])?;
         if version > 1 {
             log::info!("audit: trail schema migrated to version {version}");
         }
     }
-    tx.commit().map_err(sq)
+    tx.commit().map_err(SinkError::from)
 }
 
 fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
@@ -276,7 +257,7 @@ fn insert_records(tx: &rusqlite::Transaction<'_>, records: &[Stored]) -> rusqlit
 
 impl Sink for Sqlite {
     fn write(&mut self, records: &[Stored], anomalies: &[AnomalyRow]) -> Result<(), WriteError> {
-        let failed = |e: rusqlite::Error| WriteError::Failed(sq(e));
+        let failed = |e: rusqlite::Error| WriteError::Failed(e.into());
         let tx = self.conn.transaction().map_err(failed)?;
         match insert_records(&tx, records) {
             Ok(()) => {}
@@ -284,7 +265,7 @@ impl Sink for Sqlite {
                 drop(tx);
                 return match records.last() {
                     Some(last) if stored_hash(&self.conn, last).map_err(failed)? => Ok(()),
-                    _ => Err(WriteError::Conflict(sq(e))),
+                    _ => Err(WriteError::Conflict(e.into())),
                 };
             }
             Err(e) => return Err(failed(e)),
@@ -301,7 +282,7 @@ impl Sink for Sqlite {
         tx.commit().map_err(failed)
     }
 
-    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, String> {
+    fn last_record(&mut self, sidecar: &str) -> Result<Option<(i64, String)>, SinkError> {
         self.conn
             .query_row(
                 "SELECT seq, hash FROM audit_records WHERE sidecar = ?1 ORDER BY seq DESC LIMIT 1",
@@ -309,22 +290,22 @@ impl Sink for Sqlite {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
-            .map_err(sq)
+            .map_err(SinkError::from)
     }
 
     fn each_record(
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(Stored) -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: &mut dyn FnMut(Stored),
+    ) -> Result<(), SinkError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM audit_records WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY sidecar, seq"
         );
-        let mut stmt = self.conn.prepare(&sql).map_err(sq)?;
-        let mut rows = stmt.query(params![ts_ms, tenant]).map_err(sq)?;
-        while let Some(row) = rows.next().map_err(sq)? {
-            f(stored_from_row(row).map_err(sq)?)?;
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query(params![ts_ms, tenant])?;
+        while let Some(row) = rows.next()? {
+            f(stored_from_row(row)?);
         }
         Ok(())
     }
@@ -333,37 +314,31 @@ impl Sink for Sqlite {
         &mut self,
         ts_ms: i64,
         tenant: Option<&str>,
-    ) -> Result<Vec<AnomalyRow>, String> {
+    ) -> Result<Vec<AnomalyRow>, SinkError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms")
-            .map_err(sq)?;
-        let rows = stmt
-            .query_map(params![ts_ms, tenant], |r| {
-                Ok(AnomalyRow {
-                    ts_ms: r.get(0)?,
-                    sidecar: r.get(1)?,
-                    rule: r.get(2)?,
-                    tenant: r.get(3)?,
-                    detail: r.get(4)?,
-                })
+            .prepare("SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms")?;
+        let rows = stmt.query_map(params![ts_ms, tenant], |r| {
+            Ok(AnomalyRow {
+                ts_ms: r.get(0)?,
+                sidecar: r.get(1)?,
+                rule: r.get(2)?,
+                tenant: r.get(3)?,
+                detail: r.get(4)?,
             })
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
+        })?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(SinkError::from)
     }
 
-    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, String> {
+    fn anchors(&mut self) -> Result<Vec<(String, i64, String)>, SinkError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT sidecar, seq, hash FROM audit_chain_anchor")
-            .map_err(sq)?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(sq)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(sq)
+            .prepare("SELECT sidecar, seq, hash FROM audit_chain_anchor")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(SinkError::from)
     }
 
-    fn prune(&mut self, keep: &Retention) -> Result<u64, String> {
+    fn prune(&mut self, keep: &Retention) -> Result<u64, SinkError> {
         // The cut: every record older than the age limit, and every record
         // before the newest `max_rows` (by time).
         let mut cut_ts = keep.before_ms.unwrap_or(i64::MIN);
@@ -390,8 +365,7 @@ impl Sink for Sqlite {
             }
             let rows: i64 = self
                 .conn
-                .query_row("SELECT COUNT(*) FROM audit_records", [], |r| r.get(0))
-                .map_err(sq)?;
+                .query_row("SELECT COUNT(*) FROM audit_records", [], |r| r.get(0))?;
             if rows == 0 {
                 break;
             }
@@ -405,13 +379,11 @@ impl Sink for Sqlite {
         // Give the freed pages back to the file system: the file shrinks at
         // the checkpoint that follows. The pragma frees one page per step.
         {
-            let mut stmt = self.conn.prepare("PRAGMA incremental_vacuum").map_err(sq)?;
-            let mut rows = stmt.query([]).map_err(sq)?;
-            while rows.next().map_err(sq)?.is_some() {}
+            let mut stmt = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
         }
-        self.conn
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-            .map_err(sq)?;
+        self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
         Ok(n)
     }
 
@@ -420,17 +392,17 @@ impl Sink for Sqlite {
         sql: &str,
         since_ms: i64,
         tenant: Option<&str>,
-        f: &mut dyn FnMut(&[Cell]) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let mut stmt = self.conn.prepare(sql).map_err(sq)?;
+        f: &mut dyn FnMut(&[Cell]),
+    ) -> Result<(), SinkError> {
+        let mut stmt = self.conn.prepare(sql)?;
         let n = stmt.column_count();
-        let mut rows = stmt.query(params![since_ms, tenant]).map_err(sq)?;
+        let mut rows = stmt.query(params![since_ms, tenant])?;
         let mut cells = Vec::with_capacity(n);
-        while let Some(row) = rows.next().map_err(sq)? {
+        while let Some(row) = rows.next()? {
             cells.clear();
             for i in 0..n {
                 use rusqlite::types::ValueRef;
-                cells.push(match row.get_ref(i).map_err(sq)? {
+                cells.push(match row.get_ref(i)? {
                     ValueRef::Null => Cell::Null,
                     ValueRef::Integer(v) => Cell::Int(v),
                     ValueRef::Real(v) => Cell::Real(v),
@@ -439,15 +411,15 @@ impl Sink for Sqlite {
                     }
                 });
             }
-            f(&cells)?;
+            f(&cells);
         }
         Ok(())
     }
 
-    fn schema_version(&mut self) -> Result<i64, String> {
+    fn schema_version(&mut self) -> Result<i64, SinkError> {
         self.conn
             .query_row("SELECT MAX(version) FROM audit_schema", [], |r| r.get(0))
-            .map_err(sq)
+            .map_err(SinkError::from)
     }
 }
 
