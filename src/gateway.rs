@@ -269,13 +269,11 @@ impl Gateway {
         lifecycle: Lifecycle,
     ) -> Gateway {
         let snap = state.load();
-        let mut options =
+        // Trust roots are not set here: each https peer carries the CA
+        // bundle its deployment uses (loaded once, with the config), so a
+        // reload that changes a bundle takes effect.
+        let options =
             pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
-        options.ca_file = snap
-            .config
-            .upstream_ca
-            .as_ref()
-            .map(|ca| ca.path.display().to_string());
         Gateway {
             state,
             metrics,

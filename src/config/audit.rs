@@ -7,10 +7,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach a sink (parsed from config or `--sink`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum SinkSpec {
     Sqlite(PathBuf),
     Postgres { url: String, schema: Option<String> },
+}
+
+/// The PostgreSQL URL may carry a password: it is never printed.
+impl std::fmt::Debug for SinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkSpec::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            SinkSpec::Postgres { schema, .. } => f
+                .debug_struct("Postgres")
+                .field("url", &"(redacted)")
+                .field("schema", schema)
+                .finish(),
+        }
+    }
 }
 
 /// Why `--sink` names no sink.
@@ -358,5 +372,18 @@ impl Validator<'_> {
                 }),
             webhook,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_postgres_password_is_never_printed() {
+        let spec = SinkSpec::parse("postgres://collie:hunter2-secret@db/trail#audit").unwrap();
+        let shown = format!("{spec:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("audit"));
     }
 }
