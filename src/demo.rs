@@ -1,10 +1,11 @@
 //! `collie demo`: the embedded demo config in front of two local mock
 //! providers, all in one process, so a newcomer has a working gateway with
-//! one command.
+//! one command. A module of the binary, not of the library: the gateway's
+//! library knows nothing of the mock.
 
-use crate::config::Config;
-use crate::mock::{Behavior, MockConfig, MockServer};
-use crate::server::Collie;
+use collie::config::Config;
+use collie::server::Collie;
+use collie_mock::{Behavior, MockConfig, MockServer};
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -6,13 +6,11 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
-pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
-pub mod mock;
 pub mod outcome;
 pub mod quota;
 pub mod routing;

@@ -7,6 +7,8 @@ use collie::server::{Collie, StartError};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 /// A proxy allocates and frees a few buffers per request, many of them
 /// large (whole bodies); mimalloc keeps those in per-thread pages instead of
 /// the system allocator's mmap/munmap and page-fault round trips.
@@ -63,7 +65,7 @@ enum Command {
         mock_ports: Option<Vec<u16>>,
     },
     /// Run an OpenAI-compatible mock provider (for tests and benchmarks).
-    Mock(collie::mock::MockArgs),
+    Mock(collie_mock::MockArgs),
     /// Read the audit trail: verify its hash chains, or report on it.
     Audit {
         #[command(subcommand)]
@@ -140,12 +142,12 @@ fn main() -> ExitCode {
             admin_listen,
             mock_ports,
         } => {
-            let options = collie::demo::DemoOptions {
+            let options = demo::DemoOptions {
                 latency: std::time::Duration::from_millis(latency_ms),
                 listen,
                 admin_listen,
                 mock_ports: match mock_ports.as_deref() {
-                    None => collie::demo::MOCK_PORTS,
+                    None => demo::MOCK_PORTS,
                     Some(&[a, b]) => [a, b],
                     Some(_) => {
                         log::error!("--mock-ports takes two ports, e.g. 9101,9102");
@@ -153,7 +155,7 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            match collie::demo::run(options) {
+            match demo::run(options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");
@@ -226,7 +228,7 @@ fn hash_key(key: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn mock(args: collie::mock::MockArgs) -> ExitCode {
+fn mock(args: collie_mock::MockArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -237,7 +239,7 @@ fn mock(args: collie::mock::MockArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(collie::mock::run(args)) {
+    match runtime.block_on(collie_mock::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("mock: {e}");

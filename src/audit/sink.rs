@@ -193,17 +193,6 @@ pub trait Sink: Send {
             .find(|(s, _, _)| s == sidecar)
             .map(|(_, q, h)| (q, h)))
     }
-
-    /// Records since `ts_ms`, collected (for tests and small trails).
-    fn records_since(
-        &mut self,
-        ts_ms: i64,
-        tenant: Option<&str>,
-    ) -> Result<Vec<Stored>, SinkError> {
-        let mut out = Vec::new();
-        self.each_record(ts_ms, tenant, &mut |s| out.push(s))?;
-        Ok(out)
-    }
 }
 
 /// The columns of `audit_records`, in the order every query reads them.

@@ -7,7 +7,7 @@
 //! word with its leading space is one token, digits go in groups of three,
 //! punctuation runs pair up, CJK characters are roughly one token each.
 //! Per-family factors are calibrated against the real encoders on the prompts
-//! in `tests/fixtures/prompts` (see `tests/estimate.rs` for the measured error).
+//! in `tests/fixtures/prompts` (see `tests/quota/estimate.rs` for the measured error).
 //! A real BPE encoder was measured too: exact, but about a hundred times
 //! slower per byte and several megabytes of tables, so it is only a
 //! development dependency used for that calibration.

@@ -1,13 +1,6 @@
 //! How far the tokenizer-free prompt estimate is from the real encoders, on
 //! the prompts in `tests/fixtures/prompts`. Run with `--nocapture` to see the
-//! table.
-
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
+//! table (`cargo test --test quota estimate -- --nocapture`).
 
 use collie::quota::estimate::{Family, prompt_tokens};
 use tiktoken_rs::CoreBPE;

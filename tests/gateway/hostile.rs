@@ -4,19 +4,9 @@
 //! bodies, request smuggling, streams cut short, and a graceful stop.
 //! Each test here failed before the gateway was hardened against it.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use collie::gateway::key_digest_hex;
-use collie::mock::{Behavior, MockServer};
-use common::*;
-use serde_json::json;
+use crate::common::*;
+use collie_mock::{Behavior, MockServer};
+use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,61 +16,51 @@ const NEVER: Duration = Duration::from_secs(20);
 
 const HELLO: &str = r#"{"model":"gpt","messages":[{"role":"user","content":"hi"}]}"#;
 
-/// The standard two-deployment layout with these tenants and top-level
+/// The standard two-deployment layout with these tenants in place of its own.
+fn layout(a: &MockServer, b: &MockServer, tenants: &[Tenant]) -> Conf {
+    let conf = two_step(a, b, "5s").without_tenants();
+    tenants.iter().cloned().fold(conf, Conf::tenant)
+}
+
+/// Tenant `id` with one key, every model, and this quota.
+fn tenant(id: &str, key: &str, quota: Value) -> Tenant {
+    Tenant::new(id, key).quota(quota)
+}
+
+/// The layout with tenant alpha alone (no quota) and these top-level
 /// settings.
-fn layout(a: &MockServer, b: &MockServer, tenants: &str, settings: &str) -> String {
-    let standard = two_step(a, b, "5s").replacen(&tenants_with("other"), tenants, 1);
-    format!("{settings}\n{standard}")
-}
-
-fn tenant(id: &str, key: &str, quota: &str) -> String {
-    format!(
-        "  - id: {id}\n    api_keys: [\"{}\"]\n    models: [\"*\"]\n    quota: {quota}\n",
-        key_digest_hex(key)
-    )
-}
-
-async fn standard(settings: &str) -> (Gw, MockServer, MockServer) {
+async fn standard(settings: impl FnOnce(Conf) -> Conf) -> (Gw, MockServer, MockServer) {
     let a = mock().await;
     let b = mock().await;
-    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
-    let gw = gateway(&layout(&a, &b, &tenants, settings)).await;
+    let conf = layout(&a, &b, &[tenant("alpha", ALPHA_KEY, json!({}))]);
+    let gw = gateway(&settings(conf)).await;
     (gw, a, b)
 }
 
 /// A gateway with a SQLite audit trail, and the trail's path (in `dir`).
 async fn with_trail(
     dir: &tempfile::TempDir,
-    settings: &str,
+    settings: impl FnOnce(Conf) -> Conf,
 ) -> (Gw, MockServer, MockServer, std::path::PathBuf) {
     let a = mock().await;
     let b = mock().await;
     let db = dir.path().join("audit.db");
-    let settings = format!(
-        "{settings}\naudit: {{sink: sqlite, sqlite_path: {}, flush_interval: 10ms}}",
-        db.display()
-    );
-    let tenants = format!("tenants:\n{}", tenant("alpha", ALPHA_KEY, "{}"));
-    let gw = gateway(&layout(&a, &b, &tenants, &settings)).await;
+    let audit = json!({"sink": "sqlite", "sqlite_path": db, "flush_interval": "10ms"});
+    let conf = layout(&a, &b, &[tenant("alpha", ALPHA_KEY, json!({}))]).set("audit", audit);
+    let gw = gateway(&settings(conf)).await;
     (gw, a, b, db)
 }
 
 /// Stop the gateway gracefully (every record written) and open its trail.
 async fn stopped_trail(gw: Gw, db: &std::path::Path) -> rusqlite::Connection {
-    let Gw { running, .. } = gw;
-    tokio::task::spawn_blocking(move || running.stop(true))
-        .await
-        .unwrap();
+    gw.stop().await;
     rusqlite::Connection::open(db).unwrap()
 }
 
 /// Write `head` at once and `trickle` a byte at a time, every `every`,
 /// while reading what comes back until the gateway closes the connection.
 async fn trickle(gw: &Gw, head: &[u8], trickle: Vec<u8>, every: Duration) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    s.write_all(head).await.unwrap();
+    let s = send_raw(gw.running.listen, head).await;
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
         for b in trickle {
@@ -117,17 +97,13 @@ async fn one_response(gw: &Gw, request: &[u8]) -> RawResponse {
 async fn a_max_tokens_near_the_integer_limit_cannot_pass_a_budget() {
     let a = mock().await;
     let b = mock().await;
-    let tenants = format!(
-        "tenants:\n{}{}",
-        tenant("alpha", ALPHA_KEY, "{tokens_per_day: 1000}"),
-        tenant("beta", BETA_KEY, "{usd_per_day: 0.01}")
-    );
-    let gw = gateway(&layout(&a, &b, &tenants, "")).await;
+    let tenants = [
+        tenant("alpha", ALPHA_KEY, json!({"tokens_per_day": 1000})),
+        tenant("beta", BETA_KEY, json!({"usd_per_day": 0.01})),
+    ];
+    let gw = gateway(&layout(&a, &b, &tenants)).await;
     let ask = |key: &'static str, id: &'static str, max_tokens: serde_json::Value| {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", id)
-            .bearer_auth(key)
+        gw.post_as(CHAT, id, key)
             .json(&json!({"model": "gpt", "max_tokens": max_tokens,
                           "messages": [{"role": "user", "content": "hi"}]}))
             .send()
@@ -169,7 +145,7 @@ async fn a_max_tokens_near_the_integer_limit_cannot_pass_a_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_key_never_reaches_the_client_in_a_header_or_a_body() {
-    let (gw, a, _b) = standard("").await;
+    let (gw, a, _b) = standard(|c| c).await;
     let key = PROVIDER_KEY_A;
     let echoed = format!(
         r#"{{"id":"x","object":"chat.completion","model":"gpt-a","choices":[{{"index":0,"message":{{"role":"assistant","content":"your key is {key}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}},"debug":"Bearer {key}"}}"#
@@ -222,7 +198,7 @@ async fn a_provider_key_never_reaches_the_client_in_a_header_or_a_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_key_sent_as_the_model_is_not_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let (gw, _a, _b, db) = with_trail(&dir, "").await;
+    let (gw, _a, _b, db) = with_trail(&dir, |c| c).await;
     let resp = gw
         .chat(json!({"model": ALPHA_KEY, "messages": []}))
         .send()
@@ -244,7 +220,7 @@ async fn a_tenant_key_sent_as_the_model_is_not_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_sent_a_byte_at_a_time_is_cut_off_with_408() {
-    let (gw, a, _b) = standard("head_timeout: 1s").await;
+    let (gw, a, _b) = standard(|c| c.set("head_timeout", "1s")).await;
     // A header byte every 100 ms: each read succeeds, the head never ends.
     let mut slow = b"X-Slow: ".to_vec();
     slow.extend_from_slice(&[b'x'; 400]);
@@ -273,7 +249,8 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_off_with_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_before_and_between_requests() {
-    let (gw, _a, _b) = standard("head_timeout: 1s\nkeepalive_timeout: 1s").await;
+    let (gw, _a, _b) =
+        standard(|c| c.set("head_timeout", "1s").set("keepalive_timeout", "1s")).await;
     // Nothing at all: closed, without an answer.
     let (data, closed) = raw_exchange(gw.running.listen, b"", NEVER).await;
     assert!(closed && data.is_empty(), "an idle connection stayed open");
@@ -292,7 +269,7 @@ async fn idle_connections_are_closed_before_and_between_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_a_byte_at_a_time_times_out_as_a_whole() {
-    let (gw, a, _b) = standard("client_timeout: 1s").await;
+    let (gw, a, _b) = standard(|c| c.set("client_timeout", "1s")).await;
     let body = format!("{:<400}", HELLO);
     let request = raw_chat(&body, "");
     let (head, body) = request.split_once("\r\n\r\n").unwrap();
@@ -311,7 +288,7 @@ async fn a_body_trickled_a_byte_at_a_time_times_out_as_a_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
-    let (gw, a, b) = standard("").await;
+    let (gw, a, b) = standard(|c| c).await;
     let second = r#"{"model":"other","messages":[{"role":"user","content":"two"}]}"#;
     // Two requests in one write.
     let both = format!(
@@ -330,10 +307,7 @@ async fn pipelined_requests_are_answered_in_order() {
     // The second sent while the first is being answered: the first is not
     // taken for a client that left.
     a.set_default(Behavior::ok().delay(Duration::from_millis(800)));
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    s.write_all(raw_chat(HELLO, "").as_bytes()).await.unwrap();
+    let mut s = send_raw(gw.running.listen, raw_chat(HELLO, "").as_bytes()).await;
     eventually("the first request reached its provider", || {
         posts(&a).len() == 2
     })
@@ -358,7 +332,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_identities_in_one_request_are_refused() {
-    let (gw, a, _b) = standard("").await;
+    let (gw, a, _b) = standard(|c| c).await;
     let body = HELLO;
     let heads = [
         format!("X-Tenant-ID: alpha\r\nX-Tenant-ID: beta\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"),
@@ -387,7 +361,7 @@ async fn two_identities_in_one_request_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_over_the_limits_get_431_and_reach_no_provider() {
-    let (gw, a, _b) = standard("max_header_bytes: 16KiB\nmax_headers: 40").await;
+    let (gw, a, _b) = standard(|c| c.set("max_header_bytes", "16KiB").set("max_headers", 40)).await;
     let big = format!("X-Big: {}\r\n", "a".repeat(20 << 10));
     let many: String = (0..60).map(|i| format!("X-H{i}: v\r\n")).collect();
     let megabyte = format!("X-Huge: {}\r\n", "b".repeat(1 << 20));
@@ -442,17 +416,18 @@ async fn heads_over_the_limits_get_431_and_reach_no_provider() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_in_flight_are_held_to_their_budget() {
-    let (gw, a, _b) = standard("max_body_bytes: 1MiB\nmax_inflight_body_bytes: 1536KiB").await;
+    let (gw, a, _b) = standard(|c| {
+        c.set("max_body_bytes", "1MiB")
+            .set("max_inflight_body_bytes", "1536KiB")
+    })
+    .await;
     let content = "x".repeat((1 << 20) - 200);
     let body = format!(r#"{{"model":"gpt","messages":[{{"role":"user","content":"{content}"}}]}}"#);
     assert!(body.len() <= 1 << 20);
     let request = raw_chat(&body, "Connection: close\r\n");
     let split = request.len() - body.len() / 2;
     // The first holds its whole declared length while it sends half.
-    let mut first = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    first.write_all(&request.as_bytes()[..split]).await.unwrap();
+    let mut first = send_raw(gw.running.listen, &request.as_bytes()[..split]).await;
     for _ in 0..500 {
         let m = gw.metrics().await;
         if metric_sum(&m, "collie_inflight_body_bytes", &[]) >= body.len() as f64 {
@@ -478,7 +453,7 @@ async fn bodies_in_flight_are_held_to_their_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_anywhere_in_the_body_is_refused() {
-    let (gw, a, _b) = standard("").await;
+    let (gw, a, _b) = standard(|c| c).await;
     for bad in [
         &b"{\"model\":\"gpt\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}"[..],
         b"{\"model\":\"gpt\",\"x\":\"\xff\xfe\",\"messages\":[]}",
@@ -505,7 +480,7 @@ async fn invalid_utf8_anywhere_in_the_body_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_without_usage_is_estimated_however_its_json_is_spaced() {
-    let (gw, a, _b) = standard("").await;
+    let (gw, a, _b) = standard(|c| c).await;
     let event = "data: { \"choices\" : [ { \"index\" : 0 , \"delta\" : { \"content\" : \"hello\" } } ] }\n\n";
     let stream = format!("{}data: [DONE]\n\n", event.repeat(5));
     a.set_default(Behavior::ok().sse(stream, 11).no_usage());
@@ -532,7 +507,7 @@ async fn a_stream_without_usage_is_estimated_however_its_json_is_spaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_gets_a_cut_stream_never_a_clean_end() {
     let dir = tempfile::tempdir().unwrap();
-    let (gw, a, _b, db) = with_trail(&dir, "client_timeout: 1s").await;
+    let (gw, a, _b, db) = with_trail(&dir, |c| c.set("client_timeout", "1s")).await;
     // 32 MiB of events: more than the sockets between them can buffer.
     let event = format!(
         "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
@@ -541,10 +516,7 @@ async fn a_client_that_stops_reading_gets_a_cut_stream_never_a_clean_end() {
     let stream = format!("{}data: [DONE]\n\n", event.repeat(2048));
     a.set_default(Behavior::ok().sse(stream, 64 << 10));
     let body = r#"{"model":"gpt","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
-    s.write_all(raw_chat(body, "").as_bytes()).await.unwrap();
+    let mut s = send_raw(gw.running.listen, raw_chat(body, "").as_bytes()).await;
     let mut first = [0u8; 1024];
     let n = s.read(&mut first).await.unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
@@ -579,7 +551,7 @@ fn slow_stream() -> Behavior {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_fails_readiness_at_once_and_lets_streams_finish() {
-    let (gw, a, _b) = standard("").await;
+    let (gw, a, _b) = standard(|c| c).await;
     a.set_default(slow_stream());
     let Gw {
         running,
@@ -639,7 +611,7 @@ async fn a_graceful_stop_fails_readiness_at_once_and_lets_streams_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_drain_timeout_a_stream_ends_with_an_error_event_and_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let (gw, a, _b, db) = with_trail(&dir, "drain_timeout: 1s").await;
+    let (gw, a, _b, db) = with_trail(&dir, |c| c.set("drain_timeout", "1s")).await;
     a.set_default(
         Behavior::ok()
             .chunks(200)
@@ -675,28 +647,14 @@ async fn sigterm_fails_readiness_at_once_and_the_process_exits_after_the_stream(
     a.set_default(slow_stream());
     let b = mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let listen = free_port();
-    let admin = free_port();
-    let path = dir.path().join("collie.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen: 127.0.0.1:{listen}\nadmin_listen: 127.0.0.1:{admin}\nthreads: 2\naudit: {{sink: off}}\n{}",
-            two_step(&a, &b, "5s")
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_collie"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KEY_A", PROVIDER_KEY_A)
-        .env("KEY_B", PROVIDER_KEY_B)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let Process {
+        mut child,
+        base,
+        admin,
+        ..
+    } = run_collie(dir.path(), &two_step(&a, &b, "5s"), None);
     let client = reqwest::Client::new();
-    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let ready = format!("{admin}/readyz");
     eventually_async(|| async {
         client
             .get(&ready)
@@ -705,20 +663,13 @@ async fn sigterm_fails_readiness_at_once_and_the_process_exits_after_the_stream(
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
-    let stream = client
-        .post(format!("http://127.0.0.1:{listen}/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
-        .json(&json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+    let stream = Remote::new(&base)
+        .chat(json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
         .unwrap();
     assert_eq!(stream.status(), 200);
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    sigterm(&child);
     eventually_async(|| async {
         client
             .get(&ready)
@@ -755,7 +706,7 @@ where
 /// gateway did not answer, and each is answered at most once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_variants_never_get_a_hidden_request_through() {
-    let (gw, a, b) = standard("").await;
+    let (gw, a, b) = standard(|c| c).await;
     let hidden = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: c\r\nX-Tenant-ID: alpha\r\nAuthorization: Bearer {ALPHA_KEY}\r\nContent-Length: {}\r\n\r\n{}",
         r#"{"model":"other","messages":[]}"#.len(),

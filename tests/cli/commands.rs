@@ -1,21 +1,8 @@
-//! The `collie` command line and the admin listener.
+//! `check-config`, `run` with a bad config or a dependency down, `audit`
+//! with a trail that does not answer, `hash-key`: exit codes and messages.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
-use std::process::Command;
-
-fn collie() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_collie"))
-}
 
 #[test]
 fn check_config_reports_every_error_and_exits_64() {
@@ -26,7 +13,7 @@ fn check_config_reports_every_error_and_exits_64() {
         "tenants:\n  - {id: t, api_keys: [zz], models: [ghost]}\npools:\n  - {id: p, deployments: [{deployment: d, weight: 0}]}\ndeployments:\n  - {id: d, base_url: \"http://127.0.0.1:1/v1\", model: m, api_key_env: COLLIE_TEST_UNSET_VAR}\n",
     )
     .unwrap();
-    let out = collie()
+    let out = collie_bin()
         .arg("check-config")
         .arg(&bad)
         .env_remove("COLLIE_TEST_UNSET_VAR")
@@ -44,7 +31,7 @@ fn check_config_reports_every_error_and_exits_64() {
     }
 
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/collie.yaml");
-    let out = collie()
+    let out = collie_bin()
         .args(["check-config", shipped])
         .env("OPENAI_API_KEY", "x")
         .env("AZURE_OPENAI_KEY", "x")
@@ -62,7 +49,7 @@ fn run_refuses_a_bad_config_with_64() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "listen: nowhere\n").unwrap();
-    let out = collie()
+    let out = collie_bin()
         .args(["run", "--config"])
         .arg(&bad)
         .output()
@@ -73,11 +60,11 @@ fn run_refuses_a_bad_config_with_64() {
 /// `collie run` with `config`, the environment variable `COLLIE_TEST_PG`
 /// set to `pg_url`; its exit code and standard error. Every case here
 /// fails at start, so the process never stays up.
-fn run_with(config: &str, pg_url: &str) -> (Option<i32>, String) {
+fn run_with(config: &Conf, pg_url: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("collie.yaml");
-    std::fs::write(&file, config).unwrap();
-    let out = collie()
+    std::fs::write(&file, config.yaml()).unwrap();
+    let out = collie_bin()
         .args(["run", "--config"])
         .arg(&file)
         .current_dir(dir.path())
@@ -90,17 +77,20 @@ fn run_with(config: &str, pg_url: &str) -> (Option<i32>, String) {
     )
 }
 
-fn listen_on(port: u16, admin: u16) -> String {
-    format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n")
+/// A config with nothing but its listeners.
+fn listen_on(port: u16, admin: u16) -> Conf {
+    Conf::new()
+        .set("listen", format!("127.0.0.1:{port}"))
+        .set("admin_listen", format!("127.0.0.1:{admin}"))
 }
 
 #[test]
 fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
     // PostgreSQL where nothing listens: unavailable (69), not a bad config.
     let nowhere = format!("postgres://collie@127.0.0.1:{}/collie", free_port());
-    let pg = format!(
-        "{}audit: {{sink: postgres, postgres_url_env: COLLIE_TEST_PG}}\n",
-        listen_on(free_port(), free_port())
+    let pg = listen_on(free_port(), free_port()).set(
+        "audit",
+        json!({"sink": "postgres", "postgres_url_env": "COLLIE_TEST_PG"}),
     );
     let (code, err) = run_with(&pg, &nowhere);
     assert_eq!(code, Some(69), "{err}");
@@ -113,7 +103,7 @@ fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let (code, err) = run_with(
-        &format!("{}audit: {{sink: off}}\n", listen_on(port, free_port())),
+        &listen_on(port, free_port()).set("audit", json!({"sink": "off"})),
         "",
     );
     assert_eq!(code, Some(69), "{err}");
@@ -125,7 +115,7 @@ fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
 
     // The same files with a mistake are still a bad config (64), reported
     // with its path, whatever the dependencies would have said.
-    let (code, err) = run_with(&format!("{pg}threads: 0\n"), &nowhere);
+    let (code, err) = run_with(&pg.set("threads", 0), &nowhere);
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("threads: must be > 0"), "{err}");
 }
@@ -136,13 +126,14 @@ fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
 fn check_config_refuses_what_run_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("collie.yaml");
-    std::fs::write(
-        &file,
-        "models:\n  - {name: m, fallback: [p]}\npools:\n  - {id: p, deployments: [{deployment: d}]}\ndeployments:\n  - {id: d, base_url: \"http://127.0.0.1:9/v1\", model: \"m\\x01\"}\naudit: {sink: off}\n",
-    )
-    .unwrap();
+    let conf = Conf::new()
+        .model(Model::new("m", &["p"]))
+        .pool(Pool::new("p", &["d"]))
+        .deployment(Deployment::new("d", "http://127.0.0.1:9/v1", "m\u{1}"))
+        .set("audit", json!({"sink": "off"}));
+    std::fs::write(&file, conf.yaml()).unwrap();
     for command in [&["check-config"][..], &["run", "--config"][..]] {
-        let out = collie().args(command).arg(&file).output().unwrap();
+        let out = collie_bin().args(command).arg(&file).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{command:?}: {err}");
         assert!(
@@ -156,7 +147,7 @@ fn check_config_refuses_what_run_would_refuse() {
 fn audit_commands_exit_69_when_the_trail_does_not_answer() {
     let nowhere = format!("postgres://collie@127.0.0.1:{}/collie", free_port());
     for command in ["verify", "report"] {
-        let out = collie()
+        let out = collie_bin()
             .args(["audit", command, "--sink", &nowhere])
             .output()
             .unwrap();
@@ -165,7 +156,7 @@ fn audit_commands_exit_69_when_the_trail_does_not_answer() {
         assert!(err.contains("postgres: cannot connect"), "{command}: {err}");
     }
     // A sink that is not one is still a usage error.
-    let out = collie()
+    let out = collie_bin()
         .args(["audit", "verify", "--sink", "mysql://x"])
         .output()
         .unwrap();
@@ -174,7 +165,7 @@ fn audit_commands_exit_69_when_the_trail_does_not_answer() {
 
 #[test]
 fn hash_key_prints_the_digest() {
-    let out = collie()
+    let out = collie_bin()
         .args(["hash-key", "sk-demo-team-a"])
         .output()
         .unwrap();
@@ -182,74 +173,4 @@ fn hash_key_prints_the_digest() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "50a734ef22b610c7ad5e602d7a1aa5e39a9a39a6f6cc38aa2415f9d58b52146e"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_parse_as_prometheus_text_and_health_answers() {
-    let a = mock().await;
-    let b = mock().await;
-    let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let ok = gw
-        .chat(json!({"model": "gpt", "messages": []}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
-    let refused = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "evil\"}tenant")
-        .bearer_auth("nope")
-        .json(&json!({"model": "made-up-model"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 401);
-
-    let text = gw.metrics_after(2).await;
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    let names: std::collections::HashSet<&str> =
-        scrape.samples.iter().map(|s| s.metric.as_str()).collect();
-    for n in [
-        "collie_requests_total",
-        "collie_tokens_total",
-        "collie_cost_usd_total",
-        "gen_ai_server_request_duration_seconds",
-        "gen_ai_server_time_to_first_token_seconds",
-        "collie_upstream_attempts_total",
-    ] {
-        assert!(names.contains(n), "missing {n}");
-    }
-    // Label values come from config only.
-    for s in &scrape.samples {
-        for (k, v) in s.labels.iter() {
-            if k == "tenant" {
-                assert!(
-                    ["alpha", "beta", "other"].contains(&v.as_str()),
-                    "tenant label {v}"
-                );
-            }
-        }
-    }
-    assert!(!text.contains("evil") && !text.contains("made-up-model"));
-    assert_eq!(
-        metric_sum(
-            &text,
-            "collie_requests_total",
-            &[("tenant", "other"), ("status_class", "4xx")]
-        ),
-        1.0
-    );
-    assert!(!text.contains(PROVIDER_KEY_A) && !text.contains(ALPHA_KEY));
-
-    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        let r = gw
-            .client
-            .get(format!("{}{path}", gw.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), status, "{path}");
-    }
 }

@@ -1,18 +1,9 @@
 //! Who may call: tenant header plus key, refused before any upstream sees the
 //! request; and the request-shape errors (body, model, endpoint).
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 async fn error_code(resp: reqwest::Response) -> (u16, String, Option<String>) {
     let status = resp.status().as_u16();
@@ -37,7 +28,7 @@ async fn refusals_never_reach_an_upstream() {
     let a = mock().await;
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let url = gw.url("/v1/chat/completions");
+    let url = gw.url(CHAT);
     let body = json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}]});
     let c = &gw.client;
 
@@ -53,34 +44,22 @@ async fn refusals_never_reach_an_upstream() {
             "missing_api_key",
         ),
         (
-            c.post(&url)
-                .header("x-tenant-id", "nobody")
-                .bearer_auth(ALPHA_KEY)
-                .json(&body),
+            gw.chat_as("nobody", ALPHA_KEY, body.clone()),
             401,
             "invalid_api_key",
         ),
         (
-            c.post(&url)
-                .header("x-tenant-id", "alpha")
-                .bearer_auth("sk-wrong")
-                .json(&body),
+            gw.chat_as("alpha", "sk-wrong", body.clone()),
             401,
             "invalid_api_key",
         ),
         (
-            c.post(&url)
-                .header("x-tenant-id", "alpha")
-                .bearer_auth(BETA_KEY)
-                .json(&body),
+            gw.chat_as("alpha", BETA_KEY, body.clone()),
             403,
             "tenant_mismatch",
         ),
         (
-            c.post(&url)
-                .header("x-tenant-id", "beta")
-                .bearer_auth(BETA_KEY)
-                .json(&body),
+            gw.chat_as("beta", BETA_KEY, body.clone()),
             403,
             "model_not_allowed",
         ),
@@ -127,12 +106,9 @@ async fn refusals_never_reach_an_upstream() {
 async fn bad_bodies_get_clear_errors() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&format!("max_body_bytes: 4096\n{}", two_step(&a, &b, "5s"))).await;
+    let gw = gateway(&two_step(&a, &b, "5s").set("max_body_bytes", 4096)).await;
     let send = |body: &'static str| {
-        gw.client
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-tenant-id", "alpha")
-            .bearer_auth(ALPHA_KEY)
+        gw.post(CHAT)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -156,10 +132,7 @@ async fn bad_bodies_get_clear_errors() {
     let big = format!("{{\"model\":\"gpt\",\"x\":\"{}\"}}", "y".repeat(8000));
     let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(big.into_bytes())]);
     let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post(CHAT)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
@@ -174,14 +147,11 @@ async fn bad_bodies_get_clear_errors() {
 async fn declared_length_over_limit_is_refused_without_reading() {
     let a = mock().await;
     let b = mock().await;
-    let gw = gateway(&format!("max_body_bytes: 1024\n{}", two_step(&a, &b, "5s"))).await;
-    let mut s = tokio::net::TcpStream::connect(gw.running.listen)
-        .await
-        .unwrap();
+    let gw = gateway(&two_step(&a, &b, "5s").set("max_body_bytes", 1024)).await;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-tenant-id: alpha\r\nauthorization: Bearer {ALPHA_KEY}\r\ncontent-type: application/json\r\ncontent-length: 50000000\r\n\r\n"
     );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = send_raw(gw.running.listen, head.as_bytes()).await;
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
@@ -195,31 +165,18 @@ async fn endpoints_and_methods() {
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
     let resp = gw
-        .client
-        .post(gw.url("/v1/images/generations"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post("/v1/images/generations")
         .json(&json!({"model": "gpt"}))
         .send()
         .await
         .unwrap();
     assert_eq!(error_code(resp).await.1, "unknown_url");
-    let resp = gw
-        .client
-        .get(gw.url("/v1/chat/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_as(CHAT, "alpha", ALPHA_KEY).send().await.unwrap();
     assert_eq!(error_code(resp).await.0, 405);
 
     // /v1/models answers from config with only the tenant's models.
     let list: serde_json::Value = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .header("x-tenant-id", "beta")
-        .bearer_auth(BETA_KEY)
+        .get_as("/v1/models", "beta", BETA_KEY)
         .send()
         .await
         .unwrap()

@@ -1,7 +1,9 @@
-//! An OpenAI-compatible mock provider for tests, the demo and benchmarks:
-//! chat, completions, embeddings and responses, streamed or not, scriptable
-//! per request (status, delay, `Retry-After`, hang, mid-stream break), with
-//! recording and counters for assertions.
+//! An OpenAI-compatible mock provider for Collie's tests, its demo and
+//! benchmarks (`collie mock`): chat, completions, embeddings and responses,
+//! streamed or not, scriptable per request (status, delay, `Retry-After`,
+//! hang, mid-stream break), with recording and counters for assertions. It
+//! lives outside the gateway's library: nothing here ships in the request
+//! path.
 //!
 //! Usage is deterministic so tests can predict it: `prompt_tokens =
 //! ceil(request body bytes / 4)`, `completion_tokens = chunks` (the number of

@@ -1,23 +1,10 @@
 //! The upstream exchange over real sockets: rewriting, fallback, Retry-After,
 //! failure reporting, weighted selection.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use collie::mock::Behavior;
-use common::*;
+use crate::common::*;
+use collie_mock::Behavior;
 use serde_json::json;
 use std::time::Duration;
-
-fn hello() -> serde_json::Value {
-    json!({"model": "gpt", "messages": [{"role": "user", "content": "hello"}]})
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_body_with_model_last_is_routed_and_rewritten() {
@@ -31,10 +18,7 @@ async fn large_body_with_model_last_is_routed_and_rewritten() {
     );
     assert!(body.len() > 2 << 20);
     let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions?api-version=2024-06-01"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post("/v1/chat/completions?api-version=2024-06-01")
         .header("content-type", "application/json")
         .header("x-custom", "kept")
         .body(body.clone())
@@ -93,12 +77,12 @@ async fn falls_back_on_each_failure_kind() {
     for (what, behavior) in kinds {
         let a = mock().await;
         let gw = gateway(&two_step(&a, &b, "300ms")).await;
-        let warm = gw.chat(hello()).send().await.unwrap();
+        let warm = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(warm.headers()["x-collie-model"], "gpt-a", "{what}");
         warm.bytes().await.unwrap();
         b.clear();
         a.push(behavior);
-        let resp = gw.chat(hello()).send().await.unwrap();
+        let resp = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{what}");
         assert_eq!(resp.headers()["x-collie-model"], "gpt-b", "{what}");
         assert_eq!(resp.headers()["x-collie-attempts"], "2", "{what}");
@@ -121,9 +105,9 @@ async fn falls_back_on_each_failure_kind() {
     // Connection refused: a deployment whose port has nobody listening.
     let dead = format!("http://127.0.0.1:{}/v1", free_port());
     b.clear();
-    let yaml = two_step(&b, &b, "1s").replacen(&b.base_url(), &dead, 1);
-    let gw = gateway(&yaml).await;
-    let resp = gw.chat(hello()).send().await.unwrap();
+    let conf = two_step(&b, &b, "1s").edit_deployment("a", |d| d.set("base_url", dead));
+    let gw = gateway(&conf).await;
+    let resp = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-collie-model"], "gpt-b");
     assert_eq!(
@@ -148,10 +132,10 @@ async fn retry_after_on_a_503_is_honoured() {
     let b = mock().await;
     a.push(Behavior::default().status(503).retry_after("30"));
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let first = gw.chat(hello()).send().await.unwrap();
+    let first = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(first.headers()["x-collie-model"], "gpt-b");
     for _ in 0..3 {
-        let r = gw.chat(hello()).send().await.unwrap();
+        let r = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(r.headers()["x-collie-model"], "gpt-b");
         assert_eq!(r.headers()["x-collie-attempts"], "1", "`a` is not tried");
     }
@@ -175,7 +159,7 @@ async fn a_client_that_leaves_before_the_answer_cancels_the_attempt() {
         .post(gw.url("/v1/chat/completions"))
         .header("x-tenant-id", "alpha")
         .bearer_auth(ALPHA_KEY)
-        .json(&hello())
+        .json(&hello("gpt"))
         .send()
         .await;
     assert!(r.is_err(), "the client gave up");
@@ -201,7 +185,7 @@ async fn a_provider_key_quoted_in_an_error_body_is_masked() {
     let gw = gateway(&two_step(&a, &b, "5s")).await;
     for status in [401, 400] {
         a.push(Behavior::default().status(status).body(echo.clone()));
-        let r = gw.chat(hello()).send().await.unwrap();
+        let r = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(r.status(), status);
         let text = r.text().await.unwrap();
         assert!(!text.contains(PROVIDER_KEY_A), "{text}");
@@ -222,7 +206,7 @@ async fn the_next_attempt_does_not_wait_for_an_error_body() {
             .trickle(Duration::from_millis(100)),
     );
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let resp = tokio::time::timeout(Duration::from_secs(30), gw.chat(hello()).send())
+    let resp = tokio::time::timeout(Duration::from_secs(30), gw.chat(hello("gpt")).send())
         .await
         .expect("an answer")
         .unwrap();
@@ -242,11 +226,11 @@ async fn retry_after_keeps_traffic_off_a_deployment() {
     let b = mock().await;
     a.push(Behavior::default().status(429).retry_after("3"));
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let first = gw.chat(hello()).send().await.unwrap();
+    let first = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(first.headers()["x-collie-model"], "gpt-b");
     // Within the window: `a` is skipped without being contacted.
     for _ in 0..3 {
-        let r = gw.chat(hello()).send().await.unwrap();
+        let r = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-collie-model"], "gpt-b");
         assert_eq!(r.headers()["x-collie-attempts"], "1");
@@ -254,7 +238,7 @@ async fn retry_after_keeps_traffic_off_a_deployment() {
     assert_eq!(a.completion_calls(), 1);
     // Once it has passed, `a` is first again.
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.headers()["x-collie-model"], "gpt-a");
     assert_eq!(a.completion_calls(), 2);
 }
@@ -263,7 +247,7 @@ async fn retry_after_keeps_traffic_off_a_deployment() {
 async fn when_every_deployment_waits_the_client_gets_429_with_retry_after() {
     let a = mock_with(Behavior::default().status(429).retry_after("20")).await;
     let gw = gateway(&two_step(&a, &a, "5s")).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 429);
     let secs: u64 = r.headers()["retry-after"]
         .to_str()
@@ -273,7 +257,7 @@ async fn when_every_deployment_waits_the_client_gets_429_with_retry_after() {
     assert!((1..=20).contains(&secs));
     // Now both are blocked: answered without contacting anyone.
     let before = a.completion_calls();
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["x-collie-error"], "upstream_rate_limited");
     assert!(r.headers().contains_key("retry-after"));
@@ -285,7 +269,7 @@ async fn all_attempts_failing_names_them() {
     let a = mock_with(Behavior::default().status(500)).await;
     let b = mock_with(Behavior::default().status(502)).await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 502, "the last upstream status");
     assert_eq!(r.headers()["x-collie-error"], "upstream_failed");
     assert_eq!(r.headers()["x-collie-attempts"], "2");
@@ -300,7 +284,7 @@ async fn all_attempts_failing_names_them() {
     // Transport failures: 504 for a timeout as the last failure.
     let c = mock_with(Behavior::default().hang()).await;
     let gw = gateway(&two_step(&a, &c, "200ms")).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 504);
 }
 
@@ -309,7 +293,7 @@ async fn client_errors_from_the_provider_pass_through() {
     let a = mock_with(Behavior::default().status(400)).await;
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert!(
         !r.headers().contains_key("x-collie-error"),
@@ -322,13 +306,12 @@ async fn client_errors_from_the_provider_pass_through() {
 async fn weighted_split_over_two_thousand_requests() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = format!(
-        "{tenants}models:\n  - {{name: weighted, fallback: [p]}}\npools:\n  - id: p\n    deployments:\n      - {{deployment: a, weight: 3}}\n      - {{deployment: b, weight: 1}}\ndeployments:\n  - {{id: a, base_url: \"{}\", model: m}}\n  - {{id: b, base_url: \"{}\", model: m}}\n",
-        a.base_url(),
-        b.base_url(),
-        tenants = tenants()
-    );
-    let gw = gateway(&yaml).await;
+    let conf = Conf::two_tenants(&[])
+        .model(Model::new("weighted", &["p"]))
+        .pool(Pool::weighted("p", &[("a", 3), ("b", 1)]))
+        .deployment(Deployment::on("a", &a, "m"))
+        .deployment(Deployment::on("b", &b, "m"));
+    let gw = gateway(&conf).await;
     let body = json!({"model": "weighted", "messages": []});
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -358,9 +341,9 @@ async fn base_url_path_prefix_is_kept() {
     let a = mock().await;
     let b = mock().await;
     let prefixed = a.base_url().replace("/v1", "/openai/deployments/x/v1");
-    let yaml = two_step(&a, &b, "5s").replacen(&a.base_url(), &prefixed, 1);
-    let gw = gateway(&yaml).await;
-    let r = gw.chat(hello()).send().await.unwrap();
+    let conf = two_step(&a, &b, "5s").edit_deployment("a", |d| d.set("base_url", prefixed));
+    let gw = gateway(&conf).await;
+    let r = gw.chat(hello("gpt")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         posts(&a)[0].path,
@@ -374,10 +357,7 @@ async fn embeddings_and_responses_are_routed() {
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
     let r = gw
-        .client
-        .post(gw.url("/v1/embeddings"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post("/v1/embeddings")
         .json(&json!({"input": ["a", "b"], "model": "embed"}))
         .send()
         .await
@@ -387,10 +367,7 @@ async fn embeddings_and_responses_are_routed() {
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     assert_eq!(posts(&a)[0].path, "/v1/embeddings");
     let r = gw
-        .client
-        .post(gw.url("/v1/responses"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post("/v1/responses")
         .json(&json!({"input": "hi", "model": "resp"}))
         .send()
         .await
@@ -422,7 +399,7 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
     let resp = gw
-        .chat(hello())
+        .chat(hello("gpt"))
         .header("connection", "keep-alive, x-client-hop")
         .header("x-client-hop", "1")
         .header("te", "trailers")
@@ -469,10 +446,7 @@ async fn legacy_completions_are_routed() {
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
     let resp = gw
-        .client
-        .post(gw.url("/v1/completions"))
-        .header("x-tenant-id", "alpha")
-        .bearer_auth(ALPHA_KEY)
+        .post("/v1/completions")
         .json(&json!({"prompt": "Say hi", "max_tokens": 4, "model": "gpt"}))
         .send()
         .await
@@ -494,10 +468,11 @@ async fn legacy_completions_are_routed() {
 async fn a_host_that_does_not_resolve_fails_over_instead_of_stopping_the_start() {
     let a = mock().await;
     let b = mock().await;
-    let yaml = two_step(&a, &b, "5s").replacen(&a.base_url(), "http://collie-test.invalid/v1", 1);
-    let gw = gateway(&yaml).await;
+    let conf = two_step(&a, &b, "5s")
+        .edit_deployment("a", |d| d.set("base_url", "http://collie-test.invalid/v1"));
+    let gw = gateway(&conf).await;
     for _ in 0..2 {
-        let r = gw.chat(hello()).send().await.unwrap();
+        let r = gw.chat(hello("gpt")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-collie-model"], "gpt-b");
     }

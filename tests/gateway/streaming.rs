@@ -1,23 +1,14 @@
 //! Streams over real sockets: byte-exact pass-through, usage from the stream,
 //! the usage chunk Collie asks for and hides, breaks and disconnects.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use collie::mock::Behavior;
-use common::*;
+use crate::common::*;
+use collie_mock::Behavior;
 use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
 
 /// What the mock sends for a request body when asked directly.
-async fn direct(mock: &collie::mock::MockServer, body: &[u8]) -> Vec<u8> {
+async fn direct(mock: &collie_mock::MockServer, body: &[u8]) -> Vec<u8> {
     reqwest::Client::new()
         .post(format!("{}/chat/completions", mock.base_url()))
         .header("content-type", "application/json")
@@ -143,7 +134,7 @@ async fn stream_arrives_chunk_by_chunk() {
     .await;
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let body = streamed("gpt");
     let resp = gw.chat(body).send().await.unwrap();
     let mut stream = resp.bytes_stream();
     // The first content event arrives while the upstream is still generating.
@@ -199,9 +190,12 @@ async fn client_disconnect_cancels_the_upstream() {
         let b = mock().await;
         // An idle timeout far beyond the wait below: only noticing the
         // client's departure can cancel the silent provider in time.
-        let yaml = two_step(&a, &b, "5s").replace("idle: 2s", "idle: 120s");
-        let gw = gateway(&yaml).await;
-        let body = json!({"model": "gpt", "stream": true, "messages": []});
+        let timeouts = json!({"connect": "1s", "first_byte": "5s", "idle": "120s"});
+        let conf = two_step(&a, &b, "5s")
+            .edit_deployment("a", |d| d.timeouts(timeouts.clone()))
+            .edit_deployment("b", |d| d.timeouts(timeouts));
+        let gw = gateway(&conf).await;
+        let body = streamed("gpt");
         let resp = gw.chat(body).send().await.unwrap();
         let mut stream = resp.bytes_stream();
         for _ in 0..read {
@@ -229,7 +223,7 @@ async fn graceful_stop_lets_a_stream_finish() {
     .await;
     let b = mock().await;
     let gw = gateway(&two_step(&a, &b, "5s")).await;
-    let body = json!({"model": "gpt", "stream": true, "messages": []});
+    let body = streamed("gpt");
     let resp = gw.chat(body).send().await.unwrap();
     let mut stream = resp.bytes_stream();
     let mut seen = Vec::new();
@@ -318,15 +312,7 @@ async fn provider_transcripts_pass_through_byte_exact_with_usage() {
             if client_asks {
                 request["stream_options"] = json!({"include_usage": true});
             }
-            let resp = gw
-                .client
-                .post(gw.url(path))
-                .header("x-tenant-id", "alpha")
-                .bearer_auth(ALPHA_KEY)
-                .json(&request)
-                .send()
-                .await
-                .unwrap();
+            let resp = gw.post(path).json(&request).send().await.unwrap();
             assert_eq!(resp.status(), 200, "{file}");
             let got = String::from_utf8(resp.bytes().await.unwrap().to_vec()).unwrap();
             let sent = String::from_utf8(body.clone()).unwrap();
@@ -390,10 +376,7 @@ async fn provider_json_answers_pass_through_with_usage() {
         a.push(Behavior::default().body(body.clone()));
         let gw = gateway(&two_step(&a, &b, "5s")).await;
         let resp = gw
-            .client
-            .post(gw.url(path))
-            .header("x-tenant-id", "alpha")
-            .bearer_auth(ALPHA_KEY)
+            .post(path)
             .json(&json!({"model": model, "messages": [], "input": ["a", "b"]}))
             .send()
             .await

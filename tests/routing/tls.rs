@@ -1,17 +1,8 @@
 //! `https` deployments: certificate verification against a configured CA,
 //! SNI and hostname checks, HTTP/2 via ALPN, and a wrong certificate refused.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use collie::mock::{Behavior, MockConfig, MockServer, MockTls};
-use common::*;
+use crate::common::*;
+use collie_mock::{Behavior, MockConfig, MockServer, MockTls};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 
@@ -64,12 +55,20 @@ async fn tls_mock(p: &Leaf, alpn_h2: bool) -> MockServer {
     .unwrap()
 }
 
-fn yaml(url: &str, ca_file: &str, http2: bool, fallback: &MockServer) -> String {
-    format!(
-        "{tenants}models:\n  - {{name: secure, fallback: [tls, plain]}}\npools:\n  - {{id: tls, deployments: [{{deployment: t}}]}}\n  - {{id: plain, deployments: [{{deployment: p}}]}}\ndeployments:\n  - id: t\n    base_url: {url}\n    api_key_env: KEY_A\n    model: m-tls\n    ca_file: {ca_file}\n    http2: {http2}\n  - {{id: p, base_url: \"{}\", model: m-plain}}\n",
-        fallback.base_url(),
-        tenants = tenants()
-    )
+/// Model `secure`: deployment `t` over HTTPS at `url` (trusting `ca_file`),
+/// falling back to `p` on plain HTTP.
+fn config(url: &str, ca_file: &str, http2: bool, fallback: &MockServer) -> Conf {
+    Conf::two_tenants(&[])
+        .model(Model::new("secure", &["tls", "plain"]))
+        .pool(Pool::new("tls", &["t"]))
+        .pool(Pool::new("plain", &["p"]))
+        .deployment(
+            Deployment::new("t", url, "m-tls")
+                .key("KEY_A")
+                .set("ca_file", ca_file)
+                .set("http2", http2),
+        )
+        .deployment(Deployment::on("p", fallback, "m-plain"))
 }
 
 fn body() -> serde_json::Value {
@@ -88,7 +87,7 @@ async fn verified_tls_with_h2_and_h1() {
         let secure = tls_mock(&leaf, true).await;
         // A provider's path prefix (as Azure's `/openai/...`) is kept.
         let url = format!("https://localhost:{}/openai/v1", secure.addr().port());
-        let gw = gateway(&yaml(&url, ca_file.to_str().unwrap(), h2, &plain)).await;
+        let gw = gateway(&config(&url, ca_file.to_str().unwrap(), h2, &plain)).await;
         for _ in 0..3 {
             let r = gw.chat(body()).send().await.unwrap();
             assert_eq!(r.status(), 200);
@@ -130,7 +129,7 @@ async fn wrong_certificates_are_refused() {
     let misnamed = tls_mock(&trusted.leaf(&["not-localhost.example"]), false).await;
     for (what, server) in [("untrusted CA", &stranger), ("wrong host name", &misnamed)] {
         let url = format!("https://localhost:{}/v1", server.addr().port());
-        let gw = gateway(&yaml(&url, ca_file.to_str().unwrap(), false, &plain)).await;
+        let gw = gateway(&config(&url, ca_file.to_str().unwrap(), false, &plain)).await;
         let r = gw.chat(body()).send().await.unwrap();
         assert_eq!(r.status(), 200, "{what}: falls back");
         assert_eq!(r.headers()["x-collie-model"], "m-plain", "{what}");

@@ -1,16 +1,7 @@
 //! The README's first command: `collie demo` answers curl-style requests and
 //! the official OpenAI Python SDK unchanged, with the keys the README gives.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "a test fails loudly"
-)]
-
-mod common;
-
-use common::free_port;
+use crate::common::free_port;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
