@@ -49,9 +49,13 @@ pub fn request_body(data: &[u8]) {
     let rewritten = inspected
         .body_for(&body, upstream, inject)
         .expect("an inspected body can be rewritten");
+    // The comparison below needs both documents as values; a number no
+    // f64 holds (valid JSON, forwarded as sent) has none.
+    let Ok(mut expected) = serde_json::from_slice::<serde_json::Value>(input) else {
+        return;
+    };
     let got: serde_json::Value = serde_json::from_slice(&rewritten.to_vec())
         .unwrap_or_else(|e| panic!("the rewrite is not JSON ({e})"));
-    let mut expected: serde_json::Value = serde_json::from_slice(input).unwrap();
     expected["model"] = serde_json::Value::from(upstream);
     if inject {
         let opts = &mut expected["stream_options"];

@@ -310,6 +310,13 @@ async fn reload_keeps_requests_in_flight_at_the_pool() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
+    // A slot is given back just after its response went out: wait for it.
+    for _ in 0..500 {
+        if pool(&gw, "p").await["inflight"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(pool(&gw, "p").await["inflight"], 0);
 }
 
