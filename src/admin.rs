@@ -2,7 +2,7 @@
 //! for probes, and the operator's pages — every tenant's quota (`/quota`),
 //! deployment health and routing (`/status`) and the live status page (`/`).
 
-pub mod status;
+pub(crate) mod status;
 
 use crate::metrics::Metrics;
 use crate::state::State;
@@ -36,12 +36,12 @@ impl AdminApp {
 }
 
 /// The admin listener's routes.
-pub struct AdminApp {
-    pub metrics: Arc<Metrics>,
-    pub state: Arc<State>,
+pub(crate) struct AdminApp {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) state: Arc<State>,
     /// Cancelled when a graceful stop begins: `/readyz` fails from then on.
-    pub draining: tokio_util::sync::CancellationToken,
-    pub bodies: Arc<crate::gateway::BodyBudget>,
+    pub(crate) draining: tokio_util::sync::CancellationToken,
+    pub(crate) bodies: Arc<crate::gateway::BodyBudget>,
 }
 
 #[async_trait]

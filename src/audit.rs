@@ -36,20 +36,20 @@ use tokio::sync::mpsc;
 
 /// Counters of the audit machinery.
 #[derive(Clone)]
-pub struct AuditMetrics {
-    pub written: IntCounter,
-    pub dropped: IntCounter,
-    pub write_errors: IntCounter,
-    pub queued: IntGauge,
+pub(crate) struct AuditMetrics {
+    pub(crate) written: IntCounter,
+    pub(crate) dropped: IntCounter,
+    pub(crate) write_errors: IntCounter,
+    pub(crate) queued: IntGauge,
     /// Requests answered whose record waits for room (`when_full: block`).
-    pub waiting: IntGauge,
-    pub anomalies: IntCounterVec,
-    pub webhook_failures: IntCounter,
-    pub chain_conflicts: IntCounter,
+    pub(crate) waiting: IntGauge,
+    pub(crate) anomalies: IntCounterVec,
+    pub(crate) webhook_failures: IntCounter,
+    pub(crate) chain_conflicts: IntCounter,
 }
 
 impl AuditMetrics {
-    pub fn new(r: &Registry) -> prometheus::Result<AuditMetrics> {
+    pub(crate) fn new(r: &Registry) -> prometheus::Result<AuditMetrics> {
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
             r.register(Box::new(c.clone()))?;
@@ -96,7 +96,7 @@ impl AuditMetrics {
 }
 
 /// The request path's end of the queue.
-pub struct Auditor {
+pub(crate) struct Auditor {
     tx: mpsc::Sender<writer::Msg>,
     block: bool,
     queued_bytes: Arc<AtomicUsize>,
@@ -107,7 +107,7 @@ pub struct Auditor {
 impl Auditor {
     /// Queue the record of a finished request. Never waits unless the
     /// configured policy is `block`.
-    pub async fn submit(&self, finished: Finished) {
+    pub(crate) async fn submit(&self, finished: Finished) {
         let mut pending = Pending {
             finished,
             request_hash: None,
@@ -142,14 +142,14 @@ impl Auditor {
 }
 
 /// The writer thread; join it after the server stopped to flush everything.
-pub struct AuditHandle {
+pub(crate) struct AuditHandle {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AuditHandle {
     /// Wait until the writer has written everything queued. Returns once every
     /// `Auditor` (the request path's sender) is gone.
-    pub fn join(mut self) {
+    pub(crate) fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -158,7 +158,7 @@ impl AuditHandle {
 
 /// Why the audit trail could not be started.
 #[derive(Debug, thiserror::Error)]
-pub enum AuditError {
+pub(crate) enum AuditError {
     /// The sink cannot be opened or read: a database that does not answer,
     /// a file that cannot be created, a trail of a newer schema.
     #[error(transparent)]
@@ -168,7 +168,7 @@ pub enum AuditError {
 }
 
 /// Open the sink and start the writer. `None` when auditing is off.
-pub fn start(
+pub(crate) fn start(
     settings: &AuditSettings,
     metrics: AuditMetrics,
 ) -> Result<Option<(Auditor, AuditHandle)>, AuditError> {
@@ -213,7 +213,7 @@ pub fn start(
 /// be cut off without a later run noticing. Set `sidecar_id` to a name that
 /// is unique per instance and stable across restarts (a StatefulSet pod's
 /// name) to continue one chain over restarts.
-pub fn sidecar_id(settings: &AuditSettings) -> String {
+pub(crate) fn sidecar_id(settings: &AuditSettings) -> String {
     if let Some(id) = &settings.sidecar_id {
         return id.clone();
     }

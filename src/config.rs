@@ -12,9 +12,9 @@ mod raw;
 mod tls;
 
 pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
-pub use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
+pub(crate) use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
-pub use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
+pub(crate) use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
@@ -24,17 +24,18 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
-pub use tls::{CaBundle, CaError};
+pub(crate) use tls::CaBundle;
 
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+pub(crate) const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub(crate) const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
-pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
-pub const DEFAULT_PRIORITY: u8 = 3;
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
-pub const DEFAULT_MAX_HEADERS: usize = 100;
-pub const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+pub(crate) const DEFAULT_PRIORITY: u8 = 3;
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
+pub(crate) const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
 /// The HTTP/1 parser below Collie stops at 256 header fields.
 const MAX_HEADERS_CEILING: usize = 250;
 /// Routing gives each deployment a synthetic 16-bit identity (see
@@ -47,64 +48,64 @@ const MAX_DEPLOYMENTS: usize = u16::MAX as usize;
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub threads: usize,
-    pub max_body_bytes: usize,
-    pub max_json_depth: usize,
+    pub(crate) threads: usize,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_json_depth: usize,
     /// How long a client may take to send its whole body, and how long a
     /// write to a slow client may block.
-    pub client_timeout: Duration,
+    pub(crate) client_timeout: Duration,
     /// How long a client may take to send a whole request head, from its
     /// first byte (on a new connection: from the connection's start).
-    pub head_timeout: Duration,
+    pub(crate) head_timeout: Duration,
     /// How long a connection may sit idle between requests.
-    pub keepalive_timeout: Duration,
+    pub(crate) keepalive_timeout: Duration,
     /// Largest request head (request line and headers) accepted: 431 beyond.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// Most header fields a request may carry: 431 beyond.
-    pub max_headers: usize,
+    pub(crate) max_headers: usize,
     /// Request bodies held in memory by all requests together: beyond it a
     /// request gets 503 with `Retry-After` instead of its body being read.
-    pub max_inflight_body_bytes: usize,
+    pub(crate) max_inflight_body_bytes: usize,
     /// Longest a graceful stop waits for requests in flight before it cuts
     /// them off (streams end with an error event).
-    pub drain_timeout: Duration,
-    pub upstream_keepalive_pool: usize,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) upstream_keepalive_pool: usize,
     /// Replaces the system roots for every `https` deployment without its own `ca_file`.
-    pub upstream_ca: Option<CaBundle>,
-    pub tenants: Vec<Tenant>,
-    pub models: Vec<Model>,
-    pub pools: Vec<Pool>,
+    pub(crate) upstream_ca: Option<CaBundle>,
+    pub(crate) tenants: Vec<Tenant>,
+    pub(crate) models: Vec<Model>,
+    pub(crate) pools: Vec<Pool>,
     pub deployments: Vec<Deployment>,
     /// Keyed by the upstream model name, which is what a provider bills.
-    pub pricing: HashMap<String, Price>,
-    pub quota: QuotaSettings,
-    pub retry: RetrySettings,
+    pub(crate) pricing: HashMap<String, Price>,
+    pub(crate) quota: QuotaSettings,
+    pub(crate) retry: RetrySettings,
     /// Longest a request may take in all: waits, attempts and backoff.
-    pub request_deadline: Duration,
-    pub audit: AuditSettings,
+    pub(crate) request_deadline: Duration,
+    pub(crate) audit: AuditSettings,
 }
 
 #[derive(Debug, Clone)]
-pub struct Tenant {
-    pub id: String,
-    pub key_digests: Vec<[u8; 32]>,
-    pub models: ModelAccess,
+pub(crate) struct Tenant {
+    pub(crate) id: String,
+    pub(crate) key_digests: Vec<[u8; 32]>,
+    pub(crate) models: ModelAccess,
     /// 1 (highest) to 5 (lowest).
-    pub priority: u8,
+    pub(crate) priority: u8,
     /// Quota limits (the priority is repeated inside).
-    pub limits: TenantLimits,
+    pub(crate) limits: TenantLimits,
     /// Output tokens reserved for a request without `max_tokens`.
-    pub default_max_tokens: u64,
+    pub(crate) default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelAccess {
+pub(crate) enum ModelAccess {
     All,
     Only(HashSet<String>),
 }
 
 impl ModelAccess {
-    pub fn allows(&self, model: &str) -> bool {
+    pub(crate) fn allows(&self, model: &str) -> bool {
         match self {
             ModelAccess::All => true,
             ModelAccess::Only(set) => set.contains(model),
@@ -113,20 +114,20 @@ impl ModelAccess {
 }
 
 #[derive(Debug, Clone)]
-pub struct Model {
-    pub name: String,
+pub(crate) struct Model {
+    pub(crate) name: String,
     /// Pool indices in fallback order.
-    pub chain: Vec<usize>,
+    pub(crate) chain: Vec<usize>,
     /// Route-alias rules; the first that matches replaces `chain`.
-    pub routes: Vec<Route>,
-    pub max_output_tokens: Option<u64>,
-    pub family: Family,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) max_output_tokens: Option<u64>,
+    pub(crate) family: Family,
 }
 
 impl Model {
     /// The chain for a request: the first route rule matching the hint or the
     /// tenant's priority, else the default chain.
-    pub fn chain_for(&self, priority: u8, hint: Option<&str>) -> &[usize] {
+    pub(crate) fn chain_for(&self, priority: u8, hint: Option<&str>) -> &[usize] {
         self.routes
             .iter()
             .find(|r| {
@@ -173,7 +174,7 @@ impl Family {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Family> {
+    pub(crate) fn parse(text: &str) -> Option<Family> {
         match text {
             "o200k" => Some(Family::O200k),
             "cl100k" => Some(Family::Cl100k),
@@ -184,48 +185,47 @@ impl Family {
 }
 
 #[derive(Debug, Clone)]
-pub struct Pool {
-    pub id: String,
-    pub members: Vec<PoolMember>,
-    pub max_concurrency: Option<u32>,
-    pub adaptive_concurrency: bool,
-    pub policy: Policy,
+pub(crate) struct Pool {
+    pub(crate) id: String,
+    pub(crate) members: Vec<PoolMember>,
+    pub(crate) max_concurrency: Option<u32>,
+    pub(crate) adaptive_concurrency: bool,
+    pub(crate) policy: Policy,
     /// Other members tried before the next pool of the chain.
-    pub retries: u32,
+    pub(crate) retries: u32,
 }
 
 #[derive(Debug, Clone)]
-pub struct PoolMember {
-    pub deployment: usize,
-    pub weight: u32,
+pub(crate) struct PoolMember {
+    pub(crate) deployment: usize,
+    pub(crate) weight: u32,
 }
 
 #[derive(Debug, Clone)]
 pub struct Deployment {
-    pub id: String,
+    pub(crate) id: String,
     pub base_url: BaseUrl,
-    pub api_key: Option<Secret>,
-    pub auth: AuthStyle,
-    pub model: String,
+    pub(crate) api_key: Option<Secret>,
+    pub(crate) model: String,
     /// `model`, ready for the `x-collie-model` response header.
-    pub model_header: HeaderValue,
+    pub(crate) model_header: HeaderValue,
     /// The header carrying the provider key, marked sensitive so HPACK never
     /// indexes it (and its `Debug` says only "Sensitive"). `None` when no
     /// key is sent.
-    pub auth_header: Option<(HeaderName, HeaderValue)>,
+    pub(crate) auth_header: Option<(HeaderName, HeaderValue)>,
     /// The deployment's own trust roots (`ca_file`), loaded.
-    pub ca: Option<CaBundle>,
+    pub(crate) ca: Option<CaBundle>,
     /// Offer HTTP/2 in ALPN (TLS only). Plain-text upstreams always speak HTTP/1.1.
-    pub http2: bool,
-    pub timeouts: Timeouts,
+    pub(crate) http2: bool,
+    pub(crate) timeouts: Timeouts,
     /// The provider's per-minute limits for this key.
-    pub rpm: Option<u64>,
-    pub tpm: Option<u64>,
-    pub health: HealthSettings,
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) health: HealthSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthStyle {
+pub(crate) enum AuthStyle {
     /// `Authorization: Bearer <key>` (OpenAI and most compatible providers).
     Bearer,
     /// `api-key: <key>` (Azure OpenAI).
@@ -235,12 +235,12 @@ pub enum AuthStyle {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
     /// From the end of the request to the response head.
-    pub first_byte: Duration,
+    pub(crate) first_byte: Duration,
     /// Longest silence allowed between two reads of the response body.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -258,18 +258,18 @@ impl Default for Timeouts {
 /// Parsed `http(s)://host[:port][/prefix]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
-    pub tls: bool,
-    pub host: String,
+    pub(crate) tls: bool,
+    pub(crate) host: String,
     pub port: u16,
     /// Without a trailing slash; empty when the URL has no path.
-    pub path_prefix: String,
+    pub(crate) path_prefix: String,
     /// [`BaseUrl::authority`], ready for the `Host` header.
-    pub host_header: HeaderValue,
+    pub(crate) host_header: HeaderValue,
 }
 
 impl BaseUrl {
     /// The `Host` header value: the port is left out when it is the scheme's default.
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         authority_of(self.tls, &self.host, self.port)
     }
 
@@ -302,21 +302,21 @@ fn authority_of(tls: bool, host: &str, port: u16) -> String {
 /// Prices in picodollars (1e-12 USD) per token so that cost arithmetic is exact
 /// integer arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Price {
-    pub input_pico_per_token: u64,
-    pub output_pico_per_token: u64,
+pub(crate) struct Price {
+    pub(crate) input_pico_per_token: u64,
+    pub(crate) output_pico_per_token: u64,
 }
 
 /// A secret value read from the environment. It has no `Display` and its
 /// `Debug` is redacted, so it cannot end up in a log line by accident.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
-    pub fn new(value: String) -> Self {
+    pub(crate) fn new(value: String) -> Self {
         Secret(value)
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -330,8 +330,8 @@ impl fmt::Debug for Secret {
 /// One validation problem and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub path: String,
-    pub message: String,
+    pub(crate) path: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -393,14 +393,6 @@ impl Config {
         } else {
             Err(ConfigErrors(v.errors))
         }
-    }
-
-    pub fn tenant(&self, id: &str) -> Option<&Tenant> {
-        self.tenants.iter().find(|t| t.id == id)
-    }
-
-    pub fn model(&self, name: &str) -> Option<&Model> {
-        self.models.iter().find(|m| m.name == name)
     }
 }
 
@@ -860,7 +852,6 @@ impl Validator<'_> {
             http2: d.http2.unwrap_or(true) && base_url.tls,
             base_url,
             api_key,
-            auth,
             model: d.model,
             model_header,
             auth_header,
@@ -1224,7 +1215,7 @@ fn auth_header(
 }
 
 /// `64 hex chars` → digest.
-pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_digest(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut out).ok()?;
     Some(out)
@@ -1232,7 +1223,7 @@ pub fn parse_digest(text: &str) -> Option<[u8; 32]> {
 
 /// Why a size is not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SizeError {
+pub(crate) enum SizeError {
     #[error("must be > 0")]
     Negative,
     #[error("too large")]
@@ -1268,7 +1259,7 @@ fn parse_size(size: &RawSize) -> Result<usize, SizeError> {
 
 /// Why a `base_url` cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UrlError {
+pub(crate) enum UrlError {
     #[error("`{text}` is not a URL: {reason}")]
     NotAUrl { text: String, reason: String },
     #[error("scheme `{0}` is not supported; use http or https")]
@@ -1387,7 +1378,6 @@ pricing:
         assert_eq!(d.base_url.path_prefix, "/openai/v1");
         assert_eq!(d.base_url.port, 443);
         assert_eq!(d.base_url.authority(), "api.example.com");
-        assert_eq!(d.auth, AuthStyle::Bearer);
         assert_eq!(d.api_key.as_ref().unwrap().expose(), "sk-a");
         let (name, value) = d.auth_header.as_ref().unwrap();
         assert_eq!(

@@ -10,15 +10,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The demo config, compiled in so the binary runs from anywhere.
-pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+pub(crate) const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 /// The provider key the demo deployments send to the mocks.
 const DEMO_PROVIDER_KEY: &str = "sk-demo-provider";
 /// The mock ports the demo config names.
-pub const MOCK_PORTS: [u16; 2] = [9101, 9102];
+pub(crate) const MOCK_PORTS: [u16; 2] = [9101, 9102];
 
 /// Where the demo listens; the defaults are the demo config's.
 #[derive(Debug, Clone)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// Latency of the mock providers before their response head.
     pub latency: Duration,
     pub listen: Option<String>,
@@ -39,7 +39,7 @@ impl Default for DemoOptions {
 }
 
 /// Start the mocks and the gateway, and run until SIGINT/SIGTERM.
-pub fn run(options: DemoOptions) -> Result<(), String> {
+pub(crate) fn run(options: DemoOptions) -> Result<(), String> {
     let env = |name: &str| match name {
         "COLLIE_DEMO_PROVIDER_KEY" => Some(DEMO_PROVIDER_KEY.to_string()),
         other => std::env::var(other).ok(),

@@ -5,14 +5,14 @@
 pub(crate) mod admission;
 pub mod body;
 mod error;
-pub mod exchange;
+pub(crate) mod exchange;
 mod redact;
 mod spend;
 
 pub use admission::key_digest_hex;
-pub use body::BodyBudget;
-pub use error::GatewayError;
-pub use redact::KeyMask;
+pub(crate) use body::BodyBudget;
+pub(crate) use error::GatewayError;
+pub(crate) use redact::KeyMask;
 
 use crate::metrics::Metrics;
 use crate::outcome::{Attempt, Claimed, Cut, End, Endpoint, Finished};
@@ -67,7 +67,7 @@ fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayErr
 
 /// One request while it runs, grouped by the phase that fills each part in;
 /// [`RequestCtx::finish`] turns it into the [`Finished`] story once.
-pub struct RequestCtx {
+pub(crate) struct RequestCtx {
     pub(crate) id: String,
     /// The config the request runs under, start to end.
     pub(crate) snapshot: Arc<Snapshot>,
@@ -193,7 +193,6 @@ impl RequestCtx {
         let finished = Finished {
             id: std::mem::take(&mut self.id),
             snapshot: Arc::clone(&self.snapshot),
-            started: self.started,
             started_at: self.started_at,
             latency: self.started.elapsed(),
             ttft: response
@@ -225,10 +224,10 @@ impl RequestCtx {
 
 /// Requests the gateway is working on, so a graceful stop can wait for them.
 #[derive(Clone, Default)]
-pub struct InFlight(Arc<AtomicU64>);
+pub(crate) struct InFlight(Arc<AtomicU64>);
 
 impl InFlight {
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }
 
@@ -247,22 +246,22 @@ impl Drop for InFlightGuard {
     }
 }
 
-pub struct Gateway {
-    pub state: Arc<State>,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct Gateway {
+    pub(crate) state: Arc<State>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Shared with the tasks that drain failed attempts' bodies.
-    pub connector: Arc<Connector>,
+    pub(crate) connector: Arc<Connector>,
     /// The audit queue, when auditing is on.
-    pub auditor: Option<crate::audit::Auditor>,
-    pub in_flight: InFlight,
+    pub(crate) auditor: Option<crate::audit::Auditor>,
+    pub(crate) in_flight: InFlight,
     /// Memory held by request bodies in flight.
-    pub bodies: Arc<BodyBudget>,
+    pub(crate) bodies: Arc<BodyBudget>,
     pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
 }
 
 impl Gateway {
-    pub fn new(
+    pub(crate) fn new(
         state: Arc<State>,
         metrics: Arc<Metrics>,
         auditor: Option<crate::audit::Auditor>,

@@ -41,27 +41,27 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Limits on a request head, read from the config when a connection starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadLimits {
+pub(crate) struct HeadLimits {
     /// From a head's first byte (a new connection: from its start) to its end.
-    pub head_timeout: Duration,
+    pub(crate) head_timeout: Duration,
     /// Idle between requests, waiting for the next head's first byte.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Request line and headers, in bytes.
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
     /// Header fields (the request line is not counted).
-    pub max_headers: usize,
+    pub(crate) max_headers: usize,
 }
 
 /// Where a connection's limits come from (the live config) and where its
 /// refusals are counted.
-pub trait ListenerPolicy: Send + Sync + 'static {
+pub(crate) trait ListenerPolicy: Send + Sync + 'static {
     fn limits(&self) -> HeadLimits;
     fn refused(&self, why: Refusal);
 }
 
 /// Why a connection was closed before its request head was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The head did not arrive whole within `head_timeout` (408).
     HeadTimeout,
     /// The head was larger than `max_header_bytes` or had more than
@@ -70,7 +70,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Refusal::HeadTimeout => "head_timeout",
             Refusal::HeadTooLarge => "header_too_large",
@@ -105,12 +105,12 @@ tokio::task_local! {
 
 /// The request head was parsed and the request is being handled: reads from
 /// here on are its body (or the watch for a departing client).
-pub fn request_started() {
+pub(crate) fn request_started() {
     let _ = CONN.try_with(|c| c.in_request.store(true, Ordering::Release));
 }
 
 /// The request was answered: the next read waits for a new head.
-pub fn request_finished() {
+pub(crate) fn request_finished() {
     let _ = CONN.try_with(|c| {
         c.in_request.store(false, Ordering::Release);
         c.finished.fetch_add(1, Ordering::AcqRel);
@@ -118,7 +118,7 @@ pub fn request_finished() {
 }
 
 /// A [`ServerApp`] that guards the HTTP/1 connections of the app it wraps.
-pub struct Listener<A, P> {
+pub(crate) struct Listener<A, P> {
     app: Arc<A>,
     policy: Arc<P>,
     /// Cancelled when a graceful stop begins.
@@ -126,7 +126,7 @@ pub struct Listener<A, P> {
 }
 
 impl<A, P> Listener<A, P> {
-    pub fn new(app: A, policy: P, draining: CancellationToken) -> Listener<A, P> {
+    pub(crate) fn new(app: A, policy: P, draining: CancellationToken) -> Listener<A, P> {
         Listener {
             app: Arc::new(app),
             policy: Arc::new(policy),
@@ -274,7 +274,7 @@ impl HeadScan {
 }
 
 /// An HTTP/1 client connection with its request heads bounded.
-pub struct Guarded {
+pub(crate) struct Guarded {
     inner: Stream,
     conn: Arc<ConnState>,
     policy: Arc<dyn ListenerPolicy>,

@@ -9,11 +9,11 @@ use prometheus::{
     CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
 
-pub struct Metrics {
-    pub registry: Registry,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
     /// One scrape at a time: the quota window gauges are reset and set
     /// again for each.
     scrape: std::sync::Mutex<()>,
@@ -27,16 +27,16 @@ pub struct Metrics {
     attempts: IntCounterVec,
     fallbacks: IntCounterVec,
     /// Connections refused before their request head was read, by reason.
-    pub connection_refusals: IntCounterVec,
+    pub(crate) connection_refusals: IntCounterVec,
     /// Memory held by request bodies in flight (set when scraped).
     inflight_body_bytes: prometheus::IntGauge,
-    pub quota: QuotaMetrics,
+    pub(crate) quota: QuotaMetrics,
     /// Probes, breakers and the health gauges (set when scraped).
-    pub health: crate::routing::health::HealthMetrics,
+    pub(crate) health: crate::routing::health::HealthMetrics,
 }
 
 /// The quota ledger, queues and rebalancing as seen from outside.
-pub struct QuotaMetrics {
+pub(crate) struct QuotaMetrics {
     refusals: IntCounterVec,
     settlements: IntCounterVec,
     /// Per tenant (and tenant × model) window: limit, used, reserved,
@@ -47,12 +47,12 @@ pub struct QuotaMetrics {
     window_remaining: prometheus::GaugeVec,
     queue_wait: HistogramVec,
     estimated: IntCounterVec,
-    pub loan_rpm: prometheus::GaugeVec,
-    pub loan_tpm: prometheus::GaugeVec,
-    pub loan_events: IntCounterVec,
-    pub pool_inflight: prometheus::IntGaugeVec,
-    pub pool_limit: prometheus::GaugeVec,
-    pub pool_waiting: prometheus::IntGaugeVec,
+    pub(crate) loan_rpm: prometheus::GaugeVec,
+    pub(crate) loan_tpm: prometheus::GaugeVec,
+    pub(crate) loan_events: IntCounterVec,
+    pub(crate) pool_inflight: prometheus::IntGaugeVec,
+    pub(crate) pool_limit: prometheus::GaugeVec,
+    pub(crate) pool_waiting: prometheus::IntGaugeVec,
 }
 
 /// `model` is empty for a tenant-wide window; `window` is one of
@@ -83,7 +83,7 @@ fn int_gauge(
 
 impl QuotaMetrics {
     /// A pool's concurrency as the rebalancer saw it.
-    pub fn publish_pool(&self, pool: &str, load: &crate::routing::gate::GateLoad) {
+    pub(crate) fn publish_pool(&self, pool: &str, load: &crate::routing::gate::GateLoad) {
         self.pool_inflight
             .with_label_values(&[pool])
             .set(i64::from(load.inflight));
@@ -96,7 +96,7 @@ impl QuotaMetrics {
     }
 
     /// A loan that started, changed or ended.
-    pub fn publish_loan(&self, c: &crate::quota::rebalance::LoanChange) {
+    pub(crate) fn publish_loan(&self, c: &crate::quota::rebalance::LoanChange) {
         self.loan_events
             .with_label_values(&[&c.tenant, c.event()])
             .inc();
@@ -111,7 +111,7 @@ impl QuotaMetrics {
     /// Set the window gauges from every tenant's ledger. Runs when metrics
     /// are scraped, not per request. Tenants and models come from the
     /// config; those removed by a reload disappear.
-    pub fn refresh_windows(&self, snap: &Snapshot) {
+    pub(crate) fn refresh_windows(&self, snap: &Snapshot) {
         let gauges = [
             &self.window_limit,
             &self.window_used,
@@ -261,7 +261,7 @@ fn latency_buckets() -> Vec<f64> {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Metrics> {
+    pub(crate) fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let r = &registry;
         let cost = CounterVec::new(
@@ -350,7 +350,7 @@ impl Metrics {
     }
 
     /// Account one finished request. Runs in the logging phase for every request.
-    pub fn record(&self, ctx: &Finished) {
+    pub(crate) fn record(&self, ctx: &Finished) {
         let snap = &ctx.snapshot;
         let tenant = ctx
             .tenant
@@ -482,7 +482,7 @@ impl Metrics {
     /// A scrape: the gauges read from the live state (quota windows,
     /// deployment health, body memory) are set for this config, then every
     /// series is rendered. One scrape at a time.
-    pub fn scrape(
+    pub(crate) fn scrape(
         &self,
         snap: &Snapshot,
         health: &crate::routing::health::HealthBook,
@@ -498,7 +498,7 @@ impl Metrics {
         self.render()
     }
 
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(16 << 10);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             log::warn!("cannot encode metrics: {e}");

@@ -11,11 +11,11 @@ use crate::usage::Usage;
 use bytes::Bytes;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// The OpenAI endpoints Collie serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
@@ -27,7 +27,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// The path after the deployment's base URL.
-    pub fn upstream_suffix(self) -> &'static str {
+    pub(crate) fn upstream_suffix(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Completions => "/completions",
@@ -40,12 +40,12 @@ impl Endpoint {
 
     /// Whether `stream_options.include_usage` exists for this endpoint (the
     /// Responses API always reports usage in its final event).
-    pub fn supports_stream_options(self) -> bool {
+    pub(crate) fn supports_stream_options(self) -> bool {
         matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
     }
 
     /// The label in metrics and audit records.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat",
             Endpoint::Completions => "completions",
@@ -59,7 +59,7 @@ impl Endpoint {
 
 /// The tenant a request named, as the audit records it for a refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claimed {
+pub(crate) enum Claimed {
     /// A configured tenant (its index).
     Tenant(usize),
     /// A name no tenant has (its text is not kept: it may hold a secret).
@@ -68,7 +68,7 @@ pub enum Claimed {
 
 /// How one attempt ended without being passed to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     Connect(String),
     Timeout,
     Broken(String),
@@ -97,7 +97,7 @@ impl std::fmt::Display for Failure {
 
 impl Failure {
     /// Label for the attempts metric.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Failure::Connect(_) => "connect_error",
             Failure::Timeout => "timeout",
@@ -113,21 +113,21 @@ impl Failure {
 
 /// One attempt as recorded on the request.
 #[derive(Debug, Clone)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The deployment it was made to.
-    pub upstream: usize,
-    pub outcome: Result<u16, Failure>,
+    pub(crate) upstream: usize,
+    pub(crate) outcome: Result<u16, Failure>,
     /// Tokens taken from the deployment's own per-minute limit.
-    pub tokens_taken: u64,
+    pub(crate) tokens_taken: u64,
     /// Position in the fallback chain of the pool it was made in.
-    pub position: usize,
+    pub(crate) position: usize,
 }
 
 /// Every reason Collie itself refuses or fails a request: the `code` of its
 /// OpenAI-style error body, the `x-collie-error` header, and the label in
 /// metrics and audit records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     AmbiguousIdentity,
     HeaderTooLarge,
     Overloaded,
@@ -156,7 +156,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         use ErrorCode::*;
         match self {
             AmbiguousIdentity => "ambiguous_identity",
@@ -190,7 +190,7 @@ impl ErrorCode {
 
 /// Why a relayed response was cut short after its head went out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cut {
+pub(crate) enum Cut {
     /// The provider broke it off (a short, fixed reason; never the
     /// provider's words).
     Upstream(&'static str),
@@ -202,7 +202,7 @@ pub enum Cut {
 
 impl Cut {
     /// The reason as recorded.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Cut::Upstream(why) => why,
             Cut::SlowClient => "the client did not read in time",
@@ -213,7 +213,7 @@ impl Cut {
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// Collie answered it itself (`/v1/models`, `/v1/collie/quota`).
     Answered,
     /// Collie refused or failed it (before relaying any provider answer);
@@ -230,62 +230,61 @@ pub enum End {
 
 /// A finished request: everything settlement, metrics and the audit trail
 /// need, decided once.
-pub struct Finished {
-    pub id: String,
+pub(crate) struct Finished {
+    pub(crate) id: String,
     /// The config the request ran under, start to end.
-    pub snapshot: Arc<Snapshot>,
-    pub started: Instant,
+    pub(crate) snapshot: Arc<Snapshot>,
     /// Wall-clock start, for records.
-    pub started_at: SystemTime,
-    pub latency: Duration,
+    pub(crate) started_at: SystemTime,
+    pub(crate) latency: Duration,
     /// Until the first response byte reached the client.
-    pub ttft: Option<Duration>,
+    pub(crate) ttft: Option<Duration>,
     /// Time spent waiting for a pool slot, if any.
-    pub queued: Option<Duration>,
-    pub client_ip: Option<IpAddr>,
-    pub endpoint: Endpoint,
+    pub(crate) queued: Option<Duration>,
+    pub(crate) client_ip: Option<IpAddr>,
+    pub(crate) endpoint: Endpoint,
     /// Index of the proven tenant.
-    pub tenant: Option<usize>,
+    pub(crate) tenant: Option<usize>,
     /// Refused by authentication: the tenant `X-Tenant-ID` named (for the
     /// audit's security view; never billed).
-    pub claimed: Option<Claimed>,
+    pub(crate) claimed: Option<Claimed>,
     /// The tenant's priority (1 highest … 5).
-    pub priority: u8,
+    pub(crate) priority: u8,
     /// A configured model name, or `unknown:<fingerprint>` for one that
     /// does not exist (the text may be a key sent by mistake).
-    pub requested_model: Option<String>,
-    pub attempts: Vec<Attempt>,
+    pub(crate) requested_model: Option<String>,
+    pub(crate) attempts: Vec<Attempt>,
     /// Index of the deployment whose response the client got.
-    pub served: Option<usize>,
+    pub(crate) served: Option<usize>,
     /// (from, to) deployments when the request fell back along its chain.
-    pub fallback: Option<(usize, usize)>,
+    pub(crate) fallback: Option<(usize, usize)>,
     /// The status the client got (0: none).
-    pub status: u16,
-    pub end: End,
+    pub(crate) status: u16,
+    pub(crate) end: End,
     /// The client went away before its answer was complete.
-    pub client_gone: bool,
-    pub streamed: bool,
+    pub(crate) client_gone: bool,
+    pub(crate) streamed: bool,
     /// What the provider reported or, marked estimated, Collie counted.
-    pub usage: Option<Usage>,
-    pub usage_estimated: bool,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) usage_estimated: bool,
     /// How the quota reservation was settled (set by settlement).
-    pub settlement: Option<Settlement>,
+    pub(crate) settlement: Option<Settlement>,
     /// The first bytes of the response, when the audit keeps a preview.
-    pub preview: Option<Vec<u8>>,
+    pub(crate) preview: Option<Vec<u8>>,
     /// The request body as the client sent it, for the audit's request hash.
-    pub body: Option<Bytes>,
+    pub(crate) body: Option<Bytes>,
 }
 
 impl Finished {
     /// Admitted: it reached a provider, or Collie answered it without
     /// refusing it (its own endpoints), or it was let in and then left by
     /// its client.
-    pub fn admitted(&self) -> bool {
+    pub(crate) fn admitted(&self) -> bool {
         !self.attempts.is_empty() || !matches!(self.end, End::Failed { .. })
     }
 
     /// Collie's reason, when Collie refused or failed the request.
-    pub fn error_code(&self) -> Option<ErrorCode> {
+    pub(crate) fn error_code(&self) -> Option<ErrorCode> {
         match self.end {
             End::Failed { code, .. } => Some(code),
             _ => None,
@@ -294,7 +293,7 @@ impl Finished {
 
     /// The quota window that refused the request (`day.tokens`,
     /// `model:gpt.minute.requests`, …).
-    pub fn refused_by(&self) -> Option<&str> {
+    pub(crate) fn refused_by(&self) -> Option<&str> {
         match &self.end {
             End::Failed { window, .. } => window.as_deref(),
             _ => None,
@@ -302,7 +301,7 @@ impl Finished {
     }
 
     /// Why the relayed response was cut short, if it was.
-    pub fn cut(&self) -> Option<Cut> {
+    pub(crate) fn cut(&self) -> Option<Cut> {
         match self.end {
             End::Relayed { cut } => cut,
             _ => None,

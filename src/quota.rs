@@ -26,20 +26,20 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 pub mod estimate;
-pub mod rebalance;
-pub mod window;
+pub(crate) mod rebalance;
+pub(crate) mod window;
 
-pub use crate::config::{Budget, Limits, Rate, TenantLimits};
+pub(crate) use crate::config::{Limits, Rate, TenantLimits};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-pub use window::{Amount, Calendar, Clock, Windows};
+pub(crate) use window::{Amount, Calendar, Clock, Windows};
 use window::{Bucket, Counter};
 
 /// Every window name, as used in refusals and reports.
-pub const WINDOWS: [&str; 8] = [
+pub(crate) const WINDOWS: [&str; 8] = [
     "minute.requests",
     "minute.tokens",
     "day.requests",
@@ -52,12 +52,12 @@ pub const WINDOWS: [&str; 8] = [
 
 /// Why a reservation was refused.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// `minute.requests`, `minute.tokens`, `day.tokens`, `month.usd`, … prefixed
     /// with `model:<name>.` for a per-model scope.
-    pub window: String,
-    pub kind: RefusalKind,
-    pub retry_after: Duration,
+    pub(crate) window: String,
+    pub(crate) kind: RefusalKind,
+    pub(crate) retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,17 +70,17 @@ pub enum RefusalKind {
 
 /// Rate-limit state for the `x-ratelimit-*` response headers.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateInfo {
-    pub requests: Option<WindowInfo>,
-    pub tokens: Option<WindowInfo>,
+pub(crate) struct RateInfo {
+    pub(crate) requests: Option<WindowInfo>,
+    pub(crate) tokens: Option<WindowInfo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WindowInfo {
-    pub limit: u64,
-    pub remaining: u64,
+pub(crate) struct WindowInfo {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
     /// Until the window is whole again.
-    pub reset: Duration,
+    pub(crate) reset: Duration,
 }
 
 /// One scope's windows.
@@ -319,18 +319,18 @@ fn month_window(dim: &'static str) -> &'static str {
 
 /// Rate capacity lent (negative) or borrowed (positive), per minute.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Loan {
-    pub rpm: f64,
-    pub tpm: f64,
+pub(crate) struct Loan {
+    pub(crate) rpm: f64,
+    pub(crate) tpm: f64,
 }
 
 /// Traffic seen since the rebalancer last looked.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Activity {
-    pub requests: u64,
-    pub tokens: u64,
+pub(crate) struct Activity {
+    pub(crate) requests: u64,
+    pub(crate) tokens: u64,
     /// Refused by a per-minute rate.
-    pub rate_refusals: u64,
+    pub(crate) rate_refusals: u64,
 }
 
 /// Activity as it accumulates. Tokens count when reserved (demand shows at
@@ -357,8 +357,8 @@ struct TenantState {
 /// One tenant's ledger. Lives across reloads: a reload changes its limits and
 /// keeps what it counted.
 #[derive(Debug)]
-pub struct TenantLedger {
-    pub id: String,
+pub(crate) struct TenantLedger {
+    pub(crate) id: String,
     state: Mutex<TenantState>,
 }
 
@@ -367,7 +367,7 @@ fn signed(n: u64) -> i64 {
 }
 
 impl TenantLedger {
-    pub fn new(id: &str, limits: &TenantLimits) -> TenantLedger {
+    pub(crate) fn new(id: &str, limits: &TenantLimits) -> TenantLedger {
         TenantLedger::new_at(id, limits, Instant::now())
     }
 
@@ -392,7 +392,7 @@ impl TenantLedger {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_limits(&self, limits: &TenantLimits) {
+    pub(crate) fn set_limits(&self, limits: &TenantLimits) {
         self.set_limits_at(limits, Instant::now());
     }
 
@@ -414,7 +414,7 @@ impl TenantLedger {
 
     /// Reserve `amount` in every window of the tenant and of its scope for
     /// `model`, or in none.
-    pub fn reserve(
+    pub(crate) fn reserve(
         self: &Arc<Self>,
         model: &str,
         amount: Amount,
@@ -518,7 +518,7 @@ impl TenantLedger {
     /// (per minute, day, month; the tenant's and the model's), the one with
     /// the least left, and the same for tokens. `None` where no window of
     /// that kind applies.
-    pub fn rate_info(&self, model: Option<&str>, calendar: &Calendar) -> RateInfo {
+    pub(crate) fn rate_info(&self, model: Option<&str>, calendar: &Calendar) -> RateInfo {
         self.rate_info_at(model, calendar, Instant::now(), calendar.now())
     }
 
@@ -546,7 +546,7 @@ impl TenantLedger {
     }
 
     /// Take the activity counters (for the rebalancer) and start anew.
-    pub fn take_activity(&self) -> Activity {
+    pub(crate) fn take_activity(&self) -> Activity {
         let mut s = self.lock();
         let a = std::mem::take(&mut s.activity);
         // A negative rest (settlements below their reservations) carries on.
@@ -558,15 +558,15 @@ impl TenantLedger {
         }
     }
 
-    pub fn priority(&self) -> u8 {
+    pub(crate) fn priority(&self) -> u8 {
         self.lock().priority
     }
 
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.lock().tenant.limits
     }
 
-    pub fn loan(&self) -> Loan {
+    pub(crate) fn loan(&self) -> Loan {
         self.lock().loan
     }
 
@@ -575,7 +575,7 @@ impl TenantLedger {
     /// credited to the bucket at once: a loan is a burst allowance, and a
     /// lender that returns has its capacity back, not only its refill rate.
     /// Capacity that goes away is capped off at the next refill.
-    pub fn set_loan(&self, loan: Loan) {
+    pub(crate) fn set_loan(&self, loan: Loan) {
         self.set_loan_at(loan, Instant::now());
     }
 
@@ -595,7 +595,7 @@ impl TenantLedger {
     }
 
     /// Everything a tenant may know about its own quota.
-    pub fn report(&self, calendar: &Calendar) -> QuotaReport {
+    pub(crate) fn report(&self, calendar: &Calendar) -> QuotaReport {
         let now = Instant::now();
         let ts = calendar.now();
         let w = calendar.windows(ts);
@@ -624,35 +624,35 @@ impl TenantLedger {
 
 /// `GET /v1/collie/quota`.
 #[derive(Debug, Serialize)]
-pub struct QuotaReport {
-    pub tenant: String,
-    pub priority: u8,
+pub(crate) struct QuotaReport {
+    pub(crate) tenant: String,
+    pub(crate) priority: u8,
     /// Rate capacity currently borrowed (positive) or lent (negative).
-    pub loan_rpm: f64,
-    pub loan_tpm: f64,
-    pub scopes: Vec<ScopeReport>,
+    pub(crate) loan_rpm: f64,
+    pub(crate) loan_tpm: f64,
+    pub(crate) scopes: Vec<ScopeReport>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct ScopeReport {
+pub(crate) struct ScopeReport {
     /// `null` for the tenant as a whole.
-    pub model: Option<String>,
-    pub windows: Vec<WindowReport>,
+    pub(crate) model: Option<String>,
+    pub(crate) windows: Vec<WindowReport>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct WindowReport {
-    pub window: &'static str,
+pub(crate) struct WindowReport {
+    pub(crate) window: &'static str,
     /// Per-minute windows: the configured rate.
-    pub limit: f64,
+    pub(crate) limit: f64,
     /// Per-minute windows: what the bucket holds when full (burst plus any
     /// loan).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub burst: Option<f64>,
-    pub used: f64,
-    pub reserved: f64,
-    pub remaining: f64,
-    pub resets_at: Option<String>,
+    pub(crate) burst: Option<f64>,
+    pub(crate) used: f64,
+    pub(crate) reserved: f64,
+    pub(crate) remaining: f64,
+    pub(crate) resets_at: Option<String>,
 }
 
 fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> ScopeReport {
@@ -727,7 +727,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
 
 /// How a reservation ended, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
+pub(crate) enum Settlement {
     /// Settled to the usage the provider reported.
     Reported,
     /// Settled to Collie's estimate: the provider reported none.
@@ -739,7 +739,7 @@ pub enum Settlement {
 }
 
 impl Settlement {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Settlement::Reported => "reported",
             Settlement::Estimated => "estimated",
@@ -752,7 +752,7 @@ impl Settlement {
 /// A reservation held by one request. Settle it with what was used, refund
 /// it, or drop it (which refunds).
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     ledger: Arc<TenantLedger>,
     /// Settlement rolls the windows to the day it happens in.
     calendar: Arc<Calendar>,
@@ -762,12 +762,12 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    pub fn amount(&self) -> Amount {
+    pub(crate) fn amount(&self) -> Amount {
         self.amount
     }
 
     /// Replace the reservation by what was really used (more or less).
-    pub fn settle(self, actual: Amount) {
+    pub(crate) fn settle(self, actual: Amount) {
         let ts = self.calendar.now();
         self.settle_at(actual, Instant::now(), ts);
     }
@@ -780,12 +780,8 @@ impl Reservation {
     }
 
     /// Nothing was used: give everything back.
-    pub fn refund(self) {
+    pub(crate) fn refund(self) {
         self.settle(Amount::default());
-    }
-
-    pub fn ledger(&self) -> &Arc<TenantLedger> {
-        &self.ledger
     }
 }
 
@@ -821,7 +817,7 @@ impl Ledger {
     /// The ledger of a tenant with these limits: the existing one (limits
     /// updated, counts kept) or a new one. Tenants gone from the config are
     /// forgotten by [`Ledger::retain`].
-    pub fn tenant(&self, id: &str, limits: &TenantLimits) -> Arc<TenantLedger> {
+    pub(crate) fn tenant(&self, id: &str, limits: &TenantLimits) -> Arc<TenantLedger> {
         let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
             Some(t) => {
@@ -836,15 +832,10 @@ impl Ledger {
         }
     }
 
-    pub fn retain(&self, ids: &[&str]) {
+    pub(crate) fn retain(&self, ids: &[&str]) {
         let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let keep: std::collections::HashSet<&str> = ids.iter().copied().collect();
         map.retain(|id, _| keep.contains(id.as_str()));
-    }
-
-    pub fn all(&self) -> Vec<Arc<TenantLedger>> {
-        let map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().cloned().collect()
     }
 }
 
@@ -856,6 +847,7 @@ impl Ledger {
 )]
 mod tests {
     use super::*;
+    use crate::config::Budget;
     use jiff::tz::TimeZone;
     use proptest::prelude::*;
 

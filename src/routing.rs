@@ -4,11 +4,11 @@
 //! those whose own provider limits are spent. Health and probes are in
 //! [`health`] and [`probe`].
 
-pub mod gate;
-pub mod health;
-pub mod limits;
+pub(crate) mod gate;
+pub(crate) mod health;
+pub(crate) mod limits;
 
-pub use crate::config::Policy;
+pub(crate) use crate::config::Policy;
 use crate::config::{Config, Price, Timeouts};
 use arc_swap::ArcSwap;
 use gate::PoolGate;
@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Milliseconds on a monotonic clock private to this process (never 0).
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
@@ -36,9 +36,9 @@ pub fn now_ms() -> u64 {
 
 /// One deployment ready to be called: a provider endpoint, its key and the
 /// model name it expects.
-pub struct Upstream {
-    pub index: usize,
-    pub id: String,
+pub(crate) struct Upstream {
+    pub(crate) index: usize,
+    pub(crate) id: String,
     /// The endpoint; its address is refreshed from DNS in the background
     /// (see [`Upstream::refresh_address`]), so it is swapped, never edited.
     peer: ArcSwap<HttpPeer>,
@@ -49,30 +49,30 @@ pub struct Upstream {
     /// fail at once until the background refresh resolves it.
     unresolved: AtomicBool,
     /// The model name written into the body sent to this deployment.
-    pub model: String,
+    pub(crate) model: String,
     /// The same, ready for the `x-collie-model` response header.
-    pub model_header: HeaderValue,
-    pub host: HeaderValue,
-    pub path_prefix: String,
+    pub(crate) model_header: HeaderValue,
+    pub(crate) host: HeaderValue,
+    pub(crate) path_prefix: String,
     /// Header carrying the provider key, marked sensitive so HPACK never
     /// indexes it. `None` for upstreams that take no key.
-    pub auth: Option<(HeaderName, HeaderValue)>,
+    pub(crate) auth: Option<(HeaderName, HeaderValue)>,
     /// Finds the provider key in what the deployment sends back.
-    pub key_mask: Option<crate::gateway::KeyMask>,
-    pub timeouts: Timeouts,
-    pub price: Option<Price>,
+    pub(crate) key_mask: Option<crate::gateway::KeyMask>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) price: Option<Price>,
     /// Until when (see [`now_ms`]) the provider asked us to stay away; 0 = open.
     blocked_until_ms: AtomicU64,
     /// The provider's per-minute limits for this key, as configured.
     limits: (Option<u64>, Option<u64>),
-    pub limiter: Option<Arc<ProviderLimiter>>,
+    pub(crate) limiter: Option<Arc<ProviderLimiter>>,
     /// Probes, live outcomes and the breaker; kept across reloads.
-    pub health: Arc<DeploymentHealth>,
+    pub(crate) health: Arc<DeploymentHealth>,
 }
 
 impl Upstream {
     /// The endpoint to connect to now.
-    pub fn peer(&self) -> Arc<HttpPeer> {
+    pub(crate) fn peer(&self) -> Arc<HttpPeer> {
         self.peer.load_full()
     }
 
@@ -81,7 +81,7 @@ impl Upstream {
     /// addresses; pinning the first answer forever would fail every connect
     /// after such a change). Connections pooled to the old address are left
     /// to their idle timeout. Returns the new address when it changed.
-    pub async fn refresh_address(&self) -> Result<Option<SocketAddr>, DnsError> {
+    pub(crate) async fn refresh_address(&self) -> Result<Option<SocketAddr>, DnsError> {
         let Some((host, port)) = &self.dns_name else {
             return Ok(None);
         };
@@ -110,7 +110,7 @@ impl Upstream {
 
     /// Whether the deployment has an address to connect to; the error names
     /// the host that did not resolve.
-    pub fn resolved(&self) -> Result<(), String> {
+    pub(crate) fn resolved(&self) -> Result<(), String> {
         match (&self.dns_name, self.unresolved.load(Ordering::Acquire)) {
             (Some((host, _)), true) => Err(format!("{host} does not resolve")),
             _ => Ok(()),
@@ -118,13 +118,13 @@ impl Upstream {
     }
 
     /// Remember a provider's `Retry-After`; a later, longer one wins.
-    pub fn block_for(&self, wait: Duration) {
+    pub(crate) fn block_for(&self, wait: Duration) {
         let until = now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         self.blocked_until_ms.fetch_max(until, Ordering::Relaxed);
     }
 
     /// Milliseconds left before this deployment may be tried again.
-    pub fn blocked_for_ms(&self, now: u64) -> Option<u64> {
+    pub(crate) fn blocked_for_ms(&self, now: u64) -> Option<u64> {
         let until = self.blocked_until_ms.load(Ordering::Relaxed);
         (until > now).then(|| until - now)
     }
@@ -147,22 +147,22 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-pub struct PoolRuntime {
-    pub id: String,
-    pub members: Vec<usize>,
+pub(crate) struct PoolRuntime {
+    pub(crate) id: String,
+    pub(crate) members: Vec<usize>,
     /// Each member's weight, in `members` order.
     weights: Vec<u32>,
     lb: LoadBalancer<RoundRobin>,
-    pub policy: Policy,
-    pub retries: u32,
+    pub(crate) policy: Policy,
+    pub(crate) retries: u32,
     /// Concurrency budget and priority queue; kept across reloads.
-    pub gate: Arc<PoolGate>,
+    pub(crate) gate: Arc<PoolGate>,
     picks: AtomicU64,
 }
 
 /// What a pool offers for the next attempt.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pick {
+pub(crate) enum Pick {
     /// A deployment, and whether it is the half-open breaker's single trial.
     Upstream { index: usize, trial: bool },
     /// Every untried member is waiting out a provider's `Retry-After` (or
@@ -189,7 +189,7 @@ impl PoolRuntime {
     /// then unknown (not preferred until proven), by the pool's policy; else
     /// the single trial of a half-open breaker. The member's provider limits
     /// must take one request of `tokens` (taken on success; see [`Lease`]).
-    pub fn pick(
+    pub(crate) fn pick(
         &self,
         upstreams: &[Arc<Upstream>],
         tried: &[usize],
@@ -203,7 +203,7 @@ impl PoolRuntime {
     /// nothing. Where `pick` goes by weighted round robin, this names the
     /// heaviest candidate instead: the round robin's next turn is not a
     /// recommendation.
-    pub fn peek(
+    pub(crate) fn peek(
         &self,
         upstreams: &[Arc<Upstream>],
         tried: &[usize],
@@ -407,7 +407,7 @@ impl PoolRuntime {
 /// cutting the attempt — it gives back what [`PoolRuntime::pick`] took: the
 /// half-open breaker's trial slot, and the provider-limit tokens unless an
 /// attempt record carries them to settlement. So no path leaks either.
-pub struct Lease {
+pub(crate) struct Lease {
     upstream: Arc<Upstream>,
     trial: bool,
     tokens: u64,
@@ -417,7 +417,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(upstream: Arc<Upstream>, trial: bool, tokens: u64) -> Lease {
+    pub(crate) fn new(upstream: Arc<Upstream>, trial: bool, tokens: u64) -> Lease {
         Lease {
             upstream,
             trial,
@@ -427,22 +427,22 @@ impl Lease {
         }
     }
 
-    pub fn upstream(&self) -> &Arc<Upstream> {
+    pub(crate) fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
     }
 
-    pub fn trial(&self) -> bool {
+    pub(crate) fn trial(&self) -> bool {
         self.trial
     }
 
     /// An attempt record now holds the provider-limit tokens.
-    pub fn recorded(&mut self) {
+    pub(crate) fn recorded(&mut self) {
         self.tokens_recorded = true;
     }
 
     /// Account the attempt's outcome to the deployment's health, which
     /// frees a trial slot whatever the outcome.
-    pub fn finish(mut self, outcome: health::Outcome) {
+    pub(crate) fn finish(mut self, outcome: health::Outcome) {
         self.finished = true;
         self.upstream.health.record(outcome);
     }
@@ -482,16 +482,16 @@ pub enum BuildError {
 }
 
 /// Everything routing needs for one snapshot of the config.
-pub struct Router {
-    pub pools: Vec<PoolRuntime>,
-    pub upstreams: Vec<Arc<Upstream>>,
+pub(crate) struct Router {
+    pub(crate) pools: Vec<PoolRuntime>,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Router {
     /// Build from a validated config. Provider state (`Retry-After` blocks,
     /// provider limits, health, queues) of deployments and pools that keep
     /// their id is carried over from `previous` and `book`.
-    pub fn build(
+    pub(crate) fn build(
         config: &Config,
         previous: Option<&Router>,
         book: &HealthBook,
@@ -576,7 +576,7 @@ impl Router {
         Ok(Router { pools, upstreams })
     }
 
-    pub fn upstream_by_id(&self, id: &str) -> Option<&Arc<Upstream>> {
+    pub(crate) fn upstream_by_id(&self, id: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.id == id)
     }
 }
@@ -609,11 +609,11 @@ fn moved_address(current: Option<&SocketAddr>, answers: &[SocketAddr]) -> Option
 }
 
 /// How often deployments' host names are resolved again.
-pub const DNS_REFRESH: Duration = Duration::from_secs(30);
+pub(crate) const DNS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why a deployment's host name gave no address.
 #[derive(Debug, thiserror::Error)]
-pub enum DnsError {
+pub(crate) enum DnsError {
     #[error("cannot resolve {host}: {source}")]
     Lookup {
         host: String,

@@ -71,8 +71,7 @@ impl StartError {
 
 /// A configured, not yet running process.
 pub struct Collie {
-    pub state: Arc<State>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) state: Arc<State>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     server: Server,
@@ -90,13 +89,13 @@ struct DrainParts {
 
 /// How the process is stopping, for every part that acts on it.
 #[derive(Clone, Default)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     /// A graceful stop began: `/readyz` fails, idle connections close, and
     /// every answer says `Connection: close`.
-    pub draining: CancellationToken,
+    pub(crate) draining: CancellationToken,
     /// The drain timeout passed: requests still in flight are cut off
     /// (streams end with an error event) so they are settled and recorded.
-    pub cut: CancellationToken,
+    pub(crate) cut: CancellationToken,
 }
 
 /// After the cut, how long the stop waits for cut requests to be settled.
@@ -250,7 +249,6 @@ impl Collie {
             ));
         }
         Ok(Collie {
-            metrics,
             listen,
             admin_listen,
             drain: DrainParts {
@@ -290,7 +288,6 @@ impl Collie {
         let listen = self.listen;
         let admin_listen = self.admin_listen;
         let state = Arc::clone(&self.state);
-        let metrics = Arc::clone(&self.metrics);
         let server = self.server;
         let audit = self.audit;
         let parts = self.drain;
@@ -312,7 +309,6 @@ impl Collie {
             listen,
             admin_listen,
             state,
-            metrics,
             stop: tx,
             thread: Some(thread),
         };
@@ -353,7 +349,6 @@ pub struct Running {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub state: Arc<State>,
-    pub metrics: Arc<Metrics>,
     /// `Some(true)` asks for a graceful stop, `Some(false)` for a fast one.
     stop: tokio::sync::watch::Sender<Option<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,

@@ -12,13 +12,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub struct Snapshot {
-    pub config: Config,
-    pub router: Router,
+pub(crate) struct Snapshot {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
     /// Quota ledgers by tenant index (shared with the previous snapshot).
-    pub ledgers: Vec<Arc<TenantLedger>>,
+    pub(crate) ledgers: Vec<Arc<TenantLedger>>,
     /// Held by reservations too: they settle into the windows current then.
-    pub calendar: Arc<Calendar>,
+    pub(crate) calendar: Arc<Calendar>,
     tenant_index: HashMap<String, usize>,
     model_index: HashMap<String, usize>,
     /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
@@ -26,7 +26,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(
+    pub(crate) fn build(
         config: Config,
         previous: Option<&Snapshot>,
         ledger: &Ledger,
@@ -73,24 +73,24 @@ impl Snapshot {
         })
     }
 
-    pub fn model(&self, name: &str) -> Option<&Model> {
+    pub(crate) fn model(&self, name: &str) -> Option<&Model> {
         self.model_index
             .get(name)
             .and_then(|&i| self.config.models.get(i))
     }
 
-    pub fn tenant_index(&self, id: &str) -> Option<usize> {
+    pub(crate) fn tenant_index(&self, id: &str) -> Option<usize> {
         self.tenant_index.get(id).copied()
     }
 
-    pub fn key_owner(&self, digest: &[u8; 32]) -> Option<usize> {
+    pub(crate) fn key_owner(&self, digest: &[u8; 32]) -> Option<usize> {
         self.key_owner.get(digest).copied()
     }
 }
 
 /// Why a reload was refused; the running snapshot stays.
 #[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
+pub(crate) enum ReloadError {
     #[error("{} is invalid:\n{errors}", path.display())]
     Config { path: PathBuf, errors: ConfigErrors },
     #[error("internal error: {0}")]
@@ -107,7 +107,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config, health: Arc<HealthBook>) -> Result<State, BuildError> {
+    pub(crate) fn new(config: Config, health: Arc<HealthBook>) -> Result<State, BuildError> {
         let ledger = Ledger::default();
         let snapshot = Snapshot::build(config, None, &ledger, &health)?;
         Ok(State {
@@ -117,7 +117,7 @@ impl State {
         })
     }
 
-    pub fn load(&self) -> Arc<Snapshot> {
+    pub(crate) fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
 
@@ -133,7 +133,7 @@ impl State {
     /// Read, validate and swap in a config file. It blocks (it reads the
     /// file and resolves deployments' host names): from async code, run it
     /// on a blocking thread.
-    pub fn reload_file(&self, path: &Path) -> Result<(), ReloadError> {
+    pub(crate) fn reload_file(&self, path: &Path) -> Result<(), ReloadError> {
         let config = Config::load(path).map_err(|errors| ReloadError::Config {
             path: path.to_path_buf(),
             errors,

@@ -5,7 +5,7 @@
 //! `None`.
 #![deny(clippy::arithmetic_side_effects)]
 
-pub mod sse;
+pub(crate) mod sse;
 
 use crate::config::Price;
 use bytes::Bytes;
@@ -13,15 +13,15 @@ use serde::Deserialize;
 
 /// Tokens of one request as the provider reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub total_tokens: Option<u64>,
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
+    pub(crate) total_tokens: Option<u64>,
 }
 
 impl Usage {
     /// The total the provider gave, else the sum of the parts when both are known.
-    pub fn total(&self) -> Option<u64> {
+    pub(crate) fn total(&self) -> Option<u64> {
         self.total_tokens.or_else(|| {
             self.prompt_tokens
                 .zip(self.completion_tokens)
@@ -31,7 +31,7 @@ impl Usage {
 
     /// Cost in nanodollars, rounded up so that a request is never billed below
     /// what it cost. `None` when the price or any needed count is unknown.
-    pub fn cost_nano_usd(&self, price: Option<Price>) -> Option<u64> {
+    pub(crate) fn cost_nano_usd(&self, price: Option<Price>) -> Option<u64> {
         let price = price?;
         let prompt = self.prompt_tokens?;
         // Embeddings report no completion tokens; that is a real zero only
@@ -119,7 +119,7 @@ const JSON_TAIL: usize = 64 << 10;
 /// Keeps a non-streamed JSON response on the side (the chunks themselves,
 /// shared, not copied) to read its usage at the end.
 #[derive(Debug, Default)]
-pub struct JsonUsage {
+pub(crate) struct JsonUsage {
     first: Option<Bytes>,
     more: Vec<Bytes>,
     kept: usize,
@@ -127,7 +127,7 @@ pub struct JsonUsage {
 }
 
 impl JsonUsage {
-    pub fn feed(&mut self, chunk: &Bytes) {
+    pub(crate) fn feed(&mut self, chunk: &Bytes) {
         self.kept = self.kept.saturating_add(chunk.len());
         if self.first.is_none() {
             self.first = Some(chunk.clone());
@@ -150,7 +150,7 @@ impl JsonUsage {
 
     /// The usage in the body: found from the end first (where providers put
     /// it, and cheap), else by parsing the whole body when it was kept whole.
-    pub fn finish(self) -> Option<Usage> {
+    pub(crate) fn finish(self) -> Option<Usage> {
         let joined;
         let body: &[u8] = match (&self.first, self.more.is_empty()) {
             (None, _) => return None,

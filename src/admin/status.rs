@@ -7,7 +7,7 @@ use crate::routing::{Pick, now_ms};
 use crate::state::Snapshot;
 use serde::Serialize;
 
-pub const PAGE: &str = include_str!("status.html");
+pub(crate) const PAGE: &str = include_str!("status.html");
 
 #[derive(Serialize)]
 struct Status<'a> {
@@ -125,7 +125,7 @@ fn model_status<'a>(snap: &'a Snapshot, m: &'a Model) -> ModelStatus<'a> {
     }
 }
 
-pub fn json(snap: &Snapshot) -> Vec<u8> {
+pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
     let status = Status {
         models: snap
             .config

@@ -313,7 +313,7 @@ impl Detector {
     /// tenant's next record. A period is judged once it is over by a grace
     /// (a quarter period, at most 5 s) that lets its last records arrive; a
     /// record that comes later still is counted in the open period.
-    pub fn tick(&mut self, now_ms: i64) -> Vec<AnomalyRow> {
+    pub(crate) fn tick(&mut self, now_ms: i64) -> Vec<AnomalyRow> {
         let mut out = Vec::new();
         let period_ms = self.baseline_ms();
         let grace = (period_ms / 4).min(5_000);

@@ -10,7 +10,7 @@ use std::time::UNIX_EPOCH;
 
 /// The claimed tenant of a refused request that named no configured tenant.
 /// The header's text is not kept: it is free text, and may hold a secret.
-pub const UNKNOWN_TENANT: &str = "(unknown)";
+pub(crate) const UNKNOWN_TENANT: &str = "(unknown)";
 
 /// A request as recorded. Never holds a key, an `Authorization` value or a
 /// provider's error body: none of them is ever put into the context.
@@ -53,9 +53,9 @@ pub struct Record {
 
 /// A finished request on its way to the writer; its request hash is set
 /// here when it was taken on the request path (queue over its byte budget).
-pub struct Pending {
-    pub finished: Finished,
-    pub request_hash: Option<String>,
+pub(crate) struct Pending {
+    pub(crate) finished: Finished,
+    pub(crate) request_hash: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -66,7 +66,7 @@ struct AttemptJson<'a> {
 
 /// The record of a finished request, and its body (for the request hash,
 /// set later by the writer unless `request_hash` is given).
-pub fn record_of(f: Finished, request_hash: Option<String>) -> (Record, Option<Bytes>) {
+pub(crate) fn record_of(f: Finished, request_hash: Option<String>) -> (Record, Option<Bytes>) {
     let snap = &f.snapshot;
     let upstream = |i: usize| snap.router.upstreams.get(i);
     let served = f.served.and_then(upstream);

@@ -71,56 +71,56 @@ pub fn since_ms(since: &str) -> Result<i64, TrailError> {
 
 /// Totals of one group of records.
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
-pub struct Totals {
-    pub requests: u64,
-    pub refused: u64,
+pub(crate) struct Totals {
+    pub(crate) requests: u64,
+    pub(crate) refused: u64,
     /// Error statuses, no answer, and responses the provider broke off.
-    pub failures: u64,
+    pub(crate) failures: u64,
     /// Of the failures: responses the provider broke off mid-way.
-    pub truncated: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
+    pub(crate) truncated: u64,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
+    pub(crate) total_tokens: u64,
     /// Requests whose tokens are Collie's estimate, not the provider's count.
-    pub estimated: u64,
-    pub cost_usd: f64,
+    pub(crate) estimated: u64,
+    pub(crate) cost_usd: f64,
     /// Nearest-rank percentiles: the record at position round((n − 1) · p)
     /// of the group's latencies in ascending order.
-    pub latency_p50_ms: Option<f64>,
-    pub latency_p95_ms: Option<f64>,
+    pub(crate) latency_p50_ms: Option<f64>,
+    pub(crate) latency_p95_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub since_ms: i64,
-    pub tenant: Option<String>,
-    pub totals: Totals,
-    pub by_model: BTreeMap<String, Totals>,
-    pub by_tenant: BTreeMap<String, Totals>,
+    pub(crate) since_ms: i64,
+    pub(crate) tenant: Option<String>,
+    pub(crate) totals: Totals,
+    pub(crate) by_model: BTreeMap<String, Totals>,
+    pub(crate) by_tenant: BTreeMap<String, Totals>,
     /// (what, count), most frequent first.
-    pub top_errors: Vec<(String, u64)>,
-    pub security: Security,
-    pub anomalies: Vec<AnomalyOut>,
+    pub(crate) top_errors: Vec<(String, u64)>,
+    pub(crate) security: Security,
+    pub(crate) anomalies: Vec<AnomalyOut>,
 }
 
 /// Requests refused before they reached a provider: who was refused, from
 /// where, and whose tenant id was named without its key.
 #[derive(Debug, Default, Serialize)]
-pub struct Security {
+pub(crate) struct Security {
     /// By the rule that refused (an error code or a quota window).
-    pub refusals_by_rule: Vec<(String, u64)>,
-    pub refusals_by_client: Vec<(String, u64)>,
+    pub(crate) refusals_by_rule: Vec<(String, u64)>,
+    pub(crate) refusals_by_client: Vec<(String, u64)>,
     /// Refused by authentication, by the tenant id the request claimed
     /// (`(unknown)`: a name no tenant has). Claimed, not proven.
-    pub auth_refusals_by_claimed_tenant: Vec<(String, u64)>,
+    pub(crate) auth_refusals_by_claimed_tenant: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct AnomalyOut {
-    pub ts_ms: i64,
-    pub rule: String,
-    pub tenant: Option<String>,
-    pub detail: String,
+pub(crate) struct AnomalyOut {
+    pub(crate) ts_ms: i64,
+    pub(crate) rule: String,
+    pub(crate) tenant: Option<String>,
+    pub(crate) detail: String,
 }
 
 /// Entries of each top list.

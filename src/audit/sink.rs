@@ -5,7 +5,7 @@
 mod postgres;
 mod sqlite;
 
-pub use postgres::Postgres;
+pub(crate) use postgres::Postgres;
 pub use sqlite::Sqlite;
 
 use super::record::Record;
@@ -78,7 +78,7 @@ pub struct Stored {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnomalyRow {
     pub ts_ms: i64,
-    pub sidecar: String,
+    pub(crate) sidecar: String,
     pub rule: String,
     pub tenant: Option<String>,
     pub detail: String,
@@ -100,11 +100,11 @@ pub enum WriteError {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
     /// Records that started before this go.
-    pub before_ms: Option<i64>,
+    pub(crate) before_ms: Option<i64>,
     /// At most this many records stay (the newest).
-    pub max_rows: Option<i64>,
+    pub(crate) max_rows: Option<i64>,
     /// SQLite: the pages in use stay under this many bytes.
-    pub max_bytes: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
 }
 
 /// One value of a report query's row.
@@ -117,7 +117,7 @@ pub enum Cell {
 }
 
 impl Cell {
-    pub fn int(&self) -> i64 {
+    pub(crate) fn int(&self) -> i64 {
         match self {
             Cell::Int(n) => *n,
             Cell::Real(v) => *v as i64,
@@ -125,7 +125,7 @@ impl Cell {
         }
     }
 
-    pub fn real(&self) -> f64 {
+    pub(crate) fn real(&self) -> f64 {
         match self {
             Cell::Int(n) => *n as f64,
             Cell::Real(v) => *v,
@@ -133,7 +133,7 @@ impl Cell {
         }
     }
 
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         match self {
             Cell::Text(s) => s.clone(),
             Cell::Int(n) => n.to_string(),

@@ -38,7 +38,7 @@ pub enum SinkSpecError {
 
 impl SinkSpec {
     /// `sqlite:PATH` or `postgres://…` (optionally `#schema`).
-    pub fn parse(text: &str) -> Result<SinkSpec, SinkSpecError> {
+    pub(crate) fn parse(text: &str) -> Result<SinkSpec, SinkSpecError> {
         if let Some(path) = text.strip_prefix("sqlite:") {
             return Ok(SinkSpec::Sqlite(PathBuf::from(path)));
         }
@@ -65,52 +65,52 @@ pub fn is_schema_name(s: &str) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     /// `None`: auditing is off.
-    pub sink: Option<SinkSpec>,
+    pub(crate) sink: Option<SinkSpec>,
     /// The name of this sidecar's hash chain. `None`: the host name and a
     /// random suffix, new on every start (see `audit::sidecar_id`).
-    pub sidecar_id: Option<String>,
-    pub queue: usize,
+    pub(crate) sidecar_id: Option<String>,
+    pub(crate) queue: usize,
     /// Request bodies waiting to be hashed, at most.
-    pub queue_bytes: usize,
-    pub batch: usize,
-    pub flush_interval: Duration,
+    pub(crate) queue_bytes: usize,
+    pub(crate) batch: usize,
+    pub(crate) flush_interval: Duration,
     /// Wait for room instead of dropping when the queue is full.
-    pub block_when_full: bool,
-    pub preview_bytes: usize,
-    pub max_age: Option<Duration>,
-    pub max_rows: Option<u64>,
+    pub(crate) block_when_full: bool,
+    pub(crate) preview_bytes: usize,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_rows: Option<u64>,
     /// SQLite only: the largest the file may grow (pages in use).
-    pub max_bytes: Option<u64>,
-    pub prune_every: Duration,
-    pub anomalies: AnomalySettings,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) prune_every: Duration,
+    pub(crate) anomalies: AnomalySettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnomalySettings {
-    pub window: Duration,
-    pub tenant_requests: Option<u64>,
-    pub global_requests: Option<u64>,
-    pub failure_ratio: f64,
-    pub failure_min_requests: u64,
-    pub tenant_cost_per_hour_nano: Option<u64>,
-    pub global_cost_per_hour_nano: Option<u64>,
-    pub tokens_per_request: Option<u64>,
-    pub repeats: Option<u64>,
-    pub global_repeats: Option<u64>,
-    pub zscore: f64,
+    pub(crate) window: Duration,
+    pub(crate) tenant_requests: Option<u64>,
+    pub(crate) global_requests: Option<u64>,
+    pub(crate) failure_ratio: f64,
+    pub(crate) failure_min_requests: u64,
+    pub(crate) tenant_cost_per_hour_nano: Option<u64>,
+    pub(crate) global_cost_per_hour_nano: Option<u64>,
+    pub(crate) tokens_per_request: Option<u64>,
+    pub(crate) repeats: Option<u64>,
+    pub(crate) global_repeats: Option<u64>,
+    pub(crate) zscore: f64,
     /// The baseline's period and how many periods it learns before it judges.
-    pub baseline_interval: Duration,
-    pub baseline_min_history: u32,
-    pub webhook: Option<Webhook>,
+    pub(crate) baseline_interval: Duration,
+    pub(crate) baseline_min_history: u32,
+    pub(crate) webhook: Option<Webhook>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Webhook {
-    pub url: String,
-    pub timeout: Duration,
-    pub retries: u32,
+    pub(crate) url: String,
+    pub(crate) timeout: Duration,
+    pub(crate) retries: u32,
     /// Delay before the first retry; doubled for each next one.
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
 }
 
 impl Default for AnomalySettings {

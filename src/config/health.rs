@@ -6,10 +6,10 @@ use super::{Named, Pool, Resolved, Validator};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetrySettings {
+pub(crate) struct RetrySettings {
     /// First backoff; doubles per retry, with full jitter.
-    pub backoff: Duration,
-    pub max_backoff: Duration,
+    pub(crate) backoff: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 impl Default for RetrySettings {
@@ -23,26 +23,26 @@ impl Default for RetrySettings {
 
 /// Per-deployment tunables (config `health:` of a deployment).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HealthSettings {
-    pub probe: ProbeKind,
-    pub interval: Duration,
-    pub timeout: Duration,
+pub(crate) struct HealthSettings {
+    pub(crate) probe: ProbeKind,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
     /// Consecutive probe results that flip the probe verdict.
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
+    pub(crate) healthy_after: u32,
+    pub(crate) unhealthy_after: u32,
     /// Consecutive live failures that open the breaker.
-    pub failures_to_open: u32,
+    pub(crate) failures_to_open: u32,
     /// Error share of the sliding window that opens the breaker (with at
     /// least `min_samples` in it).
-    pub error_ratio: f64,
-    pub min_samples: u32,
-    pub window: Duration,
-    pub cooldown: Duration,
-    pub max_cooldown: Duration,
+    pub(crate) error_ratio: f64,
+    pub(crate) min_samples: u32,
+    pub(crate) window: Duration,
+    pub(crate) cooldown: Duration,
+    pub(crate) max_cooldown: Duration,
     /// Time-to-first-byte EWMA above which the deployment is degraded.
-    pub slow_after: Duration,
+    pub(crate) slow_after: Duration,
     /// Error share above which the deployment is degraded.
-    pub degraded_error_ratio: f64,
+    pub(crate) degraded_error_ratio: f64,
 }
 
 impl Default for HealthSettings {
@@ -67,7 +67,7 @@ impl Default for HealthSettings {
 
 /// What an active probe does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
+pub(crate) enum ProbeKind {
     /// `GET …/models` with the deployment's key: free.
     Models,
     /// A TCP (and TLS) connect only.
@@ -81,7 +81,7 @@ pub enum ProbeKind {
 
 /// How a pool chooses among its healthy members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
+pub(crate) enum Policy {
     /// By weight, round robin (`pingora-load-balancing`).
     Weighted,
     /// The lowest time-to-first-byte EWMA; one request in twenty goes by
@@ -92,7 +92,7 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Policy::Weighted => "weighted",
             Policy::LeastLatency => "least_latency",
@@ -103,10 +103,10 @@ impl Policy {
 
 /// One rule of a route alias.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub hint: Option<String>,
-    pub priorities: Option<Vec<u8>>,
-    pub chain: Vec<usize>,
+pub(crate) struct Route {
+    pub(crate) hint: Option<String>,
+    pub(crate) priorities: Option<Vec<u8>>,
+    pub(crate) chain: Vec<usize>,
 }
 
 impl Validator<'_> {

@@ -7,13 +7,13 @@ use jiff::tz::TimeZone;
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub const DEFAULT_MAX_TOKENS: u64 = 1024;
+pub(crate) const DEFAULT_MAX_TOKENS: u64 = 1024;
 
 #[derive(Debug, Clone)]
-pub struct QuotaSettings {
-    pub timezone: TimeZone,
-    pub max_wait: Duration,
-    pub rebalance: RebalanceSettings,
+pub(crate) struct QuotaSettings {
+    pub(crate) timezone: TimeZone,
+    pub(crate) max_wait: Duration,
+    pub(crate) rebalance: RebalanceSettings,
     /// `quota.rebalance.enabled: true` was written out (not the default).
     rebalance_requested: bool,
 }
@@ -32,58 +32,43 @@ impl Default for QuotaSettings {
 /// A per-minute rate with a burst capacity: the bucket refills at
 /// `per_minute / 60` per second up to `burst`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub per_minute: u64,
-    pub burst: u64,
+pub(crate) struct Rate {
+    pub(crate) per_minute: u64,
+    pub(crate) burst: u64,
 }
 
 /// Caps on one calendar window; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Budget {
-    pub requests: Option<u64>,
-    pub tokens: Option<u64>,
-    pub usd_nano: Option<u64>,
-}
-
-impl Budget {
-    pub fn is_unlimited(&self) -> bool {
-        self.requests.is_none() && self.tokens.is_none() && self.usd_nano.is_none()
-    }
+pub(crate) struct Budget {
+    pub(crate) requests: Option<u64>,
+    pub(crate) tokens: Option<u64>,
+    pub(crate) usd_nano: Option<u64>,
 }
 
 /// Every limit of one scope (a tenant, or a tenant × model).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Limits {
-    pub rpm: Option<Rate>,
-    pub tpm: Option<Rate>,
-    pub day: Budget,
-    pub month: Budget,
-}
-
-impl Limits {
-    pub fn is_unlimited(&self) -> bool {
-        self.rpm.is_none()
-            && self.tpm.is_none()
-            && self.day.is_unlimited()
-            && self.month.is_unlimited()
-    }
+pub(crate) struct Limits {
+    pub(crate) rpm: Option<Rate>,
+    pub(crate) tpm: Option<Rate>,
+    pub(crate) day: Budget,
+    pub(crate) month: Budget,
 }
 
 /// The limits of one tenant as configured.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct TenantLimits {
-    pub priority: u8,
-    pub limits: Limits,
-    pub models: HashMap<String, Limits>,
+pub(crate) struct TenantLimits {
+    pub(crate) priority: u8,
+    pub(crate) limits: Limits,
+    pub(crate) models: HashMap<String, Limits>,
 }
 
 /// Tunables (config `quota.rebalance`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RebalanceSettings {
-    pub enabled: bool,
+pub(crate) struct RebalanceSettings {
+    pub(crate) enabled: bool,
     /// Pool utilisation at which lending starts.
-    pub threshold: f64,
-    pub interval: Duration,
+    pub(crate) threshold: f64,
+    pub(crate) interval: Duration,
 }
 
 impl Default for RebalanceSettings {

@@ -11,386 +11,386 @@ use std::collections::BTreeMap;
 /// checked on its own and every broken item reported, not only the first.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
     #[serde(default)]
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     #[serde(default)]
-    pub threads: Option<i64>,
+    pub(crate) threads: Option<i64>,
     #[serde(default)]
-    pub max_body_bytes: Option<RawSize>,
+    pub(crate) max_body_bytes: Option<RawSize>,
     #[serde(default)]
-    pub max_json_depth: Option<i64>,
+    pub(crate) max_json_depth: Option<i64>,
     #[serde(default)]
-    pub client_timeout: Option<String>,
+    pub(crate) client_timeout: Option<String>,
     #[serde(default)]
-    pub head_timeout: Option<String>,
+    pub(crate) head_timeout: Option<String>,
     #[serde(default)]
-    pub keepalive_timeout: Option<String>,
+    pub(crate) keepalive_timeout: Option<String>,
     #[serde(default)]
-    pub max_header_bytes: Option<RawSize>,
+    pub(crate) max_header_bytes: Option<RawSize>,
     #[serde(default)]
-    pub max_headers: Option<i64>,
+    pub(crate) max_headers: Option<i64>,
     #[serde(default)]
-    pub max_inflight_body_bytes: Option<RawSize>,
+    pub(crate) max_inflight_body_bytes: Option<RawSize>,
     #[serde(default)]
-    pub drain_timeout: Option<String>,
+    pub(crate) drain_timeout: Option<String>,
     #[serde(default)]
-    pub upstream_keepalive_pool: Option<i64>,
+    pub(crate) upstream_keepalive_pool: Option<i64>,
     #[serde(default)]
-    pub upstream_tls: Option<serde_yaml_ng::Value>,
+    pub(crate) upstream_tls: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub tenants: Vec<serde_yaml_ng::Value>,
+    pub(crate) tenants: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub models: Vec<serde_yaml_ng::Value>,
+    pub(crate) models: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub pools: Vec<serde_yaml_ng::Value>,
+    pub(crate) pools: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub deployments: Vec<serde_yaml_ng::Value>,
+    pub(crate) deployments: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub pricing: BTreeMap<String, serde_yaml_ng::Value>,
+    pub(crate) pricing: BTreeMap<String, serde_yaml_ng::Value>,
     #[serde(default)]
-    pub quota: Option<serde_yaml_ng::Value>,
+    pub(crate) quota: Option<serde_yaml_ng::Value>,
     /// Backoff between retries inside a pool.
     #[serde(default)]
-    pub retry: Option<RawRetry>,
+    pub(crate) retry: Option<RawRetry>,
     /// Longest a request may take in all (attempts, waits and backoff).
     #[serde(default)]
-    pub request_deadline: Option<String>,
+    pub(crate) request_deadline: Option<String>,
     #[serde(default)]
-    pub audit: Option<serde_yaml_ng::Value>,
+    pub(crate) audit: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAudit {
+pub(crate) struct RawAudit {
     /// sqlite (default), postgres or off.
     #[serde(default)]
-    pub sink: Option<String>,
+    pub(crate) sink: Option<String>,
     #[serde(default)]
-    pub sqlite_path: Option<String>,
+    pub(crate) sqlite_path: Option<String>,
     /// Environment variable holding the PostgreSQL URL (it may hold a password).
     #[serde(default)]
-    pub postgres_url_env: Option<String>,
+    pub(crate) postgres_url_env: Option<String>,
     #[serde(default)]
-    pub postgres_schema: Option<String>,
+    pub(crate) postgres_schema: Option<String>,
     #[serde(default)]
-    pub sidecar_id: Option<String>,
+    pub(crate) sidecar_id: Option<String>,
     #[serde(default)]
-    pub queue: Option<i64>,
+    pub(crate) queue: Option<i64>,
     #[serde(default)]
-    pub queue_bytes: Option<RawSize>,
+    pub(crate) queue_bytes: Option<RawSize>,
     #[serde(default)]
-    pub batch: Option<i64>,
+    pub(crate) batch: Option<i64>,
     #[serde(default)]
-    pub flush_interval: Option<String>,
+    pub(crate) flush_interval: Option<String>,
     /// drop (default) or block.
     #[serde(default)]
-    pub when_full: Option<String>,
+    pub(crate) when_full: Option<String>,
     #[serde(default)]
-    pub preview_bytes: Option<i64>,
+    pub(crate) preview_bytes: Option<i64>,
     #[serde(default)]
-    pub retention: Option<RawRetention>,
+    pub(crate) retention: Option<RawRetention>,
     #[serde(default)]
-    pub anomalies: Option<RawAnomalies>,
+    pub(crate) anomalies: Option<RawAnomalies>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRetention {
+pub(crate) struct RawRetention {
     #[serde(default)]
-    pub max_age: Option<String>,
+    pub(crate) max_age: Option<String>,
     #[serde(default)]
-    pub max_rows: Option<i64>,
+    pub(crate) max_rows: Option<i64>,
     /// SQLite only: the largest the file may grow.
     #[serde(default)]
-    pub max_bytes: Option<RawSize>,
+    pub(crate) max_bytes: Option<RawSize>,
     #[serde(default)]
-    pub every: Option<String>,
+    pub(crate) every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAnomalies {
+pub(crate) struct RawAnomalies {
     #[serde(default)]
-    pub window: Option<String>,
+    pub(crate) window: Option<String>,
     #[serde(default)]
-    pub tenant_requests: Option<i64>,
+    pub(crate) tenant_requests: Option<i64>,
     #[serde(default)]
-    pub global_requests: Option<i64>,
+    pub(crate) global_requests: Option<i64>,
     #[serde(default)]
-    pub failure_ratio: Option<f64>,
+    pub(crate) failure_ratio: Option<f64>,
     #[serde(default)]
-    pub failure_min_requests: Option<i64>,
+    pub(crate) failure_min_requests: Option<i64>,
     #[serde(default)]
-    pub tenant_cost_per_hour_usd: Option<f64>,
+    pub(crate) tenant_cost_per_hour_usd: Option<f64>,
     #[serde(default)]
-    pub global_cost_per_hour_usd: Option<f64>,
+    pub(crate) global_cost_per_hour_usd: Option<f64>,
     #[serde(default)]
-    pub tokens_per_request: Option<i64>,
+    pub(crate) tokens_per_request: Option<i64>,
     #[serde(default)]
-    pub repeats: Option<i64>,
+    pub(crate) repeats: Option<i64>,
     #[serde(default)]
-    pub global_repeats: Option<i64>,
+    pub(crate) global_repeats: Option<i64>,
     #[serde(default)]
-    pub zscore: Option<f64>,
+    pub(crate) zscore: Option<f64>,
     /// The baseline's period (default 1m) and how many periods it learns
     /// before it judges (default 10).
     #[serde(default)]
-    pub baseline_interval: Option<String>,
+    pub(crate) baseline_interval: Option<String>,
     #[serde(default)]
-    pub baseline_min_history: Option<i64>,
+    pub(crate) baseline_min_history: Option<i64>,
     #[serde(default)]
-    pub webhook: Option<RawWebhook>,
+    pub(crate) webhook: Option<RawWebhook>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawWebhook {
-    pub url: String,
+pub(crate) struct RawWebhook {
+    pub(crate) url: String,
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     #[serde(default)]
-    pub retries: Option<i64>,
+    pub(crate) retries: Option<i64>,
     /// The first retry's delay; each next one doubles it.
     #[serde(default)]
-    pub backoff: Option<String>,
+    pub(crate) backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRetry {
+pub(crate) struct RawRetry {
     #[serde(default)]
-    pub backoff: Option<String>,
+    pub(crate) backoff: Option<String>,
     #[serde(default)]
-    pub max_backoff: Option<String>,
+    pub(crate) max_backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawHealth {
+pub(crate) struct RawHealth {
     /// models (default), connect, completion or off.
     #[serde(default)]
-    pub probe: Option<String>,
+    pub(crate) probe: Option<String>,
     #[serde(default)]
-    pub interval: Option<String>,
+    pub(crate) interval: Option<String>,
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     #[serde(default)]
-    pub healthy_after: Option<i64>,
+    pub(crate) healthy_after: Option<i64>,
     #[serde(default)]
-    pub unhealthy_after: Option<i64>,
+    pub(crate) unhealthy_after: Option<i64>,
     #[serde(default)]
-    pub failures_to_open: Option<i64>,
+    pub(crate) failures_to_open: Option<i64>,
     #[serde(default)]
-    pub error_ratio: Option<f64>,
+    pub(crate) error_ratio: Option<f64>,
     #[serde(default)]
-    pub min_samples: Option<i64>,
+    pub(crate) min_samples: Option<i64>,
     #[serde(default)]
-    pub window: Option<String>,
+    pub(crate) window: Option<String>,
     #[serde(default)]
-    pub cooldown: Option<String>,
+    pub(crate) cooldown: Option<String>,
     #[serde(default)]
-    pub max_cooldown: Option<String>,
+    pub(crate) max_cooldown: Option<String>,
     #[serde(default)]
-    pub slow_after: Option<String>,
+    pub(crate) slow_after: Option<String>,
     #[serde(default)]
-    pub degraded_error_ratio: Option<f64>,
+    pub(crate) degraded_error_ratio: Option<f64>,
 }
 
 /// A rule of a route alias: the first matching one picks the chain.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub(crate) struct RawRoute {
     /// Matches the request's `x-collie-route` header.
     #[serde(default)]
-    pub hint: Option<String>,
+    pub(crate) hint: Option<String>,
     /// Matches the tenant's priority.
     #[serde(default)]
-    pub priorities: Option<Vec<i64>>,
-    pub fallback: Vec<String>,
+    pub(crate) priorities: Option<Vec<i64>>,
+    pub(crate) fallback: Vec<String>,
 }
 
 /// A size written either as a byte count or as a string with a unit (`32MiB`).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawSize {
+pub(crate) enum RawSize {
     Bytes(i64),
     Text(String),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUpstreamTls {
+pub(crate) struct RawUpstreamTls {
     #[serde(default)]
-    pub ca_file: Option<String>,
+    pub(crate) ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTenant {
-    pub id: String,
+pub(crate) struct RawTenant {
+    pub(crate) id: String,
     /// SHA-256 digests (hex) of the tenant's API keys; `collie hash-key` prints one.
-    pub api_keys: Vec<String>,
+    pub(crate) api_keys: Vec<String>,
     /// Public model names the tenant may call; `"*"` allows every model.
-    pub models: Vec<String>,
+    pub(crate) models: Vec<String>,
     #[serde(default)]
-    pub priority: Option<i64>,
+    pub(crate) priority: Option<i64>,
     /// Overrides `quota.defaults` field by field; `models` adds per-model limits.
     #[serde(default)]
-    pub quota: Option<RawLimits>,
+    pub(crate) quota: Option<RawLimits>,
 }
 
 /// Global quota settings.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawQuota {
+pub(crate) struct RawQuota {
     /// IANA zone for day and month windows; default UTC.
     #[serde(default)]
-    pub timezone: Option<String>,
+    pub(crate) timezone: Option<String>,
     /// Limits for every tenant that does not set its own.
     #[serde(default)]
-    pub defaults: Option<RawLimits>,
+    pub(crate) defaults: Option<RawLimits>,
     /// Longest a request waits for a saturated pool.
     #[serde(default)]
-    pub max_wait: Option<String>,
+    pub(crate) max_wait: Option<String>,
     #[serde(default)]
-    pub rebalance: Option<RawRebalance>,
+    pub(crate) rebalance: Option<RawRebalance>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRebalance {
+pub(crate) struct RawRebalance {
     #[serde(default)]
-    pub enabled: Option<bool>,
+    pub(crate) enabled: Option<bool>,
     #[serde(default)]
-    pub threshold: Option<f64>,
+    pub(crate) threshold: Option<f64>,
     #[serde(default)]
-    pub interval: Option<String>,
+    pub(crate) interval: Option<String>,
 }
 
 /// Every limit; all optional (absent = unlimited, or inherited from defaults).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLimits {
+pub(crate) struct RawLimits {
     #[serde(default)]
-    pub rpm: Option<i64>,
+    pub(crate) rpm: Option<i64>,
     #[serde(default)]
-    pub rpm_burst: Option<i64>,
+    pub(crate) rpm_burst: Option<i64>,
     #[serde(default)]
-    pub tpm: Option<i64>,
+    pub(crate) tpm: Option<i64>,
     #[serde(default)]
-    pub tpm_burst: Option<i64>,
+    pub(crate) tpm_burst: Option<i64>,
     #[serde(default)]
-    pub requests_per_day: Option<i64>,
+    pub(crate) requests_per_day: Option<i64>,
     #[serde(default)]
-    pub tokens_per_day: Option<i64>,
+    pub(crate) tokens_per_day: Option<i64>,
     #[serde(default)]
-    pub usd_per_day: Option<f64>,
+    pub(crate) usd_per_day: Option<f64>,
     #[serde(default)]
-    pub requests_per_month: Option<i64>,
+    pub(crate) requests_per_month: Option<i64>,
     #[serde(default)]
-    pub tokens_per_month: Option<i64>,
+    pub(crate) tokens_per_month: Option<i64>,
     #[serde(default)]
-    pub usd_per_month: Option<f64>,
+    pub(crate) usd_per_month: Option<f64>,
     /// Output tokens reserved when a request sets no `max_tokens`.
     #[serde(default)]
-    pub default_max_tokens: Option<i64>,
+    pub(crate) default_max_tokens: Option<i64>,
     /// Only in a tenant's quota: limits for one model, on top of the tenant's.
     #[serde(default)]
-    pub models: Option<BTreeMap<String, RawLimits>>,
+    pub(crate) models: Option<BTreeMap<String, RawLimits>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub name: String,
+pub(crate) struct RawModel {
+    pub(crate) name: String,
     /// Pools tried in this order until one answers.
-    pub fallback: Vec<String>,
+    pub(crate) fallback: Vec<String>,
     /// Most output tokens the model can produce; caps the reservation.
     #[serde(default)]
-    pub max_output_tokens: Option<i64>,
+    pub(crate) max_output_tokens: Option<i64>,
     /// Token estimate family: o200k, cl100k or generic (default: from the name).
     #[serde(default)]
-    pub tokenizer: Option<String>,
+    pub(crate) tokenizer: Option<String>,
     /// Makes the model a route alias: rules choosing another chain.
     #[serde(default)]
-    pub routes: Vec<RawRoute>,
+    pub(crate) routes: Vec<RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPool {
-    pub id: String,
-    pub deployments: Vec<RawPoolMember>,
+pub(crate) struct RawPool {
+    pub(crate) id: String,
+    pub(crate) deployments: Vec<RawPoolMember>,
     /// Requests in flight at once; beyond it requests queue by priority.
     #[serde(default)]
-    pub max_concurrency: Option<i64>,
+    pub(crate) max_concurrency: Option<i64>,
     /// Learn the budget from the provider's 429s (below `max_concurrency`).
     #[serde(default)]
-    pub adaptive_concurrency: Option<bool>,
+    pub(crate) adaptive_concurrency: Option<bool>,
     /// weighted (default), least_latency or cost.
     #[serde(default)]
-    pub policy: Option<String>,
+    pub(crate) policy: Option<String>,
     /// Other deployments of this pool tried before the next pool.
     #[serde(default)]
-    pub retries: Option<i64>,
+    pub(crate) retries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPoolMember {
-    pub deployment: String,
+pub(crate) struct RawPoolMember {
+    pub(crate) deployment: String,
     #[serde(default)]
-    pub weight: Option<i64>,
+    pub(crate) weight: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDeployment {
-    pub id: String,
-    pub base_url: String,
+pub(crate) struct RawDeployment {
+    pub(crate) id: String,
+    pub(crate) base_url: String,
     /// Name of the environment variable holding the provider key. Absent for
     /// upstreams that take no key (a local model server).
     #[serde(default)]
-    pub api_key_env: Option<String>,
+    pub(crate) api_key_env: Option<String>,
     #[serde(default)]
-    pub auth: Option<String>,
+    pub(crate) auth: Option<String>,
     /// The model name the provider expects.
-    pub model: String,
+    pub(crate) model: String,
     #[serde(default)]
-    pub ca_file: Option<String>,
+    pub(crate) ca_file: Option<String>,
     #[serde(default)]
-    pub http2: Option<bool>,
+    pub(crate) http2: Option<bool>,
     #[serde(default)]
-    pub timeouts: Option<RawTimeouts>,
+    pub(crate) timeouts: Option<RawTimeouts>,
     /// The provider's request limit for this key, per minute.
     #[serde(default)]
-    pub rpm: Option<i64>,
+    pub(crate) rpm: Option<i64>,
     /// The provider's token limit for this key, per minute.
     #[serde(default)]
-    pub tpm: Option<i64>,
+    pub(crate) tpm: Option<i64>,
     #[serde(default)]
-    pub health: Option<RawHealth>,
+    pub(crate) health: Option<RawHealth>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTimeouts {
+pub(crate) struct RawTimeouts {
     #[serde(default)]
-    pub connect: Option<String>,
+    pub(crate) connect: Option<String>,
     #[serde(default)]
-    pub first_byte: Option<String>,
+    pub(crate) first_byte: Option<String>,
     #[serde(default)]
-    pub idle: Option<String>,
+    pub(crate) idle: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPrice {
+pub(crate) struct RawPrice {
     /// USD per million prompt tokens.
-    pub input_per_mtok: f64,
+    pub(crate) input_per_mtok: f64,
     /// USD per million completion tokens.
-    pub output_per_mtok: f64,
+    pub(crate) output_per_mtok: f64,
 }

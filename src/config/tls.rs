@@ -12,10 +12,10 @@ use std::sync::Arc;
 /// A CA bundle read from a file, in the form Pingora's connector takes per
 /// peer.
 #[derive(Clone)]
-pub struct CaBundle {
+pub(crate) struct CaBundle {
     /// Where it was read from (for messages, and for connectors that take a path).
-    pub path: PathBuf,
-    pub certs: Arc<[WrappedX509]>,
+    pub(crate) path: PathBuf,
+    pub(crate) certs: Arc<[WrappedX509]>,
     /// PEM items that are not certificates (a key kept in the same file):
     /// skipped here, refused by Pingora's connector when it reads the file.
     pub(super) other_items: usize,
@@ -33,7 +33,7 @@ impl fmt::Debug for CaBundle {
 
 /// Why a CA bundle cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum CaError {
+pub(crate) enum CaError {
     #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
@@ -60,7 +60,7 @@ pub enum CaError {
 
 impl CaBundle {
     /// Read and parse a PEM bundle.
-    pub fn load(path: &Path) -> Result<CaBundle, CaError> {
+    pub(crate) fn load(path: &Path) -> Result<CaBundle, CaError> {
         let pem = std::fs::read(path).map_err(|source| CaError::Read {
             path: path.to_path_buf(),
             source,

@@ -9,10 +9,10 @@ use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub const TENANT_HEADER: &str = "x-tenant-id";
+pub(crate) const TENANT_HEADER: &str = "x-tenant-id";
 
 /// The index of the proven tenant.
-pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError> {
+pub(crate) fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError> {
     let tenant_id = req
         .headers
         .get(TENANT_HEADER)
@@ -44,7 +44,7 @@ pub fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError
 }
 
 /// The tenant `X-Tenant-ID` names, if the header is there.
-pub fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
+pub(crate) fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
     let id = req
         .headers
         .get(TENANT_HEADER)
@@ -66,7 +66,7 @@ pub fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
 /// headers, which one counts would depend on who reads the request, and
 /// `Authorization: Bearer` and `api-key` with different keys are two
 /// identities too.
-pub fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
+pub(crate) fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
     for name in [TENANT_HEADER, "authorization", "api-key"] {
         if req.headers.get_all(name).iter().nth(1).is_some() {
             return Err(GatewayError::AmbiguousIdentity(name));

@@ -19,13 +19,13 @@ use std::time::Duration;
 /// with 503 and `Retry-After` instead of being read, so a burst of large
 /// bodies cannot take the process out of memory.
 #[derive(Debug)]
-pub struct BodyBudget {
+pub(crate) struct BodyBudget {
     limit: AtomicUsize,
     held: AtomicUsize,
 }
 
 impl BodyBudget {
-    pub fn new(limit: usize) -> Arc<BodyBudget> {
+    pub(crate) fn new(limit: usize) -> Arc<BodyBudget> {
         Arc::new(BodyBudget {
             limit: AtomicUsize::new(limit),
             held: AtomicUsize::new(0),
@@ -33,12 +33,12 @@ impl BodyBudget {
     }
 
     /// A reload may change the limit; holds already granted stay.
-    pub fn set_limit(&self, limit: usize) {
+    pub(crate) fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Bytes held by bodies now.
-    pub fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 
@@ -52,7 +52,7 @@ impl BodyBudget {
     }
 
     /// Hold `n` bytes, if the budget has them.
-    pub fn hold(self: &Arc<Self>, n: usize) -> Option<BodyHold> {
+    pub(crate) fn hold(self: &Arc<Self>, n: usize) -> Option<BodyHold> {
         self.take(n).then(|| BodyHold {
             budget: Arc::clone(self),
             bytes: n,
@@ -62,7 +62,7 @@ impl BodyBudget {
 
 /// Bytes of the budget held by one request's body; given back when dropped.
 #[derive(Debug)]
-pub struct BodyHold {
+pub(crate) struct BodyHold {
     budget: Arc<BodyBudget>,
     bytes: usize,
 }
@@ -96,7 +96,7 @@ const BUSY_RETRY_S: u64 = 1;
 /// `Content-Length` over the limit is refused before anything is read, and
 /// so is one the body budget cannot hold. The body is kept in one buffer
 /// (or in the single piece it arrived in), counted in `hold`.
-pub async fn read(
+pub(crate) async fn read(
     session: &mut Session,
     limit: usize,
     timeout: Duration,
@@ -206,12 +206,12 @@ pub struct Inspected {
     pub model: String,
     /// Byte range of the `model` value (the JSON string, quotes included).
     model_span: Range<usize>,
-    pub stream: bool,
+    pub(crate) stream: bool,
     /// Where `stream_options` is, when present.
     stream_options: Option<StreamOptionsAt>,
     /// The client asked for the usage chunk at the end of its stream.
-    pub include_usage: bool,
-    pub max_tokens: Option<u64>,
+    pub(crate) include_usage: bool,
+    pub(crate) max_tokens: Option<u64>,
 }
 
 /// Only the fields Collie touches; everything else is skipped unparsed.
@@ -400,7 +400,7 @@ fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
 impl Inspected {
     /// Whether Collie must ask the upstream for usage the client did not
     /// request (and later hide that chunk from the client).
-    pub fn needs_usage_injection(&self, supports_stream_options: bool) -> bool {
+    pub(crate) fn needs_usage_injection(&self, supports_stream_options: bool) -> bool {
         supports_stream_options && self.stream && !self.include_usage
     }
 
@@ -502,13 +502,13 @@ impl AttemptBody {
         self.len == 0
     }
 
-    pub fn pieces(&self) -> &[Bytes] {
+    pub(crate) fn pieces(&self) -> &[Bytes] {
         &self.pieces
     }
 
     /// The bytes in one buffer (tests and fuzzing; the exchange writes the
     /// pieces as they are).
-    pub fn to_vec(&self) -> Vec<u8> {
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
         self.pieces.iter().flat_map(|p| p.iter().copied()).collect()
     }
 }

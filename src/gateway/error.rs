@@ -84,11 +84,11 @@ pub enum GatewayError {
 }
 
 /// The parts of an error response.
-pub struct ErrorResponse {
-    pub status: u16,
-    pub retry_after_s: Option<u64>,
-    pub reason: &'static str,
-    pub body: Bytes,
+pub(crate) struct ErrorResponse {
+    pub(crate) status: u16,
+    pub(crate) retry_after_s: Option<u64>,
+    pub(crate) reason: &'static str,
+    pub(crate) body: Bytes,
 }
 
 #[derive(Serialize)]
@@ -147,11 +147,11 @@ impl GatewayError {
     }
 
     /// The reason, as metrics and the audit trail record it.
-    pub fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         self.parts().2
     }
 
-    pub fn response(&self) -> ErrorResponse {
+    pub(crate) fn response(&self) -> ErrorResponse {
         let (status, kind, code) = self.parts();
         let message = self.to_string();
         let param = match self {
@@ -188,7 +188,7 @@ impl GatewayError {
 
 /// The SSE event that ends a stream cut short, by the upstream or by Collie
 /// itself (the message says which).
-pub fn stream_error_event(message: &str) -> Bytes {
+pub(crate) fn stream_error_event(message: &str) -> Bytes {
     let body = serde_json::to_string(&Envelope {
         error: Body {
             message,

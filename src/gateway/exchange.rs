@@ -54,7 +54,7 @@ fn shortest(slot: &mut Option<u64>, ms: u64) {
 /// everything up to the response head: queueing, backoff, and each attempt's
 /// connect and first-byte waits; no attempt starts after it. An `Err` means
 /// nothing was sent to the client yet.
-pub async fn run(
+pub(crate) async fn run(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,

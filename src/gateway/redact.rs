@@ -24,7 +24,7 @@ const MIN_KEY_LEN: usize = 8;
 
 /// The searcher for one deployment's key, built once per config.
 #[derive(Clone)]
-pub struct KeyMask(Arc<memmem::Finder<'static>>);
+pub(crate) struct KeyMask(Arc<memmem::Finder<'static>>);
 
 impl std::fmt::Debug for KeyMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,17 +35,17 @@ impl std::fmt::Debug for KeyMask {
 
 impl KeyMask {
     /// `None` for a key too short to mask without mangling ordinary text.
-    pub fn new(key: &[u8]) -> Option<KeyMask> {
+    pub(crate) fn new(key: &[u8]) -> Option<KeyMask> {
         (key.len() >= MIN_KEY_LEN).then(|| KeyMask(Arc::new(memmem::Finder::new(key).into_owned())))
     }
 
     /// Whether `bytes` (a header value, say) carry the key.
-    pub fn found_in(&self, bytes: &[u8]) -> bool {
+    pub(crate) fn found_in(&self, bytes: &[u8]) -> bool {
         self.0.find(bytes).is_some()
     }
 
     /// A masker for one response body.
-    pub fn redactor(&self) -> Redactor {
+    pub(crate) fn redactor(&self) -> Redactor {
         Redactor {
             mask: self.clone(),
             held: Vec::new(),
@@ -54,7 +54,7 @@ impl KeyMask {
 }
 
 /// Masks the key in one body as it passes.
-pub struct Redactor {
+pub(crate) struct Redactor {
     mask: KeyMask,
     /// Bytes that could be the start of the key, waiting for the next chunk.
     held: Vec<u8>,
@@ -63,7 +63,7 @@ pub struct Redactor {
 impl Redactor {
     /// The masked bytes that can be released now. A chunk without the key
     /// and without a tail that could start it is passed on as it is.
-    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn feed(&mut self, chunk: Bytes) -> Bytes {
         let finder = &self.mask.0;
         let key = finder.needle();
         if self.held.is_empty() && finder.find(&chunk).is_none() {
@@ -92,7 +92,7 @@ impl Redactor {
     /// key, but it is the start of it: a start as long as a key could be is
     /// masked too (a provider may quote a key cut short); a shorter one
     /// (`sk-`, a lone `s`) is ordinary text and released as it is.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         if self.held.len() >= MIN_KEY_LEN {
             self.held.fill(MASK);
         }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// Estimate the request and reserve it in the tenant's ledger. Also fills in
 /// the token estimate the provider limits and settlement use.
-pub fn reserve(
+pub(crate) fn reserve(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     tenant: usize,
@@ -99,7 +99,7 @@ fn reservation(prompt: u64, output: u64, prices: impl Iterator<Item = Option<Pri
 ///   estimated.
 ///
 /// Provider per-minute limits are corrected the same way.
-pub fn settle(finished: &Finished, reservation: Option<Reservation>) -> Option<Settlement> {
+pub(crate) fn settle(finished: &Finished, reservation: Option<Reservation>) -> Option<Settlement> {
     let snap = &finished.snapshot;
     let served = finished.served.and_then(|i| snap.router.upstreams.get(i));
     // What the reservation settles to: usage reported in full, or Collie's
@@ -150,7 +150,7 @@ pub fn settle(finished: &Finished, reservation: Option<Reservation>) -> Option<S
 /// maximum, or less when the client says it gives up sooner
 /// (`x-collie-max-wait` in seconds or `30s` form, or the OpenAI SDK's
 /// `x-stainless-timeout`).
-pub fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
+pub(crate) fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
     let header = |name: &str| {
         req.headers
             .get(name)
@@ -175,7 +175,7 @@ pub fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
 /// per-minute bucket, the day or the month, the tenant's or the requested
 /// model's — with its configured limit, what is left, and when it is whole
 /// again. A kind no window limits gets no headers.
-pub fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
+pub(crate) fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
     let Some(ledger) = ctx.caller.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
         return;
     };
@@ -225,7 +225,8 @@ fn reset_text(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::{Budget, Calendar, Limits, TenantLedger, TenantLimits};
+    use crate::config::{Budget, Limits, TenantLimits};
+    use crate::quota::{Calendar, TenantLedger};
     use proptest::prelude::*;
     use std::sync::Arc;
 

@@ -14,7 +14,7 @@
 
 use super::{Loan, TenantLedger};
 use crate::config::Config;
-pub use crate::config::RebalanceSettings;
+pub(crate) use crate::config::RebalanceSettings;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,22 +31,22 @@ const BORROWER_PRIORITY: u8 = 2;
 const PRESSED_FOR: Duration = Duration::from_secs(5);
 
 /// One tenant as the rebalancer sees it.
-pub struct TenantView {
-    pub ledger: Arc<TenantLedger>,
+pub(crate) struct TenantView {
+    pub(crate) ledger: Arc<TenantLedger>,
     /// Whether any pool this tenant's models use is above the threshold.
-    pub pool_busy: bool,
+    pub(crate) pool_busy: bool,
 }
 
 /// A change of one tenant's loan, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoanChange {
-    pub tenant: String,
-    pub before: Loan,
-    pub after: Loan,
+pub(crate) struct LoanChange {
+    pub(crate) tenant: String,
+    pub(crate) before: Loan,
+    pub(crate) after: Loan,
 }
 
 impl LoanChange {
-    pub fn event(&self) -> &'static str {
+    pub(crate) fn event(&self) -> &'static str {
         let was = self.before.rpm != 0.0 || self.before.tpm != 0.0;
         let is = self.after.rpm != 0.0 || self.after.tpm != 0.0;
         match (was, is) {
@@ -59,7 +59,7 @@ impl LoanChange {
 
 /// Smoothed per-minute use of each tenant, and when it was last refused.
 #[derive(Default)]
-pub struct Rebalancer {
+pub(crate) struct Rebalancer {
     rates: Mutex<HashMap<String, Usage>>,
 }
 
@@ -75,7 +75,7 @@ impl Rebalancer {
     /// One lending step over the tenants of `config`: a tenant presses on
     /// capacity when any pool its models may use is busy (`pool_busy`, by
     /// pool index: above the rebalance threshold of its concurrency).
-    pub fn step(
+    pub(crate) fn step(
         &self,
         config: &Config,
         ledgers: &[Arc<TenantLedger>],
@@ -99,7 +99,7 @@ impl Rebalancer {
         self.tick(&config.quota.rebalance, &views, elapsed)
     }
 
-    pub fn tick(
+    pub(crate) fn tick(
         &self,
         settings: &RebalanceSettings,
         tenants: &[TenantView],

@@ -1,7 +1,7 @@
 //! The windows a quota is counted in: token buckets for per-minute rates
 //! (with bursts) and calendar counters for days and months.
 
-pub use crate::config::{Budget, Limits, Rate};
+pub(crate) use crate::config::{Budget, Rate};
 use arc_swap::ArcSwapOption;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
@@ -11,15 +11,15 @@ use std::time::{Duration, Instant};
 
 /// What one request takes from a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Amount {
-    pub requests: u64,
-    pub tokens: u64,
+pub(crate) struct Amount {
+    pub(crate) requests: u64,
+    pub(crate) tokens: u64,
     /// Nanodollars.
-    pub usd_nano: u64,
+    pub(crate) usd_nano: u64,
 }
 
 impl Amount {
-    pub fn saturating_sub(self, o: Amount) -> Amount {
+    pub(crate) fn saturating_sub(self, o: Amount) -> Amount {
         Amount {
             requests: self.requests.saturating_sub(o.requests),
             tokens: self.tokens.saturating_sub(o.tokens),
@@ -27,7 +27,7 @@ impl Amount {
         }
     }
 
-    pub fn saturating_add(self, o: Amount) -> Amount {
+    pub(crate) fn saturating_add(self, o: Amount) -> Amount {
         Amount {
             requests: self.requests.saturating_add(o.requests),
             tokens: self.tokens.saturating_add(o.tokens),
@@ -40,14 +40,14 @@ impl Amount {
 /// than it reserved: that debt is repaid by refill before anything else is
 /// admitted, so nothing used is forgiven.
 #[derive(Debug, Clone)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     level: f64,
     updated: Instant,
 }
 
 impl Bucket {
     /// A new bucket starts full: an idle tenant may spend its burst at once.
-    pub fn full(rate: Rate, now: Instant) -> Bucket {
+    pub(crate) fn full(rate: Rate, now: Instant) -> Bucket {
         Bucket {
             level: rate.burst as f64,
             updated: now,
@@ -56,7 +56,7 @@ impl Bucket {
 
     /// Bring the level up to `now`. `extra_per_minute` is lent capacity
     /// (refill and ceiling both grow by it while the loan lasts).
-    pub fn refill(&mut self, rate: Rate, extra_per_minute: f64, now: Instant) {
+    pub(crate) fn refill(&mut self, rate: Rate, extra_per_minute: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         // Instants are read before the ledger's lock is taken, so one may
         // arrive after a later one: time never runs backwards here, or the
@@ -72,37 +72,37 @@ impl Bucket {
         }
     }
 
-    pub fn level(&self) -> f64 {
+    pub(crate) fn level(&self) -> f64 {
         self.level
     }
 
-    pub fn can_take(&self, n: u64) -> bool {
+    pub(crate) fn can_take(&self, n: u64) -> bool {
         self.level >= n as f64
     }
 
-    pub fn take(&mut self, n: u64) {
+    pub(crate) fn take(&mut self, n: u64) {
         self.level -= n as f64;
     }
 
     /// Give back (negative: take more), never above `ceiling`.
-    pub fn adjust(&mut self, delta: f64, ceiling: f64) {
+    pub(crate) fn adjust(&mut self, delta: f64, ceiling: f64) {
         self.level = (self.level + delta).min(ceiling);
     }
 
     /// The burst changed (a reload): what was drawn from the bucket stays
     /// drawn, so the level moves by the change. A lowered limit can leave the
     /// bucket in debt, repaid at the new rate like any other debt.
-    pub fn rebase(&mut self, old: Rate, new: Rate) {
+    pub(crate) fn rebase(&mut self, old: Rate, new: Rate) {
         self.level += new.burst as f64 - old.burst as f64;
     }
 
     /// Add lent capacity at once (a loan that starts or grows).
-    pub fn credit(&mut self, n: f64) {
+    pub(crate) fn credit(&mut self, n: f64) {
         self.level += n;
     }
 
     /// How long until `n` can be taken at `per_minute`.
-    pub fn wait_for(&self, n: u64, rate: Rate, extra_per_minute: f64) -> Duration {
+    pub(crate) fn wait_for(&self, n: u64, rate: Rate, extra_per_minute: f64) -> Duration {
         let missing = n as f64 - self.level;
         let per_sec = (rate.per_minute as f64 + extra_per_minute) / 60.0;
         if missing <= 0.0 || per_sec <= 0.0 {
@@ -114,17 +114,17 @@ impl Bucket {
 
 /// Use of one calendar window: settled use and reservations in flight.
 #[derive(Debug, Clone, Default)]
-pub struct Counter {
+pub(crate) struct Counter {
     /// Which day or month (see [`Calendar`]) this counts.
-    pub window: i64,
-    pub used: Amount,
-    pub reserved: Amount,
+    pub(crate) window: i64,
+    pub(crate) used: Amount,
+    pub(crate) reserved: Amount,
 }
 
 impl Counter {
     /// Start counting a new window: settled use resets, reservations in
     /// flight carry over (they will be settled into the new window).
-    pub fn roll(&mut self, window: i64) {
+    pub(crate) fn roll(&mut self, window: i64) {
         if self.window != window {
             self.window = window;
             self.used = Amount::default();
@@ -132,7 +132,7 @@ impl Counter {
     }
 
     /// The first dimension `amount` would push past `budget`, if any.
-    pub fn exceeds(&self, budget: &Budget, amount: Amount) -> Option<&'static str> {
+    pub(crate) fn exceeds(&self, budget: &Budget, amount: Amount) -> Option<&'static str> {
         let total = self
             .used
             .saturating_add(self.reserved)
@@ -166,7 +166,7 @@ impl Default for Clock {
 }
 
 impl Clock {
-    pub fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         match self.0.load(Ordering::Relaxed) {
             UNPINNED => Timestamp::now(),
             ms => Timestamp::from_millisecond(ms).unwrap_or_else(|_| Timestamp::now()),
@@ -179,7 +179,8 @@ impl Clock {
         self.0.store(at.as_millisecond(), Ordering::Relaxed);
     }
 
-    pub fn unpin(&self) {
+    #[cfg(test)]
+    pub(crate) fn unpin(&self) {
         self.0.store(UNPINNED, Ordering::Relaxed);
     }
 }
@@ -188,7 +189,7 @@ impl Clock {
 /// with the instant each one ends. Cached while the clock stays inside the
 /// current day.
 #[derive(Debug)]
-pub struct Calendar {
+pub(crate) struct Calendar {
     tz: TimeZone,
     clock: Clock,
     /// Read by every reservation, settlement and response head: no lock.
@@ -196,22 +197,23 @@ pub struct Calendar {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Windows {
-    pub day: i64,
+pub(crate) struct Windows {
+    pub(crate) day: i64,
     /// When the current day began (a month never begins inside a day).
-    pub day_start: Timestamp,
-    pub day_end: Timestamp,
-    pub month: i64,
-    pub month_end: Timestamp,
+    pub(crate) day_start: Timestamp,
+    pub(crate) day_end: Timestamp,
+    pub(crate) month: i64,
+    pub(crate) month_end: Timestamp,
 }
 
 impl Calendar {
     /// Following the system clock.
-    pub fn new(tz: TimeZone) -> Calendar {
+    #[cfg(test)]
+    pub(crate) fn new(tz: TimeZone) -> Calendar {
         Calendar::with_clock(tz, Clock::default())
     }
 
-    pub fn with_clock(tz: TimeZone, clock: Clock) -> Calendar {
+    pub(crate) fn with_clock(tz: TimeZone, clock: Clock) -> Calendar {
         Calendar {
             tz,
             clock,
@@ -220,11 +222,11 @@ impl Calendar {
     }
 
     /// The calendar's notion of now.
-    pub fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
 
-    pub fn windows(&self, now: Timestamp) -> Windows {
+    pub(crate) fn windows(&self, now: Timestamp) -> Windows {
         if let Some(w) = self.cached.load().as_deref() {
             // A pinned clock may also move backwards.
             if w.day_start <= now && now < w.day_end && now < w.month_end {

@@ -24,13 +24,13 @@ const WEIGHTS: [f64; 5] = [16.0, 8.0, 4.0, 2.0, 1.0];
 /// What the queue assumes a request holds its slot for until one has been
 /// released: `Retry-After` for a queue that has not moved yet follows from
 /// the configuration alone (position × this ÷ slots).
-pub const INITIAL_SERVICE_TIME: Duration = Duration::from_secs(1);
+pub(crate) const INITIAL_SERVICE_TIME: Duration = Duration::from_secs(1);
 
 /// A pool's concurrency gate. One per pool id, kept across reloads: a reload
 /// changes its settings in place, so the requests in flight and in the queue
 /// stay counted.
 #[derive(Debug)]
-pub struct PoolGate {
+pub(crate) struct PoolGate {
     state: Mutex<GateState>,
 }
 
@@ -65,13 +65,13 @@ struct Waiter {
 
 /// Why a request did not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueTimeout {
-    pub retry_after: Duration,
+pub(crate) struct QueueTimeout {
+    pub(crate) retry_after: Duration,
 }
 
 /// A slot in a pool, released on drop.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     gate: Arc<PoolGate>,
     since: Instant,
     /// False only for a permit whose hand-off failed (its slot was already
@@ -119,7 +119,7 @@ fn configured_limit(ceiling: Option<u32>) -> Option<f64> {
 }
 
 impl PoolGate {
-    pub fn new(ceiling: Option<u32>, adaptive: bool) -> PoolGate {
+    pub(crate) fn new(ceiling: Option<u32>, adaptive: bool) -> PoolGate {
         PoolGate {
             state: Mutex::new(GateState {
                 ceiling,
@@ -137,7 +137,8 @@ impl PoolGate {
     }
 
     /// (ceiling, adaptive) as configured.
-    pub fn settings(&self) -> (Option<u32>, bool) {
+    #[cfg(test)]
+    pub(crate) fn settings(&self) -> (Option<u32>, bool) {
         let s = self.lock();
         (s.ceiling, s.adaptive)
     }
@@ -145,7 +146,7 @@ impl PoolGate {
     /// New settings from a reload. Requests in flight and queued stay; a
     /// learned budget is kept under the new ceiling; a budget that grew lets
     /// waiting requests in at once.
-    pub fn reconfigure(self: &Arc<Self>, ceiling: Option<u32>, adaptive: bool) {
+    pub(crate) fn reconfigure(self: &Arc<Self>, ceiling: Option<u32>, adaptive: bool) {
         let mut s = self.lock();
         if (s.ceiling, s.adaptive) == (ceiling, adaptive) {
             return;
@@ -181,7 +182,7 @@ impl PoolGate {
     }
 
     /// A slot now, or `None` without waiting.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
         let mut s = self.lock();
         let idle_queue = s.queues.iter().all(VecDeque::is_empty);
         (idle_queue && Self::has_room(&s)).then(|| self.grant(&mut s))
@@ -189,7 +190,7 @@ impl PoolGate {
 
     /// A slot, waiting in the priority queue for at most `max_wait`.
     /// Cancel-safe: dropping the future leaves the queue and leaks no slot.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         self: &Arc<Self>,
         priority: u8,
         max_wait: Duration,
@@ -291,7 +292,7 @@ impl PoolGate {
     /// React to what a provider's response said about the key's capacity:
     /// exhausted cuts an adaptive budget, low holds it, clear (on a success)
     /// grows it.
-    pub fn observe(&self, pressure: Pressure, success: bool) {
+    pub(crate) fn observe(&self, pressure: Pressure, success: bool) {
         match pressure {
             Pressure::Exhausted => self.saturated(),
             Pressure::Low => {}
@@ -301,7 +302,7 @@ impl PoolGate {
     }
 
     /// The provider pushed back (429, or no requests left in its window).
-    pub fn saturated(&self) {
+    pub(crate) fn saturated(&self) {
         let mut s = self.lock();
         if !s.adaptive {
             return;
@@ -311,7 +312,7 @@ impl PoolGate {
     }
 
     /// A request went through: an adaptive budget grows again.
-    pub fn succeeded(&self) {
+    pub(crate) fn succeeded(&self) {
         let mut s = self.lock();
         if !s.adaptive {
             return;
@@ -326,7 +327,7 @@ impl PoolGate {
     }
 
     /// Like [`PoolGate::load`] without resetting the peak (for status pages).
-    pub fn load_now(&self) -> GateLoad {
+    pub(crate) fn load_now(&self) -> GateLoad {
         let s = self.lock();
         GateLoad {
             inflight: s.inflight,
@@ -337,7 +338,7 @@ impl PoolGate {
     }
 
     /// (in flight now, the budget, waiting) for status and rebalancing.
-    pub fn load(&self) -> GateLoad {
+    pub(crate) fn load(&self) -> GateLoad {
         let mut s = self.lock();
         let inflight = s.inflight;
         let peak = std::mem::replace(&mut s.peak, inflight);
@@ -352,7 +353,7 @@ impl PoolGate {
 
 /// What a provider's `x-ratelimit-*` response headers say about its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pressure {
+pub(crate) enum Pressure {
     /// No request left, or fewer tokens left than this request reserved:
     /// the next one like it would get a 429.
     Exhausted,
@@ -363,12 +364,12 @@ pub enum Pressure {
 }
 
 /// Share of a provider's window below which the budget stops growing.
-pub const LOW_SHARE: f64 = 0.1;
+pub(crate) const LOW_SHARE: f64 = 0.1;
 
 /// Read `x-ratelimit-remaining-requests` / `-tokens` and their `limit`
 /// counterparts (OpenAI's names, also used by several compatible providers).
 /// `tokens` is what this request reserved, the size of the next one like it.
-pub fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Pressure {
+pub(crate) fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Pressure {
     let number = |name: &str| {
         headers
             .get(name)
@@ -396,17 +397,17 @@ pub fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Pressure {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GateLoad {
-    pub inflight: u32,
+pub(crate) struct GateLoad {
+    pub(crate) inflight: u32,
     /// Highest in flight since the previous call.
-    pub peak: u32,
-    pub limit: Option<f64>,
-    pub waiting: usize,
+    pub(crate) peak: u32,
+    pub(crate) limit: Option<f64>,
+    pub(crate) waiting: usize,
 }
 
 impl GateLoad {
     /// Fraction of the budget in use (waiting requests count as demand).
-    pub fn utilisation(&self) -> Option<f64> {
+    pub(crate) fn utilisation(&self) -> Option<f64> {
         self.limit
             .map(|l| (f64::from(self.peak.max(self.inflight)) + self.waiting as f64) / l.max(1.0))
     }

@@ -23,20 +23,20 @@
 //! read), is reported once to the deployment's [`OnTransition`] hook, which
 //! logs and counts it.
 
-pub mod probes;
+pub(crate) mod probes;
 
-pub use probes::{HealthBook, HealthMetrics};
+pub(crate) use probes::{HealthBook, HealthMetrics};
 
-pub use crate::config::{HealthSettings, ProbeKind};
+pub(crate) use crate::config::{HealthSettings, ProbeKind};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Called once per breaker change, outside the deployment's lock.
-pub type OnTransition = Arc<dyn Fn(&str, Transition) + Send + Sync>;
+pub(crate) type OnTransition = Arc<dyn Fn(&str, Transition) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HealthState {
+pub(crate) enum HealthState {
     Unknown,
     Healthy,
     Degraded,
@@ -44,7 +44,7 @@ pub enum HealthState {
 }
 
 impl HealthState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HealthState::Unknown => "unknown",
             HealthState::Healthy => "healthy",
@@ -54,7 +54,7 @@ impl HealthState {
     }
 
     /// Selection preference: lower is tried first.
-    pub fn tier(self) -> u8 {
+    pub(crate) fn tier(self) -> u8 {
         match self {
             HealthState::Healthy => 0,
             HealthState::Degraded => 1,
@@ -65,14 +65,14 @@ impl HealthState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     Closed,
     Open,
     HalfOpen,
 }
 
 impl BreakerState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
@@ -83,7 +83,7 @@ impl BreakerState {
 
 /// How one live attempt went.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A response head arrived (any status the client gets) after `ttfb`.
     Success { ttfb: Duration },
     /// Connect error, reset, timeout or 5xx.
@@ -94,9 +94,9 @@ pub enum Outcome {
 
 /// A breaker or state change worth logging and counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transition {
-    pub from: BreakerState,
-    pub to: BreakerState,
+pub(crate) struct Transition {
+    pub(crate) from: BreakerState,
+    pub(crate) to: BreakerState,
 }
 
 #[derive(Debug)]
@@ -168,13 +168,13 @@ impl Window {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeResult {
     pub ok: bool,
-    pub latency: Duration,
-    pub detail: String,
+    pub(crate) latency: Duration,
+    pub(crate) detail: String,
 }
 
 /// One deployment's health, shared across config reloads (by deployment id).
-pub struct DeploymentHealth {
-    pub id: String,
+pub(crate) struct DeploymentHealth {
+    pub(crate) id: String,
     settings: Mutex<HealthSettings>,
     inner: Mutex<Inner>,
     on_transition: OnTransition,
@@ -190,26 +190,27 @@ impl std::fmt::Debug for DeploymentHealth {
 
 /// A point-in-time view for status pages and metrics.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthSnapshot {
-    pub state: HealthState,
-    pub breaker: BreakerState,
-    pub ttfb_ewma_ms: Option<f64>,
-    pub ttfb_p95_ms: Option<f64>,
-    pub error_ratio: Option<f64>,
-    pub served: u64,
-    pub last_probe: Option<ProbeResult>,
+pub(crate) struct HealthSnapshot {
+    pub(crate) state: HealthState,
+    pub(crate) breaker: BreakerState,
+    pub(crate) ttfb_ewma_ms: Option<f64>,
+    pub(crate) ttfb_p95_ms: Option<f64>,
+    pub(crate) error_ratio: Option<f64>,
+    pub(crate) served: u64,
+    pub(crate) last_probe: Option<ProbeResult>,
     /// Consecutive failed probes (0 after a pass).
-    pub probe_failures: u32,
-    pub open_for: Option<Duration>,
+    pub(crate) probe_failures: u32,
+    pub(crate) open_for: Option<Duration>,
 }
 
 impl DeploymentHealth {
     /// Without a hook: breaker changes are only returned (tests).
-    pub fn new(id: &str, settings: HealthSettings) -> DeploymentHealth {
+    #[cfg(test)]
+    pub(crate) fn new(id: &str, settings: HealthSettings) -> DeploymentHealth {
         Self::with_hook(id, settings, Arc::new(|_, _| {}))
     }
 
-    pub fn with_hook(
+    pub(crate) fn with_hook(
         id: &str,
         settings: HealthSettings,
         on_transition: OnTransition,
@@ -241,11 +242,11 @@ impl DeploymentHealth {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn settings(&self) -> HealthSettings {
+    pub(crate) fn settings(&self) -> HealthSettings {
         *self.settings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_settings(&self, s: HealthSettings) {
+    pub(crate) fn set_settings(&self, s: HealthSettings) {
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
@@ -258,7 +259,7 @@ impl DeploymentHealth {
     }
 
     /// The state now, moving an expired open breaker to half-open.
-    pub fn state(&self) -> HealthState {
+    pub(crate) fn state(&self) -> HealthState {
         let s = self.settings();
         let now = Instant::now();
         let (state, t) = {
@@ -317,12 +318,12 @@ impl DeploymentHealth {
 
     /// May a request go to this deployment now? For a half-open breaker this
     /// takes its single trial slot. Returns the state it was admitted in.
-    pub fn admit(&self) -> Result<HealthState, Option<Duration>> {
+    pub(crate) fn admit(&self) -> Result<HealthState, Option<Duration>> {
         self.admission(true)
     }
 
     /// What [`Self::admit`] would answer, without taking the trial slot.
-    pub fn would_admit(&self) -> Result<HealthState, Option<Duration>> {
+    pub(crate) fn would_admit(&self) -> Result<HealthState, Option<Duration>> {
         self.admission(false)
     }
 
@@ -348,7 +349,7 @@ impl DeploymentHealth {
     }
 
     /// Give back a trial slot that was taken but not used.
-    pub fn release_trial(&self) {
+    pub(crate) fn release_trial(&self) {
         let mut i = self.lock();
         if i.breaker == BreakerState::HalfOpen {
             i.trial_in_flight = false;
@@ -398,7 +399,7 @@ impl DeploymentHealth {
 
     /// Account a live attempt. Frees a half-open breaker's trial slot
     /// whatever the outcome.
-    pub fn record(&self, outcome: Outcome) -> Option<Transition> {
+    pub(crate) fn record(&self, outcome: Outcome) -> Option<Transition> {
         let s = self.settings();
         let now = Instant::now();
         let t = {
@@ -463,7 +464,7 @@ impl DeploymentHealth {
     }
 
     /// Whether an active probe is due.
-    pub fn probe_due(&self) -> bool {
+    pub(crate) fn probe_due(&self) -> bool {
         let s = self.settings();
         if s.probe == ProbeKind::Off {
             return false;
@@ -474,7 +475,7 @@ impl DeploymentHealth {
     }
 
     /// Account an active probe; returns a breaker transition if it caused one.
-    pub fn record_probe(&self, result: ProbeResult) -> Option<Transition> {
+    pub(crate) fn record_probe(&self, result: ProbeResult) -> Option<Transition> {
         let s = self.settings();
         let now = Instant::now();
         let t = {
@@ -515,11 +516,11 @@ impl DeploymentHealth {
     }
 
     /// Whether the last probe verdict is "up" (`None` before any verdict).
-    pub fn probe_up(&self) -> Option<bool> {
+    pub(crate) fn probe_up(&self) -> Option<bool> {
         self.lock().probe_up
     }
 
-    pub fn snapshot(&self) -> HealthSnapshot {
+    pub(crate) fn snapshot(&self) -> HealthSnapshot {
         let s = self.settings();
         let now = Instant::now();
         let (snap, t) = {
@@ -554,17 +555,12 @@ impl DeploymentHealth {
         }
     }
 
-    /// Milliseconds the time-to-first-byte EWMA stands at, if known.
-    pub fn ttfb_ewma_ms(&self) -> Option<f64> {
-        self.lock().ttfb_ewma_ms
-    }
-
     /// Sort key for the least-latency policy, lower first: deployments by
     /// their EWMA, unmeasured ones first (so they get measured), and after
     /// all of them those whose last live attempt failed. A failure has no
     /// time to first byte: without this penalty a deployment that only
     /// fails would keep its old figure, or none, and stay first.
-    pub fn latency_rank(&self) -> (u8, u64) {
+    pub(crate) fn latency_rank(&self) -> (u8, u64) {
         let i = self.lock();
         match (i.consecutive_failures > 0, i.ttfb_ewma_ms) {
             (true, _) => (1, 0),
@@ -575,7 +571,7 @@ impl DeploymentHealth {
 
     /// When the next probe is due (`None`: probes off). A probe that never
     /// ran is due now.
-    pub fn next_probe_in(&self) -> Option<Duration> {
+    pub(crate) fn next_probe_in(&self) -> Option<Duration> {
         let s = self.settings();
         if s.probe == ProbeKind::Off {
             return None;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// the provider's 429s. Shared across reloads; a reload that changes the
 /// limits changes them in place and keeps what was counted.
 #[derive(Debug)]
-pub struct ProviderLimiter {
+pub(crate) struct ProviderLimiter {
     state: Mutex<ProviderBuckets>,
 }
 
@@ -34,7 +34,7 @@ fn provider_rate(n: u64) -> Rate {
 
 impl ProviderLimiter {
     /// `None` when the deployment has no limits.
-    pub fn new(rpm: Option<u64>, tpm: Option<u64>) -> Option<ProviderLimiter> {
+    pub(crate) fn new(rpm: Option<u64>, tpm: Option<u64>) -> Option<ProviderLimiter> {
         let now = Instant::now();
         let bucket = |n: u64| (provider_rate(n), Bucket::full(provider_rate(n), now));
         (rpm.is_some() || tpm.is_some()).then(|| ProviderLimiter {
@@ -51,7 +51,7 @@ impl ProviderLimiter {
 
     /// New limits from a reload. What was taken this minute stays taken (see
     /// [`Bucket::rebase`]); a limit that is new starts full.
-    pub fn reconfigure(&self, rpm: Option<u64>, tpm: Option<u64>) {
+    pub(crate) fn reconfigure(&self, rpm: Option<u64>, tpm: Option<u64>) {
         let now = Instant::now();
         let mut s = self.lock();
         let change = |slot: &mut Option<(Rate, Bucket)>, n: Option<u64>| {
@@ -71,13 +71,13 @@ impl ProviderLimiter {
     }
 
     /// Take one request and `tokens` if both fit; else how long until they do.
-    pub fn try_take(&self, tokens: u64) -> Result<(), Duration> {
+    pub(crate) fn try_take(&self, tokens: u64) -> Result<(), Duration> {
         self.admit(tokens, true)
     }
 
     /// What [`Self::try_take`] would answer, taking nothing (routing's
     /// look-ahead and the status view).
-    pub fn check(&self, tokens: u64) -> Result<(), Duration> {
+    pub(crate) fn check(&self, tokens: u64) -> Result<(), Duration> {
         self.admit(tokens, false)
     }
 
@@ -115,14 +115,15 @@ impl ProviderLimiter {
     }
 
     /// Correct a take of `taken` tokens to what was used.
-    pub fn settle_tokens(&self, taken: u64, used: u64) {
+    pub(crate) fn settle_tokens(&self, taken: u64, used: u64) {
         if let Some((r, b)) = &mut self.lock().tpm {
             b.adjust(taken as f64 - used as f64, r.burst as f64);
         }
     }
 
-    /// (requests, tokens) left in the buckets now, for status and tests.
-    pub fn remaining(&self) -> (Option<f64>, Option<f64>) {
+    /// (requests, tokens) left in the buckets now.
+    #[cfg(test)]
+    pub(crate) fn remaining(&self) -> (Option<f64>, Option<f64>) {
         let now = Instant::now();
         let mut s = self.lock();
         let level = |slot: &mut Option<(Rate, Bucket)>| {

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 const MAX_EVENT: usize = 1 << 20;
 
 #[derive(Debug)]
-pub struct SseObserver {
+pub(crate) struct SseObserver {
     strip_usage_chunk: bool,
     /// Bytes of events not yet complete (and, in strip mode, not yet forwarded).
     pending: BytesMut,
@@ -32,7 +32,7 @@ pub struct SseObserver {
 }
 
 impl SseObserver {
-    pub fn new(strip_usage_chunk: bool) -> SseObserver {
+    pub(crate) fn new(strip_usage_chunk: bool) -> SseObserver {
         SseObserver {
             strip_usage_chunk,
             pending: BytesMut::new(),
@@ -47,7 +47,7 @@ impl SseObserver {
     }
 
     /// Take upstream bytes; return what goes to the client now (may be empty).
-    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn feed(&mut self, chunk: Bytes) -> Bytes {
         if self.oversized {
             return self.feed_oversized(chunk);
         }
@@ -156,7 +156,7 @@ impl SseObserver {
 
     /// At the end of the upstream stream: bytes still held back (an event
     /// without its terminating blank line), to forward as they are.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         if !self.strip_usage_chunk {
             self.pending.clear();
             return Bytes::new();
@@ -167,33 +167,30 @@ impl SseObserver {
 
     /// Whether the client has received part of an event that has not ended,
     /// so anything appended must first close it.
-    pub fn client_mid_event(&self) -> bool {
+    pub(crate) fn client_mid_event(&self) -> bool {
         self.oversized || (!self.strip_usage_chunk && !self.pending.is_empty())
     }
 
     /// Drop held bytes after a failure (strip mode holds, never forwarded them).
-    pub fn abandon(&mut self) {
+    pub(crate) fn abandon(&mut self) {
         if self.strip_usage_chunk {
             self.pending.clear();
         }
     }
 
-    pub fn usage(&self) -> Option<Usage> {
+    pub(crate) fn usage(&self) -> Option<Usage> {
         self.usage
     }
 
-    pub fn saw_done(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn saw_done(&self) -> bool {
         self.done
-    }
-
-    pub fn events(&self) -> u64 {
-        self.events
     }
 
     /// Completion tokens delivered so far, estimated from the text events:
     /// at least one per event (providers send about a token each), more for
     /// long ones.
-    pub fn delivered_tokens(&self) -> u64 {
+    pub(crate) fn delivered_tokens(&self) -> u64 {
         self.content_events.max(self.content_bytes.div_ceil(4))
     }
 }

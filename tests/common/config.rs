@@ -15,17 +15,17 @@ macro_rules! part {
     ($(#[$doc:meta])* $name:ident, $key:literal) => {
         $(#[$doc])*
         #[derive(Clone, Debug)]
-        pub struct $name(Map<String, Value>);
+        pub(crate) struct $name(Map<String, Value>);
 
         impl $name {
             /// Set a field: any the config accepts (`rpm`, `policy`, `routes`, …).
-            pub fn set(mut self, field: &str, value: impl Into<Value>) -> Self {
+            pub(crate) fn set(mut self, field: &str, value: impl Into<Value>) -> Self {
                 self.0.insert(field.to_string(), value.into());
                 self
             }
 
             /// Leave a field out.
-            pub fn unset(mut self, field: &str) -> Self {
+            pub(crate) fn unset(mut self, field: &str) -> Self {
                 self.0.remove(field);
                 self
             }
@@ -41,7 +41,7 @@ macro_rules! part {
 }
 
 /// What an edit finds a part by.
-pub trait Part: Clone {
+pub(crate) trait Part: Clone {
     fn name(&self) -> &str;
 }
 
@@ -68,7 +68,7 @@ part!(
 
 impl Tenant {
     /// `id`, with one key (kept as its digest), allowed every model.
-    pub fn new(id: &str, key: &str) -> Tenant {
+    pub(crate) fn new(id: &str, key: &str) -> Tenant {
         Tenant(Map::new())
             .set("id", id)
             .set("api_keys", json!([key_digest_hex(key)]))
@@ -76,30 +76,30 @@ impl Tenant {
     }
 
     /// Tenant `alpha`: every model, priority 1.
-    pub fn alpha() -> Tenant {
+    pub(crate) fn alpha() -> Tenant {
         Tenant::new("alpha", ALPHA_KEY).priority(1)
     }
 
     /// Tenant `beta`: only `models`, priority 5.
-    pub fn beta(models: &[&str]) -> Tenant {
+    pub(crate) fn beta(models: &[&str]) -> Tenant {
         Tenant::new("beta", BETA_KEY).models(models).priority(5)
     }
 
-    pub fn models(self, models: &[&str]) -> Tenant {
+    pub(crate) fn models(self, models: &[&str]) -> Tenant {
         self.set("models", models)
     }
 
-    pub fn priority(self, priority: u32) -> Tenant {
+    pub(crate) fn priority(self, priority: u32) -> Tenant {
         self.set("priority", priority)
     }
 
-    pub fn quota(self, quota: Value) -> Tenant {
+    pub(crate) fn quota(self, quota: Value) -> Tenant {
         self.set("quota", quota)
     }
 }
 
 impl Model {
-    pub fn new(name: &str, fallback: &[&str]) -> Model {
+    pub(crate) fn new(name: &str, fallback: &[&str]) -> Model {
         Model(Map::new())
             .set("name", name)
             .set("fallback", fallback)
@@ -108,7 +108,7 @@ impl Model {
 
 impl Pool {
     /// A pool of these deployments, in this order, each of weight 1.
-    pub fn new(id: &str, deployments: &[&str]) -> Pool {
+    pub(crate) fn new(id: &str, deployments: &[&str]) -> Pool {
         let members: Vec<Value> = deployments
             .iter()
             .map(|d| json!({"deployment": d}))
@@ -117,7 +117,7 @@ impl Pool {
     }
 
     /// A pool of (deployment, weight) members.
-    pub fn weighted(id: &str, deployments: &[(&str, u32)]) -> Pool {
+    pub(crate) fn weighted(id: &str, deployments: &[(&str, u32)]) -> Pool {
         let members: Vec<Value> = deployments
             .iter()
             .map(|(d, w)| json!({"deployment": d, "weight": w}))
@@ -128,7 +128,7 @@ impl Pool {
 
 impl Deployment {
     /// `id` at `base_url` (`http://host:port/v1`), serving `model`.
-    pub fn new(id: &str, base_url: &str, model: &str) -> Deployment {
+    pub(crate) fn new(id: &str, base_url: &str, model: &str) -> Deployment {
         Deployment(Map::new())
             .set("id", id)
             .set("base_url", base_url)
@@ -136,28 +136,28 @@ impl Deployment {
     }
 
     /// `id` served by a mock provider.
-    pub fn on(id: &str, mock: &MockServer, model: &str) -> Deployment {
+    pub(crate) fn on(id: &str, mock: &MockServer, model: &str) -> Deployment {
         Deployment::new(id, &mock.base_url(), model)
     }
 
     /// The provider key comes from this environment variable (the tests
     /// set `KEY_A` and `KEY_B`).
-    pub fn key(self, env: &str) -> Deployment {
+    pub(crate) fn key(self, env: &str) -> Deployment {
         self.set("api_key_env", env)
     }
 
-    pub fn timeouts(self, timeouts: Value) -> Deployment {
+    pub(crate) fn timeouts(self, timeouts: Value) -> Deployment {
         self.set("timeouts", timeouts)
     }
 
-    pub fn health(self, health: Value) -> Deployment {
+    pub(crate) fn health(self, health: Value) -> Deployment {
         self.set("health", health)
     }
 }
 
 /// A whole config but its listeners (the gateway under test picks them).
 #[derive(Clone, Debug, Default)]
-pub struct Conf {
+pub(crate) struct Conf {
     settings: Map<String, Value>,
     tenants: Vec<Tenant>,
     models: Vec<Model>,
@@ -167,70 +167,70 @@ pub struct Conf {
 }
 
 impl Conf {
-    pub fn new() -> Conf {
+    pub(crate) fn new() -> Conf {
         Conf::default()
     }
 
     /// Tenants `alpha` (every model, priority 1) and `beta` (only
     /// `beta_models`, priority 5).
-    pub fn two_tenants(beta_models: &[&str]) -> Conf {
+    pub(crate) fn two_tenants(beta_models: &[&str]) -> Conf {
         Conf::new()
             .tenant(Tenant::alpha())
             .tenant(Tenant::beta(beta_models))
     }
 
     /// A top-level setting or section: `max_body_bytes`, `quota`, `audit`, …
-    pub fn set(mut self, key: &str, value: impl Into<Value>) -> Conf {
+    pub(crate) fn set(mut self, key: &str, value: impl Into<Value>) -> Conf {
         self.settings.insert(key.to_string(), value.into());
         self
     }
 
     /// Whether a top-level setting is given.
-    pub fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.settings.contains_key(key)
     }
 
-    pub fn tenant(mut self, tenant: Tenant) -> Conf {
+    pub(crate) fn tenant(mut self, tenant: Tenant) -> Conf {
         self.tenants.push(tenant);
         self
     }
 
     /// No tenants (to give others in their place).
-    pub fn without_tenants(mut self) -> Conf {
+    pub(crate) fn without_tenants(mut self) -> Conf {
         self.tenants.clear();
         self
     }
 
-    pub fn model(mut self, model: Model) -> Conf {
+    pub(crate) fn model(mut self, model: Model) -> Conf {
         self.models.push(model);
         self
     }
 
     /// A model listed before the ones already there.
-    pub fn model_first(mut self, model: Model) -> Conf {
+    pub(crate) fn model_first(mut self, model: Model) -> Conf {
         self.models.insert(0, model);
         self
     }
 
-    pub fn pool(mut self, pool: Pool) -> Conf {
+    pub(crate) fn pool(mut self, pool: Pool) -> Conf {
         self.pools.push(pool);
         self
     }
 
     /// A pool listed before the ones already there.
-    pub fn pool_first(mut self, pool: Pool) -> Conf {
+    pub(crate) fn pool_first(mut self, pool: Pool) -> Conf {
         self.pools.insert(0, pool);
         self
     }
 
-    pub fn deployment(mut self, deployment: Deployment) -> Conf {
+    pub(crate) fn deployment(mut self, deployment: Deployment) -> Conf {
         self.deployments.push(deployment);
         self
     }
 
     /// A model's price in USD per million tokens, in and out (replacing
     /// any price it had).
-    pub fn price(mut self, model: &str, input_per_mtok: f64, output_per_mtok: f64) -> Conf {
+    pub(crate) fn price(mut self, model: &str, input_per_mtok: f64, output_per_mtok: f64) -> Conf {
         self.pricing.insert(
             model.to_string(),
             json!({"input_per_mtok": input_per_mtok, "output_per_mtok": output_per_mtok}),
@@ -238,17 +238,17 @@ impl Conf {
         self
     }
 
-    pub fn edit_tenant(mut self, id: &str, edit: impl FnOnce(Tenant) -> Tenant) -> Conf {
+    pub(crate) fn edit_tenant(mut self, id: &str, edit: impl FnOnce(Tenant) -> Tenant) -> Conf {
         edit_in(&mut self.tenants, id, edit);
         self
     }
 
-    pub fn edit_pool(mut self, id: &str, edit: impl FnOnce(Pool) -> Pool) -> Conf {
+    pub(crate) fn edit_pool(mut self, id: &str, edit: impl FnOnce(Pool) -> Pool) -> Conf {
         edit_in(&mut self.pools, id, edit);
         self
     }
 
-    pub fn edit_deployment(
+    pub(crate) fn edit_deployment(
         mut self,
         id: &str,
         edit: impl FnOnce(Deployment) -> Deployment,
@@ -258,7 +258,7 @@ impl Conf {
     }
 
     /// The config as one YAML mapping: the settings, then the lists.
-    pub fn to_value(&self) -> Value {
+    pub(crate) fn to_value(&self) -> Value {
         let mut doc = self.settings.clone();
         let lists = [
             (
@@ -283,7 +283,7 @@ impl Conf {
         Value::Object(doc)
     }
 
-    pub fn yaml(&self) -> String {
+    pub(crate) fn yaml(&self) -> String {
         serde_yaml_ng::to_string(&self.to_value()).unwrap()
     }
 }
@@ -299,7 +299,7 @@ fn edit_in<T: Part>(list: &mut [T], name: &str, edit: impl FnOnce(T) -> T) {
 /// `other`); model `gpt` falls back from deployment `a` (mock a, upstream
 /// model `gpt-a`, key A) to `b` (mock b, `gpt-b`, key B); `other` is `b`
 /// only, `embed` and `resp` are `a` only.
-pub fn two_step(a: &MockServer, b: &MockServer, first_byte: &str) -> Conf {
+pub(crate) fn two_step(a: &MockServer, b: &MockServer, first_byte: &str) -> Conf {
     let timeouts = json!({"connect": "1s", "first_byte": first_byte, "idle": "2s"});
     Conf::two_tenants(&["other"])
         .model(Model::new("gpt", &["pa", "pb"]))

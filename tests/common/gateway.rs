@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// A gateway under test and how to reach it.
-pub struct Gw {
+pub(crate) struct Gw {
     pub running: Running,
     pub base: String,
     pub admin: String,
@@ -18,7 +18,7 @@ pub struct Gw {
 }
 
 /// The provider keys deployments name (`KEY_A`, `KEY_B`).
-pub fn provider_env() -> HashMap<String, String> {
+pub(crate) fn provider_env() -> HashMap<String, String> {
     HashMap::from([
         ("KEY_A".to_string(), PROVIDER_KEY_A.to_string()),
         ("KEY_B".to_string(), PROVIDER_KEY_B.to_string()),
@@ -28,7 +28,7 @@ pub fn provider_env() -> HashMap<String, String> {
 /// The config as the gateway under test reads it: on these listeners, two
 /// worker threads, and — for tests that are not about the audit trail,
 /// whose default is a SQLite file in the working directory — no trail.
-pub fn full_config(conf: &Conf, listen: &str, admin_listen: &str) -> Conf {
+pub(crate) fn full_config(conf: &Conf, listen: &str, admin_listen: &str) -> Conf {
     let conf = conf
         .clone()
         .set("listen", listen)
@@ -43,7 +43,7 @@ pub fn full_config(conf: &Conf, listen: &str, admin_listen: &str) -> Conf {
 
 /// Validate a config as `collie run` would, with the provider keys and
 /// `env` in its environment.
-pub fn load(conf: &Conf, env: &[(&str, &str)]) -> Config {
+pub(crate) fn load(conf: &Conf, env: &[(&str, &str)]) -> Config {
     let mut vars = provider_env();
     for (k, v) in env {
         vars.insert(k.to_string(), v.to_string());
@@ -54,12 +54,12 @@ pub fn load(conf: &Conf, env: &[(&str, &str)]) -> Config {
 }
 
 /// Start a gateway with this config on fresh ports.
-pub async fn gateway(conf: &Conf) -> Gw {
+pub(crate) async fn gateway(conf: &Conf) -> Gw {
     gateway_with_env(conf, &[]).await
 }
 
 /// Start a gateway whose environment also holds `env` (a database URL).
-pub async fn gateway_with_env(conf: &Conf, env: &[(&str, &str)]) -> Gw {
+pub(crate) async fn gateway_with_env(conf: &Conf, env: &[(&str, &str)]) -> Gw {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let config = load(&full_config(conf, &listen, &admin), env);
@@ -80,7 +80,7 @@ pub async fn gateway_with_env(conf: &Conf, env: &[(&str, &str)]) -> Gw {
 
 impl Gw {
     /// Replace the running gateway's config, as SIGHUP does (same listeners).
-    pub fn reload(&self, conf: &Conf) {
+    pub(crate) fn reload(&self, conf: &Conf) {
         let listen = self.running.listen.to_string();
         let admin = self.running.admin_listen.to_string();
         let config = load(&full_config(conf, &listen, &admin), &[]);
@@ -88,7 +88,7 @@ impl Gw {
     }
 
     /// Stop gracefully (every record written), off the async workers.
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let running = self.running;
         tokio::task::spawn_blocking(move || running.stop(true))
             .await
@@ -97,7 +97,7 @@ impl Gw {
 
     /// Metrics once `n` requests have been accounted: the logging phase runs
     /// just after the response is sent, so a scrape may come before it.
-    pub async fn metrics_after(&self, n: usize) -> String {
+    pub(crate) async fn metrics_after(&self, n: usize) -> String {
         for _ in 0..500 {
             let text = self.metrics().await;
             if metric_sum(&text, "collie_requests_total", &[]) >= n as f64 {
@@ -109,7 +109,7 @@ impl Gw {
     }
 
     /// A JSON page of the admin listener (`/status`, `/quota`).
-    pub async fn admin_json(&self, path: &str) -> Value {
+    pub(crate) async fn admin_json(&self, path: &str) -> Value {
         self.client
             .get(format!("{}{path}", self.admin))
             .send()
@@ -120,7 +120,7 @@ impl Gw {
             .unwrap()
     }
 
-    pub async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.admin))
             .send()

@@ -19,30 +19,32 @@
     reason = "test support; not every test uses every helper"
 )]
 
-pub mod config;
-pub mod gateway;
-pub mod process;
-pub mod raw;
-pub mod requests;
+pub(crate) mod config;
+pub(crate) mod gateway;
+pub(crate) mod process;
+pub(crate) mod raw;
+pub(crate) mod requests;
 
-pub use config::{Conf, Deployment, Model, Part, Pool, Tenant, two_step};
-pub use gateway::{Gw, gateway, gateway_with_env, provider_env};
-pub use process::{Log, Process, collie_bin, run_collie, sigterm, terminate};
-pub use raw::{RawResponse, parse_responses, raw_chat, raw_exchange, read_until_closed, send_raw};
-pub use requests::{CHAT, Calls, Remote, hello, streamed};
+pub(crate) use config::{Conf, Deployment, Model, Part, Pool, Tenant, two_step};
+pub(crate) use gateway::{Gw, gateway, gateway_with_env, provider_env};
+pub(crate) use process::{Log, Process, collie_bin, run_collie, sigterm, terminate};
+pub(crate) use raw::{
+    RawResponse, parse_responses, raw_chat, raw_exchange, read_until_closed, send_raw,
+};
+pub(crate) use requests::{CHAT, Calls, Remote, hello, streamed};
 
 use collie_mock::{Behavior, MockConfig, MockServer, Recorded};
 use std::time::Duration;
 
-pub const ALPHA_KEY: &str = "sk-tenant-alpha-7Hq2";
-pub const BETA_KEY: &str = "sk-tenant-beta-Vx81";
+pub(crate) const ALPHA_KEY: &str = "sk-tenant-alpha-7Hq2";
+pub(crate) const BETA_KEY: &str = "sk-tenant-beta-Vx81";
 /// Provider keys: a test can search for them wherever they must not appear.
-pub const PROVIDER_KEY_A: &str = "sk-provider-A-canary-5d1f";
-pub const PROVIDER_KEY_B: &str = "sk-provider-B-canary-93ce";
+pub(crate) const PROVIDER_KEY_A: &str = "sk-provider-A-canary-5d1f";
+pub(crate) const PROVIDER_KEY_B: &str = "sk-provider-B-canary-93ce";
 
 /// A port nobody listens on right now. The gateway binds it by address, so
 /// the OS picked it fresh and it is very unlikely to be taken in between.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     // The OS may hand the same free port to two binds in a row once the
     // first is closed: never give one out twice in this process.
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
@@ -60,12 +62,12 @@ pub fn free_port() -> u16 {
 }
 
 /// A mock provider answering the default way (recording every request).
-pub async fn mock() -> MockServer {
+pub(crate) async fn mock() -> MockServer {
     mock_with(Behavior::default()).await
 }
 
 /// A mock provider answering `default`'s way unless told otherwise.
-pub async fn mock_with(default: Behavior) -> MockServer {
+pub(crate) async fn mock_with(default: Behavior) -> MockServer {
     MockServer::start(MockConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
@@ -79,7 +81,7 @@ pub async fn mock_with(default: Behavior) -> MockServer {
 }
 
 /// Poll until `f` holds (bounded; for counters updated by other tasks).
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..500 {
         if f() {
             return;
@@ -90,7 +92,7 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Sum of a metric's samples whose labels include every `label="value"` given.
-pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -104,7 +106,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// What a mock received, without the health probes' `GET /models`.
-pub fn posts(mock: &MockServer) -> Vec<Recorded> {
+pub(crate) fn posts(mock: &MockServer) -> Vec<Recorded> {
     mock.requests()
         .into_iter()
         .filter(|r| r.method == "POST")
@@ -112,7 +114,7 @@ pub fn posts(mock: &MockServer) -> Vec<Recorded> {
 }
 
 /// The value of one header recorded by a mock, if present.
-pub fn recorded_header(req: &Recorded, name: &str) -> Option<String> {
+pub(crate) fn recorded_header(req: &Recorded, name: &str) -> Option<String> {
     req.headers
         .iter()
         .find(|(k, _)| k == name)

@@ -9,12 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The `collie` binary under test.
-pub fn collie_bin() -> Command {
+pub(crate) fn collie_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_collie"))
 }
 
 /// A `collie run` process and where it listens.
-pub struct Process {
+pub(crate) struct Process {
     pub child: Child,
     /// `http://127.0.0.1:PORT` of the gateway.
     pub base: String,
@@ -25,7 +25,7 @@ pub struct Process {
 /// Where a process's log goes: its stderr to `file`, at the level
 /// `rust_log` sets. Without one, stderr is dropped and `RUST_LOG` is left
 /// as the test runs with.
-pub struct Log<'a> {
+pub(crate) struct Log<'a> {
     pub file: &'a Path,
     pub rust_log: &'a str,
 }
@@ -33,7 +33,7 @@ pub struct Log<'a> {
 /// Start `collie run` with this config (written to `dir/collie.yaml`, on
 /// fresh ports, as [`full_config`] completes it) and the provider keys in
 /// its environment; returns once both listeners accept connections.
-pub fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Process {
+pub(crate) fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Process {
     let (listen_port, admin_port) = (free_port(), free_port());
     let path = dir.join("collie.yaml");
     let conf = full_config(
@@ -72,7 +72,7 @@ pub fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Process {
 }
 
 /// Send SIGTERM.
-pub fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -81,7 +81,7 @@ pub fn sigterm(child: &Child) {
 
 /// SIGTERM and wait (a graceful stop: the trail is flushed); SIGKILL if it
 /// has not exited after 10 s.
-pub fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     sigterm(child);
     for _ in 0..500 {
         if child.try_wait().unwrap().is_some() {

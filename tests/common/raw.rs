@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 /// One HTTP/1.1 response as read off a raw socket.
 #[derive(Debug, Clone)]
-pub struct RawResponse {
+pub(crate) struct RawResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -18,19 +18,19 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
 
     /// The OpenAI-style error code of a response Collie generated.
-    pub fn error_code(&self) -> String {
+    pub(crate) fn error_code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
             .unwrap_or_default()
@@ -40,7 +40,7 @@ impl RawResponse {
 
 /// Every response in `data`, in order, as far as they parse; the last one
 /// may be incomplete.
-pub fn parse_responses(mut data: &[u8]) -> Vec<RawResponse> {
+pub(crate) fn parse_responses(mut data: &[u8]) -> Vec<RawResponse> {
     let mut out = Vec::new();
     while let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
         let head = String::from_utf8_lossy(&data[..end]).into_owned();
@@ -108,13 +108,17 @@ pub fn parse_responses(mut data: &[u8]) -> Vec<RawResponse> {
 
 /// Send raw bytes on a new connection and read until the gateway closes it
 /// (or `limit` passes, which a test treats as "never closed").
-pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+pub(crate) async fn raw_exchange(
+    addr: SocketAddr,
+    request: &[u8],
+    limit: Duration,
+) -> (Vec<u8>, bool) {
     let mut s = send_raw(addr, request).await;
     read_until_closed(&mut s, limit).await
 }
 
 /// Read until the peer closes (`true`) or `limit` passes (`false`).
-pub async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+pub(crate) async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     let deadline = tokio::time::Instant::now() + limit;
@@ -128,7 +132,7 @@ pub async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, 
 }
 
 /// A chat request as raw HTTP/1.1 from tenant alpha.
-pub fn raw_chat(body: &str, extra_headers: &str) -> String {
+pub(crate) fn raw_chat(body: &str, extra_headers: &str) -> String {
     format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: collie\r\nX-Tenant-ID: alpha\r\nAuthorization: Bearer {ALPHA_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
         body.len()
@@ -137,7 +141,7 @@ pub fn raw_chat(body: &str, extra_headers: &str) -> String {
 
 /// Connect and send raw bytes, keeping the connection open (to read from
 /// it, or to hang up mid-way).
-pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> TcpStream {
+pub(crate) async fn send_raw(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     s

@@ -5,11 +5,11 @@ use super::gateway::Gw;
 use reqwest::RequestBuilder;
 use serde_json::{Value, json};
 
-pub const CHAT: &str = "/v1/chat/completions";
+pub(crate) const CHAT: &str = "/v1/chat/completions";
 
 /// A gateway reached over HTTP: one in this process ([`Gw`]) or a
 /// `collie run` process ([`Remote`]).
-pub trait Calls {
+pub(crate) trait Calls {
     /// `http://127.0.0.1:PORT`
     fn base(&self) -> &str;
     fn client(&self) -> &reqwest::Client;
@@ -61,13 +61,13 @@ impl Calls for Gw {
 }
 
 /// A gateway known only by its URL (a `collie run` process).
-pub struct Remote {
+pub(crate) struct Remote {
     pub base: String,
     pub client: reqwest::Client,
 }
 
 impl Remote {
-    pub fn new(base: &str) -> Remote {
+    pub(crate) fn new(base: &str) -> Remote {
         Remote {
             base: base.to_string(),
             client: reqwest::Client::new(),
@@ -86,11 +86,11 @@ impl Calls for Remote {
 }
 
 /// A one-message chat body: "hello" to `model`.
-pub fn hello(model: &str) -> Value {
+pub(crate) fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
 }
 
 /// A streamed chat body with no messages.
-pub fn streamed(model: &str) -> Value {
+pub(crate) fn streamed(model: &str) -> Value {
     json!({"model": model, "stream": true, "messages": []})
 }

@@ -10,7 +10,7 @@ use crate::config::is_schema_name;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 
-pub struct Postgres {
+pub(crate) struct Postgres {
     client: postgres::Client,
     url: String,
     schema: Option<String>,
@@ -20,7 +20,7 @@ pub struct Postgres {
 const MIGRATION_LOCK: i64 = 7_426_550_042;
 
 impl Postgres {
-    pub fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, SinkError> {
+    pub(crate) fn open(url: &str, schema_name: Option<&str>) -> Result<Postgres, SinkError> {
         Ok(Postgres {
             client: Postgres::connect(url, schema_name)?,
             url: url.to_string(),

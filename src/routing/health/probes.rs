@@ -29,21 +29,21 @@ use std::time::{Duration, Instant};
 
 /// A deployment's id in a backend's `ext`: stable across reloads, unlike its index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DeploymentKey(pub Arc<str>);
+pub(crate) struct DeploymentKey(pub(crate) Arc<str>);
 
 /// The health machinery's series, all labelled by deployment id.
 #[derive(Clone)]
-pub struct HealthMetrics {
-    pub transitions: IntCounterVec,
-    pub probe_seconds: HistogramVec,
+pub(crate) struct HealthMetrics {
+    pub(crate) transitions: IntCounterVec,
+    pub(crate) probe_seconds: HistogramVec,
     /// 0 unknown, 1 healthy, 2 degraded, 3 unhealthy.
-    pub deployment_state: IntGaugeVec,
+    pub(crate) deployment_state: IntGaugeVec,
     /// 0 closed, 1 half-open, 2 open.
-    pub breaker_state: IntGaugeVec,
+    pub(crate) breaker_state: IntGaugeVec,
 }
 
 impl HealthMetrics {
-    pub fn new(r: &prometheus::Registry) -> prometheus::Result<HealthMetrics> {
+    pub(crate) fn new(r: &prometheus::Registry) -> prometheus::Result<HealthMetrics> {
         let transitions = IntCounterVec::new(
             prometheus::Opts::new(
                 "collie_breaker_transitions_total",
@@ -121,7 +121,7 @@ impl Drop for Probing {
 
 /// Every deployment's health, kept across reloads by deployment id.
 pub struct HealthBook {
-    pub registry: Arc<HealthRegistry>,
+    pub(crate) registry: Arc<HealthRegistry>,
     entries: Arc<Mutex<HashMap<Arc<str>, Arc<Entry>>>>,
     /// For `/models` and completion probes; keeps their connections alive.
     connector: Connector,
@@ -129,11 +129,11 @@ pub struct HealthBook {
     transport: TransportConnector,
     metrics: HealthMetrics,
     /// Wakes the probe loop: a probe finished or the deployments changed.
-    pub wake: tokio::sync::Notify,
+    pub(crate) wake: tokio::sync::Notify,
 }
 
 impl HealthBook {
-    pub fn new(metrics: HealthMetrics, keepalive: usize) -> Arc<HealthBook> {
+    pub(crate) fn new(metrics: HealthMetrics, keepalive: usize) -> Arc<HealthBook> {
         let registry = Arc::new(HealthRegistry::with_equivalence(|b: &Backend| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             b.ext.get::<DeploymentKey>().hash(&mut h);
@@ -159,7 +159,7 @@ impl HealthBook {
 
     /// The health of a deployment (created unknown on first sight), with
     /// settings from the current config.
-    pub fn health(&self, id: &str, settings: HealthSettings) -> Arc<DeploymentHealth> {
+    pub(crate) fn health(&self, id: &str, settings: HealthSettings) -> Arc<DeploymentHealth> {
         let mut map = self.entries();
         let e = map.entry(Arc::from(id)).or_insert_with(|| {
             Arc::new(Entry {
@@ -207,7 +207,7 @@ impl HealthBook {
     /// Point the probes at the deployments of a new config that some pool
     /// uses (no traffic can reach the others, so they are not probed);
     /// forget the deployments that left, their metric series included.
-    pub fn retarget(&self, upstreams: &[Arc<Upstream>], pooled: &dyn Fn(usize) -> bool) {
+    pub(crate) fn retarget(&self, upstreams: &[Arc<Upstream>], pooled: &dyn Fn(usize) -> bool) {
         let mut gone = Vec::new();
         {
             let mut map = self.entries();
@@ -233,7 +233,7 @@ impl HealthBook {
 
     /// Set the health and breaker gauges from the deployments' state now
     /// (called when metrics are scraped, so they are never stale).
-    pub fn publish(&self, upstreams: &[Arc<Upstream>]) {
+    pub(crate) fn publish(&self, upstreams: &[Arc<Upstream>]) {
         for u in upstreams {
             let h = u.health.snapshot();
             let state = match h.state {
@@ -256,7 +256,7 @@ impl HealthBook {
     /// How long until the next probe of any deployment is due (`None`: no
     /// deployment is probed). Deployments being probed now are left out:
     /// the end of their probe wakes the loop.
-    pub fn next_due(&self) -> Option<Duration> {
+    pub(crate) fn next_due(&self) -> Option<Duration> {
         self.entries()
             .values()
             .filter(|e| !e.probing.load(Ordering::Acquire) && e.target.load().is_some())
