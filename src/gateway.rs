@@ -6,18 +6,16 @@ pub(crate) mod admission;
 pub mod body;
 mod error;
 pub(crate) mod exchange;
-mod redact;
 mod spend;
 
 pub use admission::key_digest_hex;
 pub(crate) use body::BodyBudget;
 pub(crate) use error::GatewayError;
-pub(crate) use redact::KeyMask;
 
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::outcome::{Attempt, Claimed, Cut, End, Endpoint, Finished};
 use crate::quota::Reservation;
-use crate::server::Lifecycle;
 use crate::state::{Snapshot, State};
 use crate::usage::Usage;
 use async_trait::async_trait;

@@ -9,10 +9,12 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod outcome;
 pub mod quota;
+mod redact;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -58,7 +58,7 @@ pub(crate) struct Upstream {
     /// indexes it. `None` for upstreams that take no key.
     pub(crate) auth: Option<(HeaderName, HeaderValue)>,
     /// Finds the provider key in what the deployment sends back.
-    pub(crate) key_mask: Option<crate::gateway::KeyMask>,
+    pub(crate) key_mask: Option<crate::redact::KeyMask>,
     pub(crate) timeouts: Timeouts,
     pub(crate) price: Option<Price>,
     /// Until when (see [`now_ms`]) the provider asked us to stay away; 0 = open.
@@ -689,7 +689,7 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream 
         key_mask: d
             .api_key
             .as_ref()
-            .and_then(|k| crate::gateway::KeyMask::new(k.expose().as_bytes())),
+            .and_then(|k| crate::redact::KeyMask::new(k.expose().as_bytes())),
         timeouts: d.timeouts,
         price: config.pricing.get(&d.model).copied(),
         blocked_until_ms: AtomicU64::new(0),

@@ -6,6 +6,7 @@ use crate::admin::AdminApp;
 use crate::audit::{AuditError, AuditHandle};
 use crate::config::{Config, ConfigErrors};
 use crate::gateway::{Gateway, InFlight};
+use crate::lifecycle::Lifecycle;
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
 use crate::metrics::Metrics;
 use crate::quota::rebalance::Rebalancer;
@@ -22,7 +23,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// Why the process could not start. Each kind asks for a different answer
 /// from whoever runs it: fix the file, wait for a dependency, report a bug.
@@ -85,17 +85,6 @@ struct DrainParts {
     in_flight: InFlight,
     lifecycle: Lifecycle,
     state: Arc<State>,
-}
-
-/// How the process is stopping, for every part that acts on it.
-#[derive(Clone, Default)]
-pub(crate) struct Lifecycle {
-    /// A graceful stop began: `/readyz` fails, idle connections close, and
-    /// every answer says `Connection: close`.
-    pub(crate) draining: CancellationToken,
-    /// The drain timeout passed: requests still in flight are cut off
-    /// (streams end with an error event) so they are settled and recorded.
-    pub(crate) cut: CancellationToken,
 }
 
 /// After the cut, how long the stop waits for cut requests to be settled.

@@ -3,12 +3,12 @@
 //! response cut short ended so the client can tell.
 
 use super::super::error::stream_error_event;
-use super::super::redact::{KeyMask, Redactor};
 use super::super::{Gateway, RequestCtx};
 use super::attempt::release;
 use super::headers::client_response_head;
 use super::{Interrupt, until_interrupted};
 use crate::outcome::Cut;
+use crate::redact::{KeyMask, Redactor};
 use crate::routing::Upstream;
 use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
