@@ -17,9 +17,10 @@ impl AdminApp {
     fn quota_status(&self) -> Vec<u8> {
         let snap = self.state.load();
         let tenants: Vec<_> = snap
-            .ledgers
+            .quota
+            .ledgers()
             .iter()
-            .map(|l| l.report(&snap.calendar))
+            .map(|l| l.report(snap.quota.calendar()))
             .collect();
         let pools: Vec<_> = snap
             .router

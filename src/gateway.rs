@@ -337,7 +337,7 @@ impl Gateway {
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }
-        spend::reserve(ctx, &snap, tenant, model, &body, &inspected)?;
+        spend::reserve(ctx, &snap, tenant, model, &body, &inspected).await?;
         exchange::run(self, session, ctx, &snap, chain, body, &inspected).await
     }
 }
@@ -505,10 +505,10 @@ async fn respond_quota(
     tenant: usize,
 ) -> Result<(), GatewayError> {
     let ledger = snap
-        .ledgers
-        .get(tenant)
+        .quota
+        .ledger(tenant)
         .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    respond_json(session, ctx, &ledger.report(&snap.calendar)).await
+    respond_json(session, ctx, &ledger.report(snap.quota.calendar())).await
 }
 
 /// A 200 JSON answer Collie gives itself, with its usual headers.

@@ -121,8 +121,8 @@ impl QuotaMetrics {
         for g in gauges {
             g.reset();
         }
-        for ledger in &snap.ledgers {
-            let report = ledger.report(&snap.calendar);
+        for ledger in snap.quota.ledgers() {
+            let report = ledger.report(snap.quota.calendar());
             for scope in &report.scopes {
                 let model = scope.model.as_deref().unwrap_or("");
                 for w in &scope.windows {

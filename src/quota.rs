@@ -800,6 +800,92 @@ impl Drop for Reservation {
     }
 }
 
+/// The quota ledger as the request path sees it, for one config: every
+/// tenant's ledger (kept across reloads) and the calendar their day and
+/// month windows follow. Admission is local: the ledger reserves or refuses
+/// at once. Where a limit is shared by a fleet of sidecars, each one's
+/// ledger holds only its share, and a refusal may be an empty share rather
+/// than a spent limit: the [`Authority`] that holds the fleet's limit is
+/// then asked for more before the refusal stands. Settlement stays local
+/// (the reservation settles into the ledger it came from); the authority
+/// learns what was used from the ledgers' counters.
+pub(crate) struct Quota {
+    ledgers: Vec<Arc<TenantLedger>>,
+    calendar: Arc<Calendar>,
+    authority: Option<Arc<dyn Authority>>,
+}
+
+/// Who holds a limit shared by more than one sidecar.
+#[async_trait::async_trait]
+pub(crate) trait Authority: Send + Sync {
+    /// The local ledger refused `amount` for `tenant` in `refusal.window`
+    /// (of the tenant's scope, or `model`'s): obtain more of that window for
+    /// this sidecar, if the fleet has it. `true`: the share grew, ask the
+    /// ledger again. Bounded in time by the implementation.
+    async fn top_up(
+        &self,
+        tenant: &TenantLedger,
+        model: &str,
+        refusal: &Refusal,
+        amount: Amount,
+    ) -> bool;
+}
+
+impl Quota {
+    pub(crate) fn new(
+        ledgers: Vec<Arc<TenantLedger>>,
+        calendar: Arc<Calendar>,
+        authority: Option<Arc<dyn Authority>>,
+    ) -> Quota {
+        Quota {
+            ledgers,
+            calendar,
+            authority,
+        }
+    }
+
+    /// Reserve `amount` for tenant `tenant` (its index in the config) and
+    /// `model`, in every window or in none.
+    pub(crate) async fn reserve(
+        &self,
+        tenant: usize,
+        model: &str,
+        amount: Amount,
+    ) -> Result<Reservation, Refusal> {
+        let Some(ledger) = self.ledgers.get(tenant) else {
+            return Err(Refusal {
+                window: "tenant".into(),
+                kind: RefusalKind::QuotaExceeded,
+                retry_after: Duration::ZERO,
+            });
+        };
+        let refusal = match ledger.reserve(model, amount, &self.calendar) {
+            Ok(r) => return Ok(r),
+            Err(refusal) => refusal,
+        };
+        match &self.authority {
+            Some(a) if a.top_up(ledger, model, &refusal, amount).await => {
+                ledger.reserve(model, amount, &self.calendar)
+            }
+            _ => Err(refusal),
+        }
+    }
+
+    /// A tenant's ledger, by its index in the config.
+    pub(crate) fn ledger(&self, tenant: usize) -> Option<&Arc<TenantLedger>> {
+        self.ledgers.get(tenant)
+    }
+
+    /// Every tenant's ledger, in the config's order.
+    pub(crate) fn ledgers(&self) -> &[Arc<TenantLedger>] {
+        &self.ledgers
+    }
+
+    pub(crate) fn calendar(&self) -> &Arc<Calendar> {
+        &self.calendar
+    }
+}
+
 /// Every tenant's ledger, kept across reloads, and the clock its calendar
 /// windows follow.
 #[derive(Default)]

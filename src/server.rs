@@ -497,9 +497,9 @@ impl BackgroundService for RebalanceService {
                     load.utilisation().is_some_and(|u| u >= threshold)
                 })
                 .collect();
-            let changes = self
-                .rebalancer
-                .step(&snap.config, &snap.ledgers, &busy, last.elapsed());
+            let changes =
+                self.rebalancer
+                    .step(&snap.config, snap.quota.ledgers(), &busy, last.elapsed());
             for c in changes {
                 log::info!(
                     "quota rebalance: {} {} (rpm {:+.1} → {:+.1}, tpm {:+.0} → {:+.0})",

@@ -4,7 +4,7 @@
 //! config and half of another.
 
 use crate::config::{Config, ConfigErrors, Model};
-use crate::quota::{Calendar, Ledger, TenantLedger};
+use crate::quota::{Calendar, Ledger, Quota};
 use crate::routing::health::HealthBook;
 use crate::routing::{BuildError, Router};
 use arc_swap::ArcSwap;
@@ -15,10 +15,9 @@ use std::sync::Arc;
 pub(crate) struct Snapshot {
     pub(crate) config: Config,
     pub(crate) router: Router,
-    /// Quota ledgers by tenant index (shared with the previous snapshot).
-    pub(crate) ledgers: Vec<Arc<TenantLedger>>,
-    /// Held by reservations too: they settle into the windows current then.
-    pub(crate) calendar: Arc<Calendar>,
+    /// Every tenant's quota ledger (shared with the previous snapshot) and
+    /// the calendar its windows follow.
+    pub(crate) quota: Quota,
     tenant_index: HashMap<String, usize>,
     model_index: HashMap<String, usize>,
     /// Key digest → tenant index, to tell "wrong key" from "another tenant's key".
@@ -65,8 +64,7 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             router,
-            ledgers,
-            calendar,
+            quota: Quota::new(ledgers, calendar, None),
             tenant_index,
             model_index,
             key_owner,

@@ -181,7 +181,8 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
             })
             .collect(),
         loans: snap
-            .ledgers
+            .quota
+            .ledgers()
             .iter()
             .filter_map(|l| {
                 let loan = l.loan();

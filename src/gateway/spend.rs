@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// Estimate the request and reserve it in the tenant's ledger. Also fills in
 /// the token estimate the provider limits and settlement use.
-pub(crate) fn reserve(
+pub(crate) async fn reserve(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     tenant: usize,
@@ -46,11 +46,7 @@ pub(crate) fn reserve(
         .map(|u| u.price);
     let amount = reservation(prompt, output, prices);
     ctx.request.tokens_estimate = amount.tokens;
-    let ledger = snap
-        .ledgers
-        .get(tenant)
-        .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    match ledger.reserve(&model.name, amount, &snap.calendar) {
+    match snap.quota.reserve(tenant, &model.name, amount).await {
         Ok(r) => {
             ctx.reservation = Some(r);
             Ok(())
@@ -176,7 +172,8 @@ pub(crate) fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
 /// model's — with its configured limit, what is left, and when it is whole
 /// again. A kind no window limits gets no headers.
 pub(crate) fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
-    let Some(ledger) = ctx.caller.tenant.and_then(|t| ctx.snapshot.ledgers.get(t)) else {
+    let quota = &ctx.snapshot.quota;
+    let Some(ledger) = ctx.caller.tenant.and_then(|t| quota.ledger(t)) else {
         return;
     };
     const NAMES: [[HeaderName; 3]; 2] = [
@@ -192,7 +189,7 @@ pub(crate) fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
         ],
     ];
     let RateInfo { requests, tokens } =
-        ledger.rate_info(ctx.request.model.as_deref(), &ctx.snapshot.calendar);
+        ledger.rate_info(ctx.request.model.as_deref(), quota.calendar());
     for ([limit_name, remaining_name, reset_name], w) in NAMES.into_iter().zip([requests, tokens]) {
         let Some(WindowInfo {
             limit,

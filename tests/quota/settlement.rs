@@ -199,7 +199,16 @@ async fn unreported_usage_is_estimated_and_marked() {
     a.push(Behavior::default().chunks(2));
     let r = gw.chat(small("gpt", 10, false)).send().await.unwrap();
     let reported: Value = r.json().await.unwrap();
-    let m = gw.metrics_after(3).await;
+    // Three chat requests counted (the quota pages read meanwhile are
+    // requests too, so a plain count of 3 could come before the third).
+    let mut m = gw.metrics().await;
+    for _ in 0..500 {
+        if metric_sum(&m, "collie_requests_total", &[("model", "gpt")]) >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = gw.metrics().await;
+    }
     let tokens = |usage| {
         metric_sum(
             &m,
