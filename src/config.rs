@@ -42,6 +42,16 @@ const MAX_HEADERS_CEILING: usize = 250;
 /// `routing::identity_backend`).
 const MAX_DEPLOYMENTS: usize = u16::MAX as usize;
 
+/// A pool, by its position in [`Config::pools`]: never confused with a
+/// deployment's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct PoolIx(pub(crate) usize);
+
+/// A deployment, by its position in [`Config::deployments`] (and in the
+/// router's deployments built from them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct DeploymentIx(pub(crate) usize);
+
 /// The validated configuration. Indices (`usize`) refer into the vectors of
 /// this struct; names were resolved during validation.
 #[derive(Debug, Clone)]
@@ -117,7 +127,7 @@ impl ModelAccess {
 pub(crate) struct Model {
     pub(crate) name: String,
     /// Pool indices in fallback order.
-    pub(crate) chain: Vec<usize>,
+    pub(crate) chain: Vec<PoolIx>,
     /// Route-alias rules; the first that matches replaces `chain`.
     pub(crate) routes: Vec<Route>,
     pub(crate) max_output_tokens: Option<u64>,
@@ -127,7 +137,7 @@ pub(crate) struct Model {
 impl Model {
     /// The chain for a request: the first route rule matching the hint or the
     /// tenant's priority, else the default chain.
-    pub(crate) fn chain_for(&self, priority: u8, hint: Option<&str>) -> &[usize] {
+    pub(crate) fn chain_for(&self, priority: u8, hint: Option<&str>) -> &[PoolIx] {
         self.routes
             .iter()
             .find(|r| {
@@ -197,7 +207,7 @@ pub(crate) struct Pool {
 
 #[derive(Debug, Clone)]
 pub(crate) struct PoolMember {
-    pub(crate) deployment: usize,
+    pub(crate) deployment: DeploymentIx,
     pub(crate) weight: u32,
 }
 
@@ -363,6 +373,16 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// A pool by its index.
+    pub(crate) fn pool(&self, p: PoolIx) -> Option<&Pool> {
+        self.pools.get(p.0)
+    }
+
+    /// A deployment by its index.
+    pub(crate) fn deployment(&self, d: DeploymentIx) -> Option<&Deployment> {
+        self.deployments.get(d.0)
+    }
+
     /// Read and validate a file, taking provider keys from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -938,7 +958,7 @@ impl Validator<'_> {
                             );
                         }
                         members.push(PoolMember {
-                            deployment: idx,
+                            deployment: DeploymentIx(idx),
                             weight,
                         });
                     }
@@ -1372,7 +1392,7 @@ pricing:
         assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.tenants[0].priority, 1);
-        assert_eq!(c.models[0].chain, vec![0]);
+        assert_eq!(c.models[0].chain, vec![PoolIx(0)]);
         assert_eq!(c.pools[0].members[0].weight, 3);
         let d = &c.deployments[0];
         assert_eq!(d.base_url.path_prefix, "/openai/v1");

@@ -12,6 +12,7 @@ pub use admission::key_digest_hex;
 pub(crate) use body::BodyBudget;
 pub(crate) use error::GatewayError;
 
+use crate::config::DeploymentIx;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::outcome::{Attempt, Claimed, Cut, End, Endpoint, Finished};
@@ -120,10 +121,10 @@ pub(crate) struct Asked {
 #[derive(Debug, Default)]
 pub(crate) struct Exchanged {
     pub(crate) attempts: Vec<Attempt>,
-    /// Index of the deployment whose response the client got.
-    pub(crate) served: Option<usize>,
+    /// The deployment whose response the client got.
+    pub(crate) served: Option<DeploymentIx>,
     /// (from, to) deployments when the request fell back along its chain.
-    pub(crate) fallback: Option<(usize, usize)>,
+    pub(crate) fallback: Option<(DeploymentIx, DeploymentIx)>,
     /// Time spent waiting for a pool slot, if any.
     pub(crate) queued: Option<Duration>,
 }

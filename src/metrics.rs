@@ -319,7 +319,7 @@ impl Metrics {
             attempts: counter(
                 r,
                 "collie_upstream_attempts_total",
-                "Upstream attempts by deployment and outcome",
+                "Deployment attempts by deployment and outcome",
                 &["deployment", "outcome"],
             )?,
             fallbacks: counter(
@@ -411,8 +411,7 @@ impl Metrics {
         for a in &ctx.attempts {
             let deployment = snap
                 .router
-                .upstreams
-                .get(a.upstream)
+                .deployment(a.deployment)
                 .map_or(OTHER, |u| u.id.as_str());
             let outcome = match &a.outcome {
                 Ok(_) => "served",
@@ -423,11 +422,10 @@ impl Metrics {
                 .inc();
         }
         if let Some((from, to)) = ctx.fallback {
-            // Upstream model names: from the config.
-            let model = |i: usize| {
+            // Deployment model names: from the config.
+            let model = |d| {
                 snap.router
-                    .upstreams
-                    .get(i)
+                    .deployment(d)
                     .map_or(OTHER, |u| u.model.as_str())
             };
             let outcome = if ctx.served.is_some() {
@@ -439,7 +437,7 @@ impl Metrics {
                 .with_label_values(&[model(from), model(to), outcome])
                 .inc();
         }
-        let Some(served) = ctx.served.and_then(|i| snap.router.upstreams.get(i)) else {
+        let Some(served) = ctx.served.and_then(|i| snap.router.deployment(i)) else {
             return;
         };
         let elapsed = ctx.latency.as_secs_f64();
@@ -492,7 +490,7 @@ impl Metrics {
         self.quota.refresh_windows(snap);
         // Health gauges are read from the deployments now, for the
         // deployments of the config now.
-        health.publish(&snap.router.upstreams);
+        health.publish(&snap.router.deployments);
         self.inflight_body_bytes
             .set(i64::try_from(body_bytes).unwrap_or(i64::MAX));
         self.render()

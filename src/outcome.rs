@@ -5,6 +5,7 @@
 //! nothing else is rewritten, so what metrics count and what the trail
 //! records is the same story.
 
+use crate::config::DeploymentIx;
 use crate::quota::Settlement;
 use crate::state::Snapshot;
 use crate::usage::Usage;
@@ -115,7 +116,7 @@ impl Failure {
 #[derive(Debug, Clone)]
 pub(crate) struct Attempt {
     /// The deployment it was made to.
-    pub(crate) upstream: usize,
+    pub(crate) deployment: DeploymentIx,
     pub(crate) outcome: Result<u16, Failure>,
     /// Tokens taken from the deployment's own per-minute limit.
     pub(crate) tokens_taken: u64,
@@ -254,10 +255,10 @@ pub(crate) struct Finished {
     /// does not exist (the text may be a key sent by mistake).
     pub(crate) requested_model: Option<String>,
     pub(crate) attempts: Vec<Attempt>,
-    /// Index of the deployment whose response the client got.
-    pub(crate) served: Option<usize>,
+    /// The deployment whose response the client got.
+    pub(crate) served: Option<DeploymentIx>,
     /// (from, to) deployments when the request fell back along its chain.
-    pub(crate) fallback: Option<(usize, usize)>,
+    pub(crate) fallback: Option<(DeploymentIx, DeploymentIx)>,
     /// The status the client got (0: none).
     pub(crate) status: u16,
     pub(crate) end: End,

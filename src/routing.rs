@@ -9,7 +9,7 @@ pub(crate) mod health;
 pub(crate) mod limits;
 
 pub(crate) use crate::config::Policy;
-use crate::config::{Config, Price, Timeouts};
+use crate::config::{Config, DeploymentIx, PoolIx, Price, Timeouts};
 use arc_swap::ArcSwap;
 use gate::PoolGate;
 use health::probes::{DeploymentKey, HealthBook};
@@ -36,11 +36,11 @@ pub(crate) fn now_ms() -> u64 {
 
 /// One deployment ready to be called: a provider endpoint, its key and the
 /// model name it expects.
-pub(crate) struct Upstream {
-    pub(crate) index: usize,
+pub(crate) struct Deployment {
+    pub(crate) index: DeploymentIx,
     pub(crate) id: String,
     /// The endpoint; its address is refreshed from DNS in the background
-    /// (see [`Upstream::refresh_address`]), so it is swapped, never edited.
+    /// (see [`Deployment::refresh_address`]), so it is swapped, never edited.
     peer: ArcSwap<HttpPeer>,
     /// The host name to resolve, when the base URL names one (not an IP).
     dns_name: Option<(String, u16)>,
@@ -55,7 +55,7 @@ pub(crate) struct Upstream {
     pub(crate) host: HeaderValue,
     pub(crate) path_prefix: String,
     /// Header carrying the provider key, marked sensitive so HPACK never
-    /// indexes it. `None` for upstreams that take no key.
+    /// indexes it. `None` for deployments that take no key.
     pub(crate) auth: Option<(HeaderName, HeaderValue)>,
     /// Finds the provider key in what the deployment sends back.
     pub(crate) key_mask: Option<crate::redact::KeyMask>,
@@ -70,7 +70,7 @@ pub(crate) struct Upstream {
     pub(crate) health: Arc<DeploymentHealth>,
 }
 
-impl Upstream {
+impl Deployment {
     /// The endpoint to connect to now.
     pub(crate) fn peer(&self) -> Arc<HttpPeer> {
         self.peer.load_full()
@@ -137,10 +137,10 @@ impl Upstream {
     }
 }
 
-impl std::fmt::Debug for Upstream {
+impl std::fmt::Debug for Deployment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The auth header is deliberately left out.
-        f.debug_struct("Upstream")
+        f.debug_struct("Deployment")
             .field("id", &self.id)
             .field("model", &self.model)
             .finish_non_exhaustive()
@@ -149,7 +149,7 @@ impl std::fmt::Debug for Upstream {
 
 pub(crate) struct PoolRuntime {
     pub(crate) id: String,
-    pub(crate) members: Vec<usize>,
+    members: Vec<usize>,
     /// Each member's weight, in `members` order.
     weights: Vec<u32>,
     lb: LoadBalancer<RoundRobin>,
@@ -164,7 +164,7 @@ pub(crate) struct PoolRuntime {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Pick {
     /// A deployment, and whether it is the half-open breaker's single trial.
-    Upstream { index: usize, trial: bool },
+    Deployment { index: DeploymentIx, trial: bool },
     /// Every untried member is waiting out a provider's `Retry-After` (or
     /// its own per-minute limit); the shortest wait.
     Blocked { retry_in_ms: u64 },
@@ -185,18 +185,29 @@ enum Mode {
 }
 
 impl PoolRuntime {
+    /// The pool's first member (what a fallback is counted from when the
+    /// pool had nothing to offer).
+    pub(crate) fn first_member(&self) -> Option<DeploymentIx> {
+        self.member_ixs().next()
+    }
+
+    /// The pool's members, in the config's order.
+    pub(crate) fn member_ixs(&self) -> impl Iterator<Item = DeploymentIx> + '_ {
+        self.members.iter().map(|&i| DeploymentIx(i))
+    }
+
     /// Choose a member not yet tried: healthy ones first, then degraded,
     /// then unknown (not preferred until proven), by the pool's policy; else
     /// the single trial of a half-open breaker. The member's provider limits
     /// must take one request of `tokens` (taken on success; see [`Lease`]).
     pub(crate) fn pick(
         &self,
-        upstreams: &[Arc<Upstream>],
-        tried: &[usize],
+        deployments: &[Arc<Deployment>],
+        tried: &[DeploymentIx],
         now: u64,
         tokens: u64,
     ) -> Pick {
-        self.select(upstreams, tried, now, tokens, Mode::Take)
+        self.select(deployments, tried, now, tokens, Mode::Take)
     }
 
     /// What [`Self::pick`] would offer now, by the same rules, taking
@@ -205,27 +216,31 @@ impl PoolRuntime {
     /// recommendation.
     pub(crate) fn peek(
         &self,
-        upstreams: &[Arc<Upstream>],
-        tried: &[usize],
+        deployments: &[Arc<Deployment>],
+        tried: &[DeploymentIx],
         now: u64,
         tokens: u64,
     ) -> Pick {
-        self.select(upstreams, tried, now, tokens, Mode::Peek)
+        self.select(deployments, tried, now, tokens, Mode::Peek)
     }
 
     fn select(
         &self,
-        upstreams: &[Arc<Upstream>],
-        tried: &[usize],
+        deployments: &[Arc<Deployment>],
+        tried: &[DeploymentIx],
         now: u64,
         tokens: u64,
         mode: Mode,
     ) -> Pick {
-        let get = |i: usize| upstreams.get(i).filter(|_| !tried.contains(&i));
+        let get = |i: usize| {
+            deployments
+                .get(i)
+                .filter(|_| !tried.contains(&DeploymentIx(i)))
+        };
         let limited_wait = std::cell::Cell::new(None::<u64>);
         let note_wait =
             |ms: u64| limited_wait.set(Some(limited_wait.get().map_or(ms, |w| w.min(ms))));
-        let fits = |u: &Upstream| {
+        let fits = |u: &Deployment| {
             let answer = match (u.limiter.as_ref(), mode) {
                 (None, _) => Ok(()),
                 (Some(l), Mode::Take) => l.try_take(tokens),
@@ -262,9 +277,9 @@ impl PoolRuntime {
             {
                 continue;
             }
-            if let Some(i) = self.choose(upstreams, &eligible, &fits, mode) {
-                return Pick::Upstream {
-                    index: i,
+            if let Some(i) = self.choose(deployments, &eligible, &fits, mode) {
+                return Pick::Deployment {
+                    index: DeploymentIx(i),
                     trial: false,
                 };
             }
@@ -279,8 +294,8 @@ impl PoolRuntime {
                 Mode::Take => {
                     if u.health.admit().is_ok() {
                         if fits(u) {
-                            return Pick::Upstream {
-                                index: i,
+                            return Pick::Deployment {
+                                index: DeploymentIx(i),
                                 trial: true,
                             };
                         }
@@ -289,8 +304,8 @@ impl PoolRuntime {
                 }
                 Mode::Peek => {
                     if u.health.would_admit().is_ok() && fits(u) {
-                        return Pick::Upstream {
-                            index: i,
+                        return Pick::Deployment {
+                            index: DeploymentIx(i),
                             trial: true,
                         };
                     }
@@ -336,27 +351,27 @@ impl PoolRuntime {
     /// One eligible member by the pool's policy, whose limits take the request.
     fn choose(
         &self,
-        upstreams: &[Arc<Upstream>],
+        deployments: &[Arc<Deployment>],
         eligible: &dyn Fn(usize) -> bool,
-        fits: &dyn Fn(&Upstream) -> bool,
+        fits: &dyn Fn(&Deployment) -> bool,
         mode: Mode,
     ) -> Option<usize> {
         let n = match mode {
             Mode::Take => self.picks.fetch_add(1, Ordering::Relaxed),
             Mode::Peek => self.picks.load(Ordering::Relaxed),
         };
-        let ranked = |key: &dyn Fn(&Upstream) -> (u64, u64)| {
-            let mut c: smallvec::SmallVec<[&Arc<Upstream>; 8]> = self
+        let ranked = |key: &dyn Fn(&Deployment) -> (u64, u64)| {
+            let mut c: smallvec::SmallVec<[&Arc<Deployment>; 8]> = self
                 .members
                 .iter()
                 .filter(|&&i| eligible(i))
-                .filter_map(|&i| upstreams.get(i))
+                .filter_map(|&i| deployments.get(i))
                 .collect();
             // Stable: equal keys keep the pool's member order.
             c.sort_by_key(|u| key(u));
-            c.into_iter().find(|u| fits(u)).map(|u| u.index)
+            c.into_iter().find(|u| fits(u)).map(|u| u.index.0)
         };
-        let heaviest = |u: &Upstream| (u64::from(u32::MAX - self.weight_of(u.index)), 0);
+        let heaviest = |u: &Deployment| (u64::from(u32::MAX - self.weight_of(u.index.0)), 0);
         match (self.policy, mode) {
             (Policy::LeastLatency, Mode::Peek) => {
                 return ranked(&|u| {
@@ -374,7 +389,7 @@ impl PoolRuntime {
                 return ranked(&|u| {
                     (
                         u.price_per_token(),
-                        u64::from(u32::MAX - self.weight_of(u.index)),
+                        u64::from(u32::MAX - self.weight_of(u.index.0)),
                     )
                 });
             }
@@ -386,7 +401,7 @@ impl PoolRuntime {
             // The registry's view lags; `DeploymentHealth` is authoritative.
             b.ext
                 .get::<usize>()
-                .is_some_and(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| fits(u)))
+                .is_some_and(|&i| eligible(i) && deployments.get(i).is_some_and(|u| fits(u)))
         });
         if let Some(&i) = first.as_ref().and_then(|b| b.ext.get::<usize>()) {
             return Some(i);
@@ -398,7 +413,7 @@ impl PoolRuntime {
         let start = usize::try_from(n).unwrap_or(0) % len.max(1);
         (0..len)
             .map(|k| self.members[(start + k) % len])
-            .find(|&i| eligible(i) && upstreams.get(i).is_some_and(|u| fits(u)))
+            .find(|&i| eligible(i) && deployments.get(i).is_some_and(|u| fits(u)))
     }
 }
 
@@ -408,7 +423,7 @@ impl PoolRuntime {
 /// half-open breaker's trial slot, and the provider-limit tokens unless an
 /// attempt record carries them to settlement. So no path leaks either.
 pub(crate) struct Lease {
-    upstream: Arc<Upstream>,
+    upstream: Arc<Deployment>,
     trial: bool,
     tokens: u64,
     /// The tokens are on an attempt record and settle with the request.
@@ -417,7 +432,7 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(upstream: Arc<Upstream>, trial: bool, tokens: u64) -> Lease {
+    pub(crate) fn new(upstream: Arc<Deployment>, trial: bool, tokens: u64) -> Lease {
         Lease {
             upstream,
             trial,
@@ -427,7 +442,7 @@ impl Lease {
         }
     }
 
-    pub(crate) fn upstream(&self) -> &Arc<Upstream> {
+    pub(crate) fn upstream(&self) -> &Arc<Deployment> {
         &self.upstream
     }
 
@@ -484,7 +499,7 @@ pub enum BuildError {
 /// Everything routing needs for one snapshot of the config.
 pub(crate) struct Router {
     pub(crate) pools: Vec<PoolRuntime>,
-    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    pub(crate) deployments: Vec<Arc<Deployment>>,
 }
 
 impl Router {
@@ -496,14 +511,14 @@ impl Router {
         previous: Option<&Router>,
         book: &HealthBook,
     ) -> Result<Router, BuildError> {
-        let mut upstreams = Vec::with_capacity(config.deployments.len());
+        let mut deployments = Vec::with_capacity(config.deployments.len());
         // Applied only if the whole router builds: a rejected reload changes
         // nothing.
         let mut limiter_changes = Vec::new();
         let mut gate_changes = Vec::new();
         for (index, d) in config.deployments.iter().enumerate() {
-            let mut u = build_upstream(config, index, book);
-            if let Some(old) = previous.and_then(|p| p.upstream_by_id(&d.id)) {
+            let mut u = build_deployment(config, index, book);
+            if let Some(old) = previous.and_then(|p| p.deployment_by_id(&d.id)) {
                 u.blocked_until_ms.store(
                     old.blocked_until_ms.load(Ordering::Relaxed),
                     Ordering::Relaxed,
@@ -518,17 +533,16 @@ impl Router {
                     }
                 }
             }
-            upstreams.push(Arc::new(u));
+            deployments.push(Arc::new(u));
         }
         let mut pools = Vec::with_capacity(config.pools.len());
         for p in &config.pools {
             let mut set = BTreeSet::new();
             for m in &p.members {
-                set.insert(identity_backend(
-                    m.deployment,
-                    &config.deployments[m.deployment].id,
-                    m.weight,
-                )?);
+                let id = config
+                    .deployment(m.deployment)
+                    .map_or("?", |d| d.id.as_str());
+                set.insert(identity_backend(m.deployment.0, id, m.weight)?);
             }
             let backends =
                 Backends::new_with_health_registry(Static::new(set), Arc::clone(&book.registry));
@@ -553,7 +567,7 @@ impl Router {
             };
             pools.push(PoolRuntime {
                 id: p.id.clone(),
-                members: p.members.iter().map(|m| m.deployment).collect(),
+                members: p.members.iter().map(|m| m.deployment.0).collect(),
                 weights: p.members.iter().map(|m| m.weight).collect(),
                 lb,
                 policy: p.policy,
@@ -570,21 +584,31 @@ impl Router {
         }
         // Only once nothing can fail: a config that is refused must not
         // move the probes or drop the running deployments' series.
-        book.retarget(&upstreams, &|i| {
+        book.retarget(&deployments, &|i| {
             pools.iter().any(|p| p.members.contains(&i))
         });
-        Ok(Router { pools, upstreams })
+        Ok(Router { pools, deployments })
     }
 
-    pub(crate) fn upstream_by_id(&self, id: &str) -> Option<&Arc<Upstream>> {
-        self.upstreams.iter().find(|u| u.id == id)
+    pub(crate) fn deployment_by_id(&self, id: &str) -> Option<&Arc<Deployment>> {
+        self.deployments.iter().find(|u| u.id == id)
+    }
+
+    /// A deployment by its index.
+    pub(crate) fn deployment(&self, d: DeploymentIx) -> Option<&Arc<Deployment>> {
+        self.deployments.get(d.0)
+    }
+
+    /// A pool by its index.
+    pub(crate) fn pool(&self, p: PoolIx) -> Option<&PoolRuntime> {
+        self.pools.get(p.0)
     }
 }
 
 /// `pingora-load-balancing` identifies a backend by (address, weight), so two
 /// deployments on one endpoint (two keys for the same provider) would collapse
 /// into one. Each deployment therefore gets a synthetic identity address; the
-/// real peer lives in [`Upstream`], found through `ext`.
+/// real peer lives in [`Deployment`], found through `ext`.
 fn identity_backend(index: usize, id: &str, weight: u32) -> Result<Backend, BuildError> {
     // Validation allows at most `u16::MAX` deployments.
     let port = u16::try_from(index + 1).map_err(|_| BuildError::TooManyDeployments)?;
@@ -639,7 +663,7 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, DnsError> {
 
 /// A deployment ready to be called. Nothing here can fail on a validated
 /// config: a host that does not resolve is retried in the background.
-fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream {
+fn build_deployment(config: &Config, index: usize, book: &HealthBook) -> Deployment {
     let d = &config.deployments[index];
     let url = &d.base_url;
     let dns_name = url
@@ -675,8 +699,8 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream 
     if let (true, Some(ca)) = (url.tls, ca) {
         o.ca = Some(Arc::clone(&ca.certs));
     }
-    Upstream {
-        index,
+    Deployment {
+        index: DeploymentIx(index),
         id: d.id.clone(),
         peer: ArcSwap::from_pointee(peer),
         dns_name,
@@ -703,6 +727,10 @@ fn build_upstream(config: &Config, index: usize, book: &HealthBook) -> Upstream 
 mod tests {
     use super::*;
 
+    fn ixs(i: &[usize]) -> Vec<DeploymentIx> {
+        i.iter().map(|&i| DeploymentIx(i)).collect()
+    }
+
     #[test]
     fn an_address_is_kept_while_dns_still_answers_it() {
         let a: SocketAddr = "10.0.0.1:443".parse().unwrap();
@@ -717,7 +745,7 @@ mod tests {
         let text = "models:\n  - {name: m, fallback: [p]}\npools:\n  - {id: p, deployments: [{deployment: d}]}\ndeployments:\n  - {id: d, base_url: \"http://localhost:10000/v1\", model: m}\n";
         let c = Config::from_yaml(text, &|_| None).unwrap();
         let router = Router::build(&c, None, &book()).unwrap();
-        let up = &router.upstreams[0];
+        let up = &router.deployments[0];
         // Point it somewhere DNS will not answer for `localhost`.
         let mut stale = HttpPeer::clone(&up.peer());
         stale._address =
@@ -749,7 +777,7 @@ mod tests {
         // Nothing reads the file after validation.
         std::fs::remove_file(&file).unwrap();
         let r = Router::build(&c, None, &book()).unwrap();
-        let ca = r.upstreams[0].peer().options.ca.clone().unwrap();
+        let ca = r.deployments[0].peer().options.ca.clone().unwrap();
         assert_eq!(ca.len(), 1);
     }
 
@@ -781,8 +809,8 @@ mod tests {
         let r = Router::build(&config(&[3, 1]), None, &book()).unwrap();
         let mut counts = [0usize; 2];
         for _ in 0..400 {
-            match r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
-                Pick::Upstream { index, .. } => counts[index] += 1,
+            match r.pools[0].pick(&r.deployments, &[], now_ms(), 1) {
+                Pick::Deployment { index, .. } => counts[index.0] += 1,
                 other => panic!("{other:?}"),
             }
         }
@@ -793,22 +821,22 @@ mod tests {
     fn skips_tried_and_blocked_members() {
         let r = Router::build(&config(&[1, 1, 1]), None, &book()).unwrap();
         let now = now_ms();
-        r.upstreams[1].block_for(Duration::from_secs(30));
+        r.deployments[1].block_for(Duration::from_secs(30));
         for _ in 0..20 {
             assert_eq!(
-                r.pools[0].pick(&r.upstreams, &[0], now, 1),
-                Pick::Upstream {
-                    index: 2,
+                r.pools[0].pick(&r.deployments, &ixs(&[0]), now, 1),
+                Pick::Deployment {
+                    index: DeploymentIx(2),
                     trial: false
                 }
             );
         }
-        match r.pools[0].pick(&r.upstreams, &[0, 2], now, 1) {
+        match r.pools[0].pick(&r.deployments, &ixs(&[0, 2]), now, 1) {
             Pick::Blocked { retry_in_ms } => assert!(retry_in_ms > 29_000 && retry_in_ms <= 30_000),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            r.pools[0].pick(&r.upstreams, &[0, 1, 2], now, 1),
+            r.pools[0].pick(&r.deployments, &ixs(&[0, 1, 2]), now, 1),
             Pick::Exhausted
         );
     }
@@ -820,7 +848,9 @@ mod tests {
         let r = Router::build(&c, None, &book()).unwrap();
         let mut seen = BTreeSet::new();
         for _ in 0..4 {
-            if let Pick::Upstream { index, .. } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
+            if let Pick::Deployment { index, .. } =
+                r.pools[0].pick(&r.deployments, &[], now_ms(), 1)
+            {
                 seen.insert(index);
             }
         }
@@ -837,12 +867,12 @@ mod tests {
             .map(|_| {
                 let r = Arc::clone(&r);
                 std::thread::spawn(move || {
-                    let tried = [0, 1, 2, 3, 4, 5];
+                    let tried = ixs(&[0, 1, 2, 3, 4, 5]);
                     (0..20_000)
                         .filter(|_| {
-                            r.pools[0].pick(&r.upstreams, &tried, now_ms(), 1)
-                                != Pick::Upstream {
-                                    index: 6,
+                            r.pools[0].pick(&r.deployments, &tried, now_ms(), 1)
+                                != Pick::Deployment {
+                                    index: DeploymentIx(6),
                                     trial: false,
                                 }
                         })
@@ -859,9 +889,9 @@ mod tests {
         let r = Router::build(&config(&[1, 3, 2]), None, &book()).unwrap();
         for _ in 0..5 {
             assert_eq!(
-                r.pools[0].peek(&r.upstreams, &[], now_ms(), 1),
-                Pick::Upstream {
-                    index: 1,
+                r.pools[0].peek(&r.deployments, &[], now_ms(), 1),
+                Pick::Deployment {
+                    index: DeploymentIx(1),
                     trial: false
                 }
             );
@@ -869,8 +899,10 @@ mod tests {
         // The round robin was not moved: a full cycle is still exact.
         let mut counts = [0usize; 3];
         for _ in 0..6 {
-            if let Pick::Upstream { index, .. } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1) {
-                counts[index] += 1;
+            if let Pick::Deployment { index, .. } =
+                r.pools[0].pick(&r.deployments, &[], now_ms(), 1)
+            {
+                counts[index.0] += 1;
             }
         }
         assert_eq!(counts, [1, 3, 2]);
@@ -879,7 +911,7 @@ mod tests {
     #[test]
     fn a_dropped_lease_gives_back_the_trial() {
         let r = Router::build(&config(&[1]), None, &book()).unwrap();
-        let h = &r.upstreams[0].health;
+        let h = &r.deployments[0].health;
         h.set_settings(health::HealthSettings {
             probe: health::ProbeKind::Off,
             failures_to_open: 1,
@@ -888,11 +920,12 @@ mod tests {
         });
         h.record(health::Outcome::Failure);
         std::thread::sleep(Duration::from_millis(5));
-        let Pick::Upstream { index, trial: true } = r.pools[0].pick(&r.upstreams, &[], now_ms(), 1)
+        let Pick::Deployment { index, trial: true } =
+            r.pools[0].pick(&r.deployments, &[], now_ms(), 1)
         else {
             panic!("expected the trial");
         };
-        let lease = Lease::new(Arc::clone(&r.upstreams[index]), true, 1);
+        let lease = Lease::new(Arc::clone(&r.deployments[index.0]), true, 1);
         assert!(h.would_admit().is_err(), "the trial is taken");
         drop(lease);
         assert!(h.would_admit().is_ok(), "and given back");
@@ -903,8 +936,8 @@ mod tests {
         let c = config(&[1]);
         let b = book();
         let old = Router::build(&c, None, &b).unwrap();
-        old.upstreams[0].block_for(Duration::from_secs(60));
+        old.deployments[0].block_for(Duration::from_secs(60));
         let new = Router::build(&c, Some(&old), &b).unwrap();
-        assert!(new.upstreams[0].blocked_for_ms(now_ms()).is_some());
+        assert!(new.deployments[0].blocked_for_ms(now_ms()).is_some());
     }
 }

@@ -561,7 +561,7 @@ impl BackgroundService for DnsRefresh {
                 _ = shutdown.changed() => return,
             }
             let snap = self.state.load();
-            for u in &snap.router.upstreams {
+            for u in &snap.router.deployments {
                 match u.refresh_address().await {
                     Ok(Some(addr)) => log::info!("deployment {} moved to {addr}", u.id),
                     Ok(None) => {}

@@ -83,26 +83,26 @@ struct ProbeStatus {
 /// the first pool that offers something — the pool's policy, health tiers,
 /// `Retry-After` blocks and provider limits all applied (for a one-token
 /// request). A half-open breaker's trial is not a recommendation.
-fn recommended<'a>(snap: &'a Snapshot, chain: &[usize]) -> Option<&'a str> {
+fn recommended<'a>(snap: &'a Snapshot, chain: &[crate::config::PoolIx]) -> Option<&'a str> {
     let now = now_ms();
     chain
         .iter()
-        .filter_map(|&p| snap.router.pools.get(p))
+        .filter_map(|&p| snap.router.pool(p))
         .find_map(
-            |pool| match pool.peek(&snap.router.upstreams, &[], now, 1) {
-                Pick::Upstream {
+            |pool| match pool.peek(&snap.router.deployments, &[], now, 1) {
+                Pick::Deployment {
                     index,
                     trial: false,
-                } => snap.router.upstreams.get(index).map(|u| u.model.as_str()),
+                } => snap.router.deployment(index).map(|u| u.model.as_str()),
                 _ => None,
             },
         )
 }
 
-fn chain_names<'a>(snap: &'a Snapshot, chain: &[usize]) -> Vec<&'a str> {
+fn chain_names<'a>(snap: &'a Snapshot, chain: &[crate::config::PoolIx]) -> Vec<&'a str> {
     chain
         .iter()
-        .filter_map(|&p| snap.config.pools.get(p))
+        .filter_map(|&p| snap.config.pool(p))
         .map(|p| p.id.as_str())
         .collect()
 }
@@ -144,9 +144,8 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
                     policy: p.policy.as_str(),
                     retries: p.retries,
                     members: p
-                        .members
-                        .iter()
-                        .filter_map(|&i| snap.router.upstreams.get(i))
+                        .member_ixs()
+                        .filter_map(|d| snap.router.deployment(d))
                         .map(|u| u.id.as_str())
                         .collect(),
                     inflight: load.inflight,
@@ -157,7 +156,7 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
             .collect(),
         deployments: snap
             .router
-            .upstreams
+            .deployments
             .iter()
             .map(|u| {
                 let h = u.health.snapshot();

@@ -68,13 +68,13 @@ struct AttemptJson<'a> {
 /// set later by the writer unless `request_hash` is given).
 pub(crate) fn record_of(f: Finished, request_hash: Option<String>) -> (Record, Option<Bytes>) {
     let snap = &f.snapshot;
-    let upstream = |i: usize| snap.router.upstreams.get(i);
+    let upstream = |d| snap.router.deployment(d);
     let served = f.served.and_then(upstream);
     let attempts: Vec<AttemptJson<'_>> = f
         .attempts
         .iter()
         .map(|a| AttemptJson {
-            deployment: upstream(a.upstream).map_or("?", |u| u.id.as_str()),
+            deployment: upstream(a.deployment).map_or("?", |u| u.id.as_str()),
             outcome: match &a.outcome {
                 Ok(s) => format!("HTTP {s}"),
                 Err(e) => e.to_string(),

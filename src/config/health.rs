@@ -106,7 +106,7 @@ impl Policy {
 pub(crate) struct Route {
     pub(crate) hint: Option<String>,
     pub(crate) priorities: Option<Vec<u8>>,
-    pub(crate) chain: Vec<usize>,
+    pub(crate) chain: Vec<super::PoolIx>,
 }
 
 impl Validator<'_> {
@@ -205,14 +205,14 @@ impl Validator<'_> {
         path: &str,
         names: &[String],
         pools: &Named<Pool>,
-    ) -> Vec<usize> {
+    ) -> Vec<super::PoolIx> {
         if names.is_empty() {
             self.error(path, "must list at least one pool");
         }
         let mut chain = Vec::new();
         for (j, pool) in names.iter().enumerate() {
             match pools.resolve(pool) {
-                Resolved::Found(idx) => chain.push(idx),
+                Resolved::Found(idx) => chain.push(super::PoolIx(idx)),
                 Resolved::Broken => {}
                 Resolved::Missing => {
                     self.error(format!("{path}[{j}]"), format!("unknown pool `{pool}`"))

@@ -268,9 +268,9 @@ impl Validator<'_> {
                 let unpriced = m
                     .chain
                     .iter()
-                    .filter_map(|&p| pools.get(p))
+                    .filter_map(|&p| pools.get(p.0))
                     .flat_map(|p| p.members.iter())
-                    .filter_map(|mem| deployments.get(mem.deployment))
+                    .filter_map(|mem| deployments.get(mem.deployment.0))
                     .find(|d| !pricing.contains_key(&d.model));
                 if let Some(d) = unpriced {
                     self.error(

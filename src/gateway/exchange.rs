@@ -16,7 +16,7 @@
 
 use super::body::Inspected;
 use super::{Gateway, GatewayError, RequestCtx};
-use crate::config::RetrySettings;
+use crate::config::{DeploymentIx, PoolIx, RetrySettings};
 use crate::outcome::{Attempt, Failure};
 use crate::routing::gate::{Pressure, provider_pressure};
 use crate::routing::health::Outcome;
@@ -59,15 +59,15 @@ pub(crate) async fn run(
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
-    chain: &[usize],
+    chain: &[PoolIx],
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
     let first_member = chain
         .first()
-        .and_then(|&p| snap.router.pools.get(p))
-        .and_then(|p| p.members.first().copied());
+        .and_then(|&p| snap.router.pool(p))
+        .and_then(|p| p.first_member());
     ctx.exchange.fallback = fallback(&ctx.exchange.attempts, ctx.exchange.served, first_member);
     result
 }
@@ -78,21 +78,21 @@ pub(crate) async fn run(
 /// had nothing to offer; to: the one that served, else the last tried.
 fn fallback(
     attempts: &[Attempt],
-    served: Option<usize>,
-    first_member: Option<usize>,
-) -> Option<(usize, usize)> {
+    served: Option<DeploymentIx>,
+    first_member: Option<DeploymentIx>,
+) -> Option<(DeploymentIx, DeploymentIx)> {
     let last = attempts.last().filter(|a| a.position > 0)?;
     let from = match attempts.first() {
-        Some(a) if a.position == 0 => a.upstream,
+        Some(a) if a.position == 0 => a.deployment,
         _ => first_member?,
     };
-    Some((from, served.unwrap_or(last.upstream)))
+    Some((from, served.unwrap_or(last.deployment)))
 }
 
 /// Whether a pool's look-ahead offers a member; if not, remember why.
 fn offers(pick: Pick, skipped: &mut Skipped) -> bool {
     match pick {
-        Pick::Upstream { .. } => true,
+        Pick::Deployment { .. } => true,
         Pick::Blocked { retry_in_ms } => {
             shortest(&mut skipped.rate_limited_ms, retry_in_ms);
             false
@@ -110,13 +110,13 @@ async fn attempts(
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
-    chain: &[usize],
+    chain: &[PoolIx],
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let inject_usage =
         inspected.needs_usage_injection(ctx.caller.endpoint.supports_stream_options());
-    let mut tried: Vec<usize> = Vec::with_capacity(chain.len());
+    let mut tried: Vec<DeploymentIx> = Vec::with_capacity(chain.len());
     let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;
@@ -124,14 +124,14 @@ async fn attempts(
     let deadline = ctx.started + snap.config.request_deadline;
     let mut out_of_time = false;
     'chain: for (position, &pool) in chain.iter().enumerate() {
-        let Some(pool_rt) = router.pools.get(pool) else {
+        let Some(pool_rt) = router.pool(pool) else {
             continue;
         };
         // A pool with nothing to offer now (every member unhealthy with no
         // trial due, or resting after a 429) is passed at once, before its
         // concurrency gate: panic mode answers without queueing.
         if !offers(
-            pool_rt.peek(&router.upstreams, &tried, now_ms(), tokens),
+            pool_rt.peek(&router.deployments, &tried, now_ms(), tokens),
             &mut skipped,
         ) {
             continue;
@@ -184,7 +184,7 @@ async fn attempts(
                 // tokens) is held while sleeping. The exponent counts this
                 // pool's retries only.
                 if !offers(
-                    pool_rt.peek(&router.upstreams, &tried, now_ms(), tokens),
+                    pool_rt.peek(&router.deployments, &tried, now_ms(), tokens),
                     &mut skipped,
                 ) {
                     break;
@@ -203,8 +203,8 @@ async fn attempts(
                 out_of_time = true;
                 break 'chain;
             }
-            let mut lease = match pool_rt.pick(&router.upstreams, &tried, now_ms(), tokens) {
-                Pick::Upstream { index, trial } => match router.upstreams.get(index) {
+            let mut lease = match pool_rt.pick(&router.deployments, &tried, now_ms(), tokens) {
+                Pick::Deployment { index, trial } => match router.deployment(index) {
                     Some(u) => Lease::new(Arc::clone(u), trial, tokens),
                     None => break,
                 },
@@ -225,7 +225,7 @@ async fn attempts(
             // the deadline caps the attempt as a whole.
             let record = |ctx: &mut RequestCtx, outcome| {
                 ctx.exchange.attempts.push(Attempt {
-                    upstream: upstream.index,
+                    deployment: upstream.index,
                     outcome,
                     tokens_taken: tokens,
                     position,
@@ -323,7 +323,7 @@ async fn attempts(
     if out_of_time {
         return Err(GatewayError::DeadlineExceeded);
     }
-    let name = |i: usize| snap.router.upstreams.get(i).map_or("?", |u| u.id.as_str());
+    let name = |d: DeploymentIx| snap.router.deployment(d).map_or("?", |u| u.id.as_str());
     Err(all_failed(
         name,
         &ctx.exchange.attempts,
@@ -378,7 +378,7 @@ async fn backoff(retry: &RetrySettings, n: u32, deadline: Instant) {
 /// transport failure), or when nothing could be tried, why not and when to
 /// retry.
 fn all_failed<'a>(
-    name: impl Fn(usize) -> &'a str,
+    name: impl Fn(DeploymentIx) -> &'a str,
     attempts: &[Attempt],
     skipped: &Skipped,
     retry_after: Option<u64>,
@@ -404,7 +404,7 @@ fn all_failed<'a>(
     };
     let mut text = String::new();
     for (i, a) in attempts.iter().enumerate() {
-        let name = name(a.upstream);
+        let name = name(a.deployment);
         let outcome = match &a.outcome {
             Ok(s) => format!("HTTP {s}"),
             Err(f) => f.to_string(),
@@ -428,40 +428,47 @@ fn all_failed<'a>(
 mod tests {
     use super::*;
 
-    fn attempt(upstream: usize, position: usize, outcome: Result<u16, Failure>) -> Attempt {
+    fn attempt(deployment: usize, position: usize, outcome: Result<u16, Failure>) -> Attempt {
         Attempt {
-            upstream,
+            deployment: DeploymentIx(deployment),
             outcome,
             tokens_taken: 0,
             position,
         }
     }
 
-    fn names(i: usize) -> &'static str {
-        ["a", "b", "c"].get(i).copied().unwrap_or("?")
+    fn names(d: DeploymentIx) -> &'static str {
+        ["a", "b", "c"].get(d.0).copied().unwrap_or("?")
+    }
+
+    fn d(i: usize) -> DeploymentIx {
+        DeploymentIx(i)
     }
 
     #[test]
     fn a_fallback_is_an_attempt_in_a_later_pool() {
         // Retries inside the first pool are not fallbacks.
         let inside = [attempt(0, 0, Err(Failure::Timeout)), attempt(1, 0, Ok(200))];
-        assert_eq!(fallback(&inside, Some(1), Some(0)), None);
+        assert_eq!(fallback(&inside, Some(d(1)), Some(d(0))), None);
         // From the first attempt to the one that served.
         let chain = [
             attempt(0, 0, Err(Failure::Status(500))),
             attempt(2, 1, Ok(200)),
         ];
-        assert_eq!(fallback(&chain, Some(2), Some(0)), Some((0, 2)));
+        assert_eq!(fallback(&chain, Some(d(2)), Some(d(0))), Some((d(0), d(2))));
         // Nothing served: to the last one tried.
         let failed = [
             attempt(0, 0, Err(Failure::Status(500))),
             attempt(2, 1, Err(Failure::Timeout)),
         ];
-        assert_eq!(fallback(&failed, None, Some(0)), Some((0, 2)));
+        assert_eq!(fallback(&failed, None, Some(d(0))), Some((d(0), d(2))));
         // The first pool offered nothing: from its first member.
         let skipped = [attempt(2, 1, Ok(200))];
-        assert_eq!(fallback(&skipped, Some(2), Some(1)), Some((1, 2)));
-        assert_eq!(fallback(&[], None, Some(0)), None);
+        assert_eq!(
+            fallback(&skipped, Some(d(2)), Some(d(1))),
+            Some((d(1), d(2)))
+        );
+        assert_eq!(fallback(&[], None, Some(d(0))), None);
     }
 
     #[test]

@@ -40,9 +40,9 @@ pub(crate) async fn reserve(
     let prices = model
         .chain
         .iter()
-        .filter_map(|&p| snap.config.pools.get(p))
+        .filter_map(|&p| snap.config.pool(p))
         .flat_map(|p| p.members.iter())
-        .filter_map(|m| snap.router.upstreams.get(m.deployment))
+        .filter_map(|m| snap.router.deployment(m.deployment))
         .map(|u| u.price);
     let amount = reservation(prompt, output, prices);
     ctx.request.tokens_estimate = amount.tokens;
@@ -97,20 +97,19 @@ fn reservation(prompt: u64, output: u64, prices: impl Iterator<Item = Option<Pri
 /// Provider per-minute limits are corrected the same way.
 pub(crate) fn settle(finished: &Finished, reservation: Option<Reservation>) -> Option<Settlement> {
     let snap = &finished.snapshot;
-    let served = finished.served.and_then(|i| snap.router.upstreams.get(i));
+    let served = finished.served.and_then(|i| snap.router.deployment(i));
     // What the reservation settles to: usage reported in full, or Collie's
     // estimate (already made when the story was closed).
     let usage = finished.usage.filter(|u| u.total().is_some());
     for a in &finished.attempts {
         let Some(limiter) = snap
             .router
-            .upstreams
-            .get(a.upstream)
+            .deployment(a.deployment)
             .and_then(|u| u.limiter.as_ref())
         else {
             continue;
         };
-        let used = match (&a.outcome, Some(a.upstream) == finished.served) {
+        let used = match (&a.outcome, Some(a.deployment) == finished.served) {
             (Ok(_), true) => usage.and_then(|u| u.total()).unwrap_or(a.tokens_taken),
             _ => 0,
         };

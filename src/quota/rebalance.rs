@@ -93,7 +93,7 @@ impl Rebalancer {
                     .iter()
                     .filter(|m| t.models.allows(&m.name))
                     .flat_map(|m| m.chain.iter())
-                    .any(|&p| pool_busy.get(p).copied().unwrap_or(false)),
+                    .any(|&p| pool_busy.get(p.0).copied().unwrap_or(false)),
             })
             .collect();
         self.tick(&config.quota.rebalance, &views, elapsed)

@@ -7,7 +7,7 @@ use super::super::Gateway;
 use super::super::body::AttemptBody;
 use super::headers::retry_after;
 use crate::outcome::Failure;
-use crate::routing::Upstream;
+use crate::routing::Deployment;
 use http::header;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
@@ -28,7 +28,7 @@ pub(super) type AttemptError = (Failure, Option<Duration>);
 /// response the client should get; `Err` says why the next attempt should run.
 pub(super) async fn attempt(
     gw: &Gateway,
-    up: &Upstream,
+    up: &Deployment,
     mut header: RequestHeader,
     body: AttemptBody,
 ) -> Result<HttpSession, AttemptError> {
@@ -156,7 +156,7 @@ async fn discard(connector: Arc<Connector>, peer: Arc<HttpPeer>, mut http: HttpS
 }
 
 /// Return a connection whose exchange completed to the pool.
-pub(super) async fn release(gw: &Gateway, up: &Upstream, http: HttpSession) {
+pub(super) async fn release(gw: &Gateway, up: &Deployment, http: HttpSession) {
     let peer = up.peer();
     gw.connector
         .release_http_session(http, &*peer, peer.options.idle_timeout)

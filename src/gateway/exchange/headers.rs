@@ -3,7 +3,7 @@
 //! client gets, and how a provider's `Retry-After` is read.
 
 use super::super::{Endpoint, GatewayError, RequestCtx};
-use crate::routing::Upstream;
+use crate::routing::Deployment;
 use http::header;
 use pingora::Error;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -63,7 +63,7 @@ fn withheld_from_upstream(name: &header::HeaderName) -> bool {
 
 pub(super) fn upstream_request(
     client: &RequestHeader,
-    upstream: &Upstream,
+    upstream: &Deployment,
     endpoint: Endpoint,
 ) -> Result<RequestHeader, GatewayError> {
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
@@ -122,7 +122,7 @@ pub(crate) fn retry_after(head: &ResponseHeader) -> Option<Duration> {
 pub(super) fn client_response_head(
     upstream: &ResponseHeader,
     ctx: &RequestCtx,
-    up: &Upstream,
+    up: &Deployment,
     body_changes: bool,
     downstream_h2: bool,
 ) -> pingora::Result<ResponseHeader> {

@@ -9,7 +9,7 @@ use super::headers::client_response_head;
 use super::{Interrupt, until_interrupted};
 use crate::outcome::Cut;
 use crate::redact::{KeyMask, Redactor};
-use crate::routing::Upstream;
+use crate::routing::Deployment;
 use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
 use bytes::Bytes;
@@ -87,7 +87,7 @@ pub(super) async fn relay(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    up: &Upstream,
+    up: &Deployment,
     mut http: HttpSession,
     strip_usage: bool,
 ) {

@@ -7,7 +7,7 @@
 //! returns at once. Thresholds and breaker effects are per deployment, in
 //! [`DeploymentHealth`].
 
-use super::super::Upstream;
+use super::super::Deployment;
 use super::{
     BreakerState, DeploymentHealth, HealthSettings, HealthState, OnTransition, ProbeKind,
     ProbeResult, Transition,
@@ -105,7 +105,7 @@ impl HealthMetrics {
 struct Entry {
     health: Arc<DeploymentHealth>,
     /// What to probe: the deployment as the current config has it.
-    target: ArcSwapOption<Upstream>,
+    target: ArcSwapOption<Deployment>,
     /// A probe of this deployment is running (at most one at a time).
     probing: AtomicBool,
 }
@@ -207,20 +207,20 @@ impl HealthBook {
     /// Point the probes at the deployments of a new config that some pool
     /// uses (no traffic can reach the others, so they are not probed);
     /// forget the deployments that left, their metric series included.
-    pub(crate) fn retarget(&self, upstreams: &[Arc<Upstream>], pooled: &dyn Fn(usize) -> bool) {
+    pub(crate) fn retarget(&self, deployments: &[Arc<Deployment>], pooled: &dyn Fn(usize) -> bool) {
         let mut gone = Vec::new();
         {
             let mut map = self.entries();
             map.retain(|id, _| {
-                let keep = upstreams.iter().any(|u| *u.id == **id);
+                let keep = deployments.iter().any(|u| *u.id == **id);
                 if !keep {
                     gone.push(Arc::clone(id));
                 }
                 keep
             });
-            for u in upstreams {
+            for u in deployments {
                 if let Some(e) = map.get(u.id.as_str()) {
-                    e.target.store(pooled(u.index).then(|| Arc::clone(u)));
+                    e.target.store(pooled(u.index.0).then(|| Arc::clone(u)));
                 }
             }
         }
@@ -233,8 +233,8 @@ impl HealthBook {
 
     /// Set the health and breaker gauges from the deployments' state now
     /// (called when metrics are scraped, so they are never stale).
-    pub(crate) fn publish(&self, upstreams: &[Arc<Upstream>]) {
-        for u in upstreams {
+    pub(crate) fn publish(&self, deployments: &[Arc<Deployment>]) {
+        for u in deployments {
             let h = u.health.snapshot();
             let state = match h.state {
                 HealthState::Unknown => 0,
@@ -355,7 +355,7 @@ impl HealthCheck for Prober {
 async fn probe(
     connector: &Connector,
     transport: &TransportConnector,
-    u: &Upstream,
+    u: &Deployment,
     s: &HealthSettings,
 ) -> ProbeResult {
     let start = Instant::now();
@@ -393,7 +393,7 @@ async fn probe(
 
 /// A TCP connect, and the TLS handshake for `https`, on a new connection:
 /// a pooled one would prove nothing about connecting now.
-async fn connect(transport: &TransportConnector, u: &Upstream) -> Result<(), String> {
+async fn connect(transport: &TransportConnector, u: &Deployment) -> Result<(), String> {
     u.resolved()?;
     let mut stream = transport
         .new_stream(&*u.peer())
@@ -411,7 +411,7 @@ async fn connect(transport: &TransportConnector, u: &Upstream) -> Result<(), Str
 /// ask again whatever failed; the completion only when the request could
 /// not be written, since the provider may otherwise have served (and
 /// billed) it.
-async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Result<u16, String> {
+async fn exchange(connector: &Connector, u: &Deployment, kind: ProbeKind) -> Result<u16, String> {
     u.resolved()?;
     let mut stale_retries = 2;
     loop {
@@ -453,7 +453,7 @@ async fn exchange(connector: &Connector, u: &Upstream, kind: ProbeKind) -> Resul
 /// whether the request was fully written.
 async fn ask(
     http: &mut pingora::protocols::http::client::HttpSession,
-    u: &Upstream,
+    u: &Deployment,
     kind: ProbeKind,
 ) -> Result<u16, (String, bool)> {
     let completion = kind == ProbeKind::Completion;
