@@ -56,7 +56,9 @@ pub(crate) struct DeploymentIx(pub(crate) usize);
 /// this struct; names were resolved during validation.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where the OpenAI-style endpoint that applications call listens.
     pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz`, `/readyz` and the status page listen.
     pub admin_listen: SocketAddr,
     pub(crate) threads: usize,
     pub(crate) max_body_bytes: usize,
@@ -85,6 +87,7 @@ pub struct Config {
     pub(crate) tenants: Vec<Tenant>,
     pub(crate) models: Vec<Model>,
     pub(crate) pools: Vec<Pool>,
+    /// Provider endpoints; pools refer to them by index.
     pub deployments: Vec<Deployment>,
     /// Keyed by the upstream model name, which is what a provider bills.
     pub(crate) pricing: HashMap<String, Price>,
@@ -211,9 +214,12 @@ pub(crate) struct PoolMember {
     pub(crate) weight: u32,
 }
 
+/// One provider endpoint: where it is, the key it takes, the model name it
+/// expects, its timeouts and limits.
 #[derive(Debug, Clone)]
 pub struct Deployment {
     pub(crate) id: String,
+    /// The provider's API root, e.g. `https://api.openai.com/v1`.
     pub base_url: BaseUrl,
     pub(crate) api_key: Option<Secret>,
     pub(crate) model: String,
@@ -270,6 +276,7 @@ impl Default for Timeouts {
 pub struct BaseUrl {
     pub(crate) tls: bool,
     pub(crate) host: String,
+    /// The URL's port, else the scheme's default (443 or 80).
     pub port: u16,
     /// Without a trailing slash; empty when the URL has no path.
     pub(crate) path_prefix: String,

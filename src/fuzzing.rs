@@ -5,7 +5,6 @@
 //! interface: hidden from its documentation.
 #![expect(
     clippy::panic,
-    clippy::unwrap_used,
     clippy::expect_used,
     clippy::arithmetic_side_effects,
     reason = "a fuzz check fails loudly, on small numbers"

@@ -60,6 +60,8 @@ pub(crate) struct Refusal {
     pub(crate) retry_after: Duration,
 }
 
+/// Which kind of window refused a request: it decides the error type a
+/// client sees (`rate_limited` or `quota_exceeded`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {
     /// A per-minute rate: waiting helps soon.

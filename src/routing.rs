@@ -482,16 +482,23 @@ impl Drop for Lease {
 /// fault of Collie's own, not of the file.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// More deployments than the 16-bit identities routing gives them.
     #[error("more deployments than routing can number")]
     TooManyDeployments,
+    /// A deployment's load-balancing backend could not be made.
     #[error("deployment {deployment}: no load-balancing backend: {source}")]
     Backend {
+        /// The deployment's id.
         deployment: String,
+        /// Pingora's error.
         source: pingora::BError,
     },
+    /// A pool's load balancer could not take its backends.
     #[error("pool {pool}: load balancer not updated: {source}")]
     Pool {
+        /// The pool's id.
         pool: String,
+        /// Pingora's error.
         source: pingora::BError,
     },
 }

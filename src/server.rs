@@ -31,18 +31,27 @@ pub enum StartError {
     /// The config file is invalid (only from [`Collie::load`]: a validated
     /// config is not refused by [`Collie::build`]).
     #[error("{} is invalid:\n{errors}", path.display())]
-    Config { path: PathBuf, errors: ConfigErrors },
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// Every problem found in it.
+        errors: ConfigErrors,
+    },
     /// Something outside the process that a start needs is not there: the
     /// audit database or file, a listen port.
     #[error("{what} is unavailable: {source}")]
     Unavailable {
+        /// What is missing (`the audit trail`, `listen address …`).
         what: String,
+        /// Why it is unavailable.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A fault of Collie's own.
     #[error("internal error: {what}: {source}")]
     Internal {
+        /// The part that failed (`routing`, `the server thread`…).
         what: &'static str,
+        /// The error it met.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
@@ -72,7 +81,9 @@ impl StartError {
 /// A configured, not yet running process.
 pub struct Collie {
     pub(crate) state: Arc<State>,
+    /// The gateway listener's address, from the config.
     pub listen: SocketAddr,
+    /// The admin listener's address, from the config.
     pub admin_listen: SocketAddr,
     server: Server,
     audit: Option<AuditHandle>,
@@ -335,8 +346,11 @@ fn wait_until_accepting(addr: SocketAddr) -> std::io::Result<()> {
 
 /// A gateway running on its own thread.
 pub struct Running {
+    /// The gateway listener's address, accepting connections.
     pub listen: SocketAddr,
+    /// The admin listener's address, accepting connections.
     pub admin_listen: SocketAddr,
+    /// The live config, quota ledger and health the gateway runs with.
     pub state: Arc<State>,
     /// `Some(true)` asks for a graceful stop, `Some(false)` for a fast one.
     stop: tokio::sync::watch::Sender<Option<bool>>,

@@ -111,6 +111,8 @@ pub struct Detector {
 const REPEATS_KEPT: usize = 200_000;
 
 impl Detector {
+    /// A detector with empty windows and baselines, for the records of
+    /// `sidecar` (named in the anomalies it reports).
     pub fn new(s: AnomalySettings, sidecar: &str) -> Detector {
         Detector {
             s,

@@ -16,38 +16,65 @@ pub(crate) const UNKNOWN_TENANT: &str = "(unknown)";
 /// provider's error body: none of them is ever put into the context.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
+    /// When the request started, in milliseconds since the Unix epoch.
     pub ts_ms: i64,
+    /// The request's id, also sent to the client as `x-collie-request-id`.
     pub request_id: String,
+    /// The tenant the request proved it is; `None` until one is proven.
     pub tenant: Option<String>,
     /// Refused by authentication: the configured tenant the request named
     /// in `X-Tenant-ID` but did not prove (`(unknown)` when it named none).
     /// Claimed, never proven; never billed.
     pub claimed_tenant: Option<String>,
+    /// The client's IP address, when the connection had one.
     pub client_ip: Option<String>,
+    /// `chat`, `completions`, `embeddings`, `responses`, `models` or `quota`.
     pub endpoint: String,
+    /// The model the client asked for: a configured name, or
+    /// `unknown:<fingerprint>` for one that is not (it may be a key sent by
+    /// mistake, so its text is not kept).
     pub requested_model: Option<String>,
+    /// The provider's model name of the deployment whose answer the client got.
     pub served_model: Option<String>,
+    /// The id of the deployment whose answer the client got.
     pub deployment: Option<String>,
     /// JSON: `[{"deployment":…,"outcome":…}]`.
     pub attempts: String,
+    /// The HTTP status the client got; 0 when it got none.
     pub status: i64,
     /// `admitted` or `refused`.
     pub decision: String,
     /// What refused it (an error code or a quota window), if anything.
     pub rule: Option<String>,
+    /// Prompt tokens; `None` when neither the provider nor Collie counted them.
     pub prompt_tokens: Option<i64>,
+    /// Completion tokens; `None` when neither the provider nor Collie counted them.
     pub completion_tokens: Option<i64>,
+    /// The provider's total, else prompt plus completion when both are known.
     pub total_tokens: Option<i64>,
+    /// The token counts are Collie's estimate, not the provider's report.
     pub usage_estimated: bool,
+    /// Cost in nanodollars (USD × 10⁹) at the served model's price; `None`
+    /// when the price or a needed token count is unknown.
     pub cost_nano: Option<i64>,
+    /// From the request's start to its end, in milliseconds.
     pub latency_ms: f64,
+    /// From the request's start to the first response byte from a provider
+    /// sent on to the client, in milliseconds; `None` when none came.
     pub ttft_ms: Option<f64>,
+    /// The provider answered with an SSE stream.
     pub streamed: bool,
+    /// The response was cut off before its end (by the provider, a client
+    /// that stopped reading, or a stop past its drain timeout).
     pub truncated: bool,
+    /// The client went away before its answer was complete.
     pub client_gone: bool,
     /// SHA-256 of the canonical JSON of the request body (set by the writer).
     pub request_hash: Option<String>,
+    /// The first `audit.preview_bytes` of a 2xx response body, when kept.
     pub response_preview: Option<String>,
+    /// Collie's own short reason for a failure or a cut (never a provider's
+    /// error body, which may echo a key); `None` for a success.
     pub error: Option<String>,
 }
 

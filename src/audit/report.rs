@@ -11,21 +11,35 @@ use std::path::{Path, PathBuf};
 /// Why a trail could not be named, opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum TrailError {
+    /// `--sink` names no sink.
     #[error(transparent)]
     Spec(#[from] SinkSpecError),
+    /// The `--config` file is invalid.
     #[error("{}:\n{errors}", path.display())]
-    Config { path: PathBuf, errors: ConfigErrors },
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// Every problem found in it.
+        errors: ConfigErrors,
+    },
+    /// The `--config` file turns auditing off, so it names no trail.
     #[error("auditing is off in that config")]
     AuditOff,
+    /// Neither `--sink` nor `--config` was given.
     #[error("name the trail with --sink sqlite:PATH | postgres://… or --config FILE")]
     Unnamed,
+    /// No SQLite file at the path (reading never creates one).
     #[error("no audit trail at {}", .0.display())]
     NoTrail(PathBuf),
+    /// `--since` is not a duration.
     #[error("--since {since}: {source}")]
     Since {
+        /// The text given.
         since: String,
+        /// Why it is not a duration.
         source: humantime::DurationError,
     },
+    /// The system clock is before the Unix epoch, so no cut-off can be computed.
     #[error("the system clock is before 1970: {0}")]
     Clock(#[source] std::time::SystemTimeError),
     /// The trail's database could not be reached or read.
@@ -90,6 +104,9 @@ pub(crate) struct Totals {
     pub(crate) latency_p95_ms: Option<f64>,
 }
 
+/// What `collie audit report` prints for a period (and optionally one
+/// tenant): totals, per-model and per-tenant breakdowns, top errors, the
+/// security view and the anomalies.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub(crate) since_ms: i64,
@@ -343,6 +360,7 @@ fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
 }
 
+/// The report as tables for a terminal.
 pub fn text(r: &Report) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();

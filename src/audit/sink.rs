@@ -15,26 +15,40 @@ use std::path::PathBuf;
 /// Why a sink could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    /// The directory of the SQLite file could not be created.
     #[error("cannot create {}: {source}", dir.display())]
     CreateDir {
+        /// The directory.
         dir: PathBuf,
+        /// Why it could not be created.
         source: std::io::Error,
     },
+    /// SQLite refused to open, read or write the file.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The PostgreSQL server could not be reached.
     #[error(
         "postgres: cannot connect ({}); is the server running and the URL right?",
         with_causes(.0)
     )]
     Connect(#[source] ::postgres::Error),
+    /// A PostgreSQL statement failed once connected.
     #[error("postgres: {}", with_causes(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// The PostgreSQL schema name is not a plain name (it is written into SQL).
     #[error("postgres: schema `{0}` must be letters, digits and _")]
     SchemaName(String),
+    /// The trail was migrated by a newer Collie: writing it would leave
+    /// columns out, so it is refused.
     #[error(
         "the audit trail's schema is version {found}, newer than this collie knows ({known}); run a newer collie"
     )]
-    NewerSchema { found: i64, known: i64 },
+    NewerSchema {
+        /// The trail's schema version.
+        found: i64,
+        /// The newest version this build knows ([`SCHEMA_VERSION`]).
+        known: i64,
+    },
 }
 
 /// An error and its causes, `: `-separated. The PostgreSQL client's own
@@ -67,20 +81,33 @@ impl SinkSpec {
 /// A record as stored, with its place in the chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
+    /// The chain: the id of the sidecar that wrote the record.
     pub sidecar: String,
+    /// The record's place in its sidecar's chain, from 1.
     pub seq: i64,
+    /// Hex SHA-256 of the record before it in the chain (empty for the first).
     pub prev_hash: String,
+    /// Hex SHA-256 over this record's fields, `seq` and `prev_hash`
+    /// ([`Record::chain_hash`]).
     pub hash: String,
+    /// The record itself.
     pub record: Record,
 }
 
 /// An anomaly as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnomalyRow {
+    /// When the rule fired, in milliseconds since the Unix epoch: the time of
+    /// the newest record seen, or for `baseline_spike` the end of the period
+    /// judged.
     pub ts_ms: i64,
     pub(crate) sidecar: String,
+    /// The rule that fired: `request_rate`, `failure_ratio`, `hourly_cost`,
+    /// `large_request`, `repeated_request` or `baseline_spike`.
     pub rule: String,
+    /// The tenant it concerns; `None` for all tenants together.
     pub tenant: Option<String>,
+    /// What was seen, in words (counts and the limit they passed).
     pub detail: String,
 }
 
@@ -110,9 +137,13 @@ pub struct Retention {
 /// One value of a report query's row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
+    /// SQL `NULL`.
     Null,
+    /// An integer column or aggregate.
     Int(i64),
+    /// A floating-point column or aggregate.
     Real(f64),
+    /// A text column.
     Text(String),
 }
 
@@ -143,6 +174,9 @@ impl Cell {
     }
 }
 
+/// A database holding an audit trail: the writer appends records and
+/// anomalies to it, retention prunes it, `audit report` and `audit verify`
+/// read it back.
 pub trait Sink: Send {
     /// Write records (and anomalies) in one transaction: all or nothing.
     /// A batch whose rows are all there already (its commit went through but
@@ -158,6 +192,7 @@ pub trait Sink: Send {
         tenant: Option<&str>,
         f: &mut dyn FnMut(Stored),
     ) -> Result<(), SinkError>;
+    /// Anomalies since `ts_ms` (of `tenant`), oldest first.
     fn anomalies_since(
         &mut self,
         ts_ms: i64,

@@ -9,8 +9,16 @@ use std::time::Duration;
 /// How to reach a sink (parsed from config or `--sink`).
 #[derive(Clone, PartialEq, Eq)]
 pub enum SinkSpec {
+    /// A SQLite file at this path.
     Sqlite(PathBuf),
-    Postgres { url: String, schema: Option<String> },
+    /// A PostgreSQL database.
+    Postgres {
+        /// The connection URL (it may carry a password).
+        url: String,
+        /// The schema to use, created when missing; `None`: the server's
+        /// search path.
+        schema: Option<String>,
+    },
 }
 
 /// The PostgreSQL URL may carry a password: it is never printed.
@@ -30,8 +38,10 @@ impl std::fmt::Debug for SinkSpec {
 /// Why `--sink` names no sink.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SinkSpecError {
+    /// Neither `sqlite:PATH` nor a `postgres://` URL.
     #[error("`{0}` is not a sink: use sqlite:PATH or postgres://…")]
     NotASink(String),
+    /// The schema after `#` is not a plain name (it is written into SQL).
     #[error("postgres: schema `{0}` must be letters, digits and _")]
     SchemaName(String),
 }
@@ -62,6 +72,7 @@ pub fn is_schema_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// The validated `audit` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     /// `None`: auditing is off.
@@ -85,6 +96,8 @@ pub struct AuditSettings {
     pub(crate) anomalies: AnomalySettings,
 }
 
+/// The validated `audit.anomalies` section: the rules' thresholds (a limit
+/// left `None` turns its rule off; hourly costs in nanodollars).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnomalySettings {
     pub(crate) window: Duration,
@@ -104,6 +117,7 @@ pub struct AnomalySettings {
     pub(crate) webhook: Option<Webhook>,
 }
 
+/// Where anomalies are POSTed as JSON, and how hard to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Webhook {
     pub(crate) url: String,

@@ -203,6 +203,7 @@ async fn read_chunks(
 /// The fields of a request the gateway acts on, with where they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspected {
+    /// The `model` the client asked for, unescaped.
     pub model: String,
     /// Byte range of the `model` value (the JSON string, quotes included).
     model_span: Range<usize>,
@@ -264,6 +265,10 @@ enum StreamOptionsAt {
     },
 }
 
+/// Read the fields Collie acts on from a request body. Refused as 400
+/// `invalid_body`: not a JSON object, not UTF-8, nested deeper than
+/// `max_depth`, a field Collie reads given twice, `model` missing, empty or
+/// not a string, or a mistyped `stream_options`.
 pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError> {
     let invalid = |m: String| GatewayError::InvalidBody(m);
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -494,10 +499,12 @@ impl AttemptBody {
         }
     }
 
+    /// Bytes in all the pieces together.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// No bytes to send.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

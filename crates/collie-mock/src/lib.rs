@@ -35,6 +35,7 @@ pub struct Behavior {
     pub status: u16,
     /// Wait before the response head.
     pub delay: Duration,
+    /// A `Retry-After` header value to send.
     pub retry_after: Option<String>,
     /// Read the request and never answer.
     pub hang: bool,
@@ -48,6 +49,7 @@ pub struct Behavior {
     pub break_after: Option<usize>,
     /// Replaces the whole response body.
     pub body: Option<Bytes>,
+    /// Extra response headers (name, value).
     pub headers: Vec<(String, String)>,
     /// A body that never ends: after the head (and, with a 2xx, the whole
     /// answer), one space per interval.
@@ -80,45 +82,57 @@ impl Default for Behavior {
 }
 
 impl Behavior {
+    /// 200 with five content words: the default answer.
     pub fn ok() -> Self {
         Behavior::default()
     }
+    /// Answer with `status`; anything but 2xx sends an OpenAI error body.
     pub fn status(mut self, status: u16) -> Self {
         self.status = status;
         self
     }
+    /// Send `Retry-After: v`.
     pub fn retry_after(mut self, v: &str) -> Self {
         self.retry_after = Some(v.to_string());
         self
     }
+    /// Wait `d` before the response head.
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = d;
         self
     }
+    /// Read the request and never answer.
     pub fn hang(mut self) -> Self {
         self.hang = true;
         self
     }
+    /// Read the request, then close the connection without an answer.
     pub fn reset(mut self) -> Self {
         self.reset = true;
         self
     }
+    /// Answer with `n` content words (streamed: `n` content events), which
+    /// is also the completion tokens reported.
     pub fn chunks(mut self, n: usize) -> Self {
         self.chunks = n;
         self
     }
+    /// Wait `d` between streamed content events.
     pub fn interval(mut self, d: Duration) -> Self {
         self.chunk_interval = d;
         self
     }
+    /// Streaming: abort the connection after `n` content events.
     pub fn break_after(mut self, n: usize) -> Self {
         self.break_after = Some(n);
         self
     }
+    /// Send `b` as the response body instead of the generated answer or error.
     pub fn body(mut self, b: impl Into<Bytes>) -> Self {
         self.body = Some(b.into());
         self
     }
+    /// Add the response header `k: v`.
     pub fn header(mut self, k: &str, v: &str) -> Self {
         self.headers.push((k.to_string(), v.to_string()));
         self
@@ -129,13 +143,13 @@ impl Behavior {
         self.sse_pieces = Some(piece.max(1));
         self
     }
-    /// With an error status: send the head, then a body that never ends.
-    /// Send the head (with a 2xx, the whole JSON answer too), then spaces
-    /// that never end: JSON that is complete but a response that is not.
+    /// Send the head (with a 2xx, the whole JSON answer too), then one space
+    /// per `every`, never ending: JSON that is complete, a response that is not.
     pub fn trickle(mut self, every: Duration) -> Self {
         self.trickle = Some(every);
         self
     }
+    /// Report no usage, even when the request asks for it.
     pub fn no_usage(mut self) -> Self {
         self.no_usage = true;
         self
@@ -145,6 +159,7 @@ impl Behavior {
 /// One request as the mock received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// `GET`, `POST`, …
     pub method: String,
     /// Path and query.
     pub path: String,
@@ -152,22 +167,30 @@ pub struct Recorded {
     pub version: String,
     /// Names in lower case, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The request body as received.
     pub body: Bytes,
 }
 
+/// Serve HTTPS with this certificate.
 pub struct MockTls {
+    /// The certificate chain, PEM.
     pub cert_chain_pem: String,
+    /// The certificate's private key, PEM.
     pub key_pem: String,
     /// Offer `h2` in ALPN besides `http/1.1`.
     pub alpn_h2: bool,
 }
 
+/// How to start a [`MockServer`].
 pub struct MockConfig {
     /// Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Serve HTTPS; `None`: plain HTTP.
     pub tls: Option<MockTls>,
     /// Accept HTTP/2 with prior knowledge on plain TCP.
     pub h2c: bool,
+    /// How to answer a request nothing else scripts (see
+    /// [`MockServer::push`] and [`MockServer::set_model_behavior`]).
     pub default: Behavior,
     /// Keep every request for [`MockServer::requests`]; counters are always on.
     pub record: bool,
@@ -214,6 +237,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A running mock provider; stops serving when dropped.
 pub struct MockServer {
     addr: SocketAddr,
     tls: bool,
@@ -276,6 +300,7 @@ impl MockServer {
         })
     }
 
+    /// The address it listens on (the port picked, when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -300,6 +325,7 @@ impl MockServer {
         }
     }
 
+    /// Answer every request nothing else scripts this way from now on.
     pub fn set_default(&self, b: Behavior) {
         *lock(&self.shared.default) = b;
     }
@@ -309,14 +335,19 @@ impl MockServer {
         lock(&self.shared.queue).push_back(b);
     }
 
+    /// Answer requests for `model` this way, unless a pushed behaviour is
+    /// waiting.
     pub fn set_model_behavior(&self, model: &str, b: Behavior) {
         lock(&self.shared.per_model).insert(model.to_string(), b);
     }
 
+    /// The requests received so far, oldest first (kept only when
+    /// [`MockConfig::record`] is set, as it is by default).
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.shared.recorded).clone()
     }
 
+    /// Requests received, on any path.
     pub fn request_count(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
     }
@@ -336,10 +367,14 @@ impl MockServer {
         self.shared.abandoned.load(Ordering::SeqCst)
     }
 
+    /// Streams sent to their end.
     pub fn streams_finished(&self) -> usize {
         self.shared.finished.load(Ordering::SeqCst)
     }
 
+    /// Forget the recorded requests and pushed behaviours and zero the
+    /// counters; the default and per-model behaviours, [`Self::trickling`]
+    /// and the TLS server names stay.
     pub fn clear(&self) {
         lock(&self.shared.recorded).clear();
         lock(&self.shared.queue).clear();
@@ -354,6 +389,8 @@ impl MockServer {
         }
     }
 
+    /// Stop accepting and close every connection; returns once the accept
+    /// loop has ended.
     pub async fn shutdown(mut self) {
         if let Some(t) = self.accept.take() {
             t.abort();
@@ -938,6 +975,7 @@ fn plain(status: u16, text: &'static str) -> Response<Body> {
 /// `collie mock`: run a mock provider from the command line.
 #[derive(clap::Args, Debug)]
 pub struct MockArgs {
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9101")]
     pub listen: SocketAddr,
     /// Status of every answer.
@@ -952,13 +990,16 @@ pub struct MockArgs {
     /// Milliseconds between streamed content events.
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
+    /// `Retry-After` value sent with every answer.
     #[arg(long)]
     pub retry_after: Option<String>,
+    /// Dimensions of each embedding vector.
     #[arg(long, default_value_t = 8)]
     pub dims: usize,
     /// PEM certificate chain: serve HTTPS.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse cleartext HTTP/2.
@@ -969,6 +1010,7 @@ pub struct MockArgs {
     pub record: bool,
 }
 
+/// Serve as `args` says until Ctrl-C.
 pub async fn run(args: MockArgs) -> std::io::Result<()> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(MockTls {

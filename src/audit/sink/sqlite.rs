@@ -8,6 +8,7 @@ use super::{
 use crate::audit::record::Record;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+/// An audit trail in one SQLite file.
 pub struct Sqlite {
     conn: Connection,
 }
@@ -16,6 +17,8 @@ pub struct Sqlite {
 const INCREMENTAL: i64 = 2;
 
 impl Sqlite {
+    /// Open the file, creating it and its directory when missing, in WAL
+    /// mode with its schema migrated to this build's version.
     pub fn open(path: &std::path::Path) -> Result<Sqlite, SinkError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| SinkError::CreateDir {
