@@ -230,9 +230,119 @@ pub trait Sink: Send {
     }
 }
 
-/// The columns of `audit_records`, in the order every query reads them.
+/// The columns of `audit_records`, in the order every query reads them and
+/// [`Stored::columns`] and [`Stored::from_columns`] list them: the one table
+/// of columns both SQL sinks write and read.
 const COLUMNS: &str = "sidecar, seq, prev_hash, hash, ts_ms, request_id, tenant, client_ip, endpoint, requested_model, served_model, deployment, attempts, status, decision, rule, prompt_tokens, completion_tokens, total_tokens, usage_estimated, cost_nano, latency_ms, ttft_ms, streamed, truncated, client_gone, request_hash, response_preview, error, claimed_tenant";
 const N_COLUMNS: usize = 30;
+
+/// One column's value as a sink writes it. Flags are stored as 0/1
+/// integers (SQLite has no boolean; PostgreSQL keeps the same shape).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Col<'a> {
+    Text(&'a str),
+    MaybeText(Option<&'a str>),
+    Int(i64),
+    MaybeInt(Option<i64>),
+    MaybeReal(Option<f64>),
+    Real(f64),
+}
+
+/// How a sink reads one column of a row, by its position in [`COLUMNS`].
+pub(crate) trait ColumnRead {
+    type Error;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn maybe_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn maybe_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+    fn real(&self, i: usize) -> Result<f64, Self::Error>;
+    fn maybe_real(&self, i: usize) -> Result<Option<f64>, Self::Error>;
+    fn flag(&self, i: usize) -> Result<bool, Self::Error> {
+        self.int(i).map(|v| v != 0)
+    }
+}
+
+impl Stored {
+    /// Every column of the row, in the order of [`COLUMNS`].
+    pub(crate) fn columns(&self) -> [Col<'_>; N_COLUMNS] {
+        use Col::*;
+        let r = &self.record;
+        fn t(v: &Option<String>) -> Col<'_> {
+            Col::MaybeText(v.as_deref())
+        }
+        let flag = |v: bool| Int(i64::from(v));
+        [
+            Text(&self.sidecar),
+            Int(self.seq),
+            Text(&self.prev_hash),
+            Text(&self.hash),
+            Int(r.ts_ms),
+            Text(&r.request_id),
+            t(&r.tenant),
+            t(&r.client_ip),
+            Text(&r.endpoint),
+            t(&r.requested_model),
+            t(&r.served_model),
+            t(&r.deployment),
+            Text(&r.attempts),
+            Int(r.status),
+            Text(&r.decision),
+            t(&r.rule),
+            MaybeInt(r.prompt_tokens),
+            MaybeInt(r.completion_tokens),
+            MaybeInt(r.total_tokens),
+            flag(r.usage_estimated),
+            MaybeInt(r.cost_nano),
+            Real(r.latency_ms),
+            MaybeReal(r.ttft_ms),
+            flag(r.streamed),
+            flag(r.truncated),
+            flag(r.client_gone),
+            t(&r.request_hash),
+            t(&r.response_preview),
+            t(&r.error),
+            t(&r.claimed_tenant),
+        ]
+    }
+
+    /// A row read back, column by column in the order of [`COLUMNS`].
+    pub(crate) fn from_columns<R: ColumnRead>(row: &R) -> Result<Stored, R::Error> {
+        Ok(Stored {
+            sidecar: row.text(0)?,
+            seq: row.int(1)?,
+            prev_hash: row.text(2)?,
+            hash: row.text(3)?,
+            record: Record {
+                ts_ms: row.int(4)?,
+                request_id: row.text(5)?,
+                tenant: row.maybe_text(6)?,
+                client_ip: row.maybe_text(7)?,
+                endpoint: row.text(8)?,
+                requested_model: row.maybe_text(9)?,
+                served_model: row.maybe_text(10)?,
+                deployment: row.maybe_text(11)?,
+                attempts: row.text(12)?,
+                status: row.int(13)?,
+                decision: row.text(14)?,
+                rule: row.maybe_text(15)?,
+                prompt_tokens: row.maybe_int(16)?,
+                completion_tokens: row.maybe_int(17)?,
+                total_tokens: row.maybe_int(18)?,
+                usage_estimated: row.flag(19)?,
+                cost_nano: row.maybe_int(20)?,
+                latency_ms: row.real(21)?,
+                ttft_ms: row.maybe_real(22)?,
+                streamed: row.flag(23)?,
+                truncated: row.flag(24)?,
+                client_gone: row.flag(25)?,
+                request_hash: row.maybe_text(26)?,
+                response_preview: row.maybe_text(27)?,
+                error: row.maybe_text(28)?,
+                claimed_tenant: row.maybe_text(29)?,
+            },
+        })
+    }
+}
 
 /// The schema version this build writes. A trail at a newer version is
 /// refused (an older collie must not write rows it cannot fully fill).
@@ -308,10 +418,6 @@ fn pending_steps(found: i64, real: &str) -> Result<Vec<(i64, Vec<String>)>, Sink
 const ANCHOR: &str = "INSERT INTO audit_chain_anchor (sidecar, seq, hash)
      SELECT sidecar, seq, hash FROM audit_records WHERE sidecar = $1 AND seq = $2
      ON CONFLICT (sidecar) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
-
-fn b(v: bool) -> i64 {
-    i64::from(v)
-}
 
 #[cfg(test)]
 mod tests {

@@ -2,10 +2,9 @@
 //! that every sidecar writes to, each on its own hash chain.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, SinkError, Stored,
-    WriteError, b, pending_steps,
+    ANCHOR, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention, SCHEMA_TABLE, Sink,
+    SinkError, Stored, WriteError, pending_steps,
 };
-use crate::audit::record::Record;
 use crate::config::is_schema_name;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
@@ -93,45 +92,49 @@ fn migrate(client: &mut postgres::Client) -> Result<(), SinkError> {
     tx.commit().map_err(SinkError::from)
 }
 
-fn stored_from_row(row: &postgres::Row) -> Result<Stored, SinkError> {
-    let flag = |i: usize| row.try_get::<_, i64>(i).map(|v| v != 0);
-    (|| -> Result<Stored, postgres::Error> {
-        Ok(Stored {
-            sidecar: row.try_get(0)?,
-            seq: row.try_get(1)?,
-            prev_hash: row.try_get(2)?,
-            hash: row.try_get(3)?,
-            record: Record {
-                ts_ms: row.try_get(4)?,
-                request_id: row.try_get(5)?,
-                tenant: row.try_get(6)?,
-                client_ip: row.try_get(7)?,
-                endpoint: row.try_get(8)?,
-                requested_model: row.try_get(9)?,
-                served_model: row.try_get(10)?,
-                deployment: row.try_get(11)?,
-                attempts: row.try_get(12)?,
-                status: row.try_get(13)?,
-                decision: row.try_get(14)?,
-                rule: row.try_get(15)?,
-                prompt_tokens: row.try_get(16)?,
-                completion_tokens: row.try_get(17)?,
-                total_tokens: row.try_get(18)?,
-                usage_estimated: flag(19)?,
-                cost_nano: row.try_get(20)?,
-                latency_ms: row.try_get(21)?,
-                ttft_ms: row.try_get(22)?,
-                streamed: flag(23)?,
-                truncated: flag(24)?,
-                client_gone: flag(25)?,
-                request_hash: row.try_get(26)?,
-                response_preview: row.try_get(27)?,
-                error: row.try_get(28)?,
-                claimed_tenant: row.try_get(29)?,
-            },
-        })
-    })()
-    .map_err(SinkError::from)
+impl ColumnRead for postgres::Row {
+    type Error = postgres::Error;
+    fn text(&self, i: usize) -> Result<String, postgres::Error> {
+        self.try_get(i)
+    }
+    fn maybe_text(&self, i: usize) -> Result<Option<String>, postgres::Error> {
+        self.try_get(i)
+    }
+    fn int(&self, i: usize) -> Result<i64, postgres::Error> {
+        self.try_get(i)
+    }
+    fn maybe_int(&self, i: usize) -> Result<Option<i64>, postgres::Error> {
+        self.try_get(i)
+    }
+    fn real(&self, i: usize) -> Result<f64, postgres::Error> {
+        self.try_get(i)
+    }
+    fn maybe_real(&self, i: usize) -> Result<Option<f64>, postgres::Error> {
+        self.try_get(i)
+    }
+}
+
+impl ToSql for Col<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Col::Text(v) => v.to_sql(ty, out),
+            Col::MaybeText(v) => v.to_sql(ty, out),
+            Col::Int(v) => v.to_sql(ty, out),
+            Col::MaybeInt(v) => v.to_sql(ty, out),
+            Col::Real(v) => v.to_sql(ty, out),
+            Col::MaybeReal(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty) || <i64 as ToSql>::accepts(ty) || <f64 as ToSql>::accepts(ty)
+    }
+
+    postgres::types::to_sql_checked!();
 }
 
 fn is_unique_violation(e: &postgres::Error) -> bool {
@@ -147,22 +150,10 @@ fn insert_records(
     records: &[Stored],
 ) -> Result<(), postgres::Error> {
     for chunk in records.chunks(ROWS_PER_INSERT) {
-        let flags: Vec<[i64; 4]> = chunk
-            .iter()
-            .map(|s| {
-                let r = &s.record;
-                [
-                    b(r.usage_estimated),
-                    b(r.streamed),
-                    b(r.truncated),
-                    b(r.client_gone),
-                ]
-            })
-            .collect();
+        let columns: Vec<[Col<'_>; N_COLUMNS]> = chunk.iter().map(Stored::columns).collect();
         let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * N_COLUMNS);
-        for (i, (s, f)) in chunk.iter().zip(&flags).enumerate() {
-            let r = &s.record;
+        for (i, row) in columns.iter().enumerate() {
             if i > 0 {
                 sql.push(',');
             }
@@ -176,38 +167,7 @@ fn insert_records(
                 sql.push_str(&(base + k).to_string());
             }
             sql.push(')');
-            params.extend_from_slice(&[
-                &s.sidecar,
-                &s.seq,
-                &s.prev_hash,
-                &s.hash,
-                &r.ts_ms,
-                &r.request_id,
-                &r.tenant,
-                &r.client_ip,
-                &r.endpoint,
-                &r.requested_model,
-                &r.served_model,
-                &r.deployment,
-                &r.attempts,
-                &r.status,
-                &r.decision,
-                &r.rule,
-                &r.prompt_tokens,
-                &r.completion_tokens,
-                &r.total_tokens,
-                &f[0],
-                &r.cost_nano,
-                &r.latency_ms,
-                &r.ttft_ms,
-                &f[1],
-                &f[2],
-                &f[3],
-                &r.request_hash,
-                &r.response_preview,
-                &r.error,
-                &r.claimed_tenant,
-            ]);
+            params.extend(row.iter().map(|c| c as &(dyn ToSql + Sync)));
         }
         tx.execute(sql.as_str(), &params)?;
     }
@@ -274,7 +234,7 @@ impl Sink for Postgres {
         let params: [&(dyn ToSql + Sync); 2] = [&ts_ms, &tenant];
         let mut rows = self.client()?.query_raw(sql.as_str(), params)?;
         while let Some(row) = rows.next()? {
-            f(stored_from_row(&row)?);
+            f(Stored::from_columns(&row)?);
         }
         Ok(())
     }

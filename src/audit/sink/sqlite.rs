@@ -2,10 +2,9 @@
 //! so retention by size gives the space back to the file system.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, N_COLUMNS, Retention, SCHEMA_TABLE, Sink, SinkError, Stored,
-    WriteError, b, pending_steps,
+    ANCHOR, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention, SCHEMA_TABLE, Sink,
+    SinkError, Stored, WriteError, pending_steps,
 };
-use crate::audit::record::Record;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// An audit trail in one SQLite file.
@@ -141,41 +140,39 @@ fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
     tx.commit().map_err(SinkError::from)
 }
 
-fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
-    Ok(Stored {
-        sidecar: row.get(0)?,
-        seq: row.get(1)?,
-        prev_hash: row.get(2)?,
-        hash: row.get(3)?,
-        record: Record {
-            ts_ms: row.get(4)?,
-            request_id: row.get(5)?,
-            tenant: row.get(6)?,
-            client_ip: row.get(7)?,
-            endpoint: row.get(8)?,
-            requested_model: row.get(9)?,
-            served_model: row.get(10)?,
-            deployment: row.get(11)?,
-            attempts: row.get(12)?,
-            status: row.get(13)?,
-            decision: row.get(14)?,
-            rule: row.get(15)?,
-            prompt_tokens: row.get(16)?,
-            completion_tokens: row.get(17)?,
-            total_tokens: row.get(18)?,
-            usage_estimated: row.get::<_, i64>(19)? != 0,
-            cost_nano: row.get(20)?,
-            latency_ms: row.get(21)?,
-            ttft_ms: row.get(22)?,
-            streamed: row.get::<_, i64>(23)? != 0,
-            truncated: row.get::<_, i64>(24)? != 0,
-            client_gone: row.get::<_, i64>(25)? != 0,
-            request_hash: row.get(26)?,
-            response_preview: row.get(27)?,
-            error: row.get(28)?,
-            claimed_tenant: row.get(29)?,
-        },
-    })
+impl ColumnRead for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn maybe_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn maybe_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn real(&self, i: usize) -> rusqlite::Result<f64> {
+        self.get(i)
+    }
+    fn maybe_real(&self, i: usize) -> rusqlite::Result<Option<f64>> {
+        self.get(i)
+    }
+}
+
+impl rusqlite::ToSql for Col<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Col::Text(v) => v.to_sql(),
+            Col::MaybeText(v) => v.to_sql(),
+            Col::Int(v) => v.to_sql(),
+            Col::MaybeInt(v) => v.to_sql(),
+            Col::Real(v) => v.to_sql(),
+            Col::MaybeReal(v) => v.to_sql(),
+        }
+    }
 }
 
 fn is_constraint(e: &rusqlite::Error) -> bool {
@@ -214,44 +211,11 @@ fn insert_records(tx: &rusqlite::Transaction<'_>, records: &[Stored]) -> rusqlit
             placeholders(chunk.len(), N_COLUMNS)
         ))?;
         let mut k = 0;
-        let mut bind = |stmt: &mut rusqlite::CachedStatement<'_>,
-                        v: &dyn rusqlite::ToSql|
-         -> rusqlite::Result<()> {
-            k += 1;
-            stmt.raw_bind_parameter(k, v)
-        };
         for s in chunk {
-            let r = &s.record;
-            bind(&mut stmt, &s.sidecar)?;
-            bind(&mut stmt, &s.seq)?;
-            bind(&mut stmt, &s.prev_hash)?;
-            bind(&mut stmt, &s.hash)?;
-            bind(&mut stmt, &r.ts_ms)?;
-            bind(&mut stmt, &r.request_id)?;
-            bind(&mut stmt, &r.tenant)?;
-            bind(&mut stmt, &r.client_ip)?;
-            bind(&mut stmt, &r.endpoint)?;
-            bind(&mut stmt, &r.requested_model)?;
-            bind(&mut stmt, &r.served_model)?;
-            bind(&mut stmt, &r.deployment)?;
-            bind(&mut stmt, &r.attempts)?;
-            bind(&mut stmt, &r.status)?;
-            bind(&mut stmt, &r.decision)?;
-            bind(&mut stmt, &r.rule)?;
-            bind(&mut stmt, &r.prompt_tokens)?;
-            bind(&mut stmt, &r.completion_tokens)?;
-            bind(&mut stmt, &r.total_tokens)?;
-            bind(&mut stmt, &b(r.usage_estimated))?;
-            bind(&mut stmt, &r.cost_nano)?;
-            bind(&mut stmt, &r.latency_ms)?;
-            bind(&mut stmt, &r.ttft_ms)?;
-            bind(&mut stmt, &b(r.streamed))?;
-            bind(&mut stmt, &b(r.truncated))?;
-            bind(&mut stmt, &b(r.client_gone))?;
-            bind(&mut stmt, &r.request_hash)?;
-            bind(&mut stmt, &r.response_preview)?;
-            bind(&mut stmt, &r.error)?;
-            bind(&mut stmt, &r.claimed_tenant)?;
+            for col in s.columns() {
+                k += 1;
+                stmt.raw_bind_parameter(k, col)?;
+            }
         }
         stmt.raw_execute()?;
     }
@@ -308,7 +272,7 @@ impl Sink for Sqlite {
         let mut stmt = self.conn.prepare(&sql)?;
         let mut rows = stmt.query(params![ts_ms, tenant])?;
         while let Some(row) = rows.next()? {
-            f(stored_from_row(row)?);
+            f(Stored::from_columns(row)?);
         }
         Ok(())
     }
