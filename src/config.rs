@@ -33,6 +33,8 @@ pub(crate) const DEFAULT_ADMIN_LISTEN: SocketAddr =
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub(crate) const DEFAULT_PRIORITY: u8 = 3;
+/// The shortest admin token accepted.
+const MIN_ADMIN_TOKEN: usize = 16;
 pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
 pub(crate) const DEFAULT_MAX_INFLIGHT_BODY_BYTES: usize = 256 * 1024 * 1024;
@@ -60,6 +62,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where `/metrics`, `/healthz`, `/readyz` and the status page listen.
     pub admin_listen: SocketAddr,
+    /// Bearer token for the admin listener's pages that show tenants' usage
+    /// and deployments (`/status`, `/quota`); without one they are served
+    /// to loopback clients only. From `admin_token_env`.
+    pub(crate) admin_token: Option<Secret>,
     pub(crate) threads: usize,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_json_depth: usize,
@@ -627,6 +633,29 @@ impl Validator<'_> {
                 self.error("admin_listen", "must differ from `listen`");
             }
         }
+        let admin_token = raw
+            .admin_token_env
+            .as_deref()
+            .and_then(|name| match (self.env)(name).map(|v| v.trim().to_string()) {
+                None => {
+                    self.error(
+                        "admin_token_env",
+                        format!("environment variable `{name}` is not set"),
+                    );
+                    None
+                }
+                // Guessable by trying: the message never quotes the value.
+                Some(v) if v.len() < MIN_ADMIN_TOKEN => {
+                    self.error(
+                        "admin_token_env",
+                        format!(
+                            "environment variable `{name}` holds a token shorter than {MIN_ADMIN_TOKEN} characters"
+                        ),
+                    );
+                    None
+                }
+                Some(v) => Some(Secret::new(v)),
+            });
 
         let upstream_ca = raw
             .upstream_tls
@@ -671,6 +700,7 @@ impl Validator<'_> {
         Config {
             listen: listen.unwrap_or(DEFAULT_LISTEN),
             admin_listen: admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
+            admin_token,
             threads,
             max_body_bytes,
             max_json_depth,

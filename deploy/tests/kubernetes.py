@@ -244,15 +244,13 @@ def check_sidecar(docs, where, collie_bin):
 
 
 def check_config(config, env_vars, where, collie_bin):
-    """`collie check-config` on the ConfigMap's collie.yaml. admin_token_env
-    is taken out first while the config parser does not know it yet."""
-    config = dict(config)
-    config.pop("admin_token_env", None)
+    """`collie check-config` on the ConfigMap's collie.yaml, with a value
+    for every variable it names (the admin token must be 16 characters)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "collie.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
-        env = {**os.environ, **{v: "x" for v in env_vars}}
+        env = {**os.environ, **{v: "x" * 32 for v in env_vars}}
         out = subprocess.run([collie_bin, "check-config", path], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             fail(where, f"collie check-config:\n{out.stdout}{out.stderr}")

@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) admin_listen: Option<String>,
     #[serde(default)]
+    pub(crate) admin_token_env: Option<String>,
+    #[serde(default)]
     pub(crate) threads: Option<i64>,
     #[serde(default)]
     pub(crate) max_body_bytes: Option<RawSize>,

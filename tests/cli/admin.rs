@@ -69,3 +69,55 @@ async fn metrics_parse_as_prometheus_text_and_health_answers() {
         assert_eq!(r.status().as_u16(), status, "{path}");
     }
 }
+
+/// The pages with tenants' usage and deployments' state need the admin
+/// token when one is configured; what probes and scrapers read does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_pages_refuse_without_the_admin_token() {
+    let a = mock().await;
+    let b = mock().await;
+    let token = "admin-token-for-the-tests-5d1f";
+    let conf = two_step(&a, &b, "5s").set("admin_token_env", "ADMIN_TOKEN");
+    let gw = gateway_with_env(&conf, &[("ADMIN_TOKEN", token)]).await;
+    let get = |path: &str, auth: Option<&str>| {
+        let mut r = gw.client.get(format!("{}{path}", gw.admin));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for page in ["/status", "/quota"] {
+        let r = get(page, None).await.unwrap();
+        assert_eq!(r.status(), 401, "{page} without a token");
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+        let body = r.text().await.unwrap();
+        assert!(!body.contains("alpha"), "{page} leaked: {body}");
+        for wrong in [
+            "Bearer nope",
+            "Basic YWRtaW46YWRtaW4=",
+            "Bearer admin-token-for-the-tests-5d1",
+        ] {
+            assert_eq!(
+                get(page, Some(wrong)).await.unwrap().status(),
+                401,
+                "{page} {wrong}"
+            );
+        }
+        let r = get(page, Some(&format!("Bearer {token}"))).await.unwrap();
+        assert_eq!(r.status(), 200, "{page} with the token");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v.is_object());
+    }
+    // Probes, scrapes and the page itself (it holds no data) stay open.
+    for page in ["/metrics", "/healthz", "/readyz", "/"] {
+        assert_eq!(get(page, None).await.unwrap().status(), 200, "{page}");
+    }
+    // The token never shows where it must not.
+    let metrics = gw.metrics().await;
+    assert!(!metrics.contains(token));
+}
