@@ -79,6 +79,18 @@ pub(crate) enum ProbeKind {
     Off,
 }
 
+impl ProbeKind {
+    /// As written in the config.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Models => "models",
+            ProbeKind::Connect => "connect",
+            ProbeKind::Completion => "completion",
+            ProbeKind::Off => "off",
+        }
+    }
+}
+
 /// How a pool chooses among its healthy members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Policy {

@@ -97,6 +97,101 @@ pub(crate) enum Outcome {
 pub(crate) struct Transition {
     pub(crate) from: BreakerState,
     pub(crate) to: BreakerState,
+    /// What moved the breaker (alerts tell a failing probe from failing
+    /// traffic, and a provider's `Retry-After` from a fault).
+    pub(crate) cause: Cause,
+}
+
+/// Why a breaker moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// `failures_to_open` live failures in a row.
+    Failures,
+    /// The live error ratio over the window reached `error_ratio`.
+    ErrorRatio,
+    /// A half-open breaker's trial request failed.
+    TrialFailed,
+    /// A 429 with `Retry-After`: the provider asked for rest.
+    RetryAfter,
+    /// Probes failed `unhealthy_after` times in a row.
+    ProbesFailing,
+    /// Probes passed `healthy_after` times in a row.
+    ProbesPassing,
+    /// A half-open breaker's trial request succeeded.
+    TrialSucceeded,
+    /// The open breaker's cooldown ended (open → half-open).
+    CooldownOver,
+}
+
+/// A breaker change of one deployment, as the health book hands it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthEvent {
+    pub(crate) deployment: String,
+    pub(crate) transition: Transition,
+}
+
+/// Minutes of outcomes kept per deployment for its availability: a day.
+pub(crate) const HISTORY_MINUTES: usize = 1440;
+
+/// Probe and live outcomes per minute over the last day, in a ring of
+/// [`HISTORY_MINUTES`] slots of (minute, succeeded, failed): 16 bytes each,
+/// 23 KiB per deployment, allocated on the first outcome.
+#[derive(Debug, Default)]
+struct History {
+    slots: Vec<(u64, u32, u32)>,
+    origin: Option<Instant>,
+}
+
+impl History {
+    fn minute(origin: Instant, now: Instant) -> u64 {
+        now.saturating_duration_since(origin).as_secs() / 60
+    }
+
+    fn add(&mut self, ok: bool, now: Instant) {
+        let origin = *self.origin.get_or_insert(now);
+        if self.slots.is_empty() {
+            self.slots = vec![(u64::MAX, 0, 0); HISTORY_MINUTES];
+        }
+        let m = Self::minute(origin, now);
+        let slot = &mut self.slots[(m % HISTORY_MINUTES as u64) as usize];
+        if slot.0 != m {
+            *slot = (m, 0, 0);
+        }
+        if ok {
+            slot.1 = slot.1.saturating_add(1);
+        } else {
+            slot.2 = slot.2.saturating_add(1);
+        }
+    }
+
+    /// (succeeded, failed) over the last `minutes` minutes (this one included).
+    fn totals(&self, minutes: u64, now: Instant) -> (u64, u64) {
+        let Some(origin) = self.origin else {
+            return (0, 0);
+        };
+        let m = Self::minute(origin, now);
+        self.slots
+            .iter()
+            .filter(|(at, _, _)| *at != u64::MAX && m.saturating_sub(*at) < minutes)
+            .fold((0, 0), |(o, f), (_, so, sf)| {
+                (o + u64::from(*so), f + u64::from(*sf))
+            })
+    }
+}
+
+/// The share of outcomes that succeeded over a period, with how many there were.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Availability {
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+}
+
+impl Availability {
+    /// `None` without a single outcome.
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        let n = self.succeeded + self.failed;
+        (n > 0).then(|| self.succeeded as f64 / n as f64)
+    }
 }
 
 #[derive(Debug)]
@@ -117,6 +212,11 @@ struct Inner {
     probe_up: Option<bool>,
     last_probe: Option<ProbeResult>,
     last_probe_at: Option<Instant>,
+    /// The same, on the wall clock (for status pages).
+    last_probe_wall: Option<std::time::SystemTime>,
+    /// Whole request latency of served requests, smoothed.
+    latency_ewma_ms: Option<f64>,
+    history: History,
 }
 
 /// Outcomes of the last `window` in twelve buckets: constant time to add
@@ -196,6 +296,15 @@ pub(crate) struct HealthSnapshot {
     pub(crate) ttfb_ewma_ms: Option<f64>,
     pub(crate) ttfb_p95_ms: Option<f64>,
     pub(crate) error_ratio: Option<f64>,
+    /// Live outcomes the error ratio is over, and how many of them failed.
+    pub(crate) error_samples: u32,
+    pub(crate) errors: u32,
+    pub(crate) latency_ewma_ms: Option<f64>,
+    /// When the last probe ran (wall clock).
+    pub(crate) last_probe_at: Option<std::time::SystemTime>,
+    /// Probe and live outcomes over the last hour and the last day.
+    pub(crate) availability_1h: Availability,
+    pub(crate) availability_24h: Availability,
     pub(crate) served: u64,
     pub(crate) last_probe: Option<ProbeResult>,
     /// Consecutive failed probes (0 after a pass).
@@ -234,6 +343,9 @@ impl DeploymentHealth {
                 probe_up: None,
                 last_probe: None,
                 last_probe_at: None,
+                last_probe_wall: None,
+                latency_ewma_ms: None,
+                history: History::default(),
             }),
         }
     }
@@ -278,6 +390,7 @@ impl DeploymentHealth {
             return Some(Transition {
                 from: BreakerState::Open,
                 to: BreakerState::HalfOpen,
+                cause: Cause::CooldownOver,
             });
         }
         None
@@ -361,6 +474,7 @@ impl DeploymentHealth {
         s: &HealthSettings,
         now: Instant,
         for_: Option<Duration>,
+        cause: Cause,
     ) -> Option<Transition> {
         let from = i.breaker;
         let wait = for_.unwrap_or_else(|| {
@@ -381,10 +495,11 @@ impl DeploymentHealth {
         (from != BreakerState::Open).then_some(Transition {
             from,
             to: BreakerState::Open,
+            cause,
         })
     }
 
-    fn close(i: &mut Inner) -> Option<Transition> {
+    fn close(i: &mut Inner, cause: Cause) -> Option<Transition> {
         let from = i.breaker;
         i.breaker = BreakerState::Closed;
         i.open_until = None;
@@ -394,6 +509,7 @@ impl DeploymentHealth {
         (from != BreakerState::Closed).then_some(Transition {
             from,
             to: BreakerState::Closed,
+            cause,
         })
     }
 
@@ -418,6 +534,7 @@ impl DeploymentHealth {
         match outcome {
             Outcome::Success { ttfb } => {
                 i.outcomes.add(true, s.window, now);
+                i.history.add(true, now);
                 i.served += 1;
                 i.consecutive_failures = 0;
                 let ms = ttfb.as_secs_f64() * 1e3;
@@ -427,7 +544,7 @@ impl DeploymentHealth {
                     i.ttfb_recent_ms.pop_front();
                 }
                 if i.breaker == BreakerState::HalfOpen {
-                    return Self::close(i);
+                    return Self::close(i, Cause::TrialSucceeded);
                 }
                 None
             }
@@ -435,8 +552,9 @@ impl DeploymentHealth {
                 retry_after: Some(wait),
             } => {
                 // The provider said how long: exactly that, not a guess.
+                // Busy is not down: no mark in the availability history.
                 i.outcomes.add(true, s.window, now);
-                Self::open(i, s, now, Some(wait))
+                Self::open(i, s, now, Some(wait), Cause::RetryAfter)
             }
             Outcome::RateLimited { retry_after: None } => {
                 // Busy, not broken: no effect on the error ratio or breaker,
@@ -448,15 +566,21 @@ impl DeploymentHealth {
             }
             Outcome::Failure => {
                 i.outcomes.add(false, s.window, now);
+                i.history.add(false, now);
                 i.consecutive_failures += 1;
                 if i.breaker == BreakerState::HalfOpen {
-                    return Self::open(i, s, now, None);
+                    return Self::open(i, s, now, None, Cause::TrialFailed);
                 }
                 let (n, ratio) = Self::error_ratio(i, s, now);
                 let too_many = i.consecutive_failures >= s.failures_to_open;
                 let too_often = n >= s.min_samples as usize && ratio >= s.error_ratio;
                 if i.breaker == BreakerState::Closed && (too_many || too_often) {
-                    return Self::open(i, s, now, None);
+                    let cause = if too_many {
+                        Cause::Failures
+                    } else {
+                        Cause::ErrorRatio
+                    };
+                    return Self::open(i, s, now, None, cause);
                 }
                 None
             }
@@ -492,6 +616,8 @@ impl DeploymentHealth {
         result: ProbeResult,
     ) -> Option<Transition> {
         i.last_probe_at = Some(now);
+        i.last_probe_wall = Some(std::time::SystemTime::now());
+        i.history.add(result.ok, now);
         if result.ok {
             i.probe_ok_run += 1;
             i.probe_fail_run = 0;
@@ -508,9 +634,11 @@ impl DeploymentHealth {
         i.last_probe = Some(result);
         match (was, i.probe_up) {
             // Probes came back: traffic may flow again at once.
-            (Some(false) | None, Some(true)) if i.breaker != BreakerState::Closed => Self::close(i),
+            (Some(false) | None, Some(true)) if i.breaker != BreakerState::Closed => {
+                Self::close(i, Cause::ProbesPassing)
+            }
             // Probes started failing: stop sending live traffic there.
-            (Some(true) | None, Some(false)) => Self::open(i, s, now, None),
+            (Some(true) | None, Some(false)) => Self::open(i, s, now, None, Cause::ProbesFailing),
             _ => None,
         }
     }
@@ -532,8 +660,20 @@ impl DeploymentHealth {
         snap
     }
 
+    /// Account the whole latency of a request this deployment served.
+    pub(crate) fn record_latency(&self, latency: Duration) {
+        let ms = latency.as_secs_f64() * 1e3;
+        let mut i = self.lock();
+        i.latency_ewma_ms = Some(i.latency_ewma_ms.map_or(ms, |e| 0.8 * e + 0.2 * ms));
+    }
+
     fn view(i: &Inner, s: &HealthSettings, now: Instant) -> HealthSnapshot {
         let (n, ratio) = Self::error_ratio(i, s, now);
+        let (ok, failed) = i.outcomes.totals(s.window, now);
+        let availability = |minutes| {
+            let (succeeded, failed) = i.history.totals(minutes, now);
+            Availability { succeeded, failed }
+        };
         let p95 = {
             let mut v: Vec<f64> = i.ttfb_recent_ms.iter().copied().collect();
             v.sort_by(f64::total_cmp);
@@ -545,6 +685,12 @@ impl DeploymentHealth {
             ttfb_ewma_ms: i.ttfb_ewma_ms,
             ttfb_p95_ms: p95,
             error_ratio: (n > 0).then_some(ratio),
+            error_samples: ok + failed,
+            errors: failed,
+            latency_ewma_ms: i.latency_ewma_ms,
+            last_probe_at: i.last_probe_wall,
+            availability_1h: availability(60),
+            availability_24h: availability(HISTORY_MINUTES as u64),
             served: i.served,
             last_probe: i.last_probe.clone(),
             probe_failures: i.probe_fail_run,

@@ -9,8 +9,8 @@
 
 use super::super::Deployment;
 use super::{
-    BreakerState, DeploymentHealth, HealthSettings, HealthState, OnTransition, ProbeKind,
-    ProbeResult, Transition,
+    BreakerState, DeploymentHealth, HealthEvent, HealthSettings, HealthState, OnTransition,
+    ProbeKind, ProbeResult, Transition,
 };
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -130,6 +130,25 @@ pub struct HealthBook {
     metrics: HealthMetrics,
     /// Wakes the probe loop: a probe finished or the deployments changed.
     pub(crate) wake: tokio::sync::Notify,
+    /// Every breaker change, for the alert pipeline (taken once by it).
+    events: tokio::sync::mpsc::Sender<HealthEvent>,
+    events_rx: Mutex<Option<tokio::sync::mpsc::Receiver<HealthEvent>>>,
+}
+
+/// Breaker changes waiting for the alert pipeline, at most. They are rare
+/// (a change per deployment per cooldown at worst); past this many unread
+/// ones the newest are dropped and logged.
+const EVENTS_QUEUED: usize = 1024;
+
+/// Why a forced check did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckRefused {
+    /// No such deployment, or one no pool uses (nothing to probe).
+    Unknown,
+    /// Its probes are off: a probe verdict would change how it is judged.
+    ProbesOff,
+    /// A probe of it is running now.
+    Busy,
 }
 
 impl HealthBook {
@@ -139,7 +158,10 @@ impl HealthBook {
             b.ext.get::<DeploymentKey>().hash(&mut h);
             h.finish()
         }));
+        let (events, events_rx) = tokio::sync::mpsc::channel(EVENTS_QUEUED);
         let book = Arc::new(HealthBook {
+            events,
+            events_rx: Mutex::new(Some(events_rx)),
             registry: Arc::clone(&registry),
             entries: Arc::new(Mutex::new(HashMap::new())),
             connector: Connector::new(Some(pingora::connectors::ConnectorOptions::new(keepalive))),
@@ -182,12 +204,20 @@ impl HealthBook {
     fn on_transition(&self) -> OnTransition {
         let metrics = self.metrics.clone();
         let entries = Arc::downgrade(&self.entries);
+        let events = self.events.clone();
         Arc::new(move |id: &str, t: Transition| {
             log::warn!(
                 "deployment {id}: breaker {} → {}",
                 t.from.as_str(),
                 t.to.as_str()
             );
+            let event = HealthEvent {
+                deployment: id.to_string(),
+                transition: t,
+            };
+            if events.try_send(event).is_err() {
+                log::warn!("deployment {id}: breaker change not passed to the alerts (queue full)");
+            }
             let current = entries
                 .upgrade()
                 .is_some_and(|m| m.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id));
@@ -262,6 +292,40 @@ impl HealthBook {
             .filter(|e| !e.probing.load(Ordering::Acquire) && e.target.load().is_some())
             .filter_map(|e| e.health.next_probe_in())
             .min()
+    }
+
+    /// The breaker changes, for the one consumer that turns them into
+    /// alerts (`None` once taken).
+    pub(crate) fn take_events(&self) -> Option<tokio::sync::mpsc::Receiver<HealthEvent>> {
+        self.events_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// An operator's forced check: probe `id` now, whatever its schedule,
+    /// unless a probe of it is already running (its result is near). The
+    /// result counts like any probe's.
+    pub(crate) async fn check_now(&self, id: &str) -> Result<ProbeResult, CheckRefused> {
+        let entry = self
+            .entries()
+            .get(id)
+            .cloned()
+            .ok_or(CheckRefused::Unknown)?;
+        if entry.target.load().is_none() {
+            return Err(CheckRefused::Unknown);
+        }
+        if entry.health.settings().probe == ProbeKind::Off {
+            return Err(CheckRefused::ProbesOff);
+        }
+        if entry.probing.swap(true, Ordering::AcqRel) {
+            return Err(CheckRefused::Busy);
+        }
+        let guard = Probing(Arc::clone(&entry));
+        let result = self.probe_now(id).await;
+        drop(guard);
+        self.wake.notify_one();
+        result.ok_or(CheckRefused::Unknown)
     }
 
     /// Probe one deployment now, whatever its schedule (used by the probe
