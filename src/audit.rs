@@ -23,12 +23,12 @@ mod canonical;
 pub mod record;
 pub mod report;
 pub mod sink;
-mod webhook;
 mod writer;
 
+use crate::alerts::Alerts;
 use crate::config::AuditSettings;
 use crate::outcome::Finished;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{IntCounter, IntGauge, Registry};
 use record::Pending;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,8 +43,6 @@ pub(crate) struct AuditMetrics {
     pub(crate) queued: IntGauge,
     /// Requests answered whose record waits for room (`when_full: block`).
     pub(crate) waiting: IntGauge,
-    pub(crate) anomalies: IntCounterVec,
-    pub(crate) webhook_failures: IntCounter,
     pub(crate) chain_conflicts: IntCounter,
 }
 
@@ -62,14 +60,6 @@ impl AuditMetrics {
             "Answered requests whose audit record waits for room in a full queue",
         )?;
         r.register(Box::new(waiting.clone()))?;
-        let anomalies = IntCounterVec::new(
-            prometheus::Opts::new(
-                "collie_anomalies_total",
-                "Anomalies detected in the audit records, by rule and tenant",
-            ),
-            &["rule", "tenant"],
-        )?;
-        r.register(Box::new(anomalies.clone()))?;
         Ok(AuditMetrics {
             written: counter("collie_audit_written_total", "Audit records committed")?,
             dropped: counter(
@@ -82,11 +72,6 @@ impl AuditMetrics {
             )?,
             queued,
             waiting,
-            anomalies,
-            webhook_failures: counter(
-                "collie_anomaly_webhook_failures_total",
-                "Anomaly alerts the webhook never accepted",
-            )?,
             chain_conflicts: counter(
                 "collie_audit_chain_conflicts_total",
                 "Batches whose chain places another process had taken (same sidecar id)",
@@ -167,10 +152,14 @@ pub(crate) enum AuditError {
     Thread(#[source] std::io::Error),
 }
 
-/// Open the sink and start the writer. `None` when auditing is off.
+/// Open the sink and start the writer, writing the chain of `sidecar`;
+/// what the anomaly rules find goes to `alerts`, and the alerts it
+/// delivered are written with the records. `None` when auditing is off.
 pub(crate) fn start(
     settings: &AuditSettings,
     metrics: AuditMetrics,
+    sidecar: String,
+    alerts: Arc<Alerts>,
 ) -> Result<Option<(Auditor, AuditHandle)>, AuditError> {
     let Some(spec) = &settings.sink else {
         return Ok(None);
@@ -178,7 +167,6 @@ pub(crate) fn start(
     let sink = spec.open()?;
     let (tx, rx) = mpsc::channel(settings.queue);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let sidecar = sidecar_id(settings);
     log::info!("audit: writing the chain of sidecar `{sidecar}`");
     let thread = writer::spawn(
         sink,
@@ -188,6 +176,7 @@ pub(crate) fn start(
         sidecar,
         Arc::clone(&queued_bytes),
         metrics.clone(),
+        alerts,
     )?;
     Ok(Some((
         Auditor {

@@ -97,6 +97,9 @@ pub(crate) struct Caller {
     pub(crate) tenant: Option<usize>,
     /// Refused by authentication: the tenant `X-Tenant-ID` named.
     pub(crate) claimed: Option<Claimed>,
+    /// The end user within the proven tenant, as recorded
+    /// ([`admission::end_user`]).
+    pub(crate) user: Option<String>,
     /// The tenant's priority (1 highest … 5), for queueing.
     pub(crate) priority: u8,
     /// Longest wait for a saturated pool.
@@ -202,6 +205,7 @@ impl RequestCtx {
             endpoint: self.caller.endpoint,
             tenant: self.caller.tenant,
             claimed: self.caller.claimed,
+            user: self.caller.user.take(),
             priority: self.caller.priority,
             requested_model: request.model,
             attempts: exchange.attempts,
@@ -302,6 +306,10 @@ impl Gateway {
             ctx.caller.claimed = admission::claimed(req, &snap);
         })?;
         ctx.caller.tenant = Some(tenant);
+        // Named by the header until the body is read (its `user` counts
+        // only without the header).
+        let hashed = snap.config.audit.hash_user_ids;
+        ctx.caller.user = admission::end_user(req, None, hashed);
         ctx.caller.priority = snap.config.tenants[tenant].priority;
         ctx.caller.max_wait = spend::max_wait(req, snap.config.quota.max_wait);
         match ctx.caller.endpoint {
@@ -322,6 +330,13 @@ impl Gateway {
         .await?;
         ctx.request.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
+        if ctx.caller.user.is_none() {
+            ctx.caller.user = admission::end_user(
+                session.req_header(),
+                inspected.user.as_deref(),
+                config.audit.hash_user_ids,
+            );
+        }
         let Some(model) = snap.model(&inspected.model) else {
             // The text is the client's, and may be anything — a key sent by
             // mistake: only a fingerprint of it is recorded.
@@ -358,6 +373,7 @@ impl ProxyHttp for Gateway {
                 endpoint: Endpoint::ChatCompletions,
                 tenant: None,
                 claimed: None,
+                user: None,
                 priority: crate::config::DEFAULT_PRIORITY,
                 max_wait: Duration::ZERO,
             },
@@ -416,6 +432,12 @@ impl ProxyHttp for Gateway {
         let (mut finished, reservation) = ctx.finish();
         finished.settlement = spend::settle(&finished, reservation);
         self.metrics.record(&finished);
+        if let Some(d) = finished
+            .served
+            .and_then(|d| finished.snapshot.router.deployment(d))
+        {
+            d.health.record_latency(finished.latency);
+        }
         if let Some(a) = &self.auditor {
             a.submit(finished).await;
         }

@@ -4,6 +4,7 @@
 //! it owns.
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod config;
 #[doc(hidden)]

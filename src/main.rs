@@ -101,6 +101,9 @@ enum AuditCommand {
         tenant: Option<String>,
         #[arg(long, default_value = "text", value_parser = ["text", "json", "csv"])]
         format: String,
+        /// Add a breakdown: `user` (per end user of each tenant, the 100 with the most requests).
+        #[arg(long, value_parser = ["user"])]
+        by: Option<String>,
     },
 }
 
@@ -275,10 +278,12 @@ fn audit(command: AuditCommand) -> ExitCode {
             since,
             tenant,
             format,
+            by,
         } => report::since_ms(&since)
             .and_then(|cut| {
                 let mut sink = open(&trail)?;
-                Ok(report::build(&mut *sink, cut, tenant.as_deref())?)
+                let by_user = by.as_deref() == Some("user");
+                Ok(report::build(&mut *sink, cut, tenant.as_deref(), by_user)?)
             })
             .map(|r| {
                 let out = match format.as_str() {

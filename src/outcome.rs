@@ -249,6 +249,9 @@ pub(crate) struct Finished {
     /// Refused by authentication: the tenant `X-Tenant-ID` named (for the
     /// audit's security view; never billed).
     pub(crate) claimed: Option<Claimed>,
+    /// The end user the request named, within its proven tenant, as it is
+    /// recorded (the gateway's admission decides the form).
+    pub(crate) user: Option<String>,
     /// The tenant's priority (1 highest … 5).
     pub(crate) priority: u8,
     /// A configured model name, or `unknown:<fingerprint>` for one that

@@ -3,6 +3,8 @@
 //! the demo, a handle — stops it.
 
 use crate::admin::AdminApp;
+use crate::alerts::Alerts;
+use crate::alerts::health::HealthAlerts;
 use crate::audit::{AuditError, AuditHandle};
 use crate::config::{Config, ConfigErrors};
 use crate::gateway::{Gateway, InFlight};
@@ -87,6 +89,7 @@ pub struct Collie {
     pub admin_listen: SocketAddr,
     server: Server,
     audit: Option<AuditHandle>,
+    alerts: Arc<Alerts>,
     drain: DrainParts,
 }
 
@@ -167,7 +170,19 @@ impl Collie {
         );
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
             .map_err(|e| StartError::internal("metrics", e))?;
-        let started = crate::audit::start(&state.load().config.audit, audit_metrics);
+        let alert_metrics = crate::alerts::AlertMetrics::new(&metrics.registry)
+            .map_err(|e| StartError::internal("metrics", e))?;
+        let audit_settings = state.load().config.audit.clone();
+        let sidecar = crate::audit::sidecar_id(&audit_settings);
+        let alerts = Arc::new(Alerts::new(
+            &sidecar,
+            audit_settings.anomalies.cooldown,
+            audit_settings.anomalies.webhook.clone(),
+            audit_settings.sink.is_some(),
+            alert_metrics,
+        ));
+        let started =
+            crate::audit::start(&audit_settings, audit_metrics, sidecar, Arc::clone(&alerts));
         let (auditor, audit) = match started {
             Ok(Some((a, h))) => (Some(a), Some(h)),
             Ok(None) => (None, None),
@@ -213,6 +228,8 @@ impl Collie {
                     state: Arc::clone(&state),
                     draining: lifecycle.draining.clone(),
                     bodies,
+                    alerts: Arc::clone(&alerts),
+                    subscribers: Default::default(),
                 },
                 policy(),
                 lifecycle.draining.clone(),
@@ -222,6 +239,14 @@ impl Collie {
         admin.threads = Some(1);
         server.add_service(admin);
 
+        server.add_service(background_service(
+            "health alerts",
+            HealthAlerts {
+                state: Arc::clone(&state),
+                alerts: Arc::clone(&alerts),
+                events: std::sync::Mutex::new(book.take_events()),
+            },
+        ));
         server.add_service(background_service("health probes", Probes { book }));
         server.add_service(background_service(
             "quota rebalance",
@@ -259,6 +284,7 @@ impl Collie {
             state,
             server,
             audit,
+            alerts,
         })
     }
 
@@ -275,10 +301,12 @@ impl Collie {
                 parts: self.drain,
             }),
         });
-        // The server is gone with every request it held: write the rest.
+        // The server is gone with every request it held: write the rest,
+        // then give the webhook its last alerts.
         if let Some(a) = self.audit {
             a.join();
         }
+        self.alerts.shutdown();
     }
 
     /// Run on a thread of its own until the returned handle is dropped or
@@ -290,6 +318,7 @@ impl Collie {
         let state = Arc::clone(&self.state);
         let server = self.server;
         let audit = self.audit;
+        let alerts = self.alerts;
         let parts = self.drain;
         let thread = std::thread::Builder::new()
             .name("collie".into())
@@ -303,6 +332,7 @@ impl Collie {
                 if let Some(a) = audit {
                     a.join();
                 }
+                alerts.shutdown();
             })
             .map_err(|e| StartError::internal("the server thread", e))?;
         let running = Running {

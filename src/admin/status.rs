@@ -1,8 +1,12 @@
 //! The live status view on the admin listener: `GET /status` (JSON: every
-//! model, pool and deployment with its health) and `GET /` (a small page,
-//! no external assets, that polls `/status` every 2 s).
+//! model, pool, deployment and tenant with its state, and the latest
+//! alerts), the same pushed by `GET /status/events`, and `GET /` (a small
+//! page, no external assets, that shows it live).
 
+use crate::alerts::{Alert, Alerts};
 use crate::config::Model;
+use crate::quota::QuotaReport;
+use crate::routing::health::{Availability, HealthState};
 use crate::routing::{Pick, now_ms};
 use crate::state::Snapshot;
 use serde::Serialize;
@@ -11,12 +15,18 @@ pub(crate) const PAGE: &str = include_str!("status.html");
 
 #[derive(Serialize)]
 struct Status<'a> {
+    /// When the view was taken (epoch ms), for "how long ago" on the page.
+    generated_ms: i64,
     models: Vec<ModelStatus<'a>>,
     pools: Vec<PoolStatus<'a>>,
     deployments: Vec<DeploymentStatus<'a>>,
     /// Rate capacity moved by rebalancing right now: borrowed (positive) or
     /// lent (negative), per minute. Tenants without a loan are left out.
     loans: Vec<LoanStatus<'a>>,
+    /// Every tenant's quota: each window's limit, use and reservations.
+    quota: Vec<QuotaReport>,
+    /// The latest alerts, newest first (each rule and scope once).
+    alerts: Vec<Alert>,
 }
 
 #[derive(Serialize)]
@@ -35,6 +45,8 @@ struct ModelStatus<'a> {
     /// themselves (see [`recommended`]).
     recommended: Option<&'a str>,
     routes: Vec<RouteStatus<'a>>,
+    /// Every deployment of its chain is unhealthy: its requests get 503.
+    panic: bool,
 }
 
 #[derive(Serialize)]
@@ -65,11 +77,43 @@ struct DeploymentStatus<'a> {
     breaker_open_for_ms: Option<u128>,
     ttfb_ewma_ms: Option<f64>,
     ttfb_p95_ms: Option<f64>,
+    /// Whole-request latency of served requests, smoothed.
+    latency_ewma_ms: Option<f64>,
+    /// The failed share of the live outcomes in the health window, with
+    /// the counts it is over: a ratio of one failure in one request is
+    /// 100 %, and `error_samples` says so.
     error_ratio: Option<f64>,
+    errors: u32,
+    error_samples: u32,
+    /// Outcomes the breaker needs before it judges by the ratio.
+    min_samples: u32,
     served: u64,
+    /// The probe kind (`off`: only live traffic judges it).
+    probe: &'static str,
     last_probe: Option<ProbeStatus>,
     /// Consecutive failed probes.
     probe_failures: u32,
+    /// Share of probe and live outcomes that succeeded, over the last hour
+    /// and day, with their counts.
+    availability_1h: AvailabilityStatus,
+    availability_24h: AvailabilityStatus,
+}
+
+#[derive(Serialize)]
+struct AvailabilityStatus {
+    ratio: Option<f64>,
+    succeeded: u64,
+    failed: u64,
+}
+
+impl From<Availability> for AvailabilityStatus {
+    fn from(a: Availability) -> Self {
+        AvailabilityStatus {
+            ratio: a.ratio(),
+            succeeded: a.succeeded,
+            failed: a.failed,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -77,6 +121,8 @@ struct ProbeStatus {
     ok: bool,
     latency_ms: f64,
     detail: String,
+    /// When it ran (epoch ms).
+    at_ms: Option<i64>,
 }
 
 /// The model a chain would use now: what routing's own look-ahead offers in
@@ -107,9 +153,21 @@ fn chain_names<'a>(snap: &'a Snapshot, chain: &[crate::config::PoolIx]) -> Vec<&
         .collect()
 }
 
+/// Every deployment of the chain is unhealthy (panic mode).
+fn in_panic(snap: &Snapshot, chain: &[crate::config::PoolIx]) -> bool {
+    let mut members = chain
+        .iter()
+        .filter_map(|&p| snap.router.pool(p))
+        .flat_map(|p| p.member_ixs())
+        .filter_map(|d| snap.router.deployment(d))
+        .peekable();
+    members.peek().is_some() && members.all(|d| d.health.state() == HealthState::Unhealthy)
+}
+
 fn model_status<'a>(snap: &'a Snapshot, m: &'a Model) -> ModelStatus<'a> {
     ModelStatus {
         name: &m.name,
+        panic: in_panic(snap, &m.chain),
         chain: chain_names(snap, &m.chain),
         recommended: recommended(snap, &m.chain),
         routes: m
@@ -125,8 +183,25 @@ fn model_status<'a>(snap: &'a Snapshot, m: &'a Model) -> ModelStatus<'a> {
     }
 }
 
-pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
-    let status = Status {
+/// `/status`: the view, indented.
+pub(crate) fn json(snap: &Snapshot, alerts: &Alerts) -> Vec<u8> {
+    serde_json::to_vec_pretty(&view(snap, alerts)).unwrap_or_default()
+}
+
+/// The view on one line (an event's `data:`).
+pub(crate) fn compact(snap: &Snapshot, alerts: &Alerts) -> Vec<u8> {
+    serde_json::to_vec(&view(snap, alerts)).unwrap_or_default()
+}
+
+fn epoch_ms(t: std::time::SystemTime) -> Option<i64> {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+fn view<'a>(snap: &'a Snapshot, alerts: &Alerts) -> Status<'a> {
+    Status {
+        generated_ms: crate::alerts::now_ms(),
         models: snap
             .config
             .models
@@ -160,6 +235,8 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
             .iter()
             .map(|u| {
                 let h = u.health.snapshot();
+                let settings = u.health.settings();
+                let at_ms = h.last_probe_at.and_then(epoch_ms);
                 DeploymentStatus {
                     id: &u.id,
                     model: &u.model,
@@ -168,14 +245,22 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
                     breaker_open_for_ms: h.open_for.map(|d| d.as_millis()),
                     ttfb_ewma_ms: h.ttfb_ewma_ms,
                     ttfb_p95_ms: h.ttfb_p95_ms,
+                    latency_ewma_ms: h.latency_ewma_ms,
                     error_ratio: h.error_ratio,
+                    errors: h.errors,
+                    error_samples: h.error_samples,
+                    min_samples: settings.min_samples,
                     served: h.served,
+                    probe: settings.probe.as_str(),
                     last_probe: h.last_probe.map(|p| ProbeStatus {
                         ok: p.ok,
                         latency_ms: p.latency.as_secs_f64() * 1e3,
                         detail: p.detail,
+                        at_ms,
                     }),
                     probe_failures: h.probe_failures,
+                    availability_1h: h.availability_1h.into(),
+                    availability_24h: h.availability_24h.into(),
                 }
             })
             .collect(),
@@ -193,6 +278,12 @@ pub(crate) fn json(snap: &Snapshot) -> Vec<u8> {
                 })
             })
             .collect(),
-    };
-    serde_json::to_vec_pretty(&status).unwrap_or_default()
+        quota: snap
+            .quota
+            .ledgers()
+            .iter()
+            .map(|l| l.report(snap.quota.calendar()))
+            .collect(),
+        alerts: alerts.recent(),
+    }
 }

@@ -1,41 +1,35 @@
-//! Sends each anomaly to the configured webhook as a JSON POST, retried with
-//! exponential backoff; runs beside the writer so a slow receiver never
-//! delays the records. Every attempt for one alert carries the same body,
-//! whose `id` lets a receiver drop a duplicate (an attempt that was in fact
-//! accepted but whose answer was lost is sent again).
+//! Sends each delivered alert to the configured webhook as a JSON POST,
+//! retried with exponential backoff, on a thread of its own so a slow
+//! receiver never delays the records or the request path. Every attempt for
+//! one alert carries the same body, whose `id` lets a receiver drop a
+//! duplicate (an attempt that was in fact accepted but whose answer was
+//! lost is sent again).
 
-use super::AuditMetrics;
-use super::sink::AnomalyRow;
+use super::Alert;
 use crate::config::Webhook;
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
+use prometheus::IntCounter;
 use std::net::ToSocketAddrs;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Start the sender on a thread of its own (idle without a webhook). Drop
-/// the returned sender and join the thread to let pending alerts go out.
+/// Alerts waiting for the webhook, at most.
+const QUEUED: usize = 1024;
+
+/// Start the sender. Drop the returned sender and join the thread to let
+/// pending alerts go out.
 pub(super) fn start(
-    hook: Option<Webhook>,
-    metrics: AuditMetrics,
-) -> (mpsc::Sender<AnomalyRow>, std::thread::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<AnomalyRow>(1024);
+    hook: Webhook,
+    failures: IntCounter,
+) -> (mpsc::Sender<Alert>, std::thread::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Alert>(QUEUED);
     let run = async move {
         let connector = Connector::new(None);
         while let Some(a) = rx.recv().await {
-            let Some(hook) = &hook else { continue };
-            let body = serde_json::json!({
-                "id": alert_id(&a),
-                "source": "collie",
-                "rule": a.rule,
-                "tenant": a.tenant,
-                "detail": a.detail,
-                "ts_ms": a.ts_ms,
-                "sidecar": a.sidecar,
-            })
-            .to_string();
+            let body = body(&a);
             let mut delivered = false;
             for attempt in 0..=hook.retries {
                 match tokio::time::timeout(
@@ -48,14 +42,13 @@ pub(super) fn start(
                         delivered = true;
                         break;
                     }
-                    Ok(Ok(status)) => log::warn!(
-                        "anomaly webhook answered {status} (attempt {})",
-                        attempt + 1
-                    ),
-                    Ok(Err(e)) => {
-                        log::warn!("anomaly webhook failed: {e} (attempt {})", attempt + 1)
+                    Ok(Ok(status)) => {
+                        log::warn!("alert webhook answered {status} (attempt {})", attempt + 1)
                     }
-                    Err(_) => log::warn!("anomaly webhook timed out (attempt {})", attempt + 1),
+                    Ok(Err(e)) => {
+                        log::warn!("alert webhook failed: {e} (attempt {})", attempt + 1)
+                    }
+                    Err(_) => log::warn!("alert webhook timed out (attempt {})", attempt + 1),
                 }
                 if attempt < hook.retries {
                     tokio::time::sleep(hook.backoff.saturating_mul(1 << attempt.min(8))).await;
@@ -63,11 +56,11 @@ pub(super) fn start(
             }
             if !delivered {
                 log::error!(
-                    "anomaly webhook never accepted the {} alert after {} attempts (it is in the trail)",
+                    "alert webhook never accepted the {} alert after {} attempts (it is in the trail)",
                     a.rule,
                     hook.retries + 1
                 );
-                metrics.webhook_failures.inc();
+                failures.inc();
             }
         }
     };
@@ -77,28 +70,33 @@ pub(super) fn start(
             .build()
         {
             Ok(rt) => rt.block_on(run),
-            Err(e) => log::error!("anomaly webhook cannot start: {e}"),
+            Err(e) => log::error!("alert webhook cannot start: {e}"),
         }
     });
     (tx, thread)
 }
 
-/// The alert's identity: the same for every attempt, different for every
-/// alert (an anomaly is stored once per rule, scope and time).
-fn alert_id(a: &AnomalyRow) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for part in [
-        a.sidecar.as_str(),
-        &a.ts_ms.to_string(),
-        &a.rule,
-        a.tenant.as_deref().unwrap_or("\u{0}"),
-        &a.detail,
-    ] {
-        h.update(part.as_bytes());
-        h.update([0x1f]);
-    }
-    hex::encode(&h.finalize()[..16])
+/// The JSON a receiver gets. The fields of the first release (`id`,
+/// `source`, `rule`, `tenant`, `detail`, `ts_ms`, `sidecar`) keep their
+/// meaning; `detail` and `message` are the same text.
+fn body(a: &Alert) -> String {
+    serde_json::json!({
+        "id": a.id,
+        "source": "collie",
+        "rule": a.rule,
+        "severity": a.severity.as_str(),
+        "scope": a.scope,
+        "tenant": a.scope.tenant(),
+        "detail": a.message,
+        "message": a.message,
+        "recommendation": a.recommendation,
+        "ts_ms": a.last_seen_ms,
+        "first_seen_ms": a.first_seen_ms,
+        "last_seen_ms": a.last_seen_ms,
+        "count": a.count,
+        "sidecar": a.sidecar,
+    })
+    .to_string()
 }
 
 async fn post(connector: &Connector, url: &str, body: Bytes) -> Result<u16, String> {

@@ -1,7 +1,9 @@
-//! Anomaly rules over the stream of records, per tenant and globally:
-//! request rate, failure ratio, hourly cost, one request's tokens, the same
-//! request repeated, and a per-tenant baseline (EWMA of tokens and cost per
-//! minute) flagging z-score spikes. Time is the records' own, so the rules
+//! Anomaly rules over the stream of records, per tenant, per end user and
+//! globally: request rate, failure ratio, hourly cost, one request's
+//! tokens, the same request repeated, and a per-tenant baseline (EWMA of
+//! tokens and cost per minute) flagging z-score spikes. What they find goes
+//! to the alert pipeline ([`crate::alerts`]) as [`Raised`] findings, each
+//! with its severity and recommendation. Time is the records' own, so the rules
 //! are deterministic for a given sequence; only the baseline is also judged
 //! on the writer's clock ([`Detector::tick`]), so a spike followed by
 //! silence is not left waiting for a next record.
@@ -10,56 +12,135 @@
 //! traffic, and a restart starts every window and baseline afresh.
 
 use super::record::Record;
-use super::sink::AnomalyRow;
+use crate::alerts::{Raised, Scope, Severity};
 use crate::config::AnomalySettings;
 use std::collections::HashMap;
 
-const BUCKETS: usize = 60;
-
-/// Counts of one scope in `BUCKETS` slices of the window, and per minute
-/// over the last hour.
-struct Scope {
-    window: [(i64, u64, u64); BUCKETS],
-    hour: [(i64, u64); 60],
+/// Counts of one scope in `W` slices of the window, and in `H` slices of
+/// the last hour.
+struct Counts<const W: usize, const H: usize> {
+    window: [(i64, u64, u64); W],
+    hour: [(i64, u64); H],
 }
 
-impl Default for Scope {
+/// A tenant's or all tenants' counts: the window in 60 slices, the hour by
+/// the minute.
+type Wide = Counts<60, 60>;
+/// An end user's: 12 slices each (the hour in 5-minute slices), about 500
+/// bytes a user.
+type Narrow = Counts<12, 12>;
+
+impl<const W: usize, const H: usize> Default for Counts<W, H> {
     fn default() -> Self {
-        Scope {
-            window: [(i64::MIN, 0, 0); BUCKETS],
-            hour: [(i64::MIN, 0); 60],
+        Counts {
+            window: [(i64::MIN, 0, 0); W],
+            hour: [(i64::MIN, 0); H],
         }
     }
 }
 
-impl Scope {
-    fn add(&mut self, slice: i64, minute: i64, failed: bool, cost: u64) {
-        let w = &mut self.window[(slice.rem_euclid(BUCKETS as i64)) as usize];
+impl<const W: usize, const H: usize> Counts<W, H> {
+    fn slices(now: i64, window_ms: i64) -> (i64, i64) {
+        let slice_ms = (window_ms / W as i64).max(1);
+        let hour_ms = (3_600_000 / H as i64).max(1);
+        (now / slice_ms, now / hour_ms)
+    }
+
+    /// Count a record at `now`; returns the window's (requests, failures)
+    /// and the hour's cost after it.
+    fn add(&mut self, now: i64, window_ms: i64, failed: bool, cost: u64) -> ((u64, u64), u64) {
+        let (slice, part) = Self::slices(now, window_ms);
+        let w = &mut self.window[(slice.rem_euclid(W as i64)) as usize];
         if w.0 != slice {
             *w = (slice, 0, 0);
         }
         w.1 += 1;
         w.2 += u64::from(failed);
-        let h = &mut self.hour[(minute.rem_euclid(60)) as usize];
-        if h.0 != minute {
-            *h = (minute, 0);
+        let h = &mut self.hour[(part.rem_euclid(H as i64)) as usize];
+        if h.0 != part {
+            *h = (part, 0);
         }
         h.1 += cost;
-    }
-
-    fn window_totals(&self, slice: i64) -> (u64, u64) {
-        self.window
+        let window = self
+            .window
             .iter()
-            .filter(|(s, _, _)| slice.saturating_sub(*s) < BUCKETS as i64)
-            .fold((0, 0), |(r, f), (_, br, bf)| (r + br, f + bf))
-    }
-
-    fn hour_cost(&self, minute: i64) -> u64 {
-        self.hour
+            .filter(|(s, _, _)| slice.saturating_sub(*s) < W as i64)
+            .fold((0, 0), |(r, f), (_, br, bf)| (r + br, f + bf));
+        let hour = self
+            .hour
             .iter()
-            .filter(|(m, _)| minute.saturating_sub(*m) < 60)
+            .filter(|(m, _)| part.saturating_sub(*m) < H as i64)
             .map(|(_, c)| c)
-            .sum()
+            .sum();
+        (window, hour)
+    }
+}
+
+/// One end user of a tenant: counts, when each rule last fired, when the
+/// user was last seen (the least recently seen are forgotten first).
+#[derive(Default)]
+struct User {
+    counts: Narrow,
+    fired: HashMap<&'static str, i64>,
+    seen: i64,
+}
+
+/// Who a rule judged.
+#[derive(Clone, Copy)]
+enum Who<'a> {
+    All,
+    Tenant(&'a str),
+    User(&'a str, &'a str),
+}
+
+impl Who<'_> {
+    fn scope(self) -> Scope {
+        match self {
+            Who::All => Scope::Global,
+            Who::Tenant(t) => Scope::Tenant { tenant: t.into() },
+            Who::User(t, u) => Scope::User {
+                tenant: t.into(),
+                user: u.into(),
+            },
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Who::All => "all tenants".into(),
+            Who::Tenant(t) => t.into(),
+            Who::User(t, u) => format!("user {u} of {t}"),
+        }
+    }
+}
+
+/// Each rule's severity and what to do when it fires.
+pub(crate) fn rule_meta(rule: &str) -> (Severity, &'static str) {
+    match rule {
+        "request_rate" => (
+            Severity::Warning,
+            "Look for a loop or a retry storm in the caller; lower its rpm quota if the traffic is unwanted.",
+        ),
+        "failure_ratio" => (
+            Severity::Critical,
+            "See the top errors (collie audit report --since 1h) and the deployments on the status page.",
+        ),
+        "hourly_cost" => (
+            Severity::Critical,
+            "Review who spends (collie audit report --since 1h); cap it with usd_per_day in the tenant's quota.",
+        ),
+        "large_request" => (
+            Severity::Warning,
+            "Check where the request came from; cap max_tokens with the model's max_output_tokens or default_max_tokens.",
+        ),
+        "repeated_request" => (
+            Severity::Warning,
+            "A client sends the same request again and again: look for a retry loop or a missing cache.",
+        ),
+        _ => (
+            Severity::Warning,
+            "Compare with the tenant's usual traffic (collie audit report); a new workload or a runaway job?",
+        ),
     }
 }
 
@@ -90,9 +171,11 @@ type Repeats = HashMap<[u8; 32], (u64, i64)>;
 /// their 32 bytes.
 pub struct Detector {
     s: AnomalySettings,
-    sidecar: String,
-    tenants: HashMap<String, Scope>,
-    global: Scope,
+    tenants: HashMap<String, Wide>,
+    global: Wide,
+    /// Tenant → user → state; at most `max_tracked_users` users in all.
+    users: HashMap<String, HashMap<String, User>>,
+    tracked_users: usize,
     tenant_repeats: HashMap<String, Repeats>,
     global_repeats: Repeats,
     baselines: HashMap<String, Baseline>,
@@ -111,14 +194,14 @@ pub struct Detector {
 const REPEATS_KEPT: usize = 200_000;
 
 impl Detector {
-    /// A detector with empty windows and baselines, for the records of
-    /// `sidecar` (named in the anomalies it reports).
-    pub fn new(s: AnomalySettings, sidecar: &str) -> Detector {
+    /// A detector with empty windows and baselines.
+    pub fn new(s: AnomalySettings) -> Detector {
         Detector {
             s,
-            sidecar: sidecar.to_string(),
             tenants: HashMap::new(),
-            global: Scope::default(),
+            global: Wide::default(),
+            users: HashMap::new(),
+            tracked_users: 0,
             tenant_repeats: HashMap::new(),
             global_repeats: HashMap::new(),
             baselines: HashMap::new(),
@@ -134,17 +217,21 @@ impl Detector {
 
     fn fire(
         &mut self,
-        out: &mut Vec<AnomalyRow>,
+        out: &mut Vec<Raised>,
         now: i64,
         rule: &'static str,
-        tenant: Option<&str>,
+        who: Who<'_>,
         detail: impl FnOnce() -> String,
     ) {
         let window = self.window_ms();
-        let last = match tenant {
-            None => &mut self.fired_global,
-            Some(t) => match get_or_insert(&mut self.fired_tenants, t) {
+        let last = match who {
+            Who::All => &mut self.fired_global,
+            Who::Tenant(t) => match get_or_insert(&mut self.fired_tenants, t) {
                 Some(last) => last,
+                None => return,
+            },
+            Who::User(t, u) => match self.users.get_mut(t).and_then(|m| m.get_mut(u)) {
+                Some(user) => &mut user.fired,
                 None => return,
             },
         };
@@ -152,55 +239,97 @@ impl Detector {
             return;
         }
         last.insert(rule, now);
-        out.push(AnomalyRow {
-            ts_ms: now,
-            sidecar: self.sidecar.clone(),
-            rule: rule.to_string(),
-            tenant: tenant.map(str::to_string),
-            detail: detail(),
+        let (severity, recommendation) = rule_meta(rule);
+        out.push(Raised {
+            rule,
+            scope: who.scope(),
+            severity,
+            message: detail(),
+            recommendation,
+            at_ms: now,
         });
     }
 
-    /// Account one record; returns the anomalies it reveals.
-    pub fn observe(&mut self, r: &Record) -> Vec<AnomalyRow> {
+    /// The user's state, made the first time (forgetting the least
+    /// recently seen tenth of the users when the bound is reached).
+    fn user(&mut self, tenant: &str, user: &str, now: i64) -> Option<&mut User> {
+        let known = self.users.get(tenant).is_some_and(|m| m.contains_key(user));
+        if !known {
+            if self.tracked_users >= self.s.max_tracked_users {
+                self.forget_users();
+            }
+            self.tracked_users += 1;
+        }
+        let u = get_or_insert(&mut self.users, tenant).and_then(|m| get_or_insert(m, user))?;
+        u.seen = u.seen.max(now);
+        Some(u)
+    }
+
+    fn forget_users(&mut self) {
+        let mut seen: Vec<i64> = self
+            .users
+            .values()
+            .flat_map(|m| m.values().map(|u| u.seen))
+            .collect();
+        seen.sort_unstable();
+        let Some(&cut) = seen.get(seen.len() / 10) else {
+            return;
+        };
+        for m in self.users.values_mut() {
+            m.retain(|_, u| u.seen > cut);
+        }
+        self.users.retain(|_, m| !m.is_empty());
+        self.tracked_users = self.users.values().map(HashMap::len).sum();
+    }
+
+    /// Account one record; returns what the rules find in it.
+    pub fn observe(&mut self, r: &Record) -> Vec<Raised> {
         let mut out = Vec::new();
         self.clock = self.clock.max(r.ts_ms);
         let now = self.clock;
-        let slice_ms = i64::try_from(self.s.window.as_millis() / BUCKETS as u128)
-            .unwrap_or(1)
-            .max(1);
-        let slice = now / slice_ms;
-        let minute = now / 60_000;
+        let window = self.window_ms();
         let failed = r.failed();
         let cost = r.cost_nano.and_then(|c| u64::try_from(c).ok()).unwrap_or(0);
-        // The tenant's scope (when known) and the global one, each counted once.
+        // The tenant's scope (when known), its user's, and the global one,
+        // each counted once.
         let tenant = r.tenant.as_deref();
         if let Some(t) = tenant {
             if let Some(scope) = get_or_insert(&mut self.tenants, t) {
-                scope.add(slice, minute, failed, cost);
-                let counts = (scope.window_totals(slice), scope.hour_cost(minute));
-                self.judge_scope(&mut out, now, Some(t), counts);
+                let counts = scope.add(now, window, failed, cost);
+                self.judge_scope(&mut out, now, Who::Tenant(t), counts);
+            }
+            let per_user =
+                self.s.user_requests.is_some() || self.s.user_cost_per_hour_nano.is_some();
+            if let (Some(u), true) = (r.user.as_deref(), per_user) {
+                if let Some(user) = self.user(t, u, now) {
+                    let counts = user.counts.add(now, window, failed, cost);
+                    self.judge_scope(&mut out, now, Who::User(t, u), counts);
+                }
             }
         }
-        self.global.add(slice, minute, failed, cost);
-        let counts = (
-            self.global.window_totals(slice),
-            self.global.hour_cost(minute),
-        );
-        self.judge_scope(&mut out, now, None, counts);
+        let counts = self.global.add(now, window, failed, cost);
+        self.judge_scope(&mut out, now, Who::All, counts);
         if let (Some(limit), Some(tokens)) = (self.s.tokens_per_request, r.total_tokens) {
             if u64::try_from(tokens).is_ok_and(|t| t > limit) {
+                let by = r
+                    .user
+                    .as_deref()
+                    .map(|u| format!(" by user {u}"))
+                    .unwrap_or_default();
                 let detail = format!(
-                    "request {} used {tokens} tokens (limit {limit})",
+                    "request {}{by} used {tokens} tokens (limit {limit})",
                     r.request_id
                 );
-                // One per request: keyed by the request, not deduplicated.
-                out.push(AnomalyRow {
-                    ts_ms: now,
-                    sidecar: self.sidecar.clone(),
-                    rule: "large_request".into(),
-                    tenant: r.tenant.clone(),
-                    detail,
+                // One per request: not limited per window (the alert
+                // pipeline's cool-down still applies).
+                let (severity, recommendation) = rule_meta("large_request");
+                out.push(Raised {
+                    rule: "large_request",
+                    scope: tenant.map_or(Scope::Global, |t| Scope::Tenant { tenant: t.into() }),
+                    severity,
+                    message: detail,
+                    recommendation,
+                    at_ms: now,
                 });
             }
         }
@@ -218,25 +347,31 @@ impl Detector {
     /// window and its cost over the last hour.
     fn judge_scope(
         &mut self,
-        out: &mut Vec<AnomalyRow>,
+        out: &mut Vec<Raised>,
         now: i64,
-        tenant: Option<&str>,
+        scope: Who<'_>,
         ((requests, failures), hour_cost): ((u64, u64), u64),
     ) {
-        let (rate_limit, cost_limit) = match tenant {
-            Some(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
-            None => (self.s.global_requests, self.s.global_cost_per_hour_nano),
+        let (rate_limit, cost_limit) = match scope {
+            Who::Tenant(_) => (self.s.tenant_requests, self.s.tenant_cost_per_hour_nano),
+            Who::All => (self.s.global_requests, self.s.global_cost_per_hour_nano),
+            Who::User(..) => (self.s.user_requests, self.s.user_cost_per_hour_nano),
         };
-        let who = tenant.unwrap_or("all tenants");
+        let who = scope.name();
         let window = self.s.window;
         if let Some(limit) = rate_limit.filter(|l| requests > *l) {
-            self.fire(out, now, "request_rate", tenant, || {
+            self.fire(out, now, "request_rate", scope, || {
                 format!("{who}: {requests} requests in {window:?} (limit {limit})")
             });
         }
         let ratio = self.s.failure_ratio;
-        if requests >= self.s.failure_min_requests && failures as f64 / requests as f64 >= ratio {
-            self.fire(out, now, "failure_ratio", tenant, || {
+        // Failures are judged per tenant and for all, not per user.
+        let judged = !matches!(scope, Who::User(..));
+        if judged
+            && requests >= self.s.failure_min_requests
+            && failures as f64 / requests as f64 >= ratio
+        {
+            self.fire(out, now, "failure_ratio", scope, || {
                 format!(
                     "{who}: {failures} of {requests} requests failed in {window:?} (threshold {:.0}%)",
                     ratio * 100.0
@@ -244,7 +379,7 @@ impl Detector {
             });
         }
         if let Some(limit) = cost_limit.filter(|l| hour_cost > *l) {
-            self.fire(out, now, "hourly_cost", tenant, || {
+            self.fire(out, now, "hourly_cost", scope, || {
                 format!(
                     "{who}: ${:.4} in the last hour (limit ${:.4})",
                     hour_cost as f64 / 1e9,
@@ -256,7 +391,7 @@ impl Detector {
 
     /// The same request (by hash) more often than allowed in a window: per
     /// tenant (`repeats`) and for all tenants together (`global_repeats`).
-    fn repeats(&mut self, out: &mut Vec<AnomalyRow>, now: i64, tenant: Option<&str>, hash: &str) {
+    fn repeats(&mut self, out: &mut Vec<Raised>, now: i64, tenant: Option<&str>, hash: &str) {
         if self.s.repeats.is_none() && self.s.global_repeats.is_none() {
             return;
         }
@@ -291,12 +426,12 @@ impl Detector {
         let short = &hash[..12.min(hash.len())];
         let within = self.s.window;
         for (scope, limit, n) in tenant_count
-            .map(|(t, l, n)| (Some(t), l, n))
+            .map(|(t, l, n)| (Who::Tenant(t), l, n))
             .into_iter()
-            .chain(global_count.map(|(l, n)| (None, l, n)))
+            .chain(global_count.map(|(l, n)| (Who::All, l, n)))
         {
             if n > limit {
-                let who = scope.unwrap_or("all tenants");
+                let who = scope.name();
                 self.fire(out, now, "repeated_request", scope, || {
                     format!("{who}: the same request ({short}…) {n} times within {within:?} (limit {limit})")
                 });
@@ -315,7 +450,7 @@ impl Detector {
     /// tenant's next record. A period is judged once it is over by a grace
     /// (a quarter period, at most 5 s) that lets its last records arrive; a
     /// record that comes later still is counted in the open period.
-    pub(crate) fn tick(&mut self, now_ms: i64) -> Vec<AnomalyRow> {
+    pub(crate) fn tick(&mut self, now_ms: i64) -> Vec<Raised> {
         let mut out = Vec::new();
         let period_ms = self.baseline_ms();
         let grace = (period_ms / 4).min(5_000);
@@ -338,7 +473,7 @@ impl Detector {
     /// arrives after its period was judged) is counted in the open period.
     fn baseline(
         &mut self,
-        out: &mut Vec<AnomalyRow>,
+        out: &mut Vec<Raised>,
         tenant: &str,
         period: i64,
         tokens: i64,
@@ -406,7 +541,7 @@ impl Detector {
         b.cost += cost as f64;
         let now = period * period_ms;
         for detail in spikes {
-            self.fire(out, now, "baseline_spike", Some(tenant), || detail);
+            self.fire(out, now, "baseline_spike", Who::Tenant(tenant), || detail);
         }
     }
 }
@@ -461,6 +596,7 @@ mod tests {
             truncated: false,
             client_gone: false,
             request_hash: Some(format!("{ts_ms:064}")),
+            user: None,
             response_preview: None,
             error: None,
         }
@@ -468,13 +604,10 @@ mod tests {
 
     #[test]
     fn baseline_flags_a_spike_after_a_steady_history() {
-        let mut d = Detector::new(
-            AnomalySettings {
-                zscore: 3.0,
-                ..AnomalySettings::default()
-            },
-            "s",
-        );
+        let mut d = Detector::new(AnomalySettings {
+            zscore: 3.0,
+            ..AnomalySettings::default()
+        });
         let mut fired = Vec::new();
         // Twenty minutes of 10 requests × ~100 tokens per minute.
         for minute in 0..20i64 {
@@ -499,14 +632,11 @@ mod tests {
         );
     }
 
-    fn steady(zscore: f64) -> (Detector, Vec<AnomalyRow>) {
-        let mut d = Detector::new(
-            AnomalySettings {
-                zscore,
-                ..AnomalySettings::default()
-            },
-            "s",
-        );
+    fn steady(zscore: f64) -> (Detector, Vec<Raised>) {
+        let mut d = Detector::new(AnomalySettings {
+            zscore,
+            ..AnomalySettings::default()
+        });
         // Twenty minutes of exactly the same usage: no deviation at all.
         let fired = (0..20i64)
             .flat_map(|minute| {
@@ -560,7 +690,7 @@ mod tests {
         let late = d.tick(21 * 60_000 + 5_000);
         assert!(
             late.iter()
-                .any(|a| a.rule == "baseline_spike" && a.tenant.as_deref() == Some("t")),
+                .any(|a| a.rule == "baseline_spike" && a.scope.tenant() == Some("t")),
             "{late:?}"
         );
         // Judged once: the next tick and a late record of that minute add nothing.
@@ -578,7 +708,7 @@ mod tests {
             global_repeats: Some(4),
             ..AnomalySettings::default()
         };
-        let mut d = Detector::new(s, "s");
+        let mut d = Detector::new(s);
         let same = |ts, tenant| Record {
             request_hash: Some("ab".repeat(32)),
             ..record(ts, tenant, 200, 10)
@@ -592,13 +722,13 @@ mod tests {
         let over = d.observe(&same(4, "b"));
         assert_eq!(over.len(), 1, "{over:?}");
         assert_eq!(
-            (over[0].rule.as_str(), over[0].tenant.as_deref()),
+            (over[0].rule, over[0].scope.tenant()),
             ("repeated_request", None)
         );
         // b's fourth is over b's limit.
         let over = d.observe(&same(5, "b"));
         assert_eq!(over.len(), 1, "{over:?}");
-        assert_eq!(over[0].tenant.as_deref(), Some("b"));
+        assert_eq!(over[0].scope.tenant(), Some("b"));
     }
 
     #[test]
@@ -608,8 +738,8 @@ mod tests {
             tenant_requests: Some(5),
             ..AnomalySettings::default()
         };
-        let mut d = Detector::new(s, "s");
-        let fired: Vec<AnomalyRow> = (0..20)
+        let mut d = Detector::new(s);
+        let fired: Vec<Raised> = (0..20)
             .flat_map(|i| d.observe(&record(i * 100, "t", 200, 10)))
             .collect();
         assert_eq!(fired.iter().filter(|a| a.rule == "request_rate").count(), 1);
@@ -622,18 +752,18 @@ mod tests {
             global_requests: Some(5),
             ..AnomalySettings::default()
         };
-        let mut d = Detector::new(s, "s");
+        let mut d = Detector::new(s);
         let anonymous = |ts| Record {
             tenant: None,
             ..record(ts, "t", 401, 0)
         };
         // Five requests are at the limit, not over it: counted twice, they fired.
-        let quiet: Vec<AnomalyRow> = (0..5).flat_map(|i| d.observe(&anonymous(i))).collect();
+        let quiet: Vec<Raised> = (0..5).flat_map(|i| d.observe(&anonymous(i))).collect();
         assert!(quiet.is_empty(), "{quiet:?}");
         let over = d.observe(&anonymous(5));
         assert!(
             over.iter()
-                .any(|a| a.rule == "request_rate" && a.tenant.is_none()),
+                .any(|a| a.rule == "request_rate" && a.scope == Scope::Global),
             "{over:?}"
         );
     }
@@ -645,7 +775,7 @@ mod tests {
             tenant_requests: Some(5),
             ..AnomalySettings::default()
         };
-        let mut d = Detector::new(s, "s");
+        let mut d = Detector::new(s);
         // Five requests at t = 120 s, then one that started 60 s earlier (a long
         // stream finishing late), whose slice maps to the same bucket.
         for i in 0..5 {

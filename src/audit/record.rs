@@ -26,6 +26,11 @@ pub struct Record {
     /// in `X-Tenant-ID` but did not prove (`(unknown)` when it named none).
     /// Claimed, never proven; never billed.
     pub claimed_tenant: Option<String>,
+    /// The end user the request named (`X-User-ID`, else the body's
+    /// `user`), as recorded: within the length and characters allowed,
+    /// plain or hashed (`audit.user_ids`); `None` when it named none.
+    /// Client-provided text: it proves nothing and bills no one.
+    pub user: Option<String>,
     /// The client's IP address, when the connection had one.
     pub client_ip: Option<String>,
     /// `chat`, `completions`, `embeddings`, `responses`, `models` or `quota`.
@@ -130,6 +135,7 @@ pub(crate) fn record_of(f: Finished, request_hash: Option<String>) -> (Record, O
                 .map_or_else(|| UNKNOWN_TENANT.to_string(), |t| t.id.clone()),
             Claimed::Unknown => UNKNOWN_TENANT.to_string(),
         }),
+        user: f.user.clone(),
         client_ip: f.client_ip.map(|ip| ip.to_string()),
         endpoint: f.endpoint.label().to_string(),
         served_model: served.map(|u| u.model.clone()),
@@ -225,6 +231,11 @@ impl Record {
             h.text("claimed_tenant");
             h.text(c);
         }
+        // Added in schema v4, the same way.
+        if let Some(u) = &self.user {
+            h.text("user");
+            h.text(u);
+        }
         hex::encode(h.0.finalize())
     }
 }
@@ -305,6 +316,7 @@ mod tests {
             request_id: "req_0123".into(),
             tenant: Some("alpha".into()),
             claimed_tenant: None,
+            user: None,
             client_ip: Some("127.0.0.1".into()),
             endpoint: "chat".into(),
             requested_model: Some("gpt".into()),
@@ -346,6 +358,15 @@ mod tests {
         assert_eq!(
             claimed.chain_hash("s", 7, "prev"),
             "13510d0578b35446d5790547efbb64809b1835aaa266d384caecc8d55d53ad8c"
+        );
+        // A user changes the hash only when present.
+        let with_user = Record {
+            user: Some("u-1".into()),
+            ..claimed.clone()
+        };
+        assert_ne!(
+            with_user.chain_hash("s", 7, "prev"),
+            claimed.chain_hash("s", 7, "prev")
         );
         // Every integer as `to_string` writes it.
         for v in [0, 1, -1, 9, 10, 12345, i64::MIN, i64::MAX] {

@@ -114,6 +114,11 @@ pub struct Report {
     pub(crate) totals: Totals,
     pub(crate) by_model: BTreeMap<String, Totals>,
     pub(crate) by_tenant: BTreeMap<String, Totals>,
+    /// With `--by user`: per end user of a tenant (`tenant/user`; records
+    /// without a user are `tenant/(none)`), the [`TOP_USERS`] with the most
+    /// requests, and the rest together as `(other users)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) by_user: Option<BTreeMap<String, Totals>>,
     /// (what, count), most frequent first.
     pub(crate) top_errors: Vec<(String, u64)>,
     pub(crate) security: Security,
@@ -158,15 +163,26 @@ const WHERE_CLAIMED: &str =
 
 const BY_MODEL: &str = "COALESCE(requested_model, '(none)')";
 const BY_TENANT: &str = "COALESCE(tenant, '(unauthenticated)')";
+const BY_USER: &str =
+    "COALESCE(tenant, '(unauthenticated)') || '/' || COALESCE(user_id, '(none)')";
+/// End users listed one by one in a report, at most (the most requests
+/// first): a trail may name millions, a report stays readable and its
+/// memory bounded.
+pub(crate) const TOP_USERS: usize = 100;
+/// The row of the users past [`TOP_USERS`].
+const OTHER_USERS: &str = "(other users)";
 
 /// Sums per group, computed by the database: the report never holds the
-/// records, only one row per group.
+/// records, only one row per group (with `limit`, the groups with the most
+/// requests).
 fn group_totals(
     sink: &mut dyn Sink,
     key: &str,
     since_ms: i64,
     tenant: Option<&str>,
+    limit: Option<usize>,
 ) -> Result<BTreeMap<String, Totals>, SinkError> {
+    let limit = limit.map_or(String::new(), |n| format!(" ORDER BY 2 DESC, 1 LIMIT {n}"));
     let sql = format!(
         "SELECT {key}, COUNT(*),
             CAST(SUM(CASE WHEN decision = 'refused' THEN 1 ELSE 0 END) AS BIGINT),
@@ -177,7 +193,7 @@ fn group_totals(
             CAST(SUM(COALESCE(total_tokens, 0)) AS BIGINT),
             CAST(SUM(usage_estimated) AS BIGINT),
             CAST(SUM(COALESCE(cost_nano, 0)) AS BIGINT)
-         FROM audit_records WHERE {WHERE} GROUP BY 1"
+         FROM audit_records WHERE {WHERE} GROUP BY 1{limit}"
     );
     let mut out = BTreeMap::new();
     let n = |c: &Cell| u64::try_from(c.int()).unwrap_or(0);
@@ -205,13 +221,13 @@ fn group_totals(
 /// The p50 and p95 latency of every group in one pass over the latencies in
 /// ascending order, streamed from the database: each group's percentile is
 /// the value at its rank, found by counting the group's rows as they pass.
+/// `groups` are (key expression, groups by that key).
 fn percentiles(
     sink: &mut dyn Sink,
     since_ms: i64,
     tenant: Option<&str>,
     totals: &mut Totals,
-    by_model: &mut BTreeMap<String, Totals>,
-    by_tenant: &mut BTreeMap<String, Totals>,
+    groups: &mut [(&str, &mut BTreeMap<String, Totals>)],
 ) -> Result<(), SinkError> {
     fn ranks(n: u64) -> [u64; 2] {
         let last = n.saturating_sub(1) as f64;
@@ -227,20 +243,20 @@ fn percentiles(
         }
         *seen += 1;
     }
+    let keys: Vec<&str> = groups.iter().map(|(k, _)| *k).collect();
     let sql = format!(
-        "SELECT {BY_MODEL}, {BY_TENANT}, latency_ms FROM audit_records WHERE {WHERE} ORDER BY latency_ms"
+        "SELECT {}, latency_ms FROM audit_records WHERE {WHERE} ORDER BY latency_ms",
+        keys.join(", ")
     );
     let mut seen_all = 0u64;
-    let mut seen: HashMap<(bool, String), u64> = HashMap::new();
+    let mut seen: HashMap<(usize, String), u64> = HashMap::new();
     sink.query(&sql, since_ms, tenant, &mut |row| {
-        let v = row[2].real();
+        let v = row[groups.len()].real();
         take(totals, &mut seen_all, v);
-        for (is_model, key, groups) in [
-            (true, row[0].text(), &mut *by_model),
-            (false, row[1].text(), &mut *by_tenant),
-        ] {
-            if let Some(t) = groups.get_mut(&key) {
-                take(t, seen.entry((is_model, key)).or_default(), v);
+        for (i, (_, by)) in groups.iter_mut().enumerate() {
+            let key = row[i].text();
+            if let Some(t) = by.get_mut(&key) {
+                take(t, seen.entry((i, key)).or_default(), v);
             }
         }
     })
@@ -273,21 +289,34 @@ pub fn build(
     sink: &mut dyn Sink,
     since_ms: i64,
     tenant: Option<&str>,
+    by_user: bool,
 ) -> Result<Report, SinkError> {
-    let mut totals = group_totals(sink, "'all'", since_ms, tenant)?
+    let mut totals = group_totals(sink, "'all'", since_ms, tenant, None)?
         .into_values()
         .next()
         .unwrap_or_default();
-    let mut by_model = group_totals(sink, BY_MODEL, since_ms, tenant)?;
-    let mut by_tenant = group_totals(sink, BY_TENANT, since_ms, tenant)?;
-    percentiles(
-        sink,
-        since_ms,
-        tenant,
-        &mut totals,
-        &mut by_model,
-        &mut by_tenant,
-    )?;
+    let mut by_model = group_totals(sink, BY_MODEL, since_ms, tenant, None)?;
+    let mut by_tenant = group_totals(sink, BY_TENANT, since_ms, tenant, None)?;
+    let mut users = if by_user {
+        group_totals(sink, BY_USER, since_ms, tenant, Some(TOP_USERS))?
+    } else {
+        BTreeMap::new()
+    };
+    {
+        let mut groups: Vec<(&str, &mut BTreeMap<String, Totals>)> =
+            vec![(BY_MODEL, &mut by_model), (BY_TENANT, &mut by_tenant)];
+        if by_user {
+            groups.push((BY_USER, &mut users));
+        }
+        percentiles(sink, since_ms, tenant, &mut totals, &mut groups)?;
+    }
+    let by_user = by_user.then(|| {
+        let rest = rest_of(&totals, users.values());
+        if rest.requests > 0 {
+            users.insert(OTHER_USERS.to_string(), rest);
+        }
+        users
+    });
     let top_errors = top(
         sink,
         "COALESCE(error, rule, 'HTTP ' || CAST(status AS TEXT))",
@@ -350,10 +379,32 @@ pub fn build(
         totals,
         by_model,
         by_tenant,
+        by_user,
         top_errors,
         security,
         anomalies,
     })
+}
+
+/// What `all` holds beyond the groups listed (counts only: the rest's
+/// latencies are not streamed apart).
+fn rest_of<'a>(all: &Totals, listed: impl Iterator<Item = &'a Totals>) -> Totals {
+    let mut rest = all.clone();
+    rest.latency_p50_ms = None;
+    rest.latency_p95_ms = None;
+    for t in listed {
+        rest.requests = rest.requests.saturating_sub(t.requests);
+        rest.refused = rest.refused.saturating_sub(t.refused);
+        rest.failures = rest.failures.saturating_sub(t.failures);
+        rest.truncated = rest.truncated.saturating_sub(t.truncated);
+        rest.prompt_tokens = rest.prompt_tokens.saturating_sub(t.prompt_tokens);
+        rest.completion_tokens = rest.completion_tokens.saturating_sub(t.completion_tokens);
+        rest.total_tokens = rest.total_tokens.saturating_sub(t.total_tokens);
+        rest.estimated = rest.estimated.saturating_sub(t.estimated);
+        rest.cost_usd -= t.cost_usd;
+    }
+    rest.cost_usd = rest.cost_usd.max(0.0);
+    rest
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -415,6 +466,15 @@ pub fn text(r: &Report) -> String {
     for (m, t) in &r.by_tenant {
         row(&mut out, m, t);
     }
+    if let Some(users) = &r.by_user {
+        header(
+            &mut out,
+            &format!("By user (tenant/user; the {TOP_USERS} with the most requests)"),
+        );
+        for (u, t) in users {
+            row(&mut out, u, t);
+        }
+    }
     let list = |out: &mut String, title: &str, items: &[(String, u64)]| {
         let _ = writeln!(out, "\n{title}");
         if items.is_empty() {
@@ -456,7 +516,8 @@ fn since_text(ms: i64) -> String {
 
 /// One line per group and list entry:
 /// `section,name,requests,failures,truncated,refused,prompt_tokens,completion_tokens,total_tokens,estimated,cost_usd,latency_p50_ms,latency_p95_ms,detail`.
-/// Sections: `total`, `model`, `tenant` (every column); `error`,
+/// Sections: `total`, `model`, `tenant`, `user` (every column; `user` with
+/// `--by user`, named `tenant/user`); `error`,
 /// `refusal_rule`, `refusal_client`, `claimed_tenant` (a count in
 /// `requests`); `anomaly` (its rule in `name`, its text in `detail`).
 pub fn csv(r: &Report) -> String {
@@ -497,6 +558,9 @@ pub fn csv(r: &Report) -> String {
     }
     for (m, t) in &r.by_tenant {
         totals("tenant", m, t);
+    }
+    for (u, t) in r.by_user.iter().flatten() {
+        totals("user", u, t);
     }
     for (section, items) in [
         ("error", &r.top_errors),

@@ -94,22 +94,54 @@ pub struct Stored {
     pub record: Record,
 }
 
-/// An anomaly as stored.
+/// An alert as stored (the table keeps its first name, `audit_anomalies`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnomalyRow {
     /// When the rule fired, in milliseconds since the Unix epoch: the time of
     /// the newest record seen, or for `baseline_spike` the end of the period
-    /// judged.
+    /// judged; for a health event, when it was noticed.
     pub ts_ms: i64,
     pub(crate) sidecar: String,
     /// The rule that fired: `request_rate`, `failure_ratio`, `hourly_cost`,
-    /// `large_request`, `repeated_request` or `baseline_spike`.
+    /// `large_request`, `repeated_request`, `baseline_spike`, or a health
+    /// event (`deployment_unhealthy`, `breaker_open`, `deployment_recovered`,
+    /// `model_panic`, `model_recovered`).
     pub rule: String,
-    /// The tenant it concerns; `None` for all tenants together.
+    /// The tenant it concerns; `None` for all tenants together, and for a
+    /// deployment or a model.
     pub tenant: Option<String>,
     /// What was seen, in words (counts and the limit they passed).
     pub detail: String,
+    /// `info`, `warning` or `critical` (`None` in rows from before schema v4).
+    pub severity: Option<String>,
+    /// `global`, `tenant`, `user`, `deployment` or `model` (`None` before v4).
+    pub scope: Option<String>,
+    /// The user, deployment or model the alert names.
+    pub subject: Option<String>,
+    /// What to do about it.
+    pub recommendation: Option<String>,
 }
+
+impl AnomalyRow {
+    /// The stored form of a delivered alert.
+    pub(crate) fn of(a: &crate::alerts::Alert) -> AnomalyRow {
+        AnomalyRow {
+            ts_ms: a.last_seen_ms,
+            sidecar: a.sidecar.clone(),
+            rule: a.rule.clone(),
+            tenant: a.scope.tenant().map(str::to_string),
+            detail: a.message.clone(),
+            severity: Some(a.severity.as_str().to_string()),
+            scope: Some(a.scope.kind().to_string()),
+            subject: a.scope.subject().map(str::to_string),
+            recommendation: Some(a.recommendation.clone()),
+        }
+    }
+}
+
+/// The columns of `audit_anomalies`, in the order the sinks write and read them.
+const ANOMALY_COLUMNS: &str =
+    "ts_ms, sidecar, rule, tenant, detail, severity, scope, subject, recommendation";
 
 /// Why a batch was not written.
 #[derive(Debug, thiserror::Error)]
@@ -233,8 +265,8 @@ pub trait Sink: Send {
 /// The columns of `audit_records`, in the order every query reads them and
 /// [`Stored::columns`] and [`Stored::from_columns`] list them: the one table
 /// of columns both SQL sinks write and read.
-const COLUMNS: &str = "sidecar, seq, prev_hash, hash, ts_ms, request_id, tenant, client_ip, endpoint, requested_model, served_model, deployment, attempts, status, decision, rule, prompt_tokens, completion_tokens, total_tokens, usage_estimated, cost_nano, latency_ms, ttft_ms, streamed, truncated, client_gone, request_hash, response_preview, error, claimed_tenant";
-const N_COLUMNS: usize = 30;
+const COLUMNS: &str = "sidecar, seq, prev_hash, hash, ts_ms, request_id, tenant, client_ip, endpoint, requested_model, served_model, deployment, attempts, status, decision, rule, prompt_tokens, completion_tokens, total_tokens, usage_estimated, cost_nano, latency_ms, ttft_ms, streamed, truncated, client_gone, request_hash, response_preview, error, claimed_tenant, user_id";
+const N_COLUMNS: usize = 31;
 
 /// One column's value as a sink writes it. Flags are stored as 0/1
 /// integers (SQLite has no boolean; PostgreSQL keeps the same shape).
@@ -302,6 +334,7 @@ impl Stored {
             t(&r.response_preview),
             t(&r.error),
             t(&r.claimed_tenant),
+            t(&r.user),
         ]
     }
 
@@ -339,6 +372,7 @@ impl Stored {
                 response_preview: row.maybe_text(27)?,
                 error: row.maybe_text(28)?,
                 claimed_tenant: row.maybe_text(29)?,
+                user: row.maybe_text(30)?,
             },
         })
     }
@@ -346,7 +380,7 @@ impl Stored {
 
 /// The schema version this build writes. A trail at a newer version is
 /// refused (an older collie must not write rows it cannot fully fill).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The steps from each version to the next: `MIGRATIONS[i]` takes a trail
 /// from version `i` to `i + 1`. A trail written before versions were kept
@@ -392,6 +426,17 @@ fn migrations(real: &str) -> Vec<Vec<String>> {
             "DROP INDEX IF EXISTS audit_records_hash".into(),
             "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))"
                 .into(),
+        ],
+        // 4: the end user a request named; alerts with a severity, a scope
+        // beyond the tenant (user, deployment, model) and a recommendation.
+        // No index on the user: reports group a period's records (found by
+        // the time index), and an index would cost every insert.
+        vec![
+            "ALTER TABLE audit_records ADD COLUMN user_id TEXT".into(),
+            "ALTER TABLE audit_anomalies ADD COLUMN severity TEXT".into(),
+            "ALTER TABLE audit_anomalies ADD COLUMN scope TEXT".into(),
+            "ALTER TABLE audit_anomalies ADD COLUMN subject TEXT".into(),
+            "ALTER TABLE audit_anomalies ADD COLUMN recommendation TEXT".into(),
         ],
     ]
 }

@@ -5,15 +5,13 @@
 use super::anomaly::Detector;
 use super::record::{Pending, record_of, request_hash};
 use super::sink::{AnomalyRow, Retention, Sink, Stored, WriteError};
-use super::{AuditError, AuditMetrics, webhook};
+use super::{AuditError, AuditMetrics};
+use crate::alerts::Alerts;
 use crate::config::AuditSettings;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-
-/// How long shutdown waits for anomaly alerts still on their way to the webhook.
-const WEBHOOK_DRAIN: Duration = Duration::from_secs(5);
 
 /// What the writer receives: records, and ticks that bound how long a
 /// partial batch waits.
@@ -29,6 +27,10 @@ struct Chain {
     head: String,
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer's parts, each owned by the thread it starts"
+)]
 pub(super) fn spawn(
     mut sink: Box<dyn Sink>,
     mut rx: mpsc::Receiver<Msg>,
@@ -37,6 +39,7 @@ pub(super) fn spawn(
     sidecar: String,
     queued_bytes: Arc<AtomicUsize>,
     metrics: AuditMetrics,
+    alerts: Arc<Alerts>,
 ) -> Result<std::thread::JoinHandle<()>, AuditError> {
     // Continue this sidecar's chain where the sink has it.
     let (seq, head) = sink.chain_head(&sidecar)?.unwrap_or((0, String::new()));
@@ -63,8 +66,7 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("collie-audit".into())
         .spawn(move || {
-            let (alerts, webhook) = webhook::start(s.anomalies.webhook.clone(), metrics.clone());
-            let mut detector = Detector::new(s.anomalies.clone(), &chain.sidecar);
+            let mut detector = Detector::new(s.anomalies.clone());
             let mut batch: Vec<Pending> = Vec::with_capacity(s.batch);
             let mut last_prune = Instant::now();
             loop {
@@ -134,20 +136,6 @@ pub(super) fn spawn(
                     break;
                 }
             }
-            drop(alerts);
-            // Give pending alerts a bounded time to go out: a dead receiver
-            // must not hold the sidecar's shutdown for its retries.
-            let give_up = Instant::now() + WEBHOOK_DRAIN;
-            while !webhook.is_finished() && Instant::now() < give_up {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if webhook.is_finished() {
-                let _ = webhook.join();
-            } else {
-                log::warn!(
-                    "anomaly webhook: alerts still pending after {WEBHOOK_DRAIN:?} at shutdown were not sent (they are in the trail)"
-                );
-            }
         })
         .map_err(AuditError::Thread)
 }
@@ -161,26 +149,29 @@ fn now_ms() -> i64 {
 /// Attempts at one batch before it is dropped (and counted).
 const WRITE_ATTEMPTS: u32 = 5;
 
-/// Turn the pending records into the chain's next links, add what the
-/// anomaly rules find (in them, and on the clock), and commit it all.
+/// Turn the pending records into the chain's next links, hand what the
+/// anomaly rules find (in them, and on the clock) to the alert pipeline, and
+/// commit the records with every alert it delivered since the last batch
+/// (health events too).
 fn write_batch(
     sink: &mut dyn Sink,
     batch: &mut Vec<Pending>,
     chain: &mut Chain,
     detector: &mut Detector,
     metrics: &AuditMetrics,
-    alerts: &mpsc::Sender<AnomalyRow>,
+    alerts: &Alerts,
     queued_bytes: &AtomicUsize,
 ) {
     let mut stored = Vec::with_capacity(batch.len());
-    let mut anomalies = Vec::new();
     for p in batch.drain(..) {
         let (mut record, body) = record_of(p.finished, p.request_hash);
         if let Some(body) = body {
             queued_bytes.fetch_sub(body.len(), Ordering::Relaxed);
             record.request_hash = Some(request_hash(&body));
         }
-        anomalies.extend(detector.observe(&record));
+        for found in detector.observe(&record) {
+            alerts.raise(found);
+        }
         stored.push(Stored {
             sidecar: chain.sidecar.clone(),
             seq: 0,
@@ -190,7 +181,10 @@ fn write_batch(
         });
     }
     // After the batch's records, so those of a period just over count in it.
-    anomalies.extend(detector.tick(now_ms()));
+    for found in detector.tick(now_ms()) {
+        alerts.raise(found);
+    }
+    let anomalies: Vec<AnomalyRow> = alerts.take_records().iter().map(AnomalyRow::of).collect();
     if stored.is_empty() && anomalies.is_empty() {
         return;
     }
@@ -205,18 +199,6 @@ fn write_batch(
                     chain.head.clone_from(&last.hash);
                 }
                 metrics.written.inc_by(stored.len() as u64);
-                for a in anomalies {
-                    log::warn!("anomaly {}: {}", a.rule, a.detail);
-                    metrics
-                        .anomalies
-                        .with_label_values(&[
-                            a.rule.as_str(),
-                            a.tenant.as_deref().unwrap_or("global"),
-                        ])
-                        .inc();
-                    // The alert queue is bounded; an alert that does not fit is still stored and logged.
-                    let _ = alerts.try_send(a);
-                }
                 return;
             }
             Err(WriteError::Conflict(e)) => {

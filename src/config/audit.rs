@@ -94,15 +94,29 @@ pub struct AuditSettings {
     pub(crate) max_bytes: Option<u64>,
     pub(crate) prune_every: Duration,
     pub(crate) anomalies: AnomalySettings,
+    /// Keep end-user ids as a digest (`user_ids: hashed`) instead of as sent.
+    pub(crate) hash_user_ids: bool,
 }
 
 /// The validated `audit.anomalies` section: the rules' thresholds (a limit
-/// left `None` turns its rule off; hourly costs in nanodollars).
+/// left `None` turns its rule off; hourly costs in nanodollars) and how
+/// alerts are delivered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnomalySettings {
     pub(crate) window: Duration,
     pub(crate) tenant_requests: Option<u64>,
     pub(crate) global_requests: Option<u64>,
+    /// Requests per window of one end user (`user` / `X-User-ID`) of a tenant.
+    pub(crate) user_requests: Option<u64>,
+    pub(crate) user_cost_per_hour_nano: Option<u64>,
+    /// End users whose windows are kept at most; the least recently seen
+    /// are forgotten past it.
+    pub(crate) max_tracked_users: usize,
+    /// After an alert is delivered, the same rule for the same scope is
+    /// only counted (not delivered again) for this long.
+    pub(crate) cooldown: Duration,
+    /// Breaker changes and panic mode raise alerts.
+    pub(crate) health_alerts: bool,
     pub(crate) failure_ratio: f64,
     pub(crate) failure_min_requests: u64,
     pub(crate) tenant_cost_per_hour_nano: Option<u64>,
@@ -133,6 +147,11 @@ impl Default for AnomalySettings {
             window: Duration::from_secs(60),
             tenant_requests: None,
             global_requests: None,
+            user_requests: None,
+            user_cost_per_hour_nano: None,
+            max_tracked_users: 10_000,
+            cooldown: Duration::from_secs(600),
+            health_alerts: true,
             failure_ratio: 0.5,
             failure_min_requests: 20,
             tenant_cost_per_hour_nano: None,
@@ -145,6 +164,23 @@ impl Default for AnomalySettings {
             baseline_min_history: 10,
             webhook: None,
         }
+    }
+}
+
+/// The thresholds `preset: standard` sets (each field of the section
+/// overrides its own): every seed rule on.
+pub(crate) fn standard_preset() -> AnomalySettings {
+    AnomalySettings {
+        tenant_requests: Some(600),
+        global_requests: Some(5000),
+        user_requests: Some(120),
+        tenant_cost_per_hour_nano: Some(20_000_000_000),
+        global_cost_per_hour_nano: Some(200_000_000_000),
+        user_cost_per_hour_nano: Some(5_000_000_000),
+        tokens_per_request: Some(100_000),
+        repeats: Some(20),
+        global_repeats: Some(100),
+        ..AnomalySettings::default()
     }
 }
 
@@ -280,19 +316,60 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|r| self.anomalies(r))
                 .unwrap_or_default(),
+            hash_user_ids: match a.user_ids.as_deref() {
+                None | Some("plain") => false,
+                Some("hashed") => true,
+                Some(other) => {
+                    self.error(
+                        "audit.user_ids",
+                        format!("unknown way `{other}`; use plain or hashed"),
+                    );
+                    false
+                }
+            },
+        }
+    }
+
+    /// A rule's limit: unset takes the preset's, 0 turns the rule off.
+    fn limit(&mut self, path: &str, value: Option<i64>, preset: Option<u64>) -> Option<u64> {
+        match value {
+            None => preset,
+            Some(0) => None,
+            Some(n) if n > 0 => u64::try_from(n).ok(),
+            Some(_) => {
+                self.error(path, "must be ≥ 0 (0 turns the rule off)");
+                preset
+            }
         }
     }
 
     fn anomalies(&mut self, r: &RawAnomalies) -> AnomalySettings {
-        let d = AnomalySettings::default();
-        let usd = |v: &mut Self, path: &str, usd: Option<f64>| -> Option<u64> {
-            let usd = usd?;
-            if !usd.is_finite() || usd <= 0.0 {
-                v.error(path, "must be a positive amount of USD");
-                return None;
+        let d = match r.preset.as_deref() {
+            None | Some("none") => AnomalySettings::default(),
+            Some("standard") => standard_preset(),
+            Some(other) => {
+                self.error(
+                    "audit.anomalies.preset",
+                    format!("unknown preset `{other}`; use standard or none"),
+                );
+                AnomalySettings::default()
             }
-            Some((usd * 1e9).round() as u64)
         };
+        let usd =
+            |v: &mut Self, path: &str, usd: Option<f64>, preset: Option<u64>| -> Option<u64> {
+                let Some(usd) = usd else { return preset };
+                if usd == 0.0 {
+                    return None;
+                }
+                if !usd.is_finite() || usd < 0.0 {
+                    v.error(
+                        path,
+                        "must be a positive amount of USD (0 turns the rule off)",
+                    );
+                    return None;
+                }
+                Some((usd * 1e9).round() as u64)
+            };
         let failure_ratio = match r.failure_ratio {
             None => d.failure_ratio,
             Some(f) if f > 0.0 && f <= 1.0 => f,
@@ -338,10 +415,34 @@ impl Validator<'_> {
         });
         AnomalySettings {
             window: self.duration("audit.anomalies.window", &r.window, d.window),
-            tenant_requests: self
-                .optional_positive("audit.anomalies.tenant_requests", r.tenant_requests),
-            global_requests: self
-                .optional_positive("audit.anomalies.global_requests", r.global_requests),
+            tenant_requests: self.limit(
+                "audit.anomalies.tenant_requests",
+                r.tenant_requests,
+                d.tenant_requests,
+            ),
+            global_requests: self.limit(
+                "audit.anomalies.global_requests",
+                r.global_requests,
+                d.global_requests,
+            ),
+            user_requests: self.limit(
+                "audit.anomalies.user_requests",
+                r.user_requests,
+                d.user_requests,
+            ),
+            user_cost_per_hour_nano: usd(
+                self,
+                "audit.anomalies.user_cost_per_hour_usd",
+                r.user_cost_per_hour_usd,
+                d.user_cost_per_hour_nano,
+            ),
+            max_tracked_users: self
+                .optional_positive("audit.anomalies.max_tracked_users", r.max_tracked_users)
+                .map_or(d.max_tracked_users, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
+            cooldown: self.duration("audit.anomalies.cooldown", &r.cooldown, d.cooldown),
+            health_alerts: r.health_alerts.unwrap_or(d.health_alerts),
             failure_ratio,
             failure_min_requests: self
                 .optional_positive(
@@ -353,17 +454,25 @@ impl Validator<'_> {
                 self,
                 "audit.anomalies.tenant_cost_per_hour_usd",
                 r.tenant_cost_per_hour_usd,
+                d.tenant_cost_per_hour_nano,
             ),
             global_cost_per_hour_nano: usd(
                 self,
                 "audit.anomalies.global_cost_per_hour_usd",
                 r.global_cost_per_hour_usd,
+                d.global_cost_per_hour_nano,
             ),
-            tokens_per_request: self
-                .optional_positive("audit.anomalies.tokens_per_request", r.tokens_per_request),
-            repeats: self.optional_positive("audit.anomalies.repeats", r.repeats),
-            global_repeats: self
-                .optional_positive("audit.anomalies.global_repeats", r.global_repeats),
+            tokens_per_request: self.limit(
+                "audit.anomalies.tokens_per_request",
+                r.tokens_per_request,
+                d.tokens_per_request,
+            ),
+            repeats: self.limit("audit.anomalies.repeats", r.repeats, d.repeats),
+            global_repeats: self.limit(
+                "audit.anomalies.global_repeats",
+                r.global_repeats,
+                d.global_repeats,
+            ),
             zscore,
             baseline_interval: {
                 let d = self.duration(

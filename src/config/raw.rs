@@ -96,6 +96,9 @@ pub(crate) struct RawAudit {
     pub(crate) retention: Option<RawRetention>,
     #[serde(default)]
     pub(crate) anomalies: Option<RawAnomalies>,
+    /// How end-user ids are kept: plain (default) or hashed.
+    #[serde(default)]
+    pub(crate) user_ids: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +118,20 @@ pub(crate) struct RawRetention {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAnomalies {
+    /// `standard`: every rule on at its documented default; `none` (the
+    /// default) leaves the limits unset. Each field overrides its rule.
+    #[serde(default)]
+    pub(crate) preset: Option<String>,
+    #[serde(default)]
+    pub(crate) cooldown: Option<String>,
+    #[serde(default)]
+    pub(crate) health_alerts: Option<bool>,
+    #[serde(default)]
+    pub(crate) user_requests: Option<i64>,
+    #[serde(default)]
+    pub(crate) user_cost_per_hour_usd: Option<f64>,
+    #[serde(default)]
+    pub(crate) max_tracked_users: Option<i64>,
     #[serde(default)]
     pub(crate) window: Option<String>,
     #[serde(default)]

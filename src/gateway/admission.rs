@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub(crate) const TENANT_HEADER: &str = "x-tenant-id";
+/// Names the application's end user; wins over the body's `user`.
+pub(crate) const USER_HEADER: &str = "x-user-id";
+/// The longest end-user id kept as sent, in bytes.
+pub(crate) const MAX_USER_LEN: usize = 128;
 
 /// The index of the proven tenant.
 pub(crate) fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError> {
@@ -67,7 +71,7 @@ pub(crate) fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
 /// `Authorization: Bearer` and `api-key` with different keys are two
 /// identities too.
 pub(crate) fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
-    for name in [TENANT_HEADER, "authorization", "api-key"] {
+    for name in [TENANT_HEADER, "authorization", "api-key", USER_HEADER] {
         if req.headers.get_all(name).iter().nth(1).is_some() {
             return Err(GatewayError::AmbiguousIdentity(name));
         }
@@ -105,7 +109,91 @@ pub(crate) fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
         .filter(|k| !k.is_empty())
 }
 
+/// The end user a request names, as it is recorded: the `X-User-ID`
+/// header when present, else the body's `user` (OpenAI's field). It is the
+/// application's free text, attributed within the proven tenant and never
+/// trusted for anything else. Kept as sent when it is 1 to
+/// [`MAX_USER_LEN`] bytes of visible ASCII (`!` to `~`: ids, e-mail
+/// addresses, UUIDs, hashes); anything else — longer, spaces, control or
+/// non-ASCII characters, which is not an id and may be a pasted secret or
+/// a whole prompt — only as a fingerprint, `invalid:<12 hex digits>`. With
+/// `hashed`, a valid id too is kept only as `sha256:<16 hex digits>`
+/// (unkeyed: it hides the id from a casual reader of the trail, not from
+/// someone who can guess it).
+pub(crate) fn end_user(
+    req: &RequestHeader,
+    body_user: Option<&str>,
+    hashed: bool,
+) -> Option<String> {
+    let named = match req.headers.get(USER_HEADER) {
+        Some(v) => v.as_bytes().trim_ascii(),
+        None => body_user?.as_bytes(),
+    };
+    if named.is_empty() {
+        return None;
+    }
+    let digest = Sha256::digest(named);
+    let valid = named.len() <= MAX_USER_LEN && named.iter().all(|b| (0x21..=0x7e).contains(b));
+    Some(match (valid, hashed) {
+        (false, _) => format!("invalid:{}", hex::encode(&digest[..6])),
+        (true, true) => format!("sha256:{}", hex::encode(&digest[..8])),
+        (true, false) => String::from_utf8_lossy(named).into_owned(),
+    })
+}
+
 /// Hex SHA-256 of a key, as written in the config's `api_keys`.
 pub fn key_digest_hex(key: &str) -> String {
     hex::encode(Sha256::digest(key.trim().as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(user: Option<&[u8]>) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        if let Some(u) = user {
+            r.insert_header(USER_HEADER, http::HeaderValue::from_bytes(u).unwrap())
+                .unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn the_end_user_is_kept_only_when_it_looks_like_an_id() {
+        // The header wins over the body; either alone counts.
+        assert_eq!(
+            end_user(&req(Some(b"u-42")), Some("body"), false).as_deref(),
+            Some("u-42")
+        );
+        assert_eq!(
+            end_user(&req(None), Some("a@b.example"), false).as_deref(),
+            Some("a@b.example")
+        );
+        assert_eq!(end_user(&req(None), None, false), None);
+        assert_eq!(end_user(&req(Some(b"  ")), Some("body"), false), None);
+        // Too long, spaces, non-ASCII: a fingerprint only, the same for the same text.
+        let long = "x".repeat(MAX_USER_LEN + 1);
+        let fp = end_user(&req(None), Some(&long), false).unwrap();
+        assert!(fp.starts_with("invalid:") && fp.len() == 8 + 12, "{fp}");
+        assert_eq!(end_user(&req(None), Some(&long), false).unwrap(), fp);
+        assert!(
+            end_user(&req(None), Some("two words"), false)
+                .unwrap()
+                .starts_with("invalid:")
+        );
+        assert!(
+            end_user(&req(None), Some("jürgen"), false)
+                .unwrap()
+                .starts_with("invalid:")
+        );
+        assert_eq!(
+            end_user(&req(None), Some(&"y".repeat(MAX_USER_LEN)), false).map(|u| u.len()),
+            Some(MAX_USER_LEN)
+        );
+        // Hashed: the same digest for the same id, never the id.
+        let h = end_user(&req(None), Some("u-42"), true).unwrap();
+        assert!(h.starts_with("sha256:") && !h.contains("u-42"), "{h}");
+        assert_eq!(end_user(&req(Some(b"u-42")), None, true).unwrap(), h);
+    }
 }

@@ -213,6 +213,8 @@ pub struct Inspected {
     /// The client asked for the usage chunk at the end of its stream.
     pub(crate) include_usage: bool,
     pub(crate) max_tokens: Option<u64>,
+    /// The body's `user` (OpenAI's end-user id), when it is a string.
+    pub(crate) user: Option<String>,
 }
 
 /// Only the fields Collie touches; everything else is skipped unparsed.
@@ -235,6 +237,10 @@ struct Probe<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// Any JSON value: a `user` that is not a string is the provider's to
+    /// refuse, and is not recorded.
+    #[serde(borrow, default)]
+    user: Option<&'a RawValue>,
 }
 
 fn present_even_if_null<'de, D: serde::Deserializer<'de>>(
@@ -348,6 +354,9 @@ pub fn inspect(body: &[u8], max_depth: usize) -> Result<Inspected, GatewayError>
             .max_completion_tokens
             .or(probe.max_tokens)
             .or(probe.max_output_tokens),
+        user: probe
+            .user
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
     })
 }
 

@@ -363,6 +363,7 @@ fn v1_record() -> Record {
         request_id: "r-v1".into(),
         tenant: Some("alpha".into()),
         claimed_tenant: None,
+        user: None,
         client_ip: Some("127.0.0.1".into()),
         endpoint: "chat".into(),
         requested_model: Some("gpt".into()),

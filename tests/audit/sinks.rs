@@ -133,6 +133,7 @@ fn both_sinks_store_every_column_exactly() {
             response_preview: None,
             error: None,
             claimed_tenant: None,
+            user: None,
             usage_estimated: true,
             streamed: true,
             truncated: true,

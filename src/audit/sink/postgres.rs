@@ -2,8 +2,8 @@
 //! that every sidecar writes to, each on its own hash chain.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention, SCHEMA_TABLE, Sink,
-    SinkError, Stored, WriteError, pending_steps,
+    ANCHOR, ANOMALY_COLUMNS, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention,
+    SCHEMA_TABLE, Sink, SinkError, Stored, WriteError, pending_steps,
 };
 use crate::config::is_schema_name;
 use postgres::fallible_iterator::FallibleIterator;
@@ -204,10 +204,23 @@ impl Sink for Postgres {
             }
             Err(e) => return Err(failed(e)),
         }
+        let insert = format!(
+            "INSERT INTO audit_anomalies ({ANOMALY_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+        );
         for a in anomalies {
             tx.execute(
-                "INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES ($1,$2,$3,$4,$5)",
-                &[&a.ts_ms, &a.sidecar, &a.rule, &a.tenant, &a.detail],
+                insert.as_str(),
+                &[
+                    &a.ts_ms,
+                    &a.sidecar,
+                    &a.rule,
+                    &a.tenant,
+                    &a.detail,
+                    &a.severity,
+                    &a.scope,
+                    &a.subject,
+                    &a.recommendation,
+                ],
             )
             .map_err(failed)?;
         }
@@ -247,7 +260,7 @@ impl Sink for Postgres {
         let rows = self
             .client()?
             .query(
-                "SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms",
+                format!("SELECT {ANOMALY_COLUMNS} FROM audit_anomalies WHERE ts_ms >= $1 AND ($2::TEXT IS NULL OR tenant = $2) ORDER BY ts_ms").as_str(),
                 &[&ts_ms, &tenant],
             )?;
         Ok(rows
@@ -258,6 +271,10 @@ impl Sink for Postgres {
                 rule: r.get(2),
                 tenant: r.get(3),
                 detail: r.get(4),
+                severity: r.get(5),
+                scope: r.get(6),
+                subject: r.get(7),
+                recommendation: r.get(8),
             })
             .collect())
     }

@@ -2,8 +2,8 @@
 //! so retention by size gives the space back to the file system.
 
 use super::{
-    ANCHOR, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention, SCHEMA_TABLE, Sink,
-    SinkError, Stored, WriteError, pending_steps,
+    ANCHOR, ANOMALY_COLUMNS, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention,
+    SCHEMA_TABLE, Sink, SinkError, Stored, WriteError, pending_steps,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -239,11 +239,23 @@ impl Sink for Sqlite {
         }
         {
             let mut stmt = tx
-                .prepare_cached("INSERT INTO audit_anomalies (ts_ms, sidecar, rule, tenant, detail) VALUES (?1,?2,?3,?4,?5)")
+                .prepare_cached(&format!(
+                    "INSERT INTO audit_anomalies ({ANOMALY_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
+                ))
                 .map_err(failed)?;
             for a in anomalies {
-                stmt.execute(params![a.ts_ms, a.sidecar, a.rule, a.tenant, a.detail])
-                    .map_err(failed)?;
+                stmt.execute(params![
+                    a.ts_ms,
+                    a.sidecar,
+                    a.rule,
+                    a.tenant,
+                    a.detail,
+                    a.severity,
+                    a.scope,
+                    a.subject,
+                    a.recommendation
+                ])
+                .map_err(failed)?;
             }
         }
         tx.commit().map_err(failed)
@@ -284,7 +296,7 @@ impl Sink for Sqlite {
     ) -> Result<Vec<AnomalyRow>, SinkError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT ts_ms, sidecar, rule, tenant, detail FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms")?;
+            .prepare(&format!("SELECT {ANOMALY_COLUMNS} FROM audit_anomalies WHERE ts_ms >= ?1 AND (?2 IS NULL OR tenant = ?2) ORDER BY ts_ms"))?;
         let rows = stmt.query_map(params![ts_ms, tenant], |r| {
             Ok(AnomalyRow {
                 ts_ms: r.get(0)?,
@@ -292,6 +304,10 @@ impl Sink for Sqlite {
                 rule: r.get(2)?,
                 tenant: r.get(3)?,
                 detail: r.get(4)?,
+                severity: r.get(5)?,
+                scope: r.get(6)?,
+                subject: r.get(7)?,
+                recommendation: r.get(8)?,
             })
         })?;
         rows.collect::<Result<Vec<_>, _>>().map_err(SinkError::from)

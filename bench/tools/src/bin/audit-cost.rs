@@ -15,6 +15,7 @@ fn record(i: usize, tenants: usize) -> Record {
         request_id: format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15),
         tenant: Some(format!("tenant-{}", i % tenants)),
         claimed_tenant: None,
+        user: None,
         client_ip: Some("127.0.0.1".into()),
         endpoint: "chat".into(),
         requested_model: Some("gpt-4o-mini".into()),
@@ -85,7 +86,7 @@ fn main() {
     }
     per_record("chain hash", start, n);
 
-    let mut detector = Detector::new(AnomalySettings::default(), "bench");
+    let mut detector = Detector::new(AnomalySettings::default());
     let start = Instant::now();
     let mut alerts = 0;
     for s in &stored {
