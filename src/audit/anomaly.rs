@@ -784,4 +784,34 @@ mod tests {
         let late = d.observe(&record(60_000 + 4, "t", 200, 10));
         assert!(late.iter().any(|a| a.rule == "request_rate"), "{late:?}");
     }
+
+    #[test]
+    fn tracked_users_stay_within_their_bound() {
+        let mut d = Detector::new(AnomalySettings {
+            user_requests: Some(1),
+            max_tracked_users: 100,
+            ..AnomalySettings::default()
+        });
+        let by = |ts: i64, user: &str| Record {
+            user: Some(user.into()),
+            ..record(ts, "t", 200, 10)
+        };
+        for i in 0..1000 {
+            d.observe(&by(i, &format!("u{i}")));
+        }
+        let kept: usize = d.users.values().map(HashMap::len).sum();
+        assert!(kept <= 100 && d.tracked_users == kept, "{kept}");
+        // The most recent users are still judged: a second request in the
+        // window is over the limit of one, for that user only.
+        let again = d.observe(&by(1000, "u999"));
+        assert!(
+            again.iter().any(|a| a.rule == "request_rate"
+                && a.scope
+                    == Scope::User {
+                        tenant: "t".into(),
+                        user: "u999".into()
+                    }),
+            "{again:?}"
+        );
+    }
 }

@@ -163,8 +163,7 @@ const WHERE_CLAIMED: &str =
 
 const BY_MODEL: &str = "COALESCE(requested_model, '(none)')";
 const BY_TENANT: &str = "COALESCE(tenant, '(unauthenticated)')";
-const BY_USER: &str =
-    "COALESCE(tenant, '(unauthenticated)') || '/' || COALESCE(user_id, '(none)')";
+const BY_USER: &str = "COALESCE(tenant, '(unauthenticated)') || '/' || COALESCE(user_id, '(none)')";
 /// End users listed one by one in a report, at most (the most requests
 /// first): a trail may name millions, a report stays readable and its
 /// memory bounded.

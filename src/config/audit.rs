@@ -441,7 +441,11 @@ impl Validator<'_> {
                 .map_or(d.max_tracked_users, |n| {
                     usize::try_from(n).unwrap_or(usize::MAX)
                 }),
-            cooldown: self.duration("audit.anomalies.cooldown", &r.cooldown, d.cooldown),
+            // `0s` turns deduplication off: every firing is delivered.
+            cooldown: match r.cooldown.as_deref().map(humantime::parse_duration) {
+                Some(Ok(d)) => d,
+                _ => self.duration("audit.anomalies.cooldown", &r.cooldown, d.cooldown),
+            },
             health_alerts: r.health_alerts.unwrap_or(d.health_alerts),
             failure_ratio,
             failure_min_requests: self

@@ -980,4 +980,39 @@ mod tests {
         });
         assert_eq!(h.state(), HealthState::Degraded);
     }
+
+    #[test]
+    fn availability_counts_probes_and_live_outcomes_by_the_minute() {
+        let h = DeploymentHealth::new("d", quick());
+        h.record_probe(probe(true));
+        h.record(Outcome::Failure);
+        h.record(Outcome::Success {
+            ttfb: Duration::from_millis(5),
+        });
+        // A provider asking for rest is busy, not down: not counted.
+        h.record(Outcome::RateLimited {
+            retry_after: Some(Duration::from_secs(1)),
+        });
+        let s = h.snapshot();
+        let want = Availability {
+            succeeded: 2,
+            failed: 1,
+        };
+        assert_eq!((s.availability_1h, s.availability_24h), (want, want));
+        assert!(s.last_probe_at.is_some());
+        assert_eq!((s.errors, s.error_samples), (1, 3));
+        // Minutes age out of the hour, then of the day.
+        let mut hist = History::default();
+        let t0 = Instant::now();
+        hist.add(true, t0);
+        hist.add(false, t0 + Duration::from_secs(61));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(hist.totals(60, at(61)), (1, 1));
+        assert_eq!(hist.totals(60, at(60 * 60)), (0, 1));
+        assert_eq!(hist.totals(1440, at(1440 * 60 + 1)), (0, 1));
+        // A slot is reused a day later, never added to.
+        hist.add(true, at(1440 * 60 + 1));
+        assert_eq!(hist.totals(1440, at(1440 * 60 + 1)), (1, 1));
+        assert_eq!(hist.slots.len(), HISTORY_MINUTES);
+    }
 }

@@ -27,6 +27,7 @@ use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod alerts;
 mod chain;
 mod crash;
 mod logs;
@@ -38,6 +39,7 @@ mod retention;
 mod rules;
 mod secrets;
 mod sinks;
+mod users;
 mod webhook;
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";

@@ -141,3 +141,116 @@ async fn an_older_postgres_trail_is_migrated() {
     assert_eq!(versions, 1);
     drop_schema(&schema);
 }
+
+/// The steps from the first release's schema to version 3, as that
+/// release's migrations ran them.
+const TO_V3: &[&str] = &[
+    "ALTER TABLE audit_records ADD COLUMN claimed_tenant TEXT",
+    "DROP INDEX IF EXISTS audit_records_hash",
+    "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))",
+    "CREATE TABLE audit_schema (version BIGINT NOT NULL)",
+    "INSERT INTO audit_schema (version) VALUES (3)",
+];
+
+/// A version-3 trail: sidecar `old`'s first record (a refusal that claimed
+/// alpha) and an anomaly, as that release wrote them.
+fn v3_trail() -> Vec<String> {
+    let r = Record {
+        claimed_tenant: Some("alpha".into()),
+        ..v1_record()
+    };
+    let hash = r.chain_hash("old", 1, "");
+    let mut ddl: Vec<String> = SCHEMA_V1.iter().map(|s| s.to_string()).collect();
+    ddl.extend(TO_V3.iter().map(|s| s.to_string()));
+    ddl.push(format!(
+        "INSERT INTO audit_records VALUES ('old', 1, '', '{hash}', {}, 'r-v1', 'alpha', '127.0.0.1', 'chat', 'gpt', 'gpt-a', 'a', '{}', 200, 'admitted', NULL, 10, 5, 15, 0, 20000, 1.5, 1.25, 0, 0, 0, '{}', NULL, NULL, 'alpha')",
+        r.ts_ms,
+        r.attempts,
+        "ab".repeat(32)
+    ));
+    ddl.push(format!(
+        "INSERT INTO audit_anomalies VALUES ({}, 'old', 'request_rate', 'alpha', 'alpha: 6 requests in 60s (limit 5)')",
+        r.ts_ms
+    ));
+    ddl
+}
+
+/// After the migration: the old rows read back as they were (no user, an
+/// anomaly without severity), and the chain goes on with a record naming
+/// its user.
+async fn continues_after_v3(spec: &SinkSpec, audit: Value, env: &[(&str, &str)]) {
+    assert_eq!(
+        blocking(|| spec.open().unwrap().schema_version().unwrap()),
+        4
+    );
+    let old = rows(spec);
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0].record.user, None);
+    assert_eq!(old[0].record.claimed_tenant.as_deref(), Some("alpha"));
+    let anomalies = blocking(|| {
+        spec.open()
+            .unwrap()
+            .anomalies_since(i64::MIN, None)
+            .unwrap()
+    });
+    assert_eq!(anomalies.len(), 1);
+    assert_eq!(
+        (anomalies[0].rule.as_str(), anomalies[0].severity.as_deref()),
+        ("request_rate", None)
+    );
+    let a = mock().await;
+    let b = mock().await;
+    let gw = gateway_with_env(&config(&a, &b, audit), env).await;
+    let r = gw
+        .post(CHAT)
+        .header("x-user-id", "u-7")
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let all = until_rows(spec, 2).await;
+    assert_eq!(
+        (all[1].seq, all[1].prev_hash.as_str()),
+        (2, all[0].hash.as_str())
+    );
+    assert_eq!(all[1].record.user.as_deref(), Some("u-7"));
+    assert!(blocking(|| intact(spec)));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_sqlite_trail_gets_users_and_its_chain_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode=WAL")
+            .unwrap();
+        for stmt in v3_trail() {
+            conn.execute(&stmt, []).unwrap();
+        }
+    }
+    let spec = SinkSpec::Sqlite(db.clone());
+    let audit = sqlite_audit(&db, json!({"sidecar_id": "old"}));
+    continues_after_v3(&spec, audit, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_postgres_trail_gets_users_and_its_chain_continues() {
+    let schema = pg_schema();
+    blocking(|| {
+        let mut c = postgres::Client::connect(PG_URL, postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+        ))
+        .unwrap();
+        for stmt in v3_trail() {
+            c.batch_execute(&stmt).unwrap();
+        }
+    });
+    let spec = pg_spec(&schema);
+    let audit = pg_audit(&schema, json!({"sidecar_id": "old"}));
+    continues_after_v3(&spec, audit, &[("COLLIE_TEST_PG", PG_URL)]).await;
+    drop_schema(&schema);
+}

@@ -123,7 +123,9 @@ async fn repeated_requests_fire_per_tenant_and_globally_just_over_their_limits()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_request_fires_for_one_request_over_the_token_limit() {
-    let t = rules_trail(json!({"tokens_per_request": 1500})).await;
+    // No cool-down: every firing is delivered (the pipeline's default
+    // would merge the second into the first; see `alerts.rs`).
+    let t = rules_trail(json!({"tokens_per_request": 1500, "cooldown": "0s"})).await;
     t.a.push(Behavior::default().body(usage_body(1000, 500)));
     t.send(Who::Alpha, question(0)).await;
     assert_eq!(t.fired_after(1).await, vec![]);

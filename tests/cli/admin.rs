@@ -113,6 +113,22 @@ async fn protected_pages_refuse_without_the_admin_token() {
         let v: serde_json::Value = r.json().await.unwrap();
         assert!(v.is_object());
     }
+    // The live stream and the forced check are protected the same way.
+    assert_eq!(get("/status/events", None).await.unwrap().status(), 401);
+    assert_eq!(
+        get("/status/events", Some("Bearer nope"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let check = gw
+        .client
+        .post(format!("{}/status/check?deployment=a", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(check.status(), 401);
     // Probes, scrapes and the page itself (it holds no data) stay open.
     for page in ["/metrics", "/healthz", "/readyz", "/"] {
         assert_eq!(get(page, None).await.unwrap().status(), 200, "{page}");

@@ -169,6 +169,13 @@ async fn status_page_renders_in_headless_chromium() {
             .unwrap()
             .contains("badge unhealthy")
     );
+    // One failed request is shown with its count, and as too few to judge
+    // by (not a bare "100.0 %" beside a state).
+    page.until(&format!(
+        "{}.includes('1 of 1 (100.0 %) · too few to judge')",
+        row("a")
+    ))
+    .await;
     assert!(
         !page
             .eval(&row("b"))
@@ -296,4 +303,255 @@ async fn health_metrics_are_current_and_follow_the_config() {
         );
     }
     assert_eq!(gauge(&m, "collie_deployment_health", "a"), 1.0);
+}
+
+/// The page with an admin token, loaded once: a deployment whose provider
+/// stops answering goes unhealthy and comes back, driven by its probes,
+/// and the page shows both — with the alerts in its feed — by push, never
+/// reloaded; its "check now" button forces a probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_a_deployment_going_down_and_back_live_with_its_alerts() {
+    let chromium = chromium();
+    let a = mock().await;
+    let addr = a.addr();
+    let b = mock().await;
+    let z = mock().await;
+    let probes = json!({"interval": "100ms", "timeout": "300ms", "healthy_after": 1,
+                        "unhealthy_after": 2, "cooldown": "60s"});
+    let token = "page-admin-token-0123456789";
+    let conf = pool_config(
+        &[
+            member("a", &a).health(probes.clone()),
+            member("b", &b).health(json!({"interval": "1h"})),
+        ],
+        |p| p,
+        &z,
+    )
+    .set("admin_token_env", "ADMIN_TOKEN");
+    let gw = gateway_with_env(&conf, &[("ADMIN_TOKEN", token)]).await;
+    let mut page = Browser::open(&chromium, &format!("{}/#token={token}", gw.admin)).await;
+    let row = |id: &str| {
+        format!(
+            "((document.querySelector('#deployments tr[data-id=\"{id}\"]') || {{}}).innerHTML || '')"
+        )
+    };
+    let alert = |rule: &str, scope: &str| {
+        format!(
+            "!!document.querySelector('#alerts li[data-rule=\"{rule}\"][data-scope=\"{scope}\"]')"
+        )
+    };
+    page.until(&format!("{}.includes('badge healthy')", row("a")))
+        .await;
+    page.until("document.getElementById('link').textContent === 'live'")
+        .await;
+    page.eval("window.loadedOnce = 'yes'").await;
+    // `a` stops accepting connections: two failed probes take it out.
+    a.shutdown().await;
+    page.until(&format!("{}.includes('badge unhealthy')", row("a")))
+        .await;
+    page.until(&alert("deployment_unhealthy", "a")).await;
+    let item = page
+        .eval(
+            "document.querySelector('#alerts li[data-rule=\"deployment_unhealthy\"]').textContent",
+        )
+        .await;
+    let item = item.as_str().unwrap();
+    assert!(item.contains("warning"), "{item}");
+    assert!(
+        item.contains("Check the provider"),
+        "the recommendation: {item}"
+    );
+    // It comes back on the same port; a passing probe brings it back.
+    let _a = MockServer::start(MockConfig {
+        listen: addr,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    page.until(&format!("{}.includes('badge healthy')", row("a")))
+        .await;
+    page.until(&alert("deployment_recovered", "a")).await;
+    // Availability counts the failed probes with the passing ones.
+    let a_row = page.eval(&row("a")).await;
+    assert!(a_row.as_str().unwrap().contains(" % of "), "{a_row}");
+    // `b` is probed once an hour; "check now" probes it at once.
+    page.eval("document.querySelector('button.check[data-id=\"b\"]').click()")
+        .await;
+    page.until(&format!("{}.includes('forced check passed')", row("b")))
+        .await;
+    assert_eq!(page.eval("window.loadedOnce").await, "yes", "not reloaded");
+    let _ = page.child.kill().await;
+}
+
+fn chromium() -> String {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "Chromium is required for this test: run deploy/setup.sh (installs Debian's chromium)"
+            )
+        })
+        .to_string()
+}
+
+/// Read `/status/events` events (their `data:` as JSON) until `n` came.
+async fn events(r: &mut reqwest::Response, n: usize) -> Vec<Value> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            assert!(block.contains("event: status"), "{block}");
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap();
+            out.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    out
+}
+
+/// `/status/events` needs the admin token like `/status`, outlives the
+/// connection guard's head and idle deadlines, holds up no other admin
+/// request, pushes a change at once, and serves a bounded number of
+/// streams; `POST /status/check` is protected the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_and_the_forced_check_are_protected_and_bounded() {
+    let a = mock().await;
+    let b = mock().await;
+    let z = mock().await;
+    let token = "stream-admin-token-0123456789";
+    let conf = pool_config(
+        &[
+            member("a", &a).health(json!({"interval": "1h"})),
+            member("b", &b).health(json!({"probe": "off"})),
+        ],
+        |p| p,
+        &z,
+    )
+    .set("admin_token_env", "ADMIN_TOKEN")
+    .set("head_timeout", "1s")
+    .set("keepalive_timeout", "1s");
+    let gw = gateway_with_env(&conf, &[("ADMIN_TOKEN", token)]).await;
+    let bearer = format!("Bearer {token}");
+    let stream = || {
+        gw.client
+            .get(format!("{}/status/events", gw.admin))
+            .header("authorization", &bearer)
+            .send()
+    };
+    let check = |id: &str| {
+        gw.client
+            .post(format!("{}/status/check?deployment={id}", gw.admin))
+            .header("authorization", &bearer)
+            .send()
+    };
+    // Refused without the token, and with a wrong one.
+    for auth in [None, Some("Bearer wrong-token")] {
+        let mut r = gw.client.get(format!("{}/status/events", gw.admin));
+        let mut c = gw
+            .client
+            .post(format!("{}/status/check?deployment=a", gw.admin));
+        if let Some(v) = auth {
+            r = r.header("authorization", v);
+            c = c.header("authorization", v);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 401);
+        assert_eq!(c.send().await.unwrap().status(), 401);
+    }
+    let r = stream().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    // Open longer than the head and idle deadlines (1 s each): events keep
+    // coming (one at once, then at least every 2 s), and other requests to
+    // the admin listener are answered meanwhile.
+    let started = std::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut r = r;
+        let got = events(&mut r, 3).await;
+        (r, got)
+    });
+    for _ in 0..5 {
+        let h = gw
+            .client
+            .get(format!("{}/healthz", gw.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(h.status(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (first, got) = reader.await.unwrap();
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert!(
+        got.iter()
+            .all(|v| v["deployments"].is_array() && v["alerts"].is_array())
+    );
+    // A forced check: probes `a` now (its interval is an hour), and the
+    // stream shows it at once.
+    let mut live = stream().await.unwrap();
+    events(&mut live, 1).await;
+    let probed = a.request_count();
+    let r = check("a").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(a.request_count(), probed + 1);
+    let after = events(&mut live, 1).await;
+    assert_eq!(after[0]["deployments"][0]["last_probe"]["ok"], true);
+    // Refused: an unknown deployment, one without probes, another origin
+    // (a page elsewhere cannot make a browser act here), a GET.
+    assert_eq!(check("nope").await.unwrap().status(), 404);
+    assert_eq!(check("b").await.unwrap().status(), 409);
+    let foreign = gw
+        .client
+        .post(format!("{}/status/check?deployment=a", gw.admin))
+        .header("authorization", &bearer)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    let get = gw
+        .client
+        .get(format!("{}/status/check?deployment=a", gw.admin))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 405);
+    // At most eight streams at once (two are open above; unread or not).
+    let mut open = vec![first, live];
+    let mut refused = None;
+    for _ in 0..8 {
+        let r = stream().await.unwrap();
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+        open.push(r);
+    }
+    assert_eq!(open.len(), 8);
+    let refused = refused.expect("the ninth stream is refused");
+    assert_eq!(refused.headers()["retry-after"], "5");
+    // A stream whose client left frees its place (noticed at its next write).
+    drop(open);
+    let mut again = None;
+    for _ in 0..100 {
+        let r = stream().await.unwrap();
+        if r.status() == 200 {
+            again = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "a place was freed");
 }
