@@ -6,12 +6,14 @@
 //! variable and tenant keys are stored as SHA-256 digests.
 
 mod audit;
+mod fleet;
 mod health;
 mod quota;
 mod raw;
 mod tls;
 
 pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
+pub(crate) use fleet::{FleetSettings, RedisDown};
 pub(crate) use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
 pub(crate) use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
@@ -102,6 +104,9 @@ pub struct Config {
     /// Longest a request may take in all: waits, attempts and backoff.
     pub(crate) request_deadline: Duration,
     pub(crate) audit: AuditSettings,
+    /// Quotas shared by a fleet of sidecars through Redis; `None`: this
+    /// sidecar's own ledger alone.
+    pub(crate) fleet: Option<FleetSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -678,6 +683,8 @@ impl Validator<'_> {
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());
         let audit = self.audit(raw.audit);
+        let fleet = self.fleet(raw.fleet);
+        self.check_rebalance_fleet(&quota, fleet.is_some());
         let request_deadline = self.duration(
             "request_deadline",
             &raw.request_deadline,
@@ -722,6 +729,7 @@ impl Validator<'_> {
             retry,
             request_deadline,
             audit,
+            fleet,
         }
     }
 

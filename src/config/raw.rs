@@ -62,6 +62,8 @@ pub(crate) struct RawConfig {
     pub(crate) request_deadline: Option<String>,
     #[serde(default)]
     pub(crate) audit: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub(crate) fleet: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
