@@ -11,6 +11,7 @@ use crate::gateway::{Gateway, InFlight};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
 use crate::metrics::Metrics;
+use crate::quota::fleet::{Fleet, ProviderAsk};
 use crate::quota::rebalance::Rebalancer;
 use crate::routing::DNS_REFRESH;
 use crate::routing::health::HealthBook;
@@ -164,8 +165,15 @@ impl Collie {
 
         let metrics = Arc::new(Metrics::new().map_err(|e| StartError::internal("metrics", e))?);
         let book = HealthBook::new(metrics.health.clone(), 64);
+        let fleet = match &config.fleet {
+            Some(f) => Some(
+                Fleet::new(f.clone(), &metrics.registry)
+                    .map_err(|e| StartError::internal("fleet", e))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(
-            State::new(config, Arc::clone(&book))
+            State::new(config, Arc::clone(&book), fleet.clone())
                 .map_err(|e| StartError::internal("routing", e))?,
         );
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
@@ -256,6 +264,16 @@ impl Collie {
                 rebalancer: Rebalancer::default(),
             },
         ));
+
+        if let Some(fleet) = fleet {
+            server.add_service(background_service(
+                "fleet leases",
+                FleetService {
+                    state: Arc::clone(&state),
+                    fleet,
+                },
+            ));
+        }
 
         server.add_service(background_service(
             "dns refresh",
@@ -510,6 +528,131 @@ impl ShutdownSignalWatch for HandleSignal {
     }
 }
 
+/// The fleet's side of every tenant's quota: once per lease interval,
+/// report use and refresh shares; in between, answer top-ups; on stop,
+/// give the leases back.
+struct FleetService {
+    state: Arc<State>,
+    fleet: Arc<Fleet>,
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut inbox) = self.fleet.take_inbox() else {
+            return;
+        };
+        let interval = self.fleet.settings().interval;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut providers_answered = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let snap = self.state.load();
+                    self.fleet
+                        .refresh(snap.quota.ledgers(), snap.quota.calendar(), false)
+                        .await;
+                    if self.share_providers(&snap.router).await {
+                        providers_answered = Instant::now();
+                    } else if providers_answered.elapsed() >= self.fleet.settings().ttl {
+                        // The provider shares ran out without an answer: each
+                        // sidecar takes its part of each key's rates.
+                        let n = u64::from(self.fleet.settings().expected_replicas.max(1));
+                        for d in &snap.router.deployments {
+                            if let Some(l) = &d.limiter {
+                                let u = l.take_use();
+                                let part = |r: Option<u64>| r.map(|r| (r / n, r / n));
+                                l.set_share(part(u.rpm), part(u.tpm));
+                            }
+                        }
+                    }
+                    self.share_holds(&snap.router).await;
+                }
+                Some(req) = inbox.recv() => {
+                    let snap = self.state.load();
+                    self.fleet.answer_all(req, &mut inbox, snap.quota.calendar()).await;
+                }
+                _ = shutdown.changed() => {
+                    // Requests still draining settle into the ledger; what
+                    // they use after this is reported by nobody and counts
+                    // as leased (their leases expire, counted as used).
+                    let snap = self.state.load();
+                    self.fleet
+                        .refresh(snap.quota.ledgers(), snap.quota.calendar(), true)
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl FleetService {
+    /// Report the demand on every provider key with limits and apply this
+    /// sidecar's new shares of them. Whether Redis answered.
+    async fn share_providers(&self, router: &crate::routing::Router) -> bool {
+        let limited: Vec<_> = router
+            .deployments
+            .iter()
+            .filter_map(|d| d.limiter.as_ref().map(|l| (d, l)))
+            .collect();
+        if limited.is_empty() {
+            return true;
+        }
+        let asks: Vec<ProviderAsk> = limited
+            .iter()
+            .map(|(d, l)| {
+                let u = l.take_use();
+                ProviderAsk {
+                    deployment: d.id.clone(),
+                    rpm: u.rpm,
+                    tpm: u.tpm,
+                    requests: u.requests,
+                    tokens: u.tokens,
+                }
+            })
+            .collect();
+        match self.fleet.sync_providers(&asks).await {
+            Ok(shares) => {
+                for ((_, l), s) in limited.iter().zip(shares) {
+                    l.set_share(s.rpm, s.tpm);
+                }
+                true
+            }
+            Err(e) => {
+                log::warn!("fleet: provider key shares: {e}");
+                false
+            }
+        }
+    }
+
+    /// Tell the fleet which deployments this sidecar keeps off (a provider's
+    /// `Retry-After`, an open breaker) and keep off the ones the others do.
+    async fn share_holds(&self, router: &crate::routing::Router) {
+        let now = crate::routing::now_ms();
+        let mine: Vec<(String, Duration)> = router
+            .deployments
+            .iter()
+            .filter_map(|d| {
+                let blocked = d.blocked_for_ms(now).map(Duration::from_millis);
+                let open = d.health.would_admit().err().flatten();
+                blocked.max(open).map(|w| (d.id.clone(), w))
+            })
+            .collect();
+        match self.fleet.sync_holds(&mine).await {
+            Ok(holds) => {
+                for (id, wait) in holds {
+                    if let Some(d) = router.deployment_by_id(&id) {
+                        d.block_for(wait);
+                    }
+                }
+            }
+            Err(e) => log::warn!("fleet: shared holds: {e}"),
+        }
+    }
+}
+
 /// Once per interval: lends idle tenants' rate capacity to busy high-priority
 /// ones while a pool is saturated, and publishes pool and loan state as
 /// metrics.
@@ -541,6 +684,12 @@ impl BackgroundService for RebalanceService {
                     load.utilisation().is_some_and(|u| u >= threshold)
                 })
                 .collect();
+            // In a fleet a sidecar holds only its share of each rate:
+            // lending it on would add to it (config refuses asking for both).
+            if self.state.fleet.is_some() {
+                last = Instant::now();
+                continue;
+            }
             let changes =
                 self.rebalancer
                     .step(&snap.config, snap.quota.ledgers(), &busy, last.elapsed());
