@@ -263,6 +263,19 @@ impl Scope {
         self.limits = new;
     }
 
+    /// The fleet's use of the current day and month windows, where a fleet
+    /// shares them and the authority said it for these windows.
+    fn fleet_used(&self) -> (Option<Amount>, Option<Amount>) {
+        let Some(sh) = &self.share else {
+            return (None, None);
+        };
+        let current = |used: Option<Amount>, window: i64, now: i64| used.filter(|_| window == now);
+        (
+            current(sh.fleet_day_used, sh.day_window, self.day.window),
+            current(sh.fleet_month_used, sh.month_window, self.month.window),
+        )
+    }
+
     fn day_budget(&self) -> Budget {
         match &self.share {
             Some(s) => allowed_budget(self.configured.day, &s.day, s.day_window, self.day.window),
@@ -397,42 +410,44 @@ impl Scope {
     fn tightest(&self, w: &Windows, now: Timestamp, loan: Loan, into: &mut RateInfo) {
         let until =
             |end: Timestamp| Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO);
-        let bucket = |b: &Option<Bucket>, r: Option<Rate>, extra: f64| {
+        let bucket = |b: &Option<Bucket>, r: Option<Rate>, configured: Option<Rate>, extra: f64| {
             let (b, r) = (b.as_ref()?, r?);
             let ceiling = r.burst as f64 + extra;
             Some(WindowInfo {
                 // The configured rate, as OpenAI reports it: not the burst,
-                // not a loan. With a burst above the rate, or a loan,
-                // `remaining` may exceed it.
-                limit: r.per_minute,
+                // not a loan, not a fleet's share of it (`remaining` is what
+                // this sidecar holds). With a burst above the rate, or a
+                // loan, `remaining` may exceed it.
+                limit: configured.map_or(r.per_minute, |c| c.per_minute),
                 remaining: b.level().max(0.0) as u64,
                 reset: b.wait_for(ceiling.max(0.0).ceil() as u64, r, extra),
             })
         };
-        // The configured limit, and what this sidecar may still admit (its
-        // share's allowance where a fleet shares the budget).
+        // Where a fleet shares the budget, what the whole fleet used (as the
+        // authority last said) when it is more than this sidecar's own.
         let budget =
-            |limit: Option<u64>, allowed: Option<u64>, used: u64, reserved: u64, end: Timestamp| {
-                limit.zip(allowed).map(|(l, a)| WindowInfo {
+            |limit: Option<u64>, fleet: Option<u64>, used: u64, reserved: u64, end: Timestamp| {
+                limit.map(|l| WindowInfo {
                     limit: l,
-                    remaining: a.saturating_sub(used.saturating_add(reserved)),
+                    remaining: l
+                        .saturating_sub(fleet.unwrap_or(0).max(used).saturating_add(reserved)),
                     reset: until(end),
                 })
             };
         let (d, m) = (&self.day, &self.month);
-        let (day, month) = (self.day_budget(), self.month_budget());
+        let (day, month) = self.fleet_used();
         for c in [
-            bucket(&self.rpm, self.limits.rpm, loan.rpm),
+            bucket(&self.rpm, self.limits.rpm, self.configured.rpm, loan.rpm),
             budget(
                 self.configured.day.requests,
-                day.requests,
+                day.map(|f| f.requests),
                 d.used.requests,
                 d.reserved.requests,
                 w.day_end,
             ),
             budget(
                 self.configured.month.requests,
-                month.requests,
+                month.map(|f| f.requests),
                 m.used.requests,
                 m.reserved.requests,
                 w.month_end,
@@ -444,17 +459,17 @@ impl Scope {
             into.requests = Some(tighter(into.requests, c));
         }
         for c in [
-            bucket(&self.tpm, self.limits.tpm, loan.tpm),
+            bucket(&self.tpm, self.limits.tpm, self.configured.tpm, loan.tpm),
             budget(
                 self.configured.day.tokens,
-                day.tokens,
+                day.map(|f| f.tokens),
                 d.used.tokens,
                 d.reserved.tokens,
                 w.day_end,
             ),
             budget(
                 self.configured.month.tokens,
-                month.tokens,
+                month.map(|f| f.tokens),
                 m.used.tokens,
                 m.reserved.tokens,
                 w.month_end,
@@ -948,15 +963,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
             });
         }
     }
-    let fleet_used =
-        |used: Option<Amount>, window: i64, current: i64| used.filter(|_| window == current);
-    let (fleet_day, fleet_month) = match &s.share {
-        Some(sh) => (
-            fleet_used(sh.fleet_day_used, sh.day_window, s.day.window),
-            fleet_used(sh.fleet_month_used, sh.month_window, s.month.window),
-        ),
-        None => (None, None),
-    };
+    let (fleet_day, fleet_month) = s.fleet_used();
     for (prefix, budget, counter, end, fleet) in [
         ("day", &s.configured.day, &s.day, w.day_end, fleet_day),
         (
@@ -1309,6 +1316,86 @@ mod tests {
     fn day_used(t: &TenantLedger) -> (Amount, Amount) {
         let s = t.lock();
         (s.tenant.day.used, s.tenant.day.reserved)
+    }
+
+    /// A fleet's share: nothing before the first answer; a budget admits up
+    /// to the allowance for its window only; a per-minute share credits the
+    /// bucket with what is new to the sidecar, and a shrinking one caps it.
+    #[test]
+    fn a_fleet_share_bounds_every_window() {
+        let l = TenantLimits {
+            priority: 3,
+            limits: Limits {
+                rpm: rate(60, 60),
+                day: Budget {
+                    requests: Some(100),
+                    ..Budget::default()
+                },
+                ..Limits::default()
+            },
+            models: HashMap::new(),
+        };
+        let t = Arc::new(TenantLedger::new_shared("t", &l));
+        let cal = calendar();
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
+        let day = cal.windows(cal.now()).day;
+        let share = |allowed: u64, held: u64, fresh: u64| Share {
+            day: Budget {
+                requests: Some(allowed),
+                ..Budget::default()
+            },
+            day_window: day,
+            rpm: Some(held),
+            rpm_fresh: Some(fresh),
+            ..Share::default()
+        };
+        // 3 allowed, 30 per minute held and all of it new: a burst of 30.
+        t.set_shares(&[(None, Some(share(3, 30, 30)))]);
+        for _ in 0..3 {
+            t.reserve("m", amt(0), &cal).unwrap().settle(amt(0));
+        }
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
+        // A large allowance: the rate share limits now (27 left of 30).
+        t.set_shares(&[(None, Some(share(1000, 30, 0)))]);
+        let mut n = 0;
+        while let Ok(r) = t.reserve("m", amt(0), &cal) {
+            r.settle(amt(0));
+            n += 1;
+        }
+        assert_eq!(n, 27);
+        // The share grows back to 30 from 10 with nothing new: no credit.
+        t.set_shares(&[(None, Some(share(1000, 10, 0)))]);
+        t.set_shares(&[(None, Some(share(1000, 30, 0)))]);
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "minute.requests"
+        );
+        // 20 new to this sidecar: 20 credited.
+        t.set_shares(&[(None, Some(share(1000, 50, 20)))]);
+        let mut n = 0;
+        while let Ok(r) = t.reserve("m", amt(0), &cal) {
+            r.settle(amt(0));
+            n += 1;
+        }
+        assert_eq!(n, 20);
+        // A share for another day's window allows nothing today.
+        t.set_shares(&[(
+            None,
+            Some(Share {
+                day_window: day - 1,
+                ..share(1000, 50, 50)
+            }),
+        )]);
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
     }
 
     #[test]

@@ -188,3 +188,122 @@ impl Validator<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RedisDown;
+    use crate::config::Config;
+    use std::time::Duration;
+
+    fn config(fleet: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let text = format!(
+            r#"
+fleet: {fleet}
+tenants:
+  - id: alpha
+    api_keys: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    models: ["*"]
+models:
+  - {{ name: gpt, fallback: [main] }}
+pools:
+  - {{ id: main, deployments: [{{ deployment: a }}] }}
+deployments:
+  - {{ id: a, base_url: "http://127.0.0.1:9/v1", model: gpt-x }}
+"#
+        );
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_yaml(&text, &|name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_settings() {
+        let c = config("{ redis_url: redis://127.0.0.1:6379/0 }", &[]).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(f.interval, Duration::from_secs(1));
+        assert_eq!(f.ttl, Duration::from_secs(10));
+        assert_eq!(f.on_redis_down, RedisDown::Local);
+        assert_eq!((f.namespace.as_str(), f.expected_replicas), ("collie", 1));
+        let c = config(
+            "{ redis_url_env: R, on_redis_down: closed, expected_replicas: 4, lease: { interval: 2s, ttl: 4s } }",
+            &[("R", "redis://:secret-pw@10.0.0.1:6379/2")],
+        )
+        .unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(
+            (f.on_redis_down, f.expected_replicas),
+            (RedisDown::Closed, 4)
+        );
+        assert_eq!(f.redis_url.expose(), "redis://:secret-pw@10.0.0.1:6379/2");
+        assert!(!format!("{f:?}").contains("secret-pw"));
+        assert!(config("null", &[]).unwrap().fleet.is_none());
+    }
+
+    #[test]
+    fn mistakes_are_named_and_urls_never_quoted() {
+        for (fleet, path) in [
+            ("{}", "fleet"),
+            ("{ redis_url: 'http://pw@x' }", "fleet.redis_url"),
+            (
+                "{ redis_url: redis://x, redis_url_env: R }",
+                "fleet.redis_url",
+            ),
+            ("{ redis_url_env: MISSING }", "fleet.redis_url_env"),
+            (
+                "{ redis_url: redis://x, lease: { interval: 1s, ttl: 1s } }",
+                "fleet.lease.ttl",
+            ),
+            (
+                "{ redis_url: redis://x, on_redis_down: maybe }",
+                "fleet.on_redis_down",
+            ),
+            (
+                "{ redis_url: redis://x, expected_replicas: 0 }",
+                "fleet.expected_replicas",
+            ),
+            (
+                "{ redis_url: redis://x, namespace: 'a b' }",
+                "fleet.namespace",
+            ),
+            ("{ redis_url: redis://x, lease: { bogus: 1 } }", "fleet"),
+        ] {
+            let err = config(fleet, &[]).unwrap_err();
+            assert!(err.contains(path), "{fleet}: {err}");
+            assert!(!err.contains("http://pw@x"), "{err}");
+        }
+    }
+
+    #[test]
+    fn lending_is_refused_in_a_fleet() {
+        let text = config("{ redis_url: redis://x }", &[]);
+        assert!(text.is_ok());
+        let err = Config::from_yaml(
+            r#"
+quota: { rebalance: { enabled: true } }
+fleet: { redis_url: "redis://x" }
+tenants:
+  - id: alpha
+    api_keys: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"]
+    models: ["*"]
+models:
+  - { name: gpt, fallback: [main] }
+pools:
+  - { id: main, deployments: [{ deployment: a }], max_concurrency: 4 }
+deployments:
+  - { id: a, base_url: "http://127.0.0.1:9/v1", model: gpt-x }
+"#,
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("quota.rebalance.enabled") && err.contains("fleet"),
+            "{err}"
+        );
+    }
+}
