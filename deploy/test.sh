@@ -52,6 +52,7 @@ echo "== collie check-config conf/*.yaml"
 cargo build --locked --quiet
 # Shipped configs name provider keys by environment variable; any value will do for validation.
 OPENAI_API_KEY=x AZURE_OPENAI_KEY=x DEEPSEEK_API_KEY=x COLLIE_DEMO_PROVIDER_KEY=x \
+  COLLIE_REDIS_URL=redis://127.0.0.1:6379/0 COLLIE_AUDIT_POSTGRES_URL=postgres://postgres@127.0.0.1/test \
   ./target/debug/collie check-config conf/*.yaml
 echo "== deploy kit checks (release binary, image, Kubernetes, systemd, Prometheus, Grafana)"
 cargo build --release --locked --quiet --bin collie
