@@ -187,3 +187,66 @@ async fn a_usd_budget_is_shared() {
     );
     stop_all(&mut procs);
 }
+
+/// The limit a sidecar reports for the tenant's day.requests window.
+async fn day_limit(base: &str) -> f64 {
+    let v: Value = Remote::new(base)
+        .get_as("/v1/collie/quota", "alpha", ALPHA_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["scopes"][0]["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window"] == "day.requests")
+        .unwrap()["limit"]
+        .as_f64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_may_change_limits_but_not_the_fleet() {
+    let a = mock().await;
+    let ns = namespace("reload");
+    let fleet = fleet_section(REDIS_URL, &ns, json!({}));
+    let conf = fleet_config(&a, json!({"requests_per_day": 100}), fleet.clone());
+    redis(REDIS_URL);
+    let (mut procs, dirs) = sidecars(&conf, 1);
+    let base = procs[0].base.clone();
+    let path = dirs[0].path().join("collie.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hup = |p: &Process| {
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(p.child.id().to_string())
+            .status()
+            .unwrap();
+    };
+    // A new limit, same fleet: taken.
+    std::fs::write(
+        &path,
+        text.replace("requests_per_day: 100", "requests_per_day: 200"),
+    )
+    .unwrap();
+    hup(&procs[0]);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            day_limit(&base).await == 200.0
+        })
+        .await
+    );
+    // Another namespace (and another limit): the whole reload is refused.
+    let moved = text
+        .replace("requests_per_day: 100", "requests_per_day: 300")
+        .replace(&ns, "elsewhere");
+    std::fs::write(&path, moved).unwrap();
+    hup(&procs[0]);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(day_limit(&base).await, 200.0);
+    assert_eq!(ask(&reqwest::Client::new(), &base).await.0, 200);
+    stop_all(&mut procs);
+}
