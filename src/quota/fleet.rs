@@ -48,6 +48,8 @@ pub(crate) enum FleetError {
     Timeout(Duration),
     #[error("redis answered {0} figures, expected {1}")]
     Shape(usize, usize),
+    #[error("redis did not answer the last call")]
+    Down,
 }
 
 /// One tenant's request for more, queued for the fleet service.
@@ -185,6 +187,8 @@ struct ScopeSync {
     reported_month: (i64, Amount),
     day: Option<BudgetFigures>,
     month: Option<BudgetFigures>,
+    /// The per-minute rates held (requests, tokens) after the last answer.
+    held: [u64; 2],
 }
 
 /// One tenant's state between calls.
@@ -411,7 +415,9 @@ impl Fleet {
     ) -> Result<Verdict, FleetError> {
         let uses = ledger.take_use(calendar);
         let plans = self.plan(&ledger.id, uses, extra, release);
-        if plans.is_empty() {
+        // A tenant with nothing to report, nothing wanted and nothing held
+        // costs no call: there is no lease to keep alive.
+        if plans.is_empty() || (extra.is_none() && !release && self.idle(&ledger.id, &plans)) {
             return Ok(Verdict::Grown);
         }
         let mut call = self.script.prepare_invoke();
@@ -699,6 +705,35 @@ impl Fleet {
         }
     }
 
+    /// Whether every scope of a periodic call would report nothing, want
+    /// nothing and give nothing back.
+    fn idle(&self, tenant: &str, plans: &[Plan]) -> bool {
+        let tenants = self.tenants();
+        let Some(t) = tenants.get(tenant) else {
+            return false;
+        };
+        plans.iter().all(|p| {
+            let Some(sync) = t.scopes.get(&p.model) else {
+                return false;
+            };
+            let budget_idle = |plan: &Option<(String, [i64; 12], Amount)>,
+                               known: &Option<BudgetFigures>| {
+                plan.as_ref().is_none_or(|(_, args, _)| {
+                    args.iter().skip(3).all(|&a| a <= 0)
+                        && known.is_some_and(|f| f.lease == Amount::default())
+                })
+            };
+            let rate_idle = |plan: &Option<(String, [u64; 3])>, held: u64| {
+                plan.as_ref()
+                    .is_none_or(|(_, args)| args[1] == 0 && held == 0)
+            };
+            budget_idle(&p.day, &sync.day)
+                && budget_idle(&p.month, &sync.month)
+                && rate_idle(&p.rpm, sync.held[0])
+                && rate_idle(&p.tpm, sync.held[1])
+        })
+    }
+
     /// Turn an answer into shares.
     fn apply(
         &self,
@@ -763,12 +798,14 @@ impl Fleet {
                 sync.reported_month = (f.window, used);
                 sync.month = Some(f);
             }
-            for (plan, slot, fresh) in [
-                (&p.rpm, &mut share.rpm, &mut share.rpm_fresh),
-                (&p.tpm, &mut share.tpm, &mut share.tpm_fresh),
+            let [held_rpm, held_tpm] = &mut sync.held;
+            for (plan, slot, fresh, held) in [
+                (&p.rpm, &mut share.rpm, &mut share.rpm_fresh, held_rpm),
+                (&p.tpm, &mut share.tpm, &mut share.tpm_fresh, held_tpm),
             ] {
                 if plan.is_some() {
                     *slot = Some(num(r));
+                    *held = num(r);
                     *fresh = Some(num(r.saturating_add(2)));
                     r = r.saturating_add(3);
                 }
@@ -781,15 +818,19 @@ impl Fleet {
         verdict
     }
 
-    /// Redis did not answer for `ledger`: fall back as configured.
-    /// Returns whether the tenant is now refused (`closed`, leases over).
-    pub(crate) fn fall_back(&self, ledger: &TenantLedger, calendar: &Calendar) -> bool {
+    /// Redis did not answer for `ledger`: fall back as configured. While
+    /// the leases last nothing changes, unless a request found them spent
+    /// (`exhausted`): `local` then adds its part of what was free.
+    fn fall_back(&self, ledger: &TenantLedger, calendar: &Calendar, exhausted: bool) {
         let now = Instant::now();
         let uses = ledger.take_use(calendar);
         let mut tenants = self.tenants();
         let t = tenants.entry(ledger.id.clone()).or_default();
         t.down = true;
         let leases_over = t.valid_until.is_none_or(|v| now >= v);
+        if !leases_over && !exhausted {
+            return;
+        }
         let replicas = u64::from(self.settings.expected_replicas.max(1));
         let mut shares = Vec::new();
         for usage in uses {
@@ -830,10 +871,28 @@ impl Fleet {
                                 amount(dims(free).map(|n| n.checked_div(replicas).unwrap_or(0)));
                             (allowance(b, used, lease.saturating_add(part)), part)
                         };
-                    let (day, day_part) =
-                        local(&c.day, &sync.day, usage.day_window, usage.day_used);
-                    let (month, month_part) =
-                        local(&c.month, &sync.month, usage.month_window, usage.month_used);
+                    // From the use reported at the last answer (in this
+                    // window): what was used since comes out of the lease
+                    // and the part, it does not add to them.
+                    let reported = |r: (i64, Amount), window: i64| {
+                        if r.0 == window {
+                            r.1
+                        } else {
+                            Amount::default()
+                        }
+                    };
+                    let (day, day_part) = local(
+                        &c.day,
+                        &sync.day,
+                        usage.day_window,
+                        reported(sync.reported_day, usage.day_window),
+                    );
+                    let (month, month_part) = local(
+                        &c.month,
+                        &sync.month,
+                        usage.month_window,
+                        reported(sync.reported_month, usage.month_window),
+                    );
                     let share = Share {
                         day,
                         day_window: usage.day_window,
@@ -847,7 +906,10 @@ impl Fleet {
                             .map(|r| r.per_minute.checked_div(replicas).unwrap_or(0)),
                         fleet_day_used: sync.day.map(|f| f.used),
                         fleet_month_used: sync.month.map(|f| f.used),
-                        ..Share::default()
+                        // What the bucket holds stays; it refills at the
+                        // fallback's rate (others may have spent theirs).
+                        rpm_fresh: Some(0),
+                        tpm_fresh: Some(0),
                     };
                     self.publish(
                         &ledger.id,
@@ -864,7 +926,6 @@ impl Fleet {
         }
         drop(tenants);
         ledger.set_shares(&shares);
-        self.settings.on_redis_down == RedisDown::Closed && leases_over
     }
 
     fn publish(
@@ -911,14 +972,22 @@ impl Fleet {
     /// Answer the top-ups of one tenant and model: one call, the shares
     /// applied.
     async fn answer(&self, req: Batch, calendar: &Calendar) {
-        let result = match self
-            .sync(&req.ledger, calendar, Some((&req.model, req.amount)), false)
-            .await
-        {
+        // Redis is known to be away (the periodic refresh finds it back):
+        // `local` admits from its part of the limit without asking it again.
+        let known_down = self.down(&req.ledger.id);
+        let asked = if known_down {
+            Err(FleetError::Down)
+        } else {
+            self.sync(&req.ledger, calendar, Some((&req.model, req.amount)), false)
+                .await
+        };
+        let result = match asked {
             Ok(v) => v,
             Err(e) => {
-                log::warn!("fleet: top-up for {}: {e}", req.ledger.id);
-                self.fall_back(&req.ledger, calendar);
+                if !known_down {
+                    log::warn!("fleet: top-up for {}: {e}", req.ledger.id);
+                }
+                self.fall_back(&req.ledger, calendar, true);
                 match self.settings.on_redis_down {
                     // The fallback share may admit it.
                     RedisDown::Local => Verdict::Grown,
@@ -986,7 +1055,7 @@ impl Fleet {
                 }
             }
             if !release {
-                self.fall_back(l, calendar);
+                self.fall_back(l, calendar, false);
             }
         }
     }
@@ -1022,13 +1091,9 @@ impl super::Authority for Fleet {
         _refusal: &super::Refusal,
         amount: Amount,
     ) -> TopUp {
-        if self.down(&tenant.id) {
-            let result = match self.settings.on_redis_down {
-                RedisDown::Local => TopUp::Spent,
-                RedisDown::Closed => TopUp::Unavailable,
-            };
-            self.count_top_up(result);
-            return result;
+        if self.down(&tenant.id) && self.settings.on_redis_down == RedisDown::Closed {
+            self.count_top_up(TopUp::Unavailable);
+            return TopUp::Unavailable;
         }
         // Asked again while other sidecars hold leases, until they give
         // some back or the wait is over.

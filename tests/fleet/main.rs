@@ -66,7 +66,10 @@ fn fleet_section(url: &str, ns: &str, extra: Value) -> Value {
     let mut f = json!({
         "redis_url": url,
         "namespace": ns,
-        "lease": {"interval": "200ms", "ttl": "2s", "call_timeout": "200ms", "top_up_wait": "1s"},
+        "lease": {"interval": "200ms", "ttl": "2s", "call_timeout": "1s", "top_up_wait": "2s"},
+        // As many as the tests run (at most three), so the `local`
+        // fallback, should a slow call trigger it, keeps the limit too.
+        "expected_replicas": 3,
     });
     if let (Some(f), Some(extra)) = (f.as_object_mut(), extra.as_object()) {
         for (k, v) in extra {

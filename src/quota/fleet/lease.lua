@@ -225,17 +225,23 @@ for k = 1, nr do
     end
     left = left - math.min(wants[j], each)
   end
-  local held = math.floor(math.max(0, math.min(target, capacity - held_by_others)))
-  -- Capacity given up stays committed for a cool-down (the time the
-  -- sidecar's bucket takes to refill), so what it already spent is not
-  -- handed to another sidecar to spend again within the minute.
   local floor, floor_until = mine[4], mine[5]
   if floor_until < now then
     floor = 0
   end
   local committed_before = math.max(mine[3], floor)
-  if held < committed_before then
-    floor = committed_before
+  -- A share grows by at most a fair part of what is free (so the first
+  -- sidecar to ask does not take it all before the others have said what
+  -- they want), and never past what the others have committed.
+  local free = math.max(0, capacity - held_by_others - committed_before)
+  local step = math.ceil(free / n)
+  local held = math.floor(math.max(0, math.min(target, capacity - held_by_others,
+    committed_before + step)))
+  -- Capacity given up stays committed for a cool-down (the time the
+  -- sidecar's bucket takes to refill), so what it already spent is not
+  -- handed to another sidecar to spend again within the minute.
+  if held < mine[3] then
+    floor = math.max(floor, mine[3])
     floor_until = now + cooldown
   end
   redis.call('HSET', key, me, join({now + ttl, want, held, floor, floor_until}))
