@@ -91,6 +91,9 @@ pub struct Collie {
     audit: Option<AuditHandle>,
     alerts: Arc<Alerts>,
     drain: DrainParts,
+    /// Added to the server when it runs, so that [`Collie::watch_config`]
+    /// can still change it.
+    reloader: Option<Reloader>,
 }
 
 /// What a graceful stop acts on.
@@ -264,16 +267,16 @@ impl Collie {
             },
         ));
 
-        if let Some(path) = config_path {
-            server.add_service(background_service(
-                "config reload",
-                Reloader {
-                    path,
-                    state: Arc::clone(&state),
-                },
-            ));
-        }
+        let reloader = config_path.map(|path| Reloader {
+            // What was loaded, near enough: the file as it is now.
+            seen: std::fs::read(&path).ok(),
+            path,
+            state: Arc::clone(&state),
+            metrics: Arc::clone(&metrics),
+            poll: None,
+        });
         Ok(Collie {
+            reloader,
             listen,
             admin_listen,
             drain: DrainParts {
@@ -288,8 +291,26 @@ impl Collie {
         })
     }
 
+    /// Also reload the config file when its content changes, checked every
+    /// `every` (a Kubernetes ConfigMap volume is updated in place by the
+    /// kubelet; nobody sends a signal). Without a config file, nothing.
+    pub fn watch_config(&mut self, every: Duration) {
+        if let Some(r) = &mut self.reloader {
+            // A zero interval would spin.
+            r.poll = Some(every.max(Duration::from_millis(100)));
+        }
+    }
+
+    fn add_reloader(&mut self) {
+        if let Some(r) = self.reloader.take() {
+            self.server
+                .add_service(background_service("config reload", r));
+        }
+    }
+
     /// Run until SIGTERM (graceful) or SIGINT (fast).
-    pub fn run_until_signalled(self) {
+    pub fn run_until_signalled(mut self) {
+        self.add_reloader();
         log::info!(
             "collie listening on {} (admin on {})",
             self.listen,
@@ -311,7 +332,8 @@ impl Collie {
 
     /// Run on a thread of its own until the returned handle is dropped or
     /// stopped. Waits until the gateway accepts connections.
-    pub fn spawn(self) -> Result<Running, StartError> {
+    pub fn spawn(mut self) -> Result<Running, StartError> {
+        self.add_reloader();
         let (tx, rx) = tokio::sync::watch::channel(None);
         let listen = self.listen;
         let admin_listen = self.admin_listen;
@@ -618,11 +640,19 @@ impl BackgroundService for DnsRefresh {
     }
 }
 
-/// Reloads the config file on SIGHUP. A file that fails validation is
-/// reported and the running config stays.
+/// Reloads the config file on SIGHUP and, when watching, when its content
+/// changes. A file that fails validation is reported (log and
+/// `collie_config_reloads_total{result="failure"}`) and the running config
+/// stays; a watched file is not tried again until it changes again.
 struct Reloader {
     path: PathBuf,
     state: Arc<State>,
+    metrics: Arc<Metrics>,
+    /// How often to compare the file with `seen`; `None`: on SIGHUP only.
+    poll: Option<Duration>,
+    /// The file's content when it was last loaded or tried. Whole, not a
+    /// digest: a config is small and is read whole anyway.
+    seen: Option<Vec<u8>>,
 }
 
 #[async_trait]
@@ -635,19 +665,47 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        let mut seen = self.seen.clone();
         loop {
-            tokio::select! {
-                _ = hup.recv() => {}
+            let tick = async {
+                match self.poll {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let signalled = tokio::select! {
+                _ = hup.recv() => true,
+                _ = tick => false,
                 _ = shutdown.changed() => return,
+            };
+            // A file that cannot be read now is not a change (a ConfigMap
+            // update swaps a symlink, atomically); SIGHUP reports it.
+            let now = tokio::fs::read(&self.path).await.ok();
+            if !signalled {
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                log::info!("{} changed; reloading", self.path.display());
             }
+            seen = now;
             // Reading the file and resolving deployments' host names
             // block: off the async workers, so a slow DNS server cannot
             // stall the requests they serve.
             let (state, path) = (Arc::clone(&self.state), self.path.clone());
-            match tokio::task::spawn_blocking(move || state.reload_file(&path)).await {
-                Ok(Ok(())) => log::info!("reloaded {}", self.path.display()),
-                Ok(Err(e)) => log::error!("kept the running config; {e}"),
-                Err(e) => log::error!("kept the running config; the reload did not finish: {e}"),
+            let outcome = tokio::task::spawn_blocking(move || state.reload_file(&path)).await;
+            match outcome {
+                Ok(Ok(())) => {
+                    self.metrics.config.reloaded();
+                    log::info!("reloaded {}", self.path.display());
+                }
+                Ok(Err(e)) => {
+                    self.metrics.config.reload_failed();
+                    log::error!("kept the running config; {e}");
+                }
+                Err(e) => {
+                    self.metrics.config.reload_failed();
+                    log::error!("kept the running config; the reload did not finish: {e}");
+                }
             }
         }
     }
