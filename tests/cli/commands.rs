@@ -111,6 +111,23 @@ fn run_tells_a_dependency_that_is_down_from_a_bad_config() {
         err.contains(&format!("listen address 127.0.0.1:{port} is unavailable")),
         "{err}"
     );
+    // It says so before anything claims to listen (nothing retries the
+    // port in the background, nothing answers /readyz).
+    assert!(!err.contains("collie listening"), "{err}");
+    // Held on every interface, the port is taken for loopback too.
+    drop(taken);
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, err) = run_with(
+        &listen_on(free_port(), port).set("audit", json!({"sink": "off"})),
+        "",
+    );
+    assert_eq!(code, Some(69), "{err}");
+    assert!(
+        err.contains(&format!("listen address 127.0.0.1:{port} is unavailable")),
+        "the admin port too: {err}"
+    );
+    assert!(!err.contains("collie listening"), "{err}");
     drop(taken);
 
     // The same files with a mistake are still a bad config (64), reported
