@@ -237,11 +237,7 @@ fn run(path: PathBuf, watch: Option<std::time::Duration>) -> ExitCode {
     reason = "command-line output"
 )]
 fn check_config(files: &[PathBuf], allow_missing_env: bool) -> ExitCode {
-    let missing = if allow_missing_env {
-        MissingEnv::Allow
-    } else {
-        MissingEnv::Refuse
-    };
+    let missing = missing_env(allow_missing_env);
     let mut bad = false;
     for f in files {
         // A valid file that serves nobody (empty, or no tenants) is what
@@ -282,6 +278,15 @@ fn check_config(files: &[PathBuf], allow_missing_env: bool) -> ExitCode {
         ExitCode::from(EX_USAGE)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `--allow-missing-env` given or not.
+fn missing_env(allowed: bool) -> MissingEnv {
+    if allowed {
+        MissingEnv::Allow
+    } else {
+        MissingEnv::Refuse
     }
 }
 
@@ -329,11 +334,7 @@ fn mock(args: collie_mock::MockArgs) -> ExitCode {
 fn audit(command: AuditCommand) -> ExitCode {
     use collie::audit::report;
     let open = |t: &TrailArgs| {
-        let missing = if t.allow_missing_env {
-            MissingEnv::Allow
-        } else {
-            MissingEnv::Refuse
-        };
+        let missing = missing_env(t.allow_missing_env);
         report::open_sink(t.sink.as_deref(), t.config.as_deref(), missing)
     };
     let result: Result<ExitCode, TrailError> = match command {
