@@ -24,6 +24,7 @@ use pingora::services::listening::Service;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why the process could not start. Each kind asks for a different answer
@@ -94,6 +95,8 @@ pub struct Collie {
     /// Added to the server when it runs, so that [`Collie::watch_config`]
     /// can still change it.
     reloader: Option<Reloader>,
+    /// `/readyz` fails until the gateway listener accepts connections.
+    gateway_accepting: Arc<AtomicBool>,
 }
 
 /// What a graceful stop acts on.
@@ -193,6 +196,7 @@ impl Collie {
             Err(e @ AuditError::Thread(_)) => return Err(StartError::internal("audit", e)),
         };
         let lifecycle = Lifecycle::default();
+        let gateway_accepting = Arc::new(AtomicBool::new(false));
         let gateway = Gateway::new(
             Arc::clone(&state),
             Arc::clone(&metrics),
@@ -230,6 +234,7 @@ impl Collie {
                     metrics: Arc::clone(&metrics),
                     state: Arc::clone(&state),
                     draining: lifecycle.draining.clone(),
+                    gateway_accepting: Arc::clone(&gateway_accepting),
                     bodies,
                     alerts: Arc::clone(&alerts),
                     subscribers: Default::default(),
@@ -276,6 +281,7 @@ impl Collie {
             poll: None,
         });
         Ok(Collie {
+            gateway_accepting,
             reloader,
             listen,
             admin_listen,
@@ -308,14 +314,19 @@ impl Collie {
         }
     }
 
-    /// Run until SIGTERM (graceful) or SIGINT (fast).
+    /// Run until SIGTERM (graceful) or SIGINT (fast). Exits the process
+    /// with 69 if the gateway listener never accepts connections (see
+    /// [`GatewayCheck`]).
     pub fn run_until_signalled(mut self) {
         self.add_reloader();
-        log::info!(
-            "collie listening on {} (admin on {})",
-            self.listen,
-            self.admin_listen
-        );
+        self.server.add_service(background_service(
+            "gateway check",
+            GatewayCheck {
+                listen: self.listen,
+                admin_listen: self.admin_listen,
+                accepting: Arc::clone(&self.gateway_accepting),
+            },
+        ));
         self.server.run(RunArgs {
             shutdown_signal: Box::new(Drain {
                 signal: UnixSignals,
@@ -342,6 +353,7 @@ impl Collie {
         let audit = self.audit;
         let alerts = self.alerts;
         let parts = self.drain;
+        let gateway_accepting = self.gateway_accepting;
         let thread = std::thread::Builder::new()
             .name("collie".into())
             .spawn(move || {
@@ -368,6 +380,7 @@ impl Collie {
             wait_until_accepting(addr)
                 .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))?;
         }
+        gateway_accepting.store(true, Ordering::Release);
         Ok(running)
     }
 }
@@ -383,8 +396,72 @@ fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
         .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))
 }
 
+/// Where to connect to reach a listener on `addr`: an unspecified address
+/// (`0.0.0.0`, `[::]`) is reached through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+/// How long the gateway listener may take to accept connections before the
+/// process gives up: Pingora retries a bind that fails for about 30 s.
+const LISTEN_PATIENCE: Duration = Duration::from_secs(40);
+
+/// Watches for the gateway listener to accept connections: until then
+/// `/readyz` fails; then "listening" is logged; if it never does (its port
+/// taken in the instant after [`check_bindable`], and Pingora's listener
+/// thread gave up), the process exits with 69 rather than run, ready-looking,
+/// without its gateway. A connection that another process on the port
+/// accepts is not told apart; `check_bindable` makes that case rare.
+struct GatewayCheck {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    accepting: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for GatewayCheck {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let started = Instant::now();
+        let target = reachable(self.listen);
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(target),
+            );
+            tokio::select! {
+                r = attempt => if matches!(r, Ok(Ok(_))) {
+                    self.accepting.store(true, Ordering::Release);
+                    log::info!(
+                        "collie listening on {} (admin on {})",
+                        self.listen,
+                        self.admin_listen
+                    );
+                    return;
+                },
+                _ = shutdown.changed() => return,
+            }
+            if started.elapsed() > LISTEN_PATIENCE {
+                log::error!(
+                    "cannot start: the gateway listener on {} did not accept connections within {LISTEN_PATIENCE:?} (is its port taken?)",
+                    self.listen
+                );
+                std::process::exit(69);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// The last connect error when nothing accepts on `addr` within ~10 s.
 fn wait_until_accepting(addr: SocketAddr) -> std::io::Result<()> {
+    let addr = reachable(addr);
     let mut last = None;
     for _ in 0..1000 {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {

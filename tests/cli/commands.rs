@@ -442,3 +442,45 @@ fn help_describes_every_option_and_version_names_the_commit() {
     );
     assert!(!version.contains("commit )"), "{version}");
 }
+
+/// `/readyz` and the "listening" line wait for the gateway listener itself
+/// (the admin listener can be up first): once either says so, the gateway
+/// accepts connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_and_listening_mean_the_gateway_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let conf = Conf::two_tenants(&["m"])
+        .model(Model::new("m", &["p"]))
+        .pool(Pool::new("p", &["d"]))
+        .deployment(Deployment::new("d", "http://127.0.0.1:9/v1", "up").key("KEY_A"));
+    let mut p = run_collie(
+        dir.path(),
+        &conf,
+        Some(Log {
+            file: &log,
+            rust_log: "info",
+        }),
+    );
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..250 {
+        let r = client.get(format!("{}/readyz", p.admin)).send().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ready, "never ready");
+    let gateway = p.base.trim_start_matches("http://").to_string();
+    assert!(std::net::TcpStream::connect(&gateway).is_ok());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches(&format!("collie listening on {gateway} (admin on "))
+            .count(),
+        1,
+        "{text}"
+    );
+    terminate(&mut p.child);
+}

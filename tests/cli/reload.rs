@@ -67,11 +67,19 @@ async fn reloads_until(admin: &str, what: &str, done: impl Fn(&Reloads) -> bool)
     panic!("{what}: {:?}", reloads(admin).await);
 }
 
+/// Replace the config file at once, as the kubelet updates a ConfigMap
+/// volume: a watcher never reads it half written.
+fn replace(dir: &std::path::Path, text: &str) {
+    let next = dir.join("collie.yaml.next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, dir.join("collie.yaml")).unwrap();
+}
+
 /// Rewrite the running process's config file (same listeners).
 fn rewrite(dir: &std::path::Path, p: &Process, conf: &Conf) {
     let addr = |url: &str| url.trim_start_matches("http://").to_string();
     let full = full_config(conf, &addr(&p.base), &addr(&p.admin));
-    std::fs::write(dir.join("collie.yaml"), full.yaml()).unwrap();
+    replace(dir, &full.yaml());
 }
 
 async fn models(p: &Process) -> Vec<String> {
@@ -114,7 +122,7 @@ async fn a_sighup_reload_good_or_bad_moves_the_reload_metrics() {
     assert!(good.last_success_at > start.last_success_at, "{good:?}");
     assert_eq!(models(&p).await, ["extra", "m"]);
 
-    std::fs::write(dir.path().join("collie.yaml"), "threads: 0\n").unwrap();
+    replace(dir.path(), "threads: 0\n");
     sighup(&p.child);
     let bad = reloads_until(&p.admin, "a bad file is refused", |r| r.failure == 1.0).await;
     assert_eq!(bad.success, 1.0, "{bad:?}");
@@ -142,7 +150,7 @@ async fn a_watched_config_file_is_reloaded_when_it_changes() {
     reloads_until(&p.admin, "a changed file is reloaded", |r| r.success == 1.0).await;
     assert_eq!(models(&p).await, ["extra", "m"]);
 
-    std::fs::write(dir.path().join("collie.yaml"), "tenants: [\n").unwrap();
+    replace(dir.path(), "tenants: [\n");
     let bad = reloads_until(&p.admin, "a broken file is refused", |r| r.failure == 1.0).await;
     assert_eq!(bad.last_successful, 0.0, "{bad:?}");
     // Tried once: the same broken content is not tried again.
