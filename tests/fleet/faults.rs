@@ -71,7 +71,7 @@ async fn local_mode_keeps_admitting_without_redis_and_reconciles_after() {
     assert!(bound > 0.0, "the fallback's allowance is not exported");
 
     r.restart();
-    for p in &procs {
+    for p in procs.iter() {
         let admin = p.admin.clone();
         assert!(
             until(Duration::from_secs(5), || async {

@@ -79,14 +79,42 @@ fn fleet_section(url: &str, ns: &str, extra: Value) -> Value {
     f
 }
 
+/// Sidecar processes that are killed when the test ends, however it ends
+/// (a failed assertion must not leave them running).
+struct Sidecars(Vec<Process>);
+
+impl std::ops::Deref for Sidecars {
+    type Target = Vec<Process>;
+    fn deref(&self) -> &Vec<Process> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Sidecars {
+    fn deref_mut(&mut self) -> &mut Vec<Process> {
+        &mut self.0
+    }
+}
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            if p.child.try_wait().ok().flatten().is_none() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
 /// `n` sidecars on one config, each with its own directory.
-fn sidecars(conf: &Conf, n: usize) -> (Vec<Process>, Vec<tempfile::TempDir>) {
+fn sidecars(conf: &Conf, n: usize) -> (Sidecars, Vec<tempfile::TempDir>) {
     let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let procs = dirs
         .iter()
         .map(|d| run_collie(d.path(), conf, None))
         .collect();
-    (procs, dirs)
+    (Sidecars(procs), dirs)
 }
 
 fn stop_all(procs: &mut [Process]) {
