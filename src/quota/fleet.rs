@@ -354,6 +354,21 @@ impl Fleet {
         self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// What a sidecar asks of a per-minute rate: a quarter more than its
+    /// demand, and while it has any, at least its even part of the rate
+    /// (rate / expected_replicas), so a limit far above the traffic is not
+    /// rationed to the last interval's demand. An idle sidecar asks nothing.
+    fn rate_want(&self, demand: u64, asked: u64, capacity: u64) -> u64 {
+        let want = per_minute(demand, self.settings.interval, asked);
+        if want == 0 {
+            return 0;
+        }
+        let even = capacity
+            .checked_div(u64::from(self.settings.expected_replicas))
+            .unwrap_or(capacity);
+        want.max(even).min(capacity)
+    }
+
     /// The want to ask for a rate key: the most of this and the last wants
     /// within a lease's ttl.
     fn sticky(&self, key: &str, want: u64) -> u64 {
@@ -476,7 +491,6 @@ impl Fleet {
     ) -> Vec<Plan> {
         let tenants = self.tenants();
         let known = tenants.get(tenant);
-        let interval = self.settings.interval;
         let mut plans = Vec::new();
         for usage in uses {
             let c = usage.configured;
@@ -535,7 +549,7 @@ impl Fleet {
                     let want = if release {
                         0
                     } else {
-                        self.sticky(&key, per_minute(demand, interval, asked).min(r.per_minute))
+                        self.sticky(&key, self.rate_want(demand, asked, r.per_minute))
                     };
                     (
                         key,
@@ -581,7 +595,6 @@ impl Fleet {
         &self,
         keys: &[ProviderAsk],
     ) -> Result<Vec<ProviderShare>, FleetError> {
-        let interval = self.settings.interval;
         let mut call = self.script.prepare_invoke();
         let mut nr = 0u32;
         let mut args = Vec::new();
@@ -595,7 +608,7 @@ impl Fleet {
                     );
                     // A provider's limit is a plain per-minute window: its
                     // burst is its rate, and a bucket refills in a minute.
-                    let want = self.sticky(&key, per_minute(demand, interval, 0).min(limit));
+                    let want = self.sticky(&key, self.rate_want(demand, 0, limit));
                     call.key(key);
                     nr = nr.saturating_add(1);
                     args.extend([figure(limit), figure(want), 60_000]);
