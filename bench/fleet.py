@@ -68,7 +68,7 @@ def redis_commands():
     return 0
 
 
-def config(path, port, admin, fleet):
+def config(path, port, admin, fleet, namespace="bench", replicas=1):
     lines = [
         f"listen: 127.0.0.1:{port}",
         f"admin_listen: 127.0.0.1:{admin}",
@@ -93,9 +93,9 @@ def config(path, port, admin, fleet):
         lines += [
             "fleet:",
             f"  redis_url: redis://127.0.0.1:{REDIS_PORT}/0",
-            "  namespace: bench",
+            f"  namespace: {namespace}",
             "  on_redis_down: local",
-            "  expected_replicas: 3",
+            f"  expected_replicas: {replicas}",
         ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -165,7 +165,9 @@ def main():
             members = []
             for i in range(n):
                 conf = os.path.join(tmp, f"{arm}-{i}.yaml")
-                config(conf, port, port + 1000, fleet)
+                # Each arm a fleet of its own: the one-sidecar fleet must not
+                # find the three-sidecar fleet's shares held.
+                config(conf, port, port + 2000, fleet, namespace=arm, replicas=n)
                 p = start([f"{REL}/collie", "run", "--config", conf], port, env=env)
                 members.append((port, p.pid))
                 port += 1

@@ -34,7 +34,7 @@ const HOLDS: &str = include_str!("fleet/holds.lua");
 const MAX_FIGURE: u64 = 1 << 53;
 
 /// How many demand intervals a budget lease is sized for.
-const LEASE_INTERVALS: u64 = 2;
+const LEASE_INTERVALS: u64 = 4;
 
 /// Top-ups waiting for the fleet service, at most.
 const TOP_UP_QUEUE: usize = 1024;
@@ -200,6 +200,9 @@ struct TenantSync {
     valid_until: Option<Instant>,
     /// Redis did not answer the last call.
     down: bool,
+    /// When the demand was last taken: demand is scaled to one interval,
+    /// however long since (a top-up takes it early).
+    last_take: Option<Instant>,
 }
 
 /// A sidecar's side of the fleet protocol.
@@ -357,10 +360,11 @@ impl Fleet {
     /// What a sidecar asks of a per-minute rate: a quarter more than its
     /// demand, and while it has any, at least its even part of the rate
     /// (rate / expected_replicas), so a limit far above the traffic is not
-    /// rationed to the last interval's demand. An idle sidecar asks nothing.
-    fn rate_want(&self, demand: u64, asked: u64, capacity: u64) -> u64 {
+    /// rationed to the last interval's demand. An idle sidecar asks nothing,
+    /// unless `keep` (a provider key's share, which has no top-up).
+    fn rate_want(&self, demand: u64, asked: u64, capacity: u64, keep: bool) -> u64 {
         let want = per_minute(demand, self.settings.interval, asked);
-        if want == 0 {
+        if want == 0 && !keep {
             return 0;
         }
         let even = capacity
@@ -489,7 +493,25 @@ impl Fleet {
         extra: Option<(&str, Amount)>,
         release: bool,
     ) -> Vec<Plan> {
-        let tenants = self.tenants();
+        let mut tenants = self.tenants();
+        let interval = self.settings.interval;
+        let elapsed = {
+            let t = tenants.entry(tenant.to_string()).or_default();
+            let now = Instant::now();
+            let elapsed = t
+                .last_take
+                .map_or(interval, |at| now.saturating_duration_since(at));
+            t.last_take = Some(now);
+            elapsed.max(interval / 10)
+        };
+        // Demand over `elapsed`, as over one interval.
+        let per_interval = |d: u64| {
+            let scaled = u128::from(d)
+                .saturating_mul(interval.as_millis())
+                .checked_div(elapsed.as_millis())
+                .unwrap_or(u128::from(d));
+            u64::try_from(scaled).unwrap_or(u64::MAX)
+        };
         let known = tenants.get(tenant);
         let mut plans = Vec::new();
         for usage in uses {
@@ -501,6 +523,7 @@ impl Fleet {
                 .and_then(|t| t.scopes.get(&usage.model))
                 .cloned()
                 .unwrap_or_default();
+            let demand = amount(dims(usage.demand).map(per_interval));
             // The refused request counts for the tenant's scope and for the
             // scope of its model.
             let ask = extra
@@ -524,7 +547,7 @@ impl Fleet {
                 } else {
                     let mut w = need;
                     for _ in 0..LEASE_INTERVALS {
-                        w = w.saturating_add(usage.demand);
+                        w = w.saturating_add(demand);
                     }
                     w
                 };
@@ -549,7 +572,7 @@ impl Fleet {
                     let want = if release {
                         0
                     } else {
-                        self.sticky(&key, self.rate_want(demand, asked, r.per_minute))
+                        self.sticky(&key, self.rate_want(demand, asked, r.per_minute, false))
                     };
                     (
                         key,
@@ -578,8 +601,8 @@ impl Fleet {
                     usage.month_reserved,
                     sync.reported_month,
                 ),
-                rpm: rate("rpm", c.rpm, usage.demand.requests, ask.requests),
-                tpm: rate("tpm", c.tpm, usage.demand.tokens, ask.tokens),
+                rpm: rate("rpm", c.rpm, demand.requests, ask.requests),
+                tpm: rate("tpm", c.tpm, demand.tokens, ask.tokens),
                 model: usage.model.clone(),
                 configured: c,
                 usage,
@@ -608,7 +631,9 @@ impl Fleet {
                     );
                     // A provider's limit is a plain per-minute window: its
                     // burst is its rate, and a bucket refills in a minute.
-                    let want = self.sticky(&key, self.rate_want(demand, 0, limit));
+                    // A provider key has no top-up (selection cannot wait
+                    // for Redis): its even part is held even while idle.
+                    let want = self.sticky(&key, self.rate_want(demand, 0, limit, true));
                     call.key(key);
                     nr = nr.saturating_add(1);
                     args.extend([figure(limit), figure(want), 60_000]);
