@@ -38,6 +38,8 @@ pub(crate) const X_COLLIE_ATTEMPTS: http::HeaderName =
 pub(crate) const X_COLLIE_REQUEST_ID: http::HeaderName =
     http::HeaderName::from_static("x-collie-request-id");
 pub(crate) const X_COLLIE_ERROR: http::HeaderName = http::HeaderName::from_static("x-collie-error");
+pub(crate) const X_COLLIE_COST_USD: http::HeaderName =
+    http::HeaderName::from_static("x-collie-cost-usd");
 
 /// The endpoint a request line names, or why it names none.
 fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {

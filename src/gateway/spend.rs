@@ -141,6 +141,23 @@ pub(crate) fn settle(finished: &Finished, reservation: Option<Reservation>) -> O
     })
 }
 
+/// What a non-streamed answer costs its tenant, for `x-collie-cost-usd`:
+/// exactly what [`settle`] charges a 2xx answer whose usage the provider
+/// reported — that usage priced at the deployment that served, by the same
+/// integer arithmetic. `None` where settlement would not price reported
+/// usage: no usage with a total (the charge is then an estimate), or no
+/// price for the deployment.
+pub(crate) fn billed_nano_usd(usage: Option<Usage>, price: Option<Price>) -> Option<u64> {
+    usage.filter(|u| u.total().is_some())?.cost_nano_usd(price)
+}
+
+/// Nanodollars as a decimal USD amount with all nine places (`0.000156000`):
+/// exact, never a float's rounding.
+pub(crate) fn usd_text(nano: u64) -> String {
+    const NANO_PER_USD: u64 = 1_000_000_000;
+    format!("{}.{:09}", nano / NANO_PER_USD, nano % NANO_PER_USD)
+}
+
 /// The longest a request may wait for a saturated pool: the configured
 /// maximum, or less when the client says it gives up sooner
 /// (`x-collie-max-wait` in seconds or `30s` form, or the OpenAI SDK's
@@ -273,6 +290,14 @@ mod tests {
             let large_fits = ledger.reserve("m", y, &calendar).map(|r| r.refund()).is_ok();
             prop_assert!(small_fits || !large_fits, "admitted {y:?} after refusing {x:?}");
         }
+    }
+
+    #[test]
+    fn usd_text_is_exact() {
+        assert_eq!(usd_text(0), "0.000000000");
+        assert_eq!(usd_text(156_000), "0.000156000");
+        assert_eq!(usd_text(1_000_000_001), "1.000000001");
+        assert_eq!(usd_text(u64::MAX), "18446744073.709551615");
     }
 
     #[test]
