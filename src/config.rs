@@ -14,7 +14,9 @@ mod tls;
 pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
 pub(crate) use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
-pub(crate) use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
+pub(crate) use quota::{
+    Budget, Limits, PriorityFactors, QuotaSettings, Rate, RebalanceSettings, TenantLimits,
+};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
@@ -686,7 +688,7 @@ impl Validator<'_> {
         let deployments = self.deployments(raw.deployments);
         let pools = self.pools(raw.pools, &deployments);
         let models = self.models(raw.models, &pools);
-        let tenants = self.tenants(raw.tenants, &models, &defaults);
+        let tenants = self.tenants(raw.tenants, &models, &defaults, quota.priority_factors);
         let pricing = self.pricing(raw.pricing);
         self.check_rebalance_capacity(&quota, &pools.items);
         self.check_priced_budgets(
@@ -1082,6 +1084,7 @@ impl Validator<'_> {
         raw: Vec<serde_yaml_ng::Value>,
         models: &[Model],
         defaults: &raw::RawLimits,
+        factors: PriorityFactors,
     ) -> Vec<Tenant> {
         let mut out: Vec<Tenant> = Vec::new();
         let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
@@ -1160,6 +1163,7 @@ impl Validator<'_> {
                 t.quota.as_ref(),
                 defaults,
                 priority,
+                factors,
                 models,
             );
             out.push(Tenant {

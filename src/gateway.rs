@@ -522,7 +522,8 @@ async fn respond_models(
     .await
 }
 
-/// `GET /v1/collie/quota`: every window of the caller's own quota.
+/// `GET /v1/collie/quota`: every window of the caller's own quota, and the
+/// factor its priority applied to the per-minute rates shown.
 async fn respond_quota(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -533,7 +534,13 @@ async fn respond_quota(
         .quota
         .ledger(tenant)
         .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    respond_json(session, ctx, &ledger.report(snap.quota.calendar())).await
+    let mut report = serde_json::to_value(ledger.report(snap.quota.calendar()))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    if let (Some(fields), Some(t)) = (report.as_object_mut(), snap.config.tenants.get(tenant)) {
+        let factor = snap.config.quota.priority_factors.factor(t.priority);
+        fields.insert("rate_factor".into(), serde_json::json!(factor));
+    }
+    respond_json(session, ctx, &report).await
 }
 
 /// A 200 JSON answer Collie gives itself, with its usual headers.

@@ -276,6 +276,9 @@ pub(crate) struct RawQuota {
     pub(crate) max_wait: Option<String>,
     #[serde(default)]
     pub(crate) rebalance: Option<RawRebalance>,
+    /// Per-minute rates scaled by the tenant's priority: `{1: 2.0, …, 5: 0.5}`.
+    #[serde(default)]
+    pub(crate) priority_factors: Option<serde_yaml_ng::Mapping>,
 }
 
 #[derive(Debug, Deserialize)]
