@@ -143,6 +143,8 @@ pub(crate) struct Model {
     pub(crate) routes: Vec<Route>,
     pub(crate) max_output_tokens: Option<u64>,
     pub(crate) family: Family,
+    /// Context window of the deployments serving the model that set none.
+    pub(crate) context_window: Option<u64>,
 }
 
 impl Model {
@@ -245,6 +247,9 @@ pub struct Deployment {
     /// The provider's per-minute limits for this key.
     pub(crate) rpm: Option<u64>,
     pub(crate) tpm: Option<u64>,
+    /// Tokens (prompt + output) the deployment's model holds; `None`: the
+    /// model's, else unbounded.
+    pub(crate) context_window: Option<u64>,
     pub(crate) health: HealthSettings,
 }
 
@@ -901,6 +906,8 @@ impl Validator<'_> {
         let health = self.health(&format!("{path}.health"), d.health.as_ref());
         let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
         let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
+        let context_window =
+            self.optional_positive(&format!("{path}.context_window"), d.context_window);
         let base_url = base_url?;
         let model_header = model_header?;
         if self.errors.len() > before {
@@ -918,6 +925,7 @@ impl Validator<'_> {
             timeouts,
             rpm,
             tpm,
+            context_window,
             health,
         })
     }
@@ -1068,12 +1076,15 @@ impl Validator<'_> {
                     Family::Generic
                 }),
             };
+            let context_window =
+                self.optional_positive(&format!("{path}.context_window"), m.context_window);
             out.push(Model {
                 name: m.name,
                 chain,
                 routes,
                 max_output_tokens,
                 family,
+                context_window,
             });
         }
         out
@@ -1527,6 +1538,35 @@ deployments:
         }
         // `b` failed to parse; a reference to it is not reported again.
         assert!(!lines.iter().any(|l| l.contains("unknown deployment `b`")));
+    }
+
+    #[test]
+    fn context_windows_are_positive_token_counts() {
+        let text = good()
+            .replace(
+                "    fallback: [main]\n",
+                "    fallback: [main]\n    context_window: 0\n",
+            )
+            .replace(
+                "    model: gpt-x\n",
+                "    model: gpt-x\n    context_window: -3\n",
+            );
+        let errs = Config::from_yaml(&text, &env).unwrap_err().to_string();
+        assert!(
+            errs.contains("models[0].context_window: must be > 0"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("deployments[0].context_window: must be > 0"),
+            "{errs}"
+        );
+        let text = good().replace(
+            "    model: gpt-x\n",
+            "    model: gpt-x\n    context_window: 128000\n",
+        );
+        let c = Config::from_yaml(&text, &env).unwrap();
+        assert_eq!(c.deployments[0].context_window, Some(128_000));
+        assert_eq!(c.models[0].context_window, None);
     }
 
     #[test]

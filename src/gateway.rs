@@ -6,6 +6,7 @@ pub(crate) mod admission;
 pub mod body;
 mod error;
 pub(crate) mod exchange;
+mod fit;
 mod spend;
 
 pub use admission::key_digest_hex;
@@ -355,8 +356,11 @@ impl Gateway {
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }
-        spend::reserve(ctx, &snap, tenant, model, &body, &inspected).await?;
-        exchange::run(self, session, ctx, &snap, chain, body, &inspected).await
+        let limits = fit::limits(session.req_header())?;
+        let tokens = spend::tokens(ctx, &snap, tenant, model, &body, &inspected);
+        let unfit = fit::unfit(&snap, model, chain, tokens, limits)?;
+        spend::reserve(ctx, &snap, tenant, model, tokens).await?;
+        exchange::run(self, session, ctx, &snap, chain, unfit, body, &inspected).await
     }
 }
 

@@ -336,6 +336,10 @@ pub(crate) struct RawModel {
     /// Token estimate family: o200k, cl100k or generic (default: from the name).
     #[serde(default)]
     pub(crate) tokenizer: Option<String>,
+    /// Tokens (prompt + output) the model's deployments hold, for those
+    /// that do not say themselves.
+    #[serde(default)]
+    pub(crate) context_window: Option<i64>,
     /// Makes the model a route alias: rules choosing another chain.
     #[serde(default)]
     pub(crate) routes: Vec<RawRoute>,
@@ -393,6 +397,9 @@ pub(crate) struct RawDeployment {
     /// The provider's token limit for this key, per minute.
     #[serde(default)]
     pub(crate) tpm: Option<i64>,
+    /// Tokens (prompt + output) the deployment's model holds.
+    #[serde(default)]
+    pub(crate) context_window: Option<i64>,
     #[serde(default)]
     pub(crate) health: Option<RawHealth>,
 }

@@ -52,18 +52,24 @@ fn shortest(slot: &mut Option<u64>, ms: u64) {
 /// Within a pool, up to `retries` other members are tried (with exponential
 /// backoff and jitter) before the next pool. The request's deadline bounds
 /// everything up to the response head: queueing, backoff, and each attempt's
-/// connect and first-byte waits; no attempt starts after it. An `Err` means
-/// nothing was sent to the client yet.
+/// connect and first-byte waits; no attempt starts after it. `unfit`
+/// deployments are never picked. An `Err` means nothing was sent to the
+/// client yet.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each owned by a different phase"
+)]
 pub(crate) async fn run(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
     chain: &[PoolIx],
+    unfit: Vec<DeploymentIx>,
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
-    let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
+    let result = attempts(gw, session, ctx, snap, chain, unfit, body, inspected).await;
     let first_member = chain
         .first()
         .and_then(|&p| snap.router.pool(p))
@@ -105,18 +111,25 @@ fn offers(pick: Pick, skipped: &mut Skipped) -> bool {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each owned by a different phase"
+)]
 async fn attempts(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
     chain: &[PoolIx],
+    unfit: Vec<DeploymentIx>,
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let inject_usage =
         inspected.needs_usage_injection(ctx.caller.endpoint.supports_stream_options());
-    let mut tried: Vec<DeploymentIx> = Vec::with_capacity(chain.len());
+    // Deployments the request cannot use (see `fit`) count as tried: no
+    // pick offers them.
+    let mut tried: Vec<DeploymentIx> = unfit;
     let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;

@@ -4,6 +4,7 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 use super::body::Inspected;
+use super::fit::Tokens;
 use super::{GatewayError, RequestCtx};
 use crate::config::{Model, Price};
 use crate::outcome::{Endpoint, Finished};
@@ -16,27 +17,40 @@ use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
-/// Estimate the request and reserve it in the tenant's ledger. Also fills in
-/// the token estimate the provider limits and settlement use.
-pub(crate) async fn reserve(
+/// The request's prompt estimate and output allowance (its `max_tokens`,
+/// else the tenant's default, capped by the model's `max_output_tokens`;
+/// none for embeddings). Also records the prompt estimate settlement uses.
+pub(crate) fn tokens(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     tenant: usize,
     model: &Model,
     body: &[u8],
     inspected: &Inspected,
-) -> Result<(), GatewayError> {
-    let t = &snap.config.tenants[tenant];
+) -> Tokens {
     let prompt = estimate::prompt_tokens(body, model.family);
     let output = if ctx.caller.endpoint == Endpoint::Embeddings {
         0
     } else {
+        let t = &snap.config.tenants[tenant];
         let wanted = inspected.max_tokens.unwrap_or(t.default_max_tokens);
         model
             .max_output_tokens
             .map_or(wanted, |cap| wanted.min(cap))
     };
     ctx.request.prompt_estimate = prompt;
+    Tokens { prompt, output }
+}
+
+/// Reserve the request in the tenant's ledger. Also fills in the token
+/// estimate the provider limits and settlement use.
+pub(crate) async fn reserve(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    tenant: usize,
+    model: &Model,
+    tokens: Tokens,
+) -> Result<(), GatewayError> {
     let prices = model
         .chain
         .iter()
@@ -44,7 +58,7 @@ pub(crate) async fn reserve(
         .flat_map(|p| p.members.iter())
         .filter_map(|m| snap.router.deployment(m.deployment))
         .map(|u| u.price);
-    let amount = reservation(prompt, output, prices);
+    let amount = reservation(tokens.prompt, tokens.output, prices);
     ctx.request.tokens_estimate = amount.tokens;
     match snap.quota.reserve(tenant, &model.name, amount).await {
         Ok(r) => {

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 mod breakers;
 mod deadline;
+mod fit;
 mod policies;
 mod probes;
 mod retries;
