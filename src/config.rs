@@ -35,6 +35,8 @@ pub(crate) const DEFAULT_ADMIN_LISTEN: SocketAddr =
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub(crate) const DEFAULT_PRIORITY: u8 = 3;
+/// Requests held for a deployment to come back, all models together.
+const DEFAULT_MAX_HELD_REQUESTS: usize = 256;
 /// The shortest admin token accepted.
 const MIN_ADMIN_TOKEN: usize = 16;
 pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -103,6 +105,8 @@ pub struct Config {
     pub(crate) retry: RetrySettings,
     /// Longest a request may take in all: waits, attempts and backoff.
     pub(crate) request_deadline: Duration,
+    /// Most requests held at once for a deployment to come back.
+    pub(crate) max_held_requests: usize,
     pub(crate) audit: AuditSettings,
 }
 
@@ -145,6 +149,9 @@ pub(crate) struct Model {
     pub(crate) family: Family,
     /// Context window of the deployments serving the model that set none.
     pub(crate) context_window: Option<u64>,
+    /// How long a request may wait for a deployment to come back while
+    /// every one of its chain is down (panic mode); `None`: 503 at once.
+    pub(crate) hold_when_down: Option<Duration>,
 }
 
 impl Model {
@@ -690,6 +697,11 @@ impl Validator<'_> {
             &raw.request_deadline,
             Duration::from_secs(600),
         );
+        let max_held_requests = self.positive(
+            "max_held_requests",
+            raw.max_held_requests,
+            DEFAULT_MAX_HELD_REQUESTS,
+        );
         let deployments = self.deployments(raw.deployments);
         let pools = self.pools(raw.pools, &deployments);
         let models = self.models(raw.models, &pools);
@@ -728,6 +740,7 @@ impl Validator<'_> {
             quota,
             retry,
             request_deadline,
+            max_held_requests,
             audit,
         }
     }
@@ -1078,6 +1091,13 @@ impl Validator<'_> {
             };
             let context_window =
                 self.optional_positive(&format!("{path}.context_window"), m.context_window);
+            let hold_when_down = m.hold_when_down.as_ref().map(|_| {
+                self.duration(
+                    &format!("{path}.hold_when_down"),
+                    &m.hold_when_down,
+                    Duration::ZERO,
+                )
+            });
             out.push(Model {
                 name: m.name,
                 chain,
@@ -1085,6 +1105,7 @@ impl Validator<'_> {
                 max_output_tokens,
                 family,
                 context_window,
+                hold_when_down,
             });
         }
         out

@@ -7,6 +7,7 @@ pub mod body;
 mod error;
 pub(crate) mod exchange;
 mod fit;
+mod hold;
 mod spend;
 
 pub use admission::key_digest_hex;
@@ -262,6 +263,8 @@ pub(crate) struct Gateway {
     pub(crate) in_flight: InFlight,
     /// Memory held by request bodies in flight.
     pub(crate) bodies: Arc<BodyBudget>,
+    /// Requests waiting for a deployment of their model to come back.
+    pub(crate) hold: Arc<hold::Hold>,
     pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
 }
@@ -279,6 +282,7 @@ impl Gateway {
         // reload that changes a bundle takes effect.
         let options =
             pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
+        let hold = hold::Hold::new(metrics.held_requests.clone());
         Gateway {
             state,
             metrics,
@@ -286,6 +290,7 @@ impl Gateway {
             auditor,
             in_flight: InFlight::default(),
             bodies: BodyBudget::new(snap.config.max_inflight_body_bytes),
+            hold,
             lifecycle,
             ids: RequestIds::new(),
         }

@@ -60,6 +60,9 @@ pub(crate) struct RawConfig {
     /// Longest a request may take in all (attempts, waits and backoff).
     #[serde(default)]
     pub(crate) request_deadline: Option<String>,
+    /// Most requests held at once (`hold_when_down`), all models together.
+    #[serde(default)]
+    pub(crate) max_held_requests: Option<i64>,
     #[serde(default)]
     pub(crate) audit: Option<serde_yaml_ng::Value>,
 }
@@ -340,6 +343,10 @@ pub(crate) struct RawModel {
     /// that do not say themselves.
     #[serde(default)]
     pub(crate) context_window: Option<i64>,
+    /// How long a request waits while every deployment of the model is
+    /// down, for one to come back.
+    #[serde(default)]
+    pub(crate) hold_when_down: Option<String>,
     /// Makes the model a route alias: rules choosing another chain.
     #[serde(default)]
     pub(crate) routes: Vec<RawRoute>,

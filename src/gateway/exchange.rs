@@ -69,13 +69,128 @@ pub(crate) async fn run(
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
-    let result = attempts(gw, session, ctx, snap, chain, unfit, body, inspected).await;
+    // Nothing tried because every deployment is down: wait for one to come
+    // back, when the model holds requests (see `hold`), then go again.
+    let mut hold = HoldState::default();
+    let result = loop {
+        let result = attempts(
+            gw,
+            session,
+            ctx,
+            snap,
+            chain,
+            unfit.clone(),
+            body.clone(),
+            inspected,
+        )
+        .await;
+        let panic_mode = matches!(result, Err(GatewayError::NoHealthyUpstream { .. }))
+            && ctx.exchange.attempts.is_empty();
+        if !panic_mode || hold.ended {
+            break result;
+        }
+        match held(gw, session, ctx, snap, chain, &unfit, &mut hold).await {
+            Held::Released => {}
+            // Once more, for a fresh answer (or a deployment just back).
+            Held::Ended => hold.ended = true,
+            Held::Refused => break result,
+            Held::ClientGone => break Ok(()),
+            Held::Cut => break Err(GatewayError::ShuttingDown),
+        }
+    };
     let first_member = chain
         .first()
         .and_then(|&p| snap.router.pool(p))
         .and_then(|p| p.first_member());
     ctx.exchange.fallback = fallback(&ctx.exchange.attempts, ctx.exchange.served, first_member);
     result
+}
+
+/// A request's hold across its waits: when it ends, and whether it did.
+#[derive(Default)]
+struct HoldState {
+    until: Option<Instant>,
+    ended: bool,
+}
+
+/// How a wait for a deployment to come back ended.
+enum Held {
+    /// The chain offers a deployment again.
+    Released,
+    /// The hold's time is up.
+    Ended,
+    /// Not held: the model holds no requests, or the hold is full.
+    Refused,
+    /// The client left while it waited (not a refusal: nobody to answer).
+    ClientGone,
+    /// A graceful stop cut it off.
+    Cut,
+}
+
+/// Wait while every deployment of the request's chain is down, for at most
+/// the model's `hold_when_down` (less when the client's wait headers say
+/// so, never past the request deadline) in all.
+async fn held(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Arc<Snapshot>,
+    chain: &[PoolIx],
+    unfit: &[DeploymentIx],
+    hold: &mut HoldState,
+) -> Held {
+    let Some(longest) = ctx
+        .request
+        .model
+        .as_deref()
+        .and_then(|m| snap.model(m))
+        .and_then(|m| m.hold_when_down)
+    else {
+        return Held::Refused;
+    };
+    let deadline = ctx.started + snap.config.request_deadline;
+    let until = *hold.until.get_or_insert_with(|| {
+        let wait = super::spend::max_wait(session.req_header(), longest);
+        Instant::now()
+            .checked_add(wait)
+            .unwrap_or(deadline)
+            .min(deadline)
+    });
+    if Instant::now() >= until {
+        return Held::Ended;
+    }
+    let waiter = super::hold::Waiter {
+        priority: ctx.caller.priority,
+        snapshot: Arc::clone(snap),
+        chain: chain.to_vec(),
+        unfit: unfit.to_vec(),
+        tokens: ctx.request.tokens_estimate,
+    };
+    let Some(released) = gw.hold.park(snap.config.max_held_requests, waiter) else {
+        log::info!(
+            "request {}: every deployment is down and {} requests are held already",
+            ctx.id,
+            snap.config.max_held_requests
+        );
+        return Held::Refused;
+    };
+    let waited = until_interrupted(
+        session,
+        &gw.lifecycle.cut,
+        tokio::time::timeout_at(until.into(), released),
+    )
+    .await;
+    match waited {
+        Ok(Ok(Ok(()))) => Held::Released,
+        Ok(Ok(Err(_))) | Ok(Err(_)) => Held::Ended,
+        Err(Interrupt::ClientGone) => {
+            ctx.response.client_gone = true;
+            // Nobody to answer; the connection is not reused.
+            session.set_keepalive(None);
+            Held::ClientGone
+        }
+        Err(Interrupt::Cut) => Held::Cut,
+    }
 }
 
 /// A request fell back when it made an attempt in a pool after the first of

@@ -23,6 +23,7 @@ use std::time::Duration;
 mod breakers;
 mod deadline;
 mod fit;
+mod hold;
 mod policies;
 mod probes;
 mod retries;
