@@ -134,6 +134,8 @@ pub(crate) struct Exchanged {
     pub(crate) fallback: Option<(DeploymentIx, DeploymentIx)>,
     /// Time spent waiting for a pool slot, if any.
     pub(crate) queued: Option<Duration>,
+    /// Time spent held while every deployment was down (`hold_when_down`).
+    pub(crate) held: Duration,
 }
 
 /// What the client got.
@@ -440,6 +442,7 @@ impl ProxyHttp for Gateway {
     /// The request's story is closed once, then settled, counted and
     /// recorded from that one value.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let held = ctx.exchange.held;
         let (mut finished, reservation) = ctx.finish();
         finished.settlement = spend::settle(&finished, reservation);
         self.metrics.record(&finished);
@@ -447,7 +450,10 @@ impl ProxyHttp for Gateway {
             .served
             .and_then(|d| finished.snapshot.router.deployment(d))
         {
-            d.health.record_latency(finished.latency);
+            // Not the time it was held while the deployment was down: that
+            // says nothing of how fast it answers.
+            d.health
+                .record_latency(finished.latency.saturating_sub(held));
         }
         if let Some(a) = &self.auditor {
             a.submit(finished).await;

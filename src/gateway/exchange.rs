@@ -174,12 +174,14 @@ async fn held(
         );
         return Held::Refused;
     };
+    let parked = Instant::now();
     let waited = until_interrupted(
         session,
         &gw.lifecycle.cut,
         tokio::time::timeout_at(until.into(), released),
     )
     .await;
+    ctx.exchange.held = ctx.exchange.held.saturating_add(parked.elapsed());
     match waited {
         Ok(Ok(Ok(()))) => Held::Released,
         Ok(Ok(Err(_))) | Ok(Err(_)) => Held::Ended,

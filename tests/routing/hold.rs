@@ -56,6 +56,8 @@ async fn a_held_request_goes_out_when_a_probe_brings_the_provider_back() {
     });
     holding(&gw, 1).await;
     assert!(posts(&a).is_empty(), "nothing is sent while it is down");
+    // Down for a while yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // It comes back: the next probe passes and the request goes out.
     a.set_default(Behavior::default());
     let r = request.await.unwrap();
@@ -63,6 +65,17 @@ async fn a_held_request_goes_out_when_a_probe_brings_the_provider_back() {
     assert_eq!(r.headers()["x-collie-attempts"], "1");
     assert_eq!(posts(&a).len(), 1);
     holding(&gw, 0).await;
+    // Its latency average is the answer's, not the outage's.
+    let mut ewma = None;
+    for _ in 0..500 {
+        ewma = deployment(&gw, "a").await["latency_ewma_ms"].as_f64();
+        if ewma.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ewma = ewma.expect("a's latency is measured");
+    assert!(ewma < 500.0, "the time held counted as latency: {ewma} ms");
 }
 
 /// With probes off, the breaker's trial brings a deployment back: the
