@@ -100,7 +100,9 @@ async fn next_chunk(gw: &Gateway, session: &mut Session, http: &mut HttpSession)
 
 /// A non-streamed 2xx body is held back whole, up to this size, so that
 /// its cost can go in the head (`x-collie-cost-usd`); a larger one is
-/// passed on as it comes, without the header.
+/// passed on as it comes, without the header. The chunks held are the ones
+/// the usage observer keeps anyway (shared, not copied), so holding them
+/// adds no memory unless the key mask rewrote one.
 const COST_HOLD_BYTES: usize = 4 << 20;
 
 /// Read ahead of the head: a non-streamed 2xx body until its JSON
@@ -230,6 +232,8 @@ pub(super) async fn relay(
     {
         ctx.response.client_gone = true;
         http.shutdown().await;
+        // Usage read ahead was reported all the same.
+        ctx.response.usage = observed(ctx, passage.observer);
         return;
     }
     if let Err(e) = deliver(session, ctx, status, held).await {
@@ -320,18 +324,23 @@ pub(super) async fn relay(
             }
         }
     }
-    ctx.response.usage = match passage.observer {
+    ctx.response.usage = observed(ctx, passage.observer);
+}
+
+/// The usage the provider reported in what was read of its response.
+/// Usage the provider reported counts even when the client left or the
+/// body broke after it: what was read is what was reported (a body cut
+/// short before its usage parses to none).
+fn observed(ctx: &mut RequestCtx, observer: Observer) -> Option<Usage> {
+    match observer {
         Observer::Sse(o) => {
             ctx.response.delivered_estimate = o.delivered_tokens();
             o.usage()
         }
-        // Usage the provider reported counts even when the client left or
-        // the body broke after it: what was read is what was reported (a
-        // body cut short before its usage parses to none).
         Observer::Json(j) => j.finish(),
         Observer::Read(usage) => usage,
         Observer::Off => None,
-    };
+    }
 }
 
 /// A write to the client failed. A client that is gone is recorded as such;
