@@ -127,7 +127,8 @@ async fn a_trial_brings_it_back_and_held_requests_go_in_priority_order() {
 /// The hold is bounded: beyond `max_held_requests` a request gets 503 at
 /// once, and a held one gets it when its hold (here cut short by the
 /// client's `x-collie-max-wait`) ends — with a Retry-After both times, and
-/// nothing sent to the provider.
+/// nothing sent to the provider. A client that leaves while held leaves
+/// the line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_are_bounded_by_the_cap_and_the_wait() {
     let a = mock().await;
@@ -162,4 +163,20 @@ async fn holds_are_bounded_by_the_cap_and_the_wait() {
     }
     assert!(posts(&a).is_empty());
     holding(&gw, 0).await;
+    // A client that leaves while held leaves the line, and makes room.
+    let client = reqwest::Client::new();
+    let url = gw.url(CHAT);
+    let leaving = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("x-tenant-id", "alpha")
+            .bearer_auth(ALPHA_KEY)
+            .json(&said("alpha"))
+            .send()
+            .await
+    });
+    holding(&gw, 1).await;
+    leaving.abort();
+    holding(&gw, 0).await;
+    assert!(posts(&a).is_empty());
 }
