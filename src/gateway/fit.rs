@@ -147,6 +147,10 @@ pub(crate) fn unfit(
             candidates.push(d);
         }
     }
+    if candidates.is_empty() {
+        // Nothing to choose from: the exchange says so.
+        return Ok(candidates);
+    }
     let mut left = candidates.clone();
     // Room for the prompt and the output allowance.
     let window = |d: DeploymentIx| {
