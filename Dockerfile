@@ -5,7 +5,7 @@
 # bundle and a passwd entry for its unprivileged user. No shell, no package
 # manager. Build and run:
 #
-#   docker build -t collie:0.1.0 .
+#   docker build --build-arg COLLIE_COMMIT=$(git rev-parse --short=12 HEAD) -t collie:0.1.0 .
 #   docker run --read-only --network host -v "$PWD/conf:/etc/collie:ro" \
 #     -v collie-data:/var/lib/collie -e OPENAI_API_KEY -e AZURE_OPENAI_KEY collie:0.1.0
 #
@@ -30,6 +30,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# `collie --version` names the commit; .git is not in the build context, so
+# pass it: docker build --build-arg COLLIE_COMMIT=$(git rev-parse --short=12 HEAD)
+ARG COLLIE_COMMIT=unknown
 # The release profile strips the binary (no debug info, no symbol table).
 # The cache mounts keep crates and compiled dependencies between builds; the
 # binary leaves the cache inside the same step.

@@ -68,8 +68,10 @@ redis_up() {
     [ "${reply%$'\r'}" = "+PONG" ]
   fi
 }
+# The fleet tests also start Redis servers of their own (to stop and restart
+# them): the server binary is needed even where one already answers.
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-tools
 if ! redis_up; then
-  command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-tools
   echo "services: starting Redis"
   mkdir -p /tmp/collie-redis
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \

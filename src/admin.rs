@@ -101,6 +101,9 @@ pub(crate) struct AdminApp {
     pub(crate) state: Arc<State>,
     /// Cancelled when a graceful stop begins: `/readyz` fails from then on.
     pub(crate) draining: tokio_util::sync::CancellationToken,
+    /// Set once the gateway listener has accepted a connection: the admin
+    /// listener may be up before it, or without it (its port taken).
+    pub(crate) gateway_accepting: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) bodies: Arc<crate::gateway::BodyBudget>,
     /// The alert feed, and the signal that something on the page changed.
     pub(crate) alerts: Arc<Alerts>,
@@ -239,11 +242,17 @@ impl AdminApp {
                     status::PAGE.as_bytes().to_vec(),
                 ),
                 "/readyz" => {
-                    // Ready once a config with at least one routable model is
-                    // loaded, until a graceful stop begins.
+                    // Ready once the gateway accepts connections and a config
+                    // with at least one routable model is loaded, until a
+                    // graceful stop begins.
                     let snap = self.state.load();
                     if self.draining.is_cancelled() {
                         (503, "text/plain", b"draining\n".to_vec())
+                    } else if !self
+                        .gateway_accepting
+                        .load(std::sync::atomic::Ordering::Acquire)
+                    {
+                        (503, "text/plain", b"gateway not listening yet\n".to_vec())
                     } else if snap.config.models.is_empty() {
                         (503, "text/plain", b"no models configured\n".to_vec())
                     } else {

@@ -6,12 +6,14 @@
 //! variable and tenant keys are stored as SHA-256 digests.
 
 mod audit;
+mod fleet;
 mod health;
 mod quota;
 mod raw;
 mod tls;
 
 pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook, is_schema_name};
+pub(crate) use fleet::{FleetSettings, RedisDown};
 pub(crate) use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
 pub(crate) use quota::{
@@ -23,7 +25,7 @@ use raw::{
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 pub(crate) use tls::CaBundle;
@@ -108,6 +110,25 @@ pub struct Config {
     /// Most requests held at once for a deployment to come back.
     pub(crate) max_held_requests: usize,
     pub(crate) audit: AuditSettings,
+    /// Quotas shared by a fleet of sidecars through Redis; `None`: this
+    /// sidecar's own ledger alone.
+    pub(crate) fleet: Option<FleetSettings>,
+    /// Environment variables the file names but the process lacks, with
+    /// the field that names each: empty unless validated with
+    /// [`MissingEnv::Allow`] (such a config is for checking, not running).
+    pub(crate) missing_env: Vec<(String, String)>,
+}
+
+/// What validation does about an environment variable the file names
+/// (`api_key_env`, `admin_token_env`, `audit.postgres_url_env`) that the
+/// process does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingEnv {
+    /// An error, as for `collie run`: the value is needed.
+    Refuse,
+    /// Noted ([`Config::missing_env`]) and otherwise ignored: a config
+    /// checked in CI, without the secrets the process would get.
+    Allow,
 }
 
 #[derive(Debug, Clone)]
@@ -410,15 +431,49 @@ impl Config {
         self.deployments.get(d.0)
     }
 
+    /// The environment variables validation allowed to be missing, each
+    /// with the field that names it (see [`MissingEnv::Allow`]).
+    pub fn missing_env(&self) -> &[(String, String)] {
+        &self.missing_env
+    }
+
+    /// Why a valid config would still serve nobody: no tenant (every
+    /// request 401) or no model (every request 404). An empty file is
+    /// valid YAML for a config of defaults, and is such a config.
+    /// `check-config` refuses it; `run` starts, not ready (`/readyz`
+    /// waits for a model), so a config can be filled in by a reload.
+    pub fn serves_nobody(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        if self.tenants.is_empty() {
+            out.push(ConfigError {
+                path: "tenants".into(),
+                message: "no tenant is configured, so every request would be refused (401); is the file empty?".into(),
+            });
+        }
+        if self.models.is_empty() {
+            out.push(ConfigError {
+                path: "models".into(),
+                message: "no model is configured, so every request would be refused (404)".into(),
+            });
+        }
+        out
+    }
+
     /// Read and validate a file, taking provider keys from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with(path, MissingEnv::Refuse)
+    }
+
+    /// [`Config::load`], with `missing` deciding about the environment
+    /// variables the process lacks.
+    pub fn load_with(path: &Path, missing: MissingEnv) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Config::from_yaml(&text, &|name| std::env::var(name).ok())
+        Config::from_yaml_with(&text, &|name| std::env::var(name).ok(), missing)
     }
 
     /// Validate YAML text; `env` looks up environment variables (injectable for tests).
@@ -426,9 +481,21 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_with(text, env, MissingEnv::Refuse)
+    }
+
+    /// [`Config::from_yaml`], with `missing` deciding about the environment
+    /// variables `env` does not have.
+    pub fn from_yaml_with(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        missing: MissingEnv,
+    ) -> Result<Config, ConfigErrors> {
         let mut v = Validator {
             errors: Vec::new(),
             env,
+            missing,
+            missing_env: Vec::new(),
         };
         let raw: RawConfig = match v.parse_document(text) {
             Some(raw) => raw,
@@ -460,6 +527,9 @@ fn top_level_key(path: &str, message: &str) -> Option<String> {
 struct Validator<'a> {
     errors: Vec<ConfigError>,
     env: &'a dyn Fn(&str) -> Option<String>,
+    missing: MissingEnv,
+    /// (field, variable) of each variable allowed to be missing.
+    missing_env: Vec<(String, String)>,
 }
 
 impl Validator<'_> {
@@ -468,6 +538,17 @@ impl Validator<'_> {
             path: path.into(),
             message: message.into(),
         });
+    }
+
+    /// The variable `name` that the field at `path` names is not set: an
+    /// error, or with [`MissingEnv::Allow`] a note.
+    fn env_missing(&mut self, path: &str, name: &str) {
+        match self.missing {
+            MissingEnv::Refuse => {
+                self.error(path, format!("environment variable `{name}` is not set"));
+            }
+            MissingEnv::Allow => self.missing_env.push((path.to_string(), name.to_string())),
+        }
     }
 
     /// Parse the document, reporting every broken top-level field: a field
@@ -536,6 +617,15 @@ impl Validator<'_> {
                 Ok(d) if !d.is_zero() => d,
                 Ok(_) => {
                     self.error(path, "must be longer than zero");
+                    default
+                }
+                // A bare number: say which unit, not only that one is missing.
+                Err(_) if t.trim().parse::<f64>().is_ok() => {
+                    let n = t.trim();
+                    self.error(
+                        path,
+                        format!("`{n}` has no unit; write `{n}s` for seconds (or `{n}ms`, `{n}m`)"),
+                    );
                     default
                 }
                 Err(e) => {
@@ -652,10 +742,7 @@ impl Validator<'_> {
             .as_deref()
             .and_then(|name| match (self.env)(name).map(|v| v.trim().to_string()) {
                 None => {
-                    self.error(
-                        "admin_token_env",
-                        format!("environment variable `{name}` is not set"),
-                    );
+                    self.env_missing("admin_token_env", name);
                     None
                 }
                 // Guessable by trying: the message never quotes the value.
@@ -692,6 +779,8 @@ impl Validator<'_> {
         let (quota, defaults) = self.quota_settings(raw.quota);
         let retry = self.retry(raw.retry.as_ref());
         let audit = self.audit(raw.audit);
+        let fleet = self.fleet(raw.fleet);
+        self.check_rebalance_fleet(&quota, fleet.is_some());
         let request_deadline = self.duration(
             "request_deadline",
             &raw.request_deadline,
@@ -742,6 +831,8 @@ impl Validator<'_> {
             request_deadline,
             max_held_requests,
             audit,
+            fleet,
+            missing_env: std::mem::take(&mut self.missing_env),
         }
     }
 
@@ -755,10 +846,42 @@ impl Validator<'_> {
         let Some(text) = text else {
             return Some(default);
         };
-        match text.parse() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                self.error(path, format!("`{text}` is not an IP:port address"));
+        if let Ok(addr) = text.parse() {
+            return Some(addr);
+        }
+        // `localhost` is loopback by definition (RFC 6761), so it is taken
+        // as 127.0.0.1; any other name is refused rather than resolved: it
+        // may resolve to several addresses, or to others tomorrow.
+        match text.rsplit_once(':') {
+            Some((host, port)) if host.eq_ignore_ascii_case("localhost") => {
+                match port.parse::<u16>() {
+                    Ok(port) => Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))),
+                    Err(_) => {
+                        self.error(path, format!("`{port}` is not a port number (0 to 65535)"));
+                        None
+                    }
+                }
+            }
+            Some((host, _))
+                if !host.is_empty()
+                    && host.parse::<IpAddr>().is_err()
+                    && !host.starts_with('[') =>
+            {
+                self.error(
+                    path,
+                    format!(
+                        "`{text}`: listen on an IP address, not a host name (`{host}` is not resolved); e.g. `127.0.0.1:8080` (this host only; `localhost:8080` means the same), `0.0.0.0:8080` (every IPv4 interface) or `[::]:8080`"
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.error(
+                    path,
+                    format!(
+                        "`{text}` is not an IP:port address; e.g. `127.0.0.1:8080` or `[::1]:8080`"
+                    ),
+                );
                 None
             }
         }
@@ -842,10 +965,7 @@ impl Validator<'_> {
                     None
                 }
                 None => {
-                    self.error(
-                        format!("{path}.api_key_env"),
-                        format!("environment variable `{name}` is not set"),
-                    );
+                    self.env_missing(&format!("{path}.api_key_env"), name);
                     None
                 }
             },
@@ -1363,10 +1483,18 @@ pub(crate) enum UrlError {
     NoHost(String),
     #[error("credentials in the URL are not allowed; use api_key_env")]
     Credentials,
-    #[error("a query string is not allowed in base_url")]
+    #[error(
+        "a query string is not allowed in base_url (for Azure OpenAI, use its v1 API: `https://RESOURCE.openai.azure.com/openai/v1`, no `api-version`, and the deployment's name as `model`)"
+    )]
     Query,
     #[error("`{0}`: the host cannot be sent as a `Host` header")]
     HostHeader(String),
+    /// Azure's per-deployment paths need an `api-version` query on every
+    /// request, which Collie does not add; its v1 API needs none.
+    #[error(
+        "`{0}`: Azure OpenAI's `/openai/deployments/NAME` paths need an `api-version` query on every request; use the v1 API instead: `https://RESOURCE.openai.azure.com/openai/v1`, with the deployment's name as `model`"
+    )]
+    AzureDeployments(String),
 }
 
 fn parse_base_url(text: &str) -> Result<BaseUrl, UrlError> {
@@ -1401,6 +1529,12 @@ fn parse_base_url(text: &str) -> Result<BaseUrl, UrlError> {
     }
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let path_prefix = uri.path().trim_end_matches('/').to_string();
+    let azure = [".openai.azure.com", ".cognitiveservices.azure.com"];
+    if azure.iter().any(|a| host.to_ascii_lowercase().ends_with(a))
+        && path_prefix.contains("/openai/deployments/")
+    {
+        return Err(UrlError::AzureDeployments(text.to_string()));
+    }
     let host_header = HeaderValue::from_str(&authority_of(tls, &host, port))
         .map_err(|_| UrlError::HostHeader(text.to_string()))?;
     Ok(BaseUrl {
@@ -1651,5 +1785,133 @@ deployments:
         // Nor through the header built from it.
         let c = Config::from_yaml(&good(), &|_| Some("sk-live-canary".into())).unwrap();
         assert!(!format!("{c:?}").contains("canary"));
+    }
+
+    /// A bare number where a duration goes: the error says which unit to
+    /// add, for every duration field (they share one reader).
+    #[test]
+    fn a_bare_number_as_a_duration_suggests_its_unit() {
+        let text = "deployments:\n  - {id: d, base_url: \"http://127.0.0.1:9/v1\", model: m, timeouts: {connect: 5, idle: 1.5}}\ndrain_timeout: 30\nhead_timeout: 10s\n";
+        let errs = Config::from_yaml(text, &|_| None).unwrap_err().to_string();
+        for expected in [
+            "deployments[0].timeouts.connect: `5` has no unit; write `5s` for seconds (or `5ms`, `5m`)",
+            "deployments[0].timeouts.idle: `1.5` has no unit; write `1.5s`",
+            "drain_timeout: `30` has no unit; write `30s`",
+        ] {
+            assert!(errs.contains(expected), "missing `{expected}` in:\n{errs}");
+        }
+        assert!(!errs.contains("head_timeout"), "{errs}");
+        // Not a number and not text: still a type error, naming what fits.
+        let errs = Config::from_yaml("drain_timeout: [1]\n", &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains(
+                "drain_timeout: invalid type: sequence, expected a duration such as `30s`"
+            ),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn localhost_is_a_listen_address_and_other_names_say_why_not() {
+        let c = Config::from_yaml(
+            "listen: localhost:8081\nadmin_listen: LOCALHOST:9091\n",
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9091".parse().unwrap());
+        let errs = Config::from_yaml(
+            "listen: gateway.internal:8080\nadmin_listen: localhost:http\n",
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "listen: `gateway.internal:8080`: listen on an IP address, not a host name",
+            "e.g. `127.0.0.1:8080` (this host only; `localhost:8080` means the same), `0.0.0.0:8080`",
+            "admin_listen: `http` is not a port number",
+        ] {
+            assert!(errs.contains(expected), "missing `{expected}` in:\n{errs}");
+        }
+        let errs = Config::from_yaml("listen: \"8080\"\n", &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("`8080` is not an IP:port address; e.g. `127.0.0.1:8080`"),
+            "{errs}"
+        );
+    }
+
+    /// Azure OpenAI's v1 API is an ordinary base URL; its per-deployment
+    /// form needs an `api-version` query, and both ways to write that are
+    /// refused with the v1 form named.
+    #[test]
+    fn azure_urls() {
+        let v1 = parse_base_url("https://example-eastus.openai.azure.com/openai/v1").unwrap();
+        assert_eq!(v1.path_prefix, "/openai/v1");
+        for old in [
+            "https://example.openai.azure.com/openai/deployments/gpt-4o",
+            "https://example.openai.azure.com/openai/deployments/gpt-4o/v1",
+            "https://Example.cognitiveservices.azure.com/openai/deployments/gpt-4o",
+        ] {
+            let e = parse_base_url(old).unwrap_err().to_string();
+            assert!(
+                e.contains("use the v1 API instead: `https://RESOURCE.openai.azure.com/openai/v1`"),
+                "{old}: {e}"
+            );
+        }
+        let e = parse_base_url(
+            "https://example.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "a query string is not allowed in base_url (for Azure OpenAI, use its v1 API"
+            ),
+            "{e}"
+        );
+    }
+
+    /// With [`MissingEnv::Allow`], the variables the process lacks are
+    /// listed instead of refused; a set one is still checked.
+    #[test]
+    fn missing_env_can_be_allowed() {
+        let text = "admin_token_env: TOKEN\ndeployments:\n  - {id: a, base_url: \"http://127.0.0.1:9/v1\", model: m, api_key_env: UNSET}\n  - {id: b, base_url: \"http://127.0.0.1:9/v1\", model: m, api_key_env: EMPTY}\n";
+        let env = |name: &str| (name == "EMPTY").then(String::new);
+        let errs = Config::from_yaml(text, &env).unwrap_err().to_string();
+        assert!(
+            errs.contains("deployments[0].api_key_env: environment variable `UNSET` is not set"),
+            "{errs}"
+        );
+        let errs = Config::from_yaml_with(text, &env, MissingEnv::Allow)
+            .unwrap_err()
+            .to_string();
+        assert!(!errs.contains("UNSET") && !errs.contains("TOKEN"), "{errs}");
+        assert!(
+            errs.contains("deployments[1].api_key_env: environment variable `EMPTY` is empty"),
+            "{errs}"
+        );
+        let c = Config::from_yaml_with(
+            &text.replace("api_key_env: EMPTY", "api_key_env: UNSET"),
+            &env,
+            MissingEnv::Allow,
+        )
+        .unwrap();
+        let missing: Vec<(&str, &str)> = c
+            .missing_env()
+            .iter()
+            .map(|(f, n)| (f.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(
+            missing,
+            [
+                ("admin_token_env", "TOKEN"),
+                ("deployments[0].api_key_env", "UNSET"),
+                ("deployments[1].api_key_env", "UNSET"),
+            ]
+        );
     }
 }

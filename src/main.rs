@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use collie::audit::report::TrailError;
-use collie::config::Config;
+use collie::config::{Config, MissingEnv};
 use collie::server::{Collie, StartError};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,10 +23,19 @@ const EX_UNAVAILABLE: u8 = 69;
 /// `EX_SOFTWARE`: a fault of Collie's own.
 const EX_SOFTWARE: u8 = 70;
 
+/// `--version`: the package version and the commit it was built from
+/// (`build.rs`: `COLLIE_COMMIT`, else `git rev-parse`, else `unknown`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("COLLIE_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "collie",
-    version,
+    version = VERSION,
     about = "Per-tenant sidecar gateway for OpenAI-style LLM traffic"
 )]
 struct Cli {
@@ -38,17 +47,33 @@ struct Cli {
 enum Command {
     /// Run the gateway with a config file (reloaded on SIGHUP).
     Run {
+        /// The config file (conf/collie.yaml documents every field); the
+        /// provider keys it names by `api_key_env` must be in the environment.
         #[arg(short, long, env = "COLLIE_CONFIG")]
         config: PathBuf,
+        /// Also reload the config file when its content changes, checked
+        /// this often (e.g. 10s): for a Kubernetes ConfigMap volume, which
+        /// the kubelet updates in place without a signal. SIGHUP always reloads.
+        #[arg(long, env = "COLLIE_WATCH_CONFIG", value_name = "INTERVAL", value_parser = humantime::parse_duration)]
+        watch_config: Option<std::time::Duration>,
     },
     /// Validate config files without starting anything; exits 64 on a bad one.
     CheckConfig {
+        /// The config files to validate.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Accept environment variables the files name (provider keys,
+        /// admin token, PostgreSQL URL) but this environment lacks, and
+        /// list them: for checking configs in CI without their secrets.
+        #[arg(long)]
+        allow_missing_env: bool,
     },
     /// Print the SHA-256 digest of an API key, for a tenant's `api_keys`.
-    /// Reads the key from standard input when not given.
-    HashKey { key: Option<String> },
+    HashKey {
+        /// The tenant's API key; read from standard input (one line) when
+        /// not given, which keeps it out of the shell's history.
+        key: Option<String>,
+    },
     /// Run the demo: the embedded demo config in front of two local mock providers.
     Demo {
         /// Latency of the mock providers before their response head, in milliseconds.
@@ -65,6 +90,7 @@ enum Command {
         mock_ports: Option<Vec<u16>>,
     },
     /// Run an OpenAI-compatible mock provider (for tests and benchmarks).
+    #[command(after_help = collie_mock::HEADERS_HELP)]
     Mock(collie_mock::MockArgs),
     /// Read the audit trail: verify its hash chains, or report on it.
     Audit {
@@ -81,6 +107,11 @@ struct TrailArgs {
     /// Use the trail a config file names (its `audit` section).
     #[arg(long, env = "COLLIE_CONFIG")]
     config: Option<PathBuf>,
+    /// With --config: accept the provider keys and admin token it names
+    /// but this environment lacks (reading the trail needs none of them;
+    /// a PostgreSQL trail still needs its URL).
+    #[arg(long)]
+    allow_missing_env: bool,
 }
 
 #[derive(Subcommand)]
@@ -97,8 +128,10 @@ enum AuditCommand {
         /// How far back, e.g. 24h, 7d.
         #[arg(long, default_value = "24h")]
         since: String,
+        /// Only this tenant's records (its id, as in the config).
         #[arg(long)]
         tenant: Option<String>,
+        /// Output: text (for people), json or csv (for tools).
         #[arg(long, default_value = "text", value_parser = ["text", "json", "csv"])]
         format: String,
         /// Add a breakdown: `user` (per end user of each tenant, the 100 with the most requests).
@@ -136,8 +169,14 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match Cli::parse().command {
-        Command::Run { config } => run(config),
-        Command::CheckConfig { files } => check_config(&files),
+        Command::Run {
+            config,
+            watch_config,
+        } => run(config, watch_config),
+        Command::CheckConfig {
+            files,
+            allow_missing_env,
+        } => check_config(&files, allow_missing_env),
         Command::HashKey { key } => hash_key(key),
         Command::Demo {
             latency_ms,
@@ -171,9 +210,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf, watch: Option<std::time::Duration>) -> ExitCode {
     match Collie::load(&path) {
-        Ok(collie) => {
+        Ok(mut collie) => {
+            if let Some(every) = watch {
+                collie.watch_config(every);
+            }
             collie.run_until_signalled();
             ExitCode::SUCCESS
         }
@@ -194,11 +236,35 @@ fn run(path: PathBuf) -> ExitCode {
     clippy::print_stderr,
     reason = "command-line output"
 )]
-fn check_config(files: &[PathBuf]) -> ExitCode {
+fn check_config(files: &[PathBuf], allow_missing_env: bool) -> ExitCode {
+    let missing = missing_env(allow_missing_env);
     let mut bad = false;
     for f in files {
-        match Config::load(f) {
-            Ok(_) => println!("{}: ok", f.display()),
+        // A valid file that serves nobody (empty, or no tenants) is what
+        // an unfinished or truncated file looks like: not `ok`.
+        let checked = Config::load_with(f, missing).and_then(|c| {
+            let nobody = c.serves_nobody();
+            if nobody.is_empty() {
+                Ok(c)
+            } else {
+                Err(collie::config::ConfigErrors(nobody))
+            }
+        });
+        match checked {
+            Ok(c) if c.missing_env().is_empty() => println!("{}: ok", f.display()),
+            Ok(c) => {
+                let mut names: Vec<&str> = Vec::new();
+                for (_, name) in c.missing_env() {
+                    if !names.contains(&name.as_str()) {
+                        names.push(name);
+                    }
+                }
+                println!(
+                    "{}: ok, without environment variables {}",
+                    f.display(),
+                    names.join(", ")
+                );
+            }
             Err(e) => {
                 bad = true;
                 eprintln!("{}:", f.display());
@@ -212,6 +278,15 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
         ExitCode::from(EX_USAGE)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `--allow-missing-env` given or not.
+fn missing_env(allowed: bool) -> MissingEnv {
+    if allowed {
+        MissingEnv::Allow
+    } else {
+        MissingEnv::Refuse
     }
 }
 
@@ -258,7 +333,10 @@ fn mock(args: collie_mock::MockArgs) -> ExitCode {
 )]
 fn audit(command: AuditCommand) -> ExitCode {
     use collie::audit::report;
-    let open = |t: &TrailArgs| report::open_sink(t.sink.as_deref(), t.config.as_deref());
+    let open = |t: &TrailArgs| {
+        let missing = missing_env(t.allow_missing_env);
+        report::open_sink(t.sink.as_deref(), t.config.as_deref(), missing)
+    };
     let result: Result<ExitCode, TrailError> = match command {
         AuditCommand::Verify { trail } => open(&trail)
             .and_then(|mut sink| Ok(report::verify(&mut *sink)?))

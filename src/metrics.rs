@@ -35,6 +35,69 @@ pub(crate) struct Metrics {
     pub(crate) quota: QuotaMetrics,
     /// Probes, breakers and the health gauges (set when scraped).
     pub(crate) health: crate::routing::health::HealthMetrics,
+    /// Config reloads (SIGHUP or a watched file).
+    pub(crate) config: ConfigMetrics,
+}
+
+/// Whether config reloads take: a reload that fails keeps the running
+/// config, so without these a bad ConfigMap or edit goes unnoticed.
+pub(crate) struct ConfigMetrics {
+    reloads: IntCounterVec,
+    last_success: prometheus::Gauge,
+    last_successful: prometheus::IntGauge,
+}
+
+impl ConfigMetrics {
+    fn new(r: &Registry) -> prometheus::Result<ConfigMetrics> {
+        let reloads = counter(
+            r,
+            "collie_config_reloads_total",
+            "Config reloads (SIGHUP or a changed file) by result: success (swapped in) or failure (invalid or unusable; the running config stays)",
+            &["result"],
+        )?;
+        // Both series exist from the start, so a first failure is an
+        // increase a rule can see.
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        let last_success = prometheus::Gauge::new(
+            "collie_config_last_reload_success_timestamp_seconds",
+            "When the running config was loaded (at start or by the last successful reload), Unix time",
+        )?;
+        r.register(Box::new(last_success.clone()))?;
+        let last_successful = prometheus::IntGauge::new(
+            "collie_config_last_reload_successful",
+            "1 if the last reload attempt (or the start) loaded its config, 0 if it failed and an older config runs",
+        )?;
+        r.register(Box::new(last_successful.clone()))?;
+        let m = ConfigMetrics {
+            reloads,
+            last_success,
+            last_successful,
+        };
+        m.loaded_now();
+        Ok(m)
+    }
+
+    fn loaded_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_success.set(now);
+        self.last_successful.set(1);
+    }
+
+    /// A reload swapped in a new config.
+    pub(crate) fn reloaded(&self) {
+        self.reloads.with_label_values(&["success"]).inc();
+        self.loaded_now();
+    }
+
+    /// A reload was refused; the running config stays.
+    pub(crate) fn reload_failed(&self) {
+        self.reloads.with_label_values(&["failure"]).inc();
+        self.last_successful.set(0);
+    }
 }
 
 /// The quota ledger, queues and rebalancing as seen from outside.
@@ -354,6 +417,7 @@ impl Metrics {
             },
             quota: QuotaMetrics::new(r)?,
             health: crate::routing::health::HealthMetrics::new(r)?,
+            config: ConfigMetrics::new(r)?,
             registry,
             scrape: std::sync::Mutex::new(()),
         })

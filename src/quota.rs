@@ -26,10 +26,11 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 pub mod estimate;
+pub(crate) mod fleet;
 pub(crate) mod rebalance;
 pub(crate) mod window;
 
-pub(crate) use crate::config::{Limits, Rate, TenantLimits};
+pub(crate) use crate::config::{Budget, Limits, Rate, TenantLimits};
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -68,6 +69,10 @@ pub enum RefusalKind {
     RateLimited,
     /// A daily or monthly budget: spent until the window ends.
     QuotaExceeded,
+    /// A limit shared by a fleet whose authority cannot be reached, and the
+    /// fleet is configured to refuse rather than guess (`on_redis_down:
+    /// closed`).
+    Unavailable,
 }
 
 /// Rate-limit state for the `x-ratelimit-*` response headers.
@@ -88,11 +93,112 @@ pub(crate) struct WindowInfo {
 /// One scope's windows.
 #[derive(Debug)]
 struct Scope {
+    /// The limits as configured.
+    configured: Limits,
+    /// This sidecar's share of them, when a fleet shares them.
+    share: Option<Share>,
+    /// The per-minute rates in force: configured, or this sidecar's share.
     limits: Limits,
     rpm: Option<Bucket>,
     tpm: Option<Bucket>,
     day: Counter,
     month: Counter,
+    /// Asked of this scope (admitted or refused) since the fleet last took
+    /// it: what the sidecar's next lease is sized from.
+    demand: Amount,
+}
+
+/// A sidecar's share of a scope's limits where a fleet of sidecars shares
+/// them ([`fleet`]): for the day and month windows it names, the total this
+/// sidecar may have used in each (its use already reported plus the lease
+/// it holds), and the per-minute rates it holds. A dimension the config
+/// does not limit stays unlimited; an allowance for a window other than the
+/// current one counts as none (the lease for the new window is not in yet).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct Share {
+    pub(crate) day: Budget,
+    pub(crate) day_window: i64,
+    pub(crate) month: Budget,
+    pub(crate) month_window: i64,
+    /// Requests and tokens per minute held (the burst scales with them).
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    /// Of what is held, what is new to this sidecar (per minute): its burst
+    /// is credited to the bucket. `None`: whatever the share grew by.
+    pub(crate) rpm_fresh: Option<u64>,
+    pub(crate) tpm_fresh: Option<u64>,
+    /// What the whole fleet used in the day and month windows named, as
+    /// the authority last said (for reports).
+    pub(crate) fleet_day_used: Option<Amount>,
+    pub(crate) fleet_month_used: Option<Amount>,
+}
+
+impl Share {
+    /// Nothing at all: what a sidecar holds before the fleet first answers.
+    pub(crate) fn none() -> Share {
+        Share {
+            rpm: Some(0),
+            tpm: Some(0),
+            ..Share::default()
+        }
+    }
+}
+
+/// A rate scaled to the share of it that is held: the burst in the same
+/// proportion, rounded down (the fleet's shares never add up to more).
+fn held_rate(configured: Rate, held: u64) -> Rate {
+    let held = held.min(configured.per_minute);
+    let burst = u128::from(configured.burst)
+        .saturating_mul(u128::from(held))
+        .checked_div(u128::from(configured.per_minute))
+        .unwrap_or(0);
+    Rate {
+        per_minute: held,
+        burst: u64::try_from(burst).unwrap_or(u64::MAX),
+    }
+}
+
+/// The per-minute limits in force for these configured limits and share.
+fn effective(configured: Limits, share: Option<&Share>) -> Limits {
+    let Some(s) = share else {
+        return configured;
+    };
+    Limits {
+        rpm: configured.rpm.map(|r| s.rpm.map_or(r, |h| held_rate(r, h))),
+        tpm: configured.tpm.map(|r| s.tpm.map_or(r, |h| held_rate(r, h))),
+        ..configured
+    }
+}
+
+/// A budget as allowed by a share for `window`: each configured dimension
+/// limited to the allowance, none at all for another window.
+fn allowed_budget(configured: Budget, share: &Budget, share_window: i64, window: i64) -> Budget {
+    let current = share_window == window;
+    let dim =
+        |c: Option<u64>, s: Option<u64>| c.map(|c| if current { s.unwrap_or(c).min(c) } else { 0 });
+    Budget {
+        requests: dim(configured.requests, share.requests),
+        tokens: dim(configured.tokens, share.tokens),
+        usd_nano: dim(configured.usd_nano, share.usd_nano),
+    }
+}
+
+/// One scope's use, for the fleet: what it counted in the current windows
+/// and what was asked of it lately.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ScopeUse {
+    /// `None` for the tenant as a whole.
+    pub(crate) model: Option<String>,
+    pub(crate) configured: Limits,
+    pub(crate) day_window: i64,
+    pub(crate) month_window: i64,
+    /// Settled use and reservations in flight in the current windows.
+    pub(crate) day_used: Amount,
+    pub(crate) day_reserved: Amount,
+    pub(crate) month_used: Amount,
+    pub(crate) month_reserved: Amount,
+    /// Asked since the last time it was taken.
+    pub(crate) demand: Amount,
 }
 
 /// A refusal found by a check, before it is named for its scope.
@@ -101,11 +207,91 @@ type Refused = (&'static str, RefusalKind, Duration);
 impl Scope {
     fn new(limits: Limits, now: Instant) -> Scope {
         Scope {
+            configured: limits,
+            share: None,
             limits,
             rpm: limits.rpm.map(|r| Bucket::full(r, now)),
             tpm: limits.tpm.map(|r| Bucket::full(r, now)),
             day: Counter::default(),
             month: Counter::default(),
+            demand: Amount::default(),
+        }
+    }
+
+    /// New configured limits (a reload); the share, if any, still applies.
+    fn configure(&mut self, configured: Limits, now: Instant, loan: Loan) {
+        self.configured = configured;
+        self.set_limits(effective(configured, self.share.as_ref()), now, loan);
+    }
+
+    /// A new share from the fleet (`None`: the configured limits alone).
+    /// A per-minute share that grows is credited to its bucket at once; one
+    /// that shrinks only caps the bucket at its new burst. What was drawn
+    /// is not drawn twice: the authority keeps a share given up from every
+    /// other sidecar for as long as a bucket takes to refill.
+    fn set_share(&mut self, share: Option<Share>, now: Instant, loan: Loan) {
+        self.share = share;
+        let new = effective(self.configured, self.share.as_ref());
+        let fresh = |configured: Option<Rate>, fresh: Option<u64>| {
+            configured.zip(fresh).map(|(c, f)| held_rate(c, f).burst)
+        };
+        let (rpm_fresh, tpm_fresh) = match &self.share {
+            Some(s) => (
+                fresh(self.configured.rpm, s.rpm_fresh),
+                fresh(self.configured.tpm, s.tpm_fresh),
+            ),
+            None => (None, None),
+        };
+        let moved = |bucket: &mut Option<Bucket>,
+                     old: Option<Rate>,
+                     new: Option<Rate>,
+                     fresh: Option<u64>,
+                     extra| {
+            match (bucket.as_mut(), old, new) {
+                (Some(b), Some(o), Some(n)) => {
+                    b.refill(o, extra, now);
+                    let grown = n.burst.saturating_sub(o.burst);
+                    b.credit(fresh.unwrap_or(grown).min(grown) as f64);
+                    // No time passes: this only caps the level.
+                    b.refill(n, extra, now);
+                }
+                (_, _, n) => *bucket = n.map(|r| Bucket::full(r, now)),
+            }
+        };
+        moved(&mut self.rpm, self.limits.rpm, new.rpm, rpm_fresh, loan.rpm);
+        moved(&mut self.tpm, self.limits.tpm, new.tpm, tpm_fresh, loan.tpm);
+        self.limits = new;
+    }
+
+    /// The fleet's use of the current day and month windows, where a fleet
+    /// shares them and the authority said it for these windows.
+    fn fleet_used(&self) -> (Option<Amount>, Option<Amount>) {
+        let Some(sh) = &self.share else {
+            return (None, None);
+        };
+        let current = |used: Option<Amount>, window: i64, now: i64| used.filter(|_| window == now);
+        (
+            current(sh.fleet_day_used, sh.day_window, self.day.window),
+            current(sh.fleet_month_used, sh.month_window, self.month.window),
+        )
+    }
+
+    fn day_budget(&self) -> Budget {
+        match &self.share {
+            Some(s) => allowed_budget(self.configured.day, &s.day, s.day_window, self.day.window),
+            None => self.configured.day,
+        }
+    }
+
+    fn month_budget(&self) -> Budget {
+        match &self.share {
+            Some(s) => allowed_budget(
+                self.configured.month,
+                &s.month,
+                s.month_window,
+                self.month.window,
+            ),
+            None => self.configured.month,
         }
     }
 
@@ -147,14 +333,14 @@ impl Scope {
     fn check_budgets(&self, amount: Amount, w: &Windows, now: Timestamp) -> Result<(), Refused> {
         let until =
             |end: Timestamp| Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO);
-        if let Some(dim) = self.day.exceeds(&self.limits.day, amount) {
+        if let Some(dim) = self.day.exceeds(&self.day_budget(), amount) {
             return Err((
                 day_window(dim),
                 RefusalKind::QuotaExceeded,
                 until(w.day_end),
             ));
         }
-        if let Some(dim) = self.month.exceeds(&self.limits.month, amount) {
+        if let Some(dim) = self.month.exceeds(&self.month_budget(), amount) {
             return Err((
                 month_window(dim),
                 RefusalKind::QuotaExceeded,
@@ -224,36 +410,44 @@ impl Scope {
     fn tightest(&self, w: &Windows, now: Timestamp, loan: Loan, into: &mut RateInfo) {
         let until =
             |end: Timestamp| Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO);
-        let bucket = |b: &Option<Bucket>, r: Option<Rate>, extra: f64| {
+        let bucket = |b: &Option<Bucket>, r: Option<Rate>, configured: Option<Rate>, extra: f64| {
             let (b, r) = (b.as_ref()?, r?);
             let ceiling = r.burst as f64 + extra;
             Some(WindowInfo {
                 // The configured rate, as OpenAI reports it: not the burst,
-                // not a loan. With a burst above the rate, or a loan,
-                // `remaining` may exceed it.
-                limit: r.per_minute,
+                // not a loan, not a fleet's share of it (`remaining` is what
+                // this sidecar holds). With a burst above the rate, or a
+                // loan, `remaining` may exceed it.
+                limit: configured.map_or(r.per_minute, |c| c.per_minute),
                 remaining: b.level().max(0.0) as u64,
                 reset: b.wait_for(ceiling.max(0.0).ceil() as u64, r, extra),
             })
         };
-        let budget = |limit: Option<u64>, used: u64, reserved: u64, end: Timestamp| {
-            limit.map(|l| WindowInfo {
-                limit: l,
-                remaining: l.saturating_sub(used.saturating_add(reserved)),
-                reset: until(end),
-            })
-        };
+        // Where a fleet shares the budget, what the whole fleet used (as the
+        // authority last said) when it is more than this sidecar's own.
+        let budget =
+            |limit: Option<u64>, fleet: Option<u64>, used: u64, reserved: u64, end: Timestamp| {
+                limit.map(|l| WindowInfo {
+                    limit: l,
+                    remaining: l
+                        .saturating_sub(fleet.unwrap_or(0).max(used).saturating_add(reserved)),
+                    reset: until(end),
+                })
+            };
         let (d, m) = (&self.day, &self.month);
+        let (day, month) = self.fleet_used();
         for c in [
-            bucket(&self.rpm, self.limits.rpm, loan.rpm),
+            bucket(&self.rpm, self.limits.rpm, self.configured.rpm, loan.rpm),
             budget(
-                self.limits.day.requests,
+                self.configured.day.requests,
+                day.map(|f| f.requests),
                 d.used.requests,
                 d.reserved.requests,
                 w.day_end,
             ),
             budget(
-                self.limits.month.requests,
+                self.configured.month.requests,
+                month.map(|f| f.requests),
                 m.used.requests,
                 m.reserved.requests,
                 w.month_end,
@@ -265,15 +459,17 @@ impl Scope {
             into.requests = Some(tighter(into.requests, c));
         }
         for c in [
-            bucket(&self.tpm, self.limits.tpm, loan.tpm),
+            bucket(&self.tpm, self.limits.tpm, self.configured.tpm, loan.tpm),
             budget(
-                self.limits.day.tokens,
+                self.configured.day.tokens,
+                day.map(|f| f.tokens),
                 d.used.tokens,
                 d.reserved.tokens,
                 w.day_end,
             ),
             budget(
-                self.limits.month.tokens,
+                self.configured.month.tokens,
+                month.map(|f| f.tokens),
                 m.used.tokens,
                 m.reserved.tokens,
                 w.month_end,
@@ -293,6 +489,20 @@ impl Scope {
 pub(crate) fn tokens_needed(tokens: u64, r: Rate, extra: f64) -> u64 {
     let ceiling = (r.burst as f64 + extra).max(1.0);
     (tokens as f64).min(ceiling).ceil() as u64
+}
+
+fn scope_use(model: Option<String>, s: &mut Scope) -> ScopeUse {
+    ScopeUse {
+        model,
+        configured: s.configured,
+        day_window: s.day.window,
+        month_window: s.month.window,
+        day_used: s.day.used,
+        day_reserved: s.day.reserved,
+        month_used: s.month.used,
+        month_reserved: s.month.reserved,
+        demand: std::mem::take(&mut s.demand),
+    }
 }
 
 /// The window with less left; on a tie, the one that resets sooner.
@@ -354,6 +564,9 @@ struct TenantState {
     models: HashMap<String, Scope>,
     loan: Loan,
     activity: Tally,
+    /// A fleet shares the limits: a model scope added by a reload starts
+    /// with no share.
+    shared: bool,
 }
 
 /// One tenant's ledger. Lives across reloads: a reload changes its limits and
@@ -386,8 +599,26 @@ impl TenantLedger {
                     .collect(),
                 loan: Loan::default(),
                 activity: Tally::default(),
+                shared: false,
             }),
         }
+    }
+
+    /// A ledger whose limits a fleet shares: every scope starts with no
+    /// share at all, and admits nothing until the fleet grants one.
+    fn new_shared(id: &str, limits: &TenantLimits) -> TenantLedger {
+        let now = Instant::now();
+        let t = TenantLedger::new_at(id, limits, now);
+        {
+            let mut s = t.lock();
+            s.shared = true;
+            let loan = s.loan;
+            s.tenant.set_share(Some(Share::none()), now, loan);
+            for m in s.models.values_mut() {
+                m.set_share(Some(Share::none()), now, Loan::default());
+            }
+        }
+        t
     }
 
     fn lock(&self) -> MutexGuard<'_, TenantState> {
@@ -402,13 +633,17 @@ impl TenantLedger {
         let mut s = self.lock();
         s.priority = limits.priority;
         let loan = s.loan;
-        s.tenant.set_limits(limits.limits, now, loan);
+        s.tenant.configure(limits.limits, now, loan);
         s.models.retain(|m, _| limits.models.contains_key(m));
         for (m, l) in &limits.models {
             match s.models.get_mut(m) {
-                Some(scope) => scope.set_limits(*l, now, Loan::default()),
+                Some(scope) => scope.configure(*l, now, Loan::default()),
                 None => {
-                    s.models.insert(m.clone(), Scope::new(*l, now));
+                    let mut scope = Scope::new(*l, now);
+                    if s.shared {
+                        scope.set_share(Some(Share::none()), now, Loan::default());
+                    }
+                    s.models.insert(m.clone(), scope);
                 }
             }
         }
@@ -444,6 +679,10 @@ impl TenantLedger {
         let has_model_scope = s.models.contains_key(model);
         if let Some(m) = s.models.get_mut(model) {
             m.refresh(now, &w, Loan::default());
+        }
+        s.tenant.demand = s.tenant.demand.saturating_add(amount);
+        if let Some(m) = s.models.get_mut(model) {
+            m.demand = m.demand.saturating_add(amount);
         }
         let scoped = |r: Refused| (format!("model:{model}.{}", r.0), r.1, r.2);
         let named = |r: Refused| (r.0.to_string(), r.1, r.2);
@@ -545,6 +784,46 @@ impl TenantLedger {
             m.tightest(&w, ts, Loan::default(), &mut info);
         }
         info
+    }
+
+    /// For the fleet: every scope's use in the current windows (the tenant's
+    /// first, then its models'), and what was asked of each since the last
+    /// call, which starts anew.
+    pub(crate) fn take_use(&self, calendar: &Calendar) -> Vec<ScopeUse> {
+        let w = calendar.windows(calendar.now());
+        let now = Instant::now();
+        let mut s = self.lock();
+        let loan = s.loan;
+        s.tenant.refresh(now, &w, loan);
+        let mut out = vec![scope_use(None, &mut s.tenant)];
+        let mut names: Vec<String> = s.models.keys().cloned().collect();
+        names.sort();
+        for m in names {
+            if let Some(scope) = s.models.get_mut(&m) {
+                scope.refresh(now, &w, Loan::default());
+                out.push(scope_use(Some(m), scope));
+            }
+        }
+        out
+    }
+
+    /// For the fleet: this sidecar's share of each scope (`None` for the
+    /// tenant as a whole, else a model); a share of `None` lifts the share
+    /// (the configured limits apply). Scopes not named are left as they are.
+    pub(crate) fn set_shares(&self, shares: &[(Option<String>, Option<Share>)]) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let loan = s.loan;
+        for (model, share) in shares {
+            match model {
+                None => s.tenant.set_share(*share, now, loan),
+                Some(m) => {
+                    if let Some(scope) = s.models.get_mut(m) {
+                        scope.set_share(*share, now, Loan::default());
+                    }
+                }
+            }
+        }
     }
 
     /// Take the activity counters (for the rebalancer) and start anew.
@@ -655,6 +934,11 @@ pub(crate) struct WindowReport {
     pub(crate) reserved: f64,
     pub(crate) remaining: f64,
     pub(crate) resets_at: Option<String>,
+    /// Day and month windows shared by a fleet: what every sidecar used,
+    /// as the authority last said (`used` and `reserved` are this
+    /// sidecar's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fleet_used: Option<f64>,
 }
 
 fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> ScopeReport {
@@ -675,20 +959,29 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                 reserved: 0.0,
                 remaining: b.level().max(0.0),
                 resets_at: None,
+                fleet_used: None,
             });
         }
     }
-    for (prefix, budget, counter, end) in [
-        ("day", &s.limits.day, &s.day, w.day_end),
-        ("month", &s.limits.month, &s.month, w.month_end),
+    let (fleet_day, fleet_month) = s.fleet_used();
+    for (prefix, budget, counter, end, fleet) in [
+        ("day", &s.configured.day, &s.day, w.day_end, fleet_day),
+        (
+            "month",
+            &s.configured.month,
+            &s.month,
+            w.month_end,
+            fleet_month,
+        ),
     ] {
-        for (dim, limit, used, reserved, scale) in [
+        for (dim, limit, used, reserved, scale, fleet_used) in [
             (
                 "requests",
                 budget.requests,
                 counter.used.requests,
                 counter.reserved.requests,
                 1.0,
+                fleet.map(|f| f.requests),
             ),
             (
                 "tokens",
@@ -696,6 +989,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                 counter.used.tokens,
                 counter.reserved.tokens,
                 1.0,
+                fleet.map(|f| f.tokens),
             ),
             (
                 "usd",
@@ -703,6 +997,7 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                 counter.used.usd_nano,
                 counter.reserved.usd_nano,
                 1e9,
+                fleet.map(|f| f.usd_nano),
             ),
         ] {
             if let Some(limit) = limit {
@@ -715,8 +1010,12 @@ fn scope_report(model: Option<&str>, s: &Scope, w: &Windows, loan: Loan) -> Scop
                     burst: None,
                     used: used as f64 / scale,
                     reserved: reserved as f64 / scale,
-                    remaining: limit.saturating_sub(used.saturating_add(reserved)) as f64 / scale,
+                    remaining: limit
+                        .saturating_sub(fleet_used.unwrap_or(used).saturating_add(reserved))
+                        as f64
+                        / scale,
                     resets_at: Some(end.to_string()),
+                    fleet_used: fleet_used.map(|u| u as f64 / scale),
                 });
             }
         }
@@ -817,20 +1116,35 @@ pub(crate) struct Quota {
     authority: Option<Arc<dyn Authority>>,
 }
 
+/// How many times one request asks the authority for more.
+const TOP_UPS: usize = 4;
+
 /// Who holds a limit shared by more than one sidecar.
 #[async_trait::async_trait]
 pub(crate) trait Authority: Send + Sync {
     /// The local ledger refused `amount` for `tenant` in `refusal.window`
     /// (of the tenant's scope, or `model`'s): obtain more of that window for
-    /// this sidecar, if the fleet has it. `true`: the share grew, ask the
-    /// ledger again. Bounded in time by the implementation.
+    /// this sidecar, if the fleet has it. Bounded in time by the
+    /// implementation.
     async fn top_up(
         &self,
-        tenant: &TenantLedger,
+        tenant: &Arc<TenantLedger>,
         model: &str,
         refusal: &Refusal,
         amount: Amount,
-    ) -> bool;
+    ) -> TopUp;
+}
+
+/// What asking the authority for more gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopUp {
+    /// The share grew: ask the ledger again.
+    Grown,
+    /// Nothing more to be had: the refusal stands.
+    Spent,
+    /// The authority cannot be reached and the fleet refuses what its
+    /// leases do not cover.
+    Unavailable,
 }
 
 impl Quota {
@@ -865,12 +1179,29 @@ impl Quota {
             Ok(r) => return Ok(r),
             Err(refusal) => refusal,
         };
-        match &self.authority {
-            Some(a) if a.top_up(ledger, model, &refusal, amount).await => {
-                ledger.reserve(model, amount, &self.calendar)
+        let Some(authority) = &self.authority else {
+            return Err(refusal);
+        };
+        // Requests that ran out together share one answer: a share that grew
+        // may be taken by the others first, so ask again (a few times).
+        let mut refusal = refusal;
+        for _ in 0..TOP_UPS {
+            match authority.top_up(ledger, model, &refusal, amount).await {
+                TopUp::Grown => match ledger.reserve(model, amount, &self.calendar) {
+                    Ok(r) => return Ok(r),
+                    Err(again) => refusal = again,
+                },
+                TopUp::Spent => return Err(refusal),
+                TopUp::Unavailable => {
+                    return Err(Refusal {
+                        kind: RefusalKind::Unavailable,
+                        retry_after: Duration::from_secs(1),
+                        ..refusal
+                    });
+                }
             }
-            _ => Err(refusal),
         }
+        Err(refusal)
     }
 
     /// A tenant's ledger, by its index in the config.
@@ -894,9 +1225,19 @@ impl Quota {
 pub struct Ledger {
     tenants: Mutex<HashMap<String, Arc<TenantLedger>>>,
     clock: Clock,
+    /// A fleet shares every limit: new tenants start with no share.
+    shared: bool,
 }
 
 impl Ledger {
+    /// A ledger whose limits a fleet of sidecars shares ([`fleet`]).
+    pub(crate) fn shared() -> Ledger {
+        Ledger {
+            shared: true,
+            ..Ledger::default()
+        }
+    }
+
     /// The wall clock every snapshot's calendar reads (pinnable in tests).
     pub fn clock(&self) -> &Clock {
         &self.clock
@@ -913,7 +1254,11 @@ impl Ledger {
                 Arc::clone(t)
             }
             None => {
-                let t = Arc::new(TenantLedger::new(id, limits));
+                let t = Arc::new(if self.shared {
+                    TenantLedger::new_shared(id, limits)
+                } else {
+                    TenantLedger::new(id, limits)
+                });
                 map.insert(id.to_string(), Arc::clone(&t));
                 t
             }
@@ -935,7 +1280,7 @@ impl Ledger {
 )]
 mod tests {
     use super::*;
-    use crate::config::Budget;
+
     use jiff::tz::TimeZone;
     use proptest::prelude::*;
 
@@ -971,6 +1316,86 @@ mod tests {
     fn day_used(t: &TenantLedger) -> (Amount, Amount) {
         let s = t.lock();
         (s.tenant.day.used, s.tenant.day.reserved)
+    }
+
+    /// A fleet's share: nothing before the first answer; a budget admits up
+    /// to the allowance for its window only; a per-minute share credits the
+    /// bucket with what is new to the sidecar, and a shrinking one caps it.
+    #[test]
+    fn a_fleet_share_bounds_every_window() {
+        let l = TenantLimits {
+            priority: 3,
+            limits: Limits {
+                rpm: rate(60, 60),
+                day: Budget {
+                    requests: Some(100),
+                    ..Budget::default()
+                },
+                ..Limits::default()
+            },
+            models: HashMap::new(),
+        };
+        let t = Arc::new(TenantLedger::new_shared("t", &l));
+        let cal = calendar();
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
+        let day = cal.windows(cal.now()).day;
+        let share = |allowed: u64, held: u64, fresh: u64| Share {
+            day: Budget {
+                requests: Some(allowed),
+                ..Budget::default()
+            },
+            day_window: day,
+            rpm: Some(held),
+            rpm_fresh: Some(fresh),
+            ..Share::default()
+        };
+        // 3 allowed, 30 per minute held and all of it new: a burst of 30.
+        t.set_shares(&[(None, Some(share(3, 30, 30)))]);
+        for _ in 0..3 {
+            t.reserve("m", amt(0), &cal).unwrap().settle(amt(0));
+        }
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
+        // A large allowance: the rate share limits now (27 left of 30).
+        t.set_shares(&[(None, Some(share(1000, 30, 0)))]);
+        let mut n = 0;
+        while let Ok(r) = t.reserve("m", amt(0), &cal) {
+            r.settle(amt(0));
+            n += 1;
+        }
+        assert_eq!(n, 27);
+        // The share grows back to 30 from 10 with nothing new: no credit.
+        t.set_shares(&[(None, Some(share(1000, 10, 0)))]);
+        t.set_shares(&[(None, Some(share(1000, 30, 0)))]);
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "minute.requests"
+        );
+        // 20 new to this sidecar: 20 credited.
+        t.set_shares(&[(None, Some(share(1000, 50, 20)))]);
+        let mut n = 0;
+        while let Ok(r) = t.reserve("m", amt(0), &cal) {
+            r.settle(amt(0));
+            n += 1;
+        }
+        assert_eq!(n, 20);
+        // A share for another day's window allows nothing today.
+        t.set_shares(&[(
+            None,
+            Some(Share {
+                day_window: day - 1,
+                ..share(1000, 50, 50)
+            }),
+        )]);
+        assert_eq!(
+            t.reserve("m", amt(0), &cal).unwrap_err().window,
+            "day.requests"
+        );
     }
 
     #[test]

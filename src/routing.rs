@@ -725,7 +725,12 @@ fn build_deployment(config: &Config, index: usize, book: &HealthBook) -> Deploym
         price: config.pricing.get(&d.model).copied(),
         blocked_until_ms: AtomicU64::new(0),
         limits: (d.rpm, d.tpm),
-        limiter: ProviderLimiter::new(d.rpm, d.tpm).map(Arc::new),
+        limiter: if config.fleet.is_some() {
+            ProviderLimiter::new_shared(d.rpm, d.tpm)
+        } else {
+            ProviderLimiter::new(d.rpm, d.tpm)
+        }
+        .map(Arc::new),
         health: book.health(&d.id, d.health),
     }
 }

@@ -11,6 +11,7 @@ use crate::gateway::{Gateway, InFlight};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
 use crate::metrics::Metrics;
+use crate::quota::fleet::{Fleet, ProviderAsk};
 use crate::quota::rebalance::Rebalancer;
 use crate::routing::DNS_REFRESH;
 use crate::routing::health::HealthBook;
@@ -24,6 +25,7 @@ use pingora::services::listening::Service;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why the process could not start. Each kind asks for a different answer
@@ -91,6 +93,11 @@ pub struct Collie {
     audit: Option<AuditHandle>,
     alerts: Arc<Alerts>,
     drain: DrainParts,
+    /// Added to the server when it runs, so that [`Collie::watch_config`]
+    /// can still change it.
+    reloader: Option<Reloader>,
+    /// `/readyz` fails until the gateway listener accepts connections.
+    gateway_accepting: Arc<AtomicBool>,
 }
 
 /// What a graceful stop acts on.
@@ -164,8 +171,15 @@ impl Collie {
 
         let metrics = Arc::new(Metrics::new().map_err(|e| StartError::internal("metrics", e))?);
         let book = HealthBook::new(metrics.health.clone(), 64);
+        let fleet = match &config.fleet {
+            Some(f) => Some(
+                Fleet::new(f.clone(), &metrics.registry)
+                    .map_err(|e| StartError::internal("fleet", e))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(
-            State::new(config, Arc::clone(&book))
+            State::new(config, Arc::clone(&book), fleet.clone())
                 .map_err(|e| StartError::internal("routing", e))?,
         );
         let audit_metrics = crate::audit::AuditMetrics::new(&metrics.registry)
@@ -190,6 +204,7 @@ impl Collie {
             Err(e @ AuditError::Thread(_)) => return Err(StartError::internal("audit", e)),
         };
         let lifecycle = Lifecycle::default();
+        let gateway_accepting = Arc::new(AtomicBool::new(false));
         let gateway = Gateway::new(
             Arc::clone(&state),
             Arc::clone(&metrics),
@@ -227,6 +242,7 @@ impl Collie {
                     metrics: Arc::clone(&metrics),
                     state: Arc::clone(&state),
                     draining: lifecycle.draining.clone(),
+                    gateway_accepting: Arc::clone(&gateway_accepting),
                     bodies,
                     alerts: Arc::clone(&alerts),
                     subscribers: Default::default(),
@@ -257,6 +273,16 @@ impl Collie {
             },
         ));
 
+        if let Some(fleet) = fleet {
+            server.add_service(background_service(
+                "fleet leases",
+                FleetService {
+                    state: Arc::clone(&state),
+                    fleet,
+                },
+            ));
+        }
+
         server.add_service(background_service(
             "dns refresh",
             DnsRefresh {
@@ -264,16 +290,17 @@ impl Collie {
             },
         ));
 
-        if let Some(path) = config_path {
-            server.add_service(background_service(
-                "config reload",
-                Reloader {
-                    path,
-                    state: Arc::clone(&state),
-                },
-            ));
-        }
+        let reloader = config_path.map(|path| Reloader {
+            // What was loaded, near enough: the file as it is now.
+            seen: std::fs::read(&path).ok(),
+            path,
+            state: Arc::clone(&state),
+            metrics: Arc::clone(&metrics),
+            poll: None,
+        });
         Ok(Collie {
+            gateway_accepting,
+            reloader,
             listen,
             admin_listen,
             drain: DrainParts {
@@ -288,13 +315,36 @@ impl Collie {
         })
     }
 
-    /// Run until SIGTERM (graceful) or SIGINT (fast).
-    pub fn run_until_signalled(self) {
-        log::info!(
-            "collie listening on {} (admin on {})",
-            self.listen,
-            self.admin_listen
-        );
+    /// Also reload the config file when its content changes, checked every
+    /// `every` (a Kubernetes ConfigMap volume is updated in place by the
+    /// kubelet; nobody sends a signal). Without a config file, nothing.
+    pub fn watch_config(&mut self, every: Duration) {
+        if let Some(r) = &mut self.reloader {
+            // A zero interval would spin.
+            r.poll = Some(every.max(Duration::from_millis(100)));
+        }
+    }
+
+    fn add_reloader(&mut self) {
+        if let Some(r) = self.reloader.take() {
+            self.server
+                .add_service(background_service("config reload", r));
+        }
+    }
+
+    /// Run until SIGTERM (graceful) or SIGINT (fast). Exits the process
+    /// with 69 if the gateway listener never accepts connections (see
+    /// [`GatewayCheck`]).
+    pub fn run_until_signalled(mut self) {
+        self.add_reloader();
+        self.server.add_service(background_service(
+            "gateway check",
+            GatewayCheck {
+                listen: self.listen,
+                admin_listen: self.admin_listen,
+                accepting: Arc::clone(&self.gateway_accepting),
+            },
+        ));
         self.server.run(RunArgs {
             shutdown_signal: Box::new(Drain {
                 signal: UnixSignals,
@@ -311,7 +361,8 @@ impl Collie {
 
     /// Run on a thread of its own until the returned handle is dropped or
     /// stopped. Waits until the gateway accepts connections.
-    pub fn spawn(self) -> Result<Running, StartError> {
+    pub fn spawn(mut self) -> Result<Running, StartError> {
+        self.add_reloader();
         let (tx, rx) = tokio::sync::watch::channel(None);
         let listen = self.listen;
         let admin_listen = self.admin_listen;
@@ -320,6 +371,7 @@ impl Collie {
         let audit = self.audit;
         let alerts = self.alerts;
         let parts = self.drain;
+        let gateway_accepting = self.gateway_accepting;
         let thread = std::thread::Builder::new()
             .name("collie".into())
             .spawn(move || {
@@ -346,6 +398,7 @@ impl Collie {
             wait_until_accepting(addr)
                 .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))?;
         }
+        gateway_accepting.store(true, Ordering::Release);
         Ok(running)
     }
 }
@@ -361,8 +414,72 @@ fn check_bindable(addr: SocketAddr) -> Result<(), StartError> {
         .map_err(|e| StartError::unavailable(format!("listen address {addr}"), e))
 }
 
+/// Where to connect to reach a listener on `addr`: an unspecified address
+/// (`0.0.0.0`, `[::]`) is reached through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+/// How long the gateway listener may take to accept connections before the
+/// process gives up: Pingora retries a bind that fails for about 30 s.
+const LISTEN_PATIENCE: Duration = Duration::from_secs(40);
+
+/// Watches for the gateway listener to accept connections: until then
+/// `/readyz` fails; then "listening" is logged; if it never does (its port
+/// taken in the instant after [`check_bindable`], and Pingora's listener
+/// thread gave up), the process exits with 69 rather than run, ready-looking,
+/// without its gateway. A connection that another process on the port
+/// accepts is not told apart; `check_bindable` makes that case rare.
+struct GatewayCheck {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    accepting: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for GatewayCheck {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let started = Instant::now();
+        let target = reachable(self.listen);
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(target),
+            );
+            tokio::select! {
+                r = attempt => if matches!(r, Ok(Ok(_))) {
+                    self.accepting.store(true, Ordering::Release);
+                    log::info!(
+                        "collie listening on {} (admin on {})",
+                        self.listen,
+                        self.admin_listen
+                    );
+                    return;
+                },
+                _ = shutdown.changed() => return,
+            }
+            if started.elapsed() > LISTEN_PATIENCE {
+                log::error!(
+                    "cannot start: the gateway listener on {} did not accept connections within {LISTEN_PATIENCE:?} (is its port taken?)",
+                    self.listen
+                );
+                std::process::exit(69);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// The last connect error when nothing accepts on `addr` within ~10 s.
 fn wait_until_accepting(addr: SocketAddr) -> std::io::Result<()> {
+    let addr = reachable(addr);
     let mut last = None;
     for _ in 0..1000 {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
@@ -510,6 +627,131 @@ impl ShutdownSignalWatch for HandleSignal {
     }
 }
 
+/// The fleet's side of every tenant's quota: once per lease interval,
+/// report use and refresh shares; in between, answer top-ups; on stop,
+/// give the leases back.
+struct FleetService {
+    state: Arc<State>,
+    fleet: Arc<Fleet>,
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut inbox) = self.fleet.take_inbox() else {
+            return;
+        };
+        let interval = self.fleet.settings().interval;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut providers_answered = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let snap = self.state.load();
+                    self.fleet
+                        .refresh(snap.quota.ledgers(), snap.quota.calendar(), false)
+                        .await;
+                    if self.share_providers(&snap.router).await {
+                        providers_answered = Instant::now();
+                    } else if providers_answered.elapsed() >= self.fleet.settings().ttl {
+                        // The provider shares ran out without an answer: each
+                        // sidecar takes its part of each key's rates.
+                        let n = u64::from(self.fleet.settings().expected_replicas.max(1));
+                        for d in &snap.router.deployments {
+                            if let Some(l) = &d.limiter {
+                                let u = l.take_use();
+                                let part = |r: Option<u64>| r.map(|r| (r / n, r / n));
+                                l.set_share(part(u.rpm), part(u.tpm));
+                            }
+                        }
+                    }
+                    self.share_holds(&snap.router).await;
+                }
+                Some(req) = inbox.recv() => {
+                    let snap = self.state.load();
+                    self.fleet.answer_all(req, &mut inbox, snap.quota.calendar()).await;
+                }
+                _ = shutdown.changed() => {
+                    // Requests still draining settle into the ledger; what
+                    // they use after this is reported by nobody and counts
+                    // as leased (their leases expire, counted as used).
+                    let snap = self.state.load();
+                    self.fleet
+                        .refresh(snap.quota.ledgers(), snap.quota.calendar(), true)
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl FleetService {
+    /// Report the demand on every provider key with limits and apply this
+    /// sidecar's new shares of them. Whether Redis answered.
+    async fn share_providers(&self, router: &crate::routing::Router) -> bool {
+        let limited: Vec<_> = router
+            .deployments
+            .iter()
+            .filter_map(|d| d.limiter.as_ref().map(|l| (d, l)))
+            .collect();
+        if limited.is_empty() {
+            return true;
+        }
+        let asks: Vec<ProviderAsk> = limited
+            .iter()
+            .map(|(d, l)| {
+                let u = l.take_use();
+                ProviderAsk {
+                    deployment: d.id.clone(),
+                    rpm: u.rpm,
+                    tpm: u.tpm,
+                    requests: u.requests,
+                    tokens: u.tokens,
+                }
+            })
+            .collect();
+        match self.fleet.sync_providers(&asks).await {
+            Ok(shares) => {
+                for ((_, l), s) in limited.iter().zip(shares) {
+                    l.set_share(s.rpm, s.tpm);
+                }
+                true
+            }
+            Err(e) => {
+                log::warn!("fleet: provider key shares: {e}");
+                false
+            }
+        }
+    }
+
+    /// Tell the fleet which deployments this sidecar keeps off (a provider's
+    /// `Retry-After`, an open breaker) and keep off the ones the others do.
+    async fn share_holds(&self, router: &crate::routing::Router) {
+        let now = crate::routing::now_ms();
+        let mine: Vec<(String, Duration)> = router
+            .deployments
+            .iter()
+            .filter_map(|d| {
+                let blocked = d.blocked_for_ms(now).map(Duration::from_millis);
+                let open = d.health.would_admit().err().flatten();
+                blocked.max(open).map(|w| (d.id.clone(), w))
+            })
+            .collect();
+        match self.fleet.sync_holds(&mine).await {
+            Ok(holds) => {
+                for (id, wait) in holds {
+                    if let Some(d) = router.deployment_by_id(&id) {
+                        d.block_for(wait);
+                    }
+                }
+            }
+            Err(e) => log::warn!("fleet: shared holds: {e}"),
+        }
+    }
+}
+
 /// Once per interval: lends idle tenants' rate capacity to busy high-priority
 /// ones while a pool is saturated, and publishes pool and loan state as
 /// metrics.
@@ -541,6 +783,12 @@ impl BackgroundService for RebalanceService {
                     load.utilisation().is_some_and(|u| u >= threshold)
                 })
                 .collect();
+            // In a fleet a sidecar holds only its share of each rate:
+            // lending it on would add to it (config refuses asking for both).
+            if self.state.fleet.is_some() {
+                last = Instant::now();
+                continue;
+            }
             let changes =
                 self.rebalancer
                     .step(&snap.config, snap.quota.ledgers(), &busy, last.elapsed());
@@ -618,11 +866,19 @@ impl BackgroundService for DnsRefresh {
     }
 }
 
-/// Reloads the config file on SIGHUP. A file that fails validation is
-/// reported and the running config stays.
+/// Reloads the config file on SIGHUP and, when watching, when its content
+/// changes. A file that fails validation is reported (log and
+/// `collie_config_reloads_total{result="failure"}`) and the running config
+/// stays; a watched file is not tried again until it changes again.
 struct Reloader {
     path: PathBuf,
     state: Arc<State>,
+    metrics: Arc<Metrics>,
+    /// How often to compare the file with `seen`; `None`: on SIGHUP only.
+    poll: Option<Duration>,
+    /// The file's content when it was last loaded or tried. Whole, not a
+    /// digest: a config is small and is read whole anyway.
+    seen: Option<Vec<u8>>,
 }
 
 #[async_trait]
@@ -635,19 +891,47 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        let mut seen = self.seen.clone();
         loop {
-            tokio::select! {
-                _ = hup.recv() => {}
+            let tick = async {
+                match self.poll {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let signalled = tokio::select! {
+                _ = hup.recv() => true,
+                _ = tick => false,
                 _ = shutdown.changed() => return,
+            };
+            // A file that cannot be read now is not a change (a ConfigMap
+            // update swaps a symlink, atomically); SIGHUP reports it.
+            let now = tokio::fs::read(&self.path).await.ok();
+            if !signalled {
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                log::info!("{} changed; reloading", self.path.display());
             }
+            seen = now;
             // Reading the file and resolving deployments' host names
             // block: off the async workers, so a slow DNS server cannot
             // stall the requests they serve.
             let (state, path) = (Arc::clone(&self.state), self.path.clone());
-            match tokio::task::spawn_blocking(move || state.reload_file(&path)).await {
-                Ok(Ok(())) => log::info!("reloaded {}", self.path.display()),
-                Ok(Err(e)) => log::error!("kept the running config; {e}"),
-                Err(e) => log::error!("kept the running config; the reload did not finish: {e}"),
+            let outcome = tokio::task::spawn_blocking(move || state.reload_file(&path)).await;
+            match outcome {
+                Ok(Ok(())) => {
+                    self.metrics.config.reloaded();
+                    log::info!("reloaded {}", self.path.display());
+                }
+                Ok(Err(e)) => {
+                    self.metrics.config.reload_failed();
+                    log::error!("kept the running config; {e}");
+                }
+                Err(e) => {
+                    self.metrics.config.reload_failed();
+                    log::error!("kept the running config; the reload did not finish: {e}");
+                }
             }
         }
     }

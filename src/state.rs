@@ -4,7 +4,8 @@
 //! config and half of another.
 
 use crate::config::{Config, ConfigErrors, Model};
-use crate::quota::{Calendar, Ledger, Quota};
+use crate::quota::fleet::Fleet;
+use crate::quota::{Authority, Calendar, Ledger, Quota};
 use crate::routing::health::HealthBook;
 use crate::routing::{BuildError, Router};
 use arc_swap::ArcSwap;
@@ -30,6 +31,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         ledger: &Ledger,
         book: &HealthBook,
+        fleet: Option<&Arc<Fleet>>,
     ) -> Result<Snapshot, BuildError> {
         let router = Router::build(&config, previous.map(|p| &p.router), book)?;
         let model_index = config
@@ -64,7 +66,11 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             router,
-            quota: Quota::new(ledgers, calendar, None),
+            quota: Quota::new(
+                ledgers,
+                calendar,
+                fleet.map(|f| Arc::clone(f) as Arc<dyn Authority>),
+            ),
             tenant_index,
             model_index,
             key_owner,
@@ -93,6 +99,8 @@ pub(crate) enum ReloadError {
     Config { path: PathBuf, errors: ConfigErrors },
     #[error("internal error: {0}")]
     Build(#[from] BuildError),
+    #[error("the `fleet` section cannot change while running (restart the sidecar)")]
+    FleetChanged,
 }
 
 /// The swappable handle shared by every part of the process.
@@ -102,16 +110,27 @@ pub struct State {
     pub ledger: Ledger,
     /// Deployment health and probes, across snapshots.
     pub health: Arc<HealthBook>,
+    /// The fleet sharing the limits, if any (fixed for the process).
+    pub(crate) fleet: Option<Arc<Fleet>>,
 }
 
 impl State {
-    pub(crate) fn new(config: Config, health: Arc<HealthBook>) -> Result<State, BuildError> {
-        let ledger = Ledger::default();
-        let snapshot = Snapshot::build(config, None, &ledger, &health)?;
+    pub(crate) fn new(
+        config: Config,
+        health: Arc<HealthBook>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Result<State, BuildError> {
+        let ledger = if fleet.is_some() {
+            Ledger::shared()
+        } else {
+            Ledger::default()
+        };
+        let snapshot = Snapshot::build(config, None, &ledger, &health, fleet.as_ref())?;
         Ok(State {
             current: ArcSwap::from_pointee(snapshot),
             ledger,
             health,
+            fleet,
         })
     }
 
@@ -123,7 +142,13 @@ impl State {
     /// It blocks while deployments' host names are resolved.
     pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let old = self.current.load_full();
-        let next = Snapshot::build(config, Some(&old), &self.ledger, &self.health)?;
+        let next = Snapshot::build(
+            config,
+            Some(&old),
+            &self.ledger,
+            &self.health,
+            self.fleet.as_ref(),
+        )?;
         self.current.store(Arc::new(next));
         Ok(())
     }
@@ -136,6 +161,10 @@ impl State {
             path: path.to_path_buf(),
             errors,
         })?;
+        let fleet = |c: &Config| c.fleet.as_ref().map(|f| f.identity());
+        if fleet(&config) != fleet(&self.load().config) {
+            return Err(ReloadError::FleetChanged);
+        }
         Ok(self.reload(config)?)
     }
 }

@@ -3,7 +3,7 @@
 //! verify` (every chain intact: no edited row, no deleted one).
 
 use super::sink::{Cell, Sink, SinkError, SinkSpec};
-use crate::config::{Config, ConfigErrors, SinkSpecError};
+use crate::config::{Config, ConfigError, ConfigErrors, MissingEnv, SinkSpecError};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -48,18 +48,36 @@ pub enum TrailError {
 }
 
 /// The sink named on the command line (`--sink`), else the one a config
-/// file uses (`--config`).
-pub fn open_sink(sink: Option<&str>, config: Option<&Path>) -> Result<Box<dyn Sink>, TrailError> {
+/// file uses (`--config`). `missing` decides about the environment variables
+/// the config names and the process lacks: reading the trail needs none of
+/// the provider keys, but a PostgreSQL trail needs its URL whatever it says.
+pub fn open_sink(
+    sink: Option<&str>,
+    config: Option<&Path>,
+    missing: MissingEnv,
+) -> Result<Box<dyn Sink>, TrailError> {
     let spec = match (sink, config) {
         (Some(s), _) => SinkSpec::parse(s)?,
-        (None, Some(path)) => Config::load(path)
-            .map_err(|errors| TrailError::Config {
+        (None, Some(path)) => {
+            let invalid = |errors| TrailError::Config {
                 path: path.to_path_buf(),
                 errors,
-            })?
-            .audit
-            .sink
-            .ok_or(TrailError::AuditOff)?,
+            };
+            let config = Config::load_with(path, missing).map_err(invalid)?;
+            let url_env = config
+                .missing_env()
+                .iter()
+                .find(|(field, _)| field == "audit.postgres_url_env");
+            if let Some((field, name)) = url_env {
+                return Err(invalid(ConfigErrors(vec![ConfigError {
+                    path: field.clone(),
+                    message: format!(
+                        "environment variable `{name}` is not set: the trail's URL is needed to read it"
+                    ),
+                }])));
+            }
+            config.audit.sink.ok_or(TrailError::AuditOff)?
+        }
         (None, None) => return Err(TrailError::Unnamed),
     };
     // Reading must not create an empty trail where none was written.

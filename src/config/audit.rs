@@ -207,6 +207,16 @@ impl Validator<'_> {
                         url: url.trim().to_string(),
                         schema: a.postgres_schema.clone(),
                     }),
+                    // Checked without secrets: a sink without its URL,
+                    // which `collie audit` refuses to open (see
+                    // `report::open_sink`).
+                    None if self.missing == super::MissingEnv::Allow => {
+                        self.env_missing("audit.postgres_url_env", name);
+                        Some(SinkSpec::Postgres {
+                            url: String::new(),
+                            schema: a.postgres_schema.clone(),
+                        })
+                    }
                     _ => {
                         self.error(
                             "audit.postgres_url_env",

@@ -340,6 +340,17 @@ impl Validator<'_> {
     /// concurrency budget; a pool without one (`max_concurrency` or
     /// `adaptive_concurrency`) is never "busy". Asking for rebalancing where
     /// no pool has a budget would silently do nothing, so it is an error.
+    /// Lending moves rate capacity between tenants inside one sidecar; in a
+    /// fleet a sidecar holds only its share, and lending would add to it.
+    pub(super) fn check_rebalance_fleet(&mut self, quota: &QuotaSettings, fleet: bool) {
+        if fleet && quota.rebalance_requested {
+            self.error(
+                "quota.rebalance.enabled",
+                "lending is per sidecar and cannot be combined with `fleet` (it is off in fleet mode)",
+            );
+        }
+    }
+
     pub(super) fn check_rebalance_capacity(&mut self, quota: &QuotaSettings, pools: &[Pool]) {
         let measurable = pools
             .iter()

@@ -4,8 +4,43 @@
 //! integers so that `-1` gets a "must be > 0" message with its path instead of
 //! a type error.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
+
+/// A duration field as written: text for `humantime` (`30s`), or a bare
+/// number kept as its text, so that validation can say which unit to add
+/// (`5` → "write `5s`") instead of serde's "expected a string".
+fn duration_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as `30s` or `2m`")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(Text)
+        }
+    }
+    d.deserialize_any(Text)
+}
 
 /// Top level. The list sections stay untyped here so that each item can be
 /// checked on its own and every broken item reported, not only the first.
@@ -24,11 +59,11 @@ pub(crate) struct RawConfig {
     pub(crate) max_body_bytes: Option<RawSize>,
     #[serde(default)]
     pub(crate) max_json_depth: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) client_timeout: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) head_timeout: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) keepalive_timeout: Option<String>,
     #[serde(default)]
     pub(crate) max_header_bytes: Option<RawSize>,
@@ -36,7 +71,7 @@ pub(crate) struct RawConfig {
     pub(crate) max_headers: Option<i64>,
     #[serde(default)]
     pub(crate) max_inflight_body_bytes: Option<RawSize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) drain_timeout: Option<String>,
     #[serde(default)]
     pub(crate) upstream_keepalive_pool: Option<i64>,
@@ -58,13 +93,15 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) retry: Option<RawRetry>,
     /// Longest a request may take in all (attempts, waits and backoff).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) request_deadline: Option<String>,
     /// Most requests held at once (`hold_when_down`), all models together.
     #[serde(default)]
     pub(crate) max_held_requests: Option<i64>,
     #[serde(default)]
     pub(crate) audit: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub(crate) fleet: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,7 +125,7 @@ pub(crate) struct RawAudit {
     pub(crate) queue_bytes: Option<RawSize>,
     #[serde(default)]
     pub(crate) batch: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) flush_interval: Option<String>,
     /// drop (default) or block.
     #[serde(default)]
@@ -107,14 +144,14 @@ pub(crate) struct RawAudit {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRetention {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) max_age: Option<String>,
     #[serde(default)]
     pub(crate) max_rows: Option<i64>,
     /// SQLite only: the largest the file may grow.
     #[serde(default)]
     pub(crate) max_bytes: Option<RawSize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) every: Option<String>,
 }
 
@@ -125,7 +162,7 @@ pub(crate) struct RawAnomalies {
     /// default) leaves the limits unset. Each field overrides its rule.
     #[serde(default)]
     pub(crate) preset: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) cooldown: Option<String>,
     #[serde(default)]
     pub(crate) health_alerts: Option<bool>,
@@ -135,7 +172,7 @@ pub(crate) struct RawAnomalies {
     pub(crate) user_cost_per_hour_usd: Option<f64>,
     #[serde(default)]
     pub(crate) max_tracked_users: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) window: Option<String>,
     #[serde(default)]
     pub(crate) tenant_requests: Option<i64>,
@@ -159,7 +196,7 @@ pub(crate) struct RawAnomalies {
     pub(crate) zscore: Option<f64>,
     /// The baseline's period (default 1m) and how many periods it learns
     /// before it judges (default 10).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) baseline_interval: Option<String>,
     #[serde(default)]
     pub(crate) baseline_min_history: Option<i64>,
@@ -171,21 +208,21 @@ pub(crate) struct RawAnomalies {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawWebhook {
     pub(crate) url: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) timeout: Option<String>,
     #[serde(default)]
     pub(crate) retries: Option<i64>,
     /// The first retry's delay; each next one doubles it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) backoff: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRetry {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) backoff: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) max_backoff: Option<String>,
 }
 
@@ -195,9 +232,9 @@ pub(crate) struct RawHealth {
     /// models (default), connect, completion or off.
     #[serde(default)]
     pub(crate) probe: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) interval: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) timeout: Option<String>,
     #[serde(default)]
     pub(crate) healthy_after: Option<i64>,
@@ -209,13 +246,13 @@ pub(crate) struct RawHealth {
     pub(crate) error_ratio: Option<f64>,
     #[serde(default)]
     pub(crate) min_samples: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) window: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) cooldown: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) max_cooldown: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) slow_after: Option<String>,
     #[serde(default)]
     pub(crate) degraded_error_ratio: Option<f64>,
@@ -275,7 +312,7 @@ pub(crate) struct RawQuota {
     #[serde(default)]
     pub(crate) defaults: Option<RawLimits>,
     /// Longest a request waits for a saturated pool.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) max_wait: Option<String>,
     #[serde(default)]
     pub(crate) rebalance: Option<RawRebalance>,
@@ -291,7 +328,7 @@ pub(crate) struct RawRebalance {
     pub(crate) enabled: Option<bool>,
     #[serde(default)]
     pub(crate) threshold: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) interval: Option<String>,
 }
 
@@ -414,11 +451,11 @@ pub(crate) struct RawDeployment {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTimeouts {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) connect: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) first_byte: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub(crate) idle: Option<String>,
 }
 

@@ -64,7 +64,7 @@ pub enum GatewayError {
     #[error("the request deadline passed before an upstream answered")]
     DeadlineExceeded,
     /// The tenant's own quota refused the request.
-    #[error("{}: the {window} limit is reached; retry in {retry_after_s}s", match kind { RefusalKind::RateLimited => "rate limited", RefusalKind::QuotaExceeded => "quota exceeded" })]
+    #[error("{}: the {window} limit is reached; retry in {retry_after_s}s", match kind { RefusalKind::RateLimited => "rate limited", RefusalKind::QuotaExceeded => "quota exceeded", RefusalKind::Unavailable => "quota unavailable (the fleet's quota authority cannot be reached)" })]
     Quota {
         window: String,
         kind: RefusalKind,
@@ -165,6 +165,10 @@ impl GatewayError {
                 kind: RefusalKind::QuotaExceeded,
                 ..
             } => (429, "quota_exceeded", Code::QuotaExceeded),
+            Quota {
+                kind: RefusalKind::Unavailable,
+                ..
+            } => (503, "server_error", Code::QuotaUnavailable),
             QueueTimeout { .. } => (429, "rate_limited", Code::QueueTimeout),
             // 499 as the HTTP servers that log it use it: client closed request.
             ClientClosed => (499, "invalid_request_error", Code::ClientClosed),

@@ -22,6 +22,28 @@ pub(crate) struct ProviderLimiter {
 struct ProviderBuckets {
     rpm: Option<(Rate, Bucket)>,
     tpm: Option<(Rate, Bucket)>,
+    /// The limits as configured; the buckets hold a fleet's share of them
+    /// when `shared`.
+    configured: (Option<u64>, Option<u64>),
+    shared: bool,
+    /// Requests and tokens asked of the key since the fleet last looked.
+    demand: (u64, u64),
+}
+
+/// A provider key's limits as the fleet sees them: the configured rates
+/// and what was asked since the last look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProviderUse {
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) requests: u64,
+    pub(crate) tokens: u64,
+}
+
+/// A refusal's wait; a bucket that never refills (a fleet share of nothing)
+/// says "soon" rather than zero, which would read as no refusal at all.
+fn refill_wait(wait: Duration) -> Duration {
+    wait.max(Duration::from_millis(1))
 }
 
 /// A provider's limit is a plain per-minute window: its burst is its rate.
@@ -41,8 +63,61 @@ impl ProviderLimiter {
             state: Mutex::new(ProviderBuckets {
                 rpm: rpm.map(bucket),
                 tpm: tpm.map(bucket),
+                configured: (rpm, tpm),
+                shared: false,
+                demand: (0, 0),
             }),
         })
+    }
+
+    /// A key whose limits a fleet of sidecars shares: it holds nothing
+    /// until the fleet grants a share.
+    pub(crate) fn new_shared(rpm: Option<u64>, tpm: Option<u64>) -> Option<ProviderLimiter> {
+        let l = ProviderLimiter::new(rpm, tpm)?;
+        {
+            let mut guard = l.lock();
+            let s = &mut *guard;
+            s.shared = true;
+            let now = Instant::now();
+            for slot in [&mut s.rpm, &mut s.tpm].into_iter().flatten() {
+                *slot = (provider_rate(0), Bucket::full(provider_rate(0), now));
+            }
+        }
+        Some(l)
+    }
+
+    /// For the fleet: the configured limits and the demand since the last
+    /// call, which starts anew.
+    pub(crate) fn take_use(&self) -> ProviderUse {
+        let mut s = self.lock();
+        let (requests, tokens) = std::mem::take(&mut s.demand);
+        ProviderUse {
+            rpm: s.configured.0,
+            tpm: s.configured.1,
+            requests,
+            tokens,
+        }
+    }
+
+    /// For the fleet: this sidecar's share of each limit, per minute —
+    /// (held, of it new to this sidecar). A share that grows credits its
+    /// bucket with the new part only; one that shrinks caps the bucket.
+    pub(crate) fn set_share(&self, rpm: Option<(u64, u64)>, tpm: Option<(u64, u64)>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let apply =
+            |slot: &mut Option<(Rate, Bucket)>, share: Option<(u64, u64)>, cap: Option<u64>| {
+                if let (Some((old, b)), Some((held, fresh))) = (slot.as_mut(), share) {
+                    let new = provider_rate(held.min(cap.unwrap_or(held)));
+                    b.refill(*old, 0.0, now);
+                    b.credit(fresh.min(new.burst.saturating_sub(old.burst)) as f64);
+                    b.refill(new, 0.0, now);
+                    *old = new;
+                }
+            };
+        let (crpm, ctpm) = s.configured;
+        apply(&mut s.rpm, rpm, crpm);
+        apply(&mut s.tpm, tpm, ctpm);
     }
 
     fn lock(&self) -> MutexGuard<'_, ProviderBuckets> {
@@ -53,7 +128,28 @@ impl ProviderLimiter {
     /// [`Bucket::rebase`]); a limit that is new starts full.
     pub(crate) fn reconfigure(&self, rpm: Option<u64>, tpm: Option<u64>) {
         let now = Instant::now();
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.configured = (rpm, tpm);
+        if s.shared {
+            // The fleet's next answer sizes the share to the new limits; a
+            // share above a lowered limit is capped now.
+            for (slot, n) in [(&mut s.rpm, rpm), (&mut s.tpm, tpm)] {
+                match (slot.as_mut(), n) {
+                    (Some((r, b)), Some(n)) if r.per_minute > n => {
+                        b.refill(*r, 0.0, now);
+                        *r = provider_rate(n);
+                        b.refill(*r, 0.0, now);
+                    }
+                    (None, Some(_)) => {
+                        *slot = Some((provider_rate(0), Bucket::full(provider_rate(0), now)));
+                    }
+                    (_, None) => *slot = None,
+                    _ => {}
+                }
+            }
+            return;
+        }
         let change = |slot: &mut Option<(Rate, Bucket)>, n: Option<u64>| {
             *slot = match (slot.take(), n) {
                 (_, None) => None,
@@ -84,11 +180,17 @@ impl ProviderLimiter {
     fn admit(&self, tokens: u64, take: bool) -> Result<(), Duration> {
         let now = Instant::now();
         let mut s = self.lock();
+        // A look-ahead counts too: a key that refuses everything is asked
+        // only that way, and its fleet share is sized from the asking.
+        s.demand = (
+            s.demand.0.saturating_add(1),
+            s.demand.1.saturating_add(tokens),
+        );
         let mut wait = Duration::ZERO;
         if let Some((r, b)) = &mut s.rpm {
             b.refill(*r, 0.0, now);
             if !b.can_take(1) {
-                wait = wait.max(b.wait_for(1, *r, 0.0));
+                wait = wait.max(refill_wait(b.wait_for(1, *r, 0.0)));
             }
         }
         // As for tenants: a request bigger than the burst goes from a full bucket.
@@ -96,7 +198,7 @@ impl ProviderLimiter {
             b.refill(*r, 0.0, now);
             let need = tokens_needed(tokens, *r, 0.0);
             if !b.can_take(need) {
-                wait = wait.max(b.wait_for(need, *r, 0.0));
+                wait = wait.max(refill_wait(b.wait_for(need, *r, 0.0)));
             }
         }
         if !wait.is_zero() {

@@ -101,6 +101,66 @@ async fn the_demo_answers_the_readme_requests() {
     assert!(metrics.contains("collie_requests_total"));
 }
 
+/// The README's quota example: the demo tenants have limits, so answers
+/// carry rate headers, `/v1/collie/quota` lists filled windows, and the
+/// guest's eleventh request in a minute is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_tenants_have_quotas_the_readme_shows() {
+    let demo = start_demo().await;
+    let client = reqwest::Client::new();
+    let chat = |tenant: &str, key: &str| {
+        client
+            .post(format!("{}/v1/chat/completions", demo.base))
+            .header("x-tenant-id", tenant)
+            .bearer_auth(key)
+            .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}))
+    };
+    let r = chat("team-a", "sk-demo-team-a").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "6000");
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "5000000");
+
+    for i in 1..=10 {
+        let r = chat("guest", "sk-demo-guest").send().await.unwrap();
+        assert_eq!(r.status(), 200, "guest request {i}");
+        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "10");
+        assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+        assert!(r.headers().contains_key("x-ratelimit-reset-tokens"));
+    }
+    let r = chat("guest", "sk-demo-guest").send().await.unwrap();
+    assert_eq!(r.status(), 429, "the eleventh in a minute");
+    assert!(r.headers().contains_key("retry-after"));
+
+    let quota: Value = client
+        .get(format!("{}/v1/collie/quota", demo.base))
+        .header("x-tenant-id", "guest")
+        .bearer_auth("sk-demo-guest")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let windows: Vec<&str> = quota["scopes"][0]["windows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{quota}"))
+        .iter()
+        .map(|w| w["window"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            "minute.requests",
+            "minute.tokens",
+            "day.requests",
+            "day.usd"
+        ],
+        "{quota}"
+    );
+    let day = &quota["scopes"][0]["windows"][2];
+    assert_eq!(day["used"], 10.0, "{quota}");
+}
+
 /// Where the OpenAI SDK lives: `deploy/test.sh` makes this virtualenv.
 fn sdk_python() -> String {
     let python = std::env::var("COLLIE_SDK_PYTHON").unwrap_or_else(|_| {

@@ -14,3 +14,4 @@ mod common;
 mod admin;
 mod commands;
 mod demo;
+mod reload;

@@ -27,7 +27,9 @@ pub(crate) mod requests;
 
 pub(crate) use config::{Conf, Deployment, Model, Part, Pool, Tenant, two_step};
 pub(crate) use gateway::{Gw, gateway, gateway_with_env, provider_env};
-pub(crate) use process::{Log, Process, collie_bin, run_collie, sigterm, terminate};
+pub(crate) use process::{
+    Log, Process, collie_bin, run_collie, run_collie_with, sighup, sigterm, terminate,
+};
 pub(crate) use raw::{
     RawResponse, parse_responses, raw_chat, raw_exchange, read_until_closed, send_raw,
 };

@@ -34,6 +34,16 @@ pub(crate) struct Log<'a> {
 /// fresh ports, as [`full_config`] completes it) and the provider keys in
 /// its environment; returns once both listeners accept connections.
 pub(crate) fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Process {
+    run_collie_with(dir, conf, log, &[])
+}
+
+/// [`run_collie`] with more arguments after `run --config FILE`.
+pub(crate) fn run_collie_with(
+    dir: &Path,
+    conf: &Conf,
+    log: Option<Log<'_>>,
+    args: &[&str],
+) -> Process {
     let (listen_port, admin_port) = (free_port(), free_port());
     let path = dir.join("collie.yaml");
     let conf = full_config(
@@ -46,6 +56,7 @@ pub(crate) fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Proce
     command
         .args(["run", "--config"])
         .arg(&path)
+        .args(args)
         .env("KEY_A", PROVIDER_KEY_A)
         .env("KEY_B", PROVIDER_KEY_B)
         .stdout(Stdio::null());
@@ -69,6 +80,14 @@ pub(crate) fn run_collie(dir: &Path, conf: &Conf, log: Option<Log<'_>>) -> Proce
         base: format!("http://127.0.0.1:{listen_port}"),
         admin: format!("http://127.0.0.1:{admin_port}"),
     }
+}
+
+/// Send SIGHUP: reload the config file.
+pub(crate) fn sighup(child: &Child) {
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status();
 }
 
 /// Send SIGTERM.

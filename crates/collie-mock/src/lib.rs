@@ -632,6 +632,22 @@ impl Drop for Waiting {
     }
 }
 
+/// The `x-mock-*` request headers, for `collie mock --help` (kept next to
+/// [`apply_overrides`], which reads them).
+pub const HEADERS_HELP: &str = "\
+Request headers that change one answer (for tests and benchmarks):
+  x-mock-status: N          answer with status N (not 2xx: an OpenAI error body)
+  x-mock-delay-ms: MS       wait MS milliseconds before the response head
+  x-mock-chunks: N          N content words (streamed: N content events)
+  x-mock-interval-ms: MS    MS milliseconds between streamed content events
+  x-mock-no-usage: 1        report no usage, even when the request asks for it
+  x-mock-break-after: N     streaming: abort the connection after N content events
+  x-mock-retry-after: V     send `Retry-After: V`
+  x-mock-hang: 1            read the request and never answer
+  x-mock-reset: 1           read the request, then close the connection without an answer
+  x-mock-trickle-ms: MS     send the head (a 2xx: the whole answer too), then one space
+                            every MS milliseconds, never ending";
+
 /// Per-request scripting through `x-mock-*` headers, so the mock run as a
 /// command can produce every failure the in-process API can.
 fn apply_overrides(b: &mut Behavior, h: &http::HeaderMap) {
