@@ -549,12 +549,22 @@ async fn respond_quota(
         .quota
         .ledger(tenant)
         .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    let mut report = serde_json::to_value(ledger.report(snap.quota.calendar()))
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
-    if let (Some(fields), Some(t)) = (report.as_object_mut(), snap.config.tenants.get(tenant)) {
-        let factor = snap.config.quota.priority_factors.factor(t.priority);
-        fields.insert("rate_factor".into(), serde_json::json!(factor));
+    /// The ledger's report, as it serialises, with one field more.
+    #[derive(serde::Serialize)]
+    struct WithFactor<T> {
+        #[serde(flatten)]
+        report: T,
+        rate_factor: f64,
     }
+    let priority = snap
+        .config
+        .tenants
+        .get(tenant)
+        .map_or(crate::config::DEFAULT_PRIORITY, |t| t.priority);
+    let report = WithFactor {
+        report: ledger.report(snap.quota.calendar()),
+        rate_factor: snap.config.quota.priority_factors.factor(priority),
+    };
     respond_json(session, ctx, &report).await
 }
 
