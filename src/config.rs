@@ -16,7 +16,9 @@ pub use audit::{AnomalySettings, AuditSettings, SinkSpec, SinkSpecError, Webhook
 pub(crate) use fleet::{FleetSettings, RedisDown};
 pub(crate) use health::{HealthSettings, Policy, ProbeKind, RetrySettings, Route};
 use http::{HeaderName, HeaderValue};
-pub(crate) use quota::{Budget, Limits, QuotaSettings, Rate, RebalanceSettings, TenantLimits};
+pub(crate) use quota::{
+    Budget, Limits, PriorityFactors, QuotaSettings, Rate, RebalanceSettings, TenantLimits,
+};
 use raw::{
     RawConfig, RawDeployment, RawModel, RawPool, RawPrice, RawSize, RawTenant, RawUpstreamTls,
 };
@@ -35,6 +37,8 @@ pub(crate) const DEFAULT_ADMIN_LISTEN: SocketAddr =
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) const DEFAULT_MAX_JSON_DEPTH: usize = 64;
 pub(crate) const DEFAULT_PRIORITY: u8 = 3;
+/// Requests held for a deployment to come back, all models together.
+const DEFAULT_MAX_HELD_REQUESTS: usize = 256;
 /// The shortest admin token accepted.
 const MIN_ADMIN_TOKEN: usize = 16;
 pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -103,6 +107,8 @@ pub struct Config {
     pub(crate) retry: RetrySettings,
     /// Longest a request may take in all: waits, attempts and backoff.
     pub(crate) request_deadline: Duration,
+    /// Most requests held at once for a deployment to come back.
+    pub(crate) max_held_requests: usize,
     pub(crate) audit: AuditSettings,
     /// Quotas shared by a fleet of sidecars through Redis; `None`: this
     /// sidecar's own ledger alone.
@@ -162,6 +168,11 @@ pub(crate) struct Model {
     pub(crate) routes: Vec<Route>,
     pub(crate) max_output_tokens: Option<u64>,
     pub(crate) family: Family,
+    /// Context window of the deployments serving the model that set none.
+    pub(crate) context_window: Option<u64>,
+    /// How long a request may wait for a deployment to come back while
+    /// every one of its chain is down (panic mode); `None`: 503 at once.
+    pub(crate) hold_when_down: Option<Duration>,
 }
 
 impl Model {
@@ -264,6 +275,9 @@ pub struct Deployment {
     /// The provider's per-minute limits for this key.
     pub(crate) rpm: Option<u64>,
     pub(crate) tpm: Option<u64>,
+    /// Tokens (prompt + output) the deployment's model holds; `None`: the
+    /// model's, else unbounded.
+    pub(crate) context_window: Option<u64>,
     pub(crate) health: HealthSettings,
 }
 
@@ -772,10 +786,15 @@ impl Validator<'_> {
             &raw.request_deadline,
             Duration::from_secs(600),
         );
+        let max_held_requests = self.positive(
+            "max_held_requests",
+            raw.max_held_requests,
+            DEFAULT_MAX_HELD_REQUESTS,
+        );
         let deployments = self.deployments(raw.deployments);
         let pools = self.pools(raw.pools, &deployments);
         let models = self.models(raw.models, &pools);
-        let tenants = self.tenants(raw.tenants, &models, &defaults);
+        let tenants = self.tenants(raw.tenants, &models, &defaults, quota.priority_factors);
         let pricing = self.pricing(raw.pricing);
         self.check_rebalance_capacity(&quota, &pools.items);
         self.check_priced_budgets(
@@ -810,6 +829,7 @@ impl Validator<'_> {
             quota,
             retry,
             request_deadline,
+            max_held_requests,
             audit,
             fleet,
             missing_env: std::mem::take(&mut self.missing_env),
@@ -1019,6 +1039,8 @@ impl Validator<'_> {
         let health = self.health(&format!("{path}.health"), d.health.as_ref());
         let rpm = self.optional_positive(&format!("{path}.rpm"), d.rpm);
         let tpm = self.optional_positive(&format!("{path}.tpm"), d.tpm);
+        let context_window =
+            self.optional_positive(&format!("{path}.context_window"), d.context_window);
         let base_url = base_url?;
         let model_header = model_header?;
         if self.errors.len() > before {
@@ -1036,6 +1058,7 @@ impl Validator<'_> {
             timeouts,
             rpm,
             tpm,
+            context_window,
             health,
         })
     }
@@ -1186,12 +1209,23 @@ impl Validator<'_> {
                     Family::Generic
                 }),
             };
+            let context_window =
+                self.optional_positive(&format!("{path}.context_window"), m.context_window);
+            let hold_when_down = m.hold_when_down.as_ref().map(|_| {
+                self.duration(
+                    &format!("{path}.hold_when_down"),
+                    &m.hold_when_down,
+                    Duration::ZERO,
+                )
+            });
             out.push(Model {
                 name: m.name,
                 chain,
                 routes,
                 max_output_tokens,
                 family,
+                context_window,
+                hold_when_down,
             });
         }
         out
@@ -1202,6 +1236,7 @@ impl Validator<'_> {
         raw: Vec<serde_yaml_ng::Value>,
         models: &[Model],
         defaults: &raw::RawLimits,
+        factors: PriorityFactors,
     ) -> Vec<Tenant> {
         let mut out: Vec<Tenant> = Vec::new();
         let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
@@ -1280,6 +1315,7 @@ impl Validator<'_> {
                 t.quota.as_ref(),
                 defaults,
                 priority,
+                factors,
                 models,
             );
             out.push(Tenant {
@@ -1657,6 +1693,35 @@ deployments:
         }
         // `b` failed to parse; a reference to it is not reported again.
         assert!(!lines.iter().any(|l| l.contains("unknown deployment `b`")));
+    }
+
+    #[test]
+    fn context_windows_are_positive_token_counts() {
+        let text = good()
+            .replace(
+                "    fallback: [main]\n",
+                "    fallback: [main]\n    context_window: 0\n",
+            )
+            .replace(
+                "    model: gpt-x\n",
+                "    model: gpt-x\n    context_window: -3\n",
+            );
+        let errs = Config::from_yaml(&text, &env).unwrap_err().to_string();
+        assert!(
+            errs.contains("models[0].context_window: must be > 0"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("deployments[0].context_window: must be > 0"),
+            "{errs}"
+        );
+        let text = good().replace(
+            "    model: gpt-x\n",
+            "    model: gpt-x\n    context_window: 128000\n",
+        );
+        let c = Config::from_yaml(&text, &env).unwrap();
+        assert_eq!(c.deployments[0].context_window, Some(128_000));
+        assert_eq!(c.models[0].context_window, None);
     }
 
     #[test]

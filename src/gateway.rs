@@ -6,6 +6,8 @@ pub(crate) mod admission;
 pub mod body;
 mod error;
 pub(crate) mod exchange;
+mod fit;
+mod hold;
 mod spend;
 
 pub use admission::key_digest_hex;
@@ -38,6 +40,8 @@ pub(crate) const X_COLLIE_ATTEMPTS: http::HeaderName =
 pub(crate) const X_COLLIE_REQUEST_ID: http::HeaderName =
     http::HeaderName::from_static("x-collie-request-id");
 pub(crate) const X_COLLIE_ERROR: http::HeaderName = http::HeaderName::from_static("x-collie-error");
+pub(crate) const X_COLLIE_COST_USD: http::HeaderName =
+    http::HeaderName::from_static("x-collie-cost-usd");
 
 /// The endpoint a request line names, or why it names none.
 fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {
@@ -130,6 +134,8 @@ pub(crate) struct Exchanged {
     pub(crate) fallback: Option<(DeploymentIx, DeploymentIx)>,
     /// Time spent waiting for a pool slot, if any.
     pub(crate) queued: Option<Duration>,
+    /// Time spent held while every deployment was down (`hold_when_down`).
+    pub(crate) held: Duration,
 }
 
 /// What the client got.
@@ -259,6 +265,8 @@ pub(crate) struct Gateway {
     pub(crate) in_flight: InFlight,
     /// Memory held by request bodies in flight.
     pub(crate) bodies: Arc<BodyBudget>,
+    /// Requests waiting for a deployment of their model to come back.
+    pub(crate) hold: Arc<hold::Hold>,
     pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
 }
@@ -276,6 +284,7 @@ impl Gateway {
         // reload that changes a bundle takes effect.
         let options =
             pingora::connectors::ConnectorOptions::new(snap.config.upstream_keepalive_pool);
+        let hold = hold::Hold::new(metrics.held_requests.clone());
         Gateway {
             state,
             metrics,
@@ -283,6 +292,7 @@ impl Gateway {
             auditor,
             in_flight: InFlight::default(),
             bodies: BodyBudget::new(snap.config.max_inflight_body_bytes),
+            hold,
             lifecycle,
             ids: RequestIds::new(),
         }
@@ -353,8 +363,11 @@ impl Gateway {
         if !config.tenants[tenant].models.allows(&inspected.model) {
             return Err(GatewayError::ModelForbidden(inspected.model.clone()));
         }
-        spend::reserve(ctx, &snap, tenant, model, &body, &inspected).await?;
-        exchange::run(self, session, ctx, &snap, chain, body, &inspected).await
+        let limits = fit::limits(session.req_header())?;
+        let tokens = spend::tokens(ctx, &snap, tenant, model, &body, &inspected);
+        let unfit = fit::unfit(&snap, model, chain, tokens, limits)?;
+        spend::reserve(ctx, &snap, tenant, model, tokens).await?;
+        exchange::run(self, session, ctx, &snap, chain, unfit, body, &inspected).await
     }
 }
 
@@ -429,6 +442,7 @@ impl ProxyHttp for Gateway {
     /// The request's story is closed once, then settled, counted and
     /// recorded from that one value.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let held = ctx.exchange.held;
         let (mut finished, reservation) = ctx.finish();
         finished.settlement = spend::settle(&finished, reservation);
         self.metrics.record(&finished);
@@ -436,7 +450,10 @@ impl ProxyHttp for Gateway {
             .served
             .and_then(|d| finished.snapshot.router.deployment(d))
         {
-            d.health.record_latency(finished.latency);
+            // Not the time it was held while the deployment was down: that
+            // says nothing of how fast it answers.
+            d.health
+                .record_latency(finished.latency.saturating_sub(held));
         }
         if let Some(a) = &self.auditor {
             a.submit(finished).await;
@@ -520,7 +537,8 @@ async fn respond_models(
     .await
 }
 
-/// `GET /v1/collie/quota`: every window of the caller's own quota.
+/// `GET /v1/collie/quota`: every window of the caller's own quota, and the
+/// factor its priority applied to the per-minute rates shown.
 async fn respond_quota(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -531,7 +549,23 @@ async fn respond_quota(
         .quota
         .ledger(tenant)
         .ok_or_else(|| GatewayError::Internal("no ledger for tenant".into()))?;
-    respond_json(session, ctx, &ledger.report(snap.quota.calendar())).await
+    /// The ledger's report, as it serialises, with one field more.
+    #[derive(serde::Serialize)]
+    struct WithFactor<T> {
+        #[serde(flatten)]
+        report: T,
+        rate_factor: f64,
+    }
+    let priority = snap
+        .config
+        .tenants
+        .get(tenant)
+        .map_or(crate::config::DEFAULT_PRIORITY, |t| t.priority);
+    let report = WithFactor {
+        report: ledger.report(snap.quota.calendar()),
+        rate_factor: snap.config.quota.priority_factors.factor(priority),
+    };
+    respond_json(session, ctx, &report).await
 }
 
 /// A 200 JSON answer Collie gives itself, with its usual headers.

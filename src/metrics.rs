@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     pub(crate) connection_refusals: IntCounterVec,
     /// Memory held by request bodies in flight (set when scraped).
     inflight_body_bytes: prometheus::IntGauge,
+    /// Requests held while every deployment of their model is down.
+    pub(crate) held_requests: prometheus::IntGauge,
     pub(crate) quota: QuotaMetrics,
     /// Probes, breakers and the health gauges (set when scraped).
     pub(crate) health: crate::routing::health::HealthMetrics,
@@ -401,6 +403,14 @@ impl Metrics {
                 let g = prometheus::IntGauge::new(
                     "collie_inflight_body_bytes",
                     "Memory held by request bodies in flight (limit: max_inflight_body_bytes)",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            held_requests: {
+                let g = prometheus::IntGauge::new(
+                    "collie_held_requests",
+                    "Requests held while every deployment of their model is down (hold_when_down; limit: max_held_requests)",
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g

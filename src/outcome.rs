@@ -155,6 +155,10 @@ pub(crate) enum ErrorCode {
     QueueTimeout,
     ClientClosed,
     InternalError,
+    InvalidHeader,
+    ContextLengthExceeded,
+    CostCeilingExceeded,
+    LatencyBudgetExceeded,
 }
 
 impl ErrorCode {
@@ -187,6 +191,10 @@ impl ErrorCode {
             QueueTimeout => "queue_timeout",
             ClientClosed => "client_closed",
             InternalError => "internal_error",
+            InvalidHeader => "invalid_header",
+            ContextLengthExceeded => "context_length_exceeded",
+            CostCeilingExceeded => "cost_ceiling_exceeded",
+            LatencyBudgetExceeded => "latency_budget_exceeded",
         }
     }
 }

@@ -150,7 +150,7 @@ impl JsonUsage {
 
     /// The usage in the body: found from the end first (where providers put
     /// it, and cheap), else by parsing the whole body when it was kept whole.
-    pub(crate) fn finish(self) -> Option<Usage> {
+    pub(crate) fn finish(&self) -> Option<Usage> {
         let joined;
         let body: &[u8] = match (&self.first, self.more.is_empty()) {
             (None, _) => return None,
@@ -171,6 +171,51 @@ impl JsonUsage {
                 .flatten()
                 .and_then(UsageCarrier::usage)
         })
+    }
+}
+
+/// Tells where a JSON document read piece by piece ends: the depth of
+/// objects and arrays outside strings. Complete when the first object or
+/// array closes (a bare scalar document never is; its body's end says it).
+#[derive(Debug, Default)]
+pub(crate) struct DocumentEnd {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    complete: bool,
+}
+
+impl DocumentEnd {
+    /// Read the next piece; whether the document is complete.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> bool {
+        for &b in chunk {
+            if self.complete {
+                break;
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    self.complete = self.depth == 0;
+                }
+                _ => {}
+            }
+        }
+        self.complete
+    }
+
+    pub(crate) fn complete(&self) -> bool {
+        self.complete
     }
 }
 
@@ -262,6 +307,18 @@ mod tests {
         let mut j = JsonUsage::default();
         j.feed(&Bytes::from_static(br#"{"object":"list","data":[]}"#));
         assert_eq!(j.finish(), None);
+    }
+
+    #[test]
+    fn finds_where_a_document_ends() {
+        let mut d = DocumentEnd::default();
+        assert!(!d.feed(br#"{"a":"}]\"{","b":[1,{"#));
+        assert!(!d.feed(br#"}]"#));
+        assert!(d.feed(b"}  "));
+        assert!(d.feed(b"{"), "stays complete");
+        let mut d = DocumentEnd::default();
+        assert!(!d.feed(b"  42 "));
+        assert!(!d.complete());
     }
 
     #[test]

@@ -9,11 +9,72 @@ use std::time::Duration;
 
 pub(crate) const DEFAULT_MAX_TOKENS: u64 = 1024;
 
+/// How much of a tenant's configured per-minute rates its priority gives
+/// it, per mille, for priorities 1 (first) to 5: ×2.0, ×1.5, ×1.0, ×0.75,
+/// ×0.5 unless `quota.priority_factors` says otherwise.
+const DEFAULT_PRIORITY_FACTORS: [u32; 5] = [2000, 1500, 1000, 750, 500];
+
+/// The smallest and largest factor accepted, per mille.
+const FACTOR_RANGE: std::ops::RangeInclusive<u32> = 10..=100_000;
+
+/// Factors for a tenant's per-minute rates (`rpm`, `tpm` and their bursts,
+/// the tenant's and its per-model ones) by priority, applied once when the
+/// tenant's limits are built: the ledger, the rate headers and every report
+/// see the scaled rates. Day and month budgets are never scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PriorityFactors([u32; 5]);
+
+impl Default for PriorityFactors {
+    fn default() -> Self {
+        PriorityFactors(DEFAULT_PRIORITY_FACTORS)
+    }
+}
+
+impl PriorityFactors {
+    /// The factor for `priority` (1–5), per mille.
+    fn per_mille(&self, priority: u8) -> u32 {
+        let i = usize::from(priority.clamp(1, 5)).saturating_sub(1);
+        self.0.get(i).copied().unwrap_or(1000)
+    }
+
+    /// The factor for `priority`, as written in the config.
+    pub(crate) fn factor(&self, priority: u8) -> f64 {
+        f64::from(self.per_mille(priority)) / 1000.0
+    }
+
+    /// `n` scaled for `priority`, rounded to the nearest whole, never below
+    /// 1 (a configured rate never becomes "nothing"), saturating.
+    fn scale(&self, priority: u8, n: u64) -> u64 {
+        let scaled = u128::from(n)
+            .saturating_mul(u128::from(self.per_mille(priority)))
+            .saturating_add(500)
+            / 1000;
+        u64::try_from(scaled).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn scale_rate(&self, priority: u8, rate: Option<Rate>) -> Option<Rate> {
+        rate.map(|r| Rate {
+            per_minute: self.scale(priority, r.per_minute),
+            burst: self.scale(priority, r.burst),
+        })
+    }
+
+    /// `limits` with their per-minute rates scaled for `priority`.
+    fn apply(&self, priority: u8, limits: Limits) -> Limits {
+        Limits {
+            rpm: self.scale_rate(priority, limits.rpm),
+            tpm: self.scale_rate(priority, limits.tpm),
+            ..limits
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct QuotaSettings {
     pub(crate) timezone: TimeZone,
     pub(crate) max_wait: Duration,
     pub(crate) rebalance: RebalanceSettings,
+    pub(crate) priority_factors: PriorityFactors,
     /// `quota.rebalance.enabled: true` was written out (not the default).
     rebalance_requested: bool,
 }
@@ -24,6 +85,7 @@ impl Default for QuotaSettings {
             timezone: TimeZone::UTC,
             max_wait: Duration::from_secs(30),
             rebalance: RebalanceSettings::default(),
+            priority_factors: PriorityFactors::default(),
             rebalance_requested: false,
         }
     }
@@ -106,6 +168,9 @@ impl Validator<'_> {
             settings.rebalance = self.rebalance(r);
             settings.rebalance_requested = r.enabled == Some(true);
         }
+        if let Some(m) = &q.priority_factors {
+            settings.priority_factors = self.priority_factors(m);
+        }
         let defaults = q.defaults.unwrap_or_default();
         if defaults.models.is_some() {
             self.error(
@@ -116,6 +181,42 @@ impl Validator<'_> {
         // Validate the defaults once here, so their errors carry their own path.
         self.limits("quota.defaults", &defaults);
         (settings, defaults)
+    }
+
+    /// `{priority: factor}` for priorities 1–5; a priority left out keeps
+    /// its default factor.
+    fn priority_factors(&mut self, raw: &serde_yaml_ng::Mapping) -> PriorityFactors {
+        let mut out = PriorityFactors::default();
+        for (key, value) in raw {
+            let name = match key {
+                serde_yaml_ng::Value::String(s) => s.clone(),
+                serde_yaml_ng::Value::Number(n) => n.to_string(),
+                _ => String::from("?"),
+            };
+            let path = format!("quota.priority_factors.{name}");
+            let Some(slot) = name
+                .parse::<usize>()
+                .ok()
+                .filter(|p| (1..=5).contains(p))
+                .and_then(|p| out.0.get_mut(p.saturating_sub(1)))
+            else {
+                self.error(&path, "must be a priority between 1 and 5");
+                continue;
+            };
+            let per_mille = value
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(|f| (f * 1000.0).round())
+                .filter(|m| {
+                    (f64::from(*FACTOR_RANGE.start())..=f64::from(*FACTOR_RANGE.end())).contains(m)
+                });
+            match per_mille {
+                // In range, so the conversion is exact.
+                Some(m) => *slot = m as u32,
+                None => self.error(&path, "must be a factor between 0.01 and 100"),
+            }
+        }
+        out
     }
 
     fn rebalance(&mut self, r: &RawRebalance) -> RebalanceSettings {
@@ -142,6 +243,7 @@ impl Validator<'_> {
         own: Option<&RawLimits>,
         defaults: &RawLimits,
         priority: u8,
+        factors: PriorityFactors,
         models: &[Model],
     ) -> (TenantLimits, u64) {
         let merged = match own {
@@ -150,7 +252,7 @@ impl Validator<'_> {
         };
         // Errors in inherited fields were already reported under quota.defaults.
         let before = self.errors.len();
-        let limits = self.limits(path, &merged);
+        let limits = factors.apply(priority, self.limits(path, &merged));
         if own.is_none() {
             self.errors.truncate(before);
         }
@@ -170,7 +272,8 @@ impl Validator<'_> {
                 if raw.models.is_some() || raw.default_max_tokens.is_some() {
                     self.error(&mpath, "per-model limits take only rates and budgets");
                 }
-                per_model.insert(model.clone(), self.limits(&mpath, raw));
+                let limits = factors.apply(priority, self.limits(&mpath, raw));
+                per_model.insert(model.clone(), limits);
             }
         }
         (
@@ -344,6 +447,71 @@ deployments:
 "#
         );
         Config::from_yaml(&text, &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn priority_scales_rates_only() {
+        let text = |factors: &str| {
+            format!(
+                r#"
+quota: {{ priority_factors: {factors}, defaults: {{ rpm: 3, tpm: 1000, tpm_burst: 1500, usd_per_day: 1.0, tokens_per_month: 7 }} }}
+tenants:
+  - {{ id: a, priority: 1, api_keys: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"], models: ["*"],
+       quota: {{ models: {{ gpt: {{ rpm: 1, requests_per_day: 5 }} }} }} }}
+  - {{ id: e, priority: 5, api_keys: ["3c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"], models: ["*"] }}
+models:
+  - {{ name: gpt, fallback: [main] }}
+pools:
+  - {{ id: main, deployments: [{{ deployment: a }}] }}
+deployments:
+  - {{ id: a, base_url: "http://127.0.0.1:9/v1", model: gpt-x }}
+pricing:
+  gpt-x: {{ input_per_mtok: 1.0, output_per_mtok: 1.0 }}
+"#
+            )
+        };
+        let c = Config::from_yaml(&text("{}"), &|_| None).unwrap();
+        let (a, e) = (&c.tenants[0].limits, &c.tenants[1].limits);
+        let rate = |l: &super::Limits| {
+            (
+                l.rpm.map(|r| (r.per_minute, r.burst)),
+                l.tpm.map(|r| (r.per_minute, r.burst)),
+            )
+        };
+        assert_eq!(rate(&a.limits), (Some((6, 6)), Some((2000, 3000))));
+        // Rounded to the nearest, never below 1: 3 × 0.5 = 1.5 → 2, 1 × 0.5 → 1.
+        assert_eq!(rate(&e.limits), (Some((2, 2)), Some((500, 750))));
+        assert_eq!(a.models["gpt"].rpm.map(|r| r.per_minute), Some(2));
+        // Budgets as written.
+        for l in [&a.limits, &e.limits] {
+            assert_eq!(l.day.usd_nano, Some(1_000_000_000));
+            assert_eq!(l.month.tokens, Some(7));
+        }
+        assert_eq!(a.models["gpt"].day.requests, Some(5));
+        let c = Config::from_yaml(&text("{ 1: 1.0, \"5\": 3 }"), &|_| None).unwrap();
+        assert_eq!(
+            c.tenants[0].limits.limits.rpm.map(|r| r.per_minute),
+            Some(3)
+        );
+        assert_eq!(
+            c.tenants[1].limits.limits.rpm.map(|r| r.per_minute),
+            Some(9)
+        );
+        assert_eq!(c.quota.priority_factors.factor(5), 3.0);
+        let err = Config::from_yaml(&text("{ 0: 1.0, 2: 0, 3: .nan, 4: 1000, six: 1 }"), &|_| {
+            None
+        })
+        .unwrap_err()
+        .to_string();
+        for e in [
+            "quota.priority_factors.0: must be a priority between 1 and 5",
+            "quota.priority_factors.2: must be a factor between 0.01 and 100",
+            "quota.priority_factors.3: must be a factor",
+            "quota.priority_factors.4: must be a factor",
+            "quota.priority_factors.six: must be a priority",
+        ] {
+            assert!(err.contains(e), "missing `{e}` in:\n{err}");
+        }
     }
 
     #[test]

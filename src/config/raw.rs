@@ -95,6 +95,9 @@ pub(crate) struct RawConfig {
     /// Longest a request may take in all (attempts, waits and backoff).
     #[serde(default, deserialize_with = "duration_text")]
     pub(crate) request_deadline: Option<String>,
+    /// Most requests held at once (`hold_when_down`), all models together.
+    #[serde(default)]
+    pub(crate) max_held_requests: Option<i64>,
     #[serde(default)]
     pub(crate) audit: Option<serde_yaml_ng::Value>,
     #[serde(default)]
@@ -313,6 +316,9 @@ pub(crate) struct RawQuota {
     pub(crate) max_wait: Option<String>,
     #[serde(default)]
     pub(crate) rebalance: Option<RawRebalance>,
+    /// Per-minute rates scaled by the tenant's priority: `{1: 2.0, …, 5: 0.5}`.
+    #[serde(default)]
+    pub(crate) priority_factors: Option<serde_yaml_ng::Mapping>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +376,14 @@ pub(crate) struct RawModel {
     /// Token estimate family: o200k, cl100k or generic (default: from the name).
     #[serde(default)]
     pub(crate) tokenizer: Option<String>,
+    /// Tokens (prompt + output) the model's deployments hold, for those
+    /// that do not say themselves.
+    #[serde(default)]
+    pub(crate) context_window: Option<i64>,
+    /// How long a request waits while every deployment of the model is
+    /// down, for one to come back.
+    #[serde(default)]
+    pub(crate) hold_when_down: Option<String>,
     /// Makes the model a route alias: rules choosing another chain.
     #[serde(default)]
     pub(crate) routes: Vec<RawRoute>,
@@ -427,6 +441,9 @@ pub(crate) struct RawDeployment {
     /// The provider's token limit for this key, per minute.
     #[serde(default)]
     pub(crate) tpm: Option<i64>,
+    /// Tokens (prompt + output) the deployment's model holds.
+    #[serde(default)]
+    pub(crate) context_window: Option<i64>,
     #[serde(default)]
     pub(crate) health: Option<RawHealth>,
 }

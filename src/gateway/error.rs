@@ -81,6 +81,32 @@ pub enum GatewayError {
     ClientClosed,
     #[error("internal error: {0}")]
     Internal(String),
+    /// A request header Collie reads holds something it cannot use.
+    #[error("header `{name}`: {reason}")]
+    InvalidHeader { name: &'static str, reason: String },
+    /// No deployment of the chain has room for the prompt and the output
+    /// allowance (OpenAI's wording, with Collie's estimate).
+    #[error(
+        "This model's maximum context length is {largest} tokens. However, you requested about {needed} tokens ({prompt} estimated in the messages, {output} for the completion). Please reduce the length of the messages or completion."
+    )]
+    ContextLengthExceeded {
+        largest: u64,
+        needed: u64,
+        prompt: u64,
+        output: u64,
+    },
+    /// Every deployment that fits would cost more than the client's ceiling
+    /// at worst (or has no price).
+    #[error(
+        "no deployment for this model can serve the request for at most {ceiling} USD (x-collie-max-cost-usd); {cheapest}"
+    )]
+    CostCeilingExceeded { ceiling: String, cheapest: String },
+    /// Every deployment that fits is slower on average than the client's
+    /// latency budget.
+    #[error(
+        "no deployment for this model answers within {budget_ms} ms on average (x-collie-latency-budget-ms); the fastest takes {fastest_ms} ms"
+    )]
+    LatencyBudgetExceeded { budget_ms: u64, fastest_ms: u64 },
 }
 
 /// The parts of an error response.
@@ -147,6 +173,13 @@ impl GatewayError {
             // 499 as the HTTP servers that log it use it: client closed request.
             ClientClosed => (499, "invalid_request_error", Code::ClientClosed),
             Internal(_) => (500, "server_error", Code::InternalError),
+            InvalidHeader { .. } => (400, "invalid_request_error", Code::InvalidHeader),
+            ContextLengthExceeded { .. } => {
+                (400, "invalid_request_error", Code::ContextLengthExceeded)
+            }
+            CostCeilingExceeded { .. } => (400, "invalid_request_error", Code::CostCeilingExceeded),
+            // The request is valid and may fit later: the averages move.
+            LatencyBudgetExceeded { .. } => (503, "server_error", Code::LatencyBudgetExceeded),
         }
     }
 
@@ -160,6 +193,8 @@ impl GatewayError {
         let message = self.to_string();
         let param = match self {
             GatewayError::ModelNotFound(_) | GatewayError::ModelForbidden(_) => Some("model"),
+            GatewayError::ContextLengthExceeded { .. } => Some("messages"),
+            GatewayError::InvalidHeader { name, .. } => Some(*name),
             _ => None,
         };
         let body = serde_json::to_vec(&Envelope {

@@ -52,24 +52,147 @@ fn shortest(slot: &mut Option<u64>, ms: u64) {
 /// Within a pool, up to `retries` other members are tried (with exponential
 /// backoff and jitter) before the next pool. The request's deadline bounds
 /// everything up to the response head: queueing, backoff, and each attempt's
-/// connect and first-byte waits; no attempt starts after it. An `Err` means
-/// nothing was sent to the client yet.
+/// connect and first-byte waits; no attempt starts after it. `unfit`
+/// deployments are never picked. An `Err` means nothing was sent to the
+/// client yet.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each owned by a different phase"
+)]
 pub(crate) async fn run(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
     chain: &[PoolIx],
+    unfit: Vec<DeploymentIx>,
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
-    let result = attempts(gw, session, ctx, snap, chain, body, inspected).await;
+    // Nothing tried because every deployment is down: wait for one to come
+    // back, when the model holds requests (see `hold`), then go again.
+    let mut hold = HoldState::default();
+    let result = loop {
+        let result = attempts(
+            gw,
+            session,
+            ctx,
+            snap,
+            chain,
+            unfit.clone(),
+            body.clone(),
+            inspected,
+        )
+        .await;
+        let panic_mode = matches!(result, Err(GatewayError::NoHealthyUpstream { .. }))
+            && ctx.exchange.attempts.is_empty();
+        if !panic_mode || hold.ended {
+            break result;
+        }
+        match held(gw, session, ctx, snap, chain, &unfit, &mut hold).await {
+            Held::Released => {}
+            // Once more, for a fresh answer (or a deployment just back).
+            Held::Ended => hold.ended = true,
+            Held::Refused => break result,
+            Held::ClientGone => break Ok(()),
+            Held::Cut => break Err(GatewayError::ShuttingDown),
+        }
+    };
     let first_member = chain
         .first()
         .and_then(|&p| snap.router.pool(p))
         .and_then(|p| p.first_member());
     ctx.exchange.fallback = fallback(&ctx.exchange.attempts, ctx.exchange.served, first_member);
     result
+}
+
+/// A request's hold across its waits: when it ends, and whether it did.
+#[derive(Default)]
+struct HoldState {
+    until: Option<Instant>,
+    ended: bool,
+}
+
+/// How a wait for a deployment to come back ended.
+enum Held {
+    /// The chain offers a deployment again.
+    Released,
+    /// The hold's time is up.
+    Ended,
+    /// Not held: the model holds no requests, or the hold is full.
+    Refused,
+    /// The client left while it waited (not a refusal: nobody to answer).
+    ClientGone,
+    /// A graceful stop cut it off.
+    Cut,
+}
+
+/// Wait while every deployment of the request's chain is down, for at most
+/// the model's `hold_when_down` (less when the client's wait headers say
+/// so, never past the request deadline) in all.
+async fn held(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snap: &Arc<Snapshot>,
+    chain: &[PoolIx],
+    unfit: &[DeploymentIx],
+    hold: &mut HoldState,
+) -> Held {
+    let Some(longest) = ctx
+        .request
+        .model
+        .as_deref()
+        .and_then(|m| snap.model(m))
+        .and_then(|m| m.hold_when_down)
+    else {
+        return Held::Refused;
+    };
+    let deadline = ctx.started + snap.config.request_deadline;
+    let until = *hold.until.get_or_insert_with(|| {
+        let wait = super::spend::max_wait(session.req_header(), longest);
+        Instant::now()
+            .checked_add(wait)
+            .unwrap_or(deadline)
+            .min(deadline)
+    });
+    if Instant::now() >= until {
+        return Held::Ended;
+    }
+    let waiter = super::hold::Waiter {
+        priority: ctx.caller.priority,
+        snapshot: Arc::clone(snap),
+        chain: chain.to_vec(),
+        unfit: unfit.to_vec(),
+        tokens: ctx.request.tokens_estimate,
+    };
+    let Some(released) = gw.hold.park(snap.config.max_held_requests, waiter) else {
+        log::info!(
+            "request {}: every deployment is down and {} requests are held already",
+            ctx.id,
+            snap.config.max_held_requests
+        );
+        return Held::Refused;
+    };
+    let parked = Instant::now();
+    let waited = until_interrupted(
+        session,
+        &gw.lifecycle.cut,
+        tokio::time::timeout_at(until.into(), released),
+    )
+    .await;
+    ctx.exchange.held = ctx.exchange.held.saturating_add(parked.elapsed());
+    match waited {
+        Ok(Ok(Ok(()))) => Held::Released,
+        Ok(Ok(Err(_))) | Ok(Err(_)) => Held::Ended,
+        Err(Interrupt::ClientGone) => {
+            ctx.response.client_gone = true;
+            // Nobody to answer; the connection is not reused.
+            session.set_keepalive(None);
+            Held::ClientGone
+        }
+        Err(Interrupt::Cut) => Held::Cut,
+    }
 }
 
 /// A request fell back when it made an attempt in a pool after the first of
@@ -105,18 +228,25 @@ fn offers(pick: Pick, skipped: &mut Skipped) -> bool {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each owned by a different phase"
+)]
 async fn attempts(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     snap: &Arc<Snapshot>,
     chain: &[PoolIx],
+    unfit: Vec<DeploymentIx>,
     body: Bytes,
     inspected: &Inspected,
 ) -> Result<(), GatewayError> {
     let inject_usage =
         inspected.needs_usage_injection(ctx.caller.endpoint.supports_stream_options());
-    let mut tried: Vec<DeploymentIx> = Vec::with_capacity(chain.len());
+    // Deployments the request cannot use (see `fit`) count as tried: no
+    // pick offers them.
+    let mut tried: Vec<DeploymentIx> = unfit;
     let mut skipped = Skipped::default();
     let mut last_retry_after: Option<u64> = None;
     let router = &snap.router;

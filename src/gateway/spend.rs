@@ -4,6 +4,7 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 use super::body::Inspected;
+use super::fit::Tokens;
 use super::{GatewayError, RequestCtx};
 use crate::config::{Model, Price};
 use crate::outcome::{Endpoint, Finished};
@@ -16,27 +17,40 @@ use http::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
-/// Estimate the request and reserve it in the tenant's ledger. Also fills in
-/// the token estimate the provider limits and settlement use.
-pub(crate) async fn reserve(
+/// The request's prompt estimate and output allowance (its `max_tokens`,
+/// else the tenant's default, capped by the model's `max_output_tokens`;
+/// none for embeddings). Also records the prompt estimate settlement uses.
+pub(crate) fn tokens(
     ctx: &mut RequestCtx,
     snap: &Snapshot,
     tenant: usize,
     model: &Model,
     body: &[u8],
     inspected: &Inspected,
-) -> Result<(), GatewayError> {
-    let t = &snap.config.tenants[tenant];
+) -> Tokens {
     let prompt = estimate::prompt_tokens(body, model.family);
     let output = if ctx.caller.endpoint == Endpoint::Embeddings {
         0
     } else {
+        let t = &snap.config.tenants[tenant];
         let wanted = inspected.max_tokens.unwrap_or(t.default_max_tokens);
         model
             .max_output_tokens
             .map_or(wanted, |cap| wanted.min(cap))
     };
     ctx.request.prompt_estimate = prompt;
+    Tokens { prompt, output }
+}
+
+/// Reserve the request in the tenant's ledger. Also fills in the token
+/// estimate the provider limits and settlement use.
+pub(crate) async fn reserve(
+    ctx: &mut RequestCtx,
+    snap: &Snapshot,
+    tenant: usize,
+    model: &Model,
+    tokens: Tokens,
+) -> Result<(), GatewayError> {
     let prices = model
         .chain
         .iter()
@@ -44,7 +58,7 @@ pub(crate) async fn reserve(
         .flat_map(|p| p.members.iter())
         .filter_map(|m| snap.router.deployment(m.deployment))
         .map(|u| u.price);
-    let amount = reservation(prompt, output, prices);
+    let amount = reservation(tokens.prompt, tokens.output, prices);
     ctx.request.tokens_estimate = amount.tokens;
     match snap.quota.reserve(tenant, &model.name, amount).await {
         Ok(r) => {
@@ -139,6 +153,23 @@ pub(crate) fn settle(finished: &Finished, reservation: Option<Reservation>) -> O
     } else {
         Settlement::Reported
     })
+}
+
+/// What a non-streamed answer costs its tenant, for `x-collie-cost-usd`:
+/// exactly what [`settle`] charges a 2xx answer whose usage the provider
+/// reported — that usage priced at the deployment that served, by the same
+/// integer arithmetic. `None` where settlement would not price reported
+/// usage: no usage with a total (the charge is then an estimate), or no
+/// price for the deployment.
+pub(crate) fn billed_nano_usd(usage: Option<Usage>, price: Option<Price>) -> Option<u64> {
+    usage.filter(|u| u.total().is_some())?.cost_nano_usd(price)
+}
+
+/// Nanodollars as a decimal USD amount with all nine places (`0.000156000`):
+/// exact, never a float's rounding.
+pub(crate) fn usd_text(nano: u64) -> String {
+    const NANO_PER_USD: u64 = 1_000_000_000;
+    format!("{}.{:09}", nano / NANO_PER_USD, nano % NANO_PER_USD)
 }
 
 /// The longest a request may wait for a saturated pool: the configured
@@ -273,6 +304,14 @@ mod tests {
             let large_fits = ledger.reserve("m", y, &calendar).map(|r| r.refund()).is_ok();
             prop_assert!(small_fits || !large_fits, "admitted {y:?} after refusing {x:?}");
         }
+    }
+
+    #[test]
+    fn usd_text_is_exact() {
+        assert_eq!(usd_text(0), "0.000000000");
+        assert_eq!(usd_text(156_000), "0.000156000");
+        assert_eq!(usd_text(1_000_000_001), "1.000000001");
+        assert_eq!(usd_text(u64::MAX), "18446744073.709551615");
     }
 
     #[test]

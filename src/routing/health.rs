@@ -660,6 +660,12 @@ impl DeploymentHealth {
         snap
     }
 
+    /// The whole-request latency EWMA, in milliseconds (`None` before the
+    /// deployment served a request).
+    pub(crate) fn latency_ewma_ms(&self) -> Option<f64> {
+        self.lock().latency_ewma_ms
+    }
+
     /// Account the whole latency of a request this deployment served.
     pub(crate) fn record_latency(&self, latency: Duration) {
         let ms = latency.as_secs_f64() * 1e3;

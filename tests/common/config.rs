@@ -260,6 +260,19 @@ impl Conf {
     /// The config as one YAML mapping: the settings, then the lists.
     pub(crate) fn to_value(&self) -> Value {
         let mut doc = self.settings.clone();
+        // Tenants alpha and beta have priorities 1 and 5 for the queue's
+        // sake; the rates a test writes are the rates it means, so priority
+        // factors are all 1.0 unless a test sets `quota.priority_factors`
+        // itself (`{}` for the defaults).
+        if let Some(quota) = doc
+            .entry("quota")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+        {
+            quota
+                .entry("priority_factors")
+                .or_insert_with(|| json!({"1": 1.0, "2": 1.0, "3": 1.0, "4": 1.0, "5": 1.0}));
+        }
         let lists = [
             (
                 "tenants",

@@ -13,6 +13,7 @@
 mod common;
 
 mod admission;
+mod cost;
 mod exchange;
 mod hostile;
 mod streaming;

@@ -24,6 +24,7 @@ mod budgets;
 mod estimate;
 mod headers;
 mod metrics;
+mod priority;
 mod queue;
 mod rates;
 mod rebalance;

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 mod breakers;
 mod deadline;
+mod fit;
+mod hold;
 mod policies;
 mod probes;
 mod retries;

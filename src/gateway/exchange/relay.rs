@@ -10,8 +10,8 @@ use super::{Interrupt, until_interrupted};
 use crate::outcome::Cut;
 use crate::redact::{KeyMask, Redactor};
 use crate::routing::Deployment;
-use crate::usage::JsonUsage;
 use crate::usage::sse::SseObserver;
+use crate::usage::{DocumentEnd, JsonUsage, Usage};
 use bytes::Bytes;
 use futures::FutureExt;
 use http::header;
@@ -25,6 +25,10 @@ use std::time::Instant;
 enum Observer {
     Sse(SseObserver),
     Json(JsonUsage),
+    /// A JSON document read whole before its head went out: its usage, as
+    /// read then and named in `x-collie-cost-usd` (whatever follows it is
+    /// passed on unread, so the charge stays what the head said).
+    Read(Option<Usage>),
     /// A refusal passed through: no usage to read.
     Off,
 }
@@ -45,7 +49,7 @@ impl Passage {
                 j.feed(&chunk);
                 chunk
             }
-            Observer::Off => chunk,
+            Observer::Read(_) | Observer::Off => chunk,
         };
         match &mut self.mask {
             Some(m) if !out.is_empty() => m.feed(out),
@@ -80,6 +84,94 @@ enum Next {
     Upstream(pingora::Result<Option<Bytes>>),
     ClientGone,
     Cut,
+    /// The relay is over (a write to the client failed).
+    Stop,
+}
+
+/// Wait for the next chunk of the upstream body, unless the client leaves
+/// or the gateway's stop cuts in first.
+async fn next_chunk(gw: &Gateway, session: &mut Session, http: &mut HttpSession) -> Next {
+    match until_interrupted(session, &gw.lifecycle.cut, http.read_response_body()).await {
+        Ok(r) => Next::Upstream(r),
+        Err(Interrupt::ClientGone) => Next::ClientGone,
+        Err(Interrupt::Cut) => Next::Cut,
+    }
+}
+
+/// A non-streamed 2xx body is held back whole, up to this size, so that
+/// its cost can go in the head (`x-collie-cost-usd`); a larger one is
+/// passed on as it comes, without the header. The chunks held are the ones
+/// the usage observer keeps anyway (shared, not copied), so holding them
+/// adds no memory unless the key mask rewrote one.
+const COST_HOLD_BYTES: usize = 4 << 20;
+
+/// Read ahead of the head: a non-streamed 2xx body until its JSON
+/// document is complete (then its usage is read and kept, see
+/// [`Observer::Read`]), up to [`COST_HOLD_BYTES`]. Returns what was read
+/// (already passed through usage and key mask) and what ended the reading
+/// other than a complete document or the limit — the body's end, a
+/// failure, the client leaving — for the relay to handle next. Nothing for
+/// any other response: a stream's usage comes after its head by nature.
+async fn hold_for_cost(
+    gw: &Gateway,
+    session: &mut Session,
+    http: &mut HttpSession,
+    passage: &mut Passage,
+) -> (Vec<Bytes>, Option<Next>) {
+    let mut held = Vec::new();
+    if !matches!(passage.observer, Observer::Json(_)) {
+        return (held, None);
+    }
+    let mut end = DocumentEnd::default();
+    let mut size = 0usize;
+    let mut pending = None;
+    while size <= COST_HOLD_BYTES {
+        match next_chunk(gw, session, http).await {
+            Next::Upstream(Ok(Some(chunk))) => {
+                size = size.saturating_add(chunk.len());
+                let complete = end.feed(&chunk);
+                held.push(passage.pass(chunk));
+                if complete {
+                    break;
+                }
+            }
+            other => {
+                pending = Some(other);
+                break;
+            }
+        }
+    }
+    let read_whole = end.complete() || matches!(pending, Some(Next::Upstream(Ok(None))));
+    if let (true, Observer::Json(j)) = (read_whole, &passage.observer) {
+        passage.observer = Observer::Read(j.finish());
+    }
+    (held, pending)
+}
+
+/// Write pieces of the response body to the client: the first byte's time
+/// and the audit preview are taken on the way.
+async fn deliver(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    mut batch: Vec<Bytes>,
+) -> pingora::Result<()> {
+    batch.retain(|b| !b.is_empty());
+    if batch.is_empty() {
+        return Ok(());
+    }
+    if ctx.response.first_byte.is_none() {
+        ctx.response.first_byte = Some(Instant::now());
+    }
+    let keep = ctx.snapshot.config.audit.preview_bytes;
+    if keep > 0 && (200..300).contains(&status) {
+        let p = ctx.response.preview.get_or_insert_with(Vec::new);
+        for out in &batch {
+            let room = keep.saturating_sub(p.len());
+            p.extend_from_slice(&out[..room.min(out.len())]);
+        }
+    }
+    write_burst(session, batch).await
 }
 
 /// Pass the committed response to the client, observing usage on the side.
@@ -109,7 +201,7 @@ pub(super) async fn relay(
         mask: up.key_mask.as_ref().map(KeyMask::redactor),
     };
     let downstream_h2 = session.as_downstream().is_http2();
-    let resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
+    let mut resp = match client_response_head(head, ctx, up, strip_usage, downstream_h2) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("request {}: cannot build response head: {e}", ctx.id);
@@ -120,6 +212,19 @@ pub(super) async fn relay(
     ctx.response.status = status;
     ctx.exchange.served = Some(up.index);
     ctx.response.streamed = is_sse;
+    http.set_read_timeout(Some(up.timeouts.idle));
+    // What was read before the head goes out, and how that reading ended.
+    let (held, mut pending) = hold_for_cost(gw, session, &mut http, &mut passage).await;
+    // Only a document read whole has its usage, and so its cost, known.
+    if let Observer::Read(usage) = passage.observer {
+        if let Some(nano) = super::super::spend::billed_nano_usd(usage, up.price) {
+            // Digits and a dot: always a valid header value.
+            let _ = resp.insert_header(
+                super::super::X_COLLIE_COST_USD,
+                super::super::spend::usd_text(nano),
+            );
+        }
+    }
     if session
         .write_response_header(Box::new(resp), false)
         .await
@@ -127,24 +232,22 @@ pub(super) async fn relay(
     {
         ctx.response.client_gone = true;
         http.shutdown().await;
+        // Usage read ahead was reported all the same.
+        ctx.response.usage = observed(ctx, passage.observer);
         return;
     }
-    http.set_read_timeout(Some(up.timeouts.idle));
-    // An outcome read while draining a burst, handled before reading again.
-    let mut pending: Option<pingora::Result<Option<Bytes>>> = None;
+    if let Err(e) = deliver(session, ctx, status, held).await {
+        http.shutdown().await;
+        client_write_failed(session, ctx, &e).await;
+        pending = Some(Next::Stop);
+    }
     loop {
         let next = match pending.take() {
-            Some(r) => Next::Upstream(r),
-            None => {
-                match until_interrupted(session, &gw.lifecycle.cut, http.read_response_body()).await
-                {
-                    Ok(r) => Next::Upstream(r),
-                    Err(Interrupt::ClientGone) => Next::ClientGone,
-                    Err(Interrupt::Cut) => Next::Cut,
-                }
-            }
+            Some(n) => n,
+            None => next_chunk(gw, session, &mut http).await,
         };
         match next {
+            Next::Stop => break,
             Next::Upstream(Ok(Some(chunk))) => {
                 // What the provider has already sent besides this chunk goes
                 // out in the same write: one write for a burst of SSE events,
@@ -161,28 +264,13 @@ pub(super) async fn relay(
                             batch.push(out);
                         }
                         Some(other) => {
-                            pending = Some(other);
+                            pending = Some(Next::Upstream(other));
                             break;
                         }
                         None => break,
                     }
                 }
-                batch.retain(|b| !b.is_empty());
-                if batch.is_empty() {
-                    continue;
-                }
-                if ctx.response.first_byte.is_none() {
-                    ctx.response.first_byte = Some(Instant::now());
-                }
-                let keep = ctx.snapshot.config.audit.preview_bytes;
-                if keep > 0 && (200..300).contains(&status) {
-                    let p = ctx.response.preview.get_or_insert_with(Vec::new);
-                    for out in &batch {
-                        let room = keep.saturating_sub(p.len());
-                        p.extend_from_slice(&out[..room.min(out.len())]);
-                    }
-                }
-                if let Err(e) = write_burst(session, batch).await {
+                if let Err(e) = deliver(session, ctx, status, batch).await {
                     http.shutdown().await;
                     client_write_failed(session, ctx, &e).await;
                     break;
@@ -236,17 +324,23 @@ pub(super) async fn relay(
             }
         }
     }
-    ctx.response.usage = match passage.observer {
+    ctx.response.usage = observed(ctx, passage.observer);
+}
+
+/// The usage the provider reported in what was read of its response.
+/// Usage the provider reported counts even when the client left or the
+/// body broke after it: what was read is what was reported (a body cut
+/// short before its usage parses to none).
+fn observed(ctx: &mut RequestCtx, observer: Observer) -> Option<Usage> {
+    match observer {
         Observer::Sse(o) => {
             ctx.response.delivered_estimate = o.delivered_tokens();
             o.usage()
         }
-        // Usage the provider reported counts even when the client left or
-        // the body broke after it: what was read is what was reported (a
-        // body cut short before its usage parses to none).
         Observer::Json(j) => j.finish(),
+        Observer::Read(usage) => usage,
         Observer::Off => None,
-    };
+    }
 }
 
 /// A write to the client failed. A client that is gone is recorded as such;
