@@ -502,7 +502,7 @@ impl Fleet {
                 .last_take
                 .map_or(interval, |at| now.saturating_duration_since(at));
             t.last_take = Some(now);
-            elapsed.max(interval / 10)
+            elapsed.max(interval.checked_div(10).unwrap_or(interval))
         };
         // Demand over `elapsed`, as over one interval.
         let per_interval = |d: u64| {
