@@ -14,7 +14,9 @@ Measures per arm and scenario:
   - req/s at saturation (wrk, closed loop, 64 connections),
   - proxy CPU µs per request (Δ utime+stime from /proc/PID/stat ÷ requests),
   - latency p50/p99 at a fixed 1,000 req/s (rate-probe), and the difference to
-    the direct arm (added latency); for streams, to the end of the stream.
+    the direct arm (added latency); for streams, to the end of the stream,
+  - RSS of each proxy at start and after the run, with its RssAnon and
+    RssFile parts (/proc/PID/status).
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
 Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants]
@@ -67,12 +69,28 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def rss_kib(pid):
+def rss(pid):
+    """Resident memory from /proc/PID/status in KiB: the total (VmRSS) and its
+    anonymous (heap, stacks) and file-backed (binary, mapped files such as an
+    SQLite trail; page cache the kernel can drop) parts. RSS = anon + file +
+    shmem."""
+    out = {"total": 0, "anon": 0, "file": 0}
+    keys = {"VmRSS:": "total", "RssAnon:": "anon", "RssFile:": "file"}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            key = keys.get(line.split(":", 1)[0] + ":")
+            if key:
+                out[key] = int(line.split()[1])
+    return out
+
+
+def fmt_rss(m):
+    return f"{m['total']} KiB (anon {m['anon']}, file {m['file']})"
+
+
+def nginx_worker(master):
+    """Nginx's master process does no work; its one worker does."""
+    return int(subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()[0])
 
 
 def chat_body(size):
@@ -341,8 +359,11 @@ def main():
             collie_config(conf, n_tenants, port, admin, audit)
             p = procs.start(name, [f"{REL}/collie", "run", "--config", conf], "0", port, env=env)
             ports[name], pids[name], admins[name] = port, p.pid, admin
-        collie = procs.procs.get("collie") or procs.procs.get("collie-noaudit")
-        rss_idle = rss_kib(collie.pid)
+        # Memory of every proxy arm (nginx: its worker), at start and after the run.
+        watched = {arm: pids[arm] for arm in args.arms.split(",") if arm != "direct" and arm in pids}
+        if "nginx" in watched:
+            watched["nginx"] = nginx_worker(pids["nginx"])
+        mem_idle = {arm: rss(pid) for arm, pid in watched.items()}
         headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
         scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
         arms = args.arms.split(",")
@@ -362,10 +383,7 @@ def main():
                 run_arms = arms
             for rnd in range(args.rounds):
                 for arm in run_arms:
-                    # Nginx's master process does no work; measure the worker.
-                    pid = pids[arm]
-                    if arm == "nginx":
-                        pid = int(subprocess.run(["pgrep", "-P", str(pids["nginx"])], capture_output=True, text=True).stdout.split()[0])
+                    pid = nginx_worker(pids[arm]) if arm == "nginx" else pids[arm]
                     t0 = cpu_ticks(pid)
                     w0 = time.time()
                     reqs, errors, rps = wrk(ports[arm], script, args.duration)
@@ -381,8 +399,8 @@ def main():
                     print(f"{name:8} {arm:14} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
                           f"p50 {p50 if p50 is None else round(p50)} µs  p99 {p99 if p99 is None else round(p99)} µs  errors {errors}/{lat_err}"
                           + (f"  sse ttft p50/p99 {probe['ttft_p50_us']}/{probe['ttft_p99_us']} µs gap p99 {probe['gap_p99_us']} µs errors {probe['errors']} incomplete {probe['incomplete']} usage {probe['with_usage']}/{probe['streams']}" if probe else ""), flush=True)
-        rss_steady = rss_kib(collie.pid)
-        results["rss_kib"] = {"idle": rss_idle, "after": rss_steady, "tenants": n_tenants}
+        results["rss_kib"] = {"tenants": n_tenants,
+                              "arms": {arm: {"idle": mem_idle[arm], "after": rss(pid)} for arm, pid in watched.items()}}
         results["audit_dropped"] = {arm: dropped_records(admin) for arm, admin in admins.items()}
         if "panic" in args.scenarios.split(","):
             results["panic"] = panic_mode(procs, tmp, env, args.duration)
@@ -412,7 +430,11 @@ def main():
             if med("busy") < 0.95 and arm != "direct":
                 line += "  [proxy core <95% busy: not a ceiling]"
             print(line)
-    print(f"collie RSS: idle {results['rss_kib']['idle']} KiB, after the run {results['rss_kib']['after']} KiB, tenants {results['rss_kib']['tenants']}")
+    print(f"\nmemory from /proc/PID/status, KiB: RSS (RssAnon, RssFile); {results['rss_kib']['tenants']} tenants configured in the collie arms")
+    print(f"{'arm':14} {'idle RSS':>9} {'anon':>9} {'file':>9}   {'after RSS':>9} {'anon':>9} {'file':>9}")
+    for arm, m in results["rss_kib"]["arms"].items():
+        i, a = m["idle"], m["after"]
+        print(f"{arm:14} {i['total']:9} {i['anon']:9} {i['file']:9}   {a['total']:9} {a['anon']:9} {a['file']:9}")
     print(f"audit records dropped (queue full) over the whole run: {results['audit_dropped']}")
 
     def med(scenario, arm, key="rps"):
