@@ -428,7 +428,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scenarios", default="small,large,stream,tenants,panic")
     # litellm is not in the default list: its first use installs it from
-    # PyPI, and at a few hundred req/s it makes a run much longer.
+    # PyPI, and at about a hundred req/s here it makes a run longer.
     ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg",
                     help="comma-separated; also: litellm (LiteLLM's proxy, installed on first use)")
     ap.add_argument("--json", help="write raw results here")
