@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Memory per tenant: RSS of an idle `collie run` with 1, 1k, 10k and 100k
 tenants (each with its quota ledger), after start and after every tenant has
-sent one request. Usage: bench/memory.py [--counts 1,1000,10000,100000]"""
+sent one request; the total (VmRSS) and its RssAnon and RssFile parts from
+/proc/PID/status. Usage: bench/memory.py [--counts 1,1000,10000,100000] [--json FILE]"""
 
 import argparse
-import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="1,1000,10000,100000")
     ap.add_argument("--touch", type=int, default=1000, help="tenants that send one request each")
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="collie-mem-")
     mock = subprocess.Popen([f"{run.REL}/collie", "mock", "--listen", f"127.0.0.1:{run.MOCK_PORT}"],
@@ -36,7 +38,7 @@ def main():
             run.wait_port(run.COLLIE_PORT, timeout=300)
             started = time.time() - t0
             time.sleep(1)
-            idle = run.rss_kib(p.pid)
+            idle = run.rss(p.pid)
             body = run.chat_body(300)
             touch = min(n, args.touch)
             for i in range(touch):
@@ -46,17 +48,27 @@ def main():
                 while s.recv(65536):
                     pass
                 s.close()
-            used = run.rss_kib(p.pid)
+            used = run.rss(p.pid)
             p.kill()
             p.wait()
             results.append((n, started, idle, used, touch))
-            print(f"{n:>7} tenants: start {started:5.1f} s, RSS idle {idle} KiB, after {touch} tenants sent a request {used} KiB", flush=True)
+            print(f"{n:>7} tenants: start {started:5.1f} s, RSS idle {run.fmt_rss(idle)}, "
+                  f"after {touch} tenants sent a request {run.fmt_rss(used)}", flush=True)
     finally:
         mock.kill()
+    print(f"\n{'tenants':>7} {'start s':>7} {'idle RSS':>9} {'anon':>9} {'file':>9}   {'after RSS':>9} {'anon':>9} {'file':>9}  (KiB)")
+    for n, started, idle, used, _ in results:
+        print(f"{n:>7} {started:7.1f} {idle['total']:9} {idle['anon']:9} {idle['file']:9}   {used['total']:9} {used['anon']:9} {used['file']:9}")
+    # Per-tenant figures from the anonymous part: the file-backed part is the
+    # binary and mapped files, the same whatever the tenant count.
     base = results[0]
     for n, _, idle, used, touch in results[1:]:
-        print(f"{n:>7} tenants: {(idle - base[2]) * 1024 / (n - base[0]):.0f} bytes per configured tenant; "
-              f"{(used - idle) * 1024 / max(touch, 1):.0f} bytes per tenant that sent traffic (metrics series)")
+        print(f"{n:>7} tenants: {(idle['anon'] - base[2]['anon']) * 1024 / (n - base[0]):.0f} bytes (RssAnon) per configured tenant; "
+              f"{(used['anon'] - idle['anon']) * 1024 / max(touch, 1):.0f} bytes per tenant that sent traffic (metrics series)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"tenants": n, "start_s": started, "touched": touch, "idle_kib": idle, "after_kib": used}
+                       for n, started, idle, used, touch in results], f, indent=1)
 
 
 if __name__ == "__main__":

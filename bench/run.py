@@ -4,7 +4,9 @@ repeated, with the proxy pinned as bench/../shared BENCH.md describes.
 
 Arms: direct (load → mock), bare Pingora (bench/tools bare-pingora), nginx
 (nginx-light, 1 worker, upstream keepalive), collie (full policy: auth, body
-inspection, quota ledger, metrics).
+inspection, quota ledger, metrics); on request (--arms …,litellm) LiteLLM's
+proxy from PyPI, one worker, installed on first use into a virtualenv under
+the target dir.
 
 Layout L1 (default): the proxy on CPU0 with one worker thread, the mock and
 the load tool on CPU1. Ceiling numbers count only when the proxy's core was
@@ -14,10 +16,16 @@ Measures per arm and scenario:
   - req/s at saturation (wrk, closed loop, 64 connections),
   - proxy CPU µs per request (Δ utime+stime from /proc/PID/stat ÷ requests),
   - latency p50/p99 at a fixed 1,000 req/s (rate-probe), and the difference to
-    the direct arm (added latency); for streams, to the end of the stream.
+    the direct arm (added latency); for streams, to the end of the stream
+    (skipped for an arm whose ceiling is under 1,200 req/s),
+  - RSS of each proxy at start and after the run, with its RssAnon and
+    RssFile parts (/proc/PID/status).
+Before a scenario is timed, every arm must answer one request with a 200 and
+the mock's content.
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
 Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants]
+                    [--arms direct,bare,nginx,collie,collie-noaudit,collie-pg,litellm]
 Needs: release builds (cargo build --release -p collie -p collie-bench),
 wrk, nginx (nginx-light), taskset. Fixed-rate latency comes from
 bench/tools rate-probe (open loop, coordinated omission corrected, tenant
@@ -41,6 +49,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 MOCK_PORT, BARE_PORT, NGINX_PORT, COLLIE_PORT, ADMIN_PORT = 9201, 8181, 8182, 8183, 9183
 NOAUDIT_PORT, NOAUDIT_ADMIN, PG_PORT, PG_ADMIN = 8184, 9184, 8185, 9185
+LITELLM_PORT = 8187
+# LiteLLM's proxy from PyPI, pinned: an exact version keeps runs comparable,
+# and a release that was pulled from PyPI is never picked up by accident.
+# (1.108 and later need `litellm-proxy` / `litellm-proxy-extras` releases
+# that PyPI does not serve here, so `[proxy]` does not resolve for them.)
+# LITELLM_VERSION overrides it.
+LITELLM_VERSION = os.environ.get("LITELLM_VERSION", "1.106.12")
 PG_URL = "postgres://postgres@127.0.0.1:5432/test"
 # Layout L1 (default): proxy pinned to CPU0 with one worker thread, mock and
 # load on CPU1. L3 (--layout l3): nothing pinned, default worker threads.
@@ -67,12 +82,28 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def rss_kib(pid):
+def rss(pid):
+    """Resident memory from /proc/PID/status in KiB: the total (VmRSS) and its
+    anonymous (heap, stacks) and file-backed (binary, mapped files such as an
+    SQLite trail; page cache the kernel can drop) parts. RSS = anon + file +
+    shmem."""
+    out = {"total": 0, "anon": 0, "file": 0}
+    keys = {"VmRSS:": "total", "RssAnon:": "anon", "RssFile:": "file"}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            key = keys.get(line.split(":", 1)[0] + ":")
+            if key:
+                out[key] = int(line.split()[1])
+    return out
+
+
+def fmt_rss(m):
+    return f"{m['total']} KiB (anon {m['anon']}, file {m['file']})"
+
+
+def nginx_worker(master):
+    """Nginx's master process does no work; its one worker does."""
+    return int(subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()[0])
 
 
 def chat_body(size):
@@ -146,15 +177,105 @@ http {{
 """
 
 
+def litellm_venv():
+    """The virtualenv with `litellm[proxy]`, made on first use under the
+    target dir (packages from PyPI through pip); returns its `litellm` script."""
+    venv = os.path.join(os.path.dirname(REL), "litellm-venv")
+    exe = os.path.join(venv, "bin", "litellm")
+    stamp = os.path.join(venv, "installed-version")
+    try:
+        with open(stamp) as f:
+            if f.read().strip() == LITELLM_VERSION and os.path.exists(exe):
+                return exe
+    except OSError:
+        pass
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (first use)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    subprocess.run([os.path.join(venv, "bin", "pip"), "install", "--quiet", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    with open(stamp, "w") as f:
+        f.write(LITELLM_VERSION + "\n")
+    return exe
+
+
+def litellm_config(path):
+    """Model `bench` to the mock as an OpenAI-compatible provider; no
+    database, no callbacks, no retries. The master key is the bench's key
+    (it refuses to start without one): every request is checked against it,
+    as Collie checks its tenant key."""
+    with open(path, "w") as f:
+        f.write(f"""model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/bench
+      api_base: http://127.0.0.1:{MOCK_PORT}/v1
+      api_key: sk-mock
+litellm_settings:
+  num_retries: 0
+  request_timeout: 30
+general_settings:
+  master_key: {BENCH_KEY}
+  disable_spend_logs: true
+  disable_error_logs: true
+""")
+
+
+def litellm_env():
+    """What LiteLLM would otherwise fetch or do per start or request: the
+    model cost map (downloaded at import unless told to use its own copy), a
+    database (none: no DATABASE_URL), a log line per request (uvicorn's
+    access log follows LITELLM_LOG). The pinned release sends no telemetry
+    (its --telemetry flag is a no-op)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_HOST", "REDIS_URL")}
+    env.update({
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_MODE": "PRODUCTION",  # no .env file loading
+        "DISABLE_ADMIN_UI": "True",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    })
+    return env
+
+
+def check_answer(port, body, headers, stream):
+    """One request through an arm: a 200 whose content is the mock's (for a
+    stream, the content events joined, and `[DONE]` at the end). Returns the
+    content, or raises."""
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        status, text = resp.status, resp.read().decode()
+    if status != 200:
+        raise RuntimeError(f"port {port}: status {status}")
+    if not stream:
+        return json.loads(text)["choices"][0]["message"]["content"]
+    events = [l[len("data:"):].strip() for l in text.splitlines() if l.startswith("data:")]
+    if not events or events[-1] != "[DONE]":
+        raise RuntimeError(f"port {port}: stream without [DONE]: {text[-200:]!r}")
+    content = ""
+    for e in events[:-1]:
+        for c in json.loads(e).get("choices", []):
+            content += (c.get("delta") or {}).get("content") or ""
+    return content
+
+
 class Procs:
     def __init__(self):
         self.procs = {}
 
-    def start(self, name, cmd, cpus, port, env=None):
+    def start(self, name, cmd, cpus, port, env=None, timeout=10.0, log=None):
         full = (["taskset", "-c", cpus] if PIN else []) + cmd
-        p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        out = open(log, "w") if log else subprocess.DEVNULL
+        p = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=env, start_new_session=True)
+        if log:
+            out.close()
         self.procs[name] = p
-        wait_port(port)
+        try:
+            wait_port(port, timeout)
+        except RuntimeError:
+            tail = open(log).read()[-2000:] if log else ""
+            raise RuntimeError(f"{name} did not listen on {port} within {timeout:.0f} s (exit {p.poll()}){tail and chr(10) + tail}")
         return p
 
     def stop(self):
@@ -172,7 +293,7 @@ def lua_script(path, body, headers):
     with open(path, "w") as f:
         f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["Content-Type"] = "application/json"\n{hdr}\n'
                 'done = function(summary, latency, requests)\n'
-                '  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.errors.status, summary.duration))\n'
+                '  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.status, summary.duration, summary.errors.timeout))\n'
                 'end\n')
 
 
@@ -195,7 +316,7 @@ request = function()
   return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json", ["X-Tenant-ID"] = "t" .. t, ["Authorization"] = "Bearer sk-t" .. t}}, body)
 end
 done = function(summary, latency, requests)
-  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.errors.status, summary.duration))
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.status, summary.duration, summary.errors.timeout))
 end
 ''')
 
@@ -204,11 +325,13 @@ def wrk(port, script, duration, conns=64):
     pin = ["taskset", "-c", "1"] if PIN else []
     out = subprocess.run(pin + ["wrk", "-t1" if PIN else "-t2", f"-c{conns}", f"-d{duration}s", "-s", script,
                           f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True).stdout
-    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+)", out)
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if not m:
         raise RuntimeError(out)
-    reqs, sock_err, status_err, dur_us = map(int, m.groups())
-    return reqs, sock_err + status_err, reqs / (dur_us / 1e6)
+    reqs, sock_err, status_err, dur_us, timeouts = map(int, m.groups())
+    # wrk gives up on a request after 2 s (a timeout); non-2xx are answers.
+    kinds = {"socket": sock_err, "timeout": timeouts, "non2xx": status_err}
+    return reqs, sock_err + timeouts + status_err, reqs / (dur_us / 1e6), kinds
 
 
 def rate_probe(port, body_file, headers, rate, duration, tenants=0):
@@ -282,6 +405,16 @@ def panic_mode(procs, tmp, env, duration):
     return data
 
 
+def error_kinds(rounds):
+    """' (timeout 3, non2xx 1)' over the rounds, or '' when there were none."""
+    kinds = {}
+    for r in rounds:
+        for k, v in r.get("error_kinds", {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    parts = [f"{k} {v}" for k, v in kinds.items() if v]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -294,7 +427,10 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scenarios", default="small,large,stream,tenants,panic")
-    ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg")
+    # litellm is not in the default list: its first use installs it from
+    # PyPI, and at about a hundred req/s here it makes a run longer.
+    ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg",
+                    help="comma-separated; also: litellm (LiteLLM's proxy, installed on first use)")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--layout", default="l1", choices=["l1", "l3"])
     args = ap.parse_args()
@@ -341,8 +477,20 @@ def main():
             collie_config(conf, n_tenants, port, admin, audit)
             p = procs.start(name, [f"{REL}/collie", "run", "--config", conf], "0", port, env=env)
             ports[name], pids[name], admins[name] = port, p.pid, admin
-        collie = procs.procs.get("collie") or procs.procs.get("collie-noaudit")
-        rss_idle = rss_kib(collie.pid)
+        if "litellm" in args.arms.split(","):
+            # One worker in both layouts: more would be separate processes,
+            # which the CPU count of one PID would miss.
+            conf = os.path.join(tmp, "litellm.yaml")
+            litellm_config(conf)
+            p = procs.start("litellm", [litellm_venv(), "--config", conf, "--host", "127.0.0.1", "--port", str(LITELLM_PORT),
+                                        "--num_workers", "1"],
+                            "0", LITELLM_PORT, env=litellm_env(), timeout=180, log=os.path.join(tmp, "litellm.log"))
+            ports["litellm"], pids["litellm"] = LITELLM_PORT, p.pid
+        # Memory of every proxy arm (nginx: its worker), at start and after the run.
+        watched = {arm: pids[arm] for arm in args.arms.split(",") if arm != "direct" and arm in pids}
+        if "nginx" in watched:
+            watched["nginx"] = nginx_worker(pids["nginx"])
+        mem_idle = {arm: rss(pid) for arm, pid in watched.items()}
         headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}"}
         scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
         arms = args.arms.split(",")
@@ -360,29 +508,40 @@ def main():
             else:
                 lua_script(script, body, headers)
                 run_arms = arms
+                # Every arm answers 200 with the mock's content before it is
+                # timed (wrk counts non-2xx; it cannot see a body).
+                want = check_answer(MOCK_PORT, body, headers, name == "stream")
+                for arm in run_arms:
+                    got = check_answer(ports[arm], body, headers, name == "stream")
+                    if got != want:
+                        raise RuntimeError(f"{name}: {arm} answered {got!r}, the mock {want!r}")
+                print(f"{name:8} every arm answered 200 with the mock's content ({want!r})", flush=True)
             for rnd in range(args.rounds):
                 for arm in run_arms:
-                    # Nginx's master process does no work; measure the worker.
-                    pid = pids[arm]
-                    if arm == "nginx":
-                        pid = int(subprocess.run(["pgrep", "-P", str(pids["nginx"])], capture_output=True, text=True).stdout.split()[0])
+                    pid = nginx_worker(pids[arm]) if arm == "nginx" else pids[arm]
                     t0 = cpu_ticks(pid)
                     w0 = time.time()
-                    reqs, errors, rps = wrk(ports[arm], script, args.duration)
+                    reqs, errors, rps, kinds = wrk(ports[arm], script, args.duration)
                     busy = (cpu_ticks(pid) - t0) / clk / (time.time() - w0)
                     cpu_us = (cpu_ticks(pid) - t0) / clk * 1e6 / max(reqs, 1)
                     probe = sse_probe(ports[arm], headers) if name == "stream" else None
-                    if name == "tenants":
+                    if rps < 1200 and arm != "direct":
+                        # 1,000 req/s is at or above this arm's ceiling: the
+                        # fixed-rate probe would measure its queue.
+                        p50 = p99 = None
+                        lat_err = 0
+                    elif name == "tenants":
                         p50, p99, lat_err = rate_probe(ports[arm], body_file, {}, 1000, args.duration, tenants=n_tenants)
                     else:
                         p50, p99, lat_err = rate_probe(ports[arm], body_file, headers, 1000, args.duration)
                     r = results.setdefault(name, {}).setdefault(arm, [])
-                    r.append({"rps": rps, "errors": errors, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err, "sse": probe})
+                    r.append({"rps": rps, "errors": errors, "error_kinds": kinds, "busy": busy, "cpu_us": cpu_us, "p50_us": p50, "p99_us": p99, "lat_errors": lat_err, "sse": probe})
                     print(f"{name:8} {arm:14} round {rnd}: {rps:9.0f} req/s  cpu {cpu_us:6.1f} µs/req  busy {busy:4.0%}  "
                           f"p50 {p50 if p50 is None else round(p50)} µs  p99 {p99 if p99 is None else round(p99)} µs  errors {errors}/{lat_err}"
+                          + (f" ({', '.join(f'{k} {v}' for k, v in kinds.items() if v)})" if errors else "")
                           + (f"  sse ttft p50/p99 {probe['ttft_p50_us']}/{probe['ttft_p99_us']} µs gap p99 {probe['gap_p99_us']} µs errors {probe['errors']} incomplete {probe['incomplete']} usage {probe['with_usage']}/{probe['streams']}" if probe else ""), flush=True)
-        rss_steady = rss_kib(collie.pid)
-        results["rss_kib"] = {"idle": rss_idle, "after": rss_steady, "tenants": n_tenants}
+        results["rss_kib"] = {"tenants": n_tenants,
+                              "arms": {arm: {"idle": mem_idle[arm], "after": rss(pid)} for arm, pid in watched.items()}}
         results["audit_dropped"] = {arm: dropped_records(admin) for arm, admin in admins.items()}
         if "panic" in args.scenarios.split(","):
             results["panic"] = panic_mode(procs, tmp, env, args.duration)
@@ -405,14 +564,18 @@ def main():
                 line += f"  p50 {med('p50_us'):.0f} µs p99 {med('p99_us'):.0f} µs"
                 if direct and arm != "direct" and direct[0]["p50_us"] is not None:
                     line += f"  (added p50 {med('p50_us') - statistics.median([r['p50_us'] for r in direct]):+.0f} µs, p99 {med('p99_us') - statistics.median([r['p99_us'] for r in direct]):+.0f} µs)"
-            line += f"  errors {sum(r['errors'] for r in rs)}"
+            line += f"  errors {sum(r['errors'] for r in rs)}{error_kinds(rs)}"
             probes = [r["sse"] for r in rs if r.get("sse")]
             if probes:
                 line += f"  sse ttft p50 {statistics.median(p['ttft_p50_us'] for p in probes):.0f} p99 {statistics.median(p['ttft_p99_us'] for p in probes):.0f} µs, gap p99 {statistics.median(p['gap_p99_us'] for p in probes):.0f} µs, stream errors {sum(p['errors'] + p['incomplete'] for p in probes)}"
             if med("busy") < 0.95 and arm != "direct":
                 line += "  [proxy core <95% busy: not a ceiling]"
             print(line)
-    print(f"collie RSS: idle {results['rss_kib']['idle']} KiB, after the run {results['rss_kib']['after']} KiB, tenants {results['rss_kib']['tenants']}")
+    print(f"\nmemory from /proc/PID/status, KiB: RSS (RssAnon, RssFile); {results['rss_kib']['tenants']} tenants configured in the collie arms")
+    print(f"{'arm':14} {'idle RSS':>9} {'anon':>9} {'file':>9}   {'after RSS':>9} {'anon':>9} {'file':>9}")
+    for arm, m in results["rss_kib"]["arms"].items():
+        i, a = m["idle"], m["after"]
+        print(f"{arm:14} {i['total']:9} {i['anon']:9} {i['file']:9}   {a['total']:9} {a['anon']:9} {a['file']:9}")
     print(f"audit records dropped (queue full) over the whole run: {results['audit_dropped']}")
 
     def med(scenario, arm, key="rps"):
@@ -427,6 +590,19 @@ def main():
             v = med(scenario, arm)
             if v and bare:
                 print(f"{scenario:8} {arm:14} / bare pingora: {v / bare:.2f}x req/s")
+    for scenario in ("small", "large", "stream"):
+        litellm = med(scenario, "litellm")
+        if not litellm:
+            continue
+        cpu = med(scenario, "litellm", "cpu_us")
+        rs = results[scenario]["litellm"]
+        print(f"{scenario:8} litellm       : {litellm:.0f} req/s, CPU {cpu:.1f} µs/request, "
+              f"errors {sum(r['errors'] for r in rs)}{error_kinds(rs)}")
+        for arm in ("collie", "collie-noaudit", "collie-pg"):
+            v = med(scenario, arm)
+            if v:
+                print(f"{scenario:8} {arm:14} / litellm: {v / litellm:.2f}x req/s, "
+                      f"{cpu / med(scenario, arm, 'cpu_us'):.1f}x less CPU per request")
     for scenario in ("small", "large", "stream", "tenants"):
         off = med(scenario, "collie-noaudit")
         for arm, sink in (("collie", "sqlite"), ("collie-pg", "postgres")):
