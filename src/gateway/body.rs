@@ -486,6 +486,30 @@ impl Inspected {
     }
 }
 
+/// Neighbouring pieces of an attempt's body up to this size in all are
+/// copied into one buffer and written together.
+pub(crate) const WRITE_COALESCE: usize = 64 << 10;
+
+/// One write for the pieces of a run: the piece itself when it is alone.
+fn flush_run(out: &mut SmallVec<[Bytes; 3]>, run: &mut SmallVec<[&Bytes; 3]>) {
+    match run.as_slice() {
+        [] => {}
+        [one] => out.push((*one).clone()),
+        many => {
+            let len = many
+                .iter()
+                .map(|p| p.len())
+                .fold(0usize, usize::saturating_add);
+            let mut joined = BytesMut::with_capacity(len);
+            for p in many {
+                joined.extend_from_slice(p);
+            }
+            out.push(joined.freeze());
+        }
+    }
+    run.clear();
+}
+
 /// A request body as sent on one attempt: pieces written one after the
 /// other. Cloning it clones handles, not bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -518,12 +542,33 @@ impl AttemptBody {
         self.len == 0
     }
 
-    pub(crate) fn pieces(&self) -> &[Bytes] {
-        &self.pieces
+    /// The pieces as they are written to the provider: neighbours merged
+    /// into one buffer while it stays within [`WRITE_COALESCE`] bytes, so
+    /// a body rewritten into three slices leaves in one write (each write
+    /// is a system call here and a wake-up at the provider); a piece larger
+    /// than that is written as it is, never copied.
+    pub(crate) fn writes(&self) -> SmallVec<[Bytes; 3]> {
+        let mut out = SmallVec::new();
+        let mut run: SmallVec<[&Bytes; 3]> = SmallVec::new();
+        let mut run_len = 0usize;
+        for piece in &self.pieces {
+            if run_len.saturating_add(piece.len()) > WRITE_COALESCE {
+                flush_run(&mut out, &mut run);
+                run_len = 0;
+            }
+            if piece.len() > WRITE_COALESCE {
+                out.push(piece.clone());
+            } else {
+                run.push(piece);
+                run_len = run_len.saturating_add(piece.len());
+            }
+        }
+        flush_run(&mut out, &mut run);
+        out
     }
 
-    /// The bytes in one buffer (tests and fuzzing; the exchange writes the
-    /// pieces as they are).
+    /// The bytes in one buffer (tests and fuzzing; the exchange writes
+    /// [`AttemptBody::writes`]).
     pub(crate) fn to_vec(&self) -> Vec<u8> {
         self.pieces.iter().flat_map(|p| p.iter().copied()).collect()
     }
@@ -548,6 +593,40 @@ mod tests {
         );
         // Unchanged model: the very same bytes.
         assert_eq!(rewrite(body, "gpt-4o", false), body);
+    }
+
+    #[test]
+    fn a_small_rewritten_body_is_one_write() {
+        let b = Bytes::from_static(br#"{"messages":[],"model":"m","n":1}"#);
+        let i = inspect(&b, 64).unwrap();
+        let body = i.body_for(&b, "upstream-m", false).unwrap();
+        assert_eq!(body.pieces.len(), 3);
+        let writes = body.writes();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(&writes[0][..], &body.to_vec()[..]);
+        // Unchanged: the client's own buffer, not a copy.
+        let same = i.body_for(&b, "m", false).unwrap().writes();
+        assert_eq!(same.len(), 1);
+        assert_eq!(same[0].as_ptr(), b.as_ptr());
+        assert!(AttemptBody::default().writes().is_empty());
+    }
+
+    #[test]
+    fn a_large_piece_is_written_as_it_is_and_small_neighbours_together() {
+        let content = "x".repeat(WRITE_COALESCE);
+        let text =
+            format!(r#"{{"messages":[{{"role":"user","content":"{content}"}}],"model":"m"}}"#);
+        let b = Bytes::from(text);
+        let i = inspect(&b, 64).unwrap();
+        let body = i.body_for(&b, "upstream-m", false).unwrap();
+        let writes = body.writes();
+        assert_eq!(writes.len(), 2);
+        // The large prefix is the client's buffer; the model and the
+        // closing brace leave together.
+        assert_eq!(writes[0].as_ptr(), b.as_ptr());
+        assert_eq!(&writes[1][..], br#""upstream-m"}"#);
+        let joined: Vec<u8> = writes.iter().flat_map(|w| w.iter().copied()).collect();
+        assert_eq!(joined, body.to_vec());
     }
 
     #[test]

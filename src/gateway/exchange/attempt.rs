@@ -92,10 +92,10 @@ async fn send_request(
     body: &AttemptBody,
 ) -> pingora::Result<()> {
     http.write_request_header(Box::new(header)).await?;
-    let pieces = body.pieces();
-    for (i, piece) in pieces.iter().enumerate() {
-        http.write_request_body(piece.clone(), i + 1 == pieces.len())
-            .await?;
+    let writes = body.writes();
+    let last = writes.len().saturating_sub(1);
+    for (i, piece) in writes.into_iter().enumerate() {
+        http.write_request_body(piece, i == last).await?;
     }
     http.finish_request_body().await
 }
