@@ -24,7 +24,7 @@ Before a scenario is timed, every arm must answer one request with a 200 and
 the mock's content.
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
-Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants]
+Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants,panic,streams]
                     [--arms direct,bare,nginx,collie,collie-noaudit,collie-pg,litellm]
 Needs: release builds (cargo build --release -p collie -p collie-bench),
 wrk, nginx (nginx-light), taskset. Fixed-rate latency comes from
@@ -117,7 +117,7 @@ def stream_body():
     return json.dumps({"messages": [{"role": "user", "content": "stream please"}], "max_tokens": 16, "stream": True, "model": "bench"})
 
 
-def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}"):
+def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}", capacity=256):
     lines = [
         f"listen: 127.0.0.1:{port or COLLIE_PORT}",
         f"admin_listen: 127.0.0.1:{admin or ADMIN_PORT}",
@@ -141,7 +141,7 @@ def collie_config(path, tenants, port=None, admin=None, audit="{sink: off}"):
         # takes and returns a slot); the capacity is above wrk's 64 requests
         # in flight, so requests are not queued: a queue would measure the
         # configured capacity, not the proxy.
-        "    max_concurrency: 256",
+        f"    max_concurrency: {capacity}",
         "    deployments: [{deployment: d1, weight: 1}, {deployment: d2, weight: 1}, {deployment: d3, weight: 1}]",
         "deployments:",
     ]
@@ -405,6 +405,57 @@ def panic_mode(procs, tmp, env, duration):
     return data
 
 
+STREAMS_PORT, STREAMS_ADMIN = 8188, 9188
+
+
+def concurrent_streams(procs, tmp, env, arms, counts=(1024, 4096), seconds=4):
+    """Memory while holding many streams at once. For each arm and count,
+    the proxy is started fresh, `count` streams of `seconds` each (the mock
+    sends 8 content events, evenly spaced) are opened together, and the
+    proxy's RSS is polled while they run: its peak RssAnon and RssFile, and
+    whether every stream completed with its `[DONE]`."""
+    headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {BENCH_KEY}",
+               "x-mock-chunks": "8", "x-mock-interval-ms": str(seconds * 1000 // 8)}
+    out = {}
+    for arm in arms:
+        for n in counts:
+            name = f"streams-{arm}-{n}"
+            if arm == "bare":
+                cmd = [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{STREAMS_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", THREADS]
+            else:
+                audit = "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, f"{name}.db") if arm == "collie" else "{sink: off}"
+                conf = os.path.join(tmp, f"{name}.yaml")
+                # Room for every stream in the pool: a queue would hold
+                # requests, not streams.
+                collie_config(conf, 0, STREAMS_PORT, STREAMS_ADMIN, audit, capacity=n + 64)
+                cmd = [f"{REL}/collie", "run", "--config", conf]
+            p = procs.start(name, cmd, "0", STREAMS_PORT, env=env)
+            idle = rss(p.pid)
+            probe_cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/sse-probe", "--url", f"http://127.0.0.1:{STREAMS_PORT}/v1/chat/completions",
+                                                                 "-n", str(n), "-c", str(n), "--json", "--body", stream_body()]
+            for k, v in headers.items():
+                probe_cmd += ["-H", f"{k}: {v}"]
+            probe = subprocess.Popen(probe_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            peak = dict(idle)
+            while probe.poll() is None:
+                now = rss(p.pid)
+                peak = {k: max(peak[k], now[k]) for k in peak}
+                time.sleep(0.05)
+            lines = probe.stdout.read().strip().splitlines()
+            data = json.loads(lines[-1]) if lines else {}
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+            del procs.procs[name]
+            complete = data.get("streams", 0) - data.get("errors", 0) - data.get("incomplete", 0)
+            out.setdefault(arm, {})[n] = {"idle": idle, "peak": peak, "probe": data, "complete": complete}
+            print(f"streams  {arm:14} {n:5} at once: peak RSS {peak['total']} KiB (anon {peak['anon']}, file {peak['file']}), "
+                  f"idle anon {idle['anon']} KiB; {complete}/{n} streams complete, errors {data.get('errors')}, incomplete {data.get('incomplete')}", flush=True)
+    return out
+
+
 def error_kinds(rounds):
     """' (timeout 3, non2xx 1)' over the rounds, or '' when there were none."""
     kinds = {}
@@ -426,7 +477,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--scenarios", default="small,large,stream,tenants,panic")
+    ap.add_argument("--scenarios", default="small,large,stream,tenants,panic,streams")
     # litellm is not in the default list: its first use installs it from
     # PyPI, and at about a hundred req/s here it makes a run longer.
     ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg",
@@ -434,6 +485,11 @@ def main():
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--layout", default="l1", choices=["l1", "l3"])
     args = ap.parse_args()
+    # Thousands of streams at once: two sockets each in the proxy, one in
+    # the probe and one in the mock (the children inherit the limit).
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     global PIN, THREADS
     if args.layout == "l3":
         PIN, THREADS = False, str(os.cpu_count() or 2)
@@ -495,7 +551,7 @@ def main():
         scen = {"small": chat_body(300), "large": chat_body(200 * 1024), "stream": stream_body(), "tenants": chat_body(300)}
         arms = args.arms.split(",")
         for name in args.scenarios.split(","):
-            if name == "panic":
+            if name in ("panic", "streams"):
                 continue
             body = scen[name]
             body_file = os.path.join(tmp, f"{name}.json")
@@ -545,13 +601,16 @@ def main():
         results["audit_dropped"] = {arm: dropped_records(admin) for arm, admin in admins.items()}
         if "panic" in args.scenarios.split(","):
             results["panic"] = panic_mode(procs, tmp, env, args.duration)
+        if "streams" in args.scenarios.split(","):
+            stream_arms = [a for a in ("bare", "collie-noaudit", "collie") if a in arms]
+            results["streams"] = concurrent_streams(procs, tmp, env, stream_arms)
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\nmedians (spread = min..max over rounds)")
     for name, by_arm in results.items():
-        if name in ("rss_kib", "audit_dropped", "panic"):
+        if name in ("rss_kib", "audit_dropped", "panic", "streams"):
             continue
         direct = by_arm.get("direct")
         for arm, rs in by_arm.items():
@@ -577,6 +636,13 @@ def main():
         i, a = m["idle"], m["after"]
         print(f"{arm:14} {i['total']:9} {i['anon']:9} {i['file']:9}   {a['total']:9} {a['anon']:9} {a['file']:9}")
     print(f"audit records dropped (queue full) over the whole run: {results['audit_dropped']}")
+    if results.get("streams"):
+        print("\nconcurrent streams: peak RssAnon / RssFile of the proxy, KiB; streams complete")
+        bare = results["streams"].get("bare", {})
+        for arm, by_n in results["streams"].items():
+            for n, r in by_n.items():
+                vs = f"  anon vs bare {r['peak']['anon'] / bare[n]['peak']['anon']:.2f}x" if arm != "bare" and n in bare else ""
+                print(f"  {arm:14} {n:5}: {r['peak']['anon']:8} / {r['peak']['file']:7}  {r['complete']}/{n}{vs}")
 
     def med(scenario, arm, key="rps"):
         rs = results.get(scenario, {}).get(arm)
