@@ -490,16 +490,13 @@ impl Inspected {
 /// copied into one buffer and written together.
 pub(crate) const WRITE_COALESCE: usize = 64 << 10;
 
-/// One write for the pieces of a run: the piece itself when it is alone.
-fn flush_run(out: &mut SmallVec<[Bytes; 3]>, run: &mut SmallVec<[&Bytes; 3]>) {
+/// One write for the pieces of a run (`len` bytes in all): the piece
+/// itself when it is alone.
+fn flush_run(out: &mut SmallVec<[Bytes; 3]>, run: &mut SmallVec<[&Bytes; 3]>, len: usize) {
     match run.as_slice() {
         [] => {}
         [one] => out.push((*one).clone()),
         many => {
-            let len = many
-                .iter()
-                .map(|p| p.len())
-                .fold(0usize, usize::saturating_add);
             let mut joined = BytesMut::with_capacity(len);
             for p in many {
                 joined.extend_from_slice(p);
@@ -553,7 +550,7 @@ impl AttemptBody {
         let mut run_len = 0usize;
         for piece in &self.pieces {
             if run_len.saturating_add(piece.len()) > WRITE_COALESCE {
-                flush_run(&mut out, &mut run);
+                flush_run(&mut out, &mut run, run_len);
                 run_len = 0;
             }
             if piece.len() > WRITE_COALESCE {
@@ -563,7 +560,7 @@ impl AttemptBody {
                 run_len = run_len.saturating_add(piece.len());
             }
         }
-        flush_run(&mut out, &mut run);
+        flush_run(&mut out, &mut run, run_len);
         out
     }
 
