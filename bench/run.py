@@ -278,14 +278,18 @@ class Procs:
             raise RuntimeError(f"{name} did not listen on {port} within {timeout:.0f} s (exit {p.poll()}){tail and chr(10) + tail}")
         return p
 
+    def kill(self, name):
+        """Stop one process (and its group) and forget it."""
+        p = self.procs.pop(name)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
     def stop(self):
-        for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in self.procs.values():
-            p.wait()
+        for name in list(self.procs):
+            self.kill(name)
 
 
 def lua_script(path, body, headers):
@@ -360,13 +364,18 @@ def dropped_records(admin_port):
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("collie_audit_dropped_total"))
 
 
-def sse_probe(port, headers, n=300):
-    """TTFT and inter-event gaps of streamed responses at concurrency 1."""
+def sse_probe_cmd(port, headers, n, concurrency):
+    """sse-probe on the load's core: `n` streamed requests, `concurrency` at once."""
     cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/sse-probe", "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
-           "-n", str(n), "-c", "1", "--json", "--body", stream_body()]
+           "-n", str(n), "-c", str(concurrency), "--json", "--body", stream_body()]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+    return cmd
+
+
+def sse_probe(port, headers, n=300):
+    """TTFT and inter-event gaps of streamed responses at concurrency 1."""
+    out = subprocess.run(sse_probe_cmd(port, headers, n, 1), capture_output=True, text=True).stdout.strip().splitlines()
     return json.loads(out[-1]) if out else None
 
 
@@ -431,11 +440,8 @@ def concurrent_streams(procs, tmp, env, arms, counts=(1024, 4096), seconds=4):
                 cmd = [f"{REL}/collie", "run", "--config", conf]
             p = procs.start(name, cmd, "0", STREAMS_PORT, env=env)
             idle = rss(p.pid)
-            probe_cmd = (["taskset", "-c", "1"] if PIN else []) + [f"{REL}/sse-probe", "--url", f"http://127.0.0.1:{STREAMS_PORT}/v1/chat/completions",
-                                                                 "-n", str(n), "-c", str(n), "--json", "--body", stream_body()]
-            for k, v in headers.items():
-                probe_cmd += ["-H", f"{k}: {v}"]
-            probe = subprocess.Popen(probe_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            probe = subprocess.Popen(sse_probe_cmd(STREAMS_PORT, headers, n, n), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
             peak = dict(idle)
             while probe.poll() is None:
                 now = rss(p.pid)
@@ -443,12 +449,7 @@ def concurrent_streams(procs, tmp, env, arms, counts=(1024, 4096), seconds=4):
                 time.sleep(0.05)
             lines = probe.stdout.read().strip().splitlines()
             data = json.loads(lines[-1]) if lines else {}
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            del procs.procs[name]
+            procs.kill(name)
             complete = data.get("streams", 0) - data.get("errors", 0) - data.get("incomplete", 0)
             out.setdefault(arm, {})[n] = {"idle": idle, "peak": peak, "probe": data, "complete": complete}
             print(f"streams  {arm:14} {n:5} at once: peak RSS {peak['total']} KiB (anon {peak['anon']}, file {peak['file']}), "
