@@ -3,8 +3,10 @@
 repeated, with the proxy pinned as bench/../shared BENCH.md describes.
 
 Arms: direct (load → mock), bare Pingora (bench/tools bare-pingora), nginx
-(nginx-light, 1 worker, upstream keepalive), collie (full policy: auth, body
-inspection, quota ledger, metrics); on request (--arms …,litellm) LiteLLM's
+(nginx-light, 1 worker, upstream keepalive), collie-transport (Collie's
+gateway with its policy off: the transport alone), collie (full policy: auth,
+body inspection, quota ledger, metrics, audit to SQLite), collie-noaudit,
+collie-pg; on request (--arms …,litellm) LiteLLM's
 proxy from PyPI, one worker, installed on first use into a virtualenv under
 the target dir.
 
@@ -25,7 +27,7 @@ the mock's content.
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
 Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants,panic,streams]
-                    [--arms direct,bare,nginx,collie,collie-noaudit,collie-pg,litellm]
+                    [--arms direct,bare,nginx,collie-transport,collie,collie-noaudit,collie-pg,litellm]
 Needs: release builds (cargo build --release -p collie -p collie-bench),
 wrk, nginx (nginx-light), taskset. Fixed-rate latency comes from
 bench/tools rate-probe (open loop, coordinated omission corrected, tenant
@@ -49,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 MOCK_PORT, BARE_PORT, NGINX_PORT, COLLIE_PORT, ADMIN_PORT = 9201, 8181, 8182, 8183, 9183
 NOAUDIT_PORT, NOAUDIT_ADMIN, PG_PORT, PG_ADMIN = 8184, 9184, 8185, 9185
+TRANSPORT_PORT, TRANSPORT_ADMIN = 8186, 9186
 LITELLM_PORT = 8187
 # LiteLLM's proxy from PyPI, pinned: an exact version keeps runs comparable,
 # and a release that was pulled from PyPI is never picked up by accident.
@@ -481,7 +484,7 @@ def main():
     ap.add_argument("--scenarios", default="small,large,stream,tenants,panic,streams")
     # litellm is not in the default list: its first use installs it from
     # PyPI, and at about a hundred req/s here it makes a run longer.
-    ap.add_argument("--arms", default="direct,bare,nginx,collie,collie-noaudit,collie-pg",
+    ap.add_argument("--arms", default="direct,bare,nginx,collie-transport,collie,collie-noaudit,collie-pg",
                     help="comma-separated; also: litellm (LiteLLM's proxy, installed on first use)")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--layout", default="l1", choices=["l1", "l3"])
@@ -523,6 +526,9 @@ def main():
             "collie": (COLLIE_PORT, ADMIN_PORT, "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db")),
             "collie-noaudit": (NOAUDIT_PORT, NOAUDIT_ADMIN, "{sink: off}"),
             "collie-pg": (PG_PORT, PG_ADMIN, "{sink: postgres, postgres_url_env: COLLIE_BENCH_PG, postgres_schema: collie_bench}"),
+            # Collie's gateway with the policy off (bench/tools
+            # collie-transport): the transport alone, to split the cost.
+            "collie-transport": (TRANSPORT_PORT, TRANSPORT_ADMIN, "{sink: off}"),
         }
         ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT}
         admins = {}
@@ -532,8 +538,11 @@ def main():
                 continue
             conf = os.path.join(tmp, f"{name}.yaml")
             collie_config(conf, n_tenants, port, admin, audit)
-            p = procs.start(name, [f"{REL}/collie", "run", "--config", conf], "0", port, env=env)
-            ports[name], pids[name], admins[name] = port, p.pid, admin
+            cmd = [f"{REL}/collie-transport", "--config", conf] if name == "collie-transport" else [f"{REL}/collie", "run", "--config", conf]
+            p = procs.start(name, cmd, "0", port, env=env)
+            ports[name], pids[name] = port, p.pid
+            if name != "collie-transport":
+                admins[name] = admin
         if "litellm" in args.arms.split(","):
             # One worker in both layouts: more would be separate processes,
             # which the CPU count of one PID would miss.
@@ -561,7 +570,7 @@ def main():
             script = os.path.join(tmp, f"{name}.lua")
             if name == "tenants":
                 tenants_lua(script, body, n_tenants, zipf=True)
-                run_arms = [a for a in arms if a.startswith("collie")]
+                run_arms = [a for a in arms if a.startswith("collie") and a != "collie-transport"]
             else:
                 lua_script(script, body, headers)
                 run_arms = arms

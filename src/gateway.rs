@@ -269,6 +269,8 @@ pub(crate) struct Gateway {
     pub(crate) hold: Arc<hold::Hold>,
     pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
+    /// Off only to measure the transport apart (`Policy::TransportOnly`).
+    policy_on: bool,
 }
 
 impl Gateway {
@@ -277,6 +279,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         auditor: Option<crate::audit::Auditor>,
         lifecycle: Lifecycle,
+        policy: crate::server::Policy,
     ) -> Gateway {
         let snap = state.load();
         // Trust roots are not set here: each https peer carries the CA
@@ -295,6 +298,7 @@ impl Gateway {
             hold,
             lifecycle,
             ids: RequestIds::new(),
+            policy_on: policy == crate::server::Policy::Full,
         }
     }
 
@@ -304,6 +308,9 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         let snap = Arc::clone(&ctx.snapshot);
+        if !self.policy_on {
+            return self.carry(session, ctx, &snap).await;
+        }
         ctx.caller.client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -368,6 +375,45 @@ impl Gateway {
         let unfit = fit::unfit(&snap, model, chain, tokens, limits)?;
         spend::reserve(ctx, &snap, tenant, model, tokens).await?;
         exchange::run(self, session, ctx, &snap, chain, unfit, body, &inspected).await
+    }
+}
+
+impl Gateway {
+    /// `Policy::TransportOnly`: the body read, the `model` found, and the
+    /// exchange for the model's chain as the full policy runs it — nothing
+    /// else.
+    async fn carry(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        snap: &Arc<Snapshot>,
+    ) -> Result<(), GatewayError> {
+        let config = &snap.config;
+        session.set_write_timeout(Some(config.client_timeout));
+        let body = body::read(
+            session,
+            config.max_body_bytes,
+            config.client_timeout,
+            &self.bodies,
+            &mut ctx.request.body_hold,
+        )
+        .await?;
+        let inspected = body::inspect(&body, config.max_json_depth)?;
+        let Some(model) = snap.model(&inspected.model) else {
+            return Err(GatewayError::ModelNotFound(inspected.model.clone()));
+        };
+        let chain = model.chain_for(ctx.caller.priority, None);
+        exchange::run(
+            self,
+            session,
+            ctx,
+            snap,
+            chain,
+            Vec::new(),
+            body,
+            &inspected,
+        )
+        .await
     }
 }
 
@@ -442,6 +488,10 @@ impl ProxyHttp for Gateway {
     /// The request's story is closed once, then settled, counted and
     /// recorded from that one value.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if !self.policy_on {
+            crate::listener::request_finished();
+            return;
+        }
         let held = ctx.exchange.held;
         let (mut finished, reservation) = ctx.finish();
         finished.settlement = spend::settle(&finished, reservation);

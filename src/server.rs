@@ -133,6 +133,20 @@ impl ListenerPolicy for ConnPolicy {
     }
 }
 
+/// What the gateway does to each request besides carrying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Everything: authentication, quotas, metrics, the audit trail.
+    Full,
+    /// The transport alone, to measure it apart from the policy
+    /// (`bench/`): the listener and its guard, the bounded body read, the
+    /// inspection that finds `model`, the routing and the exchange with its
+    /// relay, as in [`Policy::Full`] — but no authentication (every request
+    /// is served, whoever sends it), no quota, no metrics per request, no
+    /// audit record. Never for serving: the process serves loopback only.
+    TransportOnly,
+}
+
 impl Collie {
     /// Read and validate a config file and build from it; SIGHUP reloads
     /// the file.
@@ -149,6 +163,23 @@ impl Collie {
     /// refused here; what can fail is the outside world (a port taken, the
     /// audit sink down) or Collie itself.
     pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Collie, StartError> {
+        Collie::build_with(config, config_path, Policy::Full)
+    }
+
+    /// [`Collie::build`] with the policy chosen: [`Policy::TransportOnly`]
+    /// is for benchmarks (and refused unless the gateway listens on a
+    /// loopback address).
+    pub fn build_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        policy: Policy,
+    ) -> Result<Collie, StartError> {
+        if policy == Policy::TransportOnly && !config.listen.ip().is_loopback() {
+            return Err(StartError::Unavailable {
+                what: format!("a gateway without its policy on {}", config.listen),
+                source: "only a loopback address may serve without the policy".into(),
+            });
+        }
         let (listen, admin_listen) = (config.listen, config.admin_listen);
         for addr in [listen, admin_listen] {
             check_bindable(addr)?;
@@ -210,6 +241,7 @@ impl Collie {
             Arc::clone(&metrics),
             auditor,
             lifecycle.clone(),
+            policy,
         );
         let in_flight = gateway.in_flight.clone();
         let bodies = Arc::clone(&gateway.bodies);

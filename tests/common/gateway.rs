@@ -4,7 +4,7 @@
 use super::config::Conf;
 use super::{PROVIDER_KEY_A, PROVIDER_KEY_B, free_port, metric_sum};
 use collie::config::Config;
-use collie::server::{Collie, Running};
+use collie::server::{Collie, Policy, Running};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -60,13 +60,23 @@ pub(crate) async fn gateway(conf: &Conf) -> Gw {
 
 /// Start a gateway whose environment also holds `env` (a database URL).
 pub(crate) async fn gateway_with_env(conf: &Conf, env: &[(&str, &str)]) -> Gw {
+    gateway_with_policy(conf, env, Policy::Full).await
+}
+
+/// Start a gateway with its policy chosen (`Policy::TransportOnly`: the
+/// benchmarks' transport arm).
+pub(crate) async fn gateway_with_policy(conf: &Conf, env: &[(&str, &str)], policy: Policy) -> Gw {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let config = load(&full_config(conf, &listen, &admin), env);
-    let running =
-        tokio::task::spawn_blocking(move || Collie::build(config, None).unwrap().spawn().unwrap())
-            .await
-            .unwrap();
+    let running = tokio::task::spawn_blocking(move || {
+        Collie::build_with(config, None, policy)
+            .unwrap()
+            .spawn()
+            .unwrap()
+    })
+    .await
+    .unwrap();
     Gw {
         base: format!("http://{}", running.listen),
         admin: format!("http://{}", running.admin_listen),

@@ -26,7 +26,9 @@ pub(crate) mod raw;
 pub(crate) mod requests;
 
 pub(crate) use config::{Conf, Deployment, Model, Part, Pool, Tenant, two_step};
-pub(crate) use gateway::{Gw, gateway, gateway_with_env, provider_env};
+pub(crate) use gateway::{
+    Gw, full_config, gateway, gateway_with_env, gateway_with_policy, load, provider_env,
+};
 pub(crate) use process::{
     Log, Process, collie_bin, run_collie, run_collie_with, sighup, sigterm, terminate,
 };

@@ -486,3 +486,83 @@ async fn a_host_that_does_not_resolve_fails_over_instead_of_stopping_the_start()
         "{text}"
     );
 }
+
+/// The benchmarks' transport arm (`Policy::TransportOnly`) carries a request
+/// as the full gateway does — body rewritten for the deployment, the
+/// provider's key, the answer passed back, streams too — with nothing of
+/// the policy: no key asked for, nothing counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transport_arm_carries_requests_without_the_policy() {
+    use collie::server::Policy;
+    let a = mock().await;
+    let b = mock().await;
+    let conf = two_step(&a, &b, "5s");
+    let gw = gateway_with_policy(&conf, &[], Policy::TransportOnly).await;
+    let body = hello("gpt").to_string();
+    let resp = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "no tenant, no key: still carried");
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-a");
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["model"], "gpt-a");
+    let got = posts(&a);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].body == body.replace("\"gpt\"", "\"gpt-a\"").as_bytes());
+    assert_eq!(
+        recorded_header(&got[0], "authorization").as_deref(),
+        Some(format!("Bearer {PROVIDER_KEY_A}").as_str())
+    );
+    let stream = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .json(&streamed("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let text = stream.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let metrics = gw.metrics().await;
+    assert_eq!(metric_sum(&metrics, "collie_requests_total", &[]), 0.0);
+    gw.stop().await;
+
+    // The full policy refuses the same request.
+    let full = gateway(&conf).await;
+    let refused = full
+        .client
+        .post(format!("{}/v1/chat/completions", full.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    full.stop().await;
+}
+
+/// Without its policy the gateway serves loopback only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transport_arm_refuses_to_listen_beyond_loopback() {
+    use collie::server::{Collie, Policy, StartError};
+    let (a, b) = (mock().await, mock().await);
+    let conf = two_step(&a, &b, "5s");
+    let config = load(
+        &full_config(
+            &conf,
+            &format!("0.0.0.0:{}", free_port()),
+            &format!("127.0.0.1:{}", free_port()),
+        ),
+        &[],
+    );
+    match Collie::build_with(config, None, Policy::TransportOnly) {
+        Err(StartError::Unavailable { what, .. }) => assert!(what.contains("0.0.0.0"), "{what}"),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a gateway without its policy listened beyond loopback"),
+    }
+}
