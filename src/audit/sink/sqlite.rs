@@ -37,8 +37,14 @@ impl Sqlite {
         // this is most of its reads (measured: the writer's cost per record
         // at a 500 MB trail fell from ~14 µs to ~10 µs). The mapping is the
         // kernel's page cache, shared, not memory of the process's own.
+        // temp_store: a batch's multi-row INSERT keeps a statement journal
+        // (the pages it changed, to undo it alone on a constraint error);
+        // on disk that was a new file under /var/tmp per statement and a
+        // write per page (measured with `audit-cost`: 15.0 → 11.3 µs per
+        // record). In memory it holds at most the pages one statement of
+        // `ROWS_PER_INSERT` rows touches.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA mmap_size=268435456;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA mmap_size=268435456; PRAGMA temp_store=MEMORY;",
         )?;
         migrate(&mut conn)?;
         let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
