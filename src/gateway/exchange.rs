@@ -364,13 +364,15 @@ async fn attempts(
             // A client that leaves before the response head cancels the
             // attempt: dropping it closes the provider connection, which is
             // what stops the provider generating (and billing) the answer.
+            // Pinned here and lent: passed by value, the attempt's future
+            // would be held twice (argument and race) and copied into each.
             let interrupted = until_interrupted(
                 session,
                 &gw.lifecycle.cut,
-                tokio::time::timeout_at(
+                std::pin::pin!(tokio::time::timeout_at(
                     deadline.into(),
                     attempt::attempt(gw, &upstream, header, attempt_body),
-                ),
+                )),
             )
             .await;
             let result = match interrupted {

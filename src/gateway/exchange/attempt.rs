@@ -45,9 +45,11 @@ pub(super) async fn attempt(
     let mut stale_retries = 2;
     let mut header = Some(header);
     loop {
-        let (mut http, reused) = gw
-            .connector
-            .get_http_session(&*up.peer())
+        // Boxed: the connector's future holds a whole connect and TLS
+        // handshake (~10 KiB); inline, it would make every future around
+        // it — up to the one the request runs in — that much larger, and
+        // each of them is moved (copied) when it starts.
+        let (mut http, reused) = Box::pin(gw.connector.get_http_session(&*up.peer()))
             .await
             .map_err(|e| (classify_connect(&e), None))?;
         http.set_write_timeout(Some(up.timeouts.idle));
