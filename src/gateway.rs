@@ -538,8 +538,9 @@ async fn respond_error(session: &mut Session, ctx: &mut RequestCtx, e: &GatewayE
         if !ctx.exchange.attempts.is_empty() {
             h.insert_header(X_COLLIE_ATTEMPTS, ctx.exchange.attempts.len())?;
         }
-        spend::rate_headers(ctx, &mut h);
-        Ok(h)
+        Ok(exchange::edit_response(h, |headers| {
+            spend::rate_headers(ctx, headers);
+        }))
     })();
     let Ok(head) = head else {
         ctx.response.client_gone = true;
@@ -633,7 +634,7 @@ async fn respond_json(
         .map_err(internal)?;
     head.insert_header(X_COLLIE_REQUEST_ID, ctx.id.as_str())
         .map_err(internal)?;
-    spend::rate_headers(ctx, &mut head);
+    let head = exchange::edit_response(head, |headers| spend::rate_headers(ctx, headers));
     ctx.response.status = 200;
     ctx.end = Some(End::Answered);
     write_whole(session, ctx, head, Bytes::from(body)).await;

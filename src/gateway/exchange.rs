@@ -33,7 +33,7 @@ mod attempt;
 mod headers;
 mod relay;
 
-pub(crate) use headers::{MAX_RETRY_AFTER, retry_after};
+pub(crate) use headers::{MAX_RETRY_AFTER, edit_response, retry_after};
 
 /// Why no attempt was made in a pool, kept for the final answer.
 #[derive(Default)]
@@ -178,7 +178,7 @@ async fn held(
     let waited = until_interrupted(
         session,
         &gw.lifecycle.cut,
-        tokio::time::timeout_at(until.into(), released),
+        std::pin::pin!(tokio::time::timeout_at(until.into(), released)),
     )
     .await;
     ctx.exchange.held = ctx.exchange.held.saturating_add(parked.elapsed());
@@ -284,7 +284,7 @@ async fn attempts(
                 let acquired = until_interrupted(
                     session,
                     &gw.lifecycle.cut,
-                    pool_rt.gate.acquire(ctx.caller.priority, wait),
+                    std::pin::pin!(pool_rt.gate.acquire(ctx.caller.priority, wait)),
                 )
                 .await;
                 ctx.exchange.queued = Some(waited.elapsed());
@@ -319,7 +319,7 @@ async fn attempts(
                 ) {
                     break;
                 }
-                let slept = backoff(&snap.config.retry, try_in_pool - 1, deadline);
+                let slept = std::pin::pin!(backoff(&snap.config.retry, try_in_pool - 1, deadline));
                 match until_interrupted(session, &gw.lifecycle.cut, slept).await {
                     Ok(()) => {}
                     Err(Interrupt::Cut) => return Err(GatewayError::ShuttingDown),
@@ -348,8 +348,12 @@ async fn attempts(
             let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-            let header =
-                headers::upstream_request(session.req_header(), &upstream, ctx.caller.endpoint)?;
+            let header = headers::upstream_request(
+                session.req_header(),
+                &upstream,
+                ctx.caller.endpoint,
+                attempt_body.len(),
+            )?;
             let sent = Instant::now();
             // The deployment's connect and first-byte timeouts apply inside;
             // the deadline caps the attempt as a whole.
@@ -364,8 +368,6 @@ async fn attempts(
             // A client that leaves before the response head cancels the
             // attempt: dropping it closes the provider connection, which is
             // what stops the provider generating (and billing) the answer.
-            // Pinned here and lent: passed by value, the attempt's future
-            // would be held twice (argument and race) and copied into each.
             let interrupted = until_interrupted(
                 session,
                 &gw.lifecycle.cut,
@@ -478,11 +480,13 @@ enum Interrupt {
 /// connection has nothing more to say until the answer is done: a close or
 /// a reset means the client is gone (a request it pipelined behind this one
 /// is kept for later by the HTTP layer and does not count). `work` must be
-/// safe to drop midway.
+/// safe to drop midway. It is lent, pinned by the caller: a future passed
+/// by value would be held twice (as the argument and in the race) and
+/// copied into each, and an attempt's is kilobytes.
 async fn until_interrupted<T>(
     session: &mut Session,
     cut: &CancellationToken,
-    work: impl std::future::Future<Output = T>,
+    work: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
 ) -> Result<T, Interrupt> {
     tokio::select! {
         biased;

@@ -13,8 +13,8 @@ use crate::quota::{Amount, RateInfo, WindowInfo};
 use crate::quota::{Reservation, Settlement};
 use crate::state::Snapshot;
 use crate::usage::Usage;
-use http::HeaderName;
-use pingora::http::{RequestHeader, ResponseHeader};
+use http::{HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
 use std::time::Duration;
 
 /// The request's prompt estimate and output allowance (its `max_tokens`,
@@ -201,7 +201,7 @@ pub(crate) fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
 /// per-minute bucket, the day or the month, the tenant's or the requested
 /// model's — with its configured limit, what is left, and when it is whole
 /// again. A kind no window limits gets no headers.
-pub(crate) fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
+pub(crate) fn rate_headers(ctx: &RequestCtx, headers: &mut http::HeaderMap) {
     let quota = &ctx.snapshot.quota;
     let Some(ledger) = ctx.caller.tenant.and_then(|t| quota.ledger(t)) else {
         return;
@@ -229,9 +229,11 @@ pub(crate) fn rate_headers(ctx: &RequestCtx, head: &mut ResponseHeader) {
         else {
             continue;
         };
-        let _ = head.insert_header(limit_name, limit);
-        let _ = head.insert_header(remaining_name, remaining);
-        let _ = head.insert_header(reset_name, reset_text(reset));
+        headers.insert(limit_name, HeaderValue::from(limit));
+        headers.insert(remaining_name, HeaderValue::from(remaining));
+        if let Ok(v) = HeaderValue::try_from(reset_text(reset)) {
+            headers.insert(reset_name, v);
+        }
     }
 }
 

@@ -8,7 +8,6 @@ use super::super::body::AttemptBody;
 use super::headers::retry_after;
 use crate::outcome::Failure;
 use crate::routing::Deployment;
-use http::header;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
@@ -29,12 +28,9 @@ pub(super) type AttemptError = (Failure, Option<Duration>);
 pub(super) async fn attempt(
     gw: &Gateway,
     up: &Deployment,
-    mut header: RequestHeader,
+    header: RequestHeader,
     body: AttemptBody,
 ) -> Result<HttpSession, AttemptError> {
-    header
-        .insert_header(header::CONTENT_LENGTH, body.len())
-        .map_err(|e| (Failure::Broken(e.etype().as_str().to_string()), None))?;
     // A pooled connection the provider already closed fails while the
     // request is written, before the provider can have acted on it; such a
     // failure is retried on another connection and does not count as an

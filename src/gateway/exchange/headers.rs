@@ -5,6 +5,7 @@
 use super::super::{Endpoint, GatewayError, RequestCtx};
 use crate::routing::Deployment;
 use http::header;
+use http::{HeaderMap, HeaderValue};
 use pingora::Error;
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
@@ -65,6 +66,7 @@ pub(super) fn upstream_request(
     client: &RequestHeader,
     upstream: &Deployment,
     endpoint: Endpoint,
+    content_length: usize,
 ) -> Result<RequestHeader, GatewayError> {
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
     let mut path = String::with_capacity(upstream.path_prefix.len() + 32);
@@ -75,24 +77,43 @@ pub(super) fn upstream_request(
         path.push_str(q);
     }
     // Header names go out in lower case: no case map to keep per request.
-    let mut req =
-        RequestHeader::build_no_case("POST", path.as_bytes(), Some(client.headers.len() + 3))
-            .map_err(internal)?;
-    let nominated = connection_nominated(&client.headers);
-    for (name, value) in client.headers.iter() {
-        if withheld_from_upstream(name) || nominated.iter().any(|n| n == name.as_str()) {
-            continue;
-        }
-        req.append_header(name.clone(), value.clone())
-            .map_err(internal)?;
-    }
-    req.insert_header(header::HOST, upstream.host.clone())
+    let req = RequestHeader::build_no_case("POST", path.as_bytes(), Some(client.headers.len() + 4))
         .map_err(internal)?;
-    if let Some((name, value)) = &upstream.auth {
-        req.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
-    }
-    Ok(req)
+    let nominated = connection_nominated(&client.headers);
+    Ok(edit_request(req, |headers| {
+        for (name, value) in client.headers.iter() {
+            if withheld_from_upstream(name) || nominated.iter().any(|n| n == name.as_str()) {
+                continue;
+            }
+            headers.append(name.clone(), value.clone());
+        }
+        headers.insert(header::HOST, upstream.host.clone());
+        if let Some((name, value)) = &upstream.auth {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(content_length));
+    }))
+}
+
+/// Change the headers of a head built without a case map
+/// (`build_no_case`) on its `http` parts. Pingora's own `insert_header` and
+/// `append_header` copy each name and parse it again to keep its case —
+/// two allocations and a parse per header, most of the cost of building a
+/// head — which a head whose names go out in lower case does not need.
+pub(crate) fn edit_response(
+    head: ResponseHeader,
+    edit: impl FnOnce(&mut HeaderMap),
+) -> ResponseHeader {
+    let mut parts = http::response::Parts::from(head);
+    edit(&mut parts.headers);
+    ResponseHeader::from(parts)
+}
+
+/// [`edit_response`] for a request head: its target is its URI.
+fn edit_request(head: RequestHeader, edit: impl FnOnce(&mut HeaderMap)) -> RequestHeader {
+    let mut parts = http::request::Parts::from(head);
+    edit(&mut parts.headers);
+    RequestHeader::from(parts)
 }
 
 /// `retry-after-ms` (OpenAI, Azure) wins over `retry-after`, which is either
@@ -126,49 +147,59 @@ pub(super) fn client_response_head(
     body_changes: bool,
     downstream_h2: bool,
 ) -> pingora::Result<ResponseHeader> {
-    let mut resp =
-        ResponseHeader::build_no_case(upstream.status, Some(upstream.headers.len() + 8))?;
-    let mut has_length = false;
-    let nominated = connection_nominated(&upstream.headers);
-    for (name, value) in upstream.headers.iter() {
-        // The provider's limits for its key are not the tenant's business;
-        // the tenant's own `x-ratelimit-*` are added below.
-        if hop_by_hop(name)
-            || name.as_str().starts_with("x-ratelimit-")
-            || nominated.iter().any(|n| n == name.as_str())
-        {
-            continue;
-        }
-        if up
-            .key_mask
-            .as_ref()
-            .is_some_and(|m| m.found_in(value.as_bytes()))
-        {
-            log::warn!(
-                "request {}: dropped response header `{name}` from {}: it carried the deployment's key",
-                ctx.id,
-                up.id
-            );
-            continue;
-        }
-        if name == header::CONTENT_LENGTH {
-            if body_changes {
+    // Room for what is added below: framing, three `x-collie-*`, six
+    // `x-ratelimit-*`.
+    let resp = ResponseHeader::build_no_case(upstream.status, Some(upstream.headers.len() + 12))?;
+    Ok(edit_response(resp, |headers| {
+        let mut has_length = false;
+        let nominated = connection_nominated(&upstream.headers);
+        for (name, value) in upstream.headers.iter() {
+            // The provider's limits for its key are not the tenant's
+            // business; the tenant's own `x-ratelimit-*` are added below.
+            if hop_by_hop(name)
+                || name.as_str().starts_with("x-ratelimit-")
+                || nominated.iter().any(|n| n == name.as_str())
+            {
                 continue;
             }
-            has_length = true;
+            if up
+                .key_mask
+                .as_ref()
+                .is_some_and(|m| m.found_in(value.as_bytes()))
+            {
+                log::warn!(
+                    "request {}: dropped response header `{name}` from {}: it carried the deployment's key",
+                    ctx.id,
+                    up.id
+                );
+                continue;
+            }
+            if name == header::CONTENT_LENGTH {
+                if body_changes {
+                    continue;
+                }
+                has_length = true;
+            }
+            headers.append(name.clone(), value.clone());
         }
-        resp.append_header(name.clone(), value.clone())?;
-    }
-    // A response that has no body by definition gets no framing either.
-    let bodiless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
-    if !has_length && !downstream_h2 && !bodiless {
-        resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-    }
-    resp.insert_header(super::super::X_COLLIE_MODEL, up.model_header.clone())?;
-    resp.insert_header(super::super::X_COLLIE_ATTEMPTS, ctx.exchange.attempts.len())?;
-    resp.insert_header(super::super::X_COLLIE_REQUEST_ID, ctx.id.as_str())?;
-    super::super::spend::rate_headers(ctx, &mut resp);
-    Ok(resp)
+        // A response that has no body by definition gets no framing either.
+        let bodiless = matches!(upstream.status.as_u16(), 100..=199 | 204 | 304);
+        if !has_length && !downstream_h2 && !bodiless {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        headers.insert(super::super::X_COLLIE_MODEL, up.model_header.clone());
+        headers.insert(
+            super::super::X_COLLIE_ATTEMPTS,
+            HeaderValue::from(ctx.exchange.attempts.len()),
+        );
+        if let Ok(id) = HeaderValue::from_str(&ctx.id) {
+            headers.insert(super::super::X_COLLIE_REQUEST_ID, id);
+        }
+        super::super::spend::rate_headers(ctx, headers);
+    }))
 }
 
 #[cfg(test)]

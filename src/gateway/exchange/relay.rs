@@ -91,7 +91,8 @@ enum Next {
 /// Wait for the next chunk of the upstream body, unless the client leaves
 /// or the gateway's stop cuts in first.
 async fn next_chunk(gw: &Gateway, session: &mut Session, http: &mut HttpSession) -> Next {
-    match until_interrupted(session, &gw.lifecycle.cut, http.read_response_body()).await {
+    let read = std::pin::pin!(http.read_response_body());
+    match until_interrupted(session, &gw.lifecycle.cut, read).await {
         Ok(r) => Next::Upstream(r),
         Err(Interrupt::ClientGone) => Next::ClientGone,
         Err(Interrupt::Cut) => Next::Cut,
