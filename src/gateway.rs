@@ -68,6 +68,20 @@ fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayErr
     Ok(endpoint)
 }
 
+/// What the gateway does to each request besides carrying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Everything: authentication, quotas, metrics, the audit trail.
+    Full,
+    /// The transport alone, to measure it apart from the policy
+    /// (`bench/`): the listener and its guard, the bounded body read, the
+    /// inspection that finds `model`, the routing and the exchange with its
+    /// relay, as in [`Policy::Full`] — but no authentication (every request
+    /// is served, whoever sends it), no quota, no metrics per request, no
+    /// audit record. Never for serving: the process serves loopback only.
+    TransportOnly,
+}
+
 /// One request while it runs, grouped by the phase that fills each part in;
 /// [`RequestCtx::finish`] turns it into the [`Finished`] story once.
 pub(crate) struct RequestCtx {
@@ -279,7 +293,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         auditor: Option<crate::audit::Auditor>,
         lifecycle: Lifecycle,
-        policy: crate::server::Policy,
+        policy: Policy,
     ) -> Gateway {
         let snap = state.load();
         // Trust roots are not set here: each https peer carries the CA
@@ -298,7 +312,7 @@ impl Gateway {
             hold,
             lifecycle,
             ids: RequestIds::new(),
-            policy_on: policy == crate::server::Policy::Full,
+            policy_on: policy == Policy::Full,
         }
     }
 
@@ -335,16 +349,7 @@ impl Gateway {
             _ => {}
         }
         let config = &snap.config;
-        session.set_write_timeout(Some(config.client_timeout));
-        self.bodies.set_limit(config.max_inflight_body_bytes);
-        let body = body::read(
-            session,
-            config.max_body_bytes,
-            config.client_timeout,
-            &self.bodies,
-            &mut ctx.request.body_hold,
-        )
-        .await?;
+        let body = self.read_body(session, ctx, config).await?;
         ctx.request.body = Some(body.clone());
         let inspected = body::inspect(&body, config.max_json_depth)?;
         if ctx.caller.user.is_none() {
@@ -379,6 +384,26 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// The body, read whole within the configured bounds and counted in the
+    /// in-flight body budget; answers are written within `client_timeout`.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &crate::config::Config,
+    ) -> Result<Bytes, GatewayError> {
+        session.set_write_timeout(Some(config.client_timeout));
+        self.bodies.set_limit(config.max_inflight_body_bytes);
+        body::read(
+            session,
+            config.max_body_bytes,
+            config.client_timeout,
+            &self.bodies,
+            &mut ctx.request.body_hold,
+        )
+        .await
+    }
+
     /// `Policy::TransportOnly`: the body read, the `model` found, and the
     /// exchange for the model's chain as the full policy runs it — nothing
     /// else.
@@ -389,15 +414,7 @@ impl Gateway {
         snap: &Arc<Snapshot>,
     ) -> Result<(), GatewayError> {
         let config = &snap.config;
-        session.set_write_timeout(Some(config.client_timeout));
-        let body = body::read(
-            session,
-            config.max_body_bytes,
-            config.client_timeout,
-            &self.bodies,
-            &mut ctx.request.body_hold,
-        )
-        .await?;
+        let body = self.read_body(session, ctx, config).await?;
         let inspected = body::inspect(&body, config.max_json_depth)?;
         let Some(model) = snap.model(&inspected.model) else {
             return Err(GatewayError::ModelNotFound(inspected.model.clone()));

@@ -7,6 +7,7 @@ use crate::alerts::Alerts;
 use crate::alerts::health::HealthAlerts;
 use crate::audit::{AuditError, AuditHandle};
 use crate::config::{Config, ConfigErrors};
+pub use crate::gateway::Policy;
 use crate::gateway::{Gateway, InFlight};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{HeadLimits, Listener, ListenerPolicy, Refusal};
@@ -131,20 +132,6 @@ impl ListenerPolicy for ConnPolicy {
     fn refused(&self, why: Refusal) {
         self.refusals.with_label_values(&[why.label()]).inc();
     }
-}
-
-/// What the gateway does to each request besides carrying it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Everything: authentication, quotas, metrics, the audit trail.
-    Full,
-    /// The transport alone, to measure it apart from the policy
-    /// (`bench/`): the listener and its guard, the bounded body read, the
-    /// inspection that finds `model`, the routing and the exchange with its
-    /// relay, as in [`Policy::Full`] — but no authentication (every request
-    /// is served, whoever sends it), no quota, no metrics per request, no
-    /// audit record. Never for serving: the process serves loopback only.
-    TransportOnly,
 }
 
 impl Collie {
