@@ -413,6 +413,8 @@ impl Gateway {
         ctx: &mut RequestCtx,
         snap: &Arc<Snapshot>,
     ) -> Result<(), GatewayError> {
+        let req = session.req_header();
+        ctx.caller.endpoint = endpoint_of(&req.method, req.uri.path())?;
         let config = &snap.config;
         let body = self.read_body(session, ctx, config).await?;
         let inspected = body::inspect(&body, config.max_json_depth)?;

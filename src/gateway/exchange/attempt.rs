@@ -42,7 +42,7 @@ pub(super) async fn attempt(
     let mut header = Some(header);
     loop {
         // Boxed: the connector's future holds a whole connect and TLS
-        // handshake (~10 KiB); inline, it would make every future around
+        // handshake (~8 KB); inline, it would make every future around
         // it — up to the one the request runs in — that much larger, and
         // each of them is moved (copied) when it starts.
         let (mut http, reused) = Box::pin(gw.connector.get_http_session(&*up.peer()))
