@@ -49,16 +49,17 @@ def send(body, n):
 
 
 def counted(out_dir, tag):
-    """Instructions in the dump named `tag` (callgrind writes one file per dump)."""
+    """Instructions in the dump named `tag` (callgrind writes one file per
+    dump), and its file; None while it is not written yet."""
     for path in glob.glob(os.path.join(out_dir, "callgrind.out*")):
         with open(path) as f:
             text = f.read()
-        if f"Trigger: Client Request: {tag}" not in text[:4000] and f"dump {tag}" not in text[:4000]:
+        if f"Trigger: Client Request: {tag}" not in text[:4000]:
             continue
         for line in text.splitlines():
             if line.startswith(("summary:", "totals:")):
                 return int(line.split()[1]), path
-    raise RuntimeError(f"no callgrind dump named {tag} in {out_dir}")
+    return None
 
 
 def measure(arm, binary_dir, conf, body, n, keep):
@@ -82,14 +83,13 @@ def measure(arm, binary_dir, conf, body, n, keep):
         # record) runs just after it is sent.
         time.sleep(1)
         subprocess.run(["callgrind_control", "--dump=measured", str(p.pid)], capture_output=True, check=True)
-        for _ in range(100):
-            try:
-                total, path = counted(out_dir, "measured")
-                break
-            except RuntimeError:
-                time.sleep(0.1)
-        else:
-            total, path = counted(out_dir, "measured")
+        found, deadline = None, time.time() + 10
+        while found is None and time.time() < deadline:
+            time.sleep(0.1)
+            found = counted(out_dir, "measured")
+        if found is None:
+            raise RuntimeError(f"{arm}: no callgrind dump named measured in {out_dir}")
+        total, path = found
         if keep:
             shutil.copy(path, os.path.join(keep, f"callgrind.{arm}"))
         return total / n

@@ -283,8 +283,8 @@ pub(crate) struct Gateway {
     pub(crate) hold: Arc<hold::Hold>,
     pub(crate) lifecycle: Lifecycle,
     ids: RequestIds,
-    /// Off only to measure the transport apart (`Policy::TransportOnly`).
-    policy_on: bool,
+    /// `TransportOnly` only to measure the transport apart.
+    policy: Policy,
 }
 
 impl Gateway {
@@ -312,7 +312,7 @@ impl Gateway {
             hold,
             lifecycle,
             ids: RequestIds::new(),
-            policy_on: policy == Policy::Full,
+            policy,
         }
     }
 
@@ -322,7 +322,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         let snap = Arc::clone(&ctx.snapshot);
-        if !self.policy_on {
+        if self.policy == Policy::TransportOnly {
             return self.carry(session, ctx, &snap).await;
         }
         ctx.caller.client_ip = session
@@ -381,9 +381,7 @@ impl Gateway {
         spend::reserve(ctx, &snap, tenant, model, tokens).await?;
         exchange::run(self, session, ctx, &snap, chain, unfit, body, &inspected).await
     }
-}
 
-impl Gateway {
     /// The body, read whole within the configured bounds and counted in the
     /// in-flight body budget; answers are written within `client_timeout`.
     async fn read_body(
@@ -507,7 +505,7 @@ impl ProxyHttp for Gateway {
     /// The request's story is closed once, then settled, counted and
     /// recorded from that one value.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if !self.policy_on {
+        if self.policy == Policy::TransportOnly {
             crate::listener::request_finished();
             return;
         }

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use collie::audit::report::TrailError;
 use collie::config::{Config, MissingEnv};
-use collie::server::{Collie, StartError};
+use collie::server::{Collie, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,14 +14,6 @@ mod demo;
 /// the system allocator's mmap/munmap and page-fault round trips.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `EX_USAGE` from sysexits.h: the configuration or the command line is wrong.
-const EX_USAGE: u8 = 64;
-/// `EX_UNAVAILABLE`: something the process needs is not there (the audit
-/// database, a listen port); a restart later may succeed.
-const EX_UNAVAILABLE: u8 = 69;
-/// `EX_SOFTWARE`: a fault of Collie's own.
-const EX_SOFTWARE: u8 = 70;
 
 /// `--version`: the package version and the commit it was built from
 /// (`build.rs`: `COLLIE_COMMIT`, else `git rev-parse`, else `unknown`).
@@ -220,13 +212,8 @@ fn run(path: PathBuf, watch: Option<std::time::Duration>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let code = match &e {
-                StartError::Config { .. } => EX_USAGE,
-                StartError::Unavailable { .. } => EX_UNAVAILABLE,
-                StartError::Internal { .. } => EX_SOFTWARE,
-            };
             log::error!("cannot start: {e}");
-            ExitCode::from(code)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -61,7 +61,25 @@ pub enum StartError {
     },
 }
 
+/// `EX_USAGE` from sysexits.h: the configuration or the command line is wrong.
+pub const EX_USAGE: u8 = 64;
+/// `EX_UNAVAILABLE`: something the process needs is not there (the audit
+/// database, a listen port); a restart later may succeed.
+pub const EX_UNAVAILABLE: u8 = 69;
+/// `EX_SOFTWARE`: a fault of Collie's own.
+pub const EX_SOFTWARE: u8 = 70;
+
 impl StartError {
+    /// The exit status that tells whoever runs the process which answer
+    /// this error asks for.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Config { .. } => EX_USAGE,
+            StartError::Unavailable { .. } => EX_UNAVAILABLE,
+            StartError::Internal { .. } => EX_SOFTWARE,
+        }
+    }
+
     fn unavailable(
         what: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -138,11 +156,16 @@ impl Collie {
     /// Read and validate a config file and build from it; SIGHUP reloads
     /// the file.
     pub fn load(path: &Path) -> Result<Collie, StartError> {
+        Collie::load_with(path, Policy::Full)
+    }
+
+    /// [`Collie::load`] with the policy chosen (see [`Collie::build_with`]).
+    pub fn load_with(path: &Path, policy: Policy) -> Result<Collie, StartError> {
         let config = Config::load(path).map_err(|errors| StartError::Config {
             path: path.to_path_buf(),
             errors,
         })?;
-        Collie::build(config, Some(path.to_path_buf()))
+        Collie::build_with(config, Some(path.to_path_buf()), policy)
     }
 
     /// Build every service from a validated config. `config_path` enables
@@ -162,10 +185,10 @@ impl Collie {
         policy: Policy,
     ) -> Result<Collie, StartError> {
         if policy == Policy::TransportOnly && !config.listen.ip().is_loopback() {
-            return Err(StartError::Unavailable {
-                what: format!("a gateway without its policy on {}", config.listen),
-                source: "only a loopback address may serve without the policy".into(),
-            });
+            return Err(StartError::unavailable(
+                format!("a gateway without its policy on {}", config.listen),
+                "only a loopback address may serve without the policy",
+            ));
         }
         let (listen, admin_listen) = (config.listen, config.admin_listen);
         for addr in [listen, admin_listen] {

@@ -501,7 +501,7 @@ async fn the_transport_arm_carries_requests_without_the_policy() {
     let body = hello("gpt").to_string();
     let resp = gw
         .client
-        .post(format!("{}/v1/chat/completions", gw.base))
+        .post(gw.url(CHAT))
         .header("content-type", "application/json")
         .body(body.clone())
         .send()
@@ -520,7 +520,7 @@ async fn the_transport_arm_carries_requests_without_the_policy() {
     );
     let stream = gw
         .client
-        .post(format!("{}/v1/chat/completions", gw.base))
+        .post(gw.url(CHAT))
         .json(&streamed("gpt"))
         .send()
         .await
@@ -536,7 +536,7 @@ async fn the_transport_arm_carries_requests_without_the_policy() {
     let full = gateway(&conf).await;
     let refused = full
         .client
-        .post(format!("{}/v1/chat/completions", full.base))
+        .post(full.url(CHAT))
         .header("content-type", "application/json")
         .body(body)
         .send()

@@ -6,7 +6,6 @@
 //! the same run, it splits Collie's cost into transport and policy.
 
 use clap::Parser;
-use collie::config::Config;
 use collie::server::{Collie, Policy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,21 +25,14 @@ struct Args {
 fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
-        Ok(c) => c,
-        Err(errors) => {
-            log::error!("{} is invalid:\n{errors}", args.config.display());
-            return ExitCode::from(64);
-        }
-    };
-    match Collie::build_with(config, None, Policy::TransportOnly) {
+    match Collie::load_with(&args.config, Policy::TransportOnly) {
         Ok(collie) => {
             collie.run_until_signalled();
             ExitCode::SUCCESS
         }
         Err(e) => {
-            log::error!("{e}");
-            ExitCode::from(69)
+            log::error!("cannot start: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
