@@ -1,7 +1,7 @@
 //! What each step of the audit writer costs per record, single thread, on
 //! records shaped like the benchmark's small chat request: the request hash,
 //! the chain hash, the anomaly rules and the SQLite commit (batches of 256,
-//! the default). Usage: audit-cost [RECORDS] [TENANTS]
+//! the default). Usage: [BATCH=n|mixed] audit-cost [RECORDS] [TENANTS]
 
 use collie::audit::anomaly::Detector;
 use collie::audit::record::{Record, request_hash};
@@ -53,10 +53,13 @@ fn main() {
     let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":16}"#;
     let mut records: Vec<Record> = (0..n).map(|i| record(i, tenants)).collect();
 
-    let batch: usize = std::env::var("BATCH")
-        .ok()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(256);
+    // BATCH=n: batches of n; BATCH=mixed: sizes 1, 2, …, 100 in turn, as
+    // the writer's 100 ms batches come at a moderate, varying rate.
+    let batch = std::env::var("BATCH").unwrap_or_default();
+    let sizes: Box<dyn Iterator<Item = usize>> = match batch.as_str() {
+        "mixed" => Box::new((1..=100).cycle()),
+        n => Box::new(std::iter::repeat(n.parse().unwrap_or(256))),
+    };
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let mut b = body.to_vec();
@@ -98,8 +101,14 @@ fn main() {
     let path = dir.join("audit.db");
     let mut sink = Sqlite::open(&path).expect("open the trail");
     let start = Instant::now();
-    for chunk in stored.chunks(batch) {
+    let mut rest = &stored[..];
+    for size in sizes {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at(size.clamp(1, rest.len()));
         sink.write(chunk, &[]).expect("write");
+        rest = tail;
     }
     per_record("sqlite commit", start, n);
     drop(sink);
