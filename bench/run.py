@@ -6,9 +6,9 @@ Arms: direct (load → mock), bare Pingora (bench/tools bare-pingora), nginx
 (nginx-light, 1 worker, upstream keepalive), collie-transport (Collie's
 gateway with its policy off: the transport alone), collie (full policy: auth,
 body inspection, quota ledger, metrics, audit to SQLite), collie-noaudit,
-collie-pg; on request (--arms …,litellm) LiteLLM's
-proxy from PyPI, one worker, installed on first use into a virtualenv under
-the target dir.
+collie-pg; on request (--arms …,collie-nohash) the SQLite trail without its
+request-hash index, and (--arms …,litellm) LiteLLM's proxy from PyPI, one
+worker, installed on first use into a virtualenv under the target dir.
 
 Layout L1 (default): the proxy on CPU0 with one worker thread, the mock and
 the load tool on CPU1. Ceiling numbers count only when the proxy's core was
@@ -27,7 +27,7 @@ the mock's content.
 Streamed requests are timed with bench/tools sse-probe (TTFT, gaps).
 
 Usage: bench/run.py [--rounds 3] [--duration 10] [--quick] [--scenarios small,large,stream,tenants,panic,streams]
-                    [--arms direct,bare,nginx,collie-transport,collie,collie-noaudit,collie-pg,litellm]
+                    [--arms direct,bare,nginx,collie-transport,collie,collie-noaudit,collie-pg,collie-nohash,litellm]
 Needs: release builds (cargo build --release -p collie -p collie-bench),
 wrk, nginx (nginx-light), taskset. Fixed-rate latency comes from
 bench/tools rate-probe (open loop, coordinated omission corrected, tenant
@@ -52,6 +52,7 @@ REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target
 MOCK_PORT, BARE_PORT, NGINX_PORT, COLLIE_PORT, ADMIN_PORT = 9201, 8181, 8182, 8183, 9183
 NOAUDIT_PORT, NOAUDIT_ADMIN, PG_PORT, PG_ADMIN = 8184, 9184, 8185, 9185
 TRANSPORT_PORT, TRANSPORT_ADMIN = 8186, 9186
+NOHASH_PORT, NOHASH_ADMIN = 8188, 9188
 LITELLM_PORT = 8187
 # LiteLLM's proxy from PyPI, pinned: an exact version keeps runs comparable,
 # and a release that was pulled from PyPI is never picked up by accident.
@@ -529,6 +530,10 @@ def main():
             # Collie's gateway with the policy off (bench/tools
             # collie-transport): the transport alone, to split the cost.
             "collie-transport": (TRANSPORT_PORT, TRANSPORT_ADMIN, "{sink: off}"),
+            # The SQLite trail without its request-hash index
+            # (audit.request_hash_index: false).
+            "collie-nohash": (NOHASH_PORT, NOHASH_ADMIN, "{sink: sqlite, sqlite_path: \"%s\", request_hash_index: false}"
+                              % os.path.join(tmp, "audit-nohash.db")),
         }
         ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT}
         admins = {}
@@ -662,7 +667,7 @@ def main():
     print("\nratios (medians of the same run)")
     for scenario in ("small", "large", "stream"):
         bare = med(scenario, "bare")
-        for arm in ("collie", "collie-noaudit", "collie-pg"):
+        for arm in ("collie", "collie-nohash", "collie-noaudit", "collie-pg"):
             v = med(scenario, arm)
             if v and bare:
                 print(f"{scenario:8} {arm:14} / bare pingora: {v / bare:.2f}x req/s")
@@ -674,19 +679,19 @@ def main():
         rs = results[scenario]["litellm"]
         print(f"{scenario:8} litellm       : {litellm:.0f} req/s, CPU {cpu:.1f} µs/request, "
               f"errors {sum(r['errors'] for r in rs)}{error_kinds(rs)}")
-        for arm in ("collie", "collie-noaudit", "collie-pg"):
+        for arm in ("collie", "collie-nohash", "collie-noaudit", "collie-pg"):
             v = med(scenario, arm)
             if v:
                 print(f"{scenario:8} {arm:14} / litellm: {v / litellm:.2f}x req/s, "
                       f"{cpu / med(scenario, arm, 'cpu_us'):.1f}x less CPU per request")
     for scenario in ("small", "large", "stream", "tenants"):
         off = med(scenario, "collie-noaudit")
-        for arm, sink in (("collie", "sqlite"), ("collie-pg", "postgres")):
+        for arm, sink in (("collie", "sqlite"), ("collie-nohash", "sqlite, no hash index"), ("collie-pg", "postgres")):
             on = med(scenario, arm)
             if on and off:
-                print(f"{scenario:8} audit to {sink:8}: {on / off:.3f}x the req/s of audit off "
+                print(f"{scenario:8} audit to {sink:21}: {on / off:.3f}x the req/s of audit off "
                       f"({1 - on / off:+.1%} cost), CPU {med(scenario, arm, 'cpu_us') - med(scenario, 'collie-noaudit', 'cpu_us'):+.1f} µs/request")
-    for arm in ("collie", "collie-noaudit", "collie-pg"):
+    for arm in ("collie", "collie-nohash", "collie-noaudit", "collie-pg"):
         core, many = med("small", arm), med("tenants", arm)
         if core and many:
             print(f"1,000 tenants (Zipf) vs one tenant, {arm:14}: {many / core:.2f}x req/s, "

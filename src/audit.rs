@@ -164,7 +164,7 @@ pub(crate) fn start(
     let Some(spec) = &settings.sink else {
         return Ok(None);
     };
-    let sink = spec.open()?;
+    let sink = spec.open_for_writing(settings.request_hash_index)?;
     let (tx, rx) = mpsc::channel(settings.queue);
     let queued_bytes = Arc::new(AtomicUsize::new(0));
     log::info!("audit: writing the chain of sidecar `{sidecar}`");

@@ -76,6 +76,22 @@ impl SinkSpec {
             }
         }
     }
+
+    /// Open the sink the writer writes to: as [`SinkSpec::open`], with a
+    /// SQLite trail's request-hash index kept or dropped as asked.
+    pub(crate) fn open_for_writing(
+        &self,
+        request_hash_index: bool,
+    ) -> Result<Box<dyn Sink>, SinkError> {
+        match self {
+            SinkSpec::Sqlite(path) => {
+                let sink = Sqlite::open(path)?;
+                sink.keep_request_hash_index(request_hash_index)?;
+                Ok(Box::new(sink))
+            }
+            SinkSpec::Postgres { .. } => self.open(),
+        }
+    }
 }
 
 /// A record as stored, with its place in the chain.
@@ -378,6 +394,11 @@ impl Stored {
     }
 }
 
+/// The request-hash index (migration step 3). It is the trail's most
+/// expensive to keep: its keys are random, so nearly every record of a
+/// batch lands on an index page of its own (see `audit.request_hash_index`).
+pub(crate) const HASH_INDEX: &str = "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))";
+
 /// The schema version this build writes. A trail at a newer version is
 /// refused (an older collie must not write rows it cannot fully fill).
 pub const SCHEMA_VERSION: i64 = 4;
@@ -424,8 +445,7 @@ fn migrations(real: &str) -> Vec<Vec<String>> {
         // request_hash = $h`.
         vec![
             "DROP INDEX IF EXISTS audit_records_hash".into(),
-            "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))"
-                .into(),
+            HASH_INDEX.into(),
         ],
         // 4: the end user a request named; alerts with a severity, a scope
         // beyond the tenant (user, deployment, model) and a recommendation.

@@ -96,6 +96,9 @@ pub struct AuditSettings {
     pub(crate) anomalies: AnomalySettings,
     /// Keep end-user ids as a digest (`user_ids: hashed`) instead of as sent.
     pub(crate) hash_user_ids: bool,
+    /// SQLite only: keep the index on the request hash's first 16 hex
+    /// digits. Off, it is dropped when the writer opens the trail.
+    pub(crate) request_hash_index: bool,
 }
 
 /// The validated `audit.anomalies` section: the rules' thresholds (a limit
@@ -292,6 +295,12 @@ impl Validator<'_> {
                 "only the sqlite sink has a file size to bound; use max_rows or max_age",
             );
         }
+        if a.request_hash_index.is_some() && !matches!(sink, Some(SinkSpec::Sqlite(_))) {
+            self.error(
+                "audit.request_hash_index",
+                "only the sqlite sink's indexes are Collie's to keep; PostgreSQL's are the database's",
+            );
+        }
         if let Some(id) = &a.sidecar_id {
             if id.trim().is_empty() {
                 self.error("audit.sidecar_id", "must not be empty");
@@ -337,6 +346,7 @@ impl Validator<'_> {
                     false
                 }
             },
+            request_hash_index: a.request_hash_index.unwrap_or(true),
         }
     }
 
@@ -522,5 +532,22 @@ mod tests {
         let shown = format!("{spec:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("audit"));
+    }
+
+    #[test]
+    fn the_request_hash_index_is_a_sqlite_setting() {
+        let env = |_: &str| Some("postgres://collie@db/trail".to_string());
+        let errors = |audit: &str| match crate::config::Config::from_yaml(audit, &env) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let pg =
+            errors("audit: {sink: postgres, postgres_url_env: PG, request_hash_index: false}\n");
+        assert!(
+            pg.contains("audit.request_hash_index: only the sqlite sink"),
+            "{pg}"
+        );
+        let sqlite = errors("audit: {sink: sqlite, request_hash_index: false}\n");
+        assert!(!sqlite.contains("request_hash_index"), "{sqlite}");
     }
 }

@@ -139,6 +139,9 @@ pub(crate) struct RawAudit {
     /// How end-user ids are kept: plain (default) or hashed.
     #[serde(default)]
     pub(crate) user_ids: Option<String>,
+    /// SQLite only: keep the request-hash index (default true).
+    #[serde(default)]
+    pub(crate) request_hash_index: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -254,3 +254,68 @@ async fn a_version_3_postgres_trail_gets_users_and_its_chain_continues() {
     continues_after_v3(&spec, audit, &[("COLLIE_TEST_PG", PG_URL)]).await;
     drop_schema(&schema);
 }
+
+/// `request_hash_index: false` drops the request-hash index when the writer
+/// opens the trail, and records still carry their hash (a lookup bounded by
+/// time finds them through the time index); set again (the default), the
+/// index is built again and serves the documented lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_hash_index_can_be_dropped_and_built_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let spec = SinkSpec::Sqlite(db.clone());
+    let a = mock().await;
+    let b = mock().await;
+    let has_index = || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'audit_records_hash16'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    let plan = |sql: &str, hash: &str| -> String {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(&format!("EXPLAIN QUERY PLAN {sql}"), [hash], |r| r.get(3))
+            .unwrap()
+    };
+    const BY_HASH: &str = "SELECT * FROM audit_records WHERE substr(request_hash, 1, 16) = substr(?1, 1, 16) AND request_hash = ?1";
+    const BY_TIME_AND_HASH: &str =
+        "SELECT * FROM audit_records WHERE ts_ms >= 0 AND request_hash = ?1";
+
+    let off = sqlite_audit(&db, json!({"request_hash_index": false}));
+    let gw = gateway(&config(&a, &b, off)).await;
+    assert_eq!(gw.chat(body()).send().await.unwrap().status(), 200);
+    let rows = until_rows(&spec, 1).await;
+    let hash = rows[0].record.request_hash.clone().expect("hashed");
+    assert!(!has_index(), "dropped");
+    assert!(
+        plan(BY_TIME_AND_HASH, &hash).contains("audit_records_ts"),
+        "{}",
+        plan(BY_TIME_AND_HASH, &hash)
+    );
+    gw.stop().await;
+
+    let on = sqlite_audit(&db, json!({}));
+    let gw = gateway(&config(&a, &b, on)).await;
+    assert_eq!(gw.chat(body()).send().await.unwrap().status(), 200);
+    let rows = until_rows(&spec, 2).await;
+    assert!(has_index(), "built again");
+    assert!(plan(BY_HASH, &hash).contains("audit_records_hash16"));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let found: i64 = conn
+        .query_row(
+            &BY_HASH.replace("SELECT *", "SELECT COUNT(*)"),
+            [&hash],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(found, 2, "both requests, through the index");
+    assert!(
+        rows.iter()
+            .all(|s| s.record.request_hash.as_deref() == Some(hash.as_str()))
+    );
+    gw.stop().await;
+}

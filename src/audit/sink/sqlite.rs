@@ -2,8 +2,8 @@
 //! so retention by size gives the space back to the file system.
 
 use super::{
-    ANCHOR, ANOMALY_COLUMNS, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, N_COLUMNS, Retention,
-    SCHEMA_TABLE, Sink, SinkError, Stored, WriteError, pending_steps,
+    ANCHOR, ANOMALY_COLUMNS, AnomalyRow, COLUMNS, Cell, Col, ColumnRead, HASH_INDEX, N_COLUMNS,
+    Retention, SCHEMA_TABLE, Sink, SinkError, Stored, WriteError, pending_steps,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -64,6 +64,32 @@ impl Sqlite {
             conn,
             inserts: Inserts::new(),
         })
+    }
+
+    /// Keep the request-hash index, building it where it is missing, or
+    /// drop it (`audit.request_hash_index`). Dropped, a lookup by hash
+    /// bounded by time still finds its rows through the time index.
+    pub fn keep_request_hash_index(&self, keep: bool) -> Result<(), SinkError> {
+        let present: bool = self.conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'audit_records_hash16'",
+            [],
+            |r| r.get(0),
+        )?;
+        match (keep, present) {
+            (true, false) => {
+                log::info!("audit: building the request-hash index (audit.request_hash_index)");
+                self.conn.execute_batch(HASH_INDEX)?;
+            }
+            (false, true) => {
+                log::info!(
+                    "audit: dropping the request-hash index (audit.request_hash_index: false)"
+                );
+                self.conn
+                    .execute_batch("DROP INDEX IF EXISTS audit_records_hash16")?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Bytes of the pages in use (what `max_bytes` bounds).

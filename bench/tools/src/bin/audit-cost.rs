@@ -1,7 +1,7 @@
 //! What each step of the audit writer costs per record, single thread, on
 //! records shaped like the benchmark's small chat request: the request hash,
 //! the chain hash, the anomaly rules and the SQLite commit (batches of 256,
-//! the default). Usage: [BATCH=n|mixed] audit-cost [RECORDS] [TENANTS]
+//! the default). Usage: [BATCH=n|mixed] [HASH_INDEX=off] audit-cost [RECORDS] [TENANTS]
 
 use collie::audit::anomaly::Detector;
 use collie::audit::record::{Record, request_hash};
@@ -100,6 +100,10 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("collie-audit-cost-{}", std::process::id()));
     let path = dir.join("audit.db");
     let mut sink = Sqlite::open(&path).expect("open the trail");
+    // HASH_INDEX=off: without the request-hash index (audit.request_hash_index: false).
+    let hash_index = std::env::var("HASH_INDEX").map_or(true, |v| v != "off");
+    sink.keep_request_hash_index(hash_index)
+        .expect("keep or drop the request-hash index");
     let start = Instant::now();
     let mut rest = &stored[..];
     for size in sizes {
