@@ -177,8 +177,27 @@ fn classify_text(text: &[u8], c: &mut Counts) {
     while i < text.len() {
         let b = text[i];
         let class = match b {
-            b'a'..=b'z' | b'A'..=b'Z' if run == Run::Foreign => Run::Foreign,
-            b'a'..=b'z' | b'A'..=b'Z' => Run::Word,
+            // A run of ASCII letters, taken whole: each letter would keep
+            // the class the first one gave (a foreign word stays foreign).
+            b'a'..=b'z' | b'A'..=b'Z' => {
+                let class = if run == Run::Foreign {
+                    Run::Foreign
+                } else {
+                    Run::Word
+                };
+                if class != run {
+                    c.close(run, run_len);
+                    run = class;
+                    run_len = 0;
+                }
+                let letters = text[i..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphabetic())
+                    .count();
+                run_len += letters;
+                i += letters;
+                continue;
+            }
             b'0'..=b'9' => Run::Digits,
             b' ' | b'\t' => Run::None,
             b'\\' => {
