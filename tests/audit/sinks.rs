@@ -102,6 +102,19 @@ async fn postgres_holds_the_same_rows_as_sqlite() {
     drop_schema(&schema);
 }
 
+/// `record` as the link at `seq` of `sidecar`'s chain after `prev` (which
+/// becomes its hash).
+fn linked(sidecar: &str, seq: i64, prev: &mut String, record: Record) -> Stored {
+    let hash = record.chain_hash(sidecar, seq, prev);
+    Stored {
+        sidecar: sidecar.into(),
+        seq,
+        prev_hash: std::mem::replace(prev, hash.clone()),
+        hash,
+        record,
+    }
+}
+
 /// Stored and read back, every column of every kind of value comes out of
 /// either sink exactly as it went in (the columns the traffic comparison
 /// leaves out included: times, floats, the chain).
@@ -153,17 +166,7 @@ fn both_sinks_store_every_column_exactly() {
     let stored: Vec<Stored> = variants
         .into_iter()
         .enumerate()
-        .map(|(i, record)| {
-            let seq = i as i64 + 1;
-            let hash = record.chain_hash("exact", seq, &prev);
-            Stored {
-                sidecar: "exact".into(),
-                seq,
-                prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                hash,
-                record,
-            }
-        })
+        .map(|(i, record)| linked("exact", i as i64 + 1, &mut prev, record))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let schema = format!("collie_test_{:016x}", rand::random::<u64>());
@@ -314,14 +317,7 @@ fn sqlite_stores_batches_of_any_size_whole_and_in_order() {
                     request_id: format!("r-{seq}"),
                     ..v1_record()
                 };
-                let hash = record.chain_hash("batches", seq, &prev);
-                Stored {
-                    sidecar: "batches".into(),
-                    seq,
-                    prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                    hash,
-                    record,
-                }
+                linked("batches", seq, &mut prev, record)
             })
             .collect();
         sink.write(&batch, &[]).unwrap();
