@@ -169,7 +169,14 @@ pub(crate) fn billed_nano_usd(usage: Option<Usage>, price: Option<Price>) -> Opt
 /// exact, never a float's rounding.
 pub(crate) fn usd_text(nano: u64) -> String {
     const NANO_PER_USD: u64 = 1_000_000_000;
-    format!("{}.{:09}", nano / NANO_PER_USD, nano % NANO_PER_USD)
+    let mut text = String::with_capacity(21);
+    text.push_str(itoa::Buffer::new().format(nano / NANO_PER_USD));
+    text.push('.');
+    let mut buf = itoa::Buffer::new();
+    let frac = buf.format(nano % NANO_PER_USD);
+    text.extend(std::iter::repeat_n('0', 9usize.saturating_sub(frac.len())));
+    text.push_str(frac);
+    text
 }
 
 /// The longest a request may wait for a saturated pool: the configured
@@ -237,18 +244,29 @@ pub(crate) fn rate_headers(ctx: &RequestCtx, headers: &mut http::HeaderMap) {
     }
 }
 
-/// `1m30s`, `2s`, `250ms` — the format OpenAI uses.
+/// `1m30s`, `2s`, `250ms` — the format OpenAI uses. (Written by hand:
+/// `format!` was most of the cost of the `x-ratelimit-*` headers.)
 fn reset_text(d: Duration) -> String {
+    let mut text = String::with_capacity(16);
+    let mut part = |n: u64, unit: &str| {
+        text.push_str(itoa::Buffer::new().format(n));
+        text.push_str(unit);
+    };
     let ms = d.as_millis();
     if ms < 1000 {
-        return format!("{ms}ms");
+        part(ms as u64, "ms");
+    } else {
+        let s = d.as_secs_f64().ceil() as u64;
+        let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+        if h > 0 {
+            part(h, "h");
+        }
+        if h > 0 || m > 0 {
+            part(m, "m");
+        }
+        part(sec, "s");
     }
-    let s = d.as_secs_f64().ceil() as u64;
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, sec) => format!("{sec}s"),
-        (0, m, sec) => format!("{m}m{sec}s"),
-        (h, m, sec) => format!("{h}h{m}m{sec}s"),
-    }
+    text
 }
 
 #[cfg(test)]
@@ -322,6 +340,9 @@ mod tests {
         assert_eq!(reset_text(Duration::from_secs(2)), "2s");
         assert_eq!(reset_text(Duration::from_secs(90)), "1m30s");
         assert_eq!(reset_text(Duration::from_secs(3700)), "1h1m40s");
+        assert_eq!(reset_text(Duration::from_secs(3605)), "1h0m5s");
+        assert_eq!(reset_text(Duration::from_millis(1001)), "2s");
+        assert_eq!(reset_text(Duration::ZERO), "0ms");
     }
 
     #[test]

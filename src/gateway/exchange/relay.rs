@@ -220,10 +220,11 @@ pub(super) async fn relay(
     if let Observer::Read(usage) = passage.observer {
         if let Some(nano) = super::super::spend::billed_nano_usd(usage, up.price) {
             // Digits and a dot: always a valid header value.
-            let _ = resp.insert_header(
-                super::super::X_COLLIE_COST_USD,
-                super::super::spend::usd_text(nano),
-            );
+            if let Ok(v) = http::HeaderValue::try_from(super::super::spend::usd_text(nano)) {
+                resp = super::headers::edit_response(resp, |h| {
+                    h.insert(super::super::X_COLLIE_COST_USD, v);
+                });
+            }
         }
     }
     if session
