@@ -395,8 +395,9 @@ impl Stored {
 }
 
 /// The request-hash index (migration step 3). It is the trail's most
-/// expensive to keep: its keys are random, so nearly every record of a
-/// batch lands on an index page of its own (see `audit.request_hash_index`).
+/// expensive to keep: its keys are random, so in a batch smaller than the
+/// index nearly every record lands on an index page of its own (see
+/// `audit.request_hash_index`).
 pub(crate) const HASH_INDEX: &str = "CREATE INDEX IF NOT EXISTS audit_records_hash16 ON audit_records (substr(request_hash, 1, 16))";
 
 /// The schema version this build writes. A trail at a newer version is
