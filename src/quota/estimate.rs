@@ -176,27 +176,21 @@ fn classify_text(text: &[u8], c: &mut Counts) {
     let mut i = 0;
     while i < text.len() {
         let b = text[i];
+        // Bytes of the same class taken at once.
+        let mut step = 1;
         let class = match b {
             // A run of ASCII letters, taken whole: each letter would keep
             // the class the first one gave (a foreign word stays foreign).
             b'a'..=b'z' | b'A'..=b'Z' => {
-                let class = if run == Run::Foreign {
-                    Run::Foreign
-                } else {
-                    Run::Word
-                };
-                if class != run {
-                    c.close(run, run_len);
-                    run = class;
-                    run_len = 0;
-                }
-                let letters = text[i..]
+                step = text[i..]
                     .iter()
                     .take_while(|b| b.is_ascii_alphabetic())
                     .count();
-                run_len += letters;
-                i += letters;
-                continue;
+                if run == Run::Foreign {
+                    Run::Foreign
+                } else {
+                    Run::Word
+                }
             }
             b'0'..=b'9' => Run::Digits,
             b' ' | b'\t' => Run::None,
@@ -268,8 +262,8 @@ fn classify_text(text: &[u8], c: &mut Counts) {
             run = class;
             run_len = 0;
         }
-        run_len += 1;
-        i += 1;
+        run_len += step;
+        i += step;
     }
     c.close(run, run_len);
 }
