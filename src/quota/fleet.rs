@@ -6,7 +6,9 @@
 //! leased (so reservations never take a budget past its limit); for a
 //! per-minute rate, a part of the rate (the shares committed never add up
 //! to more than it). Once per `lease.interval` a sidecar reports what it
-//! used since its last report and asks for what its recent demand wants
+//! used in the window (a running total: the authority counts only what goes
+//! beyond the total it counted, so a call repeated after a lost answer
+//! counts nothing twice) and asks for what its recent demand wants
 //! (`lease.lua`, one atomic step per tenant). A sidecar that runs out asks
 //! at once (a top-up), waiting at most `lease.top_up_wait`. A lease lives
 //! `lease.ttl`: one not refreshed by then (a sidecar killed, cut off) is
@@ -279,14 +281,24 @@ fn limited(b: &Budget) -> bool {
     budget_dims(b).iter().any(Option::is_some)
 }
 
-/// Use since the last report in the same window (all of it in a new one).
-fn since(reported: (i64, Amount), window: i64, used: Amount) -> Amount {
+/// The running total of use the authority last said it counted in
+/// `window` (none in a new window).
+fn acked(reported: (i64, Amount), window: i64) -> Amount {
     if reported.0 == window {
-        used.saturating_sub(reported.1)
+        reported.1
     } else {
-        used
+        Amount::default()
     }
 }
+
+/// A budget key's arguments to the script: limit, total (this sidecar's
+/// use in the window), acked (the total of its last answered call), want
+/// and need, each for requests, tokens and nanodollars.
+type BudgetArgs = [i64; 15];
+const TOTAL: usize = 3;
+const ACKED: usize = 6;
+const WANT: usize = 9;
+const NEED: usize = 12;
 
 /// How long a bucket of this rate takes to refill: capacity a sidecar gives
 /// up is not handed on sooner.
@@ -321,8 +333,8 @@ struct Plan {
     model: Option<String>,
     configured: Limits,
     usage: ScopeUse,
-    day: Option<(String, [i64; 12], Amount)>,
-    month: Option<(String, [i64; 12], Amount)>,
+    day: Option<(String, BudgetArgs, Amount)>,
+    month: Option<(String, BudgetArgs, Amount)>,
     rpm: Option<(String, [u64; 3])>,
     tpm: Option<(String, [u64; 3])>,
 }
@@ -540,7 +552,6 @@ impl Fleet {
                 if !limited(b) {
                     return None;
                 }
-                let report = since(reported, window, used);
                 let need = reserved.saturating_add(ask);
                 let want = if release {
                     reserved
@@ -551,10 +562,11 @@ impl Fleet {
                     }
                     w
                 };
-                let mut args = [0i64; 12];
+                let mut args: BudgetArgs = [0; 15];
                 let parts = [
                     budget_dims(b).map(limit_arg),
-                    dims(report).map(|n| limit_arg(Some(n))),
+                    dims(used).map(|n| limit_arg(Some(n))),
+                    dims(acked(reported, window)).map(|n| limit_arg(Some(n))),
                     dims(want).map(|n| limit_arg(Some(n))),
                     dims(need).map(|n| limit_arg(Some(n))),
                 ];
@@ -754,10 +766,11 @@ impl Fleet {
             let Some(sync) = t.scopes.get(&p.model) else {
                 return false;
             };
-            let budget_idle = |plan: &Option<(String, [i64; 12], Amount)>,
+            let budget_idle = |plan: &Option<(String, BudgetArgs, Amount)>,
                                known: &Option<BudgetFigures>| {
                 plan.as_ref().is_none_or(|(_, args, _)| {
-                    args.iter().skip(3).all(|&a| a <= 0)
+                    args.get(TOTAL..ACKED) == args.get(ACKED..WANT)
+                        && args.iter().skip(WANT).all(|&a| a <= 0)
                         && known.is_some_and(|f| f.lease == Amount::default())
                 })
             };
@@ -798,7 +811,7 @@ impl Fleet {
                 month_window: p.usage.month_window,
                 ..Share::default()
             };
-            let mut budget_answer = |plan: &Option<(String, [i64; 12], Amount)>, window: i64| {
+            let mut budget_answer = |plan: &Option<(String, BudgetArgs, Amount)>, window: i64| {
                 plan.as_ref().map(|(_, args, used)| {
                     let f = BudgetFigures {
                         window,
@@ -811,7 +824,7 @@ impl Fleet {
                     // sidecars hold leases, some may come back soon.
                     for d in 0..3usize {
                         let arg = |i: usize| args.get(i).copied().unwrap_or(-1);
-                        let need = u64::try_from(arg(d.saturating_add(9))).unwrap_or(0);
+                        let need = u64::try_from(arg(d.saturating_add(NEED))).unwrap_or(0);
                         if arg(d) < 0 || dims(f.lease)[d] >= need {
                             continue;
                         }

@@ -1,5 +1,6 @@
-//! Redis stopped and restarted under both fault modes, and a sidecar
-//! killed while it holds leases.
+//! Redis stopped and restarted under both fault modes, Redis answering
+//! after the sidecars' deadline, and a sidecar killed while it holds
+//! leases.
 
 use super::*;
 
@@ -96,6 +97,82 @@ async fn local_mode_keeps_admitting_without_redis_and_reconciles_after() {
     );
     let after = all_answer(&bases, &[5, 5]).await;
     assert_eq!(admitted(&after), 10);
+    stop_all(&mut procs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_redis_answers_too_late_count_each_request_once() {
+    let a = mock().await;
+    let relay = SlowRelay::start("127.0.0.1:6379", Duration::from_millis(1_000)).await;
+    let ns = namespace("late");
+    let lease =
+        json!({"interval": "200ms", "ttl": "3s", "call_timeout": "300ms", "top_up_wait": "2s"});
+    let conf = fleet_config(
+        &a,
+        json!({"requests_per_day": 1000}),
+        fleet_section(
+            &relay.url(),
+            &ns,
+            json!({"on_redis_down": "local", "lease": lease}),
+        ),
+    );
+    let (mut procs, _dirs) = sidecars(&conf, 1);
+    let bases = vec![procs[0].base.clone()];
+    let admin = procs[0].admin.clone();
+    assert_eq!(admitted(&all_answer(&bases, &[10]).await), 10);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            used_in_redis(REDIS_URL, &ns) == 10
+        })
+        .await,
+        "Redis counts {} of the first 10 requests",
+        used_in_redis(REDIS_URL, &ns)
+    );
+
+    // Redis applies every call but answers after the deadline: the sidecar
+    // hears nothing and reports the same use again at each refresh.
+    relay.set_slow(true);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            metric(&admin, "collie_fleet_redis_up", &[]).await == 0.0
+        })
+        .await
+    );
+    assert_eq!(admitted(&all_answer(&bases, &[10]).await), 10);
+    // A late answer fails the call (the deadline, or the connection's
+    // response timeout of the same length).
+    let failed = || async {
+        let calls = "collie_fleet_redis_calls_total";
+        metric(&admin, calls, &[("result", "timeout")]).await
+            + metric(&admin, calls, &[("result", "error")]).await
+    };
+    let before = failed().await;
+    assert!(
+        until(Duration::from_secs(5), || async {
+            failed().await >= before + 2.0
+        })
+        .await,
+        "the sidecar made no more calls while Redis was slow"
+    );
+    relay.set_slow(false);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            metric(&admin, "collie_fleet_redis_up", &[]).await == 1.0
+        })
+        .await,
+        "the sidecar did not hear from Redis again"
+    );
+    // Every call Redis applied is in its count now: each request once.
+    assert_eq!(used_in_redis(REDIS_URL, &ns), 20);
+    assert_eq!(admitted(&all_answer(&bases, &[5]).await), 5);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            used_in_redis(REDIS_URL, &ns) == 25
+        })
+        .await,
+        "Redis counts {} of 25 requests",
+        used_in_redis(REDIS_URL, &ns)
+    );
     stop_all(&mut procs);
 }
 

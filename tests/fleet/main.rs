@@ -266,3 +266,75 @@ impl Drop for OwnRedis {
         self.stop();
     }
 }
+
+/// A relay between sidecars and the machine's Redis that can hold Redis's
+/// answers back: while slow, each answer reaches the sidecar `delay` after
+/// Redis sent it (past the sidecar's `call_timeout`), though Redis has
+/// applied the call. Answers keep their order.
+struct SlowRelay {
+    port: u16,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowRelay {
+    async fn start(target: &'static str, delay: Duration) -> SlowRelay {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&slow);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let flag = std::sync::Arc::clone(&flag);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                        let wait = if flag.load(Ordering::SeqCst) {
+                            delay
+                        } else {
+                            Duration::ZERO
+                        };
+                        let at = tokio::time::Instant::now() + wait;
+                        if tx.send((at, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((at, bytes)) = rx.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        if to_client.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowRelay { port, slow, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn set_slow(&self, on: bool) {
+        self.slow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,7 +1,8 @@
 //! The lease script under a virtual clock, in the machine's Redis: a lease
-//! that expires while its sidecar is away, and a simulated fleet of a
-//! hundred sidecars with skewed demand, slow calls, partitions and deaths,
-//! where the fleet never admits past the limit.
+//! that expires while its sidecar is away, calls made again after their
+//! answers were lost, and a simulated fleet of a hundred sidecars with
+//! skewed demand, slow calls, lost answers, partitions and deaths, where the
+//! fleet never admits past the limit.
 
 use super::*;
 use rand::rngs::StdRng;
@@ -10,7 +11,9 @@ use rand::{Rng, SeedableRng};
 const SCRIPT: &str = include_str!("../../src/quota/fleet/lease.lua");
 
 /// One budget key, requests only (tokens and USD unlimited): the
-/// sidecar's lease, the fleet's use and what all sidecars hold.
+/// sidecar's lease, the fleet's use and what all sidecars hold. `total`:
+/// the sidecar's use in the window; `acked`: its total at the last call
+/// whose answer it had.
 #[allow(clippy::too_many_arguments, reason = "the script's arguments")]
 fn lease(
     c: &mut redis::Connection,
@@ -19,7 +22,7 @@ fn lease(
     now_ms: u64,
     ttl_ms: u64,
     limit: i64,
-    report: i64,
+    (total, acked): (i64, i64),
     want: i64,
     need: i64,
 ) -> (i64, i64, i64) {
@@ -32,7 +35,11 @@ fn lease(
         .arg(0)
         .arg(3600)
         .arg(3600)
-        .arg(&[limit, -1, -1, report, 0, 0, want, 0, 0, need, 0, 0][..])
+        .arg(
+            &[
+                limit, -1, -1, total, 0, 0, acked, 0, 0, want, 0, 0, need, 0, 0,
+            ][..],
+        )
         .invoke(c)
         .unwrap();
     (out[0], out[3], out[6])
@@ -46,29 +53,65 @@ fn an_expired_lease_counts_as_used_until_its_sidecar_reports() {
     // s1 leases 30 of 100; s2 asks for everything and gets a fair part of
     // the rest.
     assert_eq!(
-        lease(&mut c, &key, "s1", 1_000, ttl, 100, 0, 30, 0),
+        lease(&mut c, &key, "s1", 1_000, ttl, 100, (0, 0), 30, 0),
         (30, 0, 30)
     );
     assert_eq!(
-        lease(&mut c, &key, "s2", 1_000, ttl, 100, 0, 100, 0),
+        lease(&mut c, &key, "s2", 1_000, ttl, 100, (0, 0), 100, 0),
         (35, 0, 65)
     );
     // Before s1's ttl: its lease holds; s2 grows by a fair part of what
     // is free (half of 35, two sidecars live).
-    assert_eq!(lease(&mut c, &key, "s2", 2_999, ttl, 100, 0, 100, 0).0, 53);
+    assert_eq!(
+        lease(&mut c, &key, "s2", 2_999, ttl, 100, (0, 0), 100, 0).0,
+        53
+    );
     // Past s1's ttl: its lease counts as used (it may have been spent),
     // and what was free goes to s2 — never more than the limit in all.
-    let (l, used, leased) = lease(&mut c, &key, "s2", 3_001, ttl, 100, 0, 100, 0);
+    let (l, used, leased) = lease(&mut c, &key, "s2", 3_001, ttl, 100, (0, 0), 100, 0);
     assert_eq!((l, used, leased), (70, 30, 70));
     assert!(used + leased <= 100);
     // s1 comes back: it used 10 of its 30 and has nothing in flight; the
     // 20 it did not use go back to the fleet.
-    let (l, used, _) = lease(&mut c, &key, "s1", 3_500, ttl, 100, 10, 0, 0);
+    let (l, used, _) = lease(&mut c, &key, "s1", 3_500, ttl, 100, (10, 0), 0, 0);
     assert_eq!((l, used), (0, 10));
     assert_eq!(
-        lease(&mut c, &key, "s2", 3_600, ttl, 100, 0, 100, 0),
+        lease(&mut c, &key, "s2", 3_600, ttl, 100, (0, 0), 100, 0),
         (80, 10, 80)
     );
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
+}
+
+#[test]
+fn a_call_made_again_after_its_answer_was_lost_counts_its_use_once() {
+    let mut c = redis(REDIS_URL);
+    let key = format!("{}:b", namespace("lost"));
+    let ttl = 2_000;
+    let used = |c: &mut redis::Connection, sid: &str, now: u64, totals: (i64, i64), want: i64| {
+        lease(c, &key, sid, now, ttl, 100, totals, want, 0).1
+    };
+    // s1 used 10 and reports it; the answer is lost (a deadline passed
+    // while Redis applied the call), so s1 has no total acknowledged.
+    assert_eq!(used(&mut c, "s1", 1_000, (10, 0), 20), 10);
+    // Its next call carries the same 10 and 5 more: 15 in all, not 25.
+    assert_eq!(used(&mut c, "s1", 1_200, (15, 0), 20), 15);
+    // The same call once more (its answer lost too): nothing new.
+    assert_eq!(used(&mut c, "s1", 1_300, (15, 0), 20), 15);
+    // Answered at last: s1 knows 15 were counted.
+    assert_eq!(used(&mut c, "s1", 1_400, (15, 15), 20), 15);
+    // s2 holds nothing (it wants nothing more) and reports 5; its answer is
+    // lost. s1's call next keeps s2's record (the total counted for s2),
+    // though it holds no lease.
+    assert_eq!(used(&mut c, "s2", 1_500, (5, 0), 0), 20);
+    assert_eq!(used(&mut c, "s1", 1_600, (15, 15), 20), 20);
+    assert_eq!(used(&mut c, "s2", 1_700, (5, 0), 0), 20);
+    // An hour past its lease s2's record goes (its total with it); a
+    // sidecar back after that counts from the total it last heard of.
+    let later = 1_700 + ttl + 3_600_000 + 1;
+    assert_eq!(used(&mut c, "s1", later, (15, 15), 0), 20);
+    let fields: Vec<String> = redis::cmd("HKEYS").arg(&key).query(&mut c).unwrap();
+    assert!(!fields.contains(&"s:s2".to_string()), "{fields:?}");
+    assert_eq!(used(&mut c, "s2", later + 1, (7, 5), 0), 22);
     let _: () = redis::cmd("DEL").arg(&key).query(&mut c).unwrap();
 }
 
@@ -163,9 +206,14 @@ fn a_hundred_sidecars_never_pass_the_limit() {
                         0
                     };
                 let want = 2 * s.demand + i64::from(refused);
-                let report = s.used - s.reported;
-                let (l, _, _) = lease(&mut c, &key, &s.sid, at, ttl, limit, report, want, 0);
+                let totals = (s.used, s.reported);
+                let (l, _, _) = lease(&mut c, &key, &s.sid, at, ttl, limit, totals, want, 0);
                 calls += 1;
+                // A lost answer: Redis applied the call, the sidecar learns
+                // nothing of it and reports the same use again next time.
+                if rng.gen_bool(0.03) {
+                    continue;
+                }
                 s.reported = s.used;
                 s.allowance = s.used + l;
                 s.valid_until = now + ttl;

@@ -4,14 +4,16 @@
 -- KEYS: the budget window hashes, then the rate bucket hashes.
 -- ARGV: sidecar id, now (ms), lease ttl (ms), number of budget keys,
 --   number of rate keys, budget key ttl (s), rate key ttl (s); then per
---   budget key 12 numbers — limit, report, want, need, each for requests,
---   tokens and nanodollars (a limit below 0: that dimension is not limited);
+--   budget key 15 numbers — limit, total, acked, want, need, each for
+--   requests, tokens and nanodollars (a limit below 0: that dimension is not
+--   limited; total: the sidecar's use in the window so far; acked: the total
+--   of the last call whose answer it had);
 --   then per rate key 3 numbers — capacity per minute, want per minute,
 --   cool-down (ms). A `now` of 0: the authority's own clock (TIME).
 --
 -- A budget hash holds `u` = "requests tokens nanodollars" used (reported)
 -- by the fleet in the window, and per sidecar `s:<id>` = "expiry lease×3
--- credit×3". Invariant: used + every lease <= limit, per dimension, except
+-- credit×3 counted×3". Invariant: used + every lease <= limit, per dimension, except
 -- for use reported beyond a lease (a request that used more than it
 -- reserved). A lease whose sidecar stopped refreshing expires: it counts as
 -- used (the sidecar may have spent it; nothing is over-admitted), and is
@@ -20,6 +22,13 @@
 -- flight is given back. A sidecar that never returns leaves its credit
 -- counted as used: the fleet under-admits by its unspent lease, never
 -- over-admits.
+--
+-- Use is reported as a running total, and the authority keeps the total it
+-- counted per sidecar (`counted`): a call whose answer was lost (a deadline
+-- passed while Redis applied it) and whose use the sidecar reports again
+-- counts nothing twice. A record with no lease and no credit is kept an
+-- hour past its lease for that (`GRACE_MS`); a sidecar silent longer is
+-- counted from its `acked` total.
 --
 -- A rate hash holds per sidecar `s:<id>` = "expiry want held floor
 -- floor_until" in units per minute. Targets are a fair share of the
@@ -45,6 +54,9 @@ local budget_key_ttl = tonumber(ARGV[6])
 local rate_key_ttl = tonumber(ARGV[7])
 local me = 's:' .. sid
 local out = {}
+-- How long past its lease the record of a sidecar with nothing leased is
+-- kept: the running total counted for it stays known that long.
+local GRACE_MS = 3600000
 
 local function nums(text, n)
   local t = {}
@@ -68,14 +80,15 @@ end
 local arg = 8
 for k = 1, nb do
   local key = KEYS[k]
-  local limit, report, want, need = {}, {}, {}, {}
+  local limit, total, acked, want, need = {}, {}, {}, {}, {}
   for d = 1, 3 do
     limit[d] = tonumber(ARGV[arg + d - 1])
-    report[d] = tonumber(ARGV[arg + 2 + d])
-    want[d] = tonumber(ARGV[arg + 5 + d])
-    need[d] = tonumber(ARGV[arg + 8 + d])
+    total[d] = tonumber(ARGV[arg + 2 + d])
+    acked[d] = tonumber(ARGV[arg + 5 + d])
+    want[d] = tonumber(ARGV[arg + 8 + d])
+    need[d] = tonumber(ARGV[arg + 11 + d])
   end
-  arg = arg + 12
+  arg = arg + 15
   local h = redis.call('HGETALL', key)
   local used = {0, 0, 0}
   local records = {}
@@ -83,10 +96,14 @@ for k = 1, nb do
     if h[i] == 'u' then
       used = nums(h[i + 1], 3)
     else
-      records[h[i]] = nums(h[i + 1], 7)
+      records[h[i]] = nums(h[i + 1], 10)
     end
   end
-  -- Expired leases count as used and become their sidecar's credit.
+  local function empty(r)
+    return r[2] == 0 and r[3] == 0 and r[4] == 0 and r[5] == 0 and r[6] == 0 and r[7] == 0
+  end
+  -- Expired leases count as used and become their sidecar's credit; the
+  -- sidecars that called within a ttl are live and share what is free.
   local live = 0
   for field, r in pairs(records) do
     if r[1] < now then
@@ -95,24 +112,25 @@ for k = 1, nb do
         r[4 + d] = r[4 + d] + r[1 + d]
         r[1 + d] = 0
       end
-    else
+    elseif field ~= me then
       live = live + 1
     end
   end
   local own = records[me]
   if own == nil then
-    own = {0, 0, 0, 0, 0, 0, 0}
+    own = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
     records[me] = own
   end
-  if own[1] < now then
-    live = live + 1
-  end
-  -- This sidecar's use since its last report: what its credit does not
-  -- cover is new use; it comes out of its lease.
+  live = live + 1
+  -- This sidecar's use since what was counted of it (its record's running
+  -- total, or the one it last heard of when its record is gone): what its
+  -- credit does not cover is new use; it comes out of its lease.
   for d = 1, 3 do
-    local absorbed = math.min(report[d], own[4 + d])
+    local report = math.max(0, total[d] - math.max(acked[d], own[7 + d]))
+    own[7 + d] = math.max(own[7 + d], total[d])
+    local absorbed = math.min(report, own[4 + d])
     own[4 + d] = own[4 + d] - absorbed
-    local fresh = report[d] - absorbed
+    local fresh = report - absorbed
     used[d] = used[d] + fresh
     own[1 + d] = math.max(0, own[1 + d] - fresh)
     -- A sidecar back after its lease expired has now reported all it
@@ -147,8 +165,7 @@ for k = 1, nb do
   own[1] = now + ttl
   redis.call('HSET', key, 'u', join(used))
   for field, r in pairs(records) do
-    local empty = r[2] == 0 and r[3] == 0 and r[4] == 0 and r[5] == 0 and r[6] == 0 and r[7] == 0
-    if empty and field ~= me then
+    if field ~= me and empty(r) and r[1] + GRACE_MS < now then
       redis.call('HDEL', key, field)
     else
       redis.call('HSET', key, field, join(r))
