@@ -6,8 +6,11 @@
 use crate::outcome::{ErrorCode, Finished};
 use crate::state::Snapshot;
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use std::sync::Arc;
+
+mod tenants;
 
 pub(crate) const OTHER: &str = "other";
 const PRIORITIES: [&str; 5] = ["1", "2", "3", "4", "5"];
@@ -17,11 +20,10 @@ pub(crate) struct Metrics {
     /// One scrape at a time: the quota window gauges are reset and set
     /// again for each.
     scrape: std::sync::Mutex<()>,
-    requests: IntCounterVec,
-    tokens: IntCounterVec,
+    /// Requests, tokens, cost, settlements and estimated usage per tenant.
+    tenants: Arc<tenants::TenantCounters>,
     token_usage: HistogramVec,
     usage_unknown: IntCounterVec,
-    cost: CounterVec,
     duration: HistogramVec,
     ttft: HistogramVec,
     attempts: IntCounterVec,
@@ -103,7 +105,6 @@ impl ConfigMetrics {
 /// The quota ledger, queues and rebalancing as seen from outside.
 pub(crate) struct QuotaMetrics {
     refusals: IntCounterVec,
-    settlements: IntCounterVec,
     /// Per tenant (and tenant × model) window: limit, used, reserved,
     /// remaining. Set from the ledgers when `/metrics` is scraped.
     window_limit: prometheus::GaugeVec,
@@ -111,7 +112,6 @@ pub(crate) struct QuotaMetrics {
     window_reserved: prometheus::GaugeVec,
     window_remaining: prometheus::GaugeVec,
     queue_wait: HistogramVec,
-    estimated: IntCounterVec,
     pub(crate) loan_rpm: prometheus::GaugeVec,
     pub(crate) loan_tpm: prometheus::GaugeVec,
     pub(crate) loan_events: IntCounterVec,
@@ -211,12 +211,6 @@ impl QuotaMetrics {
                 "Requests refused by the tenant's quota, by window (queue = no pool slot in time)",
                 &["tenant", "window"],
             )?,
-            settlements: counter(
-                r,
-                "collie_quota_settlements_total",
-                "Reservations settled, by outcome: reported (provider usage), estimated (Collie's count), failed (provider error: one request, no tokens), refunded (nothing reached a provider)",
-                &["tenant", "outcome"],
-            )?,
             window_limit: gauge(
                 r,
                 "collie_quota_limit",
@@ -247,12 +241,6 @@ impl QuotaMetrics {
                 "Time spent waiting for a saturated pool, by tenant priority",
                 &["priority"],
                 latency_buckets(),
-            )?,
-            estimated: counter(
-                r,
-                "collie_usage_estimated_total",
-                "Requests settled on Collie's estimate because the upstream reported no usage",
-                &["tenant"],
             )?,
             loan_rpm: gauge(
                 r,
@@ -329,27 +317,10 @@ impl Metrics {
     pub(crate) fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let r = &registry;
-        let cost = CounterVec::new(
-            Opts::new(
-                "collie_cost_usd_total",
-                "Cost of served requests in USD, from the pricing table; usage=reported or estimated as for collie_tokens_total",
-            ),
-            &["tenant", "model", "usage"],
-        )?;
-        registry.register(Box::new(cost.clone()))?;
+        let tenants = Arc::new(tenants::TenantCounters::new()?);
+        registry.register(Box::new(tenants::Registered(Arc::clone(&tenants))))?;
         Ok(Metrics {
-            requests: counter(
-                r,
-                "collie_requests_total",
-                "Requests by tenant, requested model, endpoint and status class",
-                &["tenant", "model", "endpoint", "status_class"],
-            )?,
-            tokens: counter(
-                r,
-                "collie_tokens_total",
-                "Tokens of served requests; usage=reported (by the upstream) or estimated (by Collie, the upstream reported none)",
-                &["tenant", "model", "type", "usage"],
-            )?,
+            tenants,
             token_usage: histogram(
                 r,
                 "gen_ai_client_token_usage",
@@ -366,7 +337,6 @@ impl Metrics {
                 "Served requests whose upstream reported no usage (their tokens count as usage=estimated)",
                 &["model"],
             )?,
-            cost,
             duration: histogram(
                 r,
                 "gen_ai_server_request_duration_seconds",
@@ -435,22 +405,22 @@ impl Metrics {
             .as_deref()
             .filter(|m| snap.model(m).is_some())
             .unwrap_or(OTHER);
-        let class = match ctx.status {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        };
-        self.record_details(ctx, tenant, model);
+        let cells = self.tenants.tenant(tenant);
+        let model_cells = cells.model(model);
+        self.record_details(ctx, tenant, model, &cells, &model_cells);
         // Counted last: a request seen in `collie_requests_total` has every
         // other series of it recorded already (scrapers and tests rely on it).
-        self.requests
-            .with_label_values(&[tenant, model, ctx.endpoint.label(), class])
-            .inc();
+        model_cells.request(ctx.endpoint, ctx.status);
     }
 
-    fn record_details(&self, ctx: &Finished, tenant: &str, model: &str) {
+    fn record_details(
+        &self,
+        ctx: &Finished,
+        tenant: &str,
+        model: &str,
+        cells: &tenants::TenantCells,
+        model_cells: &tenants::ModelCells,
+    ) {
         let snap = &ctx.snapshot;
         if let Some(window) = ctx.refused_by() {
             // Per-model windows carry the model's name; fold it away to keep
@@ -474,13 +444,10 @@ impl Metrics {
                 .observe(waited.as_secs_f64());
         }
         if ctx.usage_estimated {
-            self.quota.estimated.with_label_values(&[tenant]).inc();
+            cells.estimated();
         }
         if let Some(s) = ctx.settlement {
-            self.quota
-                .settlements
-                .with_label_values(&[tenant, s.label()])
-                .inc();
+            cells.settlement(s);
         }
         for a in &ctx.attempts {
             let deployment = snap
@@ -521,17 +488,13 @@ impl Metrics {
                 .with_label_values(&[model])
                 .observe(first.as_secs_f64());
         }
-        let source = if ctx.usage_estimated {
-            "estimated"
-        } else {
-            "reported"
-        };
         if let Some(u) = ctx.usage {
-            for (kind, n) in [("input", u.prompt_tokens), ("output", u.completion_tokens)] {
+            for (i, (kind, n)) in [("input", u.prompt_tokens), ("output", u.completion_tokens)]
+                .into_iter()
+                .enumerate()
+            {
                 if let Some(n) = n {
-                    self.tokens
-                        .with_label_values(&[tenant, model, kind, source])
-                        .inc_by(n);
+                    model_cells.tokens(i, ctx.usage_estimated, n);
                     // The distribution is of what providers report.
                     if !ctx.usage_estimated {
                         self.token_usage
@@ -541,9 +504,7 @@ impl Metrics {
                 }
             }
             if let Some(nano) = u.cost_nano_usd(served.price) {
-                self.cost
-                    .with_label_values(&[tenant, model, source])
-                    .inc_by(nano as f64 / 1e9);
+                model_cells.cost(ctx.usage_estimated, nano);
             }
         }
         if (200..300).contains(&ctx.status) && (ctx.usage_estimated || ctx.usage.is_none()) {
