@@ -254,14 +254,15 @@ impl PoolRuntime {
                 }
             }
         };
-        // On the stack for pools of up to eight members.
+        // On the stack for pools of up to eight members; one clock read.
+        let at = std::time::Instant::now();
         let states: smallvec::SmallVec<[(usize, Option<HealthState>); 8]> = self
             .members
             .iter()
             .map(|&i| {
                 let s = get(i)
                     .filter(|u| u.blocked_for_ms(now).is_none())
-                    .map(|u| u.health.state());
+                    .map(|u| u.health.state_at(at));
                 (i, s)
             })
             .collect();

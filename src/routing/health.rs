@@ -196,6 +196,7 @@ impl Availability {
 
 #[derive(Debug)]
 struct Inner {
+    settings: HealthSettings,
     breaker: BreakerState,
     open_until: Option<Instant>,
     /// Openings since the breaker last closed after a successful trial.
@@ -229,11 +230,18 @@ struct Window {
     origin: Option<Instant>,
 }
 
+/// The bucket `now` falls in: time since `origin` ÷ a twelfth of `window`
+/// (at least 1 ms). In 64 bits: 2^64 ns is 584 years.
+fn bucket_number(origin: Instant, window: Duration, now: Instant) -> u64 {
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let bucket = nanos(window / 12).max(1_000_000);
+    nanos(now.duration_since(origin)) / bucket
+}
+
 impl Window {
     fn epoch(&mut self, window: Duration, now: Instant) -> u64 {
         let origin = *self.origin.get_or_insert(now);
-        let bucket = (window / 12).max(Duration::from_millis(1));
-        (now.duration_since(origin).as_nanos() / bucket.as_nanos()) as u64
+        bucket_number(origin, window, now)
     }
 
     fn add(&mut self, ok: bool, window: Duration, now: Instant) {
@@ -255,8 +263,7 @@ impl Window {
         let Some(origin) = self.origin else {
             return (0, 0);
         };
-        let bucket = (window / 12).max(Duration::from_millis(1));
-        let e = (now.duration_since(origin).as_nanos() / bucket.as_nanos()) as u64;
+        let e = bucket_number(origin, window, now);
         self.epochs
             .iter()
             .zip(&self.buckets)
@@ -275,7 +282,8 @@ pub struct ProbeResult {
 /// One deployment's health, shared across config reloads (by deployment id).
 pub(crate) struct DeploymentHealth {
     pub(crate) id: String,
-    settings: Mutex<HealthSettings>,
+    /// The settings live in `Inner`, under the one lock every read of the
+    /// state takes anyway.
     inner: Mutex<Inner>,
     on_transition: OnTransition,
 }
@@ -327,8 +335,8 @@ impl DeploymentHealth {
         DeploymentHealth {
             id: id.to_string(),
             on_transition,
-            settings: Mutex::new(settings),
             inner: Mutex::new(Inner {
+                settings,
                 breaker: BreakerState::Closed,
                 open_until: None,
                 openings: 0,
@@ -355,11 +363,11 @@ impl DeploymentHealth {
     }
 
     pub(crate) fn settings(&self) -> HealthSettings {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().settings
     }
 
     pub(crate) fn set_settings(&self, s: HealthSettings) {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.lock().settings = s;
     }
 
     /// Hand a breaker change to the hook (the lock is no longer held).
@@ -372,12 +380,15 @@ impl DeploymentHealth {
 
     /// The state now, moving an expired open breaker to half-open.
     pub(crate) fn state(&self) -> HealthState {
-        let s = self.settings();
-        let now = Instant::now();
+        self.state_at(Instant::now())
+    }
+
+    /// [`Self::state`] as of `now` (one clock read for a whole pool).
+    pub(crate) fn state_at(&self, now: Instant) -> HealthState {
         let (state, t) = {
             let mut i = self.lock();
             let t = Self::advance(&mut i, now);
-            (Self::derive(&i, &s, now), t)
+            (Self::derive(&i, &i.settings, now), t)
         };
         self.report(t);
         state
@@ -441,10 +452,10 @@ impl DeploymentHealth {
     }
 
     fn admission(&self, take_trial: bool) -> Result<HealthState, Option<Duration>> {
-        let s = self.settings();
         let now = Instant::now();
         let (answer, t) = {
             let mut i = self.lock();
+            let s = i.settings;
             let t = Self::advance(&mut i, now);
             let answer = match i.breaker {
                 BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
@@ -516,10 +527,10 @@ impl DeploymentHealth {
     /// Account a live attempt. Frees a half-open breaker's trial slot
     /// whatever the outcome.
     pub(crate) fn record(&self, outcome: Outcome) -> Option<Transition> {
-        let s = self.settings();
         let now = Instant::now();
         let t = {
             let mut i = self.lock();
+            let s = i.settings;
             Self::apply(&mut i, &s, now, outcome)
         };
         self.report(t)
@@ -589,21 +600,18 @@ impl DeploymentHealth {
 
     /// Whether an active probe is due.
     pub(crate) fn probe_due(&self) -> bool {
-        let s = self.settings();
-        if s.probe == ProbeKind::Off {
-            return false;
-        }
-        self.lock()
-            .last_probe_at
-            .is_none_or(|t| t.elapsed() >= s.interval)
+        let i = self.lock();
+        i.settings.probe != ProbeKind::Off
+            && i.last_probe_at
+                .is_none_or(|t| t.elapsed() >= i.settings.interval)
     }
 
     /// Account an active probe; returns a breaker transition if it caused one.
     pub(crate) fn record_probe(&self, result: ProbeResult) -> Option<Transition> {
-        let s = self.settings();
         let now = Instant::now();
         let t = {
             let mut i = self.lock();
+            let s = i.settings;
             Self::apply_probe(&mut i, &s, now, result)
         };
         self.report(t)
@@ -649,12 +657,11 @@ impl DeploymentHealth {
     }
 
     pub(crate) fn snapshot(&self) -> HealthSnapshot {
-        let s = self.settings();
         let now = Instant::now();
         let (snap, t) = {
             let mut i = self.lock();
             let t = Self::advance(&mut i, now);
-            (Self::view(&i, &s, now), t)
+            (Self::view(&i, &i.settings, now), t)
         };
         self.report(t);
         snap
@@ -724,12 +731,15 @@ impl DeploymentHealth {
     /// When the next probe is due (`None`: probes off). A probe that never
     /// ran is due now.
     pub(crate) fn next_probe_in(&self) -> Option<Duration> {
-        let s = self.settings();
-        if s.probe == ProbeKind::Off {
+        let i = self.lock();
+        if i.settings.probe == ProbeKind::Off {
             return None;
         }
-        let last = self.lock().last_probe_at;
-        Some(last.map_or(Duration::ZERO, |t| s.interval.saturating_sub(t.elapsed())))
+        let interval = i.settings.interval;
+        Some(
+            i.last_probe_at
+                .map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed())),
+        )
     }
 }
 
