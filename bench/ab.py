@@ -6,7 +6,8 @@ figure, build the binary before and after it, then
 
     bench/ab.py before ./collie-before after ./target/release/collie [--rounds 5] [--scenario small]
 
-scenario: small (default), large (200 KiB body) or stream. Each round starts
+scenario: small (default), large (200 KiB body), stream, or tenants (small
+requests from 1,000 configured tenants, Zipf-distributed, as run.py's). Each round starts
 each binary fresh, warms it for 2 s, then measures 5 s with wrk, the way
 run.py measures its arms (same wrk script, same CPU count)."""
 
@@ -27,14 +28,19 @@ def main():
     ap.add_argument("label2")
     ap.add_argument("binary2")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--scenario", default="small", choices=["small", "large", "stream"])
+    ap.add_argument("--scenario", default="small", choices=["small", "large", "stream", "tenants"])
     args = ap.parse_args()
     arms = [(args.label1, os.path.abspath(args.binary1)), (args.label2, os.path.abspath(args.binary2))]
-    body = {"small": run.chat_body(300), "large": run.chat_body(200 * 1024), "stream": run.stream_body()}[args.scenario]
+    body = {"small": run.chat_body(300), "large": run.chat_body(200 * 1024), "stream": run.stream_body(),
+            "tenants": run.chat_body(300)}[args.scenario]
+    n_tenants = 1000 if args.scenario == "tenants" else 0
     tmp = tempfile.mkdtemp(prefix="collie-ab-")
     conf, script = os.path.join(tmp, "collie.yaml"), os.path.join(tmp, "req.lua")
-    run.collie_config(conf, 0)
-    run.lua_script(script, body, {"X-Tenant-ID": "bench", "Authorization": f"Bearer {run.BENCH_KEY}"})
+    run.collie_config(conf, n_tenants)
+    if n_tenants:
+        run.tenants_lua(script, body, n_tenants, zipf=True)
+    else:
+        run.lua_script(script, body, {"X-Tenant-ID": "bench", "Authorization": f"Bearer {run.BENCH_KEY}"})
     clk = os.sysconf("SC_CLK_TCK")
     procs = run.Procs()
     try:

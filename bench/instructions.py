@@ -14,7 +14,12 @@ code under it: the trail's SHA-256s (request hash, chain hash) count several
 times what they cost on a CPU with SHA-NI (use `audit-cost` for those).
 
     bench/instructions.py [--arms bare,collie-transport,collie-noaudit,collie] [--requests 1000]
-                          [--scenario small|large|stream] [--bin DIR]
+                          [--scenario small|large|stream] [--tenants N] [--bin DIR]
+
+`--tenants N` configures N more tenants and sends each request as the next
+of them in turn (the warm-up goes round all of them first, so what a
+tenant's first request creates is not counted); bare Pingora ignores the
+tenant.
 
 Needs valgrind (`apt-get install valgrind`) and the release builds
 (`cargo build --release -p collie -p collie-bench`); `--bin
@@ -37,12 +42,17 @@ import run  # noqa: E402
 HEADERS = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {run.BENCH_KEY}", "Content-Type": "application/json"}
 
 
-def send(body, n):
-    """n requests, one after another, on one kept-alive connection."""
+def send(body, n, tenants=0):
+    """n requests, one after another, on one kept-alive connection; with
+    `tenants`, from tenants t0, t1, … in turn."""
     c = http.client.HTTPConnection("127.0.0.1", run.COLLIE_PORT, timeout=30)
     try:
-        for _ in range(n):
-            c.request("POST", "/v1/chat/completions", body=body, headers=HEADERS)
+        for i in range(n):
+            headers = HEADERS
+            if tenants:
+                t = i % tenants
+                headers = {**HEADERS, "X-Tenant-ID": f"t{t}", "Authorization": f"Bearer sk-t{t}"}
+            c.request("POST", "/v1/chat/completions", body=body, headers=headers)
             r = c.getresponse()
             answer = r.read()
             if r.status != 200:
@@ -67,7 +77,7 @@ def counted(out_dir, tag):
     return None
 
 
-def measure(arm, binary_dir, conf, body, n, keep):
+def measure(arm, binary_dir, conf, body, n, keep, tenants=0):
     cmd = {
         "bare": [f"{binary_dir}/bare-pingora", "--listen", f"127.0.0.1:{run.COLLIE_PORT}",
                  "--upstream", f"127.0.0.1:{run.MOCK_PORT}", "--threads", "1"],
@@ -81,9 +91,11 @@ def measure(arm, binary_dir, conf, body, n, keep):
     procs = run.Procs()
     try:
         p = procs.start(arm, grind + cmd, "0", run.COLLIE_PORT, timeout=120)
-        send(body, 200)
+        # A whole turn of the tenants: n from here on is also a whole number
+        # of turns when it is a multiple of them.
+        send(body, max(200, tenants), tenants)
         subprocess.run(["callgrind_control", "--zero", str(p.pid)], capture_output=True, check=True)
-        send(body, n)
+        send(body, n, tenants)
         # What the request's end does after the answer (settlement, audit
         # record) runs just after it is sent.
         time.sleep(1)
@@ -108,6 +120,7 @@ def main():
     ap.add_argument("--arms", default="bare,collie-transport,collie-noaudit,collie")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--scenario", default="small", choices=["small", "large", "stream"])
+    ap.add_argument("--tenants", type=int, default=0, help="send from this many tenants in turn")
     ap.add_argument("--bin", default=run.REL, help="where the binaries are (default: the release build)")
     ap.add_argument("--keep", help="copy each arm's callgrind file here")
     args = ap.parse_args()
@@ -118,17 +131,18 @@ def main():
     body = {"small": run.chat_body(300), "large": run.chat_body(200 * 1024), "stream": run.stream_body()}[args.scenario]
     tmp = tempfile.mkdtemp(prefix="collie-instructions-")
     conf = {"off": os.path.join(tmp, "off.yaml"), "sqlite": os.path.join(tmp, "sqlite.yaml")}
-    run.collie_config(conf["off"], 0)
-    run.collie_config(conf["sqlite"], 0, audit="{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db"))
+    run.collie_config(conf["off"], args.tenants)
+    run.collie_config(conf["sqlite"], args.tenants, audit="{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db"))
     mock = run.Procs()
     try:
         mock.start("mock", [f"{run.REL}/collie", "mock", "--listen", f"127.0.0.1:{run.MOCK_PORT}"], "1", run.MOCK_PORT)
         results = {}
         for arm in args.arms.split(","):
-            results[arm] = measure(arm, args.bin, conf, body.encode(), args.requests, args.keep)
+            results[arm] = measure(arm, args.bin, conf, body.encode(), args.requests, args.keep, args.tenants)
             base = results.get("bare")
             vs = f"  ({results[arm] / base:.2f}× bare)" if base and arm != "bare" else ""
-            print(f"{args.scenario:6} {arm:17} {results[arm]:10,.0f} instructions per request{vs}", flush=True)
+            label = f"{args.scenario}/{args.tenants}t" if args.tenants else args.scenario
+            print(f"{label:6} {arm:17} {results[arm]:10,.0f} instructions per request{vs}", flush=True)
     finally:
         mock.stop()
         shutil.rmtree(tmp, ignore_errors=True)
