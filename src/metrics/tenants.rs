@@ -106,6 +106,15 @@ fn entry<T: Default>(map: &RwLock<HashMap<Box<str>, Arc<T>>>, name: &str) -> Arc
     Arc::clone(map.entry(Box::from(name)).or_default())
 }
 
+/// The entries of `map` now (rendering does not hold its lock).
+fn listed<T>(map: &RwLock<HashMap<Box<str>, Arc<T>>>) -> Vec<(Box<str>, Arc<T>)> {
+    map.read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), Arc::clone(v)))
+        .collect()
+}
+
 fn source(estimated: bool) -> usize {
     usize::from(estimated)
 }
@@ -231,23 +240,9 @@ impl TenantCounters {
                 metrics: Vec::new(),
             })
             .collect();
-        let tenants: Vec<(Box<str>, Arc<TenantCells>)> = self
-            .tenants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
-            .collect();
-        for (tenant, cells) in &tenants {
+        for (tenant, cells) in &listed(&self.tenants) {
             let tenant = &**tenant;
-            let models: Vec<(Box<str>, Arc<ModelCells>)> = cells
-                .models
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(k, v)| (k.clone(), Arc::clone(v)))
-                .collect();
-            for (model, m) in &models {
+            for (model, m) in &listed(&cells.models) {
                 let model = &**model;
                 // Requests first (acquiring what their counting released),
                 // so a request seen here has its tokens and cost below.
