@@ -96,7 +96,9 @@ struct Scope {
     /// The limits as configured.
     configured: Limits,
     /// This sidecar's share of them, when a fleet shares them.
-    share: Option<Share>,
+    /// Boxed: only a fleet sets it, and inline it would be a third of
+    /// every tenant's ledger.
+    share: Option<Box<Share>>,
     /// The per-minute rates in force: configured, or this sidecar's share.
     limits: Limits,
     rpm: Option<Bucket>,
@@ -221,7 +223,7 @@ impl Scope {
     /// New configured limits (a reload); the share, if any, still applies.
     fn configure(&mut self, configured: Limits, now: Instant, loan: Loan) {
         self.configured = configured;
-        self.set_limits(effective(configured, self.share.as_ref()), now, loan);
+        self.set_limits(effective(configured, self.share.as_deref()), now, loan);
     }
 
     /// A new share from the fleet (`None`: the configured limits alone).
@@ -230,8 +232,11 @@ impl Scope {
     /// is not drawn twice: the authority keeps a share given up from every
     /// other sidecar for as long as a bucket takes to refill.
     fn set_share(&mut self, share: Option<Share>, now: Instant, loan: Loan) {
-        self.share = share;
-        let new = effective(self.configured, self.share.as_ref());
+        match (self.share.as_mut(), share) {
+            (Some(held), Some(new)) => **held = new,
+            (_, new) => self.share = new.map(Box::new),
+        }
+        let new = effective(self.configured, self.share.as_deref());
         let fresh = |configured: Option<Rate>, fresh: Option<u64>| {
             configured.zip(fresh).map(|(c, f)| held_rate(c, f).burst)
         };
