@@ -388,7 +388,7 @@ impl DeploymentHealth {
         let (state, t) = {
             let mut i = self.lock();
             let t = Self::advance(&mut i, now);
-            (Self::derive(&i, &i.settings, now), t)
+            (Self::derive(&i, now), t)
         };
         self.report(t);
         state
@@ -407,8 +407,8 @@ impl DeploymentHealth {
         None
     }
 
-    fn error_ratio(i: &Inner, s: &HealthSettings, now: Instant) -> (usize, f64) {
-        let (ok, failed) = i.outcomes.totals(s.window, now);
+    fn error_ratio(i: &Inner, now: Instant) -> (usize, f64) {
+        let (ok, failed) = i.outcomes.totals(i.settings.window, now);
         let n = ok + failed;
         (
             n as usize,
@@ -420,7 +420,8 @@ impl DeploymentHealth {
         )
     }
 
-    fn derive(i: &Inner, s: &HealthSettings, now: Instant) -> HealthState {
+    fn derive(i: &Inner, now: Instant) -> HealthState {
+        let s = &i.settings;
         if i.breaker != BreakerState::Closed {
             return HealthState::Unhealthy;
         }
@@ -430,7 +431,7 @@ impl DeploymentHealth {
         if i.probe_up.is_none() && s.probe != ProbeKind::Off {
             return HealthState::Unknown;
         }
-        let (n, ratio) = Self::error_ratio(i, s, now);
+        let (n, ratio) = Self::error_ratio(i, now);
         let slow = i
             .ttfb_ewma_ms
             .is_some_and(|ms| ms > s.slow_after.as_secs_f64() * 1e3);
@@ -455,15 +456,14 @@ impl DeploymentHealth {
         let now = Instant::now();
         let (answer, t) = {
             let mut i = self.lock();
-            let s = i.settings;
             let t = Self::advance(&mut i, now);
             let answer = match i.breaker {
-                BreakerState::Closed => Ok(Self::derive(&i, &s, now)),
+                BreakerState::Closed => Ok(Self::derive(&i, now)),
                 BreakerState::HalfOpen if !i.trial_in_flight => {
                     i.trial_in_flight = take_trial;
                     Ok(HealthState::Unhealthy)
                 }
-                BreakerState::HalfOpen => Err(Some(s.cooldown)),
+                BreakerState::HalfOpen => Err(Some(i.settings.cooldown)),
                 BreakerState::Open => Err(i.open_until.map(|u| u.saturating_duration_since(now))),
             };
             (answer, t)
@@ -482,7 +482,6 @@ impl DeploymentHealth {
 
     fn open(
         i: &mut Inner,
-        s: &HealthSettings,
         now: Instant,
         for_: Option<Duration>,
         cause: Cause,
@@ -490,6 +489,7 @@ impl DeploymentHealth {
         let from = i.breaker;
         let wait = for_.unwrap_or_else(|| {
             let factor = 2u32.saturating_pow(i.openings.min(16));
+            let s = &i.settings;
             s.cooldown.saturating_mul(factor).min(s.max_cooldown)
         });
         if for_.is_none() {
@@ -530,18 +530,13 @@ impl DeploymentHealth {
         let now = Instant::now();
         let t = {
             let mut i = self.lock();
-            let s = i.settings;
-            Self::apply(&mut i, &s, now, outcome)
+            Self::apply(&mut i, now, outcome)
         };
         self.report(t)
     }
 
-    fn apply(
-        i: &mut Inner,
-        s: &HealthSettings,
-        now: Instant,
-        outcome: Outcome,
-    ) -> Option<Transition> {
+    fn apply(i: &mut Inner, now: Instant, outcome: Outcome) -> Option<Transition> {
+        let s = i.settings;
         match outcome {
             Outcome::Success { ttfb } => {
                 i.outcomes.add(true, s.window, now);
@@ -565,7 +560,7 @@ impl DeploymentHealth {
                 // The provider said how long: exactly that, not a guess.
                 // Busy is not down: no mark in the availability history.
                 i.outcomes.add(true, s.window, now);
-                Self::open(i, s, now, Some(wait), Cause::RetryAfter)
+                Self::open(i, now, Some(wait), Cause::RetryAfter)
             }
             Outcome::RateLimited { retry_after: None } => {
                 // Busy, not broken: no effect on the error ratio or breaker,
@@ -580,9 +575,9 @@ impl DeploymentHealth {
                 i.history.add(false, now);
                 i.consecutive_failures += 1;
                 if i.breaker == BreakerState::HalfOpen {
-                    return Self::open(i, s, now, None, Cause::TrialFailed);
+                    return Self::open(i, now, None, Cause::TrialFailed);
                 }
-                let (n, ratio) = Self::error_ratio(i, s, now);
+                let (n, ratio) = Self::error_ratio(i, now);
                 let too_many = i.consecutive_failures >= s.failures_to_open;
                 let too_often = n >= s.min_samples as usize && ratio >= s.error_ratio;
                 if i.breaker == BreakerState::Closed && (too_many || too_often) {
@@ -591,7 +586,7 @@ impl DeploymentHealth {
                     } else {
                         Cause::ErrorRatio
                     };
-                    return Self::open(i, s, now, None, cause);
+                    return Self::open(i, now, None, cause);
                 }
                 None
             }
@@ -611,18 +606,13 @@ impl DeploymentHealth {
         let now = Instant::now();
         let t = {
             let mut i = self.lock();
-            let s = i.settings;
-            Self::apply_probe(&mut i, &s, now, result)
+            Self::apply_probe(&mut i, now, result)
         };
         self.report(t)
     }
 
-    fn apply_probe(
-        i: &mut Inner,
-        s: &HealthSettings,
-        now: Instant,
-        result: ProbeResult,
-    ) -> Option<Transition> {
+    fn apply_probe(i: &mut Inner, now: Instant, result: ProbeResult) -> Option<Transition> {
+        let s = i.settings;
         i.last_probe_at = Some(now);
         i.last_probe_wall = Some(std::time::SystemTime::now());
         i.history.add(result.ok, now);
@@ -646,7 +636,7 @@ impl DeploymentHealth {
                 Self::close(i, Cause::ProbesPassing)
             }
             // Probes started failing: stop sending live traffic there.
-            (Some(true) | None, Some(false)) => Self::open(i, s, now, None, Cause::ProbesFailing),
+            (Some(true) | None, Some(false)) => Self::open(i, now, None, Cause::ProbesFailing),
             _ => None,
         }
     }
@@ -661,7 +651,7 @@ impl DeploymentHealth {
         let (snap, t) = {
             let mut i = self.lock();
             let t = Self::advance(&mut i, now);
-            (Self::view(&i, &i.settings, now), t)
+            (Self::view(&i, now), t)
         };
         self.report(t);
         snap
@@ -680,9 +670,9 @@ impl DeploymentHealth {
         i.latency_ewma_ms = Some(i.latency_ewma_ms.map_or(ms, |e| 0.8 * e + 0.2 * ms));
     }
 
-    fn view(i: &Inner, s: &HealthSettings, now: Instant) -> HealthSnapshot {
-        let (n, ratio) = Self::error_ratio(i, s, now);
-        let (ok, failed) = i.outcomes.totals(s.window, now);
+    fn view(i: &Inner, now: Instant) -> HealthSnapshot {
+        let (n, ratio) = Self::error_ratio(i, now);
+        let (ok, failed) = i.outcomes.totals(i.settings.window, now);
         let availability = |minutes| {
             let (succeeded, failed) = i.history.totals(minutes, now);
             Availability { succeeded, failed }
@@ -693,7 +683,7 @@ impl DeploymentHealth {
             (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.95).round() as usize])
         };
         HealthSnapshot {
-            state: Self::derive(i, s, now),
+            state: Self::derive(i, now),
             breaker: i.breaker,
             ttfb_ewma_ms: i.ttfb_ewma_ms,
             ttfb_p95_ms: p95,
