@@ -39,7 +39,14 @@ const SETTLEMENTS: [Settlement; 4] = [
     Settlement::Refunded,
 ];
 
-/// The families, in `Families::descs` order.
+/// Where each family is in `FAMILIES`.
+const REQUESTS: usize = 0;
+const TOKENS: usize = 1;
+const COST: usize = 2;
+const SETTLED: usize = 3;
+const ESTIMATED: usize = 4;
+
+/// The families: name, help, label names.
 const FAMILIES: [(&str, &str, &[&str]); 5] = [
     (
         "collie_requests_total",
@@ -250,7 +257,7 @@ impl TenantCounters {
                     for (class, cell) in CLASSES.iter().zip(row) {
                         let n = cell.load(Ordering::Acquire);
                         if n > 0 {
-                            families[0].add(
+                            families[REQUESTS].add(
                                 &[
                                     ("tenant", tenant),
                                     ("model", model),
@@ -265,7 +272,7 @@ impl TenantCounters {
                 for (k, (kind, row)) in KINDS.iter().zip(&m.tokens).enumerate() {
                     for (s, (usage, cell)) in SOURCES.iter().zip(row).enumerate() {
                         if m.touched(k * SOURCES.len() + s) {
-                            families[1].add(
+                            families[TOKENS].add(
                                 &[
                                     ("tenant", tenant),
                                     ("model", model),
@@ -279,7 +286,7 @@ impl TenantCounters {
                 }
                 for (s, (usage, cell)) in SOURCES.iter().zip(&m.cost_nano).enumerate() {
                     if m.touched(KINDS.len() * SOURCES.len() + s) {
-                        families[2].add(
+                        families[COST].add(
                             &[("tenant", tenant), ("model", model), ("usage", usage)],
                             cell.load(Ordering::Relaxed) as f64 / 1e9,
                         );
@@ -289,12 +296,12 @@ impl TenantCounters {
             for (s, cell) in SETTLEMENTS.iter().zip(&cells.settlements) {
                 let n = cell.load(Ordering::Relaxed);
                 if n > 0 {
-                    families[3].add(&[("tenant", tenant), ("outcome", s.label())], n as f64);
+                    families[SETTLED].add(&[("tenant", tenant), ("outcome", s.label())], n as f64);
                 }
             }
             let n = cells.estimated.load(Ordering::Relaxed);
             if n > 0 {
-                families[4].add(&[("tenant", tenant)], n as f64);
+                families[ESTIMATED].add(&[("tenant", tenant)], n as f64);
             }
         }
         FAMILIES

@@ -13,15 +13,15 @@
 --
 -- A budget hash holds `u` = "requests tokens nanodollars" used (reported)
 -- by the fleet in the window, and per sidecar `s:<id>` = "expiry lease×3
--- credit×3 counted×3". Invariant: used + every lease <= limit, per dimension, except
--- for use reported beyond a lease (a request that used more than it
--- reserved). A lease whose sidecar stopped refreshing expires: it counts as
--- used (the sidecar may have spent it; nothing is over-admitted), and is
--- kept as that sidecar's credit, so what it reports later is not counted
--- twice; when it calls again, the credit beyond what it still has in
--- flight is given back. A sidecar that never returns leaves its credit
--- counted as used: the fleet under-admits by its unspent lease, never
--- over-admits.
+-- credit×3 counted×3". Invariant: used + every lease <= limit, per
+-- dimension, except for use reported beyond a lease (a request that used
+-- more than it reserved). A lease whose sidecar stopped refreshing
+-- expires: it counts as used (the sidecar may have spent it; nothing is
+-- over-admitted), and is kept as that sidecar's credit, so what it
+-- reports later is not counted twice; when it calls again, the credit
+-- beyond what it still has in flight is given back. A sidecar that never
+-- returns leaves its credit counted as used: the fleet under-admits by its
+-- unspent lease, never over-admits.
 --
 -- Use is reported as a running total, and the authority keeps the total it
 -- counted per sidecar (`counted`): a call whose answer was lost (a deadline
@@ -69,6 +69,11 @@ local function nums(text, n)
   return t
 end
 
+-- A budget record that holds no lease and no credit.
+local function empty(r)
+  return r[2] == 0 and r[3] == 0 and r[4] == 0 and r[5] == 0 and r[6] == 0 and r[7] == 0
+end
+
 local function join(t)
   local parts = {}
   for i = 1, #t do
@@ -98,9 +103,6 @@ for k = 1, nb do
     else
       records[h[i]] = nums(h[i + 1], 10)
     end
-  end
-  local function empty(r)
-    return r[2] == 0 and r[3] == 0 and r[4] == 0 and r[5] == 0 and r[6] == 0 and r[7] == 0
   end
   -- Expired leases count as used and become their sidecar's credit; the
   -- sidecars that called within a ttl are live and share what is free.
