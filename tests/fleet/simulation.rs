@@ -190,7 +190,7 @@ fn a_hundred_sidecars_never_pass_the_limit() {
                         refused = true;
                     }
                 }
-                let due = (now / step + i as u64) % (interval / step) == 0;
+                let due = (now / step + i as u64).is_multiple_of(interval / step);
                 if !(due || refused) {
                     continue;
                 }

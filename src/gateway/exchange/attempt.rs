@@ -44,10 +44,15 @@ pub(super) async fn attempt(
         // Boxed: the connector's future holds a whole connect and TLS
         // handshake (~8 KB); inline, it would make every future around
         // it — up to the one the request runs in — that much larger, and
-        // each of them is moved (copied) when it starts.
-        let (mut http, reused) = Box::pin(gw.connector.get_http_session(&*up.peer()))
-            .await
-            .map_err(|e| (classify_connect(&e), None))?;
+        // each of them is moved (copied) when it starts. Built in a box
+        // allocated first: `Box::pin(future)` builds it on the stack and
+        // copies all of it into the box, for every request.
+        let (mut http, reused) = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            gw.connector.get_http_session(&*up.peer()),
+        ))
+        .await
+        .map_err(|e| (classify_connect(&e), None))?;
         http.set_write_timeout(Some(up.timeouts.idle));
         http.set_read_timeout(Some(up.timeouts.first_byte));
         // Keep a copy only while a stale-connection retry may need it.
