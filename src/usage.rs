@@ -9,7 +9,9 @@ pub(crate) mod sse;
 
 use crate::config::Price;
 use bytes::Bytes;
+use memchr::memmem;
 use serde::Deserialize;
+use std::sync::LazyLock;
 
 /// Tokens of one request as the provider reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -186,22 +188,34 @@ pub(crate) struct DocumentEnd {
 }
 
 impl DocumentEnd {
-    /// Read the next piece; whether the document is complete.
+    /// Read the next piece; whether the document is complete. A string's
+    /// text (most of a response) is skipped to its next quote or
+    /// backslash at once; the bytes between strings are read one by one.
+    #[expect(
+        clippy::arithmetic_side_effects,
+        reason = "positions in the chunk: each stays within its length"
+    )]
     pub(crate) fn feed(&mut self, chunk: &[u8]) -> bool {
-        for &b in chunk {
-            if self.complete {
-                break;
-            }
+        let mut i = 0;
+        while i < chunk.len() && !self.complete {
             if self.in_string {
-                match (self.escaped, b) {
-                    (true, _) => self.escaped = false,
-                    (false, b'\\') => self.escaped = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
                 }
+                let Some(off) = memchr::memchr2(b'"', b'\\', &chunk[i..]) else {
+                    break;
+                };
+                i += off;
+                match chunk[i] {
+                    b'"' => self.in_string = false,
+                    _ => self.escaped = true,
+                }
+                i += 1;
                 continue;
             }
-            match b {
+            match chunk[i] {
                 b'"' => self.in_string = true,
                 b'{' | b'[' => self.depth = self.depth.saturating_add(1),
                 b'}' | b']' => {
@@ -210,6 +224,7 @@ impl DocumentEnd {
                 }
                 _ => {}
             }
+            i += 1;
         }
         self.complete
     }
@@ -240,7 +255,10 @@ pub(crate) fn json_string_end(data: &[u8], from: usize) -> usize {
 
 /// Find the last `"usage"` key in a fragment of JSON and parse the object after it.
 fn usage_from_tail(buf: &[u8]) -> Option<Usage> {
-    let at = memchr::memmem::rfind(buf, b"\"usage\"")?;
+    // Built once: `memmem::rfind` prepares its searcher on every call.
+    static USAGE_KEY: LazyLock<memmem::FinderRev<'static>> =
+        LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+    let at = USAGE_KEY.rfind(buf)?;
     let rest = buf.get(at.saturating_add(7)..)?;
     let value = rest.trim_ascii_start().strip_prefix(b":")?;
     let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
@@ -319,6 +337,37 @@ mod tests {
         let mut d = DocumentEnd::default();
         assert!(!d.feed(b"  42 "));
         assert!(!d.complete());
+    }
+
+    /// Cut anywhere (inside a string, between a backslash and what it
+    /// escapes), a document ends where it ends read whole, and a byte
+    /// short of its end it is not complete.
+    #[test]
+    fn a_document_ends_in_the_same_place_however_it_is_cut() {
+        let doc: &[u8] = br#"{"a":"}]\"{\\","b":[1,{"c":"\\\""}],"d":"x\\"}"#;
+        let first_complete = |pieces: &[&[u8]]| {
+            let mut d = DocumentEnd::default();
+            let mut read = 0;
+            for p in pieces {
+                if d.feed(p) {
+                    return Some(read + p.len());
+                }
+                read += p.len();
+            }
+            None
+        };
+        assert_eq!(first_complete(&[doc]), Some(doc.len()));
+        assert_eq!(first_complete(&[&doc[..doc.len() - 1]]), None);
+        for cut in 0..doc.len() {
+            for second in cut..doc.len() {
+                let pieces = [&doc[..cut], &doc[cut..second], &doc[second..]];
+                assert_eq!(
+                    first_complete(&pieces),
+                    Some(doc.len()),
+                    "cut at {cut} and {second}"
+                );
+            }
+        }
     }
 
     #[test]
