@@ -369,16 +369,39 @@ pub(crate) const LOW_SHARE: f64 = 0.1;
 /// Read `x-ratelimit-remaining-requests` / `-tokens` and their `limit`
 /// counterparts (OpenAI's names, also used by several compatible providers).
 /// `tokens` is what this request reserved, the size of the next one like it.
+/// A name sent twice counts by its first value. One pass over the head (a
+/// prefix test per header), not a lookup per name: this runs on every
+/// response.
 pub(crate) fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Pressure {
-    let number = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|n| n.is_finite())
-    };
-    let requests_left = number("x-ratelimit-remaining-requests");
-    let tokens_left = number("x-ratelimit-remaining-tokens");
+    const NAMES: [&str; 4] = [
+        "remaining-requests",
+        "remaining-tokens",
+        "limit-requests",
+        "limit-tokens",
+    ];
+    // Per name: None until seen, then its first value as a number, if it
+    // is one.
+    let mut read: [Option<Option<f64>>; 4] = [None; 4];
+    for (name, value) in headers {
+        let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") else {
+            continue;
+        };
+        let Some(slot) = NAMES
+            .iter()
+            .position(|n| *n == rest)
+            .and_then(|i| read.get_mut(i))
+        else {
+            continue;
+        };
+        slot.get_or_insert_with(|| {
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|n| n.is_finite())
+        });
+    }
+    let [requests_left, tokens_left, requests_limit, tokens_limit] = read.map(Option::flatten);
     if requests_left.is_some_and(|n| n < 1.0)
         || tokens_left.is_some_and(|n| n < (tokens.max(1)) as f64)
     {
@@ -388,9 +411,7 @@ pub(crate) fn provider_pressure(headers: &http::HeaderMap, tokens: u64) -> Press
         left.zip(limit)
             .is_some_and(|(left, limit)| limit > 0.0 && left / limit < LOW_SHARE)
     };
-    if low(requests_left, number("x-ratelimit-limit-requests"))
-        || low(tokens_left, number("x-ratelimit-limit-tokens"))
-    {
+    if low(requests_left, requests_limit) || low(tokens_left, tokens_limit) {
         return Pressure::Low;
     }
     Pressure::Clear
@@ -573,6 +594,18 @@ mod tests {
             ("x-ratelimit-limit-tokens", "150000"),
         ]);
         assert_eq!(provider_pressure(&plenty, 100), Pressure::Clear);
+        // A name sent twice counts by its first value, readable or not;
+        // other x-ratelimit-* names are not read.
+        let mut twice = h(&[("x-ratelimit-reset-requests", "0")]);
+        twice.append("x-ratelimit-remaining-requests", "5".parse().unwrap());
+        twice.append("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        assert_eq!(provider_pressure(&twice, 100), Pressure::Clear);
+        let mut unreadable = h(&[]);
+        unreadable.append("x-ratelimit-remaining-tokens", "soon".parse().unwrap());
+        unreadable.append("x-ratelimit-remaining-tokens", "0".parse().unwrap());
+        assert_eq!(provider_pressure(&unreadable, 100), Pressure::Clear);
+        let inf = h(&[("x-ratelimit-remaining-requests", "-inf")]);
+        assert_eq!(provider_pressure(&inf, 100), Pressure::Clear);
         let gate = Arc::new(PoolGate::new(Some(4), true));
         let _p = gate.try_acquire().unwrap();
         gate.observe(Pressure::Exhausted, true);
