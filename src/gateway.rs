@@ -42,6 +42,8 @@ pub(crate) const X_COLLIE_REQUEST_ID: http::HeaderName =
 pub(crate) const X_COLLIE_ERROR: http::HeaderName = http::HeaderName::from_static("x-collie-error");
 pub(crate) const X_COLLIE_COST_USD: http::HeaderName =
     http::HeaderName::from_static("x-collie-cost-usd");
+/// The client's choice among a model's routes (see `Model::chain_for`).
+const X_COLLIE_ROUTE: http::HeaderName = http::HeaderName::from_static("x-collie-route");
 
 /// The endpoint a request line names, or why it names none.
 fn endpoint_of(method: &http::Method, path: &str) -> Result<Endpoint, GatewayError> {
@@ -369,7 +371,7 @@ impl Gateway {
         let hint = session
             .req_header()
             .headers
-            .get("x-collie-route")
+            .get(&X_COLLIE_ROUTE)
             .and_then(|v| v.to_str().ok());
         let chain = model.chain_for(ctx.caller.priority, hint);
         if !config.tenants[tenant].models.allows(&inspected.model) {

@@ -5,13 +5,18 @@
 use super::GatewayError;
 use crate::outcome::Claimed;
 use crate::state::Snapshot;
+use http::HeaderName;
 use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub(crate) const TENANT_HEADER: &str = "x-tenant-id";
+// The request-head names read on every request, as `HeaderName`s: a
+// lookup by `&str` parses the name again each time.
+pub(crate) static TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant-id");
 /// Names the application's end user; wins over the body's `user`.
-pub(crate) const USER_HEADER: &str = "x-user-id";
+pub(crate) static USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
+static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
+static API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// The longest end-user id kept as sent, in bytes.
 pub(crate) const MAX_USER_LEN: usize = 128;
 
@@ -19,7 +24,7 @@ pub(crate) const MAX_USER_LEN: usize = 128;
 pub(crate) fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, GatewayError> {
     let tenant_id = req
         .headers
-        .get(TENANT_HEADER)
+        .get(&TENANT_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
@@ -51,13 +56,13 @@ pub(crate) fn admit(req: &RequestHeader, snap: &Snapshot) -> Result<usize, Gatew
 pub(crate) fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
     let id = req
         .headers
-        .get(TENANT_HEADER)
+        .get(&TENANT_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
     let Some(id) = id else {
         // Present but not text, or blank: named, but nothing to name.
-        return req.headers.get(TENANT_HEADER).map(|_| Claimed::Unknown);
+        return req.headers.get(&TENANT_HEADER).map(|_| Claimed::Unknown);
     };
     Some(
         snap.tenant_index(id)
@@ -71,9 +76,9 @@ pub(crate) fn claimed(req: &RequestHeader, snap: &Snapshot) -> Option<Claimed> {
 /// `Authorization: Bearer` and `api-key` with different keys are two
 /// identities too.
 pub(crate) fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
-    for name in [TENANT_HEADER, "authorization", "api-key", USER_HEADER] {
+    for name in [&TENANT_HEADER, &AUTHORIZATION, &API_KEY, &USER_HEADER] {
         if req.headers.get_all(name).iter().nth(1).is_some() {
-            return Err(GatewayError::AmbiguousIdentity(name));
+            return Err(GatewayError::AmbiguousIdentity(name.as_str()));
         }
     }
     let bearer = bearer_key(req);
@@ -87,7 +92,7 @@ pub(crate) fn single_identity(req: &RequestHeader) -> Result<(), GatewayError> {
 }
 
 fn bearer_key(req: &RequestHeader) -> Option<&[u8]> {
-    req.headers.get(http::header::AUTHORIZATION).and_then(|v| {
+    req.headers.get(&AUTHORIZATION).and_then(|v| {
         let v = v.as_bytes();
         v.get(..7)
             .filter(|p| p.eq_ignore_ascii_case(b"bearer "))
@@ -96,9 +101,7 @@ fn bearer_key(req: &RequestHeader) -> Option<&[u8]> {
 }
 
 fn api_key(req: &RequestHeader) -> Option<&[u8]> {
-    req.headers
-        .get("api-key")
-        .map(|v| v.as_bytes().trim_ascii())
+    req.headers.get(&API_KEY).map(|v| v.as_bytes().trim_ascii())
 }
 
 /// The key from `Authorization: Bearer <key>`, else from `api-key` (Azure
@@ -125,7 +128,7 @@ pub(crate) fn end_user(
     body_user: Option<&str>,
     hashed: bool,
 ) -> Option<String> {
-    let named = match req.headers.get(USER_HEADER) {
+    let named = match req.headers.get(&USER_HEADER) {
         Some(v) => v.as_bytes().trim_ascii(),
         None => body_user?.as_bytes(),
     };
@@ -153,8 +156,11 @@ mod tests {
     fn req(user: Option<&[u8]>) -> RequestHeader {
         let mut r = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
         if let Some(u) = user {
-            r.insert_header(USER_HEADER, http::HeaderValue::from_bytes(u).unwrap())
-                .unwrap();
+            r.insert_header(
+                USER_HEADER.clone(),
+                http::HeaderValue::from_bytes(u).unwrap(),
+            )
+            .unwrap();
         }
         r
     }

@@ -11,10 +11,12 @@ use super::spend::usd_text;
 use crate::config::{DeploymentIx, Model, PoolIx};
 use crate::state::Snapshot;
 use crate::usage::Usage;
+use http::HeaderName;
 use pingora::http::RequestHeader;
 
-const MAX_COST: &str = "x-collie-max-cost-usd";
-const LATENCY_BUDGET: &str = "x-collie-latency-budget-ms";
+// `HeaderName`s: a lookup by `&str` parses the name again each time.
+static MAX_COST: HeaderName = HeaderName::from_static("x-collie-max-cost-usd");
+static LATENCY_BUDGET: HeaderName = HeaderName::from_static("x-collie-latency-budget-ms");
 
 /// The longest latency budget accepted: an hour.
 const MAX_LATENCY_BUDGET_MS: u64 = 3_600_000;
@@ -48,7 +50,7 @@ impl Tokens {
 /// Read the client's limits from the request head; a header given twice or
 /// holding anything but its number is a 400.
 pub(crate) fn limits(req: &RequestHeader) -> Result<Limits, GatewayError> {
-    let one = |name: &'static str| -> Result<Option<&str>, GatewayError> {
+    let one = |name: &'static HeaderName| -> Result<Option<&str>, GatewayError> {
         let mut values = req.headers.get_all(name).iter();
         let Some(v) = values.next() else {
             return Ok(None);
@@ -60,24 +62,24 @@ pub(crate) fn limits(req: &RequestHeader) -> Result<Limits, GatewayError> {
             .map(|s| Some(s.trim()))
             .map_err(|_| invalid(name, "must be plain ASCII"))
     };
-    let max_cost_nano = one(MAX_COST)?
+    let max_cost_nano = one(&MAX_COST)?
         .map(|v| {
             parse_usd_nano(v).ok_or_else(|| {
                 invalid(
-                    MAX_COST,
+                    &MAX_COST,
                     "must be a USD amount such as `0.05` (digits, at most 9 decimals, at most 1000000000)",
                 )
             })
         })
         .transpose()?;
-    let latency_budget_ms = one(LATENCY_BUDGET)?
+    let latency_budget_ms = one(&LATENCY_BUDGET)?
         .map(|v| {
             v.parse::<u64>()
                 .ok()
                 .filter(|ms| (1..=MAX_LATENCY_BUDGET_MS).contains(ms))
                 .ok_or_else(|| {
                     invalid(
-                        LATENCY_BUDGET,
+                        &LATENCY_BUDGET,
                         "must be a whole number of milliseconds from 1 to 3600000",
                     )
                 })
@@ -89,9 +91,9 @@ pub(crate) fn limits(req: &RequestHeader) -> Result<Limits, GatewayError> {
     })
 }
 
-fn invalid(name: &'static str, reason: &str) -> GatewayError {
+fn invalid(name: &'static HeaderName, reason: &str) -> GatewayError {
     GatewayError::InvalidHeader {
-        name,
+        name: name.as_str(),
         reason: reason.to_string(),
     }
 }
@@ -261,8 +263,9 @@ mod tests {
     fn headers_are_read_once_and_strictly() {
         let mut req = RequestHeader::build("POST", b"/", None).unwrap();
         assert_eq!(limits(&req), Ok(Limits::default()));
-        req.insert_header(MAX_COST, " 0.5 ").unwrap();
-        req.insert_header(LATENCY_BUDGET, "250").unwrap();
+        req.insert_header("x-collie-max-cost-usd", " 0.5 ").unwrap();
+        req.insert_header("x-collie-latency-budget-ms", "250")
+            .unwrap();
         assert_eq!(
             limits(&req),
             Ok(Limits {
@@ -271,16 +274,18 @@ mod tests {
             })
         );
         for bad in ["0", "-5", "1.5", "3600001", "soon"] {
-            req.insert_header(LATENCY_BUDGET, bad).unwrap();
+            req.insert_header("x-collie-latency-budget-ms", bad)
+                .unwrap();
             assert!(
-                matches!(limits(&req), Err(GatewayError::InvalidHeader { name, .. }) if name == LATENCY_BUDGET),
+                matches!(limits(&req), Err(GatewayError::InvalidHeader { name, .. }) if name == "x-collie-latency-budget-ms"),
                 "{bad}"
             );
         }
-        req.insert_header(LATENCY_BUDGET, "250").unwrap();
-        req.append_header(MAX_COST, "0.7").unwrap();
+        req.insert_header("x-collie-latency-budget-ms", "250")
+            .unwrap();
+        req.append_header("x-collie-max-cost-usd", "0.7").unwrap();
         assert!(
-            matches!(limits(&req), Err(GatewayError::InvalidHeader { name, .. }) if name == MAX_COST)
+            matches!(limits(&req), Err(GatewayError::InvalidHeader { name, .. }) if name == "x-collie-max-cost-usd")
         );
     }
 }

@@ -184,7 +184,9 @@ pub(crate) fn usd_text(nano: u64) -> String {
 /// (`x-collie-max-wait` in seconds or `30s` form, or the OpenAI SDK's
 /// `x-stainless-timeout`).
 pub(crate) fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
-    let header = |name: &str| {
+    static MAX_WAIT: HeaderName = HeaderName::from_static("x-collie-max-wait");
+    static SDK_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
+    let header = |name: &HeaderName| {
         req.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -196,7 +198,7 @@ pub(crate) fn max_wait(req: &RequestHeader, configured: Duration) -> Duration {
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .or_else(|| humantime::parse_duration(v).ok())
     };
-    [header("x-collie-max-wait"), header("x-stainless-timeout")]
+    [header(&MAX_WAIT), header(&SDK_TIMEOUT)]
         .into_iter()
         .flatten()
         .filter_map(parse)
