@@ -257,20 +257,23 @@ async fn attempts(
         let Some(pool_rt) = router.pool(pool) else {
             continue;
         };
-        // A pool with nothing to offer now (every member unhealthy with no
-        // trial due, or resting after a 429) is passed at once, before its
-        // concurrency gate: panic mode answers without queueing.
-        if !offers(
-            pool_rt.peek(&router.deployments, &tried, now_ms(), tokens),
-            &mut skipped,
-        ) {
-            continue;
-        }
-        // A saturated pool is skipped while a later one may have room; the
-        // last one is waited for, in priority order.
+        // A pool with room is picked from at once: the pick says whether it
+        // offers anything, and the slot goes back unused when it does not.
+        // A full one is looked at first: one with nothing to offer now
+        // (every member unhealthy with no trial due, or resting after a
+        // 429) is passed without queueing — panic mode answers without
+        // waiting — and a saturated pool is skipped while a later one may
+        // have room; the last one is waited for, in priority order.
         let is_last = position + 1 == chain.len();
         let permit = match pool_rt.gate.try_acquire() {
             Some(p) => p,
+            None if !offers(
+                pool_rt.peek(&router.deployments, &tried, now_ms(), tokens),
+                &mut skipped,
+            ) =>
+            {
+                continue;
+            }
             None if !is_last => continue,
             None => {
                 let waited = Instant::now();
@@ -340,6 +343,9 @@ async fn attempts(
                 },
                 other => {
                     offers(other, &mut skipped);
+                    if try_in_pool == 0 {
+                        permit.unused();
+                    }
                     break;
                 }
             };

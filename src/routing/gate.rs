@@ -79,6 +79,18 @@ pub(crate) struct Permit {
     armed: bool,
 }
 
+impl Permit {
+    /// Give the slot back with no attempt made on it (the pool had nothing
+    /// to offer once the slot was taken): the next waiting request gets
+    /// it, and no service time is sampled — none was given.
+    pub(crate) fn unused(mut self) {
+        self.armed = false;
+        let mut s = self.gate.lock();
+        s.inflight = s.inflight.saturating_sub(1);
+        self.gate.hand_over(&mut s);
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
@@ -519,6 +531,26 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.retry_after, Duration::from_secs(1), "first in line");
+    }
+
+    /// A slot given back unused (the pool offered nothing once it was
+    /// taken) goes to the next waiter like any other, and samples no
+    /// service time: the queue's wait estimates stay what they were.
+    #[tokio::test]
+    async fn a_slot_given_back_unused_goes_on_without_a_service_time() {
+        let gate = Arc::new(PoolGate::new(Some(1), false));
+        let taken = gate.try_acquire().unwrap();
+        let before = gate.lock().service_s;
+        let mut waiting = Box::pin(gate.acquire(3, Duration::from_secs(30)));
+        assert!(futures::poll!(&mut waiting).is_pending());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        taken.unused();
+        let handed = waiting.await.expect("the waiter gets the slot");
+        assert_eq!(gate.load_now().inflight, 1);
+        assert_eq!(gate.lock().service_s, before, "no service time sampled");
+        handed.unused();
+        assert_eq!(gate.load_now().inflight, 0);
+        assert!(gate.try_acquire().is_some());
     }
 
     /// Before any slot was released the estimate follows from the queue and
