@@ -85,16 +85,14 @@ impl Permit {
     /// it, and no service time is sampled — none was given.
     pub(crate) fn unused(mut self) {
         self.armed = false;
-        let mut s = self.gate.lock();
-        s.inflight = s.inflight.saturating_sub(1);
-        self.gate.hand_over(&mut s);
+        self.gate.release(None);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.gate.release(self.since.elapsed());
+            self.gate.release(Some(self.since.elapsed()));
         }
     }
 }
@@ -266,10 +264,14 @@ impl PoolGate {
         Duration::from_secs_f64(secs)
     }
 
-    fn release(self: &Arc<Self>, held: Duration) {
+    /// A slot back, to the next waiter; `held` (how long it served a
+    /// request) feeds the service-time average, none for a slot unused.
+    fn release(self: &Arc<Self>, held: Option<Duration>) {
         let mut s = self.lock();
         s.inflight = s.inflight.saturating_sub(1);
-        s.service_s = 0.8 * s.service_s + 0.2 * held.as_secs_f64();
+        if let Some(held) = held {
+            s.service_s = 0.8 * s.service_s + 0.2 * held.as_secs_f64();
+        }
         self.hand_over(&mut s);
     }
 
