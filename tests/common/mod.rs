@@ -33,7 +33,8 @@ pub(crate) use process::{
     Log, Process, collie_bin, run_collie, run_collie_with, sighup, sigterm, terminate,
 };
 pub(crate) use raw::{
-    RawResponse, parse_responses, raw_chat, raw_exchange, read_until_closed, send_raw,
+    RawResponse, closing_provider, parse_responses, raw_chat, raw_exchange, read_until_closed,
+    send_raw,
 };
 pub(crate) use requests::{CHAT, Calls, Remote, hello, streamed};
 

@@ -3,6 +3,8 @@
 
 use super::ALPHA_KEY;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -145,4 +147,72 @@ pub(crate) async fn send_raw(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     s
+}
+
+/// A provider on raw sockets that answers on kept-alive connections —
+/// `GET …/models` with an empty list, a `POST` (its `content-length` body
+/// read whole) with a chat completion — except that it closes its first
+/// connection, unanswered, when a second request's head arrives on it:
+/// what a provider's idle timeout does to a pooled connection at the wrong
+/// moment. A body still on its way is left unread, so the close resets the
+/// connection. Counts accepted connections.
+pub(crate) async fn closing_provider() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                return;
+            };
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(serve_until_second_request(conn, first));
+        }
+    });
+    (addr, accepted)
+}
+
+async fn serve_until_second_request(mut conn: TcpStream, close_on_second: bool) {
+    let mut buf = Vec::new();
+    let mut requests = 0;
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        requests += 1;
+        if close_on_second && requests == 2 {
+            return;
+        }
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < end + 4 + length {
+            let mut chunk = [0u8; 64 << 10];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + 4 + length);
+        let body = if head.starts_with("post ") {
+            r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#
+        } else {
+            r#"{"object":"list","data":[]}"#
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }

@@ -125,6 +125,64 @@ async fn falls_back_on_each_failure_kind() {
     );
 }
 
+/// A pooled connection the provider closes as the next request arrives
+/// (its idle timeout at the wrong moment) fails while the request is still
+/// being written: the provider cannot have acted on it, so it is sent again
+/// on a fresh connection to the same deployment and is not an attempt — no
+/// fallback, one attempt counted. (A failure after the request was written
+/// is an attempt: `falls_back_on_each_failure_kind`.) The body is larger
+/// than the socket buffers, so the write is still going when the provider
+/// hangs up and the failure is the write's, every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_written_into_a_closed_pooled_connection_is_sent_again_on_a_fresh_one() {
+    let (addr, connections) = closing_provider().await;
+    let b = mock().await;
+    let conf = two_step(&b, &b, "5s")
+        .set("max_body_bytes", "32MiB")
+        .edit_deployment("a", |d| {
+            d.set("base_url", format!("http://{addr}/v1"))
+                .health(json!({"probe": "off"}))
+        });
+    let gw = gateway(&conf).await;
+    let warm = gw.chat(hello("gpt")).send().await.unwrap();
+    assert_eq!(warm.status(), 200);
+    assert_eq!(warm.headers()["x-collie-model"], "gpt-a");
+    warm.bytes().await.unwrap();
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let content = "lorem ipsum ".repeat(8 * 1024 * 1024 / 12);
+    let big = json!({"model": "gpt", "messages": [{"role": "user", "content": content}]});
+    let resp = gw.chat(big).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-collie-model"], "gpt-a", "no fallback");
+    assert_eq!(resp.headers()["x-collie-attempts"], "1", "not an attempt");
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "hi");
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent again on a new connection"
+    );
+    assert_eq!(b.completion_calls(), 0);
+    let text = gw.metrics_after(2).await;
+    assert_eq!(
+        metric_sum(
+            &text,
+            "collie_upstream_attempts_total",
+            &[("deployment", "a")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(
+            &text,
+            "collie_upstream_attempts_total",
+            &[("deployment", "a"), ("outcome", "served")]
+        ),
+        2.0
+    );
+}
+
 /// A 503 with `Retry-After` rests the deployment like a 429 does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_a_503_is_honoured() {

@@ -16,8 +16,7 @@ mod common;
 use collie_mock::{Behavior, MockConfig, MockServer};
 use common::*;
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 mod breakers;

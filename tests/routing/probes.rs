@@ -234,58 +234,6 @@ async fn probes_send_the_provider_key_and_never_log_it() {
     );
 }
 
-/// A provider on raw sockets that answers `GET …/models` on kept-alive
-/// connections, except that it closes its first connection, unanswered,
-/// when a second request arrives on it: what a provider's idle timeout does
-/// to a pooled connection at the wrong moment. Counts accepted connections.
-async fn closing_provider() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let number = count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut requests = 0;
-                loop {
-                    let mut chunk = [0u8; 4096];
-                    let Ok(n) = conn.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        requests += 1;
-                        if number == 0 && requests == 2 {
-                            return;
-                        }
-                        let body = br#"{"object":"list","data":[]}"#;
-                        let head = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                            body.len()
-                        );
-                        if conn.write_all(head.as_bytes()).await.is_err()
-                            || conn.write_all(body).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 /// A `/models` probe on a pooled connection the provider just closed tries
 /// a fresh one instead of failing (with `unhealthy_after: 1` one such race
 /// would open the breaker); a connect probe always makes a new connection.
