@@ -178,10 +178,8 @@ async fn serve_until_second_request(mut conn: TcpStream, close_on_second: bool) 
     let mut requests = 0;
     loop {
         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            let mut chunk = [0u8; 4096];
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            if !read_more(&mut conn, &mut buf).await {
+                return;
             }
             continue;
         };
@@ -194,14 +192,13 @@ async fn serve_until_second_request(mut conn: TcpStream, close_on_second: bool) 
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
             .map_or(0, |v| v.trim().parse().unwrap());
-        while buf.len() < end + 4 + length {
-            let mut chunk = [0u8; 64 << 10];
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        let request = end + 4 + length;
+        while buf.len() < request {
+            if !read_more(&mut conn, &mut buf).await {
+                return;
             }
         }
-        buf.drain(..end + 4 + length);
+        buf.drain(..request);
         let body = if head.starts_with("post ") {
             r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#
         } else {
@@ -213,6 +210,19 @@ async fn serve_until_second_request(mut conn: TcpStream, close_on_second: bool) 
         );
         if conn.write_all(answer.as_bytes()).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Append what the connection has next to `buf`; `false` once it is closed
+/// or broken.
+async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 64 << 10];
+    match conn.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
         }
     }
 }

@@ -4,6 +4,7 @@
 use crate::common::*;
 use collie_mock::Behavior;
 use serde_json::json;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +149,7 @@ async fn a_request_written_into_a_closed_pooled_connection_is_sent_again_on_a_fr
     assert_eq!(warm.status(), 200);
     assert_eq!(warm.headers()["x-collie-model"], "gpt-a");
     warm.bytes().await.unwrap();
-    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
 
     let content = "lorem ipsum ".repeat(8 * 1024 * 1024 / 12);
     let big = json!({"model": "gpt", "messages": [{"role": "user", "content": content}]});
@@ -159,7 +160,7 @@ async fn a_request_written_into_a_closed_pooled_connection_is_sent_again_on_a_fr
     let answer: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "hi");
     assert_eq!(
-        connections.load(std::sync::atomic::Ordering::SeqCst),
+        connections.load(Ordering::SeqCst),
         2,
         "sent again on a new connection"
     );
