@@ -78,13 +78,7 @@ def counted(out_dir, tag):
 
 
 def measure(arm, binary_dir, conf, body, n, keep, tenants=0):
-    cmd = {
-        "bare": [f"{binary_dir}/bare-pingora", "--listen", f"127.0.0.1:{run.COLLIE_PORT}",
-                 "--upstream", f"127.0.0.1:{run.MOCK_PORT}", "--threads", "1"],
-        "collie-transport": [f"{binary_dir}/collie-transport", "--config", conf["off"]],
-        "collie-noaudit": [f"{binary_dir}/collie", "run", "--config", conf["off"]],
-        "collie": [f"{binary_dir}/collie", "run", "--config", conf["sqlite"]],
-    }[arm]
+    cmd = run.arm_command(arm, binary_dir, run.COLLIE_PORT, conf["sqlite" if arm == "collie" else "off"])
     out_dir = tempfile.mkdtemp(prefix=f"collie-cg-{arm}-")
     grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
              "--dump-instr=no", "--collect-jumps=no"]

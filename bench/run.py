@@ -181,6 +181,36 @@ http {{
 """
 
 
+def collie_variants(tmp):
+    """Collie's arms: name → (port, admin port, `audit` section). collie:
+    the full policy, audit to SQLite; collie-noaudit: the same without the
+    audit trail; collie-pg: audit to PostgreSQL."""
+    return {
+        "collie": (COLLIE_PORT, ADMIN_PORT, "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db")),
+        "collie-noaudit": (NOAUDIT_PORT, NOAUDIT_ADMIN, "{sink: off}"),
+        "collie-pg": (PG_PORT, PG_ADMIN, "{sink: postgres, postgres_url_env: COLLIE_BENCH_PG, postgres_schema: collie_bench}"),
+        # Collie's gateway with the policy off (bench/tools
+        # collie-transport): the transport alone, to split the cost.
+        "collie-transport": (TRANSPORT_PORT, TRANSPORT_ADMIN, "{sink: off}"),
+        # The SQLite trail without its request-hash index
+        # (audit.request_hash_index: false).
+        "collie-nohash": (NOHASH_PORT, NOHASH_ADMIN, "{sink: sqlite, sqlite_path: \"%s\", request_hash_index: false}"
+                          % os.path.join(tmp, "audit-nohash.db")),
+    }
+
+
+def arm_command(arm, binary_dir, port, conf=None):
+    """The command that runs a proxy arm from `binary_dir`: bare Pingora
+    listening on `port` in front of the mock, or a Collie arm with the
+    config `conf` (which names its port)."""
+    if arm == "bare":
+        return [f"{binary_dir}/bare-pingora", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{MOCK_PORT}",
+                "--threads", THREADS]
+    if arm == "collie-transport":
+        return [f"{binary_dir}/collie-transport", "--config", conf]
+    return [f"{binary_dir}/collie", "run", "--config", conf]
+
+
 def litellm_venv():
     """The virtualenv with `litellm[proxy]`, made on first use under the
     target dir (packages from PyPI through pip); returns its `litellm` script."""
@@ -434,14 +464,14 @@ def concurrent_streams(procs, tmp, env, arms, counts=(1024, 4096), seconds=4):
         for n in counts:
             name = f"streams-{arm}-{n}"
             if arm == "bare":
-                cmd = [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{STREAMS_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", THREADS]
+                cmd = arm_command("bare", REL, STREAMS_PORT)
             else:
                 audit = "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, f"{name}.db") if arm == "collie" else "{sink: off}"
                 conf = os.path.join(tmp, f"{name}.yaml")
                 # Room for every stream in the pool: a queue would hold
                 # requests, not streams.
                 collie_config(conf, 0, STREAMS_PORT, STREAMS_ADMIN, audit, capacity=n + 64)
-                cmd = [f"{REL}/collie", "run", "--config", conf]
+                cmd = arm_command(arm, REL, STREAMS_PORT, conf)
             p = procs.start(name, cmd, "0", STREAMS_PORT, env=env)
             idle = rss(p.pid)
             probe = subprocess.Popen(sse_probe_cmd(STREAMS_PORT, headers, n, n), stdout=subprocess.PIPE,
@@ -513,7 +543,7 @@ def main():
     clk = os.sysconf("SC_CLK_TCK")
     try:
         procs.start("mock", [f"{REL}/collie", "mock", "--listen", f"127.0.0.1:{MOCK_PORT}"], "1", MOCK_PORT)
-        procs.start("bare", [f"{REL}/bare-pingora", "--listen", f"127.0.0.1:{BARE_PORT}", "--upstream", f"127.0.0.1:{MOCK_PORT}", "--threads", THREADS], "0", BARE_PORT)
+        procs.start("bare", arm_command("bare", REL, BARE_PORT), "0", BARE_PORT)
         nginx_dir = os.path.join(tmp, "nginx")
         os.makedirs(nginx_dir)
         with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
@@ -521,20 +551,7 @@ def main():
         procs.start("nginx", ["/usr/sbin/nginx", "-c", os.path.join(nginx_dir, "nginx.conf"), "-p", nginx_dir], "0", NGINX_PORT)
         n_tenants = 1000 if "tenants" in args.scenarios else 0
         env = {**os.environ, "RUST_LOG": "warn", "COLLIE_BENCH_PG": PG_URL}
-        # collie: the full policy, audit to SQLite; collie-noaudit: the same
-        # without the audit trail; collie-pg: audit to PostgreSQL.
-        variants = {
-            "collie": (COLLIE_PORT, ADMIN_PORT, "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db")),
-            "collie-noaudit": (NOAUDIT_PORT, NOAUDIT_ADMIN, "{sink: off}"),
-            "collie-pg": (PG_PORT, PG_ADMIN, "{sink: postgres, postgres_url_env: COLLIE_BENCH_PG, postgres_schema: collie_bench}"),
-            # Collie's gateway with the policy off (bench/tools
-            # collie-transport): the transport alone, to split the cost.
-            "collie-transport": (TRANSPORT_PORT, TRANSPORT_ADMIN, "{sink: off}"),
-            # The SQLite trail without its request-hash index
-            # (audit.request_hash_index: false).
-            "collie-nohash": (NOHASH_PORT, NOHASH_ADMIN, "{sink: sqlite, sqlite_path: \"%s\", request_hash_index: false}"
-                              % os.path.join(tmp, "audit-nohash.db")),
-        }
+        variants = collie_variants(tmp)
         ports = {"direct": MOCK_PORT, "bare": BARE_PORT, "nginx": NGINX_PORT}
         admins = {}
         pids = {"direct": procs.procs["mock"].pid, "bare": procs.procs["bare"].pid, "nginx": procs.procs["nginx"].pid}
@@ -543,8 +560,7 @@ def main():
                 continue
             conf = os.path.join(tmp, f"{name}.yaml")
             collie_config(conf, n_tenants, port, admin, audit)
-            cmd = [f"{REL}/collie-transport", "--config", conf] if name == "collie-transport" else [f"{REL}/collie", "run", "--config", conf]
-            p = procs.start(name, cmd, "0", port, env=env)
+            p = procs.start(name, arm_command(name, REL, port, conf), "0", port, env=env)
             ports[name], pids[name] = port, p.pid
             if name != "collie-transport":
                 admins[name] = admin

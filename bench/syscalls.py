@@ -91,22 +91,15 @@ def main():
     try:
         procs.start("mock", [f"{run.REL}/collie", "mock", "--listen", f"127.0.0.1:{run.MOCK_PORT}"], "1", run.MOCK_PORT)
         ports, pids = {}, {}
+        variants = run.collie_variants(tmp)
         for arm in arms:
             if arm == "bare":
-                cmd, port = [f"{run.REL}/bare-pingora", "--listen", f"127.0.0.1:{run.BARE_PORT}", "--upstream",
-                             f"127.0.0.1:{run.MOCK_PORT}", "--threads", run.THREADS], run.BARE_PORT
+                port, conf = run.BARE_PORT, None
             else:
-                port, admin, audit = {
-                    "collie-transport": (run.TRANSPORT_PORT, run.TRANSPORT_ADMIN, "{sink: off}"),
-                    "collie-noaudit": (run.NOAUDIT_PORT, run.NOAUDIT_ADMIN, "{sink: off}"),
-                    "collie": (run.COLLIE_PORT, run.ADMIN_PORT,
-                               "{sink: sqlite, sqlite_path: \"%s\"}" % os.path.join(tmp, "audit.db")),
-                }[arm]
+                port, admin, audit = variants[arm]
                 conf = os.path.join(tmp, f"{arm}.yaml")
                 run.collie_config(conf, 0, port, admin, audit)
-                cmd = ([f"{run.REL}/collie-transport", "--config", conf] if arm == "collie-transport"
-                       else [f"{run.REL}/collie", "run", "--config", conf])
-            pids[arm], ports[arm] = procs.start(arm, cmd, "0", port, env=env).pid, port
+            pids[arm], ports[arm] = procs.start(arm, run.arm_command(arm, run.REL, port, conf), "0", port, env=env).pid, port
         headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {run.BENCH_KEY}"}
         body = run.chat_body(300) if args.scenario == "small" else run.stream_body()
         script = os.path.join(tmp, "load.lua")
