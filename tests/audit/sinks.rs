@@ -2,6 +2,7 @@
 //! sidecars sharing one database keep their chains.
 
 use super::*;
+use collie::audit::sink::WriteError;
 
 /// A record with what must match between two sinks for the same traffic:
 /// every column but
@@ -338,4 +339,66 @@ fn sqlite_stores_batches_of_any_size_whole_and_in_order() {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A batch that runs into rows another writer put at its places is
+/// refused whole, in either sink: none of its rows stay, whether the taken
+/// place comes in the same INSERT as the new rows before it or in a later
+/// one of the same batch; written again after the rows now there, it is
+/// stored whole.
+#[test]
+fn a_batch_that_meets_taken_places_is_refused_whole() {
+    let record = |seq: i64| Record {
+        request_id: format!("r-{seq}"),
+        ..v1_record()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!("collie_test_{:016x}", rand::random::<u64>());
+    for spec in [
+        SinkSpec::Sqlite(dir.path().join("taken.db")),
+        pg_spec(&schema),
+    ] {
+        let mut sink = spec.open().unwrap();
+        let mut prev = String::new();
+        let first: Vec<Stored> = (1..=10)
+            .map(|seq| linked("taken", seq, &mut prev, record(seq)))
+            .collect();
+        sink.write(&first, &[]).unwrap();
+        // New places first, then one that is taken by another row: in the
+        // same 4-row INSERT, then after a 64-row one and two smaller ones.
+        for (new_rows, taken) in [(3, 7), (70, 9)] {
+            let mut other = first[3].hash.clone();
+            let mut batch: Vec<Stored> = (11..11 + new_rows)
+                .map(|seq| linked("taken", seq, &mut other, record(seq)))
+                .collect();
+            let mut fork = first[taken as usize - 2].hash.clone();
+            batch.push(linked("taken", taken, &mut fork, record(1000)));
+            let refused = sink.write(&batch, &[]);
+            assert!(
+                matches!(refused, Err(WriteError::Conflict(_))),
+                "{spec:?}: {refused:?}"
+            );
+            let kept: Vec<(i64, String)> = all_records(&mut *sink)
+                .into_iter()
+                .map(|s| (s.seq, s.hash))
+                .collect();
+            let before: Vec<(i64, String)> =
+                first.iter().map(|s| (s.seq, s.hash.clone())).collect();
+            assert_eq!(kept, before, "{spec:?}");
+        }
+        let mut prev = first[9].hash.clone();
+        let after: Vec<Stored> = (11..=90)
+            .map(|seq| linked("taken", seq, &mut prev, record(seq)))
+            .collect();
+        sink.write(&after, &[]).unwrap();
+        assert_eq!(all_records(&mut *sink).len(), 90, "{spec:?}");
+        assert!(
+            collie::audit::report::verify(&mut *sink)
+                .unwrap()
+                .is_empty()
+        );
+    }
+    if let Ok(mut c) = postgres::Client::connect(PG_URL, postgres::NoTls) {
+        let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    }
 }
