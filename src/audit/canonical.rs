@@ -23,7 +23,7 @@ pub fn request_hash(body: &[u8]) -> String {
         Some(node) => feed(&node, &mut hasher),
         None => hasher.update(body),
     }
-    hex::encode(hasher.finalize())
+    crate::audit::record::lower_hex(&hasher.finalize())
 }
 
 enum Node<'a> {

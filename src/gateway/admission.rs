@@ -135,12 +135,11 @@ pub(crate) fn end_user(
     if named.is_empty() {
         return None;
     }
-    let digest = Sha256::digest(named);
     let valid = named.len() <= MAX_USER_LEN && named.iter().all(|b| (0x21..=0x7e).contains(b));
     Some(match (valid, hashed) {
-        (false, _) => format!("invalid:{}", hex::encode(&digest[..6])),
-        (true, true) => format!("sha256:{}", hex::encode(&digest[..8])),
         (true, false) => String::from_utf8_lossy(named).into_owned(),
+        (false, _) => format!("invalid:{}", hex::encode(&Sha256::digest(named)[..6])),
+        (true, true) => format!("sha256:{}", hex::encode(&Sha256::digest(named)[..8])),
     })
 }
 
