@@ -192,7 +192,7 @@ impl Record {
     /// field's text followed by 0x1F (absent: a NUL). Fed to the hasher
     /// piece by piece, with no allocation but the hex result.
     pub fn chain_hash(&self, sidecar: &str, seq: i64, prev_hash: &str) -> String {
-        let mut h = Fields(Sha256::new());
+        let mut h = Fields(Vec::with_capacity(1024));
         h.text(prev_hash);
         h.text(sidecar);
         h.int(seq);
@@ -236,7 +236,7 @@ impl Record {
             h.text("user");
             h.text(u);
         }
-        lower_hex(&h.0.finalize())
+        lower_hex(&Sha256::digest(&h.0))
     }
 }
 
@@ -256,13 +256,15 @@ pub(crate) fn lower_hex(bytes: &[u8]) -> String {
 /// An absent field, as hashed.
 const NONE: &str = "\u{0}";
 
-/// The chain hash's encoding of fields.
-struct Fields(Sha256);
+/// The chain hash's encoding of fields, gathered first and hashed in one
+/// go: fed to the hasher a piece at a time (two pieces per field), its
+/// buffering cost more than the hashing.
+struct Fields(Vec<u8>);
 
 impl Fields {
     fn text(&mut self, v: &str) {
-        self.0.update(v.as_bytes());
-        self.0.update([0x1f]);
+        self.0.extend_from_slice(v.as_bytes());
+        self.0.push(0x1f);
     }
 
     fn opt(&mut self, v: &Option<String>) {
@@ -273,24 +275,12 @@ impl Fields {
         self.text(if v { "1" } else { "0" });
     }
 
-    /// Decimal, as `to_string` writes it, from a buffer on the stack.
+    /// Decimal, as `to_string` writes it.
     fn int(&mut self, v: i64) {
-        let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        let mut n = v.unsigned_abs();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
         if v < 0 {
-            self.0.update(b"-");
+            self.0.push(b'-');
         }
-        self.0.update(&buf[i..]);
-        self.0.update([0x1f]);
+        self.uint(v.unsigned_abs());
     }
 
     fn uint(&mut self, v: u64) {
@@ -305,8 +295,8 @@ impl Fields {
                 break;
             }
         }
-        self.0.update(&buf[i..]);
-        self.0.update([0x1f]);
+        self.0.extend_from_slice(&buf[i..]);
+        self.0.push(0x1f);
     }
 
     fn opt_int(&mut self, v: Option<i64>) {
@@ -390,18 +380,18 @@ mod tests {
         );
         // Every integer as `to_string` writes it.
         for v in [0, 1, -1, 9, 10, 12345, i64::MIN, i64::MAX] {
-            let mut a = Fields(Sha256::new());
+            let mut a = Fields(Vec::new());
             a.int(v);
-            let mut b = Fields(Sha256::new());
+            let mut b = Fields(Vec::new());
             b.text(&v.to_string());
-            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+            assert_eq!(a.0, b.0, "{v}");
         }
         for v in [0, 7, u64::MAX, 0.41f64.to_bits()] {
-            let mut a = Fields(Sha256::new());
+            let mut a = Fields(Vec::new());
             a.uint(v);
-            let mut b = Fields(Sha256::new());
+            let mut b = Fields(Vec::new());
             b.text(&v.to_string());
-            assert_eq!(a.0.finalize(), b.0.finalize(), "{v}");
+            assert_eq!(a.0, b.0, "{v}");
         }
     }
 }
