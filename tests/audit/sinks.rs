@@ -178,15 +178,9 @@ fn both_sinks_store_every_column_exactly() {
         // Written again (a commit whose answer was lost): not twice.
         sink.write(&stored, &[]).unwrap();
         assert_eq!(all_records(&mut *sink).len(), 3);
-        assert!(
-            collie::audit::report::verify(&mut *sink)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(chain_intact(&mut *sink));
     }
-    if let Ok(mut c) = postgres::Client::connect(PG_URL, postgres::NoTls) {
-        let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-    }
+    drop_schema(&schema);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,11 +213,7 @@ async fn postgres_sink_connects_again_after_the_server_drops_it() {
     gw.chat(body()).send().await.unwrap().bytes().await.unwrap();
     let rows = until_rows(&spec, 3).await;
     assert_eq!(rows.len(), 3);
-    assert!(blocking(|| collie::audit::report::verify(
-        &mut *spec.open().unwrap()
-    )
-    .unwrap()
-    .is_empty()));
+    assert!(blocking(|| intact(&spec)));
     drop_schema(&schema);
 }
 
@@ -334,11 +324,7 @@ fn sqlite_stores_batches_of_any_size_whole_and_in_order() {
             .iter()
             .all(|s| s.record.request_id == format!("r-{}", s.seq))
     );
-    assert!(
-        collie::audit::report::verify(&mut *sink)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(chain_intact(&mut *sink));
 }
 
 /// A batch that runs into rows another writer put at its places is
@@ -392,13 +378,7 @@ fn a_batch_that_meets_taken_places_is_refused_whole() {
             .collect();
         sink.write(&after, &[]).unwrap();
         assert_eq!(all_records(&mut *sink).len(), 90, "{spec:?}");
-        assert!(
-            collie::audit::report::verify(&mut *sink)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(chain_intact(&mut *sink));
     }
-    if let Ok(mut c) = postgres::Client::connect(PG_URL, postgres::NoTls) {
-        let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-    }
+    drop_schema(&schema);
 }
