@@ -354,12 +354,14 @@ async fn attempts(
             let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-            let header = headers::upstream_request(
+            // Boxed, as the client sends it: it is 352 bytes, and each
+            // future it passes through would keep room for it.
+            let header = Box::new(headers::upstream_request(
                 session.req_header(),
                 &upstream,
                 ctx.caller.endpoint,
                 attempt_body.len(),
-            )?;
+            )?);
             let sent = Instant::now();
             // The deployment's connect and first-byte timeouts apply inside;
             // the deadline caps the attempt as a whole.

@@ -4,7 +4,7 @@
 
 use super::super::error::stream_error_event;
 use super::super::{Gateway, RequestCtx};
-use super::attempt::release;
+use super::attempt::{Upstream, release};
 use super::headers::client_response_head;
 use super::{Interrupt, until_interrupted};
 use crate::outcome::Cut;
@@ -181,7 +181,7 @@ pub(super) async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
     up: &Deployment,
-    mut http: HttpSession,
+    mut http: Upstream,
     strip_usage: bool,
 ) {
     let Some(head) = http.response_header() else {
