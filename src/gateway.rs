@@ -438,10 +438,13 @@ impl Gateway {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
+    /// Boxed: Pingora keeps the context in its request's future, which
+    /// holds room for it three times over (584 bytes each) for as long as
+    /// the request runs, and moves it as it goes.
+    type CTX = Box<RequestCtx>;
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
+    fn new_ctx(&self) -> Box<RequestCtx> {
+        Box::new(RequestCtx {
             id: self.ids.next(),
             snapshot: self.state.load(),
             started: Instant::now(),
@@ -461,7 +464,7 @@ impl ProxyHttp for Gateway {
             response: Answer::default(),
             end: None,
             _in_flight: self.in_flight.enter(),
-        }
+        })
     }
 
     /// The head is parsed: the connection's head limits stop applying, and
@@ -471,7 +474,7 @@ impl ProxyHttp for Gateway {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Box<RequestCtx>,
     ) -> pingora::Result<()> {
         crate::listener::request_started();
         session.downstream_session.set_pipelining_enabled(true);
@@ -485,7 +488,7 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        _ctx: &mut Box<RequestCtx>,
     ) -> pingora::Result<Box<HttpPeer>> {
         Err(Error::explain(
             ErrorType::InternalError,
@@ -496,7 +499,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut Box<RequestCtx>,
     ) -> pingora::Result<bool> {
         if let Err(e) = self.handle(session, ctx).await {
             respond_error(session, ctx, &e).await;
@@ -506,7 +509,7 @@ impl ProxyHttp for Gateway {
 
     /// The request's story is closed once, then settled, counted and
     /// recorded from that one value.
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Box<RequestCtx>) {
         if self.policy == Policy::TransportOnly {
             crate::listener::request_finished();
             return;
