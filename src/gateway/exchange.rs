@@ -354,8 +354,8 @@ async fn attempts(
             let upstream = Arc::clone(lease.upstream());
             tried.push(upstream.index);
             let attempt_body = inspected.body_for(&body, &upstream.model, inject_usage)?;
-            // Boxed, as the client sends it: it is 352 bytes, and each
-            // future it passes through would keep room for it.
+            // Boxed, as Pingora's client takes it: it is 352 bytes, and
+            // each future it passes through would keep room for it.
             let header = Box::new(headers::upstream_request(
                 session.req_header(),
                 &upstream,
