@@ -277,26 +277,11 @@ impl Fields {
 
     /// Decimal, as `to_string` writes it.
     fn int(&mut self, v: i64) {
-        if v < 0 {
-            self.0.push(b'-');
-        }
-        self.uint(v.unsigned_abs());
+        self.text(itoa::Buffer::new().format(v));
     }
 
     fn uint(&mut self, v: u64) {
-        let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        let mut n = v;
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.0.extend_from_slice(&buf[i..]);
-        self.0.push(0x1f);
+        self.text(itoa::Buffer::new().format(v));
     }
 
     fn opt_int(&mut self, v: Option<i64>) {
